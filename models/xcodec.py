@@ -1,0 +1,289 @@
+"""X-Codec: acoustic encoder + frozen teacher -> one residual VQ -> acoustic decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticEncoder, teacher_features, teacher_frames
+from quantization import ResidualVectorQuantizer
+
+
+class CodesError(ValueError):
+    """Codes that this model cannot decode (shape, dtype or range)."""
+
+
+@dataclass
+class CodecOutput:
+    """Training forward output.
+
+    Attributes:
+        audio: (B, 1, F * hop) reconstruction.
+        codes: (B, n_q, F).
+        commit_loss: () commitment loss.
+        semantic_loss: () MSE between the semantic decoder output and the teacher features.
+        n_q: quantizer stages used.
+        bandwidth: kbps used.
+    """
+
+    audio: torch.Tensor
+    codes: torch.Tensor
+    commit_loss: torch.Tensor
+    semantic_loss: torch.Tensor
+    n_q: int
+    bandwidth: float
+
+
+class XCodec(nn.Module):
+    """The X-Codec model, assembled from its parts (see :func:`models.build_codec`).
+
+    Args:
+        encoder: acoustic encoder, (B, 1, T) -> (B, D, F).
+        decoder: acoustic decoder, (B, D, F) -> (B, 1, F * hop).
+        quantizer: residual VQ over D + H channels.
+        semantic_model: frozen teacher (HuBERT / WavLM) with hidden size H.
+        semantic_encoder: (B, H, F) -> (B, H, F).
+        semantic_decoder: (B, H, F) -> (B, H, F), training target only.
+        sample_rate: audio rate in Hz.
+        hop_length: samples per frame.
+        audio_norm_scale: gain the released pipelines apply to audio before ``encode``
+            (0.95); kept here for the CLI, never applied inside ``encode``.
+    """
+
+    def __init__(
+        self,
+        encoder: AcousticEncoder,
+        decoder: AcousticDecoder,
+        quantizer: ResidualVectorQuantizer,
+        semantic_model: nn.Module,
+        semantic_encoder: SemanticEncoder,
+        semantic_decoder: SemanticDecoder,
+        sample_rate: int,
+        hop_length: int,
+        audio_norm_scale: float = 1.0,
+    ):
+        super().__init__()
+        latent = quantizer.dimension
+        hidden = semantic_model.config.hidden_size
+        acoustic = latent - hidden
+        # Attribute names reproduce the released state-dict layout.
+        self.encoder = encoder
+        self.encoder_semantic = semantic_encoder
+        self.decoder_semantic = semantic_decoder
+        self.quantizer = quantizer
+        self.decoder_2 = decoder
+        self.semantic_model = semantic_model
+        self.fc_prior = nn.Linear(latent, latent)
+        self.fc_post1 = nn.Linear(latent, hidden)
+        self.fc_post2 = nn.Linear(latent, acoustic)
+        self.sample_rate = sample_rate
+        self.hop_length = hop_length
+        self.audio_norm_scale = audio_norm_scale
+        self.config = None  # the GeneratorConfig, set by build_codec
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def decoder(self) -> AcousticDecoder:
+        return self.decoder_2
+
+    @property
+    def frame_rate(self) -> float:
+        return self.quantizer.frame_rate
+
+    @property
+    def target_bandwidths(self) -> list[float]:
+        return self.quantizer.target_bandwidths
+
+    @property
+    def n_q(self) -> int:
+        return self.quantizer.n_q
+
+    @property
+    def bins(self) -> int:
+        return self.quantizer.bins
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc_prior.weight.device
+
+    def train(self, mode: bool = True) -> "XCodec":
+        super().train(mode)
+        # The teacher is frozen: its dropout and layer drop must never perturb the targets
+        # (the original leaves it in train mode).
+        self.semantic_model.eval()
+        return self
+
+    # ------------------------------------------------------------------ lengths
+    def num_frames(self, lengths: torch.Tensor | int) -> torch.Tensor:
+        """Code frames for inputs of ``lengths`` samples: the teacher's frame count."""
+        lengths = torch.as_tensor(lengths)
+        return teacher_frames(self.semantic_model, lengths + 2 * (self.hop_length // 2))
+
+    def _acoustic_padding(self, lengths: torch.Tensor) -> torch.Tensor:
+        # The original encodes once, and when the acoustic and semantic frame counts
+        # differ it encodes again with hop/2 zeros on each side. Deciding per item up
+        # front gives the same result with a single acoustic pass.
+        pad = self.hop_length // 2
+        differs = self.encoder.output_length(lengths) != self.num_frames(lengths)
+        return differs.long() * pad
+
+    # ------------------------------------------------------------------ encoding
+    def _check_audio(self, wav: torch.Tensor) -> None:
+        if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
+            raise ValueError("audio must be a floating-point tensor of shape (B, 1, T)")
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"audio must have shape (B, 1, T), got {tuple(wav.shape)}")
+        if not bool(torch.isfinite(wav).all()):
+            raise ValueError("audio contains NaN or Inf samples")
+
+    def _latents(self, wav: torch.Tensor, lengths: torch.Tensor | None):
+        """Return fused latents (B, D+H, F), teacher features (B, H, F) and frame counts (B,)."""
+        batch, _, total = wav.shape
+        if lengths is None:
+            lengths = torch.full((batch,), total, dtype=torch.long)
+        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+        if lengths.shape != (batch,) or bool((lengths > total).any()) or bool((lengths < 1).any()):
+            raise ValueError(f"lengths must be {batch} values in [1, {total}], got {lengths.tolist()}")
+        frames = self.num_frames(lengths)
+        if bool((frames < 1).any()):
+            short = int(lengths[frames < 1].min())
+            raise ValueError(f"audio of {short} samples is too short: at least {self.min_length()} samples are needed")
+        ragged = bool((lengths != total).any())
+        if ragged:
+            wav = wav * (torch.arange(total)[None, None, :] < lengths[:, None, None]).to(wav)
+        dev_lengths = lengths.to(wav.device) if ragged else None
+
+        semantic_target = teacher_features(self.semantic_model, wav, self.hop_length // 2, dev_lengths).transpose(1, 2)
+        e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
+
+        pads = self._acoustic_padding(lengths)
+        if bool((pads == 0).all()):
+            e_acoustic = self.encoder(wav, dev_lengths)
+        else:
+            # Items needing padding get hop/2 zeros on each side; one acoustic pass for all.
+            width = total + 2 * int(pads.max())
+            buf = wav.new_zeros(batch, 1, width)
+            for i in range(batch):
+                p = int(pads[i])
+                buf[i, :, p : p + total] = wav[i]
+            enc_lengths = lengths + 2 * pads
+            ragged_enc = bool((enc_lengths != width).any())
+            e_acoustic = self.encoder(buf, enc_lengths.to(wav.device) if ragged_enc else None)
+        acoustic_frames = self.encoder.output_length(lengths + 2 * pads)
+        if bool((acoustic_frames != frames).any()):
+            raise RuntimeError(
+                f"acoustic/semantic frame mismatch {acoustic_frames.tolist()} vs {frames.tolist()}; "
+                "the encoder ratios and the teacher's conv strides disagree"
+            )
+        n = int(frames.max())
+        e = torch.cat([e_acoustic[..., :n], e_semantic[..., :n]], dim=1)
+        e = self.fc_prior(e.transpose(1, 2)).transpose(1, 2)
+        return e, semantic_target[..., :n], frames
+
+    def min_length(self) -> int:
+        """Shortest input (samples) that yields one frame."""
+        lo = 1
+        while int(self.num_frames(lo)) < 1:
+            lo += 1
+        return lo
+
+    @torch.inference_mode()
+    def encode(
+        self, wav: torch.Tensor, bandwidth: float | None = None, lengths: torch.Tensor | Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Encode audio to codes.
+
+        Args:
+            wav: (B, 1, T) float audio at ``sample_rate``. Nothing is rescaled here
+                (the released pipelines multiply by ``audio_norm_scale`` first).
+            bandwidth: one of ``target_bandwidths`` (default: the largest).
+            lengths: (B,) valid samples per item for a zero-padded batch of clips of
+                different lengths. Each item then gets exactly the codes it gets alone,
+                ``num_frames(lengths[i])`` frames; frames after those are padding.
+
+        Returns:
+            (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
+        """
+        self._check_audio(wav)
+        n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
+        e, _, frames = self._latents(wav, lengths)
+        codes = self.quantizer.encode(e, bandwidth)
+        assert codes.shape[1] == n_q
+        if lengths is not None and bool((frames != codes.shape[-1]).any()):
+            codes = codes.masked_fill(~self._frame_mask(frames, codes.shape[-1], codes.device)[:, None, :], 0)
+        return codes
+
+    @staticmethod
+    def _frame_mask(frames: torch.Tensor, size: int, device) -> torch.Tensor:
+        return torch.arange(size, device=device)[None, :] < frames.to(device)[:, None]
+
+    # ------------------------------------------------------------------ decoding
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Raise :class:`CodesError` unless ``codes`` is an integer (B, n_q, F) tensor in range."""
+        if not isinstance(codes, torch.Tensor):
+            raise CodesError(f"codes must be a tensor, got {type(codes).__name__}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise CodesError(f"codes must be integers, got {codes.dtype}")
+        if codes.dim() != 3:
+            raise CodesError(f"codes must have shape (B, n_q, frames), got {tuple(codes.shape)}")
+        if not 1 <= codes.shape[1] <= self.n_q:
+            raise CodesError(f"codes have {codes.shape[1]} quantizers; this model has 1 to {self.n_q}")
+        if codes.shape[-1] < 1:
+            raise CodesError("codes have 0 frames")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.bins:
+            raise CodesError(f"codes must lie in [0, {self.bins}) for this model, found values in [{lo}, {hi}]")
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor, frames: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """Decode codes to audio.
+
+        Args:
+            codes: (B, n_q, F) integer codes, any n_q up to ``self.n_q``; values outside
+                [0, bins) are refused with :class:`CodesError`.
+            frames: (B,) valid frames per item of a padded batch (as returned by
+                ``num_frames``); each item then decodes exactly as alone.
+
+        Returns:
+            (B, 1, F * hop) float audio (whole frames; trim to the input length yourself).
+        """
+        self.check_codes(codes)
+        codes = codes.to(device=self.device, dtype=torch.long)
+        quantized = self.quantizer.decode(codes)
+        z = self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
+        if frames is not None:
+            frames = torch.as_tensor(frames, dtype=torch.long, device=z.device)
+            if bool((frames == codes.shape[-1]).all()):
+                frames = None
+            else:
+                z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
+        return self.decoder_2(z, frames)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:
+        """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass."""
+        e, semantic_target, _ = self._latents(wav, None)
+        q = self.quantizer(e, bandwidth)
+        quantized = q.quantized
+        semantic = self.decoder_semantic(self.fc_post1(quantized.transpose(1, 2)).transpose(1, 2))
+        semantic_loss = F.mse_loss(semantic, semantic_target.detach())
+        audio = self.decoder_2(self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2))
+        return CodecOutput(audio, q.codes, q.commit_loss, semantic_loss, q.n_q, q.bandwidth)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> "XCodec":
+        """Load an inference model (eval mode, weight norm folded).
+
+        ``path``: a release .pth (config: ``config`` or ``config.yaml`` beside it), a
+        transformers ``XcodecModel`` directory, a checkpoint of our training, or a
+        release name (downloaded once into the Hugging Face cache).
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, config=config, device=device)

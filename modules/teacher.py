@@ -1,0 +1,141 @@
+"""The frozen self-supervised teacher (HuBERT or WavLM from transformers).
+
+X-Codec's semantic target is the mean of *all* hidden states of the teacher (the
+embedding output and every layer), computed on the input padded by hop/2 on both
+sides. Both are quirks that the released checkpoints depend on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    model_type: str  # "hubert" or "wavlm"
+    repo_id: str  # Hugging Face repository of the pretrained teacher (training only)
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "hubert_base": TeacherSpec("hubert", "facebook/hubert-base-ls960"),
+    "wavlm_base_plus": TeacherSpec("wavlm", "microsoft/wavlm-base-plus"),
+    "hubert_base_general": TeacherSpec("hubert", "ZhenYe234/hubert_base_general_audio"),
+}
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm over time that can ignore padded frames.
+
+    Used in place of the GroupNorm of the teacher's first conv layer, which normalises
+    each channel over the whole clip: padding a clip in a batch would otherwise change
+    its statistics. With ``valid_lengths`` unset it is exactly ``nn.GroupNorm``.
+    """
+
+    valid_lengths: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.valid_lengths is None:
+            return super().forward(x)
+        b, c, t = x.shape
+        g = self.num_groups
+        mask = (torch.arange(t, device=x.device)[None, :] < self.valid_lengths[:, None]).to(x.dtype)
+        mask = mask[:, None, None, :]
+        xg = x.reshape(b, g, c // g, t)
+        count = mask.sum(dim=(2, 3), keepdim=True) * (c // g)
+        mean = (xg * mask).sum(dim=(2, 3), keepdim=True) / count
+        var = (((xg - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / count
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).reshape(b, c, t)
+        if self.affine:
+            y = y * self.weight[None, :, None] + self.bias[None, :, None]
+        return y
+
+
+def _teacher_config(name: str, overrides: dict | None):
+    from transformers import HubertConfig, WavLMConfig
+
+    cls = {"hubert": HubertConfig, "wavlm": WavLMConfig}[TEACHERS[name].model_type]
+    # The base configs' defaults are the base models' architecture.
+    return cls(**(overrides or {}))
+
+
+def build_teacher(name: str, config_overrides: dict | None = None, pretrained: str | bool = False) -> nn.Module:
+    """Build the teacher model.
+
+    Args:
+        name: one of :data:`TEACHERS` (the ``semantic_techer`` key of the configs).
+        config_overrides: transformers config fields, e.g. a tiny architecture for tests.
+        pretrained: ``False`` builds from the config with no network (the codec checkpoint
+            carries the teacher's weights); ``True`` downloads the standard teacher and a
+            string loads that repository id or local directory (training).
+    """
+    from transformers import AutoModel
+
+    if name not in TEACHERS:
+        raise ValueError(f"unknown semantic teacher {name!r}; expected one of {sorted(TEACHERS)}")
+    if pretrained:
+        source = TEACHERS[name].repo_id if pretrained is True else pretrained
+        model = AutoModel.from_pretrained(source, **(config_overrides or {}))
+    else:
+        model = AutoModel.from_config(_teacher_config(name, config_overrides))
+    _install_masked_group_norm(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _install_masked_group_norm(model: nn.Module) -> None:
+    for layer in model.feature_extractor.conv_layers:
+        norm = getattr(layer, "layer_norm", None)
+        if isinstance(norm, nn.GroupNorm) and not isinstance(norm, MaskedGroupNorm):
+            masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+            masked.load_state_dict(norm.state_dict())
+            layer.layer_norm = masked
+
+
+def _first_conv_lengths(model: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
+    k, s = model.config.conv_kernel[0], model.config.conv_stride[0]
+    return torch.div(lengths - k, s, rounding_mode="floor") + 1
+
+
+def teacher_frames(model: nn.Module, num_samples: torch.Tensor) -> torch.Tensor:
+    """Frames the teacher produces for ``num_samples`` (already padded) input samples."""
+    lengths = num_samples
+    for k, s in zip(model.config.conv_kernel, model.config.conv_stride):
+        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+    return lengths
+
+
+@torch.no_grad()
+def teacher_features(model: nn.Module, wav: torch.Tensor, pad: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of all teacher hidden states.
+
+    Args:
+        model: the teacher.
+        wav: (B, 1, T) waveform; samples past ``lengths`` must be zero.
+        pad: samples of zero padding on each side (hop // 2).
+        lengths: (B,) valid samples per item, or ``None`` when all are ``T``.
+
+    Returns:
+        (B, F, H) features; frames past an item's own count are undefined.
+    """
+    x = F.pad(wav[:, 0], (pad, pad))
+    ragged = lengths is not None and bool((lengths != wav.shape[-1]).any())
+    if not ragged:
+        hidden = model(x, output_hidden_states=True).hidden_states
+        return torch.stack(hidden, dim=1).mean(dim=1)
+    padded = lengths + 2 * pad
+    attention_mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < padded[:, None]).long()
+    norms = [m for m in model.feature_extractor.modules() if isinstance(m, MaskedGroupNorm)]
+    for norm in norms:
+        norm.valid_lengths = _first_conv_lengths(model, padded)
+    try:
+        hidden = model(x, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    finally:
+        for norm in norms:
+            norm.valid_lengths = None
+    return torch.stack(hidden, dim=1).mean(dim=1)

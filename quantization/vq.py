@@ -1,0 +1,111 @@
+"""Residual vector quantizer with bandwidth arithmetic (EnCodec ``quantization/vq.py`` style)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from utils.distributed import broadcast_object
+
+from .core_vq import ResidualVectorQuantization
+
+
+@dataclass
+class QuantizedResult:
+    """Output of :class:`ResidualVectorQuantizer`.
+
+    Attributes:
+        quantized: (B, D, T) quantized latents (straight-through in training).
+        codes: (B, n_q, T) integer codes.
+        commit_loss: () mean commitment loss over the stages used (0 in eval).
+        n_q: number of quantizer stages used.
+        bandwidth: kbps that ``n_q`` stages represent.
+    """
+
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    commit_loss: torch.Tensor
+    n_q: int
+    bandwidth: float
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Residual VQ whose depth is chosen by a target bandwidth.
+
+    Args:
+        dimension: latent size D.
+        n_q: maximum number of stages.
+        bins: codebook size.
+        frame_rate: latent frames per second (for kbps <-> n_q).
+        target_bandwidths: the bandwidths (kbps) the codec was trained for.
+        decay, kmeans_init, kmeans_iters, threshold_ema_dead_code: codebook training options.
+    """
+
+    def __init__(
+        self,
+        dimension: int,
+        n_q: int,
+        bins: int,
+        frame_rate: float,
+        target_bandwidths: Sequence[float],
+        decay: float = 0.99,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 50,
+        threshold_ema_dead_code: float = 2.0,
+    ):
+        super().__init__()
+        self.dimension = dimension
+        self.n_q = n_q
+        self.bins = bins
+        self.frame_rate = frame_rate
+        self.target_bandwidths = [float(b) for b in target_bandwidths]
+        self.vq = ResidualVectorQuantization(
+            n_q,
+            dimension,
+            bins,
+            decay=decay,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+        )
+
+    @property
+    def bandwidth_per_quantizer(self) -> float:
+        """kbps carried by one stage: log2(bins) bits per frame."""
+        return math.log2(self.bins) * self.frame_rate / 1000
+
+    def n_q_for_bandwidth(self, bandwidth: float | None) -> int:
+        """Stages used for ``bandwidth`` kbps; ``None`` means the largest target bandwidth."""
+        if bandwidth is None:
+            return self.n_q
+        if float(bandwidth) not in self.target_bandwidths:
+            raise ValueError(
+                f"unsupported bandwidth {bandwidth} kbps; this model supports {self.target_bandwidths}"
+            )
+        return min(self.n_q, max(1, math.floor(float(bandwidth) / self.bandwidth_per_quantizer)))
+
+    def sample_bandwidth(self, rng: random.Random | None = None) -> float:
+        """A random target bandwidth, chosen on rank 0 and shared by every rank."""
+        choice = (rng or random).choice(self.target_bandwidths)
+        return broadcast_object(choice)
+
+    def forward(self, x: torch.Tensor, bandwidth: float | None = None) -> QuantizedResult:
+        """Quantize (B, D, T) latents with the stages that ``bandwidth`` allows."""
+        n_q = self.n_q_for_bandwidth(bandwidth)
+        quantized, codes, losses = self.vq(x, n_q)
+        return QuantizedResult(quantized, codes.transpose(0, 1), losses.mean(), n_q, n_q * self.bandwidth_per_quantizer)
+
+    def encode(self, x: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
+        """(B, D, T) latents -> (B, n_q, T) codes."""
+        return self.vq.encode(x, self.n_q_for_bandwidth(bandwidth)).transpose(0, 1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, n_q, T) codes -> (B, D, T) latents. Codes must already be range-checked."""
+        if codes.shape[1] > self.n_q:
+            raise ValueError(f"codes have {codes.shape[1]} quantizers; this model has at most {self.n_q}")
+        return self.vq.decode(codes.transpose(0, 1))

@@ -1,0 +1,66 @@
+"""Audio I/O with soundfile and resampling with soxr (no torchaudio)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used: unreadable, empty or non-finite."""
+
+
+def audio_extensions() -> set[str]:
+    """Lower-case file extensions (with dot) that libsndfile can read."""
+    return {"." + ext.lower() for ext in sf.available_formats()} | {".oga", ".opus", ".aif", ".aiff"}
+
+
+def load_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Read ``path`` as mono float32, optionally resampled to ``sample_rate``.
+
+    Returns ``(wav (T,), rate)``. Raises :class:`AudioError` with a one-line reason for
+    missing, unreadable, empty or non-finite audio.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    try:
+        wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile raises several types; all mean "unreadable"
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise AudioError(f"{path}: cannot read audio ({reason})") from None
+    if wav.shape[0] == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: audio contains NaN or Inf samples")
+    if sample_rate is not None and rate != sample_rate:
+        wav = resample(wav, rate, sample_rate)
+        rate = sample_rate
+    return np.ascontiguousarray(wav, dtype=np.float32), rate
+
+
+def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample a (T,) float array with soxr's high-quality filter."""
+    if orig_rate == new_rate:
+        return wav
+    return soxr.resample(wav.astype(np.float32, copy=False), orig_rate, new_rate, quality="HQ").astype(np.float32)
+
+
+def prepare_output(wav: np.ndarray, rescale: bool = False, limit: float = 0.99) -> np.ndarray:
+    """Clamp to +-``limit`` or, with ``rescale``, scale the peak down to ``limit`` (as the original)."""
+    wav = np.nan_to_num(wav.astype(np.float32, copy=False))
+    if rescale:
+        peak = float(np.abs(wav).max()) if wav.size else 0.0
+        return wav * min(limit / peak, 1.0) if peak > 0 else wav
+    return np.clip(wav, -limit, limit)
+
+
+def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False) -> None:
+    """Write (T,) audio as 16-bit PCM WAV, clamped or rescaled like the original inference.py."""
+    sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format="WAV")
