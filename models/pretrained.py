@@ -407,9 +407,18 @@ def folded_state_dict(model: XCodec) -> dict[str, torch.Tensor]:
     return adapt_weight_norm(state, expected)
 
 
-def generator_config_dict(cfg: GeneratorConfig) -> dict:
-    return asdict(cfg)
+def to_transformers(model: XCodec):
+    """A transformers ``XcodecModel`` (eval mode) holding exactly ``model``'s weights."""
+    from transformers import XcodecConfig, XcodecModel
+
+    hf = XcodecModel(XcodecConfig(**hf_config_from_generator(model.config))).eval()
+    state = state_to_hf(folded_state_dict(model), len(model.config.ratios))
+    hf.load_state_dict(adapt_weight_norm(state, set(hf.state_dict())), strict=True)
+    return hf
 
 
-def generator_config_from_plain(d: dict) -> GeneratorConfig:
-    return from_dict(GeneratorConfig, d, "generator")
+def save_transformers(model: XCodec, directory: str | Path) -> Path:
+    """Write a transformers ``XcodecModel`` directory (config.json + model.safetensors)."""
+    directory = Path(directory)
+    to_transformers(model).save_pretrained(str(directory))
+    return directory
