@@ -1,0 +1,390 @@
+"""The typed training configuration: every section of the recipe YAML as a dataclass.
+
+A run's config is a stack of layers merged in order:
+
+1. the ``--config`` file and the chain of ``base:`` files it names (base first),
+2. an optional experiment file (``--exp_config``, the original's ``--exp_model_config``),
+3. command-line overrides ``key.sub=value`` (values are YAML: ``max_steps=4``,
+   ``d_list=[mfd,mpd]``, ``init_from=null``).
+
+Every layer is checked on its own against :class:`TrainConfig` before merging, so an
+unknown key or a wrong type fails at start-up naming the key *and the file* (or the
+command-line argument) it came from. The merged dict is kept verbatim (``raw``): it is
+what checkpoints store and what ``XCodec.from_pretrained`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.config import ConfigError, GeneratorConfig, from_dict, generator_config_from_dict, merge, read_yaml
+
+DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
+
+
+# ---------------------------------------------------------------------------- sections
+@dataclass
+class GeneratorSection:
+    """``generator:`` — the codec architecture (``name`` kept for original-config compatibility)."""
+
+    name: str = "SoundStream"
+    config: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class MFDConfig:
+    """Multi-frequency discriminator (``mfd``, the released recipe's only discriminator)."""
+
+    hop_lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024])
+    hidden_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 512])
+    domain: str = "double"
+    mel_scale: bool = True
+    sample_rate: int = 16000
+
+
+@dataclass
+class MPDConfig:
+    """HiFi-GAN multi-period discriminator (``mpd``)."""
+
+    period_sizes: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    period_kernel_size: int = 5
+
+
+@dataclass
+class MSDConfig:
+    """HiFi-GAN multi-scale discriminator (``msd``)."""
+
+    num_scales: int = 3
+    pool_kernel_size: int = 4
+    pool_stride: int = 2
+
+
+@dataclass
+class MSSTFTDConfig:
+    """EnCodec multi-scale STFT discriminator (``msstftd``)."""
+
+    filters: int = 32
+    n_ffts: list[int] = field(default_factory=lambda: [1024, 2048, 512])
+    hop_lengths: list[int] = field(default_factory=lambda: [256, 512, 128])
+    win_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 512])
+
+
+@dataclass
+class AdamWConfig:
+    """``torch.optim.AdamW`` arguments (weight_decay 0.01 is AdamW's default, which the original used)."""
+
+    lr: float = 2.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
+    eps: float = 1.0e-6
+    weight_decay: float = 0.01
+
+
+@dataclass
+class OptimizerConfig:
+    g: AdamWConfig = field(default_factory=AdamWConfig)
+    d: AdamWConfig = field(default_factory=AdamWConfig)
+
+
+@dataclass
+class ExponentialLRConfig:
+    gamma: float = 0.999
+
+
+@dataclass
+class SchedulerConfig:
+    """``ExponentialLR`` for G and D. ``interval: epoch`` steps once per epoch, as the original."""
+
+    g: ExponentialLRConfig = field(default_factory=ExponentialLRConfig)
+    d: ExponentialLRConfig = field(default_factory=ExponentialLRConfig)
+    interval: str = "epoch"
+
+
+@dataclass
+class LossWeights:
+    """Weight of every loss term; the names are also the tensorboard keys (``loss/<name>``)."""
+
+    full_stft: float = 1.0
+    sub_stft: float = 1.0
+    mel: float = 0.0
+    feature_matching: float = 20.0
+    adversarial: float = 1.0
+    semantic: float = 100.0
+    commit: float = 1.0
+
+
+@dataclass
+class STFTLossConfig:
+    """Full-band multi-resolution STFT loss (Parallel WaveGAN sizes of the original)."""
+
+    fft_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    win_sizes: list[int] = field(default_factory=lambda: [480, 960, 1200])
+    hop_sizes: list[int] = field(default_factory=lambda: [120, 240, 300])
+
+
+@dataclass
+class SubbandSTFTLossConfig:
+    """PQMF sub-band multi-resolution STFT loss."""
+
+    num_bands: int = 6
+    fft_sizes: list[int] = field(default_factory=lambda: [128, 256, 256])
+    win_sizes: list[int] = field(default_factory=lambda: [80, 120, 200])
+    hop_sizes: list[int] = field(default_factory=lambda: [20, 40, 50])
+
+
+@dataclass
+class MelConfig:
+    """HiFi-GAN log-mel settings: the optional mel loss, the validation mel distance and the images."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 1024
+    num_mels: int = 80
+    hop_size: int = 160
+    win_size: int = 800
+    fmin: float = 0.0
+    fmax: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The whole training recipe (see configs/xcodec_hubert_librispeech.yaml for every key).
+
+    Original key names are kept (``training_file``, ``num_epoches``, ``checkpoint_interval`` ...).
+    Keys that are new here: ``max_steps``, ``grad_clip``, ``precision``, ``loss_weights``,
+    ``init_from``, ``pretrained_teacher``, ``max_nonfinite_steps``, ``max_bad_fraction``,
+    ``validation_max_clips`` and ``lr_scheduler.interval``.
+    """
+
+    generator: GeneratorSection = field(default_factory=GeneratorSection)
+    audio_norm_scale: float = 0.95
+    # discriminators
+    d_list: list[str] = field(default_factory=lambda: ["mfd"])
+    mfd: MFDConfig = field(default_factory=MFDConfig)
+    mpd: MPDConfig = field(default_factory=MPDConfig)
+    msd: MSDConfig = field(default_factory=MSDConfig)
+    msstftd: MSSTFTDConfig = field(default_factory=MSSTFTDConfig)
+    # optimisation
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    grad_clip: float = 2.0
+    precision: str = "fp32"
+    # losses
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    full_multi_scale_stft_loss: STFTLossConfig = field(default_factory=STFTLossConfig)
+    sub_multi_scale_stft_loss: SubbandSTFTLossConfig = field(default_factory=SubbandSTFTLossConfig)
+    mel_scale_loss: MelConfig = field(default_factory=MelConfig)
+    discriminator_iter_start: int = 0
+    # data
+    training_file: str = "data/librispeech/train.txt"
+    validation_file: str | None = None
+    segment_size: int = 48000
+    batch_size: int = 8
+    num_workers: int = 8
+    max_bad_fraction: float = 0.5
+    # run
+    log_dir: str = "runs/xcodec"
+    seed: int = 2333
+    cudnn_deterministic: bool = False
+    tensorboard: bool = True
+    num_epoches: int = 5000
+    max_steps: int = 0
+    checkpoint_interval: int = 5000
+    summary_interval: int = 100
+    validation_interval: int = 5000
+    validation_max_clips: int = 0
+    print_freq: int = 10
+    num_ckpt_keep: int = 10
+    num_plots: int = 8
+    max_nonfinite_steps: int = 10
+    # initialisation
+    init_from: str | None = None
+    pretrained_teacher: bool | str | None = None
+
+    @property
+    def codec(self) -> GeneratorConfig:
+        return self.generator.config
+
+    def teacher_source(self) -> bool | str:
+        """What ``build_codec(pretrained_teacher=...)`` gets.
+
+        Explicit ``pretrained_teacher`` wins. Otherwise a config that describes its own
+        teacher architecture (``semantic_model_config``, the tiny test configs) or a run
+        that starts from released weights (``init_from``, whose checkpoint carries the
+        teacher) builds it without downloading; a real run loads the pretrained teacher.
+        """
+        if self.pretrained_teacher is not None:
+            return self.pretrained_teacher
+        if self.init_from is not None or self.codec.semantic_model_config is not None:
+            return False
+        return True
+
+
+# ---------------------------------------------------------------------------- loading
+@dataclass
+class LoadedConfig:
+    """A parsed run config: the typed view and the merged raw dict it came from."""
+
+    cfg: TrainConfig
+    raw: dict
+    sources: list[str]
+
+
+def _layers(path: Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
+    """``[(file, dict)]`` for ``path`` and its ``base:`` chain, base first."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [(str(path), data)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
+    return _layers(path.parent / base, _seen + (path.resolve(),)) + [(str(path), data)]
+
+
+def _field_type(cls: Any, keys: list[str]) -> Any:
+    """The annotated type at ``keys`` inside dataclass ``cls`` (``Any`` past a plain dict)."""
+    tp = cls
+    for key in keys:
+        if not dataclasses.is_dataclass(tp):
+            return Any
+        hints = typing.get_type_hints(tp)
+        if key not in hints:
+            return None
+        tp = hints[key]
+    return tp
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return False
+
+
+def parse_override(arg: str) -> dict:
+    """``"a.b=value"`` -> ``{"a": {"b": value}}``, the value read as YAML.
+
+    For a string-typed key the text is kept as written (``log_dir=123`` stays ``"123"``),
+    except ``null``/``~`` which mean None.
+    """
+    if "=" not in arg:
+        raise ConfigError(f"command line: {arg!r}: overrides look like key.sub=value")
+    key, text = arg.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"command line: {arg!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    tp = _field_type(TrainConfig, keys)
+    if tp is not None and tp is not Any and _accepts_str(tp) and not isinstance(value, str) and text.strip() not in ("null", "~", "Null", "NULL") and not isinstance(value, bool):
+        value = text
+    out: dict = value
+    for k in reversed(keys):
+        out = {k: out}
+    return out
+
+
+def _from_dict(data: dict, where: str) -> TrainConfig:
+    """``from_dict`` with messages of the form ``<file>: <key.path>: <problem>``."""
+    try:
+        return from_dict(TrainConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {str(exc).lstrip('.: ')}") from None
+
+
+def _check_layer(data: dict, where: str) -> None:
+    """Type-check one layer (partial: every field has a default)."""
+    _from_dict(data, where)
+    gen = data.get("generator")
+    if isinstance(gen, dict) and "config" not in gen and gen:
+        raise ConfigError(f"{where}: generator: expected the architecture under generator.config")
+
+
+def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
+    """Checks across keys that the dataclass types cannot express."""
+
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {msg}")
+
+    generator_config_from_dict(raw, where)  # the generator name and section, as inference reads them
+    if not cfg.d_list:
+        raise bad("d_list", "needs at least one discriminator")
+    unknown = [d for d in cfg.d_list if d not in DISCRIMINATOR_NAMES]
+    if unknown:
+        raise bad("d_list", f"unknown discriminator(s) {unknown}; valid: {list(DISCRIMINATOR_NAMES)}")
+    if len(set(cfg.d_list)) != len(cfg.d_list):
+        raise bad("d_list", f"names repeat: {cfg.d_list}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise bad("precision", f"expected fp32 or bf16, got {cfg.precision!r}")
+    if cfg.lr_scheduler.interval not in ("epoch", "step"):
+        raise bad("lr_scheduler.interval", f"expected epoch or step, got {cfg.lr_scheduler.interval!r}")
+    for name, value in dataclasses.asdict(cfg.loss_weights).items():
+        if value < 0:
+            raise bad(f"loss_weights.{name}", f"must be >= 0, got {value}")
+    positive = ("segment_size", "batch_size", "checkpoint_interval", "summary_interval", "validation_interval", "print_freq", "num_ckpt_keep", "max_nonfinite_steps")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
+    for key in ("num_workers", "max_steps", "num_epoches", "discriminator_iter_start", "num_plots", "validation_max_clips"):
+        if getattr(cfg, key) < 0:
+            raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
+    if cfg.max_steps == 0 and cfg.num_epoches == 0:
+        raise bad("max_steps", "max_steps and num_epoches are both 0: nothing to train")
+    if not 0.0 < cfg.max_bad_fraction <= 1.0:
+        raise bad("max_bad_fraction", f"must be in (0, 1], got {cfg.max_bad_fraction}")
+    if cfg.grad_clip <= 0:
+        raise bad("grad_clip", f"must be > 0, got {cfg.grad_clip}")
+    if len(cfg.optimizer.g.betas) != 2 or len(cfg.optimizer.d.betas) != 2:
+        raise bad("optimizer.*.betas", "expected two numbers")
+    for name, sec in (("full_multi_scale_stft_loss", cfg.full_multi_scale_stft_loss), ("sub_multi_scale_stft_loss", cfg.sub_multi_scale_stft_loss)):
+        if not len(sec.fft_sizes) == len(sec.win_sizes) == len(sec.hop_sizes):
+            raise bad(name, "fft_sizes, win_sizes and hop_sizes must have the same length")
+    if len(cfg.mfd.hop_lengths) != len(cfg.mfd.hidden_channels) and "mfd" in cfg.d_list:
+        raise bad("mfd", "hop_lengths and hidden_channels must have the same length")
+    if "mfd" in cfg.d_list and any(c % 32 for c in cfg.mfd.hidden_channels):
+        raise bad("mfd.hidden_channels", f"every width must be a multiple of 32, got {cfg.mfd.hidden_channels}")
+    if isinstance(cfg.pretrained_teacher, str) and not cfg.pretrained_teacher:
+        raise bad("pretrained_teacher", "empty string")
+
+
+def load_train_config(
+    config: str | Path,
+    exp_config: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> LoadedConfig:
+    """Read, check and merge the config layers (see the module docstring).
+
+    Raises:
+        ConfigError: naming the offending key and the file or argument it came from.
+    """
+    layers = _layers(Path(config))
+    if exp_config is not None:
+        layers += _layers(Path(exp_config))
+    for arg in overrides:
+        layers.append((f"command line {arg!r}", parse_override(arg)))
+    raw: dict = {}
+    for where, data in layers:
+        _check_layer(data, where)
+        raw = merge(raw, data)
+    where = str(config) if len(layers) == 1 else f"{config} (merged with its base, experiment file and overrides)"
+    cfg = _from_dict(raw, where)
+    _validate(cfg, raw, where)
+    return LoadedConfig(cfg, raw, [w for w, _ in layers])
+
+
+def train_config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
+    """Typed view of an already merged dict (e.g. a checkpoint's ``config``)."""
+    cfg = _from_dict(raw, where)
+    _validate(cfg, raw, where)
+    return cfg
