@@ -1,0 +1,98 @@
+"""Shared fixtures: real audio from tests/assets and tiny codecs with weights made here."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+BASE_CONFIG = ROOT / "configs" / "xcodec_hubert_librispeech.yaml"
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def read_asset(name: str) -> np.ndarray:
+    wav, rate = sf.read(ASSETS / name, dtype="float32")
+    assert rate == 16000
+    return wav
+
+
+@pytest.fixture(scope="session")
+def speech() -> np.ndarray:
+    """4.9 s of real English speech at 16 kHz, (T,) float32."""
+    return read_asset("speech_en.flac")
+
+
+def fit_codebooks(model, seed: int = 0) -> None:
+    """Give a freshly built codec realistic codebooks: k-means on latents of real audio.
+
+    The audio (Mandarin speech and music) differs from the English clip tests encode.
+    """
+    torch.manual_seed(seed)
+    clips = [torch.from_numpy(read_asset(n))[None, None] * 0.95 for n in ("speech_cn_4s.flac", "music_4s.flac")]
+    with torch.no_grad():
+        latents = torch.cat([model._latents(c, None)[0] for c in clips], dim=-1)
+        model.quantizer.train()
+        model.quantizer(latents, None)
+        model.quantizer.eval()
+
+
+def make_tiny_codec(weight_norm: bool = True, seed: int = 0):
+    """A tiny codec (configs/tiny.yaml) with random weights and fitted codebooks, eval mode."""
+    from models import build_codec
+    from utils.config import load_generator_config
+
+    torch.manual_seed(seed)
+    gen, scale = load_generator_config(TINY_CONFIG)
+    model = build_codec(gen, scale, weight_norm=weight_norm)
+    # Non-trivial weight-norm gains and Snake alphas so that conversions are really tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("original0"):
+                p.mul_(torch.rand_like(p) + 0.5)
+            elif name.endswith("alpha"):
+                p.uniform_(0.5, 1.5)
+    model.eval()
+    fit_codebooks(model, seed)
+    return model
+
+
+def to_release_state(state: dict[str, torch.Tensor]) -> dict:
+    """A state dict in the released .pth style: old weight_g/weight_v keys for the codec
+    convs, new-style parametrization keys for the teacher, plus an io.BytesIO entry."""
+    out: dict = {}
+    for key, value in state.items():
+        if not key.startswith("semantic_model.") and ".parametrizations.weight.original" in key:
+            key = key.replace(".parametrizations.weight.original0", ".weight_g").replace(
+                ".parametrizations.weight.original1", ".weight_v"
+            )
+        out[key] = value.clone()
+    out["extra_buffer"] = io.BytesIO(b"not a tensor")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_codec():
+    """The tiny codec with weight norm (training layout), eval mode. Do not mutate."""
+    return make_tiny_codec()
+
+
+@pytest.fixture(scope="session")
+def release_dir(tmp_path_factory, tiny_codec) -> Path:
+    """A directory holding ``model.pth`` (released layout) and ``config.yaml`` (tiny)."""
+    d = tmp_path_factory.mktemp("release")
+    torch.save(to_release_state(tiny_codec.state_dict()), d / "model.pth")
+    shutil.copy(TINY_CONFIG, d / "tiny.yaml")
+    shutil.copy(BASE_CONFIG, d / BASE_CONFIG.name)  # tiny.yaml's base
+    (d / "config.yaml").write_text((d / "tiny.yaml").read_text())
+    return d
