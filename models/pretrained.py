@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from utils.config import ConfigError, GeneratorConfig, from_dict, generator_config_from_dict, load_generator_config
+from utils.config import ConfigError, GeneratorConfig, generator_config_from_dict, load_generator_config
 
 from .builder import build_codec
 from .xcodec import XCodec

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,7 @@ class XCodec(nn.Module):
     def device(self) -> torch.device:
         return self.fc_prior.weight.device
 
-    def train(self, mode: bool = True) -> "XCodec":
+    def train(self, mode: bool = True) -> XCodec:
         super().train(mode)
         # The teacher is frozen: its dropout and layer drop must never perturb the targets
         # (the original leaves it in train mode).
@@ -277,7 +277,7 @@ class XCodec(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> "XCodec":
+    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> XCodec:
         """Load an inference model (eval mode, weight norm folded).
 
         ``path``: a release .pth (config: ``config`` or ``config.yaml`` beside it), a

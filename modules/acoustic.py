@@ -13,7 +13,7 @@ item, exactly what that item computes alone (zero padding at its end).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -6,7 +6,7 @@ Module tree matches the released checkpoints (``encoder_semantic.*``,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -7,7 +7,7 @@ same training and quantizer code runs under ``python`` and under ``torchrun``.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
