@@ -1,0 +1,317 @@
+"""Encode and decode audio with X-Codec: files, directory trees, codes in and out.
+
+    python inference.py --input speech.flac --output rec.wav
+    python inference.py --input corpus/ --output rec/ --codes-out codes/ --batch-size 8
+    python inference.py --codes-in codes/ --output rec/
+    python inference.py --checkpoint model.pth --config config.yaml --input a.wav --output b.wav
+
+Bad input exits non-zero with one line on stderr. In a directory run a bad file is
+reported and skipped, everything else is written, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+class CliError(Exception):
+    """A fatal problem, reported as one line on stderr."""
+
+
+@dataclass
+class Job:
+    """One input file and where its results go."""
+
+    src: Path
+    rel: Path  # path relative to the input root (the file name for a single file)
+    audio_out: Path | None
+    codes_out: Path | None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="X-Codec: encode audio to codes and decode codes to audio.")
+    p.add_argument("--input", type=Path, help="audio file or directory (searched recursively)")
+    p.add_argument("--output", type=Path, help="output .wav file or directory (mirrors the input tree)")
+    p.add_argument("--checkpoint", default="xcodec_hubert_librispeech", help="release name or checkpoint path")
+    p.add_argument("--config", type=Path, help="YAML config for a .pth checkpoint (default: config.yaml beside it)")
+    p.add_argument("-b", "--bandwidth", type=float, help="target bandwidth in kbps (default: the largest)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per forward pass for directories")
+    p.add_argument("-r", "--rescale", action="store_true", help="rescale the output peak to 0.99 instead of clamping")
+    p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
+    p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
+    args = p.parse_args(argv)
+    if args.codes_in is None and args.input is None:
+        p.error("one of --input or --codes-in is required")
+    if args.codes_in is not None and args.input is not None:
+        p.error("--input and --codes-in cannot be combined")
+    if args.codes_in is not None and args.output is None:
+        p.error("--codes-in needs --output")
+    if args.input is not None and args.output is None and args.codes_out is None:
+        p.error("--input needs --output and/or --codes-out")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------- planning
+def _scan(root: Path, suffixes: set[str]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in suffixes:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | None:
+    if root is None:
+        return None
+    if not is_dir:
+        return root
+    out = (root / rel).with_suffix(suffix)
+    # Never write outside the output root, whatever the input names hold.
+    if not out.resolve().is_relative_to(root.resolve()):
+        raise CliError(f"{rel}: output path would escape {root}")
+    return out
+
+
+def _is_dir_target(path: Path | None, many: bool) -> bool:
+    if path is None:
+        return False
+    return many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == ""
+
+
+def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
+    """List the jobs for a file or a directory; returns ``(jobs, is_directory_run)``."""
+    if not src.exists():
+        raise CliError(f"{src}: no such file or directory")
+    if src.is_dir():
+        files = _scan(src, suffixes)
+        if not files:
+            raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
+        rels = [f.relative_to(src) for f in files]
+        many = True
+    else:
+        files, rels, many = [src], [Path(src.name)], False
+    audio_dir = _is_dir_target(audio_root, many)
+    codes_dir = _is_dir_target(codes_root, many)
+    jobs = []
+    for f, rel in zip(files, rels):
+        audio_out = _target(audio_root, rel, ".wav", audio_dir)
+        codes_out = _target(codes_root, rel, ".npy", codes_dir)
+        if audio_out is not None and not audio_dir:
+            audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
+        jobs.append(Job(f, rel, audio_out, codes_out))
+    return jobs, many
+
+
+# ---------------------------------------------------------------------------- writing
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_codes(path: Path, codes: np.ndarray, bins: int) -> None:
+    """Save (n_q, frames) codes as .npy: int16 when the codebook fits, else int32."""
+    dtype = np.int16 if bins <= 2**15 else np.int32
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.save(fh, codes.astype(dtype), allow_pickle=False)
+
+    _atomic_write(path, write)
+
+
+def load_codes(path: Path, n_q_max: int, bins: int) -> np.ndarray:
+    """Read and check a codes .npy file: integer, (n_q, frames), values in [0, bins)."""
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable .npy codes file ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
+        raise ValueError(f"{path}: codes must be integers (int16), got dtype {getattr(codes, 'dtype', type(codes))}")
+    if codes.ndim != 2 or not 1 <= codes.shape[0] <= n_q_max or codes.shape[1] < 1:
+        raise ValueError(f"{path}: codes must have shape (n_q, frames) with 1 <= n_q <= {n_q_max}, got {codes.shape}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= bins:
+        raise ValueError(f"{path}: code values must lie in [0, {bins}), found [{lo}, {hi}]")
+    return codes.astype(np.int64)
+
+
+def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
+    from utils.audio import save_audio
+
+    _atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale))
+
+
+# ---------------------------------------------------------------------------- running
+def load_model(args: argparse.Namespace):
+    import torch
+
+    from models import XCodec
+    from models.pretrained import CheckpointError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"unknown --device {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return XCodec.from_pretrained(args.checkpoint, config=args.config, device=device)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.written = 0
+        self.failed: list[str] = []
+        self.audio_seconds = 0.0
+        self.start = time.perf_counter()
+
+    def fail(self, message: str) -> None:
+        from tqdm import tqdm
+
+        self.failed.append(message)
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, even under a progress bar
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        rtf = elapsed / self.audio_seconds if self.audio_seconds else 0.0
+        return (
+            f"{self.written} file(s) written, {len(self.failed)} failed/skipped, "
+            f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f})"
+        )
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
+
+
+def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
+    """Encode (and decode) every job, ``--batch-size`` clips at a time."""
+    import torch
+
+    from utils.audio import AudioError, load_audio
+
+    rate, min_len = model.sample_rate, model.min_length()
+    pending: list[tuple[Job, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        lengths = torch.tensor([len(w) for _, w in pending])
+        batch = torch.zeros(len(pending), 1, int(lengths.max()))
+        for i, (_, w) in enumerate(pending):
+            batch[i, 0, : len(w)] = torch.from_numpy(w)
+        batch = batch.to(model.device) * model.audio_norm_scale
+        codes = model.encode(batch, args.bandwidth, lengths=lengths)
+        frames = model.num_frames(lengths)
+        audio = None
+        if any(job.audio_out is not None for job, _ in pending):
+            audio = model.decode(codes, frames=frames).float().cpu().numpy()
+        codes_np = codes.cpu().numpy()
+        for i, (job, w) in enumerate(pending):
+            if job.codes_out is not None:
+                save_codes(job.codes_out, codes_np[i, :, : int(frames[i])], model.bins)
+            if job.audio_out is not None:
+                save_wav(job.audio_out, audio[i, 0, : len(w)], rate, args.rescale)
+            stats.written += 1
+            stats.audio_seconds += len(w) / rate
+        pending.clear()
+
+    for job in _progress(jobs, many, "encoding"):
+        try:
+            wav, _ = load_audio(job.src, rate)
+        except AudioError as exc:
+            stats.fail(str(exc))
+            continue
+        if len(wav) < min_len:
+            stats.fail(f"{job.src}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
+            continue
+        pending.append((job, wav))
+        if len(pending) >= args.batch_size:
+            flush()
+    flush()
+
+
+def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
+    import torch
+
+    for job in _progress(jobs, many, "decoding"):
+        try:
+            codes = load_codes(job.src, model.n_q, model.bins)
+        except ValueError as exc:
+            stats.fail(str(exc))
+            continue
+        audio = model.decode(torch.from_numpy(codes)[None].to(model.device)).float().cpu().numpy()[0, 0]
+        save_wav(job.audio_out, audio, model.sample_rate, args.rescale)
+        stats.written += 1
+        stats.audio_seconds += len(audio) / model.sample_rate
+
+
+def run(args: argparse.Namespace) -> int:
+    from utils.audio import audio_extensions
+
+    if args.codes_in is not None:
+        jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
+    else:
+        jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out)
+    model = load_model(args)
+    if args.bandwidth is not None:
+        try:
+            model.quantizer.n_q_for_bandwidth(args.bandwidth)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    stats = Stats()
+    if args.codes_in is not None:
+        decode_jobs(model, jobs, args, many, stats)
+    else:
+        encode_jobs(model, jobs, args, many, stats)
+    if many:
+        print(stats.summary(), file=sys.stderr)
+    if stats.failed:
+        return EXIT_SOME_FAILED if many else EXIT_ERROR
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

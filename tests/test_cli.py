@@ -1,0 +1,181 @@
+"""inference.py on real audio: round trips, directory runs and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import inference
+from conftest import ASSETS, ROOT, TINY_CONFIG
+from models import XCodec
+
+
+@pytest.fixture(scope="module")
+def ckpt(release_dir):
+    return ["--checkpoint", str(release_dir / "model.pth")]
+
+
+@pytest.fixture(scope="module")
+def model(release_dir) -> XCodec:
+    return XCodec.from_pretrained(release_dir / "model.pth")
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = inference.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_file_round_trip_matches_the_api(tmp_path, ckpt, model, speech, capsys):
+    out = tmp_path / "rec.wav"
+    code, err = _run(["--input", ASSETS / "speech_en.flac", "--output", out, "--codes-out", tmp_path / "c.npy", *ckpt, "-b", "2"], capsys)
+    assert code == 0, err
+    info = sf.info(out)
+    assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", len(speech))
+    codes = np.load(tmp_path / "c.npy")
+    assert codes.dtype == np.int16 and codes.shape == (4, int(model.num_frames(len(speech))))
+    x = torch.from_numpy(speech)[None, None] * 0.95  # audio_norm_scale, as the original
+    ref_codes = model.encode(x, 2.0)
+    assert np.array_equal(codes, ref_codes[0].numpy())
+    ref = np.clip(model.decode(ref_codes)[0, 0, : len(speech)].numpy(), -0.99, 0.99)
+    got, _ = sf.read(out, dtype="float32")
+    assert np.abs(got - ref).max() < 2 / 32768
+
+    # Codes back to audio: the same samples (whole frames, so a little longer).
+    out2 = tmp_path / "from_codes.wav"
+    code, err = _run(["--codes-in", tmp_path / "c.npy", "--output", out2, *ckpt], capsys)
+    assert code == 0, err
+    back, _ = sf.read(out2, dtype="float32")
+    assert len(back) == codes.shape[1] * 320
+    assert np.abs(back[: len(speech)] - got).max() < 2 / 32768
+
+
+def test_stereo_44k_input_is_downmixed_and_resampled(tmp_path, ckpt, speech, capsys):
+    import soxr
+
+    stereo = np.stack([speech, speech * 0.5], axis=1)
+    src = tmp_path / "stereo.wav"
+    sf.write(src, soxr.resample(stereo, 16000, 44100), 44100, subtype="PCM_24")
+    code, err = _run(["--input", src, "--output", tmp_path / "out.wav", *ckpt], capsys)
+    assert code == 0, err
+    info = sf.info(tmp_path / "out.wav")
+    assert info.samplerate == 16000 and info.channels == 1
+    assert abs(info.frames - len(speech)) <= 2
+
+
+def _make_tree(root):
+    (root / "a" / "b").mkdir(parents=True)
+    wav = sf.read(ASSETS / "speech_en.flac", dtype="float32")[0]
+    sf.write(root / "one.flac", wav[:24000], 16000)
+    sf.write(root / "a" / "two.wav", wav[8000:40000], 16000)
+    sf.write(root / "a" / "b" / "three.wav", wav[:7777], 16000)
+    sf.write(root / "a" / "b" / "four.ogg", wav[1000:21000], 16000)
+    (root / "a" / "broken.wav").write_bytes(b"RIFF....WAVEfmt this is not audio")
+    (root / "notes.txt").write_text("ignored: not an audio extension")
+
+
+def test_directory_run_mirrors_tree_skips_bad_file_and_batches_exactly(tmp_path, ckpt, capsys):
+    src = tmp_path / "in"
+    _make_tree(src)
+    code1, err1 = _run(["--input", src, "--codes-out", tmp_path / "c1", "--output", tmp_path / "rec", *ckpt], capsys)
+    code3, err3 = _run(["--input", src, "--codes-out", tmp_path / "c3", *ckpt, "--batch-size", "3"], capsys)
+    for code, err in ((code1, err1), (code3, err3)):
+        assert code == 1, err  # some failed
+        _one_error_line(err, "broken.wav", "cannot read audio")
+        assert "4 file(s) written, 1 failed/skipped" in err
+    rels = ["one", "a/two", "a/b/three", "a/b/four"]
+    for rel in rels:
+        c1, c3 = np.load(tmp_path / "c1" / f"{rel}.npy"), np.load(tmp_path / "c3" / f"{rel}.npy")
+        assert c1.shape[0] == 8 and np.array_equal(c1, c3), rel
+        src_file = next(src.glob(rel + ".*"))
+        assert sf.info(tmp_path / "rec" / f"{rel}.wav").frames == sf.info(src_file).frames
+    assert not (tmp_path / "rec" / "a" / "broken.wav").exists()
+    assert not list((tmp_path / "rec").rglob("*.tmp"))
+
+    code, err = _run(["--codes-in", tmp_path / "c1", "--output", tmp_path / "back", *ckpt], capsys)
+    assert code == 0, err
+    assert sorted(p.relative_to(tmp_path / "back").as_posix() for p in (tmp_path / "back").rglob("*.wav")) == sorted(
+        f"{r}.wav" for r in rels
+    )
+
+
+@pytest.mark.parametrize(
+    "case,needles",
+    [
+        ("missing", ["no such file"]),
+        ("empty", ["empty audio"]),
+        ("garbage", ["cannot read audio"]),
+        ("nan", ["NaN or Inf"]),
+        ("bandwidth", ["unsupported bandwidth 3.0"]),
+        ("mismatch", ["does not match", "shape mismatch"]),
+        ("release", ["unknown release name 'no_such_release'"]),
+    ],
+)
+def test_single_file_errors_are_one_line(tmp_path, ckpt, release_dir, case, needles, capsys):
+    src = tmp_path / "x.wav"
+    argv = ["--input", src, "--output", tmp_path / "o.wav", *ckpt]
+    if case == "empty":
+        sf.write(src, np.zeros(0, dtype="float32"), 16000)
+    elif case == "garbage":
+        src.write_bytes(b"\x00\x01not audio at all" * 10)
+    elif case == "nan":
+        sf.write(src, np.full(4000, np.nan, dtype="float32"), 16000, subtype="FLOAT")
+    else:
+        sf.write(src, np.zeros(4000, dtype="float32"), 16000)
+    if case == "missing":
+        src.unlink()
+    if case == "bandwidth":
+        argv += ["--bandwidth", "3"]
+    if case == "mismatch":
+        argv += ["--config", ROOT / "configs" / "xcodec_hubert_librispeech.yaml"]
+    if case == "release":
+        argv = ["--input", src, "--output", tmp_path / "o.wav", "--checkpoint", "no_such_release"]
+    code, err = _run(argv, capsys)
+    assert code == 2
+    _one_error_line(err, *needles)
+    assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize(
+    "codes,needles",
+    [
+        (np.zeros((8, 10), dtype=np.float32), ["integers"]),
+        (np.zeros((2, 3, 10), dtype=np.int16), ["shape (n_q, frames)"]),
+        (np.zeros((9, 10), dtype=np.int16), ["1 <= n_q <= 8"]),
+        (np.full((2, 10), 1024, dtype=np.int16), ["[0, 1024)", "1024]"]),
+    ],
+)
+def test_bad_codes_files_are_refused(tmp_path, ckpt, codes, needles, capsys):
+    np.save(tmp_path / "c.npy", codes)
+    code, err = _run(["--codes-in", tmp_path / "c.npy", "--output", tmp_path / "o.wav", *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, *needles)
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_cli_entry_point_without_network(tmp_path):
+    """The real command: the default release cannot be fetched offline -> one helpful line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "inference.py"), "--input", str(ASSETS / "speech_en.flac"), "--output", str(tmp_path / "o.wav")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, "xcodec_hubert_librispeech", "--checkpoint", "--config")
+    assert TINY_CONFIG.exists()
