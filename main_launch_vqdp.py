@@ -44,6 +44,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,15 @@ def build_state(cfg: TrainConfig, raw: dict, device: torch.device) -> State:
     )
 
 
+def _no_buffer_sync() -> dict:
+    """DDP kwargs that sync buffers once at start-up but not before every forward."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.12
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def wrap_ddp(state: State) -> None:
     """Wrap codec and discriminators in DDP (no-op without a process group).
 
@@ -391,8 +401,8 @@ def wrap_ddp(state: State) -> None:
     ids = [state.device.index] if state.device.type == "cuda" else None
     # A zero semantic weight leaves the semantic decoder out of the graph.
     unused = state.weights["semantic"] == 0
-    state.codec_ddp = DDP(codec, device_ids=ids, broadcast_buffers=False, find_unused_parameters=unused)
-    state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, broadcast_buffers=False)
+    state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=unused, **_no_buffer_sync())
+    state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, **_no_buffer_sync())
 
 
 # ---------------------------------------------------------------------------- steps
@@ -776,6 +786,15 @@ def _format_line(state: State, m: dict[str, float], seconds: float) -> str:
     return f"step {state.step} ep {state.epoch} | " + " ".join(parts) + f" | bw {m.get('train/bandwidth', 0):g} | {seconds:.3f} s/step"
 
 
+def step_schedulers(state: State) -> None:
+    with warnings.catch_warnings():
+        # With the adversarial terms off the discriminator optimizer never steps; its
+        # schedule still advances so that turning them on later finds the same lr.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        state.sched_g.step()
+        state.sched_d.step()
+
+
 def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks) -> None:
     cfg = state.cfg
     per_epoch = batches_per_epoch(train_sampler, cfg.batch_size)
@@ -800,8 +819,7 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
             metrics = train_step(state, wav, hooks)
             state.step += 1
             if cfg.lr_scheduler.interval == "step":
-                state.sched_g.step()
-                state.sched_d.step()
+                step_schedulers(state)
             skipped = metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0)
             if skipped:
                 state.nonfinite_total += 1
@@ -854,8 +872,7 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
         else:
             # A whole epoch: the original steps the schedulers here.
             if cfg.lr_scheduler.interval == "epoch":
-                state.sched_g.step()
-                state.sched_d.step()
+                step_schedulers(state)
             state.epoch += 1
             state.batch_in_epoch = 0
     if state.step != last_saved:
