@@ -1,0 +1,181 @@
+"""Single-process training with configs/tiny.yaml: losses, checkpoints, tensorboard, exports,
+bad clips, NaN steps and fine-tuning (CPU, in-process)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main_launch_vqdp as trainer
+from data import DataError
+from models import XCodec
+from models.pretrained import read_torch_file
+from utils.audio import load_audio
+from utils.checkpoint import nonfinite_entries
+from utils.train_config import load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd_one_thread(monkeypatch):
+    # tiny.yaml's file lists are relative to the repository root. One thread: the
+    # tiny model gains nothing from more, and it keeps timings sane on a busy machine.
+    monkeypatch.chdir(ROOT)
+    for var in ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(log_dir: Path, *overrides: str) -> trainer.State:
+    return trainer.main(["--config", str(TINY), f"log_dir={log_dir}", *overrides])
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir / "logs"), size_guidance={"scalars": 0, "images": 0, "audio": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_tiny_run_trains_logs_checkpoints_and_exports(tmp_path):
+    log_dir = tmp_path / "run"
+    state = run(log_dir, "max_steps=4")
+    assert state.step == 4
+
+    # The teacher: frozen, in eval mode, in no optimizer.
+    teacher = state.codec.semantic_model
+    assert not teacher.training and state.codec.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    optimised = {id(p) for g in state.opt_g.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in teacher.parameters()}
+    assert optimised == {id(p) for p in state.codec.parameters() if p.requires_grad}
+
+    # Checkpoints every 2 steps, the last 2 kept, each with an export beside it.
+    ckpt_dir = log_dir / "model_ckpts"
+    assert sorted(p.name for p in ckpt_dir.glob("ckpt_*.pth")) == ["ckpt_00000002.pth", "ckpt_00000004.pth"]
+    assert sorted(p.name for p in ckpt_dir.glob("export_*")) == ["export_00000002", "export_00000004"]
+    ckpt = read_torch_file(ckpt_dir / "ckpt_00000004.pth")  # weights_only loading
+    assert ckpt["step"] == 4 and ckpt["epoch"] == 1 and ckpt["batch_in_epoch"] == 2
+    assert set(ckpt["discriminators"]) == {"mfd"} and ckpt["optimizer_g"]["state"]
+    assert not nonfinite_entries(ckpt["codec"])
+    assert (log_dir / "config.yaml").is_file()
+
+    # Tensorboard: every loss term, lr, grad norms, codebook stats, validation, media.
+    acc = events(log_dir)
+    tags = set(acc.Tags()["scalars"])
+    for name in ("full_stft", "sub_stft", "adversarial", "feature_matching", "semantic", "commit", "generator", "discriminator", "discriminator_mfd"):
+        values = scalars(acc, f"loss/{name}")
+        assert sorted(values) == [1, 2, 3, 4], name
+        assert all(math.isfinite(v) for v in values.values()), name
+    assert "loss/mel" not in tags  # weight 0 in the released recipe: not computed
+    lr = scalars(acc, "lr/g")
+    assert lr[1] == pytest.approx(2e-4) and lr[4] == pytest.approx(2e-4 * 0.999)  # one epoch = 2 steps
+    assert all(v > 0 for v in scalars(acc, "grad_norm/g").values())
+    assert all(v > 0 for v in scalars(acc, "grad_norm/d").values())
+    assert 0 < scalars(acc, "codebook/usage_q0")[4] <= 1
+    assert scalars(acc, "codebook/perplexity_q0")[4] >= 1
+    assert sorted(scalars(acc, "valid/mel_distance")) == [2, 4]
+    assert all(v > 0 for v in scalars(acc, "valid/stft_distance").values())
+    assert scalars(acc, "data/bad_files")[4] == 0
+    assert scalars(acc, "train/nonfinite_skipped")[4] == 0
+    images = set(acc.Tags()["images"])
+    assert {"valid/clip0/mel_original", "valid/clip0/mel_reconstruction"} <= images
+    assert len(acc.Images("valid/clip0/mel_reconstruction")) == 2
+    assert {"valid/clip0/original", "valid/clip0/reconstruction"} <= set(acc.Tags()["audio"])
+
+    # The checkpoint and the slim export load for inference and agree.
+    wav, _ = load_audio(ROOT / "tests" / "assets" / "speech_en.flac", 16000)
+    x = torch.from_numpy(wav[:16000])[None, None]
+    from_ckpt = XCodec.from_pretrained(ckpt_dir / "ckpt_00000004.pth")
+    from_export = XCodec.from_pretrained(ckpt_dir / "export_00000004")
+    codes = from_ckpt.encode(x, bandwidth=4)
+    assert codes.shape == (1, 8, 50)
+    assert torch.equal(codes, from_export.encode(x, bandwidth=4))
+    audio = from_export.decode(codes)
+    assert audio.shape == (1, 1, 16000) and torch.isfinite(audio).all()
+    torch.testing.assert_close(audio, from_ckpt.decode(codes), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_clips_are_skipped_counted_and_logged_once(tmp_path):
+    from tests.test_data import make_bad_files
+
+    bad = make_bad_files(tmp_path / "bad")
+    good = [ROOT / "tests" / "assets" / n for n in ("speech_en.flac", "speech_cn_4s.flac", "music_4s.flac")]
+    files = good + list(bad.values())
+    lst = tmp_path / "train.txt"
+    lst.write_text("\n".join(str(p) for p in files) + "\n")
+    log_dir = tmp_path / "run"
+    # An all-bad batch is skipped, a mixed one trains on its good clips; two epochs.
+    state = run(log_dir, f"training_file={lst}", "max_bad_fraction=1.0", "num_epoches=2", "validation_file=null", "checkpoint_interval=100")
+    assert set(state.bad_files) == {str(p) for p in bad.values()}
+    assert state.step >= 2 and state.epoch == 2
+    acc = events(log_dir)
+    assert max(scalars(acc, "data/bad_files").values()) == len(bad)
+    log = (log_dir / "logs" / "log.txt").read_text()
+    for path in bad.values():
+        assert log.count(f"skipping unusable clip: {path}") == 1, path  # once, although seen twice
+
+    # A batch that is mostly unreadable stops the run, naming the files.
+    lst.write_text("\n".join(str(p) for p in [good[0], bad["nan"], bad["empty"], bad["not_audio"]]) + "\n")
+    with pytest.raises(DataError) as err:
+        run(tmp_path / "run2", f"training_file={lst}", "batch_size=4", "validation_file=null")
+    assert "3 of 4 clips" in str(err.value)
+    for key in ("nan", "empty", "not_audio"):
+        assert str(bad[key]) in str(err.value)
+
+
+def test_nonfinite_loss_skips_update_then_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv("XCODEC_TEST_NAN_STEPS", "3")
+    log_dir = tmp_path / "run"
+    state = run(log_dir, "max_steps=4", "checkpoint_interval=1", "num_ckpt_keep=10", "validation_file=null")
+    assert state.nonfinite_total == 1 and state.nonfinite_consecutive == 0
+    ckpts = {s: read_torch_file(log_dir / "model_ckpts" / f"ckpt_{s:08d}.pth") for s in (2, 3, 4)}
+    for ckpt in ckpts.values():
+        assert not nonfinite_entries({k: ckpt[k] for k in ("codec", "discriminators", "optimizer_g", "optimizer_d")})
+    # The generator update of step 3 was skipped: codec weights and EMA codebooks unchanged.
+    for key, value in ckpts[2]["codec"].items():
+        assert torch.equal(value, ckpts[3]["codec"][key]), key
+    assert not torch.equal(ckpts[3]["codec"]["fc_prior.weight"], ckpts[4]["codec"]["fc_prior.weight"])
+    acc = events(log_dir)
+    assert scalars(acc, "train/nonfinite_skipped")[2] == 0 and scalars(acc, "train/nonfinite_skipped")[4] == 1
+
+    monkeypatch.setenv("XCODEC_TEST_NAN_STEPS", "2,3")
+    with pytest.raises(trainer.TrainingError, match="2 consecutive steps with NaN/Inf"):
+        run(tmp_path / "run2", "max_steps=6", "max_nonfinite_steps=2", "validation_file=null")
+
+
+def test_init_from_released_style_weights(tmp_path):
+    src = tmp_path / "src"
+    run(src, "max_steps=2", "validation_file=null")
+    ckpt = src / "model_ckpts" / "ckpt_00000002.pth"
+    saved = read_torch_file(ckpt)["codec"]
+
+    loaded = load_train_config(TINY, overrides=[f"init_from={ckpt}"])
+    state = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
+    trainer.init_codec_from(state.codec, str(ckpt))
+    for key, value in state.codec.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+    # From the slim export (folded weight norm): same codec function.
+    fresh = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
+    trainer.init_codec_from(fresh.codec, str(src / "model_ckpts" / "export_00000002"))
+    x = torch.randn(1, 1, 6400) * 0.1
+    torch.testing.assert_close(fresh.codec.eval().encode(x), state.codec.eval().encode(x))
+
+    # A fine-tuning run starts from those weights with fresh discriminators and optimizers.
+    tuned = run(tmp_path / "tuned", f"init_from={ckpt}", "max_steps=1", "validation_file=null")
+    assert tuned.step == 1
+    log = (tmp_path / "tuned" / "logs" / "log.txt").read_text()
+    assert f"codec initialised from {ckpt}" in log and "resumed" not in log
