@@ -1,0 +1,121 @@
+"""Resuming: exact continuation, and checkpoints that survive SIGKILL mid-write (CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_launch_vqdp as trainer
+from models.pretrained import read_torch_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd_one_thread(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for var in ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(log_dir: Path, *overrides: str) -> trainer.State:
+    return trainer.main(["--config", str(TINY), f"log_dir={log_dir}", *overrides])
+
+
+def assert_same_tree(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max().item():.3g})"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_resume_continues_exactly(tmp_path):
+    # Discriminators, validation and an epoch boundary (lr decay) all inside the window;
+    # the stop at step 3 falls in the middle of an epoch (2 batches per epoch).
+    common = ("checkpoint_interval=3", "validation_interval=2", "num_ckpt_keep=5")
+    straight = tmp_path / "straight"
+    run(straight, "max_steps=6", *common)
+    resumed = tmp_path / "resumed"
+    first = run(resumed, "max_steps=3", *common)
+    assert first.step == 3 and first.epoch == 1 and first.batch_in_epoch == 1
+    second = run(resumed, "max_steps=6", *common)
+    assert second.step == 6
+    log = (resumed / "logs" / "log.txt").read_text()
+    assert "resumed from" in log and "(step 3, epoch 1, batch 1 of the epoch)" in log
+
+    a = read_torch_file(straight / "model_ckpts" / "ckpt_00000006.pth")
+    b = read_torch_file(resumed / "model_ckpts" / "ckpt_00000006.pth")
+    for key in ("codec", "discriminators", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d", "rng", "bandwidth_rng", "step", "epoch", "batch_in_epoch", "counters"):
+        assert_same_tree(a[key], b[key], key)
+    # The learning rate went on decaying from where it was: epochs ended after steps 2
+    # and 4 (the run stops at step 6 before closing epoch 2).
+    assert b["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.999**2)
+    assert b["scheduler_g"]["last_epoch"] == 2
+    # And the validation numbers logged after the resume are those of the straight run.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def valid(d):
+        acc = EventAccumulator(str(d / "logs"), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {e.step: e.value for e in acc.Scalars("valid/mel_distance")}
+
+    assert valid(straight) == valid(resumed)
+
+
+def _spawn(log_dir: Path, env: dict, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "main_launch_vqdp.py"), "--config", str(TINY), f"log_dir={log_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
+    log_dir = tmp_path / "run"
+    ckpt_dir = log_dir / "model_ckpts"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XCODEC_TEST_SAVE_PAUSE": "4:300"}
+    args = ("max_steps=6", "checkpoint_interval=2", "num_ckpt_keep=3", "validation_file=null")
+    proc = _spawn(log_dir, env, *args)
+    marker = ckpt_dir / "paused_00000004"
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the save of step 4 never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # mid-write: part of ckpt_00000004 is on disk under a temporary name
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    leftovers = [p.name for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
+    assert leftovers and all(n.startswith("ckpt_00000004.pth.tmp-") for n in leftovers)
+    assert not (ckpt_dir / "ckpt_00000004.pth").exists()
+    previous = read_torch_file(ckpt_dir / "ckpt_00000002.pth")  # intact and loadable
+    assert previous["step"] == 2
+
+    env.pop("XCODEC_TEST_SAVE_PAUSE")
+    proc = _spawn(log_dir, env, *args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out and "ckpt_00000002.pth (step 2" in out
+    assert "left by an interrupted save" in out
+    assert not [p for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
+    assert sorted(p.name for p in ckpt_dir.glob("ckpt_*.pth")) == ["ckpt_00000002.pth", "ckpt_00000004.pth", "ckpt_00000006.pth"]
+    assert read_torch_file(ckpt_dir / "ckpt_00000006.pth")["step"] == 6
