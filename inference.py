@@ -7,6 +7,11 @@
 
 Bad input exits non-zero with one line on stderr. In a directory run a bad file is
 reported and skipped, everything else is written, and the exit code is 1.
+
+Tokenizing a corpus (``--input DIR --codes-out DIR``): under ``torchrun`` (or with the
+RANK/WORLD_SIZE variables set) each rank takes every WORLD_SIZE-th file; a manifest line is
+appended per finished file (``manifest.jsonl``, ``manifest.rank{R}.jsonl`` per rank); files
+already in a manifest are skipped, so rerunning a killed run finishes it. See utils/codes.py.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from utils.codes import load_codes, save_codes  # noqa: F401  (save_codes/load_codes: the codes file format)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -131,33 +138,6 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_codes(path: Path, codes: np.ndarray, bins: int) -> None:
-    """Save (n_q, frames) codes as .npy: int16 when the codebook fits, else int32."""
-    dtype = np.int16 if bins <= 2**15 else np.int32
-
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.save(fh, codes.astype(dtype), allow_pickle=False)
-
-    _atomic_write(path, write)
-
-
-def load_codes(path: Path, n_q_max: int, bins: int) -> np.ndarray:
-    """Read and check a codes .npy file: integer, (n_q, frames), values in [0, bins)."""
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable .npy codes file ({str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
-        raise ValueError(f"{path}: codes must be integers (int16), got dtype {getattr(codes, 'dtype', type(codes))}")
-    if codes.ndim != 2 or not 1 <= codes.shape[0] <= n_q_max or codes.shape[1] < 1:
-        raise ValueError(f"{path}: codes must have shape (n_q, frames) with 1 <= n_q <= {n_q_max}, got {codes.shape}")
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= bins:
-        raise ValueError(f"{path}: code values must lie in [0, {bins}), found [{lo}, {hi}]")
-    return codes.astype(np.int64)
-
-
 def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
     from utils.audio import save_audio
 
@@ -190,6 +170,29 @@ class Stats:
         self.failed: list[str] = []
         self.audio_seconds = 0.0
         self.start = time.perf_counter()
+        self.already_done = 0  # skipped: finished by an earlier run (manifest)
+        self.rank, self.world_size = 0, 1
+        self.manifest = None  # utils.codes.ManifestWriter of a corpus tokenization
+        self.manifest_fields: dict = {}
+        self.codes_root: Path | None = None
+
+    def wrote(self, job: Job, samples: int, rate: int, codes_shape: tuple[int, int] | None = None) -> None:
+        """Count a finished job; in a corpus tokenization, append its manifest line."""
+        self.written += 1
+        self.audio_seconds += samples / rate
+        if self.manifest is not None and job.codes_out is not None and codes_shape is not None:
+            self.manifest.add(
+                {
+                    "path": job.rel.as_posix(),
+                    "codes": job.codes_out.relative_to(self.codes_root).as_posix(),
+                    "duration": round(samples / rate, 6),
+                    "samples": int(samples),
+                    "sample_rate": int(rate),
+                    "n_q": int(codes_shape[0]),
+                    "frames": int(codes_shape[1]),
+                    **self.manifest_fields,
+                }
+            )
 
     def fail(self, message: str) -> None:
         from tqdm import tqdm
@@ -200,9 +203,13 @@ class Stats:
     def summary(self) -> str:
         elapsed = time.perf_counter() - self.start
         rtf = elapsed / self.audio_seconds if self.audio_seconds else 0.0
+        speed = self.audio_seconds / elapsed if elapsed > 0 else 0.0
+        prefix = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
+        done = f", {self.already_done} already done (skipped)" if self.already_done else ""
         return (
-            f"{self.written} file(s) written, {len(self.failed)} failed/skipped, "
-            f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f})"
+            f"{prefix}{self.written} file(s) written, {len(self.failed)} failed/skipped{done}, "
+            f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f}, "
+            f"{speed:.1f} audio hours per hour)"
         )
 
 
@@ -242,8 +249,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                 save_codes(job.codes_out, codes_np[i, :, : int(frames[i])], model.bins)
             if job.audio_out is not None:
                 save_wav(job.audio_out, audio[i, 0, : len(w)], rate, args.rescale)
-            stats.written += 1
-            stats.audio_seconds += len(w) / rate
+            stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
         pending.clear()
 
     for job in _progress(jobs, many, "encoding"):
@@ -262,18 +268,84 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
 
 
 def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
-    import torch
-
     for job in _progress(jobs, many, "decoding"):
         try:
             codes = load_codes(job.src, model.n_q, model.bins)
         except ValueError as exc:
             stats.fail(str(exc))
             continue
-        audio = model.decode(torch.from_numpy(codes)[None].to(model.device)).float().cpu().numpy()[0, 0]
+        audio = model.decode(codes[None].to(model.device)).float().cpu().numpy()[0, 0]
         save_wav(job.audio_out, audio, model.sample_rate, args.rescale)
         stats.written += 1
         stats.audio_seconds += len(audio) / model.sample_rate
+
+
+def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> list[Job]:
+    """This rank's share of ``jobs``, less the files an earlier run finished (corpus tokenization).
+
+    Sharding: rank R of W takes jobs R, R + W, ... of the sorted list (a single file goes
+    to rank 0). Resuming: in a directory run with ``--codes-out``, the manifests in the
+    codes root list finished files; they are skipped when their outputs exist. Codes made
+    by another checkpoint or bandwidth in the same root are refused.
+    """
+    from utils.codes import (
+        CodesFileError,
+        ManifestWriter,
+        checkpoint_id,
+        manifest_path,
+        rank_and_world_size,
+        read_manifest,
+        remove_stale_temporaries,
+        shard,
+    )
+
+    try:
+        rank, world = rank_and_world_size()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    stats.rank, stats.world_size = rank, world
+    jobs = shard(jobs, rank, world)
+    if not many or args.codes_in is not None or args.codes_out is None:
+        return jobs
+    root = args.codes_out
+    bandwidth = float(args.bandwidth) if args.bandwidth is not None else float(max(model.target_bandwidths))
+    fields = {
+        "bins": int(model.bins),
+        "bandwidth": bandwidth,
+        "checkpoint": checkpoint_id(model),
+    }
+    n_q = model.quantizer.n_q_for_bandwidth(args.bandwidth)
+    try:
+        entries = read_manifest(root) if root.is_dir() else []
+    except (CodesFileError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    clash = [e for e in entries if (e.get("checkpoint"), e.get("n_q")) != (fields["checkpoint"], n_q)]
+    if clash:
+        e = clash[0]
+        raise CliError(
+            f"{root}: already holds codes of {len(clash)} file(s) made by checkpoint {e.get('checkpoint')} at "
+            f"{e.get('bandwidth')} kbps; this run uses {fields['checkpoint']} at {bandwidth} kbps: "
+            "choose another --codes-out directory"
+        )
+    remove_stale_temporaries([j.codes_out for j in jobs] + [j.audio_out for j in jobs if j.audio_out is not None])
+    done = {e["path"] for e in entries}
+    todo = [
+        j
+        for j in jobs
+        if not (j.rel.as_posix() in done and j.codes_out.is_file() and (j.audio_out is None or j.audio_out.is_file()))
+    ]
+    stats.already_done = len(jobs) - len(todo)
+    stats.codes_root, stats.manifest_fields = root, fields
+    stats.manifest = ManifestWriter(manifest_path(root, rank, world))
+    return todo
+
+
+def _device_for_rank(args: argparse.Namespace) -> None:
+    """Under torchrun, each local rank uses its own GPU unless --device says otherwise."""
+    import torch
+
+    if args.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
     else:
         jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out)
+    _device_for_rank(args)
     model = load_model(args)
     if args.bandwidth is not None:
         try:
@@ -290,10 +363,15 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
     stats = Stats()
-    if args.codes_in is not None:
-        decode_jobs(model, jobs, args, many, stats)
-    else:
-        encode_jobs(model, jobs, args, many, stats)
+    jobs = shard_and_resume(model, jobs, args, many, stats)
+    try:
+        if args.codes_in is not None:
+            decode_jobs(model, jobs, args, many, stats)
+        else:
+            encode_jobs(model, jobs, args, many, stats)
+    finally:
+        if stats.manifest is not None:
+            stats.manifest.close()
     if many:
         print(stats.summary(), file=sys.stderr)
     if stats.failed:

@@ -1,0 +1,324 @@
+"""Codes files and tokenized corpora: reading, writing, manifests, sharding.
+
+A tokenized corpus (``python inference.py --input corpus/ --codes-out codes/``) is a tree
+of ``.npy`` files mirroring the input tree, one per audio file, int16, shape
+``(n_q, frames)``, plus JSONL manifest(s) in the root of ``codes/``: ``manifest.jsonl``
+for a single process, ``manifest.rank{R}.jsonl`` for rank R of a multi-process run (one
+file per rank, never written concurrently). :func:`read_manifest` merges them all.
+
+Each manifest line describes one finished file::
+
+    {"path": "spk1/utt1.flac", "codes": "spk1/utt1.npy", "duration": 3.52, "samples": 56320,
+     "sample_rate": 16000, "frames": 177, "n_q": 8, "bins": 1024, "bandwidth": 4.0,
+     "checkpoint": "xcodec-3f2a..."}
+
+A line is appended only after the codes file (and the audio, when asked for) is
+completely written (atomically: temporary file + rename), so every manifest entry names
+a complete file; a run killed at any point is finished by running the same command again.
+
+Reading codes back::
+
+    from utils.codes import load_codes, iter_corpus
+    codes = load_codes("codes/spk1/utt1.npy", bins=1024)    # LongTensor (n_q, frames)
+    for entry, codes in iter_corpus("codes/"):               # checked against the manifest
+        ...
+
+Checking a corpus: ``python -m utils.codes codes/`` (``--merge`` also writes one
+``manifest.jsonl`` from the per-rank files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST_NAME = "manifest.jsonl"
+MANIFEST_GLOB = "manifest*.jsonl"
+
+
+class CodesFileError(ValueError):
+    """A codes file that cannot be used; the message names the file and the reason."""
+
+
+# ---------------------------------------------------------------------------- files
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers never see a partial file. A process killed mid-write can leave the hidden
+    temporary file ``.{name}.XXXX.tmp``; :func:`remove_stale_temporaries` clears those.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name a temporary of :func:`atomic_write` stands for, else ``None``."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[1:-4].rsplit(".", 1)
+    return parts[0] if len(parts) == 2 and parts[0] else None
+
+
+def remove_stale_temporaries(targets: Sequence[Path]) -> int:
+    """Delete leftover temporaries of ``targets`` (from a killed run); returns how many."""
+    wanted: dict[Path, set[str]] = {}
+    for t in targets:
+        wanted.setdefault(Path(t).parent, set()).add(Path(t).name)
+    removed = 0
+    for directory, names in wanted.items():
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if temporary_target(entry.name) in names and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
+    """Save (n_q, frames) codes as .npy, atomically: int16 when the codebook fits, else int32."""
+    dtype = np.int16 if bins <= 2**15 else np.int32
+    codes = np.asarray(codes)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.save(fh, codes.astype(dtype), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def load_codes(
+    path: str | Path,
+    n_q_max: int | None = None,
+    bins: int | None = 1024,
+    *,
+    n_q: int | None = None,
+    frames: int | None = None,
+) -> torch.Tensor:
+    """Read a codes ``.npy`` file and check it; returns a ``LongTensor`` of shape (n_q, frames).
+
+    Args:
+        path: the ``.npy`` file (as written by ``inference.py --codes-out``).
+        n_q_max: most codebooks allowed (a model's ``n_q``); ``None``: no limit.
+        bins: codebook size; values must lie in ``[0, bins)`` (``None``: only ``>= 0``).
+        n_q: exact number of codebooks required (e.g. from the manifest).
+        frames: exact number of frames required (e.g. from the manifest).
+
+    Raises:
+        CodesFileError (a ``ValueError``) naming the file: unreadable, not integer, wrong
+        shape, or values out of range.
+    """
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CodesFileError(f"{path}: not a readable .npy codes file ({reason})") from None
+    if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
+        raise CodesFileError(f"{path}: codes must be integers (int16), got dtype {getattr(codes, 'dtype', type(codes))}")
+    limit = n_q_max if n_q_max is not None else float("inf")
+    if codes.ndim != 2 or not 1 <= codes.shape[0] <= limit or codes.shape[1] < 1:
+        bound = f"1 <= n_q <= {n_q_max}" if n_q_max is not None else "n_q >= 1"
+        raise CodesFileError(f"{path}: codes must have shape (n_q, frames) with {bound}, got {codes.shape}")
+    if n_q is not None and codes.shape[0] != n_q:
+        raise CodesFileError(f"{path}: expected {n_q} codebooks, found {codes.shape[0]}")
+    if frames is not None and codes.shape[1] != frames:
+        raise CodesFileError(f"{path}: expected {frames} frames, found {codes.shape[1]}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or (bins is not None and hi >= bins):
+        raise CodesFileError(f"{path}: code values must lie in [0, {bins if bins is not None else 'inf'}), found [{lo}, {hi}]")
+    return torch.from_numpy(codes.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------- manifests
+def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
+    """``manifest.jsonl`` for one process, ``manifest.rank{R}.jsonl`` for rank R of several."""
+    root = Path(root)
+    return root / MANIFEST_NAME if world_size == 1 else root / f"manifest.rank{rank}.jsonl"
+
+
+def _read_lines(path: Path) -> list[dict]:
+    entries = []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a torn last line from a killed writer: not an entry
+                continue
+            raise CodesFileError(f"{path}:{i + 1}: not a JSON line") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise CodesFileError(f"{path}:{i + 1}: a manifest line must be an object with a 'path'")
+        entries.append(entry)
+    return entries
+
+
+def read_manifest(root: str | Path) -> list[dict]:
+    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path."""
+    root = Path(root)
+    by_path: dict[str, dict] = {}
+    for path in sorted(root.glob(MANIFEST_GLOB)):
+        for entry in _read_lines(path):
+            by_path[entry["path"]] = entry
+    return [by_path[k] for k in sorted(by_path)]
+
+
+class ManifestWriter:
+    """Appends entries to one manifest file, one JSON line each, flushed at once.
+
+    A torn last line left by a killed run is removed before the first append.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(cut)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def add(self, entry: dict) -> None:
+        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def merge_manifests(root: str | Path) -> Path:
+    """Write every rank's entries into one ``manifest.jsonl`` (the rank files are removed)."""
+    root = Path(root)
+    entries = read_manifest(root)
+    target = root / MANIFEST_NAME
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for entry in entries:
+                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    atomic_write(target, write)
+    for path in root.glob("manifest.rank*.jsonl"):
+        path.unlink()
+    return target
+
+
+def iter_corpus(root: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Yield ``(manifest entry, LongTensor (n_q, frames))`` for every file of a tokenized corpus,
+    each checked against its manifest entry (shape and ``[0, bins)``)."""
+    root = Path(root)
+    for entry in read_manifest(root):
+        yield entry, load_codes(
+            root / entry["codes"], None, bins if bins is not None else entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"]
+        )
+
+
+# ---------------------------------------------------------------------------- processes
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's shard: the process group when one is initialised, else the
+    ``RANK``/``WORLD_SIZE`` variables ``torchrun`` sets (``0, 1`` without them)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """Items ``rank, rank + world_size, ...``: every item goes to exactly one rank."""
+    return list(items[rank::world_size])
+
+
+def checkpoint_id(model: torch.nn.Module) -> str:
+    """A short fingerprint of a model's weights, the same whatever format they were loaded
+    from (a release ``.pth``, a transformers directory or an export hold the same tensors)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "xcodec-" + digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- checking
+def check_corpus(root: str | Path) -> tuple[int, list[str]]:
+    """Check a tokenized corpus: ``(entries, problems)`` where problems lists missing,
+    unreadable or mis-shaped codes files, code files without a manifest entry and
+    leftover temporaries."""
+    root = Path(root)
+    entries = read_manifest(root)
+    problems = []
+    listed = set()
+    for entry in entries:
+        listed.add(entry["codes"])
+        try:
+            load_codes(root / entry["codes"], None, entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"])
+        except (CodesFileError, FileNotFoundError) as exc:
+            problems.append(str(exc))
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.suffix == ".npy" and rel not in listed:
+            problems.append(f"{rel}: codes file not in any manifest")
+        elif temporary_target(path.name) is not None:
+            problems.append(f"{rel}: leftover temporary file")
+    return len(entries), problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Check a tokenized corpus (codes + manifests) and optionally merge the manifests.")
+    p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
+    p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl")
+    args = p.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: {args.root}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        if args.merge:
+            print(f"wrote {merge_manifests(args.root)}")
+        n, problems = check_corpus(args.root)
+    except CodesFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{n} file(s) in the manifest, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
