@@ -312,7 +312,12 @@ def init_distributed() -> torch.device:
     device = torch.device("cuda", du.local_rank()) if cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": device} if cuda else {}
-        dist.init_process_group("nccl" if cuda else "gloo", **kwargs)
+        # torchrun's store can outlive a failed attempt; keys of this attempt get their own
+        # prefix so a restarted group never reads the dead group's addresses.
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"xcodec/attempt_{attempt}/", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=size, **kwargs)
     return device
 
 
@@ -774,6 +779,11 @@ def write_state_hashes(state: State, directory: str) -> None:
         "discriminators": state_hash(state.discriminators.state_dict()),
         "optimizer_g": state_hash(opt),
     }
+    if isinstance(state.codec_ddp, DDP):
+        teacher = {id(p) for p in state.codec.semantic_model.parameters()}
+        synced = state.codec_ddp._module_parameters
+        hashes["ddp_synced_params"] = len(synced)
+        hashes["ddp_syncs_teacher"] = any(id(p) in teacher for p in synced)
     Path(directory).mkdir(parents=True, exist_ok=True)
     (Path(directory) / f"hash_rank{du.rank()}.json").write_text(json.dumps(hashes, indent=1))
 
