@@ -312,7 +312,7 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
     fields = {
         "bins": int(model.bins),
         "bandwidth": bandwidth,
-        "checkpoint": checkpoint_id(model),
+        "checkpoint": checkpoint_id(args.checkpoint, args.config),
     }
     n_q = model.quantizer.n_q_for_bandwidth(args.bandwidth)
     try:

@@ -264,14 +264,37 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def checkpoint_id(model: torch.nn.Module) -> str:
-    """A short fingerprint of a model's weights, the same whatever format they were loaded
-    from (a release ``.pth``, a transformers directory or an export hold the same tensors)."""
+def checkpoint_files(checkpoint: str | Path, config: str | Path | None = None) -> list[Path]:
+    """The files that define a model given as in ``XCodec.from_pretrained(checkpoint, config)``."""
+    from models.pretrained import RELEASES, download_release
+
+    if isinstance(checkpoint, str) and checkpoint in RELEASES:
+        ckpt, release_cfg = download_release(checkpoint)
+        return [ckpt, Path(config) if config is not None else release_cfg]
+    path = Path(checkpoint)
+    if path.is_dir():
+        files = [path / n for n in ("model.safetensors", "config.json", "config.yaml")]
+    elif path.suffix == ".safetensors":
+        files = [path, path.parent / "config.yaml"]
+    else:
+        files = [path, path.parent / "config.yaml"]
+    if config is not None:
+        files = [f for f in files if f.name not in ("config.yaml", "config.json")] + [Path(config)]
+    return [f for f in files if f.is_file()]
+
+
+def checkpoint_id(checkpoint: str | Path, config: str | Path | None = None) -> str:
+    """A short fingerprint of the checkpoint's files (weights and config), for manifests.
+
+    Files, not loaded tensors: folding weight norm at load time rounds differently with
+    different thread counts, so the loaded tensors are not a stable fingerprint.
+    """
     digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for path in checkpoint_files(checkpoint, config):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
     return "xcodec-" + digest.hexdigest()[:16]
 
 
