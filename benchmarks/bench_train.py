@@ -1,0 +1,101 @@
+"""Time one training step of our loop against the original's two-forward step.
+
+The original main_launch_vqdp.py runs the codec forward twice per step: once for the
+generator update and once more (with a fresh graph) to get ``y_hat`` for the
+discriminator update. Ours runs it once and reuses the detached output. Both variants
+here share one process, one config, one model state and the same pre-loaded batches,
+and are timed in alternating rounds so that machine load hits both alike.
+
+    python benchmarks/bench_train.py --config configs/tiny.yaml
+    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml pretrained_teacher=false batch_size=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import main_launch_vqdp as trainer  # noqa: E402
+from data import AudioSegmentDataset, collate, list_audio_files  # noqa: E402
+from utils.train_config import load_train_config  # noqa: E402
+
+
+def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:
+    """The original's order: G forward + G update, then a second codec forward for D."""
+    bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng)
+    with state.autocast():
+        out = state.codec_ddp(wav, bandwidth)
+    n = min(wav.shape[-1], out.audio.shape[-1])
+    real, fake = wav[..., :n], out.audio[..., :n].float()
+    adversarial = state.uses_discriminators and state.step >= state.cfg.discriminator_iter_start
+    trainer.generator_step(state, real, fake, out, adversarial)
+    if state.uses_discriminators:
+        with state.autocast():
+            out2 = state.codec_ddp(wav, bandwidth)  # "update y_hat": a second full codec pass
+        trainer.discriminator_step(state, real, out2.audio[..., :n].float().detach())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each: one step of each variant)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    args = parser.parse_args()
+
+    loaded = load_train_config(args.config, overrides=args.overrides)
+    cfg = loaded.cfg
+    device = torch.device(args.device)
+    trainer.seed_everything(cfg.seed)
+    state = trainer.build_state(cfg, loaded.raw, device)
+    files = list_audio_files(ROOT / cfg.training_file if not Path(cfg.training_file).exists() else cfg.training_file)
+    dataset = AudioSegmentDataset(files, cfg.segment_size, state.codec.sample_rate, cfg.audio_norm_scale, seed=cfg.seed)
+    # The same real batches for both variants, loaded once: data loading is not timed.
+    batches = []
+    for i in range(4):
+        items = [dataset[((i * cfg.batch_size + j) % len(dataset), i)] for j in range(cfg.batch_size)]
+        batches.append(collate(items)["wav"].to(device))
+
+    variants = {"ours (1 codec forward)": lambda w: trainer.train_step(state, w), "original (2 codec forwards)": lambda w: original_style_step(state, w)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in variants.items():
+            wav = batches[r % len(batches)]
+            sync(device)
+            t0 = time.perf_counter()
+            fn(wav)
+            sync(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            state.step += 1
+
+    ours, orig = (statistics.median(v) for v in times.values())
+    n_g = sum(p.numel() for p in state.g_params()) / 1e6
+    n_t = sum(p.numel() for p in state.codec.semantic_model.parameters()) / 1e6
+    print(f"config: {' + '.join(loaded.sources)}")
+    print(
+        f"  device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"precision {cfg.precision}, batch {cfg.batch_size} x {cfg.segment_size} samples, d_list {cfg.d_list}, "
+        f"codec {n_g:.2f} M params, teacher {n_t:.2f} M, {args.rounds} rounds after {args.warmup} warm-up"
+    )
+    for name, v in times.items():
+        print(f"  {name:28s} median {1000 * statistics.median(v):8.1f} ms/step  (min {1000 * min(v):.1f}, max {1000 * max(v):.1f})")
+    print(f"  speed-up: {orig / ours:.2f}x (original / ours)")
+
+
+if __name__ == "__main__":
+    main()
