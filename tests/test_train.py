@@ -179,3 +179,27 @@ def test_init_from_released_style_weights(tmp_path):
     assert tuned.step == 1
     log = (tmp_path / "tuned" / "logs" / "log.txt").read_text()
     assert f"codec initialised from {ckpt}" in log and "resumed" not in log
+
+
+def test_every_discriminator_and_the_mel_loss(tmp_path):
+    # One period / one scale: the HiFi-GAN discriminators have fixed, wide layers.
+    state = run(tmp_path / "run", "max_steps=1", "d_list=[mfd,mpd,msd,msstftd]", "mpd.period_sizes=[2]", "msd.num_scales=1",
+                "msstftd.filters=8", "loss_weights.mel=45", "validation_file=null")
+    assert list(state.discriminators) == ["mfd", "mpd", "msd", "msstftd"]
+    acc = events(tmp_path / "run")
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/mel", "loss/discriminator_mpd", "loss/discriminator_msd", "loss/discriminator_msstftd"} <= tags
+    ckpt = read_torch_file(tmp_path / "run" / "model_ckpts" / "ckpt_00000001.pth")
+    assert set(ckpt["discriminators"]) == {"mfd", "mpd", "msd", "msstftd"}
+
+
+def test_bf16_autocast_keeps_the_quantizer_in_fp32():
+    loaded = load_train_config(TINY, overrides=["precision=bf16"])
+    state = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
+    seen = []
+    state.codec.quantizer.vq.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with state.autocast():
+        out = state.codec(torch.randn(2, 1, 6400) * 0.1, 4.0)
+    assert seen == [torch.float32]
+    assert torch.is_autocast_cpu_enabled() is False  # the hooks left no autocast state behind
+    assert torch.isfinite(out.audio.float()).all()
