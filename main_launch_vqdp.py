@@ -341,13 +341,18 @@ def init_codec_from(codec: XCodec, source: str) -> str:
     return source
 
 
-def build_state(cfg: TrainConfig, raw: dict, device: torch.device) -> State:
-    """Models, optimizers, schedulers and losses, identical on every rank."""
-    codec = build_codec(cfg.codec, cfg.audio_norm_scale, weight_norm=True, pretrained_teacher=cfg.teacher_source())
+def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool | str | None = None) -> State:
+    """Models, optimizers, schedulers and losses, identical on every rank.
+
+    ``teacher``: what ``build_codec`` gets as ``pretrained_teacher`` (default
+    ``cfg.teacher_source()``); ``False`` when the weights come from a checkpoint.
+    """
+    teacher = cfg.teacher_source() if teacher is None else teacher
+    codec = build_codec(cfg.codec, cfg.audio_norm_scale, weight_norm=True, pretrained_teacher=teacher)
     discs = build_discriminators(cfg.d_list, {name: dataclasses.asdict(getattr(cfg, name)) for name in cfg.d_list})
     codec.to(device).train()
     discs.to(device).train()
-    if du.is_distributed() and cfg.teacher_source() is False and cfg.init_from is None:
+    if du.is_distributed() and teacher is False:
         # A randomly initialised teacher is excluded from DDP's start-up sync; make it rank 0's.
         du.broadcast_tensors(list(codec.semantic_model.parameters()) + list(codec.semantic_model.buffers()))
     if cfg.precision == "bf16":
@@ -932,17 +937,21 @@ def main(argv: Sequence[str] | None = None) -> State:
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
+        resume = find_resume_checkpoint(ckpt_dir, _Quiet())
         # The same seed everywhere while building: every rank starts from identical models.
         seed_everything(cfg.seed)
-        state = build_state(cfg, raw, device)
-        resume = find_resume_checkpoint(ckpt_dir, _Quiet())
+        # Resuming or fine-tuning: the teacher's weights come with the codec's (no download).
+        teacher = False if resume is not None else cfg.teacher_source()
+        state = build_state(cfg, raw, device, teacher)
         logger = RunLogger(str(log_dir), cfg.tensorboard, purge_step=(resume[1]["step"] + 1) if resume else None)
         logger.info(f"config: {' + '.join(loaded.sources)}")
         logger.info(f"processes: {du.world_size()} ({'nccl' if device.type == 'cuda' else 'gloo'} if > 1), device {device}, precision {cfg.precision}")
         n_g = sum(p.numel() for p in state.g_params())
         n_t = sum(p.numel() for p in state.codec.semantic_model.parameters())
         n_d = sum(p.numel() for p in state.discriminators.parameters())
-        logger.info(f"codec {n_g / 1e6:.2f} M trainable parameters, frozen teacher {n_t / 1e6:.2f} M, discriminators {cfg.d_list} {n_d / 1e6:.2f} M")
+        logger.info(f"codec {n_g / 1e6:.2f} M trainable parameters, discriminators {cfg.d_list} {n_d / 1e6:.2f} M")
+        source = {True: f"pretrained {cfg.codec.semantic_techer}", False: "built from the config (weights from the checkpoint, init_from or random)"}.get(teacher, teacher)
+        logger.info(f"frozen teacher {n_t / 1e6:.2f} M parameters: {source}")
         if resume is not None:
             path, ckpt = resume
             restore(state, ckpt, str(path), logger)

@@ -201,5 +201,5 @@ def test_bf16_autocast_keeps_the_quantizer_in_fp32():
     with state.autocast():
         out = state.codec(torch.randn(2, 1, 6400) * 0.1, 4.0)
     assert seen == [torch.float32]
-    assert torch.is_autocast_cpu_enabled() is False  # the hooks left no autocast state behind
+    assert torch.is_autocast_enabled("cpu") is False  # the hooks left no autocast state behind
     assert torch.isfinite(out.audio.float()).all()
