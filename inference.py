@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,16 +125,11 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
 
 # ---------------------------------------------------------------------------- writing
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through a temporary file in the same directory, then rename: never a partial file
+    (and the usual permissions, not mkstemp's 0600)."""
+    from utils.codes import atomic_write
+
+    atomic_write(path, write)
 
 
 def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:

@@ -1,0 +1,577 @@
+"""Evaluate X-Codec reconstructions: PESQ, STOI, mel and STFT distances, SI-SDR, codebook usage.
+
+    # encode + decode every file at each bandwidth with a checkpoint:
+    python evaluate.py --checkpoint model.pth --input corpus/ --bandwidths 0.5 1 2 4 --output report.json
+    # reconstructions made elsewhere, matched by relative path:
+    python evaluate.py --reference corpus/ --estimate rec/ --output report.json
+
+Writes ``report.json`` and ``report.csv`` (per file and mean), prints a table per
+bandwidth; ``--plot DIR`` writes a PNG of stacked, labelled spectrograms per file.
+Bad input exits non-zero with one line on stderr; with several files a bad file is
+reported and skipped, everything else is written, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from utils.metrics import SIGNAL_METRICS
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
+
+
+class CliError(Exception):
+    """A fatal problem, reported as one line on stderr."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Evaluate codec reconstructions (PESQ, STOI, mel/STFT distance, SI-SDR, codebook usage).",
+        epilog="Modes: --checkpoint + --input (encode and decode here), or --reference + --estimate.",
+    )
+    p.add_argument("--checkpoint", help="release name or checkpoint path: encode and decode --input with it")
+    p.add_argument("--config", type=Path, help="YAML config for a .pth checkpoint (default: config.yaml beside it)")
+    p.add_argument("--input", type=Path, nargs="+", help="audio files, directories (recursive) or list files (.txt: one path a line)")
+    p.add_argument("--bandwidths", type=float, nargs="+", help="kbps to evaluate (default: every target bandwidth of the model)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--reference", type=Path, help="reference audio file or directory")
+    p.add_argument("--estimate", type=Path, help="reconstruction file or directory (matched to --reference by relative path)")
+    p.add_argument("--sample-rate", type=int, help="rate for --reference/--estimate metrics (default: the lower of the two)")
+    p.add_argument("--output", type=Path, required=True, help="JSON report; the CSV goes beside it (same name, .csv)")
+    p.add_argument("--csv", type=Path, help="CSV path (default: --output with .csv)")
+    p.add_argument("--plot", type=Path, help="write a spectrogram PNG per file into this directory")
+    p.add_argument("--speaker-model", type=Path, help="local speaker-verification model directory (transformers x-vector)")
+    p.add_argument("--asr-model", type=Path, help="local ASR model directory (transformers) for WER")
+    p.add_argument("--transcripts", type=Path, help="reference transcripts for WER: JSON {path: text} or TSV 'path<TAB>text'")
+    p.add_argument("--utmos", type=Path, help="local clone of the SpeechMOS torch.hub repo (weights in the torch hub cache)")
+    p.add_argument("--quiet", action="store_true", help="print only the mean rows")
+    args = p.parse_args(argv)
+    by_checkpoint = args.checkpoint is not None or args.input is not None
+    by_reference = args.reference is not None or args.estimate is not None
+    if by_checkpoint == by_reference:
+        p.error("use either --checkpoint with --input, or --reference with --estimate")
+    if by_checkpoint and (args.checkpoint is None or args.input is None):
+        p.error("--checkpoint and --input go together")
+    if by_reference and (args.reference is None or args.estimate is None):
+        p.error("--reference and --estimate go together")
+    if by_reference and args.bandwidths:
+        p.error("--bandwidths needs --checkpoint")
+    if args.sample_rate is not None and args.sample_rate <= 0:
+        p.error("--sample-rate must be positive")
+    return args
+
+
+# ---------------------------------------------------------------------------- inputs
+def _scan(root: Path) -> list[Path]:
+    from utils.audio import audio_extensions
+
+    suffixes = audio_extensions()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
+        dirnames.sort()
+        found += [Path(dirpath) / n for n in sorted(filenames) if Path(n).suffix.lower() in suffixes]
+    return found
+
+
+def _read_list(path: Path) -> list[Path]:
+    """Paths of a list file: one a line (first tab-separated field), '#' comments; relative
+    paths are taken from the working directory, else from the list's directory."""
+    out = []
+    for line in path.read_text().splitlines():
+        entry = line.split("\t")[0].strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry)
+        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+            p = path.parent / p
+        out.append(p)
+    return out
+
+
+def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
+    """``([(file, name in the report)], single)``; single: one audio file was given."""
+    items: list[tuple[Path, str]] = []
+    several_dirs = sum(p.is_dir() for p in inputs) > 1
+    for src in inputs:
+        if src.is_dir():
+            files = _scan(src)
+            if not files:
+                raise CliError(f"{src}: no audio files found")
+            prefix = Path(src.name) if several_dirs else Path()
+            items += [(f, (prefix / f.relative_to(src)).as_posix()) for f in files]
+        elif src.suffix.lower() in LIST_SUFFIXES and src.is_file():
+            listed = _read_list(src)
+            if not listed:
+                raise CliError(f"{src}: the list names no files")
+            items += [(f, f.as_posix()) for f in listed]
+        else:
+            items.append((src, src.as_posix() if len(inputs) > 1 else src.name))
+    single = len(inputs) == 1 and len(items) == 1 and not inputs[0].is_dir() and inputs[0].suffix.lower() not in LIST_SUFFIXES
+    return items, single
+
+
+def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, Path | None]], bool, list[str]]:
+    """Match estimates to references by relative path (the audio extension may differ).
+
+    Returns ``([(name, reference, estimate or None)], single, notes)``.
+    """
+    if not reference.exists():
+        raise CliError(f"{reference}: no such file or directory")
+    if not estimate.exists():
+        raise CliError(f"{estimate}: no such file or directory")
+    if reference.is_dir() != estimate.is_dir():
+        raise CliError(f"--reference {reference} and --estimate {estimate} must both be files or both directories")
+    if not reference.is_dir():
+        return [(reference.name, reference, estimate)], True, []
+    refs = _scan(reference)
+    if not refs:
+        raise CliError(f"{reference}: no audio files found")
+    by_stem: dict[str, list[Path]] = {}
+    for f in _scan(estimate):
+        by_stem.setdefault(f.relative_to(estimate).with_suffix("").as_posix(), []).append(f)
+    pairs, used = [], set()
+    for f in refs:
+        rel = f.relative_to(reference)
+        candidates = by_stem.get(rel.with_suffix("").as_posix(), [])
+        same = [c for c in candidates if c.suffix == f.suffix]
+        match = (same or candidates or [None])[0]
+        if match is not None:
+            used.add(match)
+        pairs.append((rel.as_posix(), f, match))
+    extra = sum(len(v) for v in by_stem.values()) - len(used)
+    notes = [f"{extra} estimate file(s) without a reference were ignored"] if extra else []
+    return pairs, False, notes
+
+
+def read_transcripts(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read transcripts ({exc.strerror})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CliError(f"{path}: expected a JSON object {{path: text}}")
+        return {str(k): str(v) for k, v in data.items()}
+    out = {}
+    for line in text.splitlines():
+        if "\t" in line:
+            key, value = line.split("\t", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------- reporting
+class Failures:
+    """Bad files: reported on stderr at once (one line each) and listed in the report."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def add(self, path: str, message: str) -> None:
+        from tqdm import tqdm
+
+        self.items.append({"path": path, "error": message})
+        tqdm.write(f"error: {message}", file=sys.stderr)
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> null, numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _fmt(value, width: int, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-".rjust(width)
+    return f"{value:{width}.{digits}f}"
+
+
+COLUMNS = [  # key, header, width, digits
+    ("pesq_wb", "PESQ-WB", 8, 3),
+    ("stoi", "STOI", 7, 3),
+    ("mel_distance", "mel", 7, 3),
+    ("stft_distance", "STFT", 7, 3),
+    ("si_sdr", "SI-SDR", 8, 2),
+    ("speaker_similarity", "spk-sim", 8, 3),
+    ("wer", "WER", 7, 3),
+    ("utmos", "UTMOS", 7, 3),
+]
+
+
+def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quiet: bool = False) -> str:
+    cols = [c for c in COLUMNS if c[0] in keys]
+    names = [r["path"] for r in rows] if not quiet else []
+    name_width = min(max([len(n) for n in names] + [len("mean"), 4]), 48)
+    header = "file".ljust(name_width) + "".join(h.rjust(w + 1) for _, h, w, _ in cols)
+    lines = [title, header, "-" * len(header)]
+    for row in [] if quiet else rows:
+        name = row["path"] if len(row["path"]) <= name_width else "..." + row["path"][-(name_width - 3) :]
+        lines.append(name.ljust(name_width) + "".join(" " + _fmt(row.get(k), w, d) for k, _, w, d in cols))
+    lines.append("mean".ljust(name_width) + "".join(" " + _fmt(mean.get(k), w, d) for k, _, w, d in cols))
+    return "\n".join(lines)
+
+
+def format_codebooks(summary: dict) -> str:
+    lines = [
+        f"bitrate {summary['bitrate_kbps']:.3f} kbps ({summary['frames']} frames, {summary['seconds']:.1f} s); "
+        f"entropy-coded bound {summary['entropy_bitrate_kbps']:.3f} kbps"
+    ]
+    for book in summary["codebooks"]:
+        lines.append(
+            f"  codebook {book['index'] + 1}: usage {100 * book['usage']:5.1f}% ({book['used']} entries), "
+            f"entropy {book['entropy_bits']:.2f} bits"
+        )
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, json_path: Path, csv_path: Path, keys: list[str]) -> None:
+    from utils.codes import atomic_write
+
+    text = json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    sections = report.get("bandwidths") or [{"bandwidth": None, "files": report["files"], "mean": report["mean"]}]
+    with_bw = "bandwidths" in report
+    writer.writerow((["bandwidth"] if with_bw else []) + ["path"] + keys)
+    for section in sections:
+        lead = [section["bandwidth"]] if with_bw else []
+        for row in section["files"]:
+            writer.writerow(lead + [row["path"]] + [_csv_value(row.get(k)) for k in keys])
+        writer.writerow(lead + ["mean"] + [_csv_value(section["mean"].get(k)) for k in keys])
+    atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def _csv_value(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.6g}"
+
+
+# ---------------------------------------------------------------------------- plotting
+# A 5x7 bitmap font (rows top to bottom, 5 bits, MSB = left column) for the labels.
+_FONT = {
+    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14), "2": (14, 17, 1, 2, 4, 8, 31),
+    "3": (31, 2, 4, 2, 1, 17, 14), "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
+    "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8), "8": (14, 17, 17, 14, 17, 17, 14),
+    "9": (14, 17, 17, 15, 1, 2, 12), "A": (14, 17, 17, 17, 31, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30),
+    "C": (14, 17, 16, 16, 16, 17, 14), "D": (28, 18, 17, 17, 17, 18, 28), "E": (31, 16, 16, 30, 16, 16, 31),
+    "F": (31, 16, 16, 30, 16, 16, 16), "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17),
+    "I": (14, 4, 4, 4, 4, 4, 14), "J": (7, 2, 2, 2, 2, 18, 12), "K": (17, 18, 20, 24, 20, 18, 17),
+    "L": (16, 16, 16, 16, 16, 16, 31), "M": (17, 27, 21, 21, 17, 17, 17), "N": (17, 17, 25, 21, 19, 17, 17),
+    "O": (14, 17, 17, 17, 17, 17, 14), "P": (30, 17, 17, 30, 16, 16, 16), "Q": (14, 17, 17, 17, 21, 18, 13),
+    "R": (30, 17, 17, 30, 20, 18, 17), "S": (15, 16, 16, 14, 1, 1, 30), "T": (31, 4, 4, 4, 4, 4, 4),
+    "U": (17, 17, 17, 17, 17, 17, 14), "V": (17, 17, 17, 17, 17, 10, 4), "W": (17, 17, 17, 21, 21, 21, 10),
+    "X": (17, 17, 10, 4, 10, 17, 17), "Y": (17, 17, 17, 10, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31),
+    " ": (0, 0, 0, 0, 0, 0, 0), ".": (0, 0, 0, 0, 0, 12, 12), "-": (0, 0, 0, 31, 0, 0, 0),
+    "_": (0, 0, 0, 0, 0, 0, 31), "/": (0, 1, 2, 4, 8, 16, 0), ":": (0, 12, 12, 0, 12, 12, 0),
+    "(": (2, 4, 8, 8, 8, 4, 2), ")": (8, 4, 2, 2, 2, 4, 8), ",": (0, 0, 0, 0, 12, 4, 8),
+    "=": (0, 0, 31, 0, 31, 0, 0), "+": (0, 4, 4, 31, 4, 4, 0), "%": (24, 25, 2, 4, 8, 19, 3),
+    "?": (14, 17, 1, 2, 4, 0, 4),
+}
+_VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
+LABEL_SCALE, LABEL_HEIGHT, MAX_WIDTH = 2, 20, 1600
+
+
+def draw_text(image: np.ndarray, text: str, x: int, y: int, color=(235, 235, 235), scale: int = LABEL_SCALE) -> None:
+    """Draw upper-cased ``text`` into ``image`` (H, W, 3) with the 5x7 font, clipped to the image."""
+    for ch in text.upper():
+        if x + 5 * scale > image.shape[1]:
+            break
+        glyph = _FONT.get(ch, _FONT["?"])
+        for row, bits in enumerate(glyph):
+            for col in range(5):
+                if bits & (16 >> col):
+                    image[y + row * scale : y + (row + 1) * scale, x + col * scale : x + (col + 1) * scale] = color
+        x += 6 * scale
+
+
+def spectrogram_db(wav: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
+    """(n_fft/2, frames) magnitude in dB, low frequencies last (image rows)."""
+    import torch
+
+    n_fft = 1 << (int(0.032 * sample_rate) - 1).bit_length()  # 512 at 16 kHz
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    spec = torch.stft(x, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, return_complex=True).abs()
+    return (20 * torch.log10(spec[: n_fft // 2] + 1e-10)).numpy()[::-1]
+
+
+def colorize(db: np.ndarray, vmax: float, span: float = 80.0) -> np.ndarray:
+    t = np.clip((db - (vmax - span)) / span, 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (t - lo)[..., None]
+    return (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).round().astype(np.uint8)
+
+
+def spectrogram_image(panels: list[tuple[str, np.ndarray]], sample_rate: int) -> np.ndarray:
+    """Stack labelled spectrograms (the first is the reference: it sets the dB range)."""
+    n = max(len(w) for _, w in panels)
+    hop = max(int(0.008 * sample_rate), math.ceil(n / MAX_WIDTH))
+    specs = [(label, spectrogram_db(w, sample_rate, hop)) for label, w in panels]
+    vmax = float(specs[0][1].max())
+    width = max(s.shape[1] for _, s in specs)
+    blocks = []
+    for label, spec in specs:
+        strip = np.full((LABEL_HEIGHT, width, 3), 24, dtype=np.uint8)
+        draw_text(strip, label, 4, (LABEL_HEIGHT - 7 * LABEL_SCALE) // 2)
+        body = np.zeros((spec.shape[0], width, 3), dtype=np.uint8)
+        body[:, : spec.shape[1]] = colorize(spec, vmax)
+        blocks += [strip, body]
+    return np.concatenate(blocks, axis=0)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 image as an 8-bit RGB PNG (zlib; no imaging library)."""
+    from utils.codes import atomic_write
+
+    height, width, _ = image.shape
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * 3)], axis=1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(png))
+
+
+def plot_path(plot_dir: Path, name: str) -> Path:
+    out = plot_dir / Path(name).with_suffix(".png")
+    if not out.resolve().is_relative_to(plot_dir.resolve()):  # a list may name files outside
+        out = plot_dir / Path(name).with_suffix(".png").name
+    return out
+
+
+def _codebooks(n: int) -> str:
+    return f"{n} codebook" + ("s" if n != 1 else "")
+
+
+def _label(title: str, metrics: dict | None) -> str:
+    if not metrics:
+        return title
+    parts = [title]
+    if metrics.get("pesq_wb") is not None and math.isfinite(metrics["pesq_wb"]):
+        parts.append(f"PESQ {metrics['pesq_wb']:.2f}")
+    if metrics.get("stoi") is not None and math.isfinite(metrics["stoi"]):
+        parts.append(f"STOI {metrics['stoi']:.2f}")
+    return "   ".join(parts)
+
+
+# ---------------------------------------------------------------------------- running
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
+
+
+def _load_model(args):
+    import torch
+
+    from models import XCodec
+    from models.pretrained import CheckpointError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"unknown --device {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return XCodec.from_pretrained(args.checkpoint, config=args.config, device=device), device
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _model_metrics(args, device: str):
+    from utils.metrics import ModelMetrics
+
+    metrics = ModelMetrics(args.speaker_model, args.asr_model, args.utmos, read_transcripts(args.transcripts), device)
+    for note in metrics.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return metrics
+
+
+def _absent_notes(args) -> list[str]:
+    notes = []
+    for flag, name in (("speaker_model", "speaker similarity"), ("asr_model", "WER"), ("utmos", "UTMOS")):
+        if getattr(args, flag) is None:
+            notes.append(f"{name}: not computed (pass --{flag.replace('_', '-')} with a local model)")
+    return notes
+
+
+def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]]:
+    import torch
+
+    from utils.audio import AudioError, load_audio, prepare_output
+    from utils.codes import checkpoint_id
+    from utils.metrics import CodebookStats, mean_metrics, signal_metrics
+
+    items, single = collect_inputs(args.input)
+    model, device = _load_model(args)
+    bandwidths = sorted(set(args.bandwidths or model.target_bandwidths))
+    try:
+        n_qs = {bw: model.quantizer.n_q_for_bandwidth(bw) for bw in bandwidths}
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    extra = _model_metrics(args, device)
+    keys = list(SIGNAL_METRICS) + extra.names
+    rate, min_len = model.sample_rate, model.min_length()
+    rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
+    books = {bw: CodebookStats(n_qs[bw], model.bins, model.frame_rate) for bw in bandwidths}
+    notes = extra.notes + _absent_notes(args)
+    for path, name in _progress(items, len(items) > 1, "evaluating"):
+        try:
+            wav, _ = load_audio(path, rate)
+            if len(wav) < min_len:
+                raise AudioError(f"{path}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
+        except AudioError as exc:
+            failures.add(name, str(exc))
+            continue
+        x = torch.from_numpy(wav)[None, None].to(model.device) * model.audio_norm_scale
+        # Residual VQ: the codes of a lower bandwidth are the first codebooks of a higher one.
+        codes = model.encode(x, max(bandwidths))
+        panels = [(f"original  {name}", wav)]
+        for bw in bandwidths:
+            c = codes[:, : n_qs[bw]]
+            rec = prepare_output(model.decode(c)[0, 0, : len(wav)].float().cpu().numpy())  # as inference.py writes it
+            metrics, why = signal_metrics(wav, rec, rate)
+            metrics.update(extra(name, wav, rec, rate))
+            notes += [f"{name} at {bw:g} kbps: {w}" for w in why]
+            rows[bw].append({"path": name, **metrics})
+            books[bw].update(c[0], len(wav) / rate)
+            panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", metrics), rec))
+        if args.plot is not None:
+            write_png(plot_path(args.plot, name), spectrogram_image(panels, rate))
+    sections = []
+    for bw in bandwidths:
+        sections.append(
+            {
+                "bandwidth": bw,
+                "n_q": n_qs[bw],
+                "files": rows[bw],
+                "mean": mean_metrics(rows[bw], keys),
+                **books[bw].summary(),
+            }
+        )
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
+        "sample_rate": rate,
+        "metrics": keys,
+        "bandwidths": sections,
+        "failed": failures.items,
+        "notes": notes,
+    }
+    return report, single, keys
+
+
+def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
+    from utils.audio import AudioError, load_audio, resample
+    from utils.metrics import align, mean_metrics, signal_metrics
+
+    pairs, single, notes = pair_files(args.reference, args.estimate)
+    extra = _model_metrics(args, args.device or "cpu")
+    keys = list(SIGNAL_METRICS) + extra.names
+    notes = notes + extra.notes + _absent_notes(args)
+    rows = []
+    for name, ref_path, est_path in _progress(pairs, len(pairs) > 1, "evaluating"):
+        if est_path is None:
+            failures.add(name, f"{ref_path}: no estimate for it in {args.estimate}")
+            continue
+        try:
+            ref, ref_rate = load_audio(ref_path)
+            est, est_rate = load_audio(est_path)
+        except AudioError as exc:
+            failures.add(name, str(exc))
+            continue
+        rate = args.sample_rate or min(ref_rate, est_rate)
+        ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
+        if abs(len(ref) - len(est)) > 0.1 * rate:
+            notes.append(f"{name}: lengths differ by {abs(len(ref) - len(est)) / rate:.2f} s; both trimmed to the shorter")
+        ref, est = align(ref, est)
+        metrics, why = signal_metrics(ref, est, rate)
+        metrics.update(extra(name, ref, est, rate))
+        notes += [f"{name}: {w}" for w in why]
+        rows.append({"path": name, **metrics})
+        if args.plot is not None:
+            panels = [(f"reference  {name}", ref), (_label(f"estimate  {est_path.name}", metrics), est)]
+            write_png(plot_path(args.plot, name), spectrogram_image(panels, rate))
+    report = {
+        "reference": str(args.reference),
+        "estimate": str(args.estimate),
+        "metrics": keys,
+        "files": rows,
+        "mean": mean_metrics(rows, keys),
+        "failed": failures.items,
+        "notes": notes,
+    }
+    return report, single, keys
+
+
+def run(args: argparse.Namespace) -> int:
+    failures = Failures()
+    if args.checkpoint is not None:
+        report, single, keys = evaluate_checkpoint(args, failures)
+    else:
+        report, single, keys = evaluate_pairs(args, failures)
+    if single and failures.items:
+        return EXIT_ERROR  # the one line is already on stderr; nothing to report
+    csv_path = args.csv or args.output.with_suffix(".csv")
+    write_reports(report, args.output, csv_path, keys)
+    if "bandwidths" in report:
+        for section in report["bandwidths"]:
+            title = f"\n== {section['bandwidth']:g} kbps ({_codebooks(section['n_q'])}), {len(section['files'])} file(s)"
+            print(format_table(title, section["files"], section["mean"], keys, args.quiet))
+            print(format_codebooks(section))
+    else:
+        print(format_table(f"\n== {len(report['files'])} file(s)", report["files"], report["mean"], keys, args.quiet))
+    print(f"\nwrote {args.output} and {csv_path}" + (f"; {len(failures.items)} file(s) failed" if failures.items else ""))
+    return EXIT_SOME_FAILED if failures.items else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

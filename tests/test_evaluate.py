@@ -1,0 +1,219 @@
+"""evaluate.py: metrics against the reference packages, reports, plots, bad files, model metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_tokenize import random_codec
+
+import evaluate
+from conftest import ASSETS, read_asset
+from utils.audio import prepare_output
+from utils.metrics import CodebookStats, signal_metrics, word_error_rate
+
+FILE_KEYS = {"path", "pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr"}
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from models.pretrained import save_export
+
+    return save_export(random_codec(), tmp_path_factory.mktemp("export"))
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = evaluate.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]  # one IDAT chunk
+    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
+    return width, height
+
+
+def test_released_reconstruction_pesq_and_stoi_equal_the_packages(tmp_path, capsys):
+    """The released HuBERT model's own 0.5 kbps reconstruction against the original."""
+    from pesq import pesq
+    from pystoi import stoi
+
+    ref_path, est_path = ASSETS / "speech_en.flac", ASSETS / "speech_en_xcodec_0.5kbps.wav"
+    out = tmp_path / "report.json"
+    code, stdout, err = _run(["--reference", ref_path, "--estimate", est_path, "--output", out, "--plot", tmp_path / "plots"], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    (row,) = report["files"]
+    assert set(row) == FILE_KEYS and row["path"] == "speech_en.flac"
+    ref, deg = sf.read(ref_path, dtype="float32")[0], sf.read(est_path, dtype="float32")[0]
+    n = min(len(ref), len(deg))  # lengths aligned: the reconstruction is 15 ms longer
+    assert row["pesq_wb"] == pesq(16000, ref[:n], deg[:n], "wb")
+    assert row["stoi"] == stoi(ref[:n], deg[:n], 16000, extended=False)
+    assert 1.2 < row["pesq_wb"] < 3.0 and 0.6 < row["stoi"] < 1.0  # a real codec at 0.5 kbps
+    assert report["mean"] == {k: v for k, v in row.items() if k != "path"}
+    assert "PESQ-WB" in stdout and "speech_en.flac" in stdout
+    rows = list(csv.reader((tmp_path / "report.csv").open()))
+    assert rows[0] == ["path", "pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr"]
+    assert rows[1][0] == "speech_en.flac" and float(rows[1][1]) == pytest.approx(row["pesq_wb"], rel=1e-5)
+    width, height = _png_size(tmp_path / "plots" / "speech_en.png")
+    assert height == 2 * (evaluate.LABEL_HEIGHT + 256) and width == n // 128 + 1
+
+
+def test_sample_rates_are_reconciled_and_files_matched_by_relative_path(tmp_path, capsys):
+    import soxr
+
+    speech = read_asset("speech_en.flac")[:24000]
+    ref_dir, est_dir = tmp_path / "ref", tmp_path / "est"
+    (ref_dir / "a").mkdir(parents=True)
+    (est_dir / "a").mkdir(parents=True)
+    sf.write(ref_dir / "a" / "x.flac", soxr.resample(speech, 16000, 44100), 44100)  # 44.1 kHz reference
+    sf.write(est_dir / "a" / "x.wav", speech[:-80], 16000)  # 16 kHz estimate, 5 ms shorter
+    sf.write(ref_dir / "lonely.flac", speech, 16000)  # no estimate: reported, skipped
+    code, _, err = _run(["--reference", ref_dir, "--estimate", est_dir, "--output", tmp_path / "r.json"], capsys)
+    assert code == 1
+    (line,) = _error_lines(err)
+    assert "lonely.flac" in line and "no estimate" in line
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["path"] for r in report["files"]] == ["a/x.flac"] and report["failed"][0]["path"] == "lonely.flac"
+    row = report["files"][0]
+    assert row["stoi"] > 0.99 and row["si_sdr"] > 25 and row["pesq_wb"] > 4.0  # the same speech, resampled
+
+
+def test_checkpoint_mode_report_tables_codebooks_and_plots(tmp_path, export_dir, capsys):
+    from models import XCodec
+
+    speech = read_asset("speech_en.flac")
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    sf.write(src / "one.flac", speech[:16000], 16000)
+    sf.write(src / "sub" / "two.wav", speech[16000:36000], 16000)
+    (src / "sub" / "bad.wav").write_bytes(b"RIFF....WAVEfmt not audio")
+    out = tmp_path / "eval" / "report.json"
+    argv = ["--checkpoint", export_dir, "--input", src, "--bandwidths", "0.5", "2", "--output", out, "--plot", tmp_path / "plots"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 1  # one bad file, reported and skipped; everything else written
+    (line,) = _error_lines(err)
+    assert "bad.wav" in line and "cannot read audio" in line
+    report = json.loads(out.read_text())
+    assert [s["bandwidth"] for s in report["bandwidths"]] == [0.5, 2.0] and [s["n_q"] for s in report["bandwidths"]] == [1, 4]
+    assert report["failed"] == [{"path": "sub/bad.wav", "error": line[len("error: ") :]}]
+    assert any("speaker similarity: not computed" in n for n in report["notes"])
+    assert "== 0.5 kbps (1 codebook), 2 file(s)" in stdout and "codebook 4: usage" in stdout
+
+    # The numbers are the metrics of what inference.py would write, computed directly.
+    model = XCodec.from_pretrained(export_dir)
+    wav = speech[16000:36000]
+    codes = model.encode(torch.from_numpy(wav)[None, None] * 0.95, 2.0)
+    rec = prepare_output(model.decode(codes)[0, 0, : len(wav)].numpy())
+    expected, _ = signal_metrics(wav, rec, 16000)
+    section = report["bandwidths"][1]
+    row = next(r for r in section["files"] if r["path"] == "sub/two.wav")
+    assert set(row) == FILE_KEYS
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    for key in expected:
+        assert section["mean"][key] == pytest.approx(np.mean([r[key] for r in section["files"]]))
+
+    # Codebooks over the whole set: usage, entropy and bitrate from the codes themselves.
+    frames = sum(int(model.num_frames(n)) for n in (16000, 20000))
+    assert section["frames"] == frames and section["seconds"] == pytest.approx(2.25)
+    assert section["bitrate_kbps"] == pytest.approx(4 * 10 * frames / 2.25 / 1000)
+    for book in section["codebooks"]:
+        assert book["usage"] == book["used"] / 1024 and 0 < book["entropy_bits"] <= math.log2(book["used"]) + 1e-9
+    assert report["bandwidths"][0]["codebooks"][0] == section["codebooks"][0]  # the same first codebook
+
+    rows = list(csv.reader(out.with_suffix(".csv").open()))
+    assert rows[0][:2] == ["bandwidth", "path"] and len(rows) == 1 + 2 * 3
+    assert [r[1] for r in rows[1:4]] == ["one.flac", "sub/two.wav", "mean"]
+    width, height = _png_size(tmp_path / "plots" / "sub" / "two.png")
+    assert height == 3 * (evaluate.LABEL_HEIGHT + 256) and width == 20000 // 128 + 1
+
+
+@pytest.mark.parametrize("case", ["garbage", "bandwidth", "missing_checkpoint", "list"])
+def test_bad_input_is_one_line(tmp_path, export_dir, case, capsys):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"\x00\x01 not audio" * 10)
+    good = tmp_path / "good.flac"
+    sf.write(good, read_asset("speech_en.flac")[:8000], 16000)
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", export_dir, "--input", bad, "--bandwidths", "0.5", "--output", out]
+    if case == "bandwidth":
+        argv = ["--checkpoint", export_dir, "--input", good, "--bandwidths", "3", "--output", out]
+    elif case == "missing_checkpoint":
+        argv = ["--checkpoint", tmp_path / "nope.pth", "--input", good, "--output", out]
+    elif case == "list":  # a list with a missing and a bad file: both reported, the good one evaluated
+        (tmp_path / "files.txt").write_text(f"# comment\n{good}\n{tmp_path / 'missing.wav'}\nbad.wav\n")
+        argv = ["--checkpoint", export_dir, "--input", tmp_path / "files.txt", "--bandwidths", "0.5", "--output", out]
+    code, _, err = _run(argv, capsys)
+    lines = _error_lines(err)
+    if case == "list":
+        assert code == 1 and len(lines) == 2 and "no such file" in lines[0] and "cannot read audio" in lines[1]
+        assert [r["path"] for r in json.loads(out.read_text())["bandwidths"][0]["files"]] == [good.as_posix()]
+        return
+    assert code == 2 and len(lines) == 1, err
+    needle = {"garbage": "cannot read audio", "bandwidth": "unsupported bandwidth 3.0", "missing_checkpoint": "not found"}[case]
+    assert needle in lines[0]
+    assert not out.exists()
+
+
+def test_model_based_metrics_with_local_models(tmp_path, capsys):
+    """Tiny random local models prove the plumbing; absent models are skipped with a note."""
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+        WavLMConfig,
+        WavLMForXVector,
+    )
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+             "conv_dim": (32,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}  # fmt: skip
+    spk = tmp_path / "spk"
+    WavLMForXVector(WavLMConfig(**small, tdnn_dim=(32, 32, 32, 32, 64), xvector_output_dim=16)).save_pretrained(spk)
+    Wav2Vec2FeatureExtractor().save_pretrained(spk)
+    asr = tmp_path / "asr"
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    processor = Wav2Vec2Processor(Wav2Vec2FeatureExtractor(), Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json")))
+    Wav2Vec2ForCTC(Wav2Vec2Config(**small, vocab_size=len(vocab), pad_token_id=0)).save_pretrained(asr)
+    processor.save_pretrained(asr)
+
+    ref = ASSETS / "speech_en.flac"
+    argv = ["--reference", ref, "--estimate", ASSETS / "speech_en_xcodec_0.5kbps.wav", "--output", tmp_path / "r.json"]
+    code, stdout, err = _run([*argv, "--speaker-model", spk, "--asr-model", asr, "--utmos", tmp_path / "no_utmos"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = report["files"][0]
+    assert -1 <= row["speaker_similarity"] <= 1 and row["wer"] >= 0 and "utmos" not in row
+    assert report["metrics"][-2:] == ["speaker_similarity", "wer"] and "spk-sim" in stdout
+    assert any(n.startswith("utmos: skipped:") and "does not exist" in n for n in report["notes"])
+    assert "note: utmos: skipped" in err
+
+
+def test_word_error_rate_and_codebook_stats():
+    assert word_error_rate("The cat sat.", "the cat sat") == 0
+    assert word_error_rate("a b c d", "a x c") == 0.5  # one substitution, one deletion
+    stats = CodebookStats(n_q=2, bins=4, frame_rate=50)
+    stats.update(np.array([[0, 1, 2, 3], [0, 0, 0, 0]]), seconds=0.08)
+    s = stats.summary()
+    assert [b["used"] for b in s["codebooks"]] == [4, 1] and [b["entropy_bits"] for b in s["codebooks"]] == [2.0, 0.0]
+    assert s["bitrate_kbps"] == pytest.approx(2 * 2 * 4 / 0.08 / 1000) and s["entropy_bitrate_kbps"] == pytest.approx(0.1)

@@ -1,0 +1,312 @@
+"""Signal metrics for codec evaluation, codebook statistics and optional model-based metrics.
+
+Signal metrics (``signal_metrics``) compare a reference and an estimate of the same rate:
+
+- ``pesq_wb``: wideband PESQ (ITU-T P.862.2, the ``pesq`` package) at 16 kHz (other
+  rates are resampled to 16 kHz for it), MOS-LQO in [1.04, 4.64], higher is better;
+- ``stoi``: STOI (``pystoi``), in [0, 1], higher is better;
+- ``mel_distance``: mean |log-mel(estimate) - log-mel(reference)| (the HiFi-GAN log-mel of
+  ``losses.mel_spectrogram``: 80 mels, 1024-point FFT, 10 ms hop at 16 kHz), lower is better;
+- ``stft_distance``: the multi-resolution STFT distance of ``losses.MultiResolutionSTFTLoss``
+  (spectral convergence + log-magnitude L1, FFT sizes 512/1024/2048), lower is better;
+- ``si_sdr``: scale-invariant SDR in dB (zero-mean signals), higher is better.
+
+Model-based metrics (optional, models supplied locally; see :class:`ModelMetrics`):
+speaker similarity, WER and UTMOS.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
+
+
+# ---------------------------------------------------------------------------- signals
+def align(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trim both signals to the shorter length."""
+    n = min(len(reference), len(estimate))
+    return reference[:n], estimate[:n]
+
+
+def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> float:
+    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), zero-mean."""
+    ref = reference.astype(np.float64) - reference.mean()
+    est = estimate.astype(np.float64) - estimate.mean()
+    alpha = np.dot(est, ref) / (np.dot(ref, ref) + eps)
+    target = alpha * ref
+    noise = est - target
+    return float(10 * np.log10((np.dot(target, target) + eps) / (np.dot(noise, noise) + eps)))
+
+
+def _mel_params(sample_rate: int) -> dict:
+    scale = sample_rate / 16000
+    win = int(round(800 * scale))
+    return {
+        "sampling_rate": sample_rate,
+        "n_fft": 1 << (win - 1).bit_length(),  # 1024 at 16 kHz
+        "hop_size": int(round(160 * scale)),
+        "win_size": win,
+    }
+
+
+def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
+    """Mean absolute difference of the natural-log mel spectrograms."""
+    from losses import mel_spectrogram
+
+    params = _mel_params(sample_rate)
+    ref = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None], **params)
+    est = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(estimate, dtype=np.float32))[None], **params)
+    return float((ref - est).abs().mean())
+
+
+_STFT_LOSS = None
+
+
+def stft_distance(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Multi-resolution STFT distance: spectral convergence + log-magnitude L1."""
+    global _STFT_LOSS
+    from losses import MultiResolutionSTFTLoss
+
+    if _STFT_LOSS is None:
+        _STFT_LOSS = MultiResolutionSTFTLoss()
+    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None]
+    est = torch.from_numpy(np.ascontiguousarray(estimate, dtype=np.float32))[None]
+    with torch.no_grad():
+        return float(_STFT_LOSS(est, ref))
+
+
+def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
+    """Wideband PESQ at 16 kHz (signals at other rates are resampled first)."""
+    from pesq import pesq
+
+    if sample_rate != 16000:
+        from utils.audio import resample
+
+        reference, estimate = resample(reference, sample_rate, 16000), resample(estimate, sample_rate, 16000)
+    return float(pesq(16000, reference, estimate, "wb"))
+
+
+def stoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
+    """Short-time objective intelligibility (classic STOI, not extended)."""
+    from pystoi import stoi as _stoi
+
+    return float(_stoi(reference, estimate, sample_rate, extended=False))
+
+
+def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> tuple[dict[str, float], list[str]]:
+    """Every signal metric of ``estimate`` against ``reference`` (trimmed to the shorter).
+
+    Returns ``(metrics, notes)``: a metric that cannot be computed (e.g. PESQ finds no
+    speech) is NaN and ``notes`` says why.
+    """
+    reference, estimate = align(np.asarray(reference), np.asarray(estimate))
+    functions: dict[str, Callable[[], float]] = {
+        "pesq_wb": lambda: pesq_wb(reference, estimate, sample_rate),
+        "stoi": lambda: stoi(reference, estimate, sample_rate),
+        "mel_distance": lambda: mel_distance(reference, estimate, sample_rate),
+        "stft_distance": lambda: stft_distance(reference, estimate),
+        "si_sdr": lambda: si_sdr(reference, estimate),
+    }
+    out, notes = {}, []
+    for name, fn in functions.items():
+        try:
+            out[name] = fn()
+        except Exception as exc:  # pesq raises its own error types (no utterances, too short)
+            out[name] = math.nan
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            notes.append(f"{name}: not computed ({type(exc).__name__}: {reason[:120]})")
+    return out, notes
+
+
+def mean_metrics(rows: list[dict], keys: list[str]) -> dict[str, float | None]:
+    """Mean of each key over the rows where it is a finite number (``None`` when none is)."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+# ---------------------------------------------------------------------------- codebooks
+class CodebookStats:
+    """Usage and entropy of every codebook over a set of files, and the bitrate.
+
+    Args:
+        n_q: codebooks in use.
+        bins: entries per codebook.
+        frame_rate: code frames per second.
+    """
+
+    def __init__(self, n_q: int, bins: int, frame_rate: float):
+        self.n_q, self.bins, self.frame_rate = n_q, bins, frame_rate
+        self.counts = np.zeros((n_q, bins), dtype=np.int64)
+        self.frames = 0
+        self.seconds = 0.0
+
+    def update(self, codes, seconds: float) -> None:
+        """Count ``codes`` (n_q, frames) of a clip lasting ``seconds``."""
+        codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes)
+        for i in range(self.n_q):
+            self.counts[i] += np.bincount(codes[i], minlength=self.bins)[: self.bins]
+        self.frames += codes.shape[1]
+        self.seconds += seconds
+
+    def summary(self) -> dict:
+        """``{"codebooks": [{"index", "used", "usage", "entropy_bits"}], "frames", "seconds",
+        "bitrate_kbps", "entropy_bitrate_kbps"}``.
+
+        ``usage``: fraction of entries chosen at least once; ``entropy_bits``: entropy of the
+        code distribution (log2(bins) when uniform). ``bitrate_kbps``: bits of the codes
+        (n_q * log2(bins) per frame) per second of audio; ``entropy_bitrate_kbps``: the same
+        with each codebook's entropy, the rate an ideal entropy coder would reach.
+        """
+        books = []
+        for i in range(self.n_q):
+            total = self.counts[i].sum()
+            p = self.counts[i][self.counts[i] > 0] / max(total, 1)
+            books.append(
+                {
+                    "index": i,
+                    "used": int((self.counts[i] > 0).sum()),
+                    "usage": float((self.counts[i] > 0).mean()),
+                    "entropy_bits": float(-(p * np.log2(p)).sum()) if total else 0.0,
+                }
+            )
+        seconds = self.seconds or math.nan
+        bits = self.n_q * math.log2(self.bins) * self.frames
+        entropy_bits = sum(b["entropy_bits"] for b in books) * self.frames
+        return {
+            "codebooks": books,
+            "frames": self.frames,
+            "seconds": self.seconds,
+            "bitrate_kbps": bits / seconds / 1000,
+            "entropy_bitrate_kbps": entropy_bits / seconds / 1000,
+        }
+
+
+# ---------------------------------------------------------------------------- model-based
+def normalize_text(text: str) -> list[str]:
+    """Lower-case words without punctuation, for WER."""
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / reference words (after :func:`normalize_text`)."""
+    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+class ModelMetrics:
+    """Optional metrics computed with models the user has locally (nothing is downloaded).
+
+    Args:
+        speaker_model: a transformers speaker-verification directory with an x-vector head
+            (``AutoModelForAudioXVector``, e.g. a local copy of ``microsoft/wavlm-base-plus-sv``):
+            ``speaker_similarity`` = cosine similarity of the reference and estimate embeddings.
+        asr_model: a transformers speech-recognition directory (e.g. Whisper or a wav2vec 2.0
+            CTC model) for ``pipeline("automatic-speech-recognition")``: ``wer`` of the estimate's
+            transcript against ``transcripts[path]`` when given, else against the transcript
+            of the reference audio.
+        utmos: a local clone of the SpeechMOS torch.hub repository (tarepan/SpeechMOS) whose
+            ``utmos22_strong`` weights are in the torch hub cache: ``utmos`` of the estimate.
+        transcripts: ``{relative path: text}`` reference transcripts for WER.
+
+    A model that is not given is not used; one that cannot be loaded is skipped and
+    :attr:`notes` says why (one line each). Every model runs at 16 kHz on ``device``.
+    """
+
+    def __init__(
+        self,
+        speaker_model: str | Path | None = None,
+        asr_model: str | Path | None = None,
+        utmos: str | Path | None = None,
+        transcripts: dict[str, str] | None = None,
+        device: str = "cpu",
+    ):
+        self.device = device
+        self.notes: list[str] = []
+        self.transcripts = transcripts or {}
+        self._speaker = self._load("speaker_similarity", speaker_model, self._load_speaker)
+        self._asr = self._load("wer", asr_model, self._load_asr)
+        self._utmos = self._load("utmos", utmos, self._load_utmos)
+        self._ref_text: dict[str, str] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The metrics that will be computed."""
+        return [n for n, m in (("speaker_similarity", self._speaker), ("wer", self._asr), ("utmos", self._utmos)) if m]
+
+    def _load(self, name: str, path, loader):
+        if path is None:
+            return None
+        path = Path(path)
+        if not path.exists():
+            self.notes.append(f"{name}: skipped: {path} does not exist (the model must be available locally)")
+            return None
+        try:
+            return loader(path)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.notes.append(f"{name}: skipped: could not load {path} ({type(exc).__name__}: {reason[:160]})")
+            return None
+
+    def _load_speaker(self, path: Path):
+        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+
+        extractor = AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForAudioXVector.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
+        return extractor, model
+
+    def _load_asr(self, path: Path):
+        from transformers import pipeline
+
+        return pipeline("automatic-speech-recognition", model=str(path), device=torch.device(self.device))
+
+    def _load_utmos(self, path: Path):
+        model = torch.hub.load(str(path), "utmos22_strong", source="local", trust_repo=True)
+        return model.eval().to(self.device)
+
+    @torch.no_grad()
+    def _embed(self, wav: np.ndarray) -> torch.Tensor:
+        extractor, model = self._speaker
+        inputs = extractor(wav, sampling_rate=16000, return_tensors="pt").to(self.device)
+        return torch.nn.functional.normalize(model(**inputs).embeddings, dim=-1)[0]
+
+    def _transcribe(self, wav: np.ndarray) -> str:
+        return self._asr({"raw": wav.astype(np.float32), "sampling_rate": 16000})["text"]
+
+    def __call__(self, key: str, reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> dict[str, float]:
+        """Metrics of ``estimate`` against ``reference``; ``key`` names the file (for
+        transcripts and for caching the reference's embedding and transcript)."""
+        if not self.names:
+            return {}
+        from utils.audio import resample
+
+        ref = resample(np.asarray(reference, dtype=np.float32), sample_rate, 16000)
+        est = resample(np.asarray(estimate, dtype=np.float32), sample_rate, 16000)
+        out = {}
+        if self._speaker is not None:
+            out["speaker_similarity"] = float(self._embed(ref) @ self._embed(est))
+        if self._asr is not None:
+            if key not in self._ref_text:
+                self._ref_text[key] = self.transcripts.get(key) or self._transcribe(ref)
+            out["wer"] = word_error_rate(self._ref_text[key], self._transcribe(est))
+        if self._utmos is not None:
+            with torch.no_grad():
+                out["utmos"] = float(self._utmos(torch.from_numpy(est)[None].to(self.device), 16000).reshape(-1)[0])
+        return out
