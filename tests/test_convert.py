@@ -71,13 +71,15 @@ def test_release_to_transformers_to_export_and_back_is_exact(tmp_path, release_p
         _same_model(XCodec.from_pretrained(directory), reference)
 
 
-def test_trained_checkpoint_to_transformers_gives_the_same_codes_and_audio(tmp_path, codec, capsys):
+def test_trained_checkpoint_via_export_to_transformers_gives_the_same_codes_and_audio(tmp_path, codec, capsys):
     from transformers import XcodecModel
 
     ckpt = tmp_path / "ckpt_00000010.pth"  # what our training writes: codec state + config dict
     torch.save({"codec": codec.state_dict(), "config": read_config(TINY_CONFIG), "step": 10}, ckpt)
-    _convert([ckpt, tmp_path / "hf"], capsys)
+    _convert([ckpt, tmp_path / "export", "--to", "export"], capsys)  # a model trained here, exported
+    _convert([tmp_path / "export", tmp_path / "hf"], capsys)  # and published for transformers
     ours = XCodec.from_pretrained(ckpt)
+    _same_model(XCodec.from_pretrained(tmp_path / "export"), ours)
     _same_model(XCodec.from_pretrained(tmp_path / "hf"), ours)
     hf = XcodecModel.from_pretrained(str(tmp_path / "hf")).eval()
 
