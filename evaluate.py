@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, required=True, help="JSON report; the CSV goes beside it (same name, .csv)")
     p.add_argument("--csv", type=Path, help="CSV path (default: --output with .csv)")
     p.add_argument("--plot", type=Path, help="write a spectrogram PNG per file into this directory")
+    p.add_argument(
+        "--max-delay-ms", type=float, default=0.0,
+        help="compensate a delay of the estimate up to this many ms (cross-correlation; default 0: off)",
+    )  # fmt: skip
     p.add_argument("--speaker-model", type=Path, help="local speaker-verification model directory (transformers x-vector)")
     p.add_argument("--asr-model", type=Path, help="local ASR model directory (transformers) for WER")
     p.add_argument("--transcripts", type=Path, help="reference transcripts for WER: JSON {path: text} or TSV 'path<TAB>text'")
@@ -70,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--bandwidths needs --checkpoint")
     if args.sample_rate is not None and args.sample_rate <= 0:
         p.error("--sample-rate must be positive")
+    if args.max_delay_ms < 0:
+        p.error("--max-delay-ms must not be negative")
     return args
 
 
@@ -220,6 +226,7 @@ COLUMNS = [  # key, header, width, digits
     ("speaker_similarity", "spk-sim", 8, 3),
     ("wer", "WER", 7, 3),
     ("utmos", "UTMOS", 7, 3),
+    ("delay_ms", "delay", 7, 2),
 ]
 
 
@@ -338,7 +345,8 @@ def spectrogram_image(panels: list[tuple[str, np.ndarray]], sample_rate: int) ->
     blocks = []
     for label, spec in specs:
         strip = np.full((LABEL_HEIGHT, width, 3), 24, dtype=np.uint8)
-        draw_text(strip, label, 4, (LABEL_HEIGHT - 7 * LABEL_SCALE) // 2)
+        scale = LABEL_SCALE if 6 * LABEL_SCALE * len(label) <= width - 8 else 1  # small text when long
+        draw_text(strip, label, 4, (LABEL_HEIGHT - 7 * scale) // 2, scale=scale)
         body = np.zeros((spec.shape[0], width, 3), dtype=np.uint8)
         body[:, : spec.shape[1]] = colorize(spec, vmax)
         blocks += [strip, body]
@@ -431,12 +439,26 @@ def _absent_notes(args) -> list[str]:
     return notes
 
 
+def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra) -> tuple[dict, list[str]]:
+    """Signal and model metrics of one estimate, after the optional delay compensation."""
+    from utils.metrics import compensate_delay, estimate_delay, signal_metrics
+
+    delay = {}
+    if args.max_delay_ms > 0:
+        lag = estimate_delay(ref, est, int(round(args.max_delay_ms * rate / 1000)))
+        ref, est = compensate_delay(ref, est, lag)
+        delay = {"delay_ms": 1000 * lag / rate}
+    metrics, why = signal_metrics(ref, est, rate)
+    metrics.update(extra(name, ref, est, rate))
+    return {**metrics, **delay}, why
+
+
 def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]]:
     import torch
 
     from utils.audio import AudioError, load_audio, prepare_output
     from utils.codes import checkpoint_id
-    from utils.metrics import CodebookStats, mean_metrics, signal_metrics
+    from utils.metrics import CodebookStats, mean_metrics
 
     items, single = collect_inputs(args.input)
     model, device = _load_model(args)
@@ -446,7 +468,7 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
     except ValueError as exc:
         raise CliError(str(exc)) from None
     extra = _model_metrics(args, device)
-    keys = list(SIGNAL_METRICS) + extra.names
+    keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
     rate, min_len = model.sample_rate, model.min_length()
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
     books = {bw: CodebookStats(n_qs[bw], model.bins, model.frame_rate) for bw in bandwidths}
@@ -466,8 +488,7 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
         for bw in bandwidths:
             c = codes[:, : n_qs[bw]]
             rec = prepare_output(model.decode(c)[0, 0, : len(wav)].float().cpu().numpy())  # as inference.py writes it
-            metrics, why = signal_metrics(wav, rec, rate)
-            metrics.update(extra(name, wav, rec, rate))
+            metrics, why = _measure(args, name, wav, rec, rate, extra)
             notes += [f"{name} at {bw:g} kbps: {w}" for w in why]
             rows[bw].append({"path": name, **metrics})
             books[bw].update(c[0], len(wav) / rate)
@@ -499,11 +520,11 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
 
 def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
     from utils.audio import AudioError, load_audio, resample
-    from utils.metrics import align, mean_metrics, signal_metrics
+    from utils.metrics import align, mean_metrics
 
     pairs, single, notes = pair_files(args.reference, args.estimate)
     extra = _model_metrics(args, args.device or "cpu")
-    keys = list(SIGNAL_METRICS) + extra.names
+    keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
     notes = notes + extra.notes + _absent_notes(args)
     rows = []
     for name, ref_path, est_path in _progress(pairs, len(pairs) > 1, "evaluating"):
@@ -521,8 +542,7 @@ def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
         if abs(len(ref) - len(est)) > 0.1 * rate:
             notes.append(f"{name}: lengths differ by {abs(len(ref) - len(est)) / rate:.2f} s; both trimmed to the shorter")
         ref, est = align(ref, est)
-        metrics, why = signal_metrics(ref, est, rate)
-        metrics.update(extra(name, ref, est, rate))
+        metrics, why = _measure(args, name, ref, est, rate, extra)
         notes += [f"{name}: {w}" for w in why]
         rows.append({"path": name, **metrics})
         if args.plot is not None:

@@ -85,14 +85,23 @@ def test_sample_rates_are_reconciled_and_files_matched_by_relative_path(tmp_path
     sf.write(ref_dir / "a" / "x.flac", soxr.resample(speech, 16000, 44100), 44100)  # 44.1 kHz reference
     sf.write(est_dir / "a" / "x.wav", speech[:-80], 16000)  # 16 kHz estimate, 5 ms shorter
     sf.write(ref_dir / "lonely.flac", speech, 16000)  # no estimate: reported, skipped
-    code, _, err = _run(["--reference", ref_dir, "--estimate", est_dir, "--output", tmp_path / "r.json"], capsys)
+    sf.write(ref_dir / "late.wav", speech, 16000)
+    sf.write(est_dir / "late.wav", np.concatenate([np.zeros(160, np.float32), speech]), 16000)  # 10 ms late
+    argv = ["--reference", ref_dir, "--estimate", est_dir, "--output", tmp_path / "r.json"]
+    code, _, err = _run(argv, capsys)
     assert code == 1
     (line,) = _error_lines(err)
     assert "lonely.flac" in line and "no estimate" in line
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [r["path"] for r in report["files"]] == ["a/x.flac"] and report["failed"][0]["path"] == "lonely.flac"
-    row = report["files"][0]
+    assert [r["path"] for r in report["files"]] == ["late.wav", "a/x.flac"] and report["failed"][0]["path"] == "lonely.flac"
+    late, row = report["files"]
     assert row["stoi"] > 0.99 and row["si_sdr"] > 25 and row["pesq_wb"] > 4.0  # the same speech, resampled
+    assert late["si_sdr"] < 0  # a 10 ms delay ruins waveform metrics...
+
+    code, stdout, _ = _run([*argv, "--max-delay-ms", "20"], capsys)
+    late, row = json.loads((tmp_path / "r.json").read_text())["files"]
+    assert row["delay_ms"] == 0 and late["delay_ms"] == 10.0 and late["si_sdr"] > 60  # ...unless compensated
+    assert "delay" in stdout
 
 
 def test_checkpoint_mode_report_tables_codebooks_and_plots(tmp_path, export_dir, capsys):

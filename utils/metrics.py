@@ -35,6 +35,27 @@ def align(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.n
     return reference[:n], estimate[:n]
 
 
+def estimate_delay(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> int:
+    """Lag in samples (positive: the estimate is late) in ``[-max_lag, max_lag]`` that
+    maximises the magnitude of the cross-correlation (a codec may flip the polarity)."""
+    if max_lag <= 0:
+        return 0
+    n = 1 << (len(reference) + len(estimate)).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(estimate, n) * np.conj(np.fft.rfft(reference, n)), n)
+    lags = np.concatenate([np.arange(0, max_lag + 1), np.arange(-max_lag, 0)])
+    values = np.concatenate([corr[: max_lag + 1], corr[n - max_lag :]])
+    return int(lags[int(np.argmax(np.abs(values)))])
+
+
+def compensate_delay(reference: np.ndarray, estimate: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shift by ``lag`` (see :func:`estimate_delay`) and trim both to the shorter."""
+    if lag > 0:
+        estimate = estimate[lag:]
+    elif lag < 0:
+        reference = reference[-lag:]
+    return align(reference, estimate)
+
+
 def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> float:
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), zero-mean."""
     ref = reference.astype(np.float64) - reference.mean()
