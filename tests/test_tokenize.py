@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,15 @@ import torch
 import inference
 from conftest import ASSETS, ROOT, TINY_CONFIG, read_asset
 from models import XCodec
-from utils.codes import CodesFileError, check_corpus, iter_corpus, load_codes, merge_manifests, read_manifest
+from utils.codes import (
+    CodesFileError,
+    check_corpus,
+    iter_corpus,
+    load_codes,
+    merge_manifests,
+    read_manifest,
+    temporary_target,
+)
 
 
 def random_codec(seed: int = 0) -> XCodec:
@@ -208,16 +217,22 @@ def test_two_ranks_shard_and_a_killed_rank_is_finished_by_a_rerun(tmp_path, expo
     argv = ["--input", src, "--codes-out", out, "--checkpoint", export_dir]
     rank0 = _child(argv, {"RANK": "0", "WORLD_SIZE": "2"}, delay=1.0)
     rank1 = _child(argv, {"RANK": "1", "WORLD_SIZE": "2"}, delay=0.0)
+    mine = {Path(r).name + ".npy" for r in sorted(rels)[0::2]}  # rank 0's codes files
+
+    def rank0_mid_write() -> bool:  # one file done and the next one inside its atomic write
+        manifest = out / "manifest.rank0.jsonl"
+        done = manifest.is_file() and manifest.read_text().strip()
+        return bool(done) and any(temporary_target(t.name) in mine for t in out.rglob(".*.tmp"))
+
     try:
-        assert rank1.wait(timeout=120) == 0, rank1.stderr.read()
-        assert "rank 1/2: 4 file(s) written" in rank1.stderr.read()
         deadline = time.time() + 120
-        while not (out / "manifest.rank0.jsonl").is_file() or not (out / "manifest.rank0.jsonl").read_text().strip():
-            assert time.time() < deadline and rank0.poll() is None, "rank 0 finished no file in time"
-            time.sleep(0.05)
-        time.sleep(0.5)  # inside the next write (the sleep is before the rename)
+        while not rank0_mid_write():
+            assert time.time() < deadline and rank0.poll() is None, "rank 0 did not get there in time"
+            time.sleep(0.02)
         rank0.send_signal(signal.SIGKILL)
         rank0.wait(timeout=30)
+        assert rank1.wait(timeout=120) == 0, rank1.stderr.read()
+        assert "rank 1/2: 4 file(s) written" in rank1.stderr.read()
     finally:
         for proc in (rank0, rank1):
             if proc.poll() is None:
