@@ -7,9 +7,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_tokenize import random_codec
 
-from conftest import BASE_CONFIG, TINY_CONFIG, read_asset, to_release_state
+from conftest import BASE_CONFIG, TINY_CONFIG, make_tiny_codec, read_asset, to_release_state
 from models import XCodec
 from models.pretrained import fold_weight_norm
 from utils.config import read_config
@@ -20,7 +19,7 @@ POS_CONV = "semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight.o
 
 @pytest.fixture(scope="module")
 def codec():
-    return random_codec(seed=1)  # the training layout: weight norm on every conv
+    return make_tiny_codec(seed=1)  # the training layout: weight norm on every conv
 
 
 @pytest.fixture(scope="module")

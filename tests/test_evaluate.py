@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_tokenize import random_codec
 
 import evaluate
-from conftest import ASSETS, read_asset
+from conftest import ASSETS, make_tiny_codec, read_asset
 from utils.audio import prepare_output
 from utils.metrics import CodebookStats, signal_metrics, word_error_rate
 
@@ -26,7 +25,7 @@ FILE_KEYS = {"path", "pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr
 def export_dir(tmp_path_factory):
     from models.pretrained import save_export
 
-    return save_export(random_codec(), tmp_path_factory.mktemp("export"))
+    return save_export(make_tiny_codec(), tmp_path_factory.mktemp("export"))
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:

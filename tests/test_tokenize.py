@@ -16,7 +16,7 @@ import soundfile as sf
 import torch
 
 import inference
-from conftest import ASSETS, ROOT, TINY_CONFIG, read_asset
+from conftest import ASSETS, ROOT, make_tiny_codec, read_asset
 from models import XCodec
 from utils.codes import (
     CodesFileError,
@@ -29,41 +29,12 @@ from utils.codes import (
 )
 
 
-def random_codec(seed: int = 0) -> XCodec:
-    """The tiny codec with random weights (non-trivial weight-norm gains and Snake alphas)
-    and random Gaussian codebooks matched to its latents: seconds to build, every code used."""
-    from models import build_codec
-    from utils.config import load_generator_config
-
-    torch.manual_seed(seed)
-    gen, scale = load_generator_config(TINY_CONFIG)
-    model = build_codec(gen, scale, weight_norm=True).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("original0"):
-                p.mul_(torch.rand_like(p) + 0.5)
-            elif name.endswith("alpha"):
-                p.uniform_(0.5, 1.5)
-        clip = torch.from_numpy(read_asset("speech_cn_4s.flac"))[None, None] * scale
-        latents = model._latents(clip, None)[0]
-        residual = latents.transpose(1, 2).reshape(-1, latents.shape[1])
-        for layer in model.quantizer.vq.layers:
-            book = layer._codebook
-            embed = residual.mean(0) + torch.randn(book.embed.shape) * residual.std(0)
-            book.embed.copy_(embed)
-            book.embed_avg.copy_(embed)
-            book.cluster_size.fill_(1.0)
-            book.inited.fill_(1.0)
-            residual = residual - book.decode(book.encode(residual))
-    return model
-
-
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """Our export (model.safetensors + config.yaml) of a random tiny codec."""
     from models.pretrained import save_export
 
-    return save_export(random_codec(), tmp_path_factory.mktemp("export"))
+    return save_export(make_tiny_codec(), tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
