@@ -26,14 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main
 from utils.metrics import SIGNAL_METRICS
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
-
-
-class CliError(Exception):
-    """A fatal problem, reported as one line on stderr."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -582,15 +578,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return cli_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,28 @@ def release_dir(tmp_path_factory, tiny_codec) -> Path:
     shutil.copy(BASE_CONFIG, d / BASE_CONFIG.name)  # tiny.yaml's base
     (d / "config.yaml").write_text((d / "tiny.yaml").read_text())
     return d
+
+
+# ---------------------------------------------------------------------------- training
+TEST_HOOK_VARS = ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR")
+
+
+@pytest.fixture
+def train_env(monkeypatch):
+    """In-process training runs: repository root as cwd (tiny.yaml's lists are relative to
+    it), no fault-injection variables, one thread (the tiny model gains nothing from more,
+    and timings stay sane on a busy machine)."""
+    monkeypatch.chdir(ROOT)
+    for var in TEST_HOOK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_tiny(log_dir: Path, *overrides: str):
+    """Train with configs/tiny.yaml in this process; returns the final training State."""
+    import main_launch_vqdp as trainer
+
+    return trainer.main(["--config", str(TINY_CONFIG), f"log_dir={log_dir}", *overrides])

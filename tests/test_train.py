@@ -11,6 +11,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_launch_vqdp as trainer
+from conftest import ROOT
+from conftest import TINY_CONFIG as TINY
+from conftest import train_tiny as run
 from data import DataError
 from models import XCodec
 from models.pretrained import read_torch_file
@@ -18,25 +21,8 @@ from utils.audio import load_audio
 from utils.checkpoint import nonfinite_entries
 from utils.train_config import load_train_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.usefixtures("train_env")
 
-
-@pytest.fixture(autouse=True)
-def _repo_cwd_one_thread(monkeypatch):
-    # tiny.yaml's file lists are relative to the repository root. One thread: the
-    # tiny model gains nothing from more, and it keeps timings sane on a busy machine.
-    monkeypatch.chdir(ROOT)
-    for var in ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(log_dir: Path, *overrides: str) -> trainer.State:
-    return trainer.main(["--config", str(TINY), f"log_dir={log_dir}", *overrides])
 
 
 def events(log_dir: Path) -> EventAccumulator:

@@ -12,26 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import main_launch_vqdp as trainer
+from conftest import ROOT
+from conftest import TINY_CONFIG as TINY
+from conftest import train_tiny as run
 from models.pretrained import read_torch_file
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.usefixtures("train_env")
 
-
-@pytest.fixture(autouse=True)
-def _repo_cwd_one_thread(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    for var in ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(log_dir: Path, *overrides: str) -> trainer.State:
-    return trainer.main(["--config", str(TINY), f"log_dir={log_dir}", *overrides])
 
 
 def assert_same_tree(a, b, where: str = "") -> None:
