@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticEncoder, teacher_features, teacher_frames
+from modules.tiled import TiledRunner, plan_segments
 from quantization import ResidualVectorQuantizer
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 class CodesError(ValueError):
@@ -141,7 +150,48 @@ class XCodec(nn.Module):
         if not bool(torch.isfinite(wav).all()):
             raise ValueError("audio contains NaN or Inf samples")
 
-    def _latents(self, wav: torch.Tensor, lengths: torch.Tensor | None):
+    # ------------------------------------------------------------------ fast paths
+    def _fast_cpu(self, x: torch.Tensor) -> bool:
+        """Inference on CPU without autograd: the cache-blocked runner applies."""
+        return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+    def _runner(self, layout: str, dtype: torch.dtype) -> TiledRunner:
+        runners = self.__dict__.setdefault("_runners", {})
+        if (layout, dtype) not in runners:
+            runners[(layout, dtype)] = TiledRunner(layout, dtype)
+        return runners[(layout, dtype)]
+
+    def _segments(self, which: str):
+        plans = self.__dict__.setdefault("_plans", {})
+        if which not in plans:
+            plans[which] = plan_segments(self.encoder.block if which == "encoder" else self.decoder_2.model)
+        return plans[which]
+
+    def _autocast(self, device: torch.device, precision: str):
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
+    def _run_encoder(self, x: torch.Tensor, lengths: torch.Tensor | None, precision: str) -> torch.Tensor:
+        """Acoustic encoder: exact (bitwise eager) cache-blocked fp32, or channels-last bf16."""
+        if self._fast_cpu(x):
+            runner = self._runner("ncw", torch.float32) if precision == "fp32" else self._runner("cl", torch.bfloat16)
+            y, _ = runner.run(self._segments("encoder"), runner.to_layout(x), lengths)
+            return runner.from_layout(y).float()
+        with self._autocast(x.device, precision):
+            return self.encoder(x, lengths).float()
+
+    def _run_decoder(self, z: torch.Tensor, frames: torch.Tensor | None, precision: str) -> torch.Tensor:
+        """Acoustic decoder: channels-last cache-blocked on CPU (fp32 or bf16)."""
+        if self._fast_cpu(z):
+            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+            runner = self._runner("cl", dtype)
+            y, _ = runner.run(self._segments("decoder"), runner.to_layout(z), frames)
+            return runner.from_layout(y).float()
+        with self._autocast(z.device, precision):
+            return self.decoder_2(z, frames).float()
+
+    def _latents(self, wav: torch.Tensor, lengths: torch.Tensor | None, precision: str = "fp32"):
         """Return fused latents (B, D+H, F), teacher features (B, H, F) and frame counts (B,)."""
         batch, _, total = wav.shape
         if lengths is None:
@@ -158,12 +208,14 @@ class XCodec(nn.Module):
             wav = wav * (torch.arange(total)[None, None, :] < lengths[:, None, None]).to(wav)
         dev_lengths = lengths.to(wav.device) if ragged else None
 
-        semantic_target = teacher_features(self.semantic_model, wav, self.hop_length // 2, dev_lengths).transpose(1, 2)
-        e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
+        with self._autocast(wav.device, precision):
+            semantic_target = teacher_features(self.semantic_model, wav, self.hop_length // 2, dev_lengths).transpose(1, 2)
+            e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
+        semantic_target, e_semantic = semantic_target.float(), e_semantic.float()
 
         pads = self._acoustic_padding(lengths)
         if bool((pads == 0).all()):
-            e_acoustic = self.encoder(wav, dev_lengths)
+            e_acoustic = self._run_encoder(wav, dev_lengths, precision)
         else:
             # Items needing padding get hop/2 zeros on each side; one acoustic pass for all.
             width = total + 2 * int(pads.max())
@@ -173,7 +225,7 @@ class XCodec(nn.Module):
                 buf[i, :, p : p + total] = wav[i]
             enc_lengths = lengths + 2 * pads
             ragged_enc = bool((enc_lengths != width).any())
-            e_acoustic = self.encoder(buf, enc_lengths.to(wav.device) if ragged_enc else None)
+            e_acoustic = self._run_encoder(buf, enc_lengths.to(wav.device) if ragged_enc else None, precision)
         acoustic_frames = self.encoder.output_length(lengths + 2 * pads)
         if bool((acoustic_frames != frames).any()):
             raise RuntimeError(
@@ -194,7 +246,11 @@ class XCodec(nn.Module):
 
     @torch.inference_mode()
     def encode(
-        self, wav: torch.Tensor, bandwidth: float | None = None, lengths: torch.Tensor | Sequence[int] | None = None
+        self,
+        wav: torch.Tensor,
+        bandwidth: float | None = None,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """Encode audio to codes.
 
@@ -205,13 +261,17 @@ class XCodec(nn.Module):
             lengths: (B,) valid samples per item for a zero-padded batch of clips of
                 different lengths. Each item then gets exactly the codes it gets alone,
                 ``num_frames(lengths[i])`` frames; frames after those are padding.
+            precision: ``"fp32"`` (exact: the codes of the eager float32 model, bitwise
+                the same latents) or ``"bf16"`` (fast mode: the teacher, semantic and
+                acoustic encoders in bfloat16; codes agree with fp32 for most frames).
 
         Returns:
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
         """
         self._check_audio(wav)
+        check_precision(precision)
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
-        e, _, frames = self._latents(wav, lengths)
+        e, _, frames = self._latents(wav, lengths, precision)
         codes = self.quantizer.encode(e, bandwidth)
         assert codes.shape[1] == n_q
         if lengths is not None and bool((frames != codes.shape[-1]).any()):
@@ -240,7 +300,9 @@ class XCodec(nn.Module):
             raise CodesError(f"codes must lie in [0, {self.bins}) for this model, found values in [{lo}, {hi}]")
 
     @torch.inference_mode()
-    def decode(self, codes: torch.Tensor, frames: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+    def decode(
+        self, codes: torch.Tensor, frames: torch.Tensor | Sequence[int] | None = None, precision: str = "fp32"
+    ) -> torch.Tensor:
         """Decode codes to audio.
 
         Args:
@@ -248,11 +310,13 @@ class XCodec(nn.Module):
                 [0, bins) are refused with :class:`CodesError`.
             frames: (B,) valid frames per item of a padded batch (as returned by
                 ``num_frames``); each item then decodes exactly as alone.
+            precision: ``"fp32"`` (within ~1e-6 of the eager model) or ``"bf16"``.
 
         Returns:
-            (B, 1, F * hop) float audio (whole frames; trim to the input length yourself).
+            (B, 1, F * hop) float32 audio (whole frames; trim to the input length yourself).
         """
         self.check_codes(codes)
+        check_precision(precision)
         codes = codes.to(device=self.device, dtype=torch.long)
         quantized = self.quantizer.decode(codes)
         z = self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
@@ -262,7 +326,7 @@ class XCodec(nn.Module):
                 frames = None
             else:
                 z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
-        return self.decoder_2(z, frames)
+        return self._run_decoder(z, frames, precision)
 
     # ------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:

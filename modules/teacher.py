@@ -110,6 +110,34 @@ def teacher_frames(model: nn.Module, num_samples: torch.Tensor) -> torch.Tensor:
     return lengths
 
 
+def _hidden_state_mean(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Mean of all hidden states, summed as they are produced instead of stacked.
+
+    Adds the input of every encoder layer and the final output in order, then divides:
+    bitwise what ``torch.stack(hidden_states).mean(0)`` gives, without holding the
+    1 + num_layers copies.
+    """
+    layers = list(model.encoder.layers)
+    total: list[torch.Tensor] = []
+
+    def accumulate(module, args, kw):
+        h = args[0] if args else kw["hidden_states"]
+        if total:
+            total[0].add_(h)
+        else:
+            total.append(h.clone())
+
+    handles = [layer.register_forward_pre_hook(accumulate, with_kwargs=True) for layer in layers]
+    try:
+        out = model(x, output_hidden_states=False, **kwargs).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not total:  # a teacher without layers
+        return out.clone()
+    return total[0].add_(out).div_(len(layers) + 1)
+
+
 @torch.no_grad()
 def teacher_features(model: nn.Module, wav: torch.Tensor, pad: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of all teacher hidden states.
@@ -126,16 +154,14 @@ def teacher_features(model: nn.Module, wav: torch.Tensor, pad: int, lengths: tor
     x = F.pad(wav[:, 0], (pad, pad))
     ragged = lengths is not None and bool((lengths != wav.shape[-1]).any())
     if not ragged:
-        hidden = model(x, output_hidden_states=True).hidden_states
-        return torch.stack(hidden, dim=1).mean(dim=1)
+        return _hidden_state_mean(model, x)
     padded = lengths + 2 * pad
     attention_mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < padded[:, None]).long()
     norms = [m for m in model.feature_extractor.modules() if isinstance(m, MaskedGroupNorm)]
     for norm in norms:
         norm.valid_lengths = _first_conv_lengths(model, padded)
     try:
-        hidden = model(x, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        return _hidden_state_mean(model, x, attention_mask=attention_mask)
     finally:
         for norm in norms:
             norm.valid_lengths = None
-    return torch.stack(hidden, dim=1).mean(dim=1)
