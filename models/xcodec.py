@@ -194,11 +194,7 @@ class XCodec(nn.Module):
     def _latents(self, wav: torch.Tensor, lengths: torch.Tensor | None, precision: str = "fp32"):
         """Return fused latents (B, D+H, F), teacher features (B, H, F) and frame counts (B,)."""
         batch, _, total = wav.shape
-        if lengths is None:
-            lengths = torch.full((batch,), total, dtype=torch.long)
-        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
-        if lengths.shape != (batch,) or bool((lengths > total).any()) or bool((lengths < 1).any()):
-            raise ValueError(f"lengths must be {batch} values in [1, {total}], got {lengths.tolist()}")
+        lengths = self._valid_lengths(wav, lengths)
         frames = self.num_frames(lengths)
         if bool((frames < 1).any()):
             short = int(lengths[frames < 1].min())
@@ -237,6 +233,16 @@ class XCodec(nn.Module):
         e = self.fc_prior(e.transpose(1, 2)).transpose(1, 2)
         return e, semantic_target[..., :n], frames
 
+    @staticmethod
+    def _valid_lengths(wav: torch.Tensor, lengths) -> torch.Tensor:
+        batch, _, total = wav.shape
+        if lengths is None:
+            return torch.full((batch,), total, dtype=torch.long)
+        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+        if lengths.shape != (batch,) or bool((lengths > total).any()) or bool((lengths < 1).any()):
+            raise ValueError(f"lengths must be {batch} values in [1, {total}], got {lengths.tolist()}")
+        return lengths
+
     def min_length(self) -> int:
         """Shortest input (samples) that yields one frame."""
         lo = 1
@@ -271,6 +277,19 @@ class XCodec(nn.Module):
         self._check_audio(wav)
         check_precision(precision)
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
+        if wav.shape[0] > 1 and self._fast_cpu(wav):
+            # On CPU a padded batch is slower per sample than its items one by one (the
+            # work is FLOP-bound, and 8x larger activations thrash caches and page in
+            # memory), so each item runs alone: exactly its own codes, by construction.
+            lengths = self._valid_lengths(wav, lengths)
+            frames = self.num_frames(lengths)
+            if bool((frames < 1).any()):
+                self._latents(wav[:1, :, : int(lengths.min())], None)  # raises the too-short error
+            out = torch.zeros(wav.shape[0], n_q, int(frames.max()), dtype=torch.long, device=wav.device)
+            for i, n in enumerate(lengths.tolist()):
+                codes = self.encode(wav[i : i + 1, :, :n], bandwidth, precision=precision)
+                out[i, :, : codes.shape[-1]] = codes[0]
+            return out
         e, _, frames = self._latents(wav, lengths, precision)
         codes = self.quantizer.encode(e, bandwidth)
         assert codes.shape[1] == n_q
@@ -318,6 +337,17 @@ class XCodec(nn.Module):
         self.check_codes(codes)
         check_precision(precision)
         codes = codes.to(device=self.device, dtype=torch.long)
+        if codes.shape[0] > 1 and self._fast_cpu(codes):
+            # Item by item on CPU (see encode): each decodes exactly as alone.
+            count = codes.shape[-1]
+            frames = [count] * codes.shape[0] if frames is None else torch.as_tensor(frames, dtype=torch.long).tolist()
+            if len(frames) != codes.shape[0] or min(frames) < 1 or max(frames) > count:
+                raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {frames}")
+            out = torch.zeros(codes.shape[0], 1, count * self.hop_length, device=codes.device)
+            for i, f in enumerate(frames):
+                audio = self.decode(codes[i : i + 1, :, :f], precision=precision)
+                out[i, :, : audio.shape[-1]] = audio[0]
+            return out
         quantized = self.quantizer.decode(codes)
         z = self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
         if frames is not None:
