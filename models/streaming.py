@@ -27,6 +27,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from modules.teacher import fixed_group_norm_stats, group_norm_stats
+
 from .xcodec import XCodec, check_precision
 
 DECODER_CONTEXT = 16  # frames: above the decoder's receptive field (~11 frames each side)
@@ -50,12 +52,15 @@ def encode_long(
     window: float = 30.0,
     context: float = 5.0,
     precision: str = "fp32",
+    global_norm: bool = True,
 ) -> torch.Tensor:
     """Encode one long clip in windows of ``window`` s with ``context`` s on each side.
 
     Returns (1, n_q, F) codes with F = ``model.num_frames(T)``, as a single pass would.
     Clips no longer than ``window + 2 * context`` are encoded in one pass. Peak memory
-    depends on the window, not on the file length.
+    depends on the window, not on the file length. ``global_norm``: the teacher's
+    GroupNorm (over the whole clip in a single pass) uses the statistics of the whole
+    file, computed first in chunks, instead of each window's own.
     """
     check_precision(precision)
     wav = _as_batch1(wav)
@@ -69,6 +74,13 @@ def encode_long(
     if n_frames <= win + 2 * ctx:
         return model.encode(wav, bandwidth, precision=precision)
     rem = total % hop
+    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []
+    with fixed_group_norm_stats(model.semantic_model, stats):
+        return _encode_windows(model, wav, bandwidth, win, ctx, rem, n_frames, precision)
+
+
+def _encode_windows(model, wav, bandwidth, win: int, ctx: int, rem: int, n_frames: int, precision: str) -> torch.Tensor:
+    hop, total = model.hop_length, wav.shape[-1]
     pieces = []
     for f0 in range(0, n_frames, win):
         f1 = min(n_frames, f0 + win)

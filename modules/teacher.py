@@ -36,8 +36,18 @@ class MaskedGroupNorm(nn.GroupNorm):
     """
 
     valid_lengths: torch.Tensor | None = None
+    # (mean, var) per group, (G,) each: normalise with these instead of the input's own
+    # statistics (windowed long-file encoding uses the whole file's).
+    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_stats is not None:
+            b, c, t = x.shape
+            mean, var = (v.to(x.dtype)[None, :, None, None] for v in self.fixed_stats)
+            y = ((x.reshape(b, self.num_groups, -1, t) - mean) / torch.sqrt(var + self.eps)).reshape(b, c, t)
+            if self.affine:
+                y = y * self.weight[None, :, None] + self.bias[None, :, None]
+            return y
         if self.valid_lengths is None:
             return super().forward(x)
         # Each item normalised over its own valid frames by the native kernel: bitwise
@@ -161,3 +171,56 @@ def teacher_features(model: nn.Module, wav: torch.Tensor, pad: int, lengths: tor
     finally:
         for norm in norms:
             norm.valid_lengths = None
+
+
+@torch.no_grad()
+def group_norm_stats(model: nn.Module, wav: torch.Tensor, pad: int, chunk: int = 1 << 17) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-group (mean, var) of every GroupNorm in the teacher's feature extractor over a
+    whole (1, 1, T) clip padded by ``pad``, computed in chunks (float64 sums).
+
+    Only a GroupNorm right after the first conv is supported (HuBERT / WavLM base);
+    returns one (mean, var) per :class:`MaskedGroupNorm`, or [] when there is none.
+    """
+    layers = model.feature_extractor.conv_layers
+    norms = [getattr(layer, "layer_norm", None) for layer in layers]
+    found = [i for i, n in enumerate(norms) if isinstance(n, MaskedGroupNorm)]
+    if not found:
+        return []
+    if found != [0]:
+        raise NotImplementedError("global GroupNorm statistics need the GroupNorm on the first conv only")
+    conv, norm = layers[0].conv, norms[0]
+    k, s = conv.kernel_size[0], conv.stride[0]
+    x = F.pad(wav[:, 0], (pad, pad))
+    total = (x.shape[-1] - k) // s + 1
+    per = max(1, chunk // s)
+    g = norm.num_groups
+    acc = torch.zeros(g, dtype=torch.float64)
+    acc2 = torch.zeros(g, dtype=torch.float64)
+    count = 0
+    for f0 in range(0, total, per):
+        f1 = min(total, f0 + per)
+        y = conv(x[:, None, f0 * s : (f1 - 1) * s + k]).double()  # (1, C, f1 - f0)
+        y = y.reshape(g, -1)
+        acc += y.sum(1)
+        acc2 += (y * y).sum(1)
+        count += y.shape[1]
+    mean = acc / count
+    var = (acc2 / count - mean * mean).clamp_min(0)
+    return [(mean.float(), var.float())]
+
+
+class fixed_group_norm_stats:
+    """Context manager: the teacher's GroupNorm uses ``stats`` (from :func:`group_norm_stats`)."""
+
+    def __init__(self, model: nn.Module, stats: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.norms = [m for m in model.feature_extractor.modules() if isinstance(m, MaskedGroupNorm)] if stats else []
+        self.stats = stats
+
+    def __enter__(self):
+        for norm, st in zip(self.norms, self.stats):
+            norm.fixed_stats = tuple(v.to(norm.weight.device) for v in st)
+        return self
+
+    def __exit__(self, *exc):
+        for norm in self.norms:
+            norm.fixed_stats = None

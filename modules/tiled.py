@@ -305,6 +305,8 @@ class TiledRunner:
     def run(self, segments: list[Segment], x: torch.Tensor, lengths: torch.Tensor | None = None):
         """Run ``segments`` on ``x`` (already in this layout); returns (output, lengths)."""
         self._run_weights = {}
+        if lengths is not None:  # as the eager modules: positions past an item's length are zero
+            x = self._mask_(x.clone(), lengths, 0)
         try:
             for seg in segments:
                 x, lengths = self._run_segment(seg, x, lengths)

@@ -1,0 +1,205 @@
+"""Fast inference (issue #4): exact mode against transformers' XcodecModel, the
+cache-blocked runner against eager modules, batches against single items, windowed
+long-file encoding and chunked / streaming decoding, on real speech with the tiny codec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_codec
+from models.pretrained import load_codec_state, to_transformers
+from models.streaming import (
+    DECODER_CONTEXT,
+    StreamingDecoder,
+    chunk_codes,
+    decode_long,
+    decode_many,
+    encode_long,
+    encode_many,
+    receptive_frames,
+)
+from modules.teacher import teacher_features
+from modules.tiled import TiledRunner, plan_segments, snake, snake_reference
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_codec):
+    """The tiny codec as inference loads it (plain convs, weight norm folded)."""
+    model = build_codec(tiny_codec.config, tiny_codec.audio_norm_scale, weight_norm=False)
+    load_codec_state(model, tiny_codec.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_codec):
+    return to_transformers(tiny_codec)
+
+
+@pytest.fixture
+def threads():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _clip(speech: np.ndarray, n: int) -> torch.Tensor:
+    reps = -(-n // len(speech))
+    return torch.from_numpy(np.tile(speech, reps)[:n].copy())[None, None] * 0.95
+
+
+# ---------------------------------------------------------------------------- exact mode
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("num_samples", [64000, 78413])  # a multiple of the hop and not
+def test_exact_mode_matches_transformers(codec, hf, speech, num_threads, num_samples, threads):
+    torch.set_num_threads(num_threads)
+    x = _clip(speech, num_samples)
+    with torch.inference_mode():
+        ref_codes = hf.encode(x, 4.0, return_dict=False)
+        ref_audio = hf.decode(ref_codes, return_dict=False)
+    codes = codec.encode(x, 4.0)
+    assert torch.equal(codes, ref_codes)
+    assert codes[0, 0].unique().numel() > 20  # not degenerate
+    audio = codec.decode(ref_codes)
+    assert audio.shape == ref_audio.shape and audio.dtype == torch.float32
+    assert _rel(audio, ref_audio) < 1e-5
+
+
+def test_snake_is_bitwise_the_reference():
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 5000) * 4
+    alpha = torch.rand(1, 48, 1) + 0.2
+    ref = snake_reference(x, alpha)
+    assert torch.equal(snake(x, alpha, tile=4096), ref)
+    y = x.clone()
+    assert torch.equal(snake(y, alpha, out=y, tile=1000), ref)  # in place
+    x4 = x[:, :, None, :].contiguous(memory_format=torch.channels_last)
+    assert torch.equal(snake(x4, alpha, tile=4096)[:, :, 0], ref)
+
+
+def test_runner_is_bitwise_eager_with_many_tiles(codec, speech):
+    """Small tiles force many tiles per stage: halos and edges must be exact."""
+    x = _clip(speech, 40321)
+    z = torch.randn(2, codec.decoder.model[0].in_channels, 90) * 0.3
+    lengths = torch.tensor([40321, 23000])
+    xb = torch.cat([x, x * 0.5], 0)
+    xb[1, :, 23000:] = 0
+    with torch.inference_mode():
+        exact = TiledRunner("ncw", tile=16384, min_tile=256)
+        enc = plan_segments(codec.encoder.block)
+        y, out_len = exact.run(enc, x)
+        assert torch.equal(y, codec.encoder(x))
+        yb, out_lens = exact.run(enc, xb, lengths)
+        assert torch.equal(yb, codec.encoder(xb, lengths))
+        assert out_lens.tolist() == codec.encoder.output_length(lengths).tolist()
+        dec = plan_segments(codec.decoder.model)
+        assert torch.equal(exact.run(dec, z)[0], codec.decoder(z))
+        fast = TiledRunner("cl", tile=16384, min_tile=256)
+        ref = codec.decoder(z, torch.tensor([90, 61]))
+        out = fast.from_layout(fast.run(dec, fast.to_layout(z), torch.tensor([90, 61]))[0])
+        assert _rel(out, ref) < 1e-5
+
+
+def test_teacher_running_mean_is_the_stacked_mean(codec, speech):
+    x = _clip(speech, 30000)
+    with torch.inference_mode():
+        xp = torch.nn.functional.pad(x[:, 0], (160, 160))
+        hidden = codec.semantic_model(xp, output_hidden_states=True).hidden_states
+        assert torch.equal(teacher_features(codec.semantic_model, x, 160), torch.stack(hidden, 1).mean(1))
+
+
+# ---------------------------------------------------------------------------- batches
+def test_batch_equals_each_item_alone(codec, speech):
+    lengths = [78480, 41000, 16001]
+    batch = torch.zeros(3, 1, max(lengths))
+    for i, n in enumerate(lengths):
+        batch[i, 0, :n] = _clip(speech[i * 3000 :], n)[0, 0]
+    codes = codec.encode(batch, 2.0, lengths=lengths)
+    frames = codec.num_frames(torch.tensor(lengths))
+    audio = codec.decode(codes, frames=frames)
+    for i, n in enumerate(lengths):
+        f = int(frames[i])
+        alone = codec.encode(batch[i : i + 1, :, :n], 2.0)
+        assert torch.equal(codes[i : i + 1, :, :f], alone), f"item {i}"
+        assert bool((codes[i, :, f:] == 0).all())
+        assert torch.equal(audio[i : i + 1, :, : f * 320], codec.decode(alone))
+        assert bool((audio[i, :, f * 320 :] == 0).all())
+    many = encode_many(codec, [batch[i, 0, :n] for i, n in enumerate(lengths)], 2.0, batch_size=2)
+    assert all(torch.equal(m, codes[i, :, : int(frames[i])]) for i, m in enumerate(many))
+    wavs = decode_many(codec, many, batch_size=2)
+    assert all(torch.equal(w, audio[i, 0, : int(frames[i]) * 320]) for i, w in enumerate(wavs))
+
+
+def test_padded_batch_paths_match_items(codec, speech):
+    """The masked padded batch (tiled runner without autograd; eager modules with it, as
+    on GPU) gives each item its own latents up to the teacher's last bits."""
+    lengths = torch.tensor([48000, 30000])
+    batch = torch.zeros(2, 1, 48000)
+    for i, n in enumerate(lengths.tolist()):
+        batch[i, 0, :n] = _clip(speech, n)[0, 0]
+    with torch.inference_mode():
+        tiled, _, frames = codec._latents(batch, lengths)
+        singles = [codec._latents(batch[i : i + 1, :, :n], None)[0] for i, n in enumerate(lengths.tolist())]
+    eager = codec._latents(batch, lengths)[0].detach()  # grad mode on: module path
+    for i in range(2):
+        f = int(frames[i])
+        assert _rel(tiled[i : i + 1, :, :f], singles[i]) < 1e-5
+        assert _rel(eager[i : i + 1, :, :f], singles[i]) < 1e-5
+
+
+# ---------------------------------------------------------------------------- long files
+def test_windowed_encoding_stitches_at_frame_boundaries(codec, speech):
+    x = _clip(speech, 16000 * 14 + 201)
+    single = codec.encode(x, 4.0)
+    windowed = encode_long(codec, x, 4.0, window=3.0, context=1.5)
+    assert windowed.shape == single.shape
+    # The tiny random teacher is global (attention, GroupNorm over the clip) and its
+    # Gaussian codebooks have many near-ties; with the whole file's GroupNorm statistics
+    # and 1.5 s of context, 99.5% of the codes are those of the single pass.
+    agreement = float((windowed == single).float().mean())
+    assert agreement > 0.97, agreement
+    # Both levers do their job: without context, or with each window's own statistics,
+    # much more disagrees (89% and 79% here).
+    bare = float((encode_long(codec, x, 4.0, window=3.0, context=0.0) == single).float().mean())
+    assert bare < agreement - 0.05, (bare, agreement)
+    local = float((encode_long(codec, x, 4.0, window=3.0, context=1.5, global_norm=False) == single).float().mean())
+    assert local < agreement - 0.1, (local, agreement)
+    # A clip that fits in one window is one pass.
+    assert torch.equal(encode_long(codec, x[..., :48000], 4.0, window=3.0, context=0.0), codec.encode(x[..., :48000], 4.0))
+
+
+def test_chunked_and_streaming_decode(codec, speech):
+    x = _clip(speech, 16000 * 8)
+    codes = codec.encode(x, 4.0)
+    whole = codec.decode(codes)
+    assert receptive_frames(codec) <= DECODER_CONTEXT
+    assert _rel(decode_long(codec, codes, window=70), whole) < 1e-5
+    assert _rel(decode_long(codec, codes, window=70, context=0), whole) > 1e-4  # context matters
+    for lookahead, bound in ((DECODER_CONTEXT, 1e-5), (0, 1.0)):
+        dec = StreamingDecoder(codec, context=DECODER_CONTEXT, lookahead=lookahead)
+        pieces = [dec.push(c) for c in chunk_codes(codes, 7)]
+        if lookahead == 0:
+            assert all(p.numel() == 7 * 320 for p in pieces[:-1])  # every chunk yields its audio
+        pieces.append(dec.flush())
+        y = torch.cat(pieces)
+        assert y.shape == whole[0, 0].shape
+        assert _rel(y, whole[0, 0]) < bound
+
+
+# ---------------------------------------------------------------------------- fast mode
+def test_bf16_fast_mode(codec, speech):
+    x = _clip(speech, 48000)
+    exact = codec.encode(x, 4.0)
+    fast = codec.encode(x, 4.0, precision="bf16")
+    assert fast.shape == exact.shape and fast.dtype == torch.long
+    assert float((fast[:, 0] == exact[:, 0]).float().mean()) > 0.5
+    audio = codec.decode(exact, precision="bf16")
+    assert audio.dtype == torch.float32
+    assert _rel(audio, codec.decode(exact)) < 0.05
+    with pytest.raises(ValueError, match="precision"):
+        codec.encode(x, 4.0, precision="fp16")
