@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-r", "--rescale", action="store_true", help="rescale the output peak to 0.99 instead of clamping")
     p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
     p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32: exact codes (default); bf16: fast mode, codes agree with fp32 for most frames")
+    p.add_argument("--window", type=float, default=30.0,
+                   help="files longer than window + 2 * context seconds are encoded in windows (0: never)")
+    p.add_argument("--context", type=float, default=5.0, help="seconds of context on each side of a window")
     args = p.parse_args(argv)
     if args.codes_in is None and args.input is None:
         p.error("one of --input or --codes-in is required")
@@ -62,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--input needs --output and/or --codes-out")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.window < 0 or args.context < 0:
+        p.error("--window and --context must be >= 0")
     return args
 
 
@@ -214,6 +221,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     """Encode (and decode) every job, ``--batch-size`` clips at a time."""
     import torch
 
+    from models.streaming import encode_long
     from utils.audio import AudioError, load_audio
 
     rate, min_len = model.sample_rate, model.min_length()
@@ -227,11 +235,18 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         for i, (_, w) in enumerate(pending):
             batch[i, 0, : len(w)] = torch.from_numpy(w)
         batch = batch.to(model.device) * model.audio_norm_scale
-        codes = model.encode(batch, args.bandwidth, lengths=lengths)
         frames = model.num_frames(lengths)
+        if len(pending) == 1 and _is_long(len(pending[0][1]), rate, args):
+            # One long file: windows with context, stitched at frame boundaries (bounded memory).
+            codes = encode_long(model, batch, args.bandwidth, window=args.window, context=args.context, precision=args.precision)
+        else:
+            codes = model.encode(batch, args.bandwidth, lengths=lengths, precision=args.precision)
         audio = None
         if any(job.audio_out is not None for job, _ in pending):
-            audio = model.decode(codes, frames=frames).float().cpu().numpy()
+            if len(pending) == 1 and _is_long(len(pending[0][1]), rate, args):
+                audio = _decode_long(model, codes, args).float().cpu().numpy()
+            else:
+                audio = model.decode(codes, frames=frames, precision=args.precision).float().cpu().numpy()
         codes_np = codes.cpu().numpy()
         for i, (job, w) in enumerate(pending):
             if job.codes_out is not None:
@@ -250,10 +265,24 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         if len(wav) < min_len:
             stats.fail(f"{job.src}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
             continue
+        if _is_long(len(wav), rate, args):
+            flush()  # a long file goes alone
         pending.append((job, wav))
-        if len(pending) >= args.batch_size:
+        if len(pending) >= args.batch_size or _is_long(len(wav), rate, args):
             flush()
     flush()
+
+
+def _is_long(samples: int, rate: int, args: argparse.Namespace) -> bool:
+    return args.window > 0 and samples > (args.window + 2 * args.context) * rate
+
+
+def _decode_long(model, codes, args: argparse.Namespace):
+    """Decode in windows of ``--window`` seconds of frames with the decoder's context."""
+    from models.streaming import decode_long
+
+    window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else codes.shape[-1]
+    return decode_long(model, codes, window=window, precision=args.precision)
 
 
 def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
@@ -263,7 +292,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         except ValueError as exc:
             stats.fail(str(exc))
             continue
-        audio = model.decode(codes[None].to(model.device)).float().cpu().numpy()[0, 0]
+        audio = _decode_long(model, codes[None].to(model.device), args).float().cpu().numpy()[0, 0]
         save_wav(job.audio_out, audio, model.sample_rate, args.rescale)
         stats.written += 1
         stats.audio_seconds += len(audio) / model.sample_rate
