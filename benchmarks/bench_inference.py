@@ -31,7 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 
@@ -233,8 +232,8 @@ def bench_batch(model, args) -> dict:
     results = {}
     with torch.inference_mode():
         for bs in (1, 8):
-            codes, te = timed(lambda: encode_many(model, clips, args.bandwidth, batch_size=bs), model.device)
-            audio, td = timed(lambda: decode_many(model, codes, batch_size=bs), model.device)
+            codes, te = timed(lambda bs=bs: encode_many(model, clips, args.bandwidth, batch_size=bs), model.device)
+            audio, td = timed(lambda bs=bs, codes=codes: decode_many(model, codes, batch_size=bs), model.device)
             results[bs] = (codes, audio)
             out[f"bs{bs}_encode_s"], out[f"bs{bs}_decode_s"] = te, td
     out["codes_identical"] = all(torch.equal(a, b) for a, b in zip(results[1][0], results[8][0]))
@@ -282,7 +281,7 @@ def bench_stream(model, args) -> list[dict]:
             dec = StreamingDecoder(model, context=context, lookahead=lookahead)
             pieces, lat = [], []
             for c in chunk_codes(codes, chunk):
-                y, t = timed(lambda c=c: dec.push(c), model.device)
+                y, t = timed(lambda c=c, dec=dec: dec.push(c), model.device)
                 pieces.append(y)
                 lat.append(t)
             pieces.append(dec.flush())

@@ -22,7 +22,6 @@ an item's length are zeroed after every conv, exactly as the eager modules do.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -131,7 +130,7 @@ class ConvSpec:
     op: int = 0  # output padding (transposed only)
 
     @classmethod
-    def of(cls, m: nn.Module) -> "ConvSpec":
+    def of(cls, m: nn.Module) -> ConvSpec:
         t = isinstance(m, nn.ConvTranspose1d)
         return cls(m, t, m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0], m.output_padding[0] if t else 0)
 
