@@ -223,6 +223,7 @@ class TiledRunner:
         self.tile = TILE_ELEMENTS[layout] if tile is None else tile
         self.min_tile = MIN_TILE_OUT[layout] if min_tile is None else min_tile
         self._run_weights: dict = {}
+        self.parallel_tiles = True
 
     # ------------------------------------------------------------------ weights
     def _resolve(self, spec: ConvSpec):
@@ -333,20 +334,53 @@ class TiledRunner:
         step = max(self.min_tile, int(self.tile / max(widest, 1e-9)))
         if step >= total:
             step = total
-        out = None
-        for o0 in range(0, total, step):
-            o1 = min(total, o0 + step)
-            y = self._tile(ops, x, o0, o1, lens, item_lens, backends)
-            if step == total:
-                out = y
-                break
-            if out is None:
-                shape = (*y.shape[:-1], total)
-                out = torch.empty(shape, dtype=y.dtype, device=y.device)
-                if self.layout == "cl":
-                    out = out.contiguous(memory_format=torch.channels_last)
-            out[..., o0:o1].copy_(y)
+        first = self._tile(ops, x, 0, step, lens, item_lens, backends)
+        if step == total:
+            return first, item_lens[-1]
+        out = torch.empty((*first.shape[:-1], total), dtype=first.dtype, device=first.device)
+        if self.layout == "cl":
+            out = out.contiguous(memory_format=torch.channels_last)
+        out[..., :step].copy_(first)
+
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def one(o0: int) -> None:
+            # Grad and inference modes are per thread: the workers take the caller's.
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                y = self._tile(ops, x, o0, min(total, o0 + step), lens, item_lens, backends)
+                out[..., o0 : min(total, o0 + step)].copy_(y)
+
+        starts = range(step, total, step)
+        pool = self._pool() if all(b == "mkldnn" for b in backends.values()) and x.device.type == "cpu" else None
+        if pool is None:
+            for o0 in starts:
+                one(o0)
+        else:
+            threads = torch.get_num_threads()
+            try:
+                list(pool.map(one, starts))
+            finally:
+                torch.set_num_threads(threads)  # the workers set the process-wide default to 1
         return out, item_lens[-1]
+
+    def _pool(self):
+        """Worker threads, one per torch thread, each running its tiles on one thread.
+
+        Tiles are independent, so running whole tiles in parallel needs no barrier per
+        op (many small ops each with an OpenMP barrier degrade badly on a busy machine).
+        Every conv here runs oneDNN, whose kernels compute an output position the same
+        way on one thread or several, so results are unchanged.
+        """
+        threads = torch.get_num_threads()
+        if not self.parallel_tiles or threads < 2:
+            return None
+        pool = self.__dict__.get("_workers")
+        if pool is None or pool[0] != threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="xcodec-tile", initializer=torch.set_num_threads, initargs=(1,)))
+            self.__dict__["_workers"] = pool
+        return pool[1]
 
     def _backend_map(self, ops, batch: int, chans: list[int], lens: list[int]) -> dict[int, str]:
         out: dict[int, str] = {}
