@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, load_codec
 from utils.metrics import SIGNAL_METRICS
 
 LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
@@ -400,22 +400,8 @@ def _progress(items, enabled: bool, desc: str):
 
 
 def _load_model(args):
-    import torch
-
-    from models import XCodec
-    from models.pretrained import CheckpointError
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise CliError(f"unknown --device {device!r}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        return XCodec.from_pretrained(args.checkpoint, config=args.config, device=device), device
-    except CheckpointError as exc:
-        raise CliError(str(exc)) from None
+    model = load_codec(args.checkpoint, args.config, args.device)
+    return model, str(model.device)
 
 
 def _model_metrics(args, device: str):

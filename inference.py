@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, load_codec
 from utils.codes import load_codes, save_codes  # noqa: F401  (save_codes/load_codes: the codes file format)
 
 
@@ -142,22 +142,8 @@ def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> No
 
 # ---------------------------------------------------------------------------- running
 def load_model(args: argparse.Namespace):
-    import torch
-
-    from models import XCodec
-    from models.pretrained import CheckpointError
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise CliError(f"unknown --device {device!r}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        return XCodec.from_pretrained(args.checkpoint, config=args.config, device=device)
-    except CheckpointError as exc:
-        raise CliError(str(exc)) from None
+    model = load_codec(args.checkpoint, args.config, args.device)
+    return model
 
 
 class Stats:

@@ -25,3 +25,23 @@ def cli_main(parse_args: Callable[[list[str] | None], argparse.Namespace], run: 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def load_codec(checkpoint: str, config, device: str | None):
+    """``XCodec.from_pretrained`` for a CLI: default device, and one-line errors as CliError."""
+    import torch
+
+    from models import XCodec
+    from models.pretrained import CheckpointError
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"unknown --device {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return XCodec.from_pretrained(checkpoint, config=config, device=device)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
