@@ -155,11 +155,11 @@ class XCodec(nn.Module):
         """Inference on CPU without autograd: the cache-blocked runner applies."""
         return x.device.type == "cpu" and not torch.is_grad_enabled()
 
-    def _runner(self, layout: str, dtype: torch.dtype) -> TiledRunner:
+    def _runner(self, precision: str) -> TiledRunner:
         runners = self.__dict__.setdefault("_runners", {})
-        if (layout, dtype) not in runners:
-            runners[(layout, dtype)] = TiledRunner(layout, dtype)
-        return runners[(layout, dtype)]
+        if precision not in runners:
+            runners[precision] = TiledRunner(torch.float32 if precision == "fp32" else torch.bfloat16)
+        return runners[precision]
 
     def _segments(self, which: str):
         plans = self.__dict__.setdefault("_plans", {})
@@ -173,9 +173,9 @@ class XCodec(nn.Module):
         return torch.autocast(device.type, enabled=False)
 
     def _run_encoder(self, x: torch.Tensor, lengths: torch.Tensor | None, precision: str) -> torch.Tensor:
-        """Acoustic encoder: exact (bitwise eager) cache-blocked fp32, or channels-last bf16."""
+        """Acoustic encoder: cache-blocked channels-last on CPU (fp32 or bf16)."""
         if self._fast_cpu(x):
-            runner = self._runner("ncw", torch.float32) if precision == "fp32" else self._runner("cl", torch.bfloat16)
+            runner = self._runner(precision)
             y, _ = runner.run(self._segments("encoder"), runner.to_layout(x), lengths)
             return runner.from_layout(y).float()
         with self._autocast(x.device, precision):
@@ -184,8 +184,7 @@ class XCodec(nn.Module):
     def _run_decoder(self, z: torch.Tensor, frames: torch.Tensor | None, precision: str) -> torch.Tensor:
         """Acoustic decoder: channels-last cache-blocked on CPU (fp32 or bf16)."""
         if self._fast_cpu(z):
-            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-            runner = self._runner("cl", dtype)
+            runner = self._runner(precision)
             y, _ = runner.run(self._segments("decoder"), runner.to_layout(z), frames)
             return runner.from_layout(y).float()
         with self._autocast(z.device, precision):
@@ -267,8 +266,8 @@ class XCodec(nn.Module):
             lengths: (B,) valid samples per item for a zero-padded batch of clips of
                 different lengths. Each item then gets exactly the codes it gets alone,
                 ``num_frames(lengths[i])`` frames; frames after those are padding.
-            precision: ``"fp32"`` (exact: the codes of the eager float32 model, bitwise
-                the same latents) or ``"bf16"`` (fast mode: the teacher, semantic and
+            precision: ``"fp32"`` (exact: the codes of the eager float32 model; the
+                latents differ from it in the last bits only) or ``"bf16"`` (fast mode: the teacher, semantic and
                 acoustic encoders in bfloat16; codes agree with fp32 for most frames).
 
         Returns:

@@ -6,15 +6,10 @@ faults. Here each stage (residual units, Snakes and the resampling conv around t
 computed tile by tile along time, with the halo each conv needs, so intermediates stay
 in cache and only the stage output is written to memory.
 
-Two layouts:
-
-``"ncw"`` (exact): (B, C, T) tensors and, for every conv, the very backend PyTorch would
-pick for the whole tensor (oneDNN or its native conv). Those kernels compute each
-output position the same way whatever the width, so the result is bitwise the eager
-result; Snake uses the same ops in the same order.
-
-``"cl"`` (fast): (B, C, 1, T) channels-last tensors and oneDNN's channels-last conv
-kernels (faster, a different summation order: ~1e-7 relative); also bf16.
+Tensors are (B, C, 1, T) channels-last, the layout oneDNN's fastest conv kernels use
+(float32: a different summation order than eager PyTorch's, ~1e-7 relative; or bf16).
+Each output position is computed from the same inputs as in the eager modules, so
+tiles only change the last bits, never which samples a conv sees.
 
 Ragged batches: per-item valid lengths are tracked through every op and positions past
 an item's length are zeroed after every conv, exactly as the eager modules do.
@@ -30,9 +25,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 # Largest intermediate tile (channels x samples) and smallest output tile (samples, so
-# that halos cost a few % at most), per layout; measured best on a 2-core AVX-512 CPU.
-TILE_ELEMENTS = {"ncw": 1 << 18, "cl": 1 << 20}
-MIN_TILE_OUT = {"ncw": 2048, "cl": 4096}
+# that halos cost a few % at most); measured best on a 2-core AVX-512 CPU.
+TILE_ELEMENTS = 1 << 20
+MIN_TILE_OUT = 4096
 SNAKE_TILE = 1 << 18
 
 
@@ -89,34 +84,6 @@ def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None,
 
 
 # ------------------------------------------------------------------------------ convs
-def torch_uses_mkldnn(x, kernel_size: int, stride: int, dilation: int, groups: int = 1) -> bool:
-    """Whether eager PyTorch runs this float32 CPU conv1d with oneDNN (else its native conv).
-
-    Mirrors ``ConvParams::use_mkldnn`` (aten/src/ATen/native/Convolution.cpp) for the
-    (B, C, 1, T) view that conv1d uses.
-    """
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    batch, channels, width = x.shape[0], x.shape[1], x.shape[-1]
-    k = kernel_size
-    one_by_one_ok = stride != 1 or dilation != 1 or batch >= 16 or k != 1 or torch.get_num_threads() > 1
-    big_enough = groups > 1 or batch > 1 or batch * channels * width > 20480
-    return one_by_one_ok and big_enough
-
-
-class _MkldnnOff:
-    """Temporarily route convs to PyTorch's native kernels (as eager does for small ones)."""
-
-    def __enter__(self):
-        self.prev = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(False)
-
-    def __exit__(self, *exc):
-        torch._C._set_mkldnn_enabled(self.prev)
-
-
 @dataclass
 class ConvSpec:
     """A Conv1d / ConvTranspose1d seen as a map between sequence positions."""
@@ -204,24 +171,18 @@ def _channels(op, c_in: int) -> int:
 
 
 class TiledRunner:
-    """Runs a list of :class:`Segment` over (B, C, T) or channels-last (B, C, 1, T) input.
+    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input.
 
     Args:
-        layout: ``"ncw"`` (bitwise eager float32) or ``"cl"`` (channels-last, any dtype).
-        dtype: compute dtype of the ``"cl"`` layout (float32 or bfloat16).
+        dtype: compute dtype (float32 or bfloat16).
         tile: largest intermediate tile in elements.
         min_tile: smallest output tile in samples.
     """
 
-    def __init__(self, layout: str = "ncw", dtype: torch.dtype = torch.float32, tile: int | None = None, min_tile: int | None = None):
-        if layout not in ("ncw", "cl"):
-            raise ValueError(f"layout must be 'ncw' or 'cl', got {layout!r}")
-        if layout == "ncw" and dtype != torch.float32:
-            raise ValueError("the exact 'ncw' layout is float32 only")
-        self.layout = layout
+    def __init__(self, dtype: torch.dtype = torch.float32, tile: int | None = None, min_tile: int | None = None):
         self.dtype = dtype
-        self.tile = TILE_ELEMENTS[layout] if tile is None else tile
-        self.min_tile = MIN_TILE_OUT[layout] if min_tile is None else min_tile
+        self.tile = TILE_ELEMENTS if tile is None else tile
+        self.min_tile = MIN_TILE_OUT if min_tile is None else min_tile
         self._run_weights: dict = {}
         self.parallel_tiles = True
 
@@ -229,13 +190,9 @@ class TiledRunner:
     def _resolve(self, spec: ConvSpec):
         m = spec.module
         if parametrize.is_parametrized(m):  # weight norm (training layout): evaluate once per run
-            w = m.weight.detach()
-            if self.layout == "cl":
-                w = w.to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
+            w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
             b = None if m.bias is None else m.bias.detach().to(w.dtype)
             return w, b
-        if self.layout == "ncw":
-            return m.weight, m.bias
         key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
         cache = m.__dict__.get("_cl_cache")
         if cache is None or cache[0] != key:
@@ -252,31 +209,35 @@ class TiledRunner:
         return found
 
     # ------------------------------------------------------------------ primitives
-    def _conv(self, spec: ConvSpec, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def _conv(self, spec: ConvSpec, x: torch.Tensor) -> torch.Tensor:
         """Conv with no padding (halos and zeros are already in ``x``)."""
         w, b = self._weights(spec)
-        if self.layout == "cl":
-            if spec.transposed:
-                return F.conv_transpose2d(x, w, b, stride=(1, spec.s), dilation=(1, spec.d))
-            if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
-                # oneDNN's channels-last kernels for every conv (eager would send 1x1
-                # convs to its native kernel on one thread, converting layouts).
-                return torch.ops.aten.mkldnn_convolution(x, w, b, [0, 0], [1, spec.s], [1, spec.d], 1)
-            return F.conv2d(x, w, b, stride=(1, spec.s), dilation=(1, spec.d))
         if spec.transposed:
-            return F.conv_transpose1d(x, w, b, stride=spec.s, dilation=spec.d)
-        if backend == "mkldnn":
-            y = torch.ops.aten.mkldnn_convolution(x.unsqueeze(2), w.unsqueeze(2), b, [0, 0], [1, spec.s], [1, spec.d], 1)
-            return y.squeeze(2)
-        with _MkldnnOff():
-            return F.conv1d(x, w, b, stride=spec.s, dilation=spec.d)
+            return F.conv_transpose2d(x, w, b, stride=(1, spec.s), dilation=(1, spec.d))
+        if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            # oneDNN's channels-last kernels for every conv (eager would send 1x1
+            # convs to its native kernel on one thread, converting layouts).
+            return torch.ops.aten.mkldnn_convolution(x, w, b, [0, 0], [1, spec.s], [1, spec.d], 1)
+        return F.conv2d(x, w, b, stride=(1, spec.s), dilation=(1, spec.d))
 
-    def _pad(self, x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    @staticmethod
+    def _pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
         if left == 0 and right == 0:
             return x
-        if self.layout == "cl":
-            return F.pad(x, (left, right)).contiguous(memory_format=torch.channels_last)
-        return F.pad(x, (left, right))
+        return F.pad(x, (left, right)).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _padded_snake(x: torch.Tensor, alpha: torch.Tensor, left: int, right: int) -> torch.Tensor:
+        """Snake of ``x`` written between ``left`` and ``right`` zeros: a conv's input
+        with its padding, without padding (copying) the Snake's output afterwards."""
+        if left == 0 and right == 0:
+            return snake(x, alpha)
+        b, c, h, n = x.shape
+        buf = torch.empty((b, c, h, left + n + right), dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+        buf[..., :left].zero_()
+        buf[..., left + n :].zero_()
+        snake(x, alpha, out=buf[..., left : left + n])  # a time slice of channels-last is dense
+        return buf
 
     @staticmethod
     def _mask_(x: torch.Tensor, lengths: torch.Tensor | None, start: int) -> torch.Tensor:
@@ -286,24 +247,20 @@ class TiledRunner:
         if bool((lengths >= start + n).all()):
             return x
         keep = (torch.arange(start, start + n, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
-        keep = keep.view(x.shape[0], 1, 1, n) if x.dim() == 4 else keep.view(x.shape[0], 1, n)
-        return x.mul_(keep)
+        return x.mul_(keep.view(x.shape[0], 1, 1, n))
 
     # ------------------------------------------------------------------ running
     def to_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) -> this runner's layout and dtype."""
-        if self.layout == "cl":
-            return x.to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+        """(B, C, T) -> (B, C, 1, T) channels-last in this runner's dtype."""
+        return x.to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
 
-    def from_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """This runner's layout -> (B, C, T) contiguous."""
-        if x.dim() == 4:
-            x = x[:, :, 0, :]
-        return x.contiguous()
+    @staticmethod
+    def from_layout(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, 1, T) -> (B, C, T) contiguous."""
+        return x[:, :, 0, :].contiguous()
 
     def run(self, segments: list[Segment], x: torch.Tensor, lengths: torch.Tensor | None = None):
-        """Run ``segments`` on ``x`` (already in this layout); returns (output, lengths)."""
+        """Run ``segments`` on ``x`` (from :meth:`to_layout`); returns (output, lengths)."""
         self._run_weights = {}
         if lengths is not None:  # as the eager modules: positions past an item's length are zero
             x = self._mask_(x.clone(), lengths, 0)
@@ -325,7 +282,6 @@ class TiledRunner:
         chans = [x.shape[1]]
         for op in ops:
             chans.append(_channels(op, chans[-1]))
-        backends = self._backend_map(ops, x.shape[0], chans, lens)
 
         total = lens[-1]
         # Output tile: the largest intermediate stays within self.tile elements.
@@ -334,12 +290,11 @@ class TiledRunner:
         step = max(self.min_tile, int(self.tile / max(widest, 1e-9)))
         if step >= total:
             step = total
-        first = self._tile(ops, x, 0, step, lens, item_lens, backends)
+        first = self._tile(ops, x, 0, step, lens, item_lens)
         if step == total:
             return first, item_lens[-1]
         out = torch.empty((*first.shape[:-1], total), dtype=first.dtype, device=first.device)
-        if self.layout == "cl":
-            out = out.contiguous(memory_format=torch.channels_last)
+        out = out.contiguous(memory_format=torch.channels_last)
         out[..., :step].copy_(first)
 
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
@@ -347,11 +302,11 @@ class TiledRunner:
         def one(o0: int) -> None:
             # Grad and inference modes are per thread: the workers take the caller's.
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                y = self._tile(ops, x, o0, min(total, o0 + step), lens, item_lens, backends)
+                y = self._tile(ops, x, o0, min(total, o0 + step), lens, item_lens)
                 out[..., o0 : min(total, o0 + step)].copy_(y)
 
         starts = range(step, total, step)
-        pool = self._pool() if all(b == "mkldnn" for b in backends.values()) and x.device.type == "cpu" else None
+        pool = self._pool() if x.device.type == "cpu" else None
         if pool is None:
             for o0 in starts:
                 one(o0)
@@ -368,8 +323,8 @@ class TiledRunner:
 
         Tiles are independent, so running whole tiles in parallel needs no barrier per
         op (many small ops each with an OpenMP barrier degrade badly on a busy machine).
-        Every conv here runs oneDNN, whose kernels compute an output position the same
-        way on one thread or several, so results are unchanged.
+        oneDNN's kernels compute an output position the same way on one thread or
+        several, so results are unchanged.
         """
         threads = torch.get_num_threads()
         if not self.parallel_tiles or threads < 2:
@@ -382,19 +337,7 @@ class TiledRunner:
             self.__dict__["_workers"] = pool
         return pool[1]
 
-    def _backend_map(self, ops, batch: int, chans: list[int], lens: list[int]) -> dict[int, str]:
-        out: dict[int, str] = {}
-        if self.layout != "ncw":
-            return out
-        for i, op in enumerate(ops):
-            convs = [op.conv1, op.conv2] if isinstance(op, Residual) else [op] if isinstance(op, ConvSpec) else []
-            for spec in convs:
-                shape = torch.Size((batch, chans[i], lens[i]))
-                mk = torch_uses_mkldnn(_ShapeOnly(shape), spec.k, spec.s, spec.d)
-                out[id(spec)] = "mkldnn" if mk else "native"
-        return out
-
-    def _tile(self, ops, x, o0: int, o1: int, lens, item_lens, backends) -> torch.Tensor:
+    def _tile(self, ops, x, o0: int, o1: int, lens, item_lens) -> torch.Tensor:
         n = len(ops)
         # Ranges each op must produce, backwards from the output tile, clamped to the valid domain.
         ranges = [None] * (n + 1)
@@ -404,41 +347,39 @@ class TiledRunner:
             ranges[i] = (max(0, a), min(lens[i], b))
         a, b = ranges[0]
         t = x[..., a:b]
+        padded = False  # t already carries the zero padding of the conv that follows
         for i, op in enumerate(ops):
             (ia, ib), (oa, ob) = ranges[i], ranges[i + 1]
             if isinstance(op, Snake):
-                t = snake(t, op.alpha, out=t if i > 0 else None)
-            elif isinstance(op, ConvSpec) and op.transposed:
+                nxt = ops[i + 1] if i + 1 < n else None
+                if isinstance(nxt, ConvSpec) and not nxt.transposed:
+                    ua, ub = nxt.in_range(*ranges[i + 2])
+                    t, padded = self._padded_snake(t, op.alpha, ia - ua, ub - ib), True
+                else:
+                    t = snake(t, op.alpha, out=t if i > 0 else None)
+                continue
+            if isinstance(op, ConvSpec) and op.transposed:
                 # Inputs outside the clamped range contribute nothing; crop the outputs
                 # that this input slice fully determines.
-                y = self._conv(op, t, "mkldnn")
+                y = self._conv(op, t)
                 first = oa - (ia * op.s - op.p)
                 t = self._mask_(y[..., first : first + ob - oa], item_lens[i + 1], oa)
             elif isinstance(op, ConvSpec):
                 ua, ub = op.in_range(oa, ob)
-                t = self._conv(op, self._pad(t, ia - ua, ub - ib), backends.get(id(op), "mkldnn"))
+                t = self._conv(op, t if padded else self._pad(t, ia - ua, ub - ib))
                 t = self._mask_(t, item_lens[i + 1], oa)
             else:  # Residual
                 ua, ub = op.in_range(oa, ob)
-                h = snake(t, op.snake1)
-                h = self._conv(op.conv1, self._pad(h, ia - ua, ub - ib), backends.get(id(op.conv1), "mkldnn"))
+                h = self._conv(op.conv1, self._padded_snake(t, op.snake1, ia - ua, ub - ib))
                 self._mask_(h, item_lens[i + 1], oa)
                 snake(h, op.snake2, out=h)
-                h = self._conv(op.conv2, h, backends.get(id(op.conv2), "mkldnn"))
+                h = self._conv(op.conv2, h)
                 self._mask_(h, item_lens[i + 1], oa)
                 t = h.add_(t[..., oa - ia : ob - ia])
+            padded = False
             if t.shape[-1] != ob - oa:
                 raise RuntimeError(f"tile bookkeeping error: op {i} gave {t.shape[-1]} positions, expected {ob - oa}")
         return t
-
-
-class _ShapeOnly:
-    """Just enough of a tensor for :func:`torch_uses_mkldnn`."""
-
-    def __init__(self, shape: torch.Size):
-        self.shape = shape
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
 
 
 # ------------------------------------------------------------------------------ plans
