@@ -55,6 +55,19 @@ def speech(seconds: float) -> torch.Tensor:
     return (w.repeat(-(-n // len(w)))[:n] * 0.95)[None, None].contiguous()
 
 
+def no_mmap() -> bool:
+    """mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 1 GB): large tensors come from
+    the heap and freed ones stay mapped, so a new tensor mostly reuses touched pages."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -358,14 +371,19 @@ def main(argv=None) -> int:
     p.add_argument("--stream", action="store_true", help="streaming decode error and latency")
     p.add_argument("--no-compile", action="store_true", help="on CUDA, skip the torch.compile rows")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="glibc serves every block from the heap and keeps freed memory (mallopt), for both "
+                        "models: shows how much of each model's CPU time is page faults of fresh tensors")
     args = p.parse_args(argv)
+    if args.no_mmap and not no_mmap():
+        p.error("--no-mmap needs Linux with glibc")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     t0 = time.perf_counter()
     model, hf = build_models(args, device)
     print(f"models ready in {time.perf_counter() - t0:.0f} s; machine: {json.dumps(machine())}", flush=True)
-    result: dict = {"machine": machine(), "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": []}
+    result: dict = {"machine": machine(), "no_mmap": args.no_mmap, "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": []}
     for seconds in args.durations:
         rows = bench_duration(model, hf, seconds, args, device)
         result["rows"].extend(rows)

@@ -88,6 +88,7 @@ def build_teacher(name: str, config_overrides: dict | None = None, pretrained: s
     else:
         model = AutoModel.from_config(_teacher_config(name, config_overrides))
     _install_masked_group_norm(model)
+    install_tiled_feature_encoder(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -173,40 +174,126 @@ def teacher_features(model: nn.Module, wav: torch.Tensor, pad: int, lengths: tor
             norm.valid_lengths = None
 
 
-@torch.no_grad()
-def group_norm_stats(model: nn.Module, wav: torch.Tensor, pad: int, chunk: int = 1 << 17) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-group (mean, var) of every GroupNorm in the teacher's feature extractor over a
-    whole (1, 1, T) clip padded by ``pad``, computed in chunks (float64 sums).
-
-    Only a GroupNorm right after the first conv is supported (HuBERT / WavLM base);
-    returns one (mean, var) per :class:`MaskedGroupNorm`, or [] when there is none.
-    """
-    layers = model.feature_extractor.conv_layers
-    norms = [getattr(layer, "layer_norm", None) for layer in layers]
+def _first_norm(model: nn.Module) -> MaskedGroupNorm | None:
+    """The GroupNorm of the teacher's first conv layer (HuBERT / WavLM base), if any;
+    a GroupNorm anywhere else is not supported by the statistics below."""
+    norms = [getattr(layer, "layer_norm", None) for layer in model.feature_extractor.conv_layers]
     found = [i for i, n in enumerate(norms) if isinstance(n, MaskedGroupNorm)]
     if not found:
-        return []
+        return None
     if found != [0]:
         raise NotImplementedError("global GroupNorm statistics need the GroupNorm on the first conv only")
-    conv, norm = layers[0].conv, norms[0]
+    return norms[0]
+
+
+@torch.no_grad()
+def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item, per-group (mean, var) of ``conv(x)`` over time, without computing it.
+
+    The conv has one input channel, so each output channel is a dot product of its
+    weights with the input's patches: the mean is ``w . m`` and the second moment
+    ``w^T G w``, from the patches' mean ``m`` and Gram matrix ``G`` (float64, in chunks
+    of frames). Agrees with the GroupNorm's own float32 statistics to ~1e-7.
+
+    Args:
+        x: (B, T) input of the conv (already padded).
+
+    Returns:
+        (mean, var), each (B, G) float64.
+    """
     k, s = conv.kernel_size[0], conv.stride[0]
-    x = F.pad(wav[:, 0], (pad, pad))
-    total = (x.shape[-1] - k) // s + 1
-    per = max(1, chunk // s)
+    frames = (x.shape[-1] - k) // s + 1
+    batch = x.shape[0]
+    first = torch.zeros(batch, k, dtype=torch.float64)
+    gram = torch.zeros(batch, k, k, dtype=torch.float64)
+    for f0 in range(0, frames, chunk):
+        f1 = min(frames, f0 + chunk)
+        patches = x[:, f0 * s : (f1 - 1) * s + k].double().unfold(-1, k, s)  # (B, F, k)
+        first += patches.sum(1)
+        gram += patches.transpose(1, 2) @ patches
+    first /= frames
+    gram /= frames
+    w = conv.weight.double().reshape(conv.out_channels, k)  # (C, k)
+    mean = first @ w.T  # (B, C)
+    square = torch.einsum("ck,bkl,cl->bc", w, gram, w)
+    if conv.bias is not None:
+        b = conv.bias.double()
+        square = square + 2 * b * mean + b * b
+        mean = mean + b
     g = norm.num_groups
-    acc = torch.zeros(g, dtype=torch.float64)
-    acc2 = torch.zeros(g, dtype=torch.float64)
-    count = 0
-    for f0 in range(0, total, per):
-        f1 = min(total, f0 + per)
-        y = conv(x[:, None, f0 * s : (f1 - 1) * s + k]).double()  # (1, C, f1 - f0)
-        y = y.reshape(g, -1)
-        acc += y.sum(1)
-        acc2 += (y * y).sum(1)
-        count += y.shape[1]
-    mean = acc / count
-    var = (acc2 / count - mean * mean).clamp_min(0)
-    return [(mean.float(), var.float())]
+    mean_g = mean.reshape(batch, g, -1).mean(-1)
+    var_g = (square.reshape(batch, g, -1).mean(-1) - mean_g * mean_g).clamp_min(0)
+    return mean_g, var_g
+
+
+@torch.no_grad()
+def group_norm_stats(model: nn.Module, wav: torch.Tensor, pad: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, var) per group, (G,) each, of the GroupNorm after the teacher's first conv
+    over a whole (1, 1, T) clip padded by ``pad`` (windowed long-file encoding normalises
+    every window with these). Returns [] when the teacher has no such GroupNorm."""
+    norm = _first_norm(model)
+    if norm is None:
+        return []
+    mean, var = first_conv_stats(model.feature_extractor.conv_layers[0].conv, norm, F.pad(wav[:, 0], (pad, pad)))
+    return [(mean[0].float(), var[0].float())]
+
+
+# The first layers of the feature extractor run on large tensors (512 channels at 3.2 kHz
+# for the first conv's output: 64 MB for 10 s); computed together tile by tile they stay
+# in cache. Later layers are small and run whole.
+TILED_FEATURE_LAYERS = 4
+
+
+def _tiled_feature_encoder(encoder: nn.Module, input_values: torch.Tensor) -> torch.Tensor:
+    """The feature extractor's forward with its first layers cache-blocked (float32 CPU
+    inference); anything it does not cover runs the module's own forward."""
+    layers = encoder.conv_layers
+    norm = getattr(layers[0], "layer_norm", None)
+    covered = (
+        input_values.device.type == "cpu"
+        and input_values.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and isinstance(norm, MaskedGroupNorm)
+        and norm.valid_lengths is None
+        and all(not isinstance(getattr(layer, "layer_norm", None), nn.Module) for layer in layers[1:])
+        and all(isinstance(layer.activation, nn.Module) for layer in layers)
+    )
+    if not covered:
+        return type(encoder).forward(encoder, input_values)
+    from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
+
+    conv0 = layers[0].conv
+    if norm.fixed_stats is not None:
+        mean, var = (v.double()[None] for v in norm.fixed_stats)
+    else:
+        mean, var = first_conv_stats(conv0, norm, input_values)
+    per_group = norm.num_channels // norm.num_groups
+    inv = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)  # (B, C)
+    scale = inv * (norm.weight.double() if norm.affine else 1.0)
+    shift = (norm.bias.double() if norm.affine else 0.0) - mean.repeat_interleave(per_group, dim=1) * scale
+    scale = scale.float()[:, :, None, None]
+    shift = shift.float()[:, :, None, None]
+
+    ops: list = [ConvSpec.of(conv0), Pointwise(lambda t: torch.addcmul(shift, t, scale)), Pointwise(layers[0].activation)]
+    n = min(TILED_FEATURE_LAYERS, len(layers))
+    for layer in layers[1:n]:
+        ops += [ConvSpec.of(layer.conv), Pointwise(layer.activation)]
+    runner = encoder.__dict__.get("_runner")
+    if runner is None:
+        runner = encoder.__dict__["_runner"] = TiledRunner(torch.float32, min_tile=256)
+    y, _ = runner.run([Segment(ops)], runner.to_layout(input_values[:, None]))
+    hidden = runner.from_layout(y)
+    for layer in layers[n:]:
+        hidden = layer(hidden)
+    return hidden
+
+
+def install_tiled_feature_encoder(model: nn.Module) -> None:
+    """Route the teacher's feature extractor through :func:`_tiled_feature_encoder`
+    (an instance attribute: the state dict and training are unaffected)."""
+    encoder = model.feature_extractor
+    encoder.forward = _tiled_feature_encoder.__get__(encoder)
 
 
 class fixed_group_norm_stats:

@@ -17,6 +17,7 @@ an item's length are zeroed after every conv, exactly as the eager modules do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -150,16 +151,22 @@ class Segment:
     ops: list = field(default_factory=list)
 
 
+@dataclass
+class Pointwise:
+    """An elementwise map of a (B, C, 1, T) tile that returns a new tensor (the
+    teacher's GroupNorm with fixed statistics, GELU)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
 def _in_range(op, o0: int, o1: int) -> tuple[int, int]:
-    if isinstance(op, Snake):
+    if isinstance(op, (Snake, Pointwise)):
         return o0, o1
     return op.in_range(o0, o1)
 
 
 def _out_len(op, n):
-    if isinstance(op, Snake):
-        return n
-    if isinstance(op, Residual):
+    if isinstance(op, (Snake, Residual, Pointwise)):
         return n
     return op.out_len(n)
 
@@ -358,7 +365,9 @@ class TiledRunner:
                 else:
                     t = snake(t, op.alpha, out=t if i > 0 else None)
                 continue
-            if isinstance(op, ConvSpec) and op.transposed:
+            if isinstance(op, Pointwise):
+                t = op.fn(t)
+            elif isinstance(op, ConvSpec) and op.transposed:
                 # Inputs outside the clamped range contribute nothing; crop the outputs
                 # that this input slice fully determines.
                 y = self._conv(op, t)

@@ -20,7 +20,7 @@ from models.streaming import (
     encode_many,
     receptive_frames,
 )
-from modules.teacher import teacher_features
+from modules.teacher import fixed_group_norm_stats, install_tiled_feature_encoder, teacher_features
 from modules.tiled import TiledRunner, plan_segments, snake, snake_reference
 
 
@@ -116,6 +116,42 @@ def test_teacher_running_mean_is_the_stacked_mean(codec, speech):
         xp = torch.nn.functional.pad(x[:, 0], (160, 160))
         hidden = codec.semantic_model(xp, output_hidden_states=True).hidden_states
         assert torch.equal(teacher_features(codec.semantic_model, x, 160), torch.stack(hidden, 1).mean(1))
+
+
+def test_teacher_feature_extractor_tiles_match_eager(codec, speech):
+    """The cache-blocked feature extractor (GroupNorm from analytic statistics) against
+    the module's own forward, for one clip, a batch (per-item statistics), and with the
+    whole-file statistics of windowed encoding."""
+    from modules.teacher import first_conv_stats, group_norm_stats
+
+    fe = codec.semantic_model.feature_extractor
+    assert "forward" in fe.__dict__  # installed by build_teacher
+    x = _clip(speech, 52000)[:, 0]
+    batch = torch.cat([x, x.flip(-1) * 0.3], 0)
+    with torch.inference_mode():
+        for inp in (x, batch):
+            ref = type(fe).forward(fe, inp)
+            out = fe(inp)
+            assert out.shape == ref.shape
+            assert _rel(out, ref) < 1e-5
+        # the statistics equal those GroupNorm computes from the conv's output
+        layer = fe.conv_layers[0]
+        y = layer.conv(batch[:, None]).double()
+        mean, var = first_conv_stats(layer.conv, layer.layer_norm, batch)
+        g = layer.layer_norm.num_groups
+        yg = y.reshape(2, g, -1)
+        assert torch.allclose(mean, yg.mean(-1), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(var, yg.var(-1, unbiased=False), rtol=1e-9, atol=1e-9)
+        stats = group_norm_stats(codec.semantic_model, x[:, None], 160)
+        assert torch.allclose(stats[0][0].double(), first_conv_stats(layer.conv, layer.layer_norm, torch.nn.functional.pad(x, (160, 160)))[0][0])
+        with fixed_group_norm_stats(codec.semantic_model, stats):
+            tiled_fixed = fe(x[:, 4000:20000])
+            fe.forward = type(fe).forward.__get__(fe)  # the module's own path, same stats
+            try:
+                eager_fixed = fe(x[:, 4000:20000])
+            finally:
+                install_tiled_feature_encoder(codec.semantic_model)
+        assert _rel(tiled_fixed, eager_fixed) < 1e-5
 
 
 # ---------------------------------------------------------------------------- batches
