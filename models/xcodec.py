@@ -17,10 +17,37 @@ from quantization import ResidualVectorQuantizer
 PRECISIONS = ("fp32", "bf16")
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str, device: torch.device | None = None) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and device is not None and device.type == "cpu" and cpu_has_amx() is False:
+        _warn_once(
+            "bf16 on a CPU without AMX runs at about half the float32 rate (oneDNN has no "
+            "fast bf16 kernels there): precision='fp32' is faster on this machine"
+        )
     return precision
+
+
+def cpu_has_amx() -> bool | None:
+    """Whether this CPU has AMX tiles (fast bf16 matrix units); None when unknown."""
+    probe = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except RuntimeError:
+            return None
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class CodesError(ValueError):
@@ -274,7 +301,7 @@ class XCodec(nn.Module):
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
         """
         self._check_audio(wav)
-        check_precision(precision)
+        check_precision(precision, wav.device)
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
         if wav.shape[0] > 1 and self._fast_cpu(wav):
             # On CPU a padded batch is slower per sample than its items one by one (the
@@ -334,7 +361,7 @@ class XCodec(nn.Module):
             (B, 1, F * hop) float32 audio (whole frames; trim to the input length yourself).
         """
         self.check_codes(codes)
-        check_precision(precision)
+        check_precision(precision, codes.device)
         codes = codes.to(device=self.device, dtype=torch.long)
         if codes.shape[0] > 1 and self._fast_cpu(codes):
             # Item by item on CPU (see encode): each decodes exactly as alone.
