@@ -154,42 +154,37 @@ def load_codec_state(model: XCodec, state: dict[str, torch.Tensor], source: str 
 
 
 # ---------------------------------------------------------------------------- transformers layout
-def _hf_residual(j: int, k: int) -> str:
-    return f"res_unit{j + 1}." + ("snake1", "conv1", "snake2", "conv2")[k]
+# Our acoustic stacks -> transformers' names: (our prefix, their module, index of the
+# first residual unit inside a block, names of the block's other layers by index).
+_ACOUSTIC_STACKS = (
+    ("encoder.block", "acoustic_encoder", 0, {3: "snake1", 4: "conv1"}),
+    ("decoder_2.model", "acoustic_decoder", 2, {0: "snake1", 1: "conv_t1"}),
+)
+
+
+def _acoustic_key_to_hf(key: str, n_stages: int) -> str | None:
+    for prefix, module, first_unit, others in _ACOUSTIC_STACKS:
+        m = re.match(re.escape(prefix) + r"\.(\d+)\.(.*)", key)
+        if not m:
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        ends = {0: "conv1", n_stages + 1: "snake1", n_stages + 2: "conv2"}
+        if i in ends:
+            return f"{module}.{ends[i]}.{rest}"
+        r = re.match(r"block\.(\d)\.block\.(\d)\.(.*)", rest)
+        if r:  # residual unit j, layer k: Snake1d, conv, Snake1d, conv
+            j, k = int(r.group(1)) - first_unit, int(r.group(2))
+            return f"{module}.block.{i - 1}.res_unit{j + 1}.{('snake1', 'conv1', 'snake2', 'conv2')[k]}.{r.group(3)}"
+        r = re.match(r"block\.(\d)\.(.*)", rest)
+        return f"{module}.block.{i - 1}.{others[int(r.group(1))]}.{r.group(2)}"
+    return None
 
 
 def original_key_to_hf(key: str, n_stages: int) -> str:
     """Map a released/our state-dict key to transformers' ``XcodecModel`` naming."""
-    m = re.match(r"encoder\.block\.(\d+)\.(.*)", key)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        if i == 0:
-            return f"acoustic_encoder.conv1.{rest}"
-        if i == n_stages + 1:
-            return f"acoustic_encoder.snake1.{rest}"
-        if i == n_stages + 2:
-            return f"acoustic_encoder.conv2.{rest}"
-        r = re.match(r"block\.(\d)\.block\.(\d)\.(.*)", rest)
-        if r:
-            return f"acoustic_encoder.block.{i - 1}.{_hf_residual(int(r.group(1)), int(r.group(2)))}.{r.group(3)}"
-        r = re.match(r"block\.(\d)\.(.*)", rest)
-        name = {3: "snake1", 4: "conv1"}[int(r.group(1))]
-        return f"acoustic_encoder.block.{i - 1}.{name}.{r.group(2)}"
-    m = re.match(r"decoder_2\.model\.(\d+)\.(.*)", key)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        if i == 0:
-            return f"acoustic_decoder.conv1.{rest}"
-        if i == n_stages + 1:
-            return f"acoustic_decoder.snake1.{rest}"
-        if i == n_stages + 2:
-            return f"acoustic_decoder.conv2.{rest}"
-        r = re.match(r"block\.(\d)\.block\.(\d)\.(.*)", rest)
-        if r:
-            return f"acoustic_decoder.block.{i - 1}.{_hf_residual(int(r.group(1)) - 2, int(r.group(2)))}.{r.group(3)}"
-        r = re.match(r"block\.(\d)\.(.*)", rest)
-        name = {0: "snake1", 1: "conv_t1"}[int(r.group(1))]
-        return f"acoustic_decoder.block.{i - 1}.{name}.{r.group(2)}"
+    acoustic = _acoustic_key_to_hf(key, n_stages)
+    if acoustic is not None:
+        return acoustic
     if key.startswith(("encoder_semantic.", "decoder_semantic.")):
         return re.sub(r"\.conv\.(weight|bias)$", r".\1", key)
     m = re.match(r"quantizer\.vq\.layers\.(\d+)\._codebook\.(.*)", key)

@@ -85,6 +85,25 @@ def tiny_codec():
 
 
 @pytest.fixture(scope="session")
+def inference_codec(tiny_codec):
+    """The tiny codec as inference loads it: plain convs with weight norm folded. Do not mutate."""
+    from models import build_codec
+    from models.pretrained import load_codec_state
+
+    model = build_codec(tiny_codec.config, tiny_codec.audio_norm_scale, weight_norm=False)
+    load_codec_state(model, tiny_codec.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_codec):
+    """transformers' XcodecModel with the tiny codec's weights."""
+    from models.pretrained import to_transformers
+
+    return to_transformers(tiny_codec)
+
+
+@pytest.fixture(scope="session")
 def release_dir(tmp_path_factory, tiny_codec) -> Path:
     """A directory holding ``model.pth`` (released layout) and ``config.yaml`` (tiny)."""
     d = tmp_path_factory.mktemp("release")

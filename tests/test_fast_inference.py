@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from models import build_codec
-from models.pretrained import load_codec_state, to_transformers
 from models.streaming import (
     DECODER_CONTEXT,
     StreamingDecoder,
@@ -22,19 +20,6 @@ from models.streaming import (
 )
 from modules.teacher import fixed_group_norm_stats, install_tiled_feature_encoder, teacher_features
 from modules.tiled import TiledRunner, plan_segments, snake, snake_reference
-
-
-@pytest.fixture(scope="module")
-def codec(tiny_codec):
-    """The tiny codec as inference loads it (plain convs, weight norm folded)."""
-    model = build_codec(tiny_codec.config, tiny_codec.audio_norm_scale, weight_norm=False)
-    load_codec_state(model, tiny_codec.state_dict())
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_codec):
-    return to_transformers(tiny_codec)
 
 
 @pytest.fixture
@@ -56,16 +41,16 @@ def _clip(speech: np.ndarray, n: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- exact mode
 @pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("num_samples", [64000, 78413])  # a multiple of the hop and not
-def test_exact_mode_matches_transformers(codec, hf, speech, num_threads, num_samples, threads):
+def test_exact_mode_matches_transformers(inference_codec, hf_model, speech, num_threads, num_samples, threads):
     torch.set_num_threads(num_threads)
     x = _clip(speech, num_samples)
     with torch.inference_mode():
-        ref_codes = hf.encode(x, 4.0, return_dict=False)
-        ref_audio = hf.decode(ref_codes, return_dict=False)
-    codes = codec.encode(x, 4.0)
+        ref_codes = hf_model.encode(x, 4.0, return_dict=False)
+        ref_audio = hf_model.decode(ref_codes, return_dict=False)
+    codes = inference_codec.encode(x, 4.0)
     assert torch.equal(codes, ref_codes)
     assert codes[0, 0].unique().numel() > 20  # not degenerate
-    audio = codec.decode(ref_codes)
+    audio = inference_codec.decode(ref_codes)
     assert audio.shape == ref_audio.shape and audio.dtype == torch.float32
     assert _rel(audio, ref_audio) < 1e-5
 
@@ -82,49 +67,49 @@ def test_snake_is_bitwise_the_reference():
     assert torch.equal(snake(x4, alpha, tile=4096)[:, :, 0], ref)
 
 
-def test_runner_matches_eager_with_many_tiles(codec, speech):
+def test_runner_matches_eager_with_many_tiles(inference_codec, speech):
     """Small tiles force many tiles per stage: halos, edges and ragged items must match
     the eager modules (up to oneDNN's channels-last summation order)."""
     x = _clip(speech, 40321)
-    z = torch.randn(2, codec.decoder.model[0].in_channels, 90) * 0.3
+    z = torch.randn(2, inference_codec.decoder.model[0].in_channels, 90) * 0.3
     lengths = torch.tensor([40321, 23000])
     xb = torch.cat([x, x * 0.5], 0)
     xb[1, :, 23000:] = 0
     with torch.inference_mode():
         runner = TiledRunner(tile=16384, min_tile=256)
-        enc = plan_segments(codec.encoder.block)
+        enc = plan_segments(inference_codec.encoder.block)
         y, out_len = runner.run(enc, runner.to_layout(x))
-        assert _rel(runner.from_layout(y), codec.encoder(x)) < 1e-5
+        assert _rel(runner.from_layout(y), inference_codec.encoder(x)) < 1e-5
         yb, out_lens = runner.run(enc, runner.to_layout(xb), lengths)
-        ref = codec.encoder(xb, lengths)
+        ref = inference_codec.encoder(xb, lengths)
         assert _rel(runner.from_layout(yb), ref) < 1e-5
-        assert out_lens.tolist() == codec.encoder.output_length(lengths).tolist()
+        assert out_lens.tolist() == inference_codec.encoder.output_length(lengths).tolist()
         # padded positions are exactly zero, as in the eager modules
         assert bool((runner.from_layout(yb)[1, :, int(out_lens[1]) :] == 0).all())
-        dec = plan_segments(codec.decoder.model)
-        ref = codec.decoder(z, torch.tensor([90, 61]))
+        dec = plan_segments(inference_codec.decoder.model)
+        ref = inference_codec.decoder(z, torch.tensor([90, 61]))
         out = runner.from_layout(runner.run(dec, runner.to_layout(z), torch.tensor([90, 61]))[0])
         assert _rel(out, ref) < 1e-5
         # and so does a single tile per stage
         whole = TiledRunner(tile=1 << 30, min_tile=1 << 30)
-        assert _rel(whole.from_layout(whole.run(dec, whole.to_layout(z))[0]), codec.decoder(z)) < 1e-5
+        assert _rel(whole.from_layout(whole.run(dec, whole.to_layout(z))[0]), inference_codec.decoder(z)) < 1e-5
 
 
-def test_teacher_running_mean_is_the_stacked_mean(codec, speech):
+def test_teacher_running_mean_is_the_stacked_mean(inference_codec, speech):
     x = _clip(speech, 30000)
     with torch.inference_mode():
         xp = torch.nn.functional.pad(x[:, 0], (160, 160))
-        hidden = codec.semantic_model(xp, output_hidden_states=True).hidden_states
-        assert torch.equal(teacher_features(codec.semantic_model, x, 160), torch.stack(hidden, 1).mean(1))
+        hidden = inference_codec.semantic_model(xp, output_hidden_states=True).hidden_states
+        assert torch.equal(teacher_features(inference_codec.semantic_model, x, 160), torch.stack(hidden, 1).mean(1))
 
 
-def test_teacher_feature_extractor_tiles_match_eager(codec, speech):
+def test_teacher_feature_extractor_tiles_match_eager(inference_codec, speech):
     """The cache-blocked feature extractor (GroupNorm from analytic statistics) against
     the module's own forward, for one clip, a batch (per-item statistics), and with the
     whole-file statistics of windowed encoding."""
     from modules.teacher import first_conv_stats, group_norm_stats
 
-    fe = codec.semantic_model.feature_extractor
+    fe = inference_codec.semantic_model.feature_extractor
     assert "forward" in fe.__dict__  # installed by build_teacher
     x = _clip(speech, 52000)[:, 0]
     batch = torch.cat([x, x.flip(-1) * 0.3], 0)
@@ -142,41 +127,41 @@ def test_teacher_feature_extractor_tiles_match_eager(codec, speech):
         yg = y.reshape(2, g, -1)
         assert torch.allclose(mean, yg.mean(-1), rtol=1e-9, atol=1e-9)
         assert torch.allclose(var, yg.var(-1, unbiased=False), rtol=1e-9, atol=1e-9)
-        stats = group_norm_stats(codec.semantic_model, x[:, None], 160)
+        stats = group_norm_stats(inference_codec.semantic_model, x[:, None], 160)
         assert torch.allclose(stats[0][0].double(), first_conv_stats(layer.conv, layer.layer_norm, torch.nn.functional.pad(x, (160, 160)))[0][0])
-        with fixed_group_norm_stats(codec.semantic_model, stats):
+        with fixed_group_norm_stats(inference_codec.semantic_model, stats):
             tiled_fixed = fe(x[:, 4000:20000])
             fe.forward = type(fe).forward.__get__(fe)  # the module's own path, same stats
             try:
                 eager_fixed = fe(x[:, 4000:20000])
             finally:
-                install_tiled_feature_encoder(codec.semantic_model)
+                install_tiled_feature_encoder(inference_codec.semantic_model)
         assert _rel(tiled_fixed, eager_fixed) < 1e-5
 
 
 # ---------------------------------------------------------------------------- batches
-def test_batch_equals_each_item_alone(codec, speech):
+def test_batch_equals_each_item_alone(inference_codec, speech):
     lengths = [78480, 41000, 16001]
     batch = torch.zeros(3, 1, max(lengths))
     for i, n in enumerate(lengths):
         batch[i, 0, :n] = _clip(speech[i * 3000 :], n)[0, 0]
-    codes = codec.encode(batch, 2.0, lengths=lengths)
-    frames = codec.num_frames(torch.tensor(lengths))
-    audio = codec.decode(codes, frames=frames)
+    codes = inference_codec.encode(batch, 2.0, lengths=lengths)
+    frames = inference_codec.num_frames(torch.tensor(lengths))
+    audio = inference_codec.decode(codes, frames=frames)
     for i, n in enumerate(lengths):
         f = int(frames[i])
-        alone = codec.encode(batch[i : i + 1, :, :n], 2.0)
+        alone = inference_codec.encode(batch[i : i + 1, :, :n], 2.0)
         assert torch.equal(codes[i : i + 1, :, :f], alone), f"item {i}"
         assert bool((codes[i, :, f:] == 0).all())
-        assert torch.equal(audio[i : i + 1, :, : f * 320], codec.decode(alone))
+        assert torch.equal(audio[i : i + 1, :, : f * 320], inference_codec.decode(alone))
         assert bool((audio[i, :, f * 320 :] == 0).all())
-    many = encode_many(codec, [batch[i, 0, :n] for i, n in enumerate(lengths)], 2.0, batch_size=2)
+    many = encode_many(inference_codec, [batch[i, 0, :n] for i, n in enumerate(lengths)], 2.0, batch_size=2)
     assert all(torch.equal(m, codes[i, :, : int(frames[i])]) for i, m in enumerate(many))
-    wavs = decode_many(codec, many, batch_size=2)
+    wavs = decode_many(inference_codec, many, batch_size=2)
     assert all(torch.equal(w, audio[i, 0, : int(frames[i]) * 320]) for i, w in enumerate(wavs))
 
 
-def test_padded_batch_paths_match_items(codec, speech):
+def test_padded_batch_paths_match_items(inference_codec, speech):
     """The masked padded batch (tiled runner without autograd; eager modules with it, as
     on GPU) gives each item its own latents up to the teacher's last bits."""
     lengths = torch.tensor([48000, 30000])
@@ -184,9 +169,9 @@ def test_padded_batch_paths_match_items(codec, speech):
     for i, n in enumerate(lengths.tolist()):
         batch[i, 0, :n] = _clip(speech, n)[0, 0]
     with torch.inference_mode():
-        tiled, _, frames = codec._latents(batch, lengths)
-        singles = [codec._latents(batch[i : i + 1, :, :n], None)[0] for i, n in enumerate(lengths.tolist())]
-    eager = codec._latents(batch, lengths)[0].detach()  # grad mode on: module path
+        tiled, _, frames = inference_codec._latents(batch, lengths)
+        singles = [inference_codec._latents(batch[i : i + 1, :, :n], None)[0] for i, n in enumerate(lengths.tolist())]
+    eager = inference_codec._latents(batch, lengths)[0].detach()  # grad mode on: module path
     for i in range(2):
         f = int(frames[i])
         assert _rel(tiled[i : i + 1, :, :f], singles[i]) < 1e-5
@@ -194,10 +179,10 @@ def test_padded_batch_paths_match_items(codec, speech):
 
 
 # ---------------------------------------------------------------------------- long files
-def test_windowed_encoding_stitches_at_frame_boundaries(codec, speech):
+def test_windowed_encoding_stitches_at_frame_boundaries(inference_codec, speech):
     x = _clip(speech, 16000 * 14 + 201)
-    single = codec.encode(x, 4.0)
-    windowed = encode_long(codec, x, 4.0, window=3.0, context=1.5)
+    single = inference_codec.encode(x, 4.0)
+    windowed = encode_long(inference_codec, x, 4.0, window=3.0, context=1.5)
     assert windowed.shape == single.shape
     # The tiny random teacher is global (attention, GroupNorm over the clip) and its
     # Gaussian codebooks have many near-ties; with the whole file's GroupNorm statistics
@@ -206,23 +191,23 @@ def test_windowed_encoding_stitches_at_frame_boundaries(codec, speech):
     assert agreement > 0.97, agreement
     # Both levers do their job: without context, or with each window's own statistics,
     # much more disagrees (89% and 79% here).
-    bare = float((encode_long(codec, x, 4.0, window=3.0, context=0.0) == single).float().mean())
+    bare = float((encode_long(inference_codec, x, 4.0, window=3.0, context=0.0) == single).float().mean())
     assert bare < agreement - 0.05, (bare, agreement)
-    local = float((encode_long(codec, x, 4.0, window=3.0, context=1.5, global_norm=False) == single).float().mean())
+    local = float((encode_long(inference_codec, x, 4.0, window=3.0, context=1.5, global_norm=False) == single).float().mean())
     assert local < agreement - 0.1, (local, agreement)
     # A clip that fits in one window is one pass.
-    assert torch.equal(encode_long(codec, x[..., :48000], 4.0, window=3.0, context=0.0), codec.encode(x[..., :48000], 4.0))
+    assert torch.equal(encode_long(inference_codec, x[..., :48000], 4.0, window=3.0, context=0.0), inference_codec.encode(x[..., :48000], 4.0))
 
 
-def test_chunked_and_streaming_decode(codec, speech):
+def test_chunked_and_streaming_decode(inference_codec, speech):
     x = _clip(speech, 16000 * 8)
-    codes = codec.encode(x, 4.0)
-    whole = codec.decode(codes)
-    assert receptive_frames(codec) <= DECODER_CONTEXT
-    assert _rel(decode_long(codec, codes, window=70), whole) < 1e-5
-    assert _rel(decode_long(codec, codes, window=70, context=0), whole) > 1e-4  # context matters
+    codes = inference_codec.encode(x, 4.0)
+    whole = inference_codec.decode(codes)
+    assert receptive_frames(inference_codec) <= DECODER_CONTEXT
+    assert _rel(decode_long(inference_codec, codes, window=70), whole) < 1e-5
+    assert _rel(decode_long(inference_codec, codes, window=70, context=0), whole) > 1e-4  # context matters
     for lookahead, bound in ((DECODER_CONTEXT, 1e-5), (0, 1.0)):
-        dec = StreamingDecoder(codec, context=DECODER_CONTEXT, lookahead=lookahead)
+        dec = StreamingDecoder(inference_codec, context=DECODER_CONTEXT, lookahead=lookahead)
         pieces = [dec.push(c) for c in chunk_codes(codes, 7)]
         if lookahead == 0:
             assert all(p.numel() == 7 * 320 for p in pieces[:-1])  # every chunk yields its audio
@@ -233,21 +218,21 @@ def test_chunked_and_streaming_decode(codec, speech):
 
 
 # ---------------------------------------------------------------------------- fast mode
-def test_bf16_fast_mode(codec, speech):
+def test_bf16_fast_mode(inference_codec, speech):
     from models import xcodec
 
     x = _clip(speech, 48000)
-    exact = codec.encode(x, 4.0)
+    exact = inference_codec.encode(x, 4.0)
     xcodec._warned.clear()
     if xcodec.cpu_has_amx() is False:  # says once that fp32 is the faster choice here
         with pytest.warns(RuntimeWarning, match="without AMX"):
-            fast = codec.encode(x, 4.0, precision="bf16")
+            fast = inference_codec.encode(x, 4.0, precision="bf16")
     else:
-        fast = codec.encode(x, 4.0, precision="bf16")
+        fast = inference_codec.encode(x, 4.0, precision="bf16")
     assert fast.shape == exact.shape and fast.dtype == torch.long
     assert float((fast[:, 0] == exact[:, 0]).float().mean()) > 0.5
-    audio = codec.decode(exact, precision="bf16")
+    audio = inference_codec.decode(exact, precision="bf16")
     assert audio.dtype == torch.float32
-    assert _rel(audio, codec.decode(exact)) < 0.05
+    assert _rel(audio, inference_codec.decode(exact)) < 0.05
     with pytest.raises(ValueError, match="precision"):
-        codec.encode(x, 4.0, precision="fp16")
+        inference_codec.encode(x, 4.0, precision="fp16")

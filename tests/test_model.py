@@ -6,22 +6,6 @@ import pytest
 import torch
 
 from models import CodesError, XCodec
-from models.pretrained import load_codec_state, to_transformers
-
-
-@pytest.fixture(scope="module")
-def inference_codec(tiny_codec):
-    """The tiny codec as inference loads it: plain convs with weight norm folded."""
-    from models import build_codec
-
-    model = build_codec(tiny_codec.config, tiny_codec.audio_norm_scale, weight_norm=False)
-    load_codec_state(model, tiny_codec.state_dict())
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_codec):
-    return to_transformers(tiny_codec)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
