@@ -51,7 +51,9 @@ class MaskedGroupNorm(nn.GroupNorm):
         if self.valid_lengths is None:
             return super().forward(x)
         # Each item normalised over its own valid frames by the native kernel: bitwise
-        # what the item gets alone. Frames past an item's length are set to zero.
+        # what the item gets alone from the eager module (the CPU inference path runs
+        # items alone through the tiled extractor instead). Frames past an item's
+        # length are set to zero.
         out = torch.zeros_like(x)
         for i, n in enumerate(self.valid_lengths.tolist()):
             n = max(0, min(int(n), x.shape[-1]))
