@@ -30,13 +30,18 @@ def check_precision(precision: str, device: torch.device | None = None) -> str:
 
 def cpu_has_amx() -> bool | None:
     """Whether this CPU has AMX tiles (fast bf16 matrix units); None when unknown."""
-    probe = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", None)
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if probe is not None:
         try:
             return bool(probe())
         except RuntimeError:
-            return None
-    return None
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else "amx_tile" in flags
 
 
 _warned: set[str] = set()
