@@ -329,10 +329,12 @@ def machine() -> dict:
         info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
         info["cores"] = os.cpu_count()
         flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-        info["amx"] = "amx_tile" in flags
         info["avx512_bf16"] = "avx512_bf16" in flags
     except OSError:
         pass
+    from models.xcodec import cpu_has_amx
+
+    info["amx"] = cpu_has_amx()
     info["load_avg_1m"] = os.getloadavg()[0]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

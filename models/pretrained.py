@@ -366,7 +366,10 @@ def _from_export(path: Path, cfg_path: Path, device) -> XCodec:
     return _finish(model, device)
 
 
-def _from_hf_dir(path: Path, device) -> XCodec:
+def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], GeneratorConfig, float, XCodec]:
+    """A transformers ``XcodecModel`` directory: its state renamed to our keys, its
+    generator config, ``audio_norm_scale`` (0.95 when config.json has none) and an
+    inference skeleton (plain convs) built from them, not yet loaded."""
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
@@ -374,8 +377,13 @@ def _from_hf_dir(path: Path, device) -> XCodec:
     if config.get("model_type") != "xcodec":
         raise CheckpointError(f"{path}: config.json is for model_type {config.get('model_type')!r}, not 'xcodec'")
     gen = generator_config_from_hf(config)
-    model = build_codec(gen, config.get("audio_norm_scale", 0.95), weight_norm=False)
-    state = state_from_hf(read_safetensors(path / "model.safetensors"), model)
+    scale = float(config.get("audio_norm_scale", 0.95))
+    model = build_codec(gen, scale, weight_norm=False)
+    return state_from_hf(read_safetensors(path / "model.safetensors"), model), gen, scale, model
+
+
+def _from_hf_dir(path: Path, device) -> XCodec:
+    state, _, _, model = read_hf_dir(path)
     load_codec_state(model, state, str(path))
     return _finish(model, device)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ def check_precision(precision: str, device: torch.device | None = None) -> str:
     return precision
 
 
+@functools.cache
 def cpu_has_amx() -> bool | None:
     """Whether this CPU has AMX tiles (fast bf16 matrix units); None when unknown."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
@@ -204,23 +206,16 @@ class XCodec(nn.Module):
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return torch.autocast(device.type, enabled=False)
 
-    def _run_encoder(self, x: torch.Tensor, lengths: torch.Tensor | None, precision: str) -> torch.Tensor:
-        """Acoustic encoder: cache-blocked channels-last on CPU (fp32 or bf16)."""
+    def _run_acoustic(self, which: str, x: torch.Tensor, lengths: torch.Tensor | None, precision: str) -> torch.Tensor:
+        """Acoustic ``"encoder"`` or ``"decoder"``: cache-blocked channels-last on CPU
+        without autograd (fp32 or bf16), else the eager module under autocast."""
         if self._fast_cpu(x):
             runner = self._runner(precision)
-            y, _ = runner.run(self._segments("encoder"), runner.to_layout(x), lengths)
+            y, _ = runner.run(self._segments(which), runner.to_layout(x), lengths)
             return runner.from_layout(y).float()
+        module = self.encoder if which == "encoder" else self.decoder_2
         with self._autocast(x.device, precision):
-            return self.encoder(x, lengths).float()
-
-    def _run_decoder(self, z: torch.Tensor, frames: torch.Tensor | None, precision: str) -> torch.Tensor:
-        """Acoustic decoder: channels-last cache-blocked on CPU (fp32 or bf16)."""
-        if self._fast_cpu(z):
-            runner = self._runner(precision)
-            y, _ = runner.run(self._segments("decoder"), runner.to_layout(z), frames)
-            return runner.from_layout(y).float()
-        with self._autocast(z.device, precision):
-            return self.decoder_2(z, frames).float()
+            return module(x, lengths).float()
 
     def _latents(self, wav: torch.Tensor, lengths: torch.Tensor | None, precision: str = "fp32"):
         """Return fused latents (B, D+H, F), teacher features (B, H, F) and frame counts (B,)."""
@@ -242,7 +237,7 @@ class XCodec(nn.Module):
 
         pads = self._acoustic_padding(lengths)
         if bool((pads == 0).all()):
-            e_acoustic = self._run_encoder(wav, dev_lengths, precision)
+            e_acoustic = self._run_acoustic("encoder", wav, dev_lengths, precision)
         else:
             # Items needing padding get hop/2 zeros on each side; one acoustic pass for all.
             width = total + 2 * int(pads.max())
@@ -252,7 +247,7 @@ class XCodec(nn.Module):
                 buf[i, :, p : p + total] = wav[i]
             enc_lengths = lengths + 2 * pads
             ragged_enc = bool((enc_lengths != width).any())
-            e_acoustic = self._run_encoder(buf, enc_lengths.to(wav.device) if ragged_enc else None, precision)
+            e_acoustic = self._run_acoustic("encoder", buf, enc_lengths.to(wav.device) if ragged_enc else None, precision)
         acoustic_frames = self.encoder.output_length(lengths + 2 * pads)
         if bool((acoustic_frames != frames).any()):
             raise RuntimeError(
@@ -387,7 +382,7 @@ class XCodec(nn.Module):
                 frames = None
             else:
                 z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
-        return self._run_decoder(z, frames, precision)
+        return self._run_acoustic("decoder", z, frames, precision)
 
     # ------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:

@@ -28,7 +28,6 @@ be empty (``--overwrite`` replaces it); it is written to a temporary directory f
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -48,16 +47,14 @@ def read_source(src: str | Path, config: str | Path | None = None):
     """Read a checkpoint's raw tensors in our key names (weight norm as stored), its
     architecture and its ``audio_norm_scale``: ``(state, GeneratorConfig, scale, kind)``
     with kind one of ``release``, ``training``, ``transformers``, ``export``."""
-    from models import build_codec
     from models.pretrained import (
         RELEASES,
         CheckpointError,
         _config_for,
         download_release,
-        generator_config_from_hf,
+        read_hf_dir,
         read_safetensors,
         read_torch_file,
-        state_from_hf,
         tensors_only,
     )
     from utils.config import ConfigError, generator_config_from_dict
@@ -70,16 +67,8 @@ def read_source(src: str | Path, config: str | Path | None = None):
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        try:
-            hf_config = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-        if hf_config.get("model_type") != "xcodec":
-            raise CheckpointError(f"{path}: config.json is for model_type {hf_config.get('model_type')!r}, not 'xcodec'")
-        gen = generator_config_from_hf(hf_config)
-        scale = float(hf_config.get("audio_norm_scale", 0.95))
-        skeleton = build_codec(gen, scale, weight_norm=False)
-        return state_from_hf(read_safetensors(path / "model.safetensors"), skeleton), gen, scale, "transformers"
+        state, gen, scale, _ = read_hf_dir(path)
+        return state, gen, scale, "transformers"
     if path.is_dir() or path.suffix == ".safetensors":
         weights = path / "model.safetensors" if path.is_dir() else path
         if not weights.is_file():
