@@ -18,18 +18,28 @@ import csv
 import io
 import json
 import math
-import os
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, load_codec
-from utils.metrics import SIGNAL_METRICS
-
-LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
+from losses.metrics import (
+    SIGNAL_METRICS,
+    ModelMetrics,
+    align,
+    compensate_delay,
+    estimate_delay,
+    mean_metrics,
+    signal_metrics,
+)
+from models import CheckpointError, XCodec, checkpoint_id
+from quantization import CodebookUsage
+from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
+from utils.files import atomic_write, collect_files, is_file_list, scan_directory
+from utils.plotting import save_figure, spectrogram_figure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,51 +86,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- inputs
-def _scan(root: Path) -> list[Path]:
-    from utils.audio import audio_extensions
-
-    suffixes = audio_extensions()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
-        dirnames.sort()
-        found += [Path(dirpath) / n for n in sorted(filenames) if Path(n).suffix.lower() in suffixes]
-    return found
-
-
-def _read_list(path: Path) -> list[Path]:
-    """Paths of a list file: one a line (first tab-separated field), '#' comments; relative
-    paths are taken from the working directory, else from the list's directory."""
-    out = []
-    for line in path.read_text().splitlines():
-        entry = line.split("\t")[0].strip()
-        if not entry or entry.startswith("#"):
-            continue
-        p = Path(entry)
-        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
-            p = path.parent / p
-        out.append(p)
-    return out
-
-
 def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
     """``([(file, name in the report)], single)``; single: one audio file was given."""
     items: list[tuple[Path, str]] = []
     several_dirs = sum(p.is_dir() for p in inputs) > 1
+    suffixes = audio_extensions()
     for src in inputs:
+        found = collect_files(src, suffixes)
         if src.is_dir():
-            files = _scan(src)
-            if not files:
+            if not found:
                 raise CliError(f"{src}: no audio files found")
             prefix = Path(src.name) if several_dirs else Path()
-            items += [(f, (prefix / f.relative_to(src)).as_posix()) for f in files]
-        elif src.suffix.lower() in LIST_SUFFIXES and src.is_file():
-            listed = _read_list(src)
-            if not listed:
+            items += [(f, (prefix / name).as_posix()) for f, name in found]
+        elif is_file_list(src):
+            if not found:
                 raise CliError(f"{src}: the list names no files")
-            items += [(f, f.as_posix()) for f in listed]
+            items += [(f, f.as_posix()) for f, _ in found]
         else:
             items.append((src, src.as_posix() if len(inputs) > 1 else src.name))
-    single = len(inputs) == 1 and len(items) == 1 and not inputs[0].is_dir() and inputs[0].suffix.lower() not in LIST_SUFFIXES
+    single = len(inputs) == 1 and len(items) == 1 and not inputs[0].is_dir() and not is_file_list(inputs[0])
     return items, single
 
 
@@ -137,11 +121,12 @@ def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, P
         raise CliError(f"--reference {reference} and --estimate {estimate} must both be files or both directories")
     if not reference.is_dir():
         return [(reference.name, reference, estimate)], True, []
-    refs = _scan(reference)
+    suffixes = audio_extensions()
+    refs = scan_directory(reference, suffixes)
     if not refs:
         raise CliError(f"{reference}: no audio files found")
     by_stem: dict[str, list[Path]] = {}
-    for f in _scan(estimate):
+    for f in scan_directory(estimate, suffixes):
         by_stem.setdefault(f.relative_to(estimate).with_suffix("").as_posix(), []).append(f)
     pairs, used = [], set()
     for f in refs:
@@ -188,8 +173,6 @@ class Failures:
         self.items: list[dict] = []
 
     def add(self, path: str, message: str) -> None:
-        from tqdm import tqdm
-
         self.items.append({"path": path, "error": message})
         tqdm.write(f"error: {message}", file=sys.stderr)
 
@@ -253,8 +236,6 @@ def format_codebooks(summary: dict) -> str:
 
 
 def write_reports(report: dict, json_path: Path, csv_path: Path, keys: list[str]) -> None:
-    from utils.codes import atomic_write
-
     text = json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
     buf = io.StringIO()
@@ -277,97 +258,6 @@ def _csv_value(value) -> str:
 
 
 # ---------------------------------------------------------------------------- plotting
-# A 5x7 bitmap font (rows top to bottom, 5 bits, MSB = left column) for the labels.
-_FONT = {
-    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14), "2": (14, 17, 1, 2, 4, 8, 31),
-    "3": (31, 2, 4, 2, 1, 17, 14), "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
-    "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8), "8": (14, 17, 17, 14, 17, 17, 14),
-    "9": (14, 17, 17, 15, 1, 2, 12), "A": (14, 17, 17, 17, 31, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30),
-    "C": (14, 17, 16, 16, 16, 17, 14), "D": (28, 18, 17, 17, 17, 18, 28), "E": (31, 16, 16, 30, 16, 16, 31),
-    "F": (31, 16, 16, 30, 16, 16, 16), "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17),
-    "I": (14, 4, 4, 4, 4, 4, 14), "J": (7, 2, 2, 2, 2, 18, 12), "K": (17, 18, 20, 24, 20, 18, 17),
-    "L": (16, 16, 16, 16, 16, 16, 31), "M": (17, 27, 21, 21, 17, 17, 17), "N": (17, 17, 25, 21, 19, 17, 17),
-    "O": (14, 17, 17, 17, 17, 17, 14), "P": (30, 17, 17, 30, 16, 16, 16), "Q": (14, 17, 17, 17, 21, 18, 13),
-    "R": (30, 17, 17, 30, 20, 18, 17), "S": (15, 16, 16, 14, 1, 1, 30), "T": (31, 4, 4, 4, 4, 4, 4),
-    "U": (17, 17, 17, 17, 17, 17, 14), "V": (17, 17, 17, 17, 17, 10, 4), "W": (17, 17, 17, 21, 21, 21, 10),
-    "X": (17, 17, 10, 4, 10, 17, 17), "Y": (17, 17, 17, 10, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31),
-    " ": (0, 0, 0, 0, 0, 0, 0), ".": (0, 0, 0, 0, 0, 12, 12), "-": (0, 0, 0, 31, 0, 0, 0),
-    "_": (0, 0, 0, 0, 0, 0, 31), "/": (0, 1, 2, 4, 8, 16, 0), ":": (0, 12, 12, 0, 12, 12, 0),
-    "(": (2, 4, 8, 8, 8, 4, 2), ")": (8, 4, 2, 2, 2, 4, 8), ",": (0, 0, 0, 0, 12, 4, 8),
-    "=": (0, 0, 31, 0, 31, 0, 0), "+": (0, 4, 4, 31, 4, 4, 0), "%": (24, 25, 2, 4, 8, 19, 3),
-    "?": (14, 17, 1, 2, 4, 0, 4),
-}
-_VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
-LABEL_SCALE, LABEL_HEIGHT, MAX_WIDTH = 2, 20, 1600
-
-
-def draw_text(image: np.ndarray, text: str, x: int, y: int, color=(235, 235, 235), scale: int = LABEL_SCALE) -> None:
-    """Draw upper-cased ``text`` into ``image`` (H, W, 3) with the 5x7 font, clipped to the image."""
-    for ch in text.upper():
-        if x + 5 * scale > image.shape[1]:
-            break
-        glyph = _FONT.get(ch, _FONT["?"])
-        for row, bits in enumerate(glyph):
-            for col in range(5):
-                if bits & (16 >> col):
-                    image[y + row * scale : y + (row + 1) * scale, x + col * scale : x + (col + 1) * scale] = color
-        x += 6 * scale
-
-
-def spectrogram_db(wav: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
-    """(n_fft/2, frames) magnitude in dB, low frequencies last (image rows)."""
-    import torch
-
-    n_fft = 1 << (int(0.032 * sample_rate) - 1).bit_length()  # 512 at 16 kHz
-    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-    spec = torch.stft(x, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, return_complex=True).abs()
-    return (20 * torch.log10(spec[: n_fft // 2] + 1e-10)).numpy()[::-1]
-
-
-def colorize(db: np.ndarray, vmax: float, span: float = 80.0) -> np.ndarray:
-    t = np.clip((db - (vmax - span)) / span, 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    lo = np.floor(t).astype(int).clip(0, len(_VIRIDIS) - 2)
-    frac = (t - lo)[..., None]
-    return (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).round().astype(np.uint8)
-
-
-def spectrogram_image(panels: list[tuple[str, np.ndarray]], sample_rate: int) -> np.ndarray:
-    """Stack labelled spectrograms (the first is the reference: it sets the dB range)."""
-    n = max(len(w) for _, w in panels)
-    hop = max(int(0.008 * sample_rate), math.ceil(n / MAX_WIDTH))
-    specs = [(label, spectrogram_db(w, sample_rate, hop)) for label, w in panels]
-    vmax = float(specs[0][1].max())
-    width = max(s.shape[1] for _, s in specs)
-    blocks = []
-    for label, spec in specs:
-        strip = np.full((LABEL_HEIGHT, width, 3), 24, dtype=np.uint8)
-        scale = LABEL_SCALE if 6 * LABEL_SCALE * len(label) <= width - 8 else 1  # small text when long
-        draw_text(strip, label, 4, (LABEL_HEIGHT - 7 * scale) // 2, scale=scale)
-        body = np.zeros((spec.shape[0], width, 3), dtype=np.uint8)
-        body[:, : spec.shape[1]] = colorize(spec, vmax)
-        blocks += [strip, body]
-    return np.concatenate(blocks, axis=0)
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 image as an 8-bit RGB PNG (zlib; no imaging library)."""
-    from utils.codes import atomic_write
-
-    height, width, _ = image.shape
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * 3)], axis=1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(png))
-
-
 def plot_path(plot_dir: Path, name: str) -> Path:
     out = plot_dir / Path(name).with_suffix(".png")
     if not out.resolve().is_relative_to(plot_dir.resolve()):  # a list may name files outside
@@ -394,19 +284,15 @@ def _label(title: str, metrics: dict | None) -> str:
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
 
 
-def _load_model(args):
-    model = load_codec(args.checkpoint, args.config, args.device)
+def _load_model(args) -> tuple[XCodec, str]:
+    model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
     return model, str(model.device)
 
 
-def _model_metrics(args, device: str):
-    from utils.metrics import ModelMetrics
-
+def _model_metrics(args, device: str) -> ModelMetrics:
     metrics = ModelMetrics(args.speaker_model, args.asr_model, args.utmos, read_transcripts(args.transcripts), device)
     for note in metrics.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -423,8 +309,6 @@ def _absent_notes(args) -> list[str]:
 
 def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra) -> tuple[dict, list[str]]:
     """Signal and model metrics of one estimate, after the optional delay compensation."""
-    from utils.metrics import compensate_delay, estimate_delay, signal_metrics
-
     delay = {}
     if args.max_delay_ms > 0:
         lag = estimate_delay(ref, est, int(round(args.max_delay_ms * rate / 1000)))
@@ -436,12 +320,6 @@ def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra
 
 
 def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]]:
-    import torch
-
-    from utils.audio import AudioError, load_audio, prepare_output
-    from utils.codes import checkpoint_id
-    from utils.metrics import CodebookStats, mean_metrics
-
     items, single = collect_inputs(args.input)
     model, device = _load_model(args)
     bandwidths = sorted(set(args.bandwidths or model.target_bandwidths))
@@ -453,7 +331,7 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
     keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
     rate, min_len = model.sample_rate, model.min_length()
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
-    books = {bw: CodebookStats(n_qs[bw], model.bins, model.frame_rate) for bw in bandwidths}
+    books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
     notes = extra.notes + _absent_notes(args)
     for path, name in _progress(items, len(items) > 1, "evaluating"):
         try:
@@ -466,7 +344,7 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
         x = torch.from_numpy(wav)[None, None].to(model.device) * model.audio_norm_scale
         # Residual VQ: the codes of a lower bandwidth are the first codebooks of a higher one.
         codes = model.encode(x, max(bandwidths))
-        panels = [(f"original  {name}", wav)]
+        panels = [("original", wav)]
         for bw in bandwidths:
             c = codes[:, : n_qs[bw]]
             rec = prepare_output(model.decode(c)[0, 0, : len(wav)].float().cpu().numpy())  # as inference.py writes it
@@ -476,7 +354,7 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
             books[bw].update(c[0], len(wav) / rate)
             panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", metrics), rec))
         if args.plot is not None:
-            write_png(plot_path(args.plot, name), spectrogram_image(panels, rate))
+            save_figure(spectrogram_figure(panels, rate, title=name), plot_path(args.plot, name))
     sections = []
     for bw in bandwidths:
         sections.append(
@@ -501,9 +379,6 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
 
 
 def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
-    from utils.audio import AudioError, load_audio, resample
-    from utils.metrics import align, mean_metrics
-
     pairs, single, notes = pair_files(args.reference, args.estimate)
     extra = _model_metrics(args, args.device or "cpu")
     keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
@@ -528,8 +403,8 @@ def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
         notes += [f"{name}: {w}" for w in why]
         rows.append({"path": name, **metrics})
         if args.plot is not None:
-            panels = [(f"reference  {name}", ref), (_label(f"estimate  {est_path.name}", metrics), est)]
-            write_png(plot_path(args.plot, name), spectrogram_image(panels, rate))
+            panels = [("reference", ref), (_label(f"estimate  {est_path.name}", metrics), est)]
+            save_figure(spectrogram_figure(panels, rate, title=name), plot_path(args.plot, name))
     report = {
         "reference": str(args.reference),
         "estimate": str(args.estimate),
@@ -564,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(parse_args, run, argv)
+    return cli_main(parse_args, run, argv, one_line=(CheckpointError,))
 
 
 if __name__ == "__main__":

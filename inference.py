@@ -24,9 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, load_codec
-from utils.codes import load_codes, save_codes  # noqa: F401  (save_codes/load_codes: the codes file format)
+from models import CheckpointError, XCodec, checkpoint_id
+from models.streaming import decode_long, encode_long
+from utils import distributed as du
+from utils.audio import AudioError, audio_extensions, load_audio, save_audio
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
+from utils.codes import CodesFileError, ManifestWriter, load_codes, manifest_path, read_manifest, save_codes
+from utils.files import atomic_write, remove_stale_temporaries_of, scan_directory
 
 
 @dataclass
@@ -73,16 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- planning
-def _scan(root: Path, suffixes: set[str]) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
-        dirnames.sort()
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in suffixes:
-                found.append(Path(dirpath) / name)
-    return found
-
-
 def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | None:
     if root is None:
         return None
@@ -106,7 +103,7 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     if not src.exists():
         raise CliError(f"{src}: no such file or directory")
     if src.is_dir():
-        files = _scan(src, suffixes)
+        files = scan_directory(src, suffixes)
         if not files:
             raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
         rels = [f.relative_to(src) for f in files]
@@ -126,24 +123,14 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
 
 
 # ---------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a partial file
-    (and the usual permissions, not mkstemp's 0600)."""
-    from utils.codes import atomic_write
-
-    atomic_write(path, write)
-
-
 def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
-    from utils.audio import save_audio
-
-    _atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale))
+    """Write 16-bit WAV atomically (never a partial file under ``path``)."""
+    atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale))
 
 
 # ---------------------------------------------------------------------------- running
-def load_model(args: argparse.Namespace):
-    model = load_codec(args.checkpoint, args.config, args.device)
-    return model
+def load_model(args: argparse.Namespace) -> XCodec:
+    return XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
 
 
 class Stats:
@@ -177,8 +164,6 @@ class Stats:
             )
 
     def fail(self, message: str) -> None:
-        from tqdm import tqdm
-
         self.failed.append(message)
         tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, even under a progress bar
 
@@ -198,18 +183,11 @@ class Stats:
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
 
 
 def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
     """Encode (and decode) every job, ``--batch-size`` clips at a time."""
-    import torch
-
-    from models.streaming import encode_long
-    from utils.audio import AudioError, load_audio
-
     rate, min_len = model.sample_rate, model.min_length()
     pending: list[tuple[Job, np.ndarray]] = []
 
@@ -265,8 +243,6 @@ def _is_long(samples: int, rate: int, args: argparse.Namespace) -> bool:
 
 def _decode_long(model, codes, args: argparse.Namespace):
     """Decode in windows of ``--window`` seconds of frames with the decoder's context."""
-    from models.streaming import decode_long
-
     window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else codes.shape[-1]
     return decode_long(model, codes, window=window, precision=args.precision)
 
@@ -292,23 +268,12 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
     codes root list finished files; they are skipped when their outputs exist. Codes made
     by another checkpoint or bandwidth in the same root are refused.
     """
-    from utils.codes import (
-        CodesFileError,
-        ManifestWriter,
-        checkpoint_id,
-        manifest_path,
-        rank_and_world_size,
-        read_manifest,
-        remove_stale_temporaries,
-        shard,
-    )
-
     try:
-        rank, world = rank_and_world_size()
+        rank, world = du.rank_and_world_size()
     except ValueError as exc:
         raise CliError(str(exc)) from None
     stats.rank, stats.world_size = rank, world
-    jobs = shard(jobs, rank, world)
+    jobs = du.shard(jobs, rank, world)
     if not many or args.codes_in is not None or args.codes_out is None:
         return jobs
     root = args.codes_out
@@ -331,7 +296,7 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
             f"{e.get('bandwidth')} kbps; this run uses {fields['checkpoint']} at {bandwidth} kbps: "
             "choose another --codes-out directory"
         )
-    remove_stale_temporaries([j.codes_out for j in jobs] + [j.audio_out for j in jobs if j.audio_out is not None])
+    remove_stale_temporaries_of([j.codes_out for j in jobs] + [j.audio_out for j in jobs if j.audio_out is not None])
     done = {e["path"] for e in entries}
     todo = [
         j
@@ -346,15 +311,11 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
 
 def _device_for_rank(args: argparse.Namespace) -> None:
     """Under torchrun, each local rank uses its own GPU unless --device says otherwise."""
-    import torch
-
     if args.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from utils.audio import audio_extensions
-
     if args.codes_in is not None:
         jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
     else:
@@ -384,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(parse_args, run, argv)
+    return cli_main(parse_args, run, argv, one_line=(CheckpointError,))
 
 
 if __name__ == "__main__":

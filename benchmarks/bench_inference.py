@@ -22,6 +22,7 @@ audio (Mandarin speech and music from tests/assets), or ``--checkpoint``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -33,10 +34,16 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's packages first
     sys.path.insert(0, str(ROOT))
+
+from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
+from models.export import to_transformers  # noqa: E402
+from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
+from utils.precision import cpu_has_amx  # noqa: E402
 
 ASSETS = ROOT / "tests" / "assets"
 
@@ -58,8 +65,6 @@ def speech(seconds: float) -> torch.Tensor:
 def no_mmap() -> bool:
     """mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 1 GB): large tensors come from
     the heap and freed ones stay mapped, so a new tensor mostly reuses touched pages."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -127,29 +132,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def build_models(args, device: torch.device):
-    from models import build_codec
-    from models.pretrained import to_transformers
-    from utils.config import load_generator_config
-
     if args.checkpoint:
-        from models import XCodec
-
         model = XCodec.from_pretrained(args.checkpoint, config=args.config)
     else:
         gen, scale = load_generator_config(ROOT / args.config)
         torch.manual_seed(args.seed)
         model = build_codec(gen, scale, weight_norm=False).eval()
         # Realistic codebooks: k-means on latents of other real audio (several sub-hop shifts).
-        latents = []
-        with torch.inference_mode():
-            for name in ("speech_cn_4s.flac", "music_4s.flac"):
-                w = read(name) * 0.95
-                for shift in range(0, model.hop_length, model.hop_length // 5):
-                    latents.append(model._latents(w[shift:][None, None], None)[0])
-        latents = torch.cat(latents, dim=-1).clone()
-        model.quantizer.train()
-        with torch.no_grad():
-            model.quantizer(latents, None)
+        clips = [read(name)[shift:] * 0.95 for name in ("speech_cn_4s.flac", "music_4s.flac")
+                 for shift in range(0, model.hop_length, model.hop_length // 5)]  # fmt: skip
+        init_codebooks(model, clips, "kmeans")
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -232,8 +224,6 @@ def bench_compile(model, hf, seconds, args, device) -> list[dict]:
 
 
 def bench_batch(model, args) -> dict:
-    from models.streaming import decode_many, encode_many
-
     src = speech(60)[0, 0]
     g = torch.Generator().manual_seed(0)
     clips = []
@@ -257,8 +247,6 @@ def bench_batch(model, args) -> dict:
 
 
 def bench_long(model, args) -> dict:
-    from models.streaming import decode_long, encode_long
-
     x = speech(60)
     out = {"seconds": 60, "window_s": args.window, "context_s": args.context}
     with torch.inference_mode():
@@ -283,8 +271,6 @@ def bench_long(model, args) -> dict:
 
 
 def bench_stream(model, args) -> list[dict]:
-    from models.streaming import StreamingDecoder, chunk_codes
-
     x = speech(10)
     rows = []
     with torch.inference_mode():
@@ -317,12 +303,7 @@ def bench_stream(model, args) -> list[dict]:
 # ---------------------------------------------------------------------------- output
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    info["transformers"] = transformers.__version__
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
@@ -332,8 +313,6 @@ def machine() -> dict:
         info["avx512_bf16"] = "avx512_bf16" in flags
     except OSError:
         pass
-    from models.xcodec import cpu_has_amx
-
     info["amx"] = cpu_has_amx()
     info["load_avg_1m"] = os.getloadavg()[0]
     if torch.cuda.is_available():

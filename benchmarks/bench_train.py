@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import main_launch_vqdp as trainer  # noqa: E402
 from data import AudioSegmentDataset, collate, list_audio_files  # noqa: E402
-from utils.train_config import load_train_config  # noqa: E402
+from training.config import load_train_config  # noqa: E402
 
 
 def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.audio import audio_extensions, load_audio
+from utils.files import read_file_list, scan_directory
 
 
 class DataError(RuntimeError):
@@ -32,21 +33,13 @@ def list_audio_files(source: str | Path) -> list[str]:
     source = Path(source)
     if source.is_dir():
         exts = audio_extensions()
-        files = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in exts and p.is_file())
+        files = [str(p) for p in scan_directory(source, exts)]
         if not files:
             raise DataError(f"{source}: no audio files found (looked for {', '.join(sorted(exts))})")
         return files
     if not source.is_file():
         raise DataError(f"{source}: no such file list or directory")
-    files = []
-    for line in source.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        path = Path(line)
-        if not path.is_absolute() and not path.exists() and (source.parent / path).exists():
-            path = source.parent / path
-        files.append(str(path))
+    files = [str(p) for p in read_file_list(source)]
     if not files:
         raise DataError(f"{source}: the file list is empty")
     return files

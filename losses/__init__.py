@@ -1,4 +1,5 @@
-"""Training losses for the X-Codec generator and discriminators.
+"""Training losses for the X-Codec generator and discriminators, and the evaluation metrics
+built on them (``losses.metrics``).
 
 Reconstruction losses take ``(estimate, target)`` waveforms of shape (B, 1, T)
 and return a scalar; adversarial losses take discriminator outputs (see
@@ -6,6 +7,7 @@ and return a scalar; adversarial losses take discriminator outputs (see
 """
 
 from .adversarial import FeatureMatchingLoss, GANLoss
+from .bundle import LossBundle
 from .spectral import (
     MelSpectrogramLoss,
     MultiResolutionSTFTLoss,
@@ -17,6 +19,7 @@ from .spectral import (
 __all__ = [
     "FeatureMatchingLoss",
     "GANLoss",
+    "LossBundle",
     "MelSpectrogramLoss",
     "MultiResolutionSTFTLoss",
     "SubbandMultiResolutionSTFTLoss",

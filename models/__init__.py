@@ -1,4 +1,20 @@
-from .builder import build_codec, frame_rate_of, num_quantizers_of
-from .xcodec import CodecOutput, CodesError, XCodec
+"""The X-Codec model: the module, its one factory, checkpoint reading and writing, long files and streaming."""
 
-__all__ = ["CodecOutput", "CodesError", "XCodec", "build_codec", "frame_rate_of", "num_quantizers_of"]
+from .codebooks import init_codebooks
+from .config import GeneratorConfig, load_generator_config
+from .pretrained import CheckpointError, checkpoint_id, read_checkpoint, resolve_checkpoint
+from .xcodec import CodecOutput, CodesError, XCodec, build_codec
+
+__all__ = [
+    "CheckpointError",
+    "CodecOutput",
+    "CodesError",
+    "GeneratorConfig",
+    "XCodec",
+    "build_codec",
+    "checkpoint_id",
+    "init_codebooks",
+    "load_generator_config",
+    "read_checkpoint",
+    "resolve_checkpoint",
+]

@@ -1,9 +1,16 @@
-"""Loading X-Codec weights from every format users have, safely.
+"""Reading X-Codec checkpoints of every format, safely; the one checkpoint resolver.
 
-Formats: an original release ``.pth`` (+ its YAML), a transformers ``XcodecModel``
-directory (config.json + model.safetensors), our own export (config.yaml +
-model.safetensors), a checkpoint written by our training, or a release name that is
-downloaded once into the Hugging Face cache.
+Formats: an original release ``.pth`` (+ its YAML), a checkpoint written by our training
+(a ``.pth`` holding ``codec`` and ``config``), a transformers ``XcodecModel`` directory
+(config.json + model.safetensors), our own export (config.yaml + model.safetensors), or
+a release name that is downloaded once into the Hugging Face cache.
+
+:func:`resolve_checkpoint` turns what a user gave (path, release name) into a
+:class:`CheckpointSource` (format, files, config); :func:`read_checkpoint` reads one into
+a state dict in our key names plus its architecture. Loading
+(``XCodec.from_pretrained``), conversion (``models.convert``), the tokenizer's
+checkpoint fingerprint (:func:`checkpoint_id`) and training's ``init_from`` all go
+through these two.
 
 Every ``torch.load`` uses ``weights_only=True``; the only extra class allowed is
 ``io.BytesIO`` (the releases carry such entries), and non-tensor entries are dropped.
@@ -11,18 +18,21 @@ Every ``torch.load`` uses ``weights_only=True``; the only extra class allowed is
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import re
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+from torch import nn
 
-from utils.config import ConfigError, GeneratorConfig, generator_config_from_dict, load_generator_config
+from utils.config import ConfigError
 
-from .builder import build_codec
-from .xcodec import XCodec
+from .config import GeneratorConfig, generator_config_from_dict, load_generator_config
+from .hf_layout import LayoutError, generator_config_from_hf, state_from_hf
 
 RELEASE_REPO = "ZhenYe234/xcodec"
 
@@ -35,6 +45,7 @@ RELEASES: dict[str, tuple[str, str]] = {
     "xcodec_hubert_general_audio_v2": ("xcodec_hubert_general_audio_v2.pth", "config_hubert_general.yaml"),
 }
 DEFAULT_RELEASE = "xcodec_hubert_librispeech"
+FORMATS = ("pth", "transformers", "export")
 
 
 class CheckpointError(ValueError):
@@ -69,8 +80,6 @@ def tensors_only(state: dict) -> dict[str, torch.Tensor]:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as exc:
@@ -132,7 +141,7 @@ def adapt_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dic
     return out
 
 
-def load_codec_state(model: XCodec, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_codec_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``state`` (any weight-norm style) into ``model``; mismatches fail naming keys."""
     expected_state = model.state_dict()
     expected = set(expected_state)
@@ -153,131 +162,39 @@ def load_codec_state(model: XCodec, state: dict[str, torch.Tensor], source: str 
     model.load_state_dict(state, strict=True)
 
 
-# ---------------------------------------------------------------------------- transformers layout
-# Our acoustic stacks -> transformers' names: (our prefix, their module, index of the
-# first residual unit inside a block, names of the block's other layers by index).
-_ACOUSTIC_STACKS = (
-    ("encoder.block", "acoustic_encoder", 0, {3: "snake1", 4: "conv1"}),
-    ("decoder_2.model", "acoustic_decoder", 2, {0: "snake1", 1: "conv_t1"}),
-)
-
-
-def _acoustic_key_to_hf(key: str, n_stages: int) -> str | None:
-    for prefix, module, first_unit, others in _ACOUSTIC_STACKS:
-        m = re.match(re.escape(prefix) + r"\.(\d+)\.(.*)", key)
-        if not m:
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        ends = {0: "conv1", n_stages + 1: "snake1", n_stages + 2: "conv2"}
-        if i in ends:
-            return f"{module}.{ends[i]}.{rest}"
-        r = re.match(r"block\.(\d)\.block\.(\d)\.(.*)", rest)
-        if r:  # residual unit j, layer k: Snake1d, conv, Snake1d, conv
-            j, k = int(r.group(1)) - first_unit, int(r.group(2))
-            return f"{module}.block.{i - 1}.res_unit{j + 1}.{('snake1', 'conv1', 'snake2', 'conv2')[k]}.{r.group(3)}"
-        r = re.match(r"block\.(\d)\.(.*)", rest)
-        return f"{module}.block.{i - 1}.{others[int(r.group(1))]}.{r.group(2)}"
-    return None
-
-
-def original_key_to_hf(key: str, n_stages: int) -> str:
-    """Map a released/our state-dict key to transformers' ``XcodecModel`` naming."""
-    acoustic = _acoustic_key_to_hf(key, n_stages)
-    if acoustic is not None:
-        return acoustic
-    if key.startswith(("encoder_semantic.", "decoder_semantic.")):
-        return re.sub(r"\.conv\.(weight|bias)$", r".\1", key)
-    m = re.match(r"quantizer\.vq\.layers\.(\d+)\._codebook\.(.*)", key)
-    if m:
-        return f"quantizer.quantizers.{m.group(1)}.codebook.{m.group(2)}"
-    for ours, theirs in (("fc_prior.", "fc."), ("fc_post1.", "fc1."), ("fc_post2.", "fc2.")):
-        if key.startswith(ours):
-            return theirs + key[len(ours) :]
-    return key
-
-
-def state_to_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
-    return {original_key_to_hf(k, n_stages): v for k, v in state.items()}
-
-
-def state_from_hf(state: dict[str, torch.Tensor], model: XCodec) -> dict[str, torch.Tensor]:
-    """Rename a transformers ``XcodecModel`` state dict to our keys (any weight-norm style)."""
-    n = len(model.config.ratios)
-    names: dict[str, str] = {}
-    for key in model.state_dict():
-        for variant in _key_variants(key):
-            names[original_key_to_hf(variant, n)] = variant
-    return {names.get(k, k): v for k, v in state.items()}
-
-
-def _key_variants(key: str) -> list[str]:
-    for suffix in (".weight", ".parametrizations.weight.original0", ".parametrizations.weight.original1"):
-        if key.endswith(suffix):
-            base = key[: -len(suffix)]
-            return [base + s for s in (".weight", ".weight_g", ".weight_v", ".parametrizations.weight.original0", ".parametrizations.weight.original1")]
-    return [key]
-
-
-def generator_config_from_hf(config: dict) -> GeneratorConfig:
-    """GeneratorConfig from a transformers ``XcodecConfig`` dict (config.json)."""
-    from transformers import AutoConfig
-
-    ac = config.get("acoustic_model_config") or {}
-    sc = dict(config.get("semantic_model_config") or {})
-    model_type = sc.get("model_type", "hubert")
-    teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
-    if teacher is None:
-        raise CheckpointError(f"unsupported semantic model type {model_type!r} in config.json")
-    default = AutoConfig.for_model(model_type).to_dict()
-    full = AutoConfig.for_model(model_type, **{k: v for k, v in sc.items() if k != "model_type"}).to_dict()
-    ignore = {"transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "model_type"}
-    overrides = {k: v for k, v in full.items() if k not in ignore and default.get(k) != v}
-    return GeneratorConfig(
-        D=ac.get("hidden_size", 256),
-        target_bandwidths=[float(b) for b in config.get("target_bandwidths", [0.5, 1, 1.5, 2, 4])],
-        ratios=list(ac.get("downsampling_ratios", [8, 5, 4, 2])),
-        sample_rate=config.get("sample_rate", 16000),
-        bins=config.get("codebook_size", 1024),
-        semantic_techer=teacher,
-        encoder_dim=ac.get("encoder_hidden_size", 64),
-        decoder_dim=ac.get("decoder_hidden_size", 1024),
-        semantic_blocks=len(config.get("strides", [1, 1])),
-        semantic_model_config=overrides or None,
-    )
-
-
-def hf_config_from_generator(cfg: GeneratorConfig) -> dict:
-    """A transformers ``XcodecConfig`` dict describing ``cfg``'s architecture."""
-    from modules.teacher import TEACHERS, _teacher_config
-
-    teacher_cfg = _teacher_config(cfg.semantic_techer, cfg.semantic_model_config).to_dict()
-    teacher_cfg["model_type"] = TEACHERS[cfg.semantic_techer].model_type
-    return {
-        "model_type": "xcodec",
-        "target_bandwidths": list(cfg.target_bandwidths),
-        "sample_rate": cfg.sample_rate,
-        "codebook_size": cfg.bins,
-        "channel_ratios": [1] * cfg.semantic_blocks,
-        "strides": [1] * cfg.semantic_blocks,
-        "acoustic_model_config": {
-            "model_type": "dac",
-            "encoder_hidden_size": cfg.encoder_dim,
-            "downsampling_ratios": list(cfg.ratios),
-            "decoder_hidden_size": cfg.decoder_dim,
-            "upsampling_ratios": list(cfg.ratios),
-            "hidden_size": cfg.D,
-            "sampling_rate": cfg.sample_rate,
-            "hop_length": int(torch.tensor(cfg.ratios).prod()),
-        },
-        "semantic_model_config": teacher_cfg,
-    }
-
 
 # ---------------------------------------------------------------------------- resolution
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a checkpoint's files are.
+
+    Attributes:
+        kind: ``"pth"`` (a release or one of our training checkpoints), ``"transformers"``
+            or ``"export"``.
+        weights: the ``.pth`` file, the transformers directory or the ``model.safetensors``.
+        config: the YAML given or found for a ``.pth``/export (``None`` for a ``.pth`` with
+            none given and none beside it: a training checkpoint carries its own), or
+            ``config.json`` of a transformers directory.
+        explicit_config: ``config`` was given by the user (it then wins over a training
+            checkpoint's own config).
+        name: what the user gave.
+    """
+
+    kind: str
+    weights: Path
+    config: Path | None
+    explicit_config: bool
+    name: str
+
+    @property
+    def files(self) -> list[Path]:
+        """The files that define the model (weights and config), for fingerprints."""
+        weights = self.weights / "model.safetensors" if self.kind == "transformers" else self.weights
+        return [f for f in (weights, self.config) if f is not None and f.is_file()]
+
+
 def download_release(name: str) -> tuple[Path, Path]:
     """Fetch a release's .pth and YAML into the Hugging Face cache (once) and return their paths."""
-    from huggingface_hub import hf_hub_download
-
     ckpt, cfg = RELEASES[name]
     try:
         return Path(hf_hub_download(RELEASE_REPO, ckpt)), Path(hf_hub_download(RELEASE_REPO, cfg))
@@ -289,139 +206,118 @@ def download_release(name: str) -> tuple[Path, Path]:
         ) from None
 
 
-def load_pretrained(path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> XCodec:
-    """See :meth:`XCodec.from_pretrained`."""
-    cfg_path = Path(config) if config is not None else None
-    if isinstance(path, str) and path in RELEASES:
-        ckpt, release_cfg = download_release(path)
-        return _from_pth(ckpt, cfg_path or release_cfg, device)
-    p = Path(path)
-    if not p.exists():
-        if "/" not in str(path) and not p.suffix:
-            raise CheckpointError(f"unknown release name {str(path)!r}; known releases: {', '.join(RELEASES)}")
-        raise CheckpointError(f"{p}: checkpoint not found")
-    if p.is_dir():
-        if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-            return _from_hf_dir(p, device)
-        if (p / "model.safetensors").is_file():
-            return _from_export(p / "model.safetensors", cfg_path or p / "config.yaml", device)
-        raise CheckpointError(f"{p}: directory holds neither config.json + model.safetensors nor config.yaml + model.safetensors")
-    if p.suffix == ".safetensors":
-        return _from_export(p, cfg_path or p.parent / "config.yaml", device)
-    return _from_pth(p, cfg_path, device)
+def resolve_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> CheckpointSource:
+    """Turn a release name or a path (``.pth``, transformers or export directory,
+    ``.safetensors``) and an optional YAML into a :class:`CheckpointSource`."""
+    if isinstance(checkpoint, CheckpointSource):
+        return checkpoint
+    cfg = Path(config) if config is not None else None
+    name = str(checkpoint)
+    if isinstance(checkpoint, str) and checkpoint in RELEASES:
+        ckpt, release_cfg = download_release(checkpoint)
+        return CheckpointSource("pth", ckpt, cfg or release_cfg, True, name)
+    path = Path(checkpoint)
+    if not path.exists():
+        if "/" not in name and not path.suffix:
+            raise CheckpointError(f"unknown release name {name!r}; known releases: {', '.join(RELEASES)}")
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            return CheckpointSource("transformers", path, path / "config.json", False, name)
+        if (path / "model.safetensors").is_file():
+            return CheckpointSource("export", path / "model.safetensors", cfg or path / "config.yaml", cfg is not None, name)
+        raise CheckpointError(f"{path}: directory holds neither config.json + model.safetensors nor config.yaml + model.safetensors")
+    if path.suffix == ".safetensors":
+        return CheckpointSource("export", path, cfg or path.parent / "config.yaml", cfg is not None, name)
+    beside = path.parent / "config.yaml"
+    return CheckpointSource("pth", path, cfg or (beside if beside.is_file() else None), cfg is not None, name)
 
 
-def _finish(model: XCodec, device) -> XCodec:
-    _fold_teacher_weight_norm(model)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model.to(device)
+def checkpoint_id(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> str:
+    """A short fingerprint of the checkpoint's files (weights and config), for manifests.
+
+    Files, not loaded tensors: folding weight norm at load time rounds differently with
+    different thread counts, so the loaded tensors are not a stable fingerprint.
+    """
+    digest = hashlib.sha256()
+    for path in resolve_checkpoint(checkpoint, config).files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return "xcodec-" + digest.hexdigest()[:16]
 
 
-def _fold_teacher_weight_norm(model: XCodec) -> None:
-    from torch.nn.utils import parametrize
+# ---------------------------------------------------------------------------- reading
+@dataclass
+class CheckpointContents:
+    """A checkpoint read into memory.
 
-    for module in model.semantic_model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    Attributes:
+        state: tensors in our key names, weight norm as stored.
+        generator: the architecture.
+        audio_norm_scale: the gain the pipelines apply before encoding.
+        kind: ``"release"``, ``"training"``, ``"transformers"`` or ``"export"``.
+        source: where it came from (for messages).
+    """
+
+    state: dict[str, torch.Tensor]
+    generator: GeneratorConfig
+    audio_norm_scale: float
+    kind: str
+    source: str
 
 
-def _config_for(cfg_path: Path | None, ckpt: Path) -> tuple[GeneratorConfig, float]:
-    if cfg_path is None:
-        cfg_path = ckpt.parent / "config.yaml"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{ckpt}: no config given and no config.yaml beside it; pass --config /path/to/config.yaml")
+def _yaml_config(path: Path | None, weights: Path) -> tuple[GeneratorConfig, float]:
+    if path is None:
+        raise CheckpointError(f"{weights}: no config given and no config.yaml beside it; pass --config /path/to/config.yaml")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config file not found")
     try:
-        return load_generator_config(cfg_path)
+        return load_generator_config(path)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
 
 
-def _from_pth(path: Path, cfg_path: Path | None, device) -> XCodec:
-    obj = read_torch_file(path)
-    if "codec" in obj and isinstance(obj.get("codec"), dict):  # our training checkpoint
-        if cfg_path is not None:
-            gen, scale = _config_for(cfg_path, path)
-        elif isinstance(obj.get("config"), dict):
+def read_hf_config(path: Path) -> tuple[GeneratorConfig, float]:
+    """Architecture and ``audio_norm_scale`` (0.95 when absent) of a transformers config.json."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "xcodec":
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
+    try:
+        gen = generator_config_from_hf(config, str(path))
+    except LayoutError as exc:
+        raise CheckpointError(str(exc)) from None
+    scale = config.get("audio_norm_scale", 0.95)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise CheckpointError(f"{path}: audio_norm_scale: expected a number, got {scale!r}")
+    return gen, float(scale)
+
+
+def read_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> CheckpointContents:
+    """Read any checkpoint (see :func:`resolve_checkpoint`) into a :class:`CheckpointContents`."""
+    src = resolve_checkpoint(checkpoint, config)
+    where = str(src.weights)
+    if src.kind == "transformers":
+        gen, scale = read_hf_config(src.config)
+        state = state_from_hf(read_safetensors(src.weights / "model.safetensors"), len(gen.ratios))
+        return CheckpointContents(state, gen, scale, "transformers", where)
+    if src.kind == "export":
+        gen, scale = _yaml_config(src.config, src.weights)
+        return CheckpointContents(read_safetensors(src.weights), gen, scale, "export", where)
+    obj = read_torch_file(src.weights)
+    if isinstance(obj.get("codec"), dict):  # one of our training checkpoints
+        if not src.explicit_config and isinstance(obj.get("config"), dict):
             try:
-                gen, scale = generator_config_from_dict(obj["config"], str(path))
+                gen, scale = generator_config_from_dict(obj["config"], where)
             except ConfigError as exc:
                 raise CheckpointError(str(exc)) from None
         else:
-            gen, scale = _config_for(None, path)
-        state = obj["codec"]
-    else:
-        gen, scale = _config_for(cfg_path, path)
-        state = obj
-    model = build_codec(gen, scale, weight_norm=False)
-    load_codec_state(model, state, str(path))
-    return _finish(model, device)
-
-
-def _from_export(path: Path, cfg_path: Path, device) -> XCodec:
-    gen, scale = _config_for(cfg_path, path)
-    model = build_codec(gen, scale, weight_norm=False)
-    load_codec_state(model, read_safetensors(path), str(path))
-    return _finish(model, device)
-
-
-def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], GeneratorConfig, float, XCodec]:
-    """A transformers ``XcodecModel`` directory: its state renamed to our keys, its
-    generator config, ``audio_norm_scale`` (0.95 when config.json has none) and an
-    inference skeleton (plain convs) built from them, not yet loaded."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-    if config.get("model_type") != "xcodec":
-        raise CheckpointError(f"{path}: config.json is for model_type {config.get('model_type')!r}, not 'xcodec'")
-    gen = generator_config_from_hf(config)
-    scale = float(config.get("audio_norm_scale", 0.95))
-    model = build_codec(gen, scale, weight_norm=False)
-    return state_from_hf(read_safetensors(path / "model.safetensors"), model), gen, scale, model
-
-
-def _from_hf_dir(path: Path, device) -> XCodec:
-    state, _, _, model = read_hf_dir(path)
-    load_codec_state(model, state, str(path))
-    return _finish(model, device)
-
-
-# ---------------------------------------------------------------------------- export
-def save_export(model: XCodec, directory: str | Path) -> Path:
-    """Write our inference export: ``model.safetensors`` (folded weights) + ``config.yaml``."""
-    import yaml
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = folded_state_dict(model)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-    doc = {"generator": {"name": "SoundStream", "config": asdict(model.config)}, "audio_norm_scale": model.audio_norm_scale}
-    (directory / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    return directory
-
-
-def folded_state_dict(model: XCodec) -> dict[str, torch.Tensor]:
-    """The state dict with every weight norm folded into plain ``weight`` tensors."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    expected = {re.sub(r"\.parametrizations\.weight\.original[01]$", ".weight", k) for k in state}
-    return adapt_weight_norm(state, expected)
-
-
-def to_transformers(model: XCodec):
-    """A transformers ``XcodecModel`` (eval mode) holding exactly ``model``'s weights."""
-    from transformers import XcodecConfig, XcodecModel
-
-    hf = XcodecModel(XcodecConfig(**hf_config_from_generator(model.config))).eval()
-    state = state_to_hf(folded_state_dict(model), len(model.config.ratios))
-    hf.load_state_dict(adapt_weight_norm(state, set(hf.state_dict())), strict=True)
-    return hf
-
-
-def save_transformers(model: XCodec, directory: str | Path) -> Path:
-    """Write a transformers ``XcodecModel`` directory (config.json + model.safetensors)."""
-    directory = Path(directory)
-    to_transformers(model).save_pretrained(str(directory))
-    return directory
+            gen, scale = _yaml_config(src.config, src.weights)
+        return CheckpointContents(tensors_only(obj["codec"]), gen, scale, "training", where)
+    gen, scale = _yaml_config(src.config, src.weights)
+    return CheckpointContents(tensors_only(obj), gen, scale, "release", where)

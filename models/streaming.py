@@ -28,8 +28,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from modules.teacher import fixed_group_norm_stats, group_norm_stats
+from modules.tiled import ConvSpec, Residual, plan_segments
+from utils.precision import check_precision
 
-from .xcodec import XCodec, check_precision
+from .xcodec import XCodec
 
 DECODER_CONTEXT = 16  # frames: above the decoder's receptive field (~11 frames each side)
 
@@ -253,8 +255,6 @@ def chunk_codes(codes: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def receptive_frames(model: XCodec) -> int:
     """An upper bound on the decoder's receptive field, in frames on each side."""
-    from modules.tiled import ConvSpec, Residual, plan_segments
-
     reach = 0.0  # in samples at the current rate, converted as rates change
     rate = 1.0  # current rate relative to the frame rate
     for seg in plan_segments(model.decoder_2.model):

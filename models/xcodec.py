@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,51 +9,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticEncoder, teacher_features, teacher_frames
+from modules import (
+    AcousticDecoder,
+    AcousticEncoder,
+    SemanticDecoder,
+    SemanticEncoder,
+    build_teacher,
+    teacher_features,
+    teacher_frames,
+)
 from modules.tiled import TiledRunner, plan_segments
 from quantization import ResidualVectorQuantizer
+from utils.precision import check_precision
 
-PRECISIONS = ("fp32", "bf16")
-
-
-def check_precision(precision: str, device: torch.device | None = None) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and device is not None and device.type == "cpu" and cpu_has_amx() is False:
-        _warn_once(
-            "bf16 on a CPU without AMX runs at about half the float32 rate (oneDNN has no "
-            "fast bf16 kernels there): precision='fp32' is faster on this machine"
-        )
-    return precision
-
-
-@functools.cache
-def cpu_has_amx() -> bool | None:
-    """Whether this CPU has AMX tiles (fast bf16 matrix units); None when unknown."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        try:
-            return bool(probe())
-        except RuntimeError:
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    return None if flags is None else "amx_tile" in flags
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        import warnings
-
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+from .config import GeneratorConfig
+from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
 
 
 class CodesError(ValueError):
@@ -83,7 +54,7 @@ class CodecOutput:
 
 
 class XCodec(nn.Module):
-    """The X-Codec model, assembled from its parts (see :func:`models.build_codec`).
+    """The X-Codec model, assembled from its parts (built from a config by :func:`build_codec`).
 
     Args:
         encoder: acoustic encoder, (B, 1, T) -> (B, D, F).
@@ -217,8 +188,13 @@ class XCodec(nn.Module):
         with self._autocast(x.device, precision):
             return module(x, lengths).float()
 
-    def _latents(self, wav: torch.Tensor, lengths: torch.Tensor | None, precision: str = "fp32"):
-        """Return fused latents (B, D+H, F), teacher features (B, H, F) and frame counts (B,)."""
+    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str = "fp32"):
+        """The quantizer's input for (B, 1, T) audio.
+
+        Returns ``(latents (B, D+H, F), teacher features (B, H, F), frames (B,))``: the fused
+        acoustic + semantic latents after ``fc_prior``, the semantic target, and each item's
+        frame count (``lengths`` as in :meth:`encode`).
+        """
         batch, _, total = wav.shape
         lengths = self._valid_lengths(wav, lengths)
         frames = self.num_frames(lengths)
@@ -310,13 +286,13 @@ class XCodec(nn.Module):
             lengths = self._valid_lengths(wav, lengths)
             frames = self.num_frames(lengths)
             if bool((frames < 1).any()):
-                self._latents(wav[:1, :, : int(lengths.min())], None)  # raises the too-short error
+                self.latents(wav[:1, :, : int(lengths.min())], None)  # raises the too-short error
             out = torch.zeros(wav.shape[0], n_q, int(frames.max()), dtype=torch.long, device=wav.device)
             for i, n in enumerate(lengths.tolist()):
                 codes = self.encode(wav[i : i + 1, :, :n], bandwidth, precision=precision)
                 out[i, :, : codes.shape[-1]] = codes[0]
             return out
-        e, _, frames = self._latents(wav, lengths, precision)
+        e, _, frames = self.latents(wav, lengths, precision)
         codes = self.quantizer.encode(e, bandwidth)
         assert codes.shape[1] == n_q
         if lengths is not None and bool((frames != codes.shape[-1]).any()):
@@ -387,7 +363,7 @@ class XCodec(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:
         """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass."""
-        e, semantic_target, _ = self._latents(wav, None)
+        e, semantic_target, _ = self.latents(wav, None)
         q = self.quantizer(e, bandwidth)
         quantized = q.quantized
         semantic = self.decoder_semantic(self.fc_post1(quantized.transpose(1, 2)).transpose(1, 2))
@@ -397,13 +373,58 @@ class XCodec(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> XCodec:
-        """Load an inference model (eval mode, weight norm folded).
+    def from_pretrained(
+        cls, checkpoint: str | Path | CheckpointSource, config: str | Path | None = None, device: str | torch.device = "cpu"
+    ) -> XCodec:
+        """Load an inference model (eval mode, weight norm folded, no gradients).
 
-        ``path``: a release .pth (config: ``config`` or ``config.yaml`` beside it), a
-        transformers ``XcodecModel`` directory, a checkpoint of our training, or a
-        release name (downloaded once into the Hugging Face cache).
+        ``checkpoint``: a release name (downloaded once into the Hugging Face cache), a
+        release .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our
+        training, a transformers ``XcodecModel`` directory or our export. Raises
+        ``models.pretrained.CheckpointError`` with a one-line reason.
         """
-        from .pretrained import load_pretrained
+        contents = read_checkpoint(checkpoint, config)
+        model = build_codec(contents.generator, contents.audio_norm_scale, weight_norm=False)
+        load_codec_state(model, contents.state, contents.source)
+        for module in model.semantic_model.modules():  # the teacher's positional conv
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model.to(device)
 
-        return load_pretrained(path, config=config, device=device)
+
+def build_codec(
+    cfg: GeneratorConfig,
+    audio_norm_scale: float = 1.0,
+    weight_norm: bool = True,
+    pretrained_teacher: str | bool = False,
+) -> XCodec:
+    """The one factory: an X-Codec from its generator config.
+
+    Args:
+        cfg: architecture (the YAML ``generator.config`` section).
+        audio_norm_scale: gain the pipelines apply before encoding (stored, not applied).
+        weight_norm: weight-norm parametrized acoustic convs (training); ``False`` builds
+            plain convs, which is what inference loads folded weights into.
+        pretrained_teacher: ``False`` builds the teacher from its config (weights come
+            from the codec checkpoint); ``True`` or a repo id / directory loads a
+            pretrained teacher (training from scratch).
+    """
+    teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher)
+    hidden = teacher.config.hidden_size
+    quantizer = ResidualVectorQuantizer.for_bandwidths(cfg.D + hidden, cfg.bins, cfg.frame_rate, cfg.target_bandwidths)
+    model = XCodec(
+        encoder=AcousticEncoder(cfg.encoder_dim, cfg.ratios, cfg.D, wn=weight_norm),
+        decoder=AcousticDecoder(cfg.D, cfg.decoder_dim, cfg.ratios, wn=weight_norm),
+        quantizer=quantizer,
+        semantic_model=teacher,
+        semantic_encoder=SemanticEncoder(hidden, cfg.semantic_blocks),
+        semantic_decoder=SemanticDecoder(hidden, cfg.semantic_blocks),
+        sample_rate=cfg.sample_rate,
+        hop_length=cfg.hop_length,
+        audio_norm_scale=audio_norm_scale,
+    )
+    model.config = cfg
+    return model

@@ -19,13 +19,16 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from .snake import snake
+
 
 def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     """(B,) valid lengths -> (B, 1, size) float mask."""
     return (torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]).unsqueeze(1)
 
 
-def _masked(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+def masked(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, T) ``x`` with positions past each item's valid length zeroed (``None``: all valid)."""
     if lengths is None:
         return x
     return x * length_mask(lengths, x.shape[-1]).to(x.dtype)
@@ -51,8 +54,6 @@ class Snake1d(nn.Module):
         # Same expression and order as DAC / transformers, so outputs match them bitwise;
         # without autograd the same ops run in place on cache-sized slices (bitwise equal).
         if not torch.is_grad_enabled() or not (x.requires_grad or self.alpha.requires_grad):
-            from .tiled import snake
-
             return snake(x, self.alpha)
         return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
 
@@ -78,8 +79,8 @@ class ResidualUnit(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        y = _masked(self.block[1](self.block[0](x)), lengths)
-        y = _masked(self.block[3](self.block[2](y)), lengths)
+        y = masked(self.block[1](self.block[0](x)), lengths)
+        y = masked(self.block[3](self.block[2](y)), lengths)
         return x + y
 
 
@@ -87,7 +88,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
     """Run a Sequential of convs, Snakes, residual units and blocks, tracking lengths."""
     if lengths is None:
         return layers(x), None
-    x = _masked(x, lengths)
+    x = masked(x, lengths)
     for layer in layers:
         if isinstance(layer, ResidualUnit):
             x = layer(x, lengths)
@@ -96,7 +97,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
         elif isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
             x = layer(x)
             lengths = conv_out_length(lengths, layer)
-            x = _masked(x, lengths)
+            x = masked(x, lengths)
         else:
             x = layer(x)
     return x, lengths

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .acoustic import _masked
+from .acoustic import masked
 
 
 class SameConv1d(nn.Module):
@@ -37,8 +37,8 @@ class SemanticResidualUnit(nn.Module):
         self.conv2 = nn.Conv1d(channels, channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        y = _masked(self.conv1(self.activation(x)), lengths)
-        y = _masked(self.conv2(self.activation(y)), lengths)
+        y = masked(self.conv1(self.activation(x)), lengths)
+        y = masked(self.conv2(self.activation(y)), lengths)
         return x + y
 
 
@@ -54,11 +54,11 @@ class SemanticBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if self.decoder:
-            x = _masked(self.conv(x), lengths)
+            x = masked(self.conv(x), lengths)
         for unit in self.res_units:
             x = unit(x, lengths)
         if not self.decoder:
-            x = _masked(self.conv(x), lengths)
+            x = masked(self.conv(x), lengths)
         return x
 
 
@@ -82,7 +82,7 @@ class SemanticEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x = _masked(self.conv(_masked(x, lengths)), lengths)
+        x = masked(self.conv(masked(x, lengths)), lengths)
         for block in self.conv_blocks:
             x = block(x, lengths)
         return x
@@ -103,7 +103,7 @@ class SemanticDecoder(nn.Module):
         self.conv2 = SameConv1d(channels, channels, 3, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x = _masked(self.conv1(_masked(x, lengths)), lengths)
+        x = masked(self.conv1(masked(x, lengths)), lengths)
         for block in self.conv_blocks:
             x = block(x, lengths)
-        return _masked(self.conv2(x), lengths)
+        return masked(self.conv2(x), lengths)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModel, HubertConfig, WavLMConfig
+
+from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,8 @@ class MaskedGroupNorm(nn.GroupNorm):
         return out
 
 
-def _teacher_config(name: str, overrides: dict | None):
-    from transformers import HubertConfig, WavLMConfig
-
+def teacher_config(name: str, overrides: dict | None):
+    """The transformers config of teacher ``name`` (``TEACHERS``) with ``overrides`` applied."""
     cls = {"hubert": HubertConfig, "wavlm": WavLMConfig}[TEACHERS[name].model_type]
     # The base configs' defaults are the base models' architecture.
     return cls(**(overrides or {}))
@@ -80,15 +82,13 @@ def build_teacher(name: str, config_overrides: dict | None = None, pretrained: s
             carries the teacher's weights); ``True`` downloads the standard teacher and a
             string loads that repository id or local directory (training).
     """
-    from transformers import AutoModel
-
     if name not in TEACHERS:
         raise ValueError(f"unknown semantic teacher {name!r}; expected one of {sorted(TEACHERS)}")
     if pretrained:
         source = TEACHERS[name].repo_id if pretrained is True else pretrained
         model = AutoModel.from_pretrained(source, **(config_overrides or {}))
     else:
-        model = AutoModel.from_config(_teacher_config(name, config_overrides))
+        model = AutoModel.from_config(teacher_config(name, config_overrides))
     _install_masked_group_norm(model)
     install_tiled_feature_encoder(model)
     model.eval()
@@ -263,8 +263,6 @@ def _tiled_feature_encoder(encoder: nn.Module, input_values: torch.Tensor) -> to
     )
     if not covered:
         return type(encoder).forward(encoder, input_values)
-    from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
-
     conv0 = layers[0].conv
     if norm.fixed_stats is not None:
         mean, var = (v.double()[None] for v in norm.fixed_stats)

@@ -18,6 +18,7 @@ an item's length are zeroed after every conv, exactly as the eager modules do.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -25,63 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .acoustic import DecoderBlock, EncoderBlock, ResidualUnit, Snake1d
+from .snake import snake
+
 # Largest intermediate tile (channels x samples) and smallest output tile (samples, so
 # that halos cost a few % at most); measured best on a 2-core AVX-512 CPU.
 TILE_ELEMENTS = 1 << 20
 MIN_TILE_OUT = 4096
-SNAKE_TILE = 1 << 18
-
-
-# ------------------------------------------------------------------------------ Snake
-def snake_reference(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``x + sin^2(alpha x) / alpha`` as DAC / transformers write it."""
-    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
-
-
-def _snake_tile(x: torch.Tensor, alpha: torch.Tensor, recip: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    # The reference's ops in its order (mul and add commute bitwise), in place in ``out``.
-    torch.mul(x, alpha, out=out)
-    out.sin_()
-    out.pow_(2)
-    out.mul_(recip)
-    out.add_(x)
-    return out
-
-
-def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None, tile: int = SNAKE_TILE) -> torch.Tensor:
-    """Snake without autograd, bitwise equal to :func:`snake_reference` for float32.
-
-    Works on (B, C, T) and channels-last (B, C, 1, T) tensors (``alpha``: (1, C, 1)),
-    one cache-sized slice of time at a time. Lower-precision inputs are computed in
-    float32 and rounded once. ``out`` may be ``x`` (in place).
-    """
-    if x.dim() == 4:
-        alpha = alpha.reshape(1, -1, 1, 1)
-    alpha = alpha.to(device=x.device)
-    if out is None:
-        out = torch.empty_like(x)
-    if x.device.type != "cpu":
-        return out.copy_(snake_reference(x.float(), alpha.float()))
-    alpha = alpha.float()
-    recip = (alpha + 1e-9).reciprocal()
-    per_step = max(1, x.numel() // max(1, x.shape[-1]))
-    step = max(256, tile // per_step)
-    total = x.shape[-1]
-    exact = x.dtype == torch.float32
-    buf = None
-    for start in range(0, total, step):
-        xs, os = x[..., start : start + step], out[..., start : start + step]
-        if exact:
-            if os.data_ptr() == xs.data_ptr():  # in place: x is read after the output is written
-                buf = torch.empty_like(xs) if buf is None or buf.shape != xs.shape else buf
-                os.copy_(_snake_tile(xs, alpha, recip, buf))
-            else:
-                _snake_tile(xs, alpha, recip, os)
-        else:
-            xf = xs.float()
-            buf = torch.empty_like(xf) if buf is None or buf.shape != xf.shape else buf
-            os.copy_(_snake_tile(xf, alpha, recip, buf))
-    return out
 
 
 # ------------------------------------------------------------------------------ convs
@@ -338,8 +289,6 @@ class TiledRunner:
             return None
         pool = self.__dict__.get("_workers")
         if pool is None or pool[0] != threads:
-            from concurrent.futures import ThreadPoolExecutor
-
             pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="xcodec-tile", initializer=torch.set_num_threads, initargs=(1,)))
             self.__dict__["_workers"] = pool
         return pool[1]
@@ -397,8 +346,6 @@ def _residual(unit) -> Residual:
 
 
 def _flatten(layers) -> list:
-    from .acoustic import DecoderBlock, EncoderBlock, ResidualUnit, Snake1d
-
     ops = []
     for layer in layers:
         if isinstance(layer, ResidualUnit):

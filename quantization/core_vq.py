@@ -156,6 +156,15 @@ class VectorQuantization(nn.Module):
     def codebook(self) -> torch.Tensor:
         return self._codebook.embed
 
+    @torch.no_grad()
+    def set_codebook(self, embed: torch.Tensor) -> None:
+        """Use ``embed`` (bins, D) as the codebook, marked initialised (EMA statistics restart from it)."""
+        book = self._codebook
+        book.embed.copy_(embed)
+        book.embed_avg.copy_(embed)
+        book.cluster_size.fill_(1.0)
+        book.inited.fill_(1.0)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D, T) -> (B, T)."""
         return self._codebook.encode(x.transpose(1, 2))

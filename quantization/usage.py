@@ -1,6 +1,8 @@
-"""Codebook usage and perplexity of the residual VQ stages, for training logs."""
+"""Codebook usage, perplexity and entropy of the residual VQ stages: training logs and evaluation reports."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,7 +31,10 @@ def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CodebookUsage:
-    """Accumulates code counts per quantizer stage between two log points.
+    """Counts of every code of every quantizer stage, with the statistics built on them.
+
+    Training accumulates between two log points and logs :meth:`compute` (all ranks);
+    evaluation accumulates over a corpus and reports :meth:`summary` (with the bitrate).
 
     Args:
         n_q: stages of the quantizer.
@@ -40,12 +45,20 @@ class CodebookUsage:
     def __init__(self, n_q: int, bins: int, device: torch.device | str = "cpu"):
         self.n_q, self.bins = n_q, bins
         self.counts = torch.zeros(n_q, bins, dtype=torch.float64, device=device)
+        self.frames = 0
+        self.seconds = 0.0
 
     @torch.no_grad()
-    def update(self, codes: torch.Tensor) -> None:
-        """Count ``codes`` (B, n_used, F); stages past n_used are not touched."""
+    def update(self, codes: torch.Tensor, seconds: float = 0.0) -> None:
+        """Count ``codes`` (B, n_used, F) or (n_used, F) of clips lasting ``seconds`` in all;
+        stages past n_used are not touched."""
+        codes = torch.as_tensor(codes)
+        if codes.dim() == 2:
+            codes = codes[None]
         for i in range(codes.shape[1]):
-            self.counts[i] += torch.bincount(codes[:, i].reshape(-1), minlength=self.bins).to(self.counts)
+            self.counts[i] += torch.bincount(codes[:, i].reshape(-1).to(self.counts.device), minlength=self.bins)[: self.bins].to(self.counts)
+        self.frames += codes.shape[0] * codes.shape[-1]
+        self.seconds += seconds
 
     def compute(self, reset: bool = True, sync: bool = True) -> dict[str, float]:
         """``{"usage_q{i}": ..., "perplexity_q{i}": ...}`` over every rank (``sync``; a collective)."""
@@ -55,9 +68,42 @@ class CodebookUsage:
         usage, perplexity = codebook_stats(counts)
         if reset:
             self.counts.zero_()
+            self.frames, self.seconds = 0, 0.0
         out = {}
         for i in range(self.n_q):
             if counts[i].sum() > 0:
                 out[f"usage_q{i}"] = float(usage[i])
                 out[f"perplexity_q{i}"] = float(perplexity[i])
         return out
+
+    def summary(self) -> dict:
+        """``{"codebooks": [{"index", "used", "usage", "entropy_bits"}], "frames", "seconds",
+        "bitrate_kbps", "entropy_bitrate_kbps"}`` of this process's counts.
+
+        ``usage``: fraction of entries chosen at least once; ``entropy_bits``: entropy of the
+        code distribution (log2(bins) when uniform). ``bitrate_kbps``: bits of the codes
+        (n_q * log2(bins) per frame) per second of audio; ``entropy_bitrate_kbps``: the same
+        with each codebook's entropy, the rate an ideal entropy coder would reach.
+        """
+        books = []
+        for i in range(self.n_q):
+            counts = self.counts[i].double().cpu()
+            p = counts[counts > 0] / counts.sum().clamp(min=1)
+            books.append(
+                {
+                    "index": i,
+                    "used": int((counts > 0).sum()),
+                    "usage": float((counts > 0).double().mean()),
+                    "entropy_bits": float(-(p * p.log2()).sum()) + 0.0 if p.numel() else 0.0,  # + 0.0: no -0.0
+                }
+            )
+        seconds = self.seconds or math.nan
+        bits = self.n_q * math.log2(self.bins) * self.frames
+        entropy_bits = sum(b["entropy_bits"] for b in books) * self.frames
+        return {
+            "codebooks": books,
+            "frames": self.frames,
+            "seconds": self.seconds,
+            "bitrate_kbps": bits / seconds / 1000,
+            "entropy_bitrate_kbps": entropy_bits / seconds / 1000,
+        }

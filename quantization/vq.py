@@ -74,6 +74,13 @@ class ResidualVectorQuantizer(nn.Module):
             threshold_ema_dead_code=threshold_ema_dead_code,
         )
 
+    @classmethod
+    def for_bandwidths(cls, dimension: int, bins: int, frame_rate: float, target_bandwidths: Sequence[float], **kwargs) -> ResidualVectorQuantizer:
+        """As many stages as the largest target bandwidth needs (the original's arithmetic:
+        ``1000 * max_bw // (frame_rate * log2(bins))``)."""
+        n_q = int(1000 * target_bandwidths[-1] // (frame_rate * math.log2(bins)))
+        return cls(dimension, n_q, bins, frame_rate, target_bandwidths, **kwargs)
+
     @property
     def bandwidth_per_quantizer(self) -> float:
         """kbps carried by one stage: log2(bins) bits per frame."""
@@ -95,9 +102,14 @@ class ResidualVectorQuantizer(nn.Module):
         return broadcast_object(choice)
 
     def forward(self, x: torch.Tensor, bandwidth: float | None = None) -> QuantizedResult:
-        """Quantize (B, D, T) latents with the stages that ``bandwidth`` allows."""
+        """Quantize (B, D, T) latents with the stages that ``bandwidth`` allows.
+
+        Always in float32, also inside a bf16 autocast region: nearest-neighbour distances
+        in bf16 pick wrong codes.
+        """
         n_q = self.n_q_for_bandwidth(bandwidth)
-        quantized, codes, losses = self.vq(x, n_q)
+        with torch.autocast(x.device.type, enabled=False):
+            quantized, codes, losses = self.vq(x.float(), n_q)
         return QuantizedResult(quantized, codes.transpose(0, 1), losses.mean(), n_q, n_q * self.bandwidth_per_quantizer)
 
     def encode(self, x: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:

@@ -35,8 +35,7 @@ def speech() -> np.ndarray:
 
 def make_tiny_codec(weight_norm: bool = True, seed: int = 0):
     """A tiny codec (configs/tiny.yaml) with random weights and data-scaled codebooks, eval mode."""
-    from models import build_codec
-    from utils.config import load_generator_config
+    from models import build_codec, init_codebooks, load_generator_config
 
     torch.manual_seed(seed)
     gen, scale = load_generator_config(TINY_CONFIG)
@@ -50,17 +49,7 @@ def make_tiny_codec(weight_norm: bool = True, seed: int = 0):
                 p.uniform_(0.5, 1.5)
         # Gaussian codebooks matched to each stage's residual on real audio (Mandarin speech,
         # not the English clip tests encode): seconds to build, and most codes get used.
-        clip = torch.from_numpy(read_asset("speech_cn_4s.flac"))[None, None] * scale
-        latents = model._latents(clip, None)[0]
-        residual = latents.transpose(1, 2).reshape(-1, latents.shape[1])
-        for layer in model.quantizer.vq.layers:
-            book = layer._codebook
-            embed = residual.mean(0) + torch.randn(book.embed.shape) * residual.std(0)
-            book.embed.copy_(embed)
-            book.embed_avg.copy_(embed)
-            book.cluster_size.fill_(1.0)
-            book.inited.fill_(1.0)
-            residual = residual - book.decode(book.encode(residual))
+    init_codebooks(model, [torch.from_numpy(read_asset("speech_cn_4s.flac")) * scale], "gaussian")
     return model.eval()
 
 
@@ -98,7 +87,7 @@ def inference_codec(tiny_codec):
 @pytest.fixture(scope="session")
 def hf_model(tiny_codec):
     """transformers' XcodecModel with the tiny codec's weights."""
-    from models.pretrained import to_transformers
+    from models.export import to_transformers
 
     return to_transformers(tiny_codec)
 

@@ -6,7 +6,8 @@ import pytest
 
 import inference
 from conftest import ROOT
-from utils.config import ConfigError, load_generator_config
+from models import load_generator_config
+from utils.config import ConfigError
 
 
 def test_override_files_change_only_what_they_name():

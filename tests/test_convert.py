@@ -1,4 +1,4 @@
-"""python -m utils.convert: release .pth / training checkpoint / transformers dir / export, exactly."""
+"""python -m models.convert: release .pth / training checkpoint / transformers dir / export, exactly."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from conftest import BASE_CONFIG, TINY_CONFIG, make_tiny_codec, read_asset, to_release_state
 from models import XCodec
+from models.convert import main as convert_main
 from models.pretrained import fold_weight_norm
 from utils.config import read_config
-from utils.convert import main as convert_main
 
 POS_CONV = "semantic_model.encoder.pos_conv_embed.conv.parametrizations.weight.original"
 

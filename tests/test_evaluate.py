@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,15 +14,17 @@ import torch
 
 import evaluate
 from conftest import ASSETS, make_tiny_codec, read_asset
+from losses.metrics import signal_metrics, word_error_rate
+from quantization import CodebookUsage
+from utils import plotting
 from utils.audio import prepare_output
-from utils.metrics import CodebookStats, signal_metrics, word_error_rate
 
 FILE_KEYS = {"path", "pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr"}
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from models.pretrained import save_export
+    from models.export import save_export
 
     return save_export(make_tiny_codec(), tmp_path_factory.mktemp("export"))
 
@@ -41,11 +42,14 @@ def _error_lines(err: str) -> list[str]:
 
 def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data.endswith(b"IEND\xaeB`\x82")
     width, height = struct.unpack(">II", data[16:24])
-    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]  # one IDAT chunk
-    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
     return width, height
+
+
+def _figure_size(panels: int) -> tuple[int, int]:
+    """The fixed figure size of utils.plotting for ``panels`` stacked spectrograms and a title."""
+    return round(plotting.FIGURE_WIDTH * plotting.DPI), round((plotting.PANEL_HEIGHT * panels + 0.4) * plotting.DPI)
 
 
 def test_released_reconstruction_pesq_and_stoi_equal_the_packages(tmp_path, capsys):
@@ -70,8 +74,7 @@ def test_released_reconstruction_pesq_and_stoi_equal_the_packages(tmp_path, caps
     rows = list(csv.reader((tmp_path / "report.csv").open()))
     assert rows[0] == ["path", "pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr"]
     assert rows[1][0] == "speech_en.flac" and float(rows[1][1]) == pytest.approx(row["pesq_wb"], rel=1e-5)
-    width, height = _png_size(tmp_path / "plots" / "speech_en.png")
-    assert height == 2 * (evaluate.LABEL_HEIGHT + 256) and width == n // 128 + 1
+    assert _png_size(tmp_path / "plots" / "speech_en.png") == _figure_size(2)
 
 
 def test_sample_rates_are_reconciled_and_files_matched_by_relative_path(tmp_path, capsys):
@@ -149,8 +152,8 @@ def test_checkpoint_mode_report_tables_codebooks_and_plots(tmp_path, export_dir,
     rows = list(csv.reader(out.with_suffix(".csv").open()))
     assert rows[0][:2] == ["bandwidth", "path"] and len(rows) == 1 + 2 * 3
     assert [r[1] for r in rows[1:4]] == ["one.flac", "sub/two.wav", "mean"]
-    width, height = _png_size(tmp_path / "plots" / "sub" / "two.png")
-    assert height == 3 * (evaluate.LABEL_HEIGHT + 256) and width == 20000 // 128 + 1
+    # One figure size whatever the file length (1 s and 1.25 s here).
+    assert _png_size(tmp_path / "plots" / "sub" / "two.png") == _png_size(tmp_path / "plots" / "one.png") == _figure_size(3)
 
 
 @pytest.mark.parametrize("case", ["garbage", "bandwidth", "missing_checkpoint", "list"])
@@ -220,8 +223,26 @@ def test_model_based_metrics_with_local_models(tmp_path, capsys):
 def test_word_error_rate_and_codebook_stats():
     assert word_error_rate("The cat sat.", "the cat sat") == 0
     assert word_error_rate("a b c d", "a x c") == 0.5  # one substitution, one deletion
-    stats = CodebookStats(n_q=2, bins=4, frame_rate=50)
-    stats.update(np.array([[0, 1, 2, 3], [0, 0, 0, 0]]), seconds=0.08)
+    stats = CodebookUsage(n_q=2, bins=4)
+    stats.update(torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]]), seconds=0.08)
     s = stats.summary()
     assert [b["used"] for b in s["codebooks"]] == [4, 1] and [b["entropy_bits"] for b in s["codebooks"]] == [2.0, 0.0]
     assert s["bitrate_kbps"] == pytest.approx(2 * 2 * 4 / 0.08 / 1000) and s["entropy_bitrate_kbps"] == pytest.approx(0.1)
+
+
+def test_spectrogram_figure_axes_colour_bar_and_unicode_title():
+    """The --plot figure: seconds and kHz axes, a dB colour bar, the file name as it is."""
+    wav = read_asset("speech_en.flac")
+    fig = plotting.spectrogram_figure([("original", wav), ("2 kbps   PESQ 2.10", wav[:8000])], 16000, title="語音/ŝpeech_ü.flac")
+    spectrograms = [ax for ax in fig.axes if ax.get_images()]
+    colorbars = [ax for ax in fig.axes if not ax.get_images()]
+    assert len(spectrograms) == 2 and len(colorbars) == 1
+    assert spectrograms[-1].get_xlabel() == "time (s)" and all(ax.get_ylabel() == "frequency (kHz)" for ax in spectrograms)
+    assert colorbars[0].get_ylabel() == "magnitude (dB)"
+    assert fig._suptitle.get_text() == "語音/ŝpeech_ü.flac"
+    assert [ax.get_title(loc="left") for ax in spectrograms] == ["original", "2 kbps   PESQ 2.10"]
+    x0, x1, y0, y1 = spectrograms[0].get_images()[0].get_extent()
+    assert (x0, y0, y1) == (0.0, 0.0, 8.0) and x1 == pytest.approx(len(wav) / 16000, abs=0.01)  # seconds, kHz
+    lo, hi = spectrograms[1].get_images()[0].get_clim()
+    assert hi - lo == plotting.DB_RANGE  # both panels share the reference's dB scale
+    assert spectrograms[0].get_images()[0].get_clim() == (lo, hi)

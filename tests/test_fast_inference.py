@@ -20,8 +20,10 @@ from models.streaming import (
     encode_many,
     receptive_frames,
 )
+from modules.snake import snake, snake_reference
 from modules.teacher import fixed_group_norm_stats, install_tiled_feature_encoder, teacher_features
-from modules.tiled import TiledRunner, plan_segments, snake, snake_reference
+from modules.tiled import TiledRunner, plan_segments
+from utils import precision
 
 
 @pytest.fixture
@@ -171,9 +173,9 @@ def test_padded_batch_paths_match_items(inference_codec, speech):
     for i, n in enumerate(lengths.tolist()):
         batch[i, 0, :n] = _clip(speech, n)[0, 0]
     with torch.inference_mode():
-        tiled, _, frames = inference_codec._latents(batch, lengths)
-        singles = [inference_codec._latents(batch[i : i + 1, :, :n], None)[0] for i, n in enumerate(lengths.tolist())]
-    eager = inference_codec._latents(batch, lengths)[0].detach()  # grad mode on: module path
+        tiled, _, frames = inference_codec.latents(batch, lengths)
+        singles = [inference_codec.latents(batch[i : i + 1, :, :n], None)[0] for i, n in enumerate(lengths.tolist())]
+    eager = inference_codec.latents(batch, lengths)[0].detach()  # grad mode on: module path
     for i in range(2):
         f = int(frames[i])
         assert _rel(tiled[i : i + 1, :, :f], singles[i]) < 1e-5
@@ -221,12 +223,10 @@ def test_chunked_and_streaming_decode(inference_codec, speech):
 
 # ---------------------------------------------------------------------------- fast mode
 def test_bf16_fast_mode(inference_codec, speech):
-    from models import xcodec
-
     x = _clip(speech, 48000)
     exact = inference_codec.encode(x, 4.0)
-    xcodec._warned.clear()
-    amx = xcodec.cpu_has_amx()
+    precision.reset_warnings()
+    amx = precision.cpu_has_amx()
     if sys.platform.startswith("linux"):
         assert amx is not None  # torch's probe or /proc/cpuinfo decides which branch runs
     if amx is False:  # says once that fp32 is the faster choice here

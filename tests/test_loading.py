@@ -14,7 +14,8 @@ import torch
 
 from conftest import ASSETS, BASE_CONFIG, ROOT
 from models import XCodec
-from models.pretrained import CheckpointError, save_export, save_transformers
+from models.export import save_export, save_transformers
+from models.pretrained import CheckpointError
 
 
 def _encode(model: XCodec, speech, n: int = 16000) -> torch.Tensor:

@@ -89,7 +89,7 @@ def test_encode_refuses_bad_audio(inference_codec):
 def test_quantizer_forward_equals_decode_of_encode(tiny_codec, speech):
     x = torch.from_numpy(speech[:32000])[None, None]
     with torch.no_grad():
-        latents = tiny_codec._latents(x, None)[0]
+        latents = tiny_codec.latents(x, None)[0]
         q = tiny_codec.quantizer(latents, 2.0)
         codes = tiny_codec.quantizer.encode(latents, 2.0)
         assert q.n_q == 4 and q.bandwidth == pytest.approx(2.0)

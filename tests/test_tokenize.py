@@ -25,14 +25,14 @@ from utils.codes import (
     load_codes,
     merge_manifests,
     read_manifest,
-    temporary_target,
 )
+from utils.files import temporary_target
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """Our export (model.safetensors + config.yaml) of a random tiny codec."""
-    from models.pretrained import save_export
+    from models.export import save_export
 
     return save_export(make_tiny_codec(), tmp_path_factory.mktemp("export"))
 

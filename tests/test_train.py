@@ -17,9 +17,9 @@ from conftest import train_tiny as run
 from data import DataError
 from models import XCodec
 from models.pretrained import read_torch_file
+from training.checkpoint import nonfinite_entries
+from training.config import load_train_config
 from utils.audio import load_audio
-from utils.checkpoint import nonfinite_entries
-from utils.train_config import load_train_config
 
 pytestmark = pytest.mark.usefixtures("train_env")
 
@@ -77,8 +77,8 @@ def test_tiny_run_trains_logs_checkpoints_and_exports(tmp_path):
     assert scalars(acc, "data/bad_files")[4] == 0
     assert scalars(acc, "train/nonfinite_skipped")[4] == 0
     images = set(acc.Tags()["images"])
-    assert {"valid/clip0/mel_original", "valid/clip0/mel_reconstruction"} <= images
-    assert len(acc.Images("valid/clip0/mel_reconstruction")) == 2
+    assert {"valid/clip0/spectrogram_original", "valid/clip0/spectrogram_reconstruction"} <= images
+    assert len(acc.Images("valid/clip0/spectrogram_reconstruction")) == 2
     assert {"valid/clip0/original", "valid/clip0/reconstruction"} <= set(acc.Tags()["audio"])
 
     # The checkpoint and the slim export load for inference and agree.

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import main_launch_vqdp as trainer
+from training.config import load_train_config, parse_override
 from utils.config import ConfigError
-from utils.train_config import load_train_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

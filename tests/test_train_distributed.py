@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from models.pretrained import read_torch_file
-from utils.checkpoint import state_hash
+from training.checkpoint import state_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -16,6 +16,7 @@ from conftest import ROOT
 from conftest import TINY_CONFIG as TINY
 from conftest import train_tiny as run
 from models.pretrained import read_torch_file
+from utils.files import temporary_target
 
 pytestmark = pytest.mark.usefixtures("train_env")
 
@@ -91,8 +92,8 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
     proc.send_signal(signal.SIGKILL)  # mid-write: part of ckpt_00000004 is on disk under a temporary name
     proc.wait(timeout=30)
     proc.stdout.close()
-    leftovers = [p.name for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
-    assert leftovers and all(n.startswith("ckpt_00000004.pth.tmp-") for n in leftovers)
+    leftovers = [p.name for p in ckpt_dir.iterdir() if temporary_target(p.name) is not None]
+    assert leftovers and all(temporary_target(n) == "ckpt_00000004.pth" for n in leftovers)
     assert not (ckpt_dir / "ckpt_00000004.pth").exists()
     previous = read_torch_file(ckpt_dir / "ckpt_00000002.pth")  # intact and loadable
     assert previous["step"] == 2
@@ -103,6 +104,6 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
     assert proc.returncode == 0, out
     assert "resumed from" in out and "ckpt_00000002.pth (step 2" in out
     assert "left by an interrupted save" in out
-    assert not [p for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in ckpt_dir.iterdir() if temporary_target(p.name) is not None]
     assert sorted(p.name for p in ckpt_dir.glob("ckpt_*.pth")) == ["ckpt_00000002.pth", "ckpt_00000004.pth", "ckpt_00000006.pth"]
     assert read_torch_file(ckpt_dir / "ckpt_00000006.pth")["step"] == 6

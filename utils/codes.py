@@ -12,6 +12,8 @@ Each manifest line describes one finished file::
      "sample_rate": 16000, "frames": 177, "n_q": 8, "bins": 1024, "bandwidth": 4.0,
      "checkpoint": "xcodec-3f2a..."}
 
+(``checkpoint``: ``models.checkpoint_id`` of the model's files.)
+
 A line is appended only after the codes file (and the audio, when asked for) is
 completely written (atomically: temporary file + rename), so every manifest entry names
 a complete file; a run killed at any point is finished by running the same command again.
@@ -30,16 +32,15 @@ Checking a corpus: ``python -m utils.codes codes/`` (``--merge`` also writes one
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from utils.files import atomic_write, temporary_target
 
 MANIFEST_NAME = "manifest.jsonl"
 MANIFEST_GLOB = "manifest*.jsonl"
@@ -50,57 +51,6 @@ class CodesFileError(ValueError):
 
 
 # ---------------------------------------------------------------------------- files
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    Readers never see a partial file. A process killed mid-write can leave the hidden
-    temporary file ``.{name}.XXXX.tmp``; :func:`remove_stale_temporaries` clears those.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def temporary_target(name: str) -> str | None:
-    """The file name a temporary of :func:`atomic_write` stands for, else ``None``."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    parts = name[1:-4].rsplit(".", 1)
-    return parts[0] if len(parts) == 2 and parts[0] else None
-
-
-def remove_stale_temporaries(targets: Sequence[Path]) -> int:
-    """Delete leftover temporaries of ``targets`` (from a killed run); returns how many."""
-    wanted: dict[Path, set[str]] = {}
-    for t in targets:
-        wanted.setdefault(Path(t).parent, set()).add(Path(t).name)
-    removed = 0
-    for directory, names in wanted.items():
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            if temporary_target(entry.name) in names and entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-    return removed
-
-
 def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
     """Save (n_q, frames) codes as .npy, atomically: int16 when the codebook fits, else int32."""
     dtype = np.int16 if bins <= 2**15 else np.int32
@@ -247,62 +197,6 @@ def iter_corpus(root: str | Path, bins: int | None = None) -> Iterator[tuple[dic
         yield entry, load_codes(
             root / entry["codes"], None, bins if bins is not None else entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"]
         )
-
-
-# ---------------------------------------------------------------------------- processes
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's shard: the process group when one is initialised, else the
-    ``RANK``/``WORLD_SIZE`` variables ``torchrun`` sets (``0, 1`` without them)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """Items ``rank, rank + world_size, ...``: every item goes to exactly one rank."""
-    return list(items[rank::world_size])
-
-
-def checkpoint_files(checkpoint: str | Path, config: str | Path | None = None) -> list[Path]:
-    """The files that define a model given as in ``XCodec.from_pretrained(checkpoint, config)``."""
-    from models.pretrained import RELEASES, download_release
-
-    if isinstance(checkpoint, str) and checkpoint in RELEASES:
-        ckpt, release_cfg = download_release(checkpoint)
-        return [ckpt, Path(config) if config is not None else release_cfg]
-    path = Path(checkpoint)
-    if path.is_dir():
-        files = [path / n for n in ("model.safetensors", "config.json", "config.yaml")]
-    elif path.suffix == ".safetensors":
-        files = [path, path.parent / "config.yaml"]
-    else:
-        files = [path, path.parent / "config.yaml"]
-    if config is not None:
-        files = [f for f in files if f.name not in ("config.yaml", "config.json")] + [Path(config)]
-    return [f for f in files if f.is_file()]
-
-
-def checkpoint_id(checkpoint: str | Path, config: str | Path | None = None) -> str:
-    """A short fingerprint of the checkpoint's files (weights and config), for manifests.
-
-    Files, not loaded tensors: folding weight norm at load time rounds differently with
-    different thread counts, so the loaded tensors are not a stable fingerprint.
-    """
-    digest = hashlib.sha256()
-    for path in checkpoint_files(checkpoint, config):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return "xcodec-" + digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- checking

@@ -1,7 +1,9 @@
-"""Typed configuration: YAML sections parsed into dataclasses; unknown keys fail.
+"""Reading configs: YAML files, their ``base:`` chains, and typed dataclass views.
 
-A config file may hold the whole training recipe; inference only needs the
-``generator`` section (the codec's architecture) and ``audio_norm_scale``.
+A config file may name a ``base:`` file (relative to itself) and hold only what it
+changes. :func:`from_dict` builds a dataclass from a mapping; unknown keys and wrong
+types fail naming the key and the file. The codec architecture lives in
+``models.config``, the training recipe in ``training.config``.
 """
 
 from __future__ import annotations
@@ -17,29 +19,6 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the file."""
-
-
-@dataclasses.dataclass
-class GeneratorConfig:
-    """The codec architecture (the ``generator.config`` section of the original YAML).
-
-    ``n_filters`` is accepted for compatibility but, as in the original, unused: the
-    acoustic encoder width is ``encoder_dim`` (64 in every release).
-    """
-
-    n_filters: int = 32
-    D: int = 256
-    target_bandwidths: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1, 1.5, 2, 4])
-    ratios: list[int] = dataclasses.field(default_factory=lambda: [8, 5, 4, 2])
-    sample_rate: int = 16000
-    bins: int = 1024
-    normalize: bool = False
-    causal: bool = False
-    semantic_techer: str = "hubert_base"
-    encoder_dim: int = 64
-    decoder_dim: int = 1024
-    semantic_blocks: int = 2
-    semantic_model_config: dict | None = None
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -126,40 +105,24 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def read_config(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a config YAML, resolving its optional ``base:`` (a path relative to the file).
-
-    Override files name their base and hold only what they change.
-    """
-    path = Path(path).resolve()
-    if path in _seen:
+def config_layers(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
+    """``[(file, mapping)]`` for ``path`` and the chain of ``base:`` files it names, base first
+    (each mapping without its ``base`` key)."""
+    path = Path(path)
+    if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
-        return data
+        return [(str(path), data)]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
-    return merge(read_config(path.parent / base, _seen + (path,)), data)
+    return config_layers(path.parent / base, _seen + (path.resolve(),)) + [(str(path), data)]
 
 
-def generator_config_from_dict(data: dict, where: str = "config") -> tuple[GeneratorConfig, float]:
-    """Extract ``(GeneratorConfig, audio_norm_scale)`` from a full (original or ours) config dict."""
-    gen = data.get("generator")
-    if gen is None:
-        raise ConfigError(f"{where}: no 'generator' section (the codec architecture)")
-    if isinstance(gen, dict) and "config" in gen:
-        name = gen.get("name", "SoundStream")
-        if name not in ("SoundStream", "XCodec"):
-            raise ConfigError(f"{where}: generator.name {name!r} is not an X-Codec model (SoundStream)")
-        gen = gen["config"]
-    cfg = from_dict(GeneratorConfig, gen, f"{where}: generator.config")
-    scale = data.get("audio_norm_scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ConfigError(f"{where}: audio_norm_scale: expected a number, got {scale!r}")
-    return cfg, float(scale)
-
-
-def load_generator_config(path: str | Path) -> tuple[GeneratorConfig, float]:
-    """Read a YAML (original release or ours) and return ``(GeneratorConfig, audio_norm_scale)``."""
-    return generator_config_from_dict(read_config(path), str(path))
+def read_config(path: str | Path) -> dict:
+    """A config YAML merged over its ``base:`` chain."""
+    out: dict = {}
+    for _, data in config_layers(path):
+        out = merge(out, data)
+    return out

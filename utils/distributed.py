@@ -1,13 +1,16 @@
-"""Process-group helpers that fall back to a single process.
+"""Process-group helpers that fall back to a single process; the one source of rank and world size.
 
 Every function here works with or without ``torch.distributed`` initialised, so the
-same training and quantizer code runs under ``python`` and under ``torchrun``.
+same training, tokenization and quantizer code runs under ``python`` and under
+``torchrun``. Collectives run only when a process group of more than one rank exists.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,16 +20,60 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's ``(rank, world size)``: the process group's when one is initialised,
+    else the ``RANK``/``WORLD_SIZE`` variables ``torchrun`` sets, else ``(0, 1)``.
+
+    Raises:
+        ValueError: the variables are not integers or the rank lies outside the world.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        r, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
+    if world < 1 or not 0 <= r < world:
+        raise ValueError(f"RANK={r} must lie in [0, WORLD_SIZE={world})")
+    return r, world
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank_and_world_size()[0]
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world_size()[1]
 
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """Items ``rank, rank + world_size, ...``: every item goes to exactly one rank."""
+    return list(items[rank::world_size])
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
+    """Join torchrun's process group when there is one (NCCL on GPUs, gloo on CPU); returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    device = torch.device("cuda", local_rank()) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        kwargs = {"device_id": device} if cuda else {}
+        # torchrun's store can outlive a failed attempt; keys of this attempt get their own
+        # prefix so a restarted group never reads the dead group's addresses.
+        store, r, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"xcodec/attempt_{attempt}/", store)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", store=store, rank=r, world_size=size,
+            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs,
+        )  # fmt: skip
+    return device
 
 
 def is_main_process() -> bool:
@@ -71,3 +118,21 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -11,7 +11,7 @@ are not repeated in ``fmaps``). Feed ``logits`` to ``losses.GANLoss`` and
 ``fmaps`` of real and fake audio to ``losses.FeatureMatchingLoss``.
 """
 
-from .builder import DISCRIMINATORS, build_discriminators
+from .builder import DISCRIMINATORS, DiscriminatorBank, build_discriminators
 from .frequency import (
     FrequencyDiscriminator,
     MultiFrequencyDiscriminator,
@@ -27,6 +27,7 @@ from .stft import MultiScaleSTFTDiscriminator, STFTDiscriminator
 
 __all__ = [
     "DISCRIMINATORS",
+    "DiscriminatorBank",
     "FrequencyDiscriminator",
     "MultiFrequencyDiscriminator",
     "MultiPeriodDiscriminator",

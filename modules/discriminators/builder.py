@@ -1,10 +1,11 @@
-"""Construct the discriminators named in a training config."""
+"""Construct the discriminators named in a training config, and run them as one module."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .frequency import MultiFrequencyDiscriminator
@@ -44,3 +45,23 @@ def build_discriminators(
     return nn.ModuleDict(
         {name: DISCRIMINATORS[name](**dict(configs.get(name) or {})) for name in d_list}
     )
+
+
+class DiscriminatorBank(nn.Module):
+    """The discriminators of ``d_list`` behind one forward (one DDP wrapper, one call per step).
+
+    Args:
+        discriminators: name -> discriminator (the interface of this package).
+
+    Forward:
+        x: (B, 1, T) waveforms.
+        Returns ``{name: (logits, fmaps)}``; ``logits`` a list of (B, N_i), ``fmaps`` a
+        list (per sub-discriminator) of lists of feature maps (B, C, ...).
+    """
+
+    def __init__(self, discriminators: nn.ModuleDict):
+        super().__init__()
+        self.discs = discriminators
+
+    def forward(self, x: torch.Tensor) -> dict[str, tuple[list[torch.Tensor], list[list[torch.Tensor]]]]:
+        return {name: disc(x) for name, disc in self.discs.items()}

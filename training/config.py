@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from utils.config import ConfigError, GeneratorConfig, from_dict, generator_config_from_dict, merge, read_yaml
+from models.config import GeneratorConfig, generator_config_from_dict
+from utils.config import ConfigError, config_layers, from_dict, merge
 
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
 
@@ -235,20 +236,6 @@ class LoadedConfig:
     sources: list[str]
 
 
-def _layers(path: Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
-    """``[(file, dict)]`` for ``path`` and its ``base:`` chain, base first."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    data = read_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return [(str(path), data)]
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
-    return _layers(path.parent / base, _seen + (path.resolve(),)) + [(str(path), data)]
-
-
 def _field_type(cls: Any, keys: list[str]) -> Any:
     """The annotated type at ``keys`` inside dataclass ``cls`` (``Any`` past a plain dict)."""
     tp = cls
@@ -368,9 +355,9 @@ def load_train_config(
     Raises:
         ConfigError: naming the offending key and the file or argument it came from.
     """
-    layers = _layers(Path(config))
+    layers = config_layers(config)
     if exp_config is not None:
-        layers += _layers(Path(exp_config))
+        layers += config_layers(exp_config)
     for arg in overrides:
         layers.append((f"command line {arg!r}", parse_override(arg)))
     raw: dict = {}

@@ -12,7 +12,8 @@ Signal metrics (``signal_metrics``) compare a reference and an estimate of the s
 - ``si_sdr``: scale-invariant SDR in dB (zero-mean signals), higher is better.
 
 Model-based metrics (optional, models supplied locally; see :class:`ModelMetrics`):
-speaker similarity, WER and UTMOS.
+speaker similarity, WER (jiwer) and UTMOS. Codebook usage and entropy are
+``quantization.CodebookUsage``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import jiwer
 import numpy as np
 import torch
+from pesq import pesq
+from pystoi import stoi as _stoi
+from transformers import AutoFeatureExtractor, AutoModelForAudioXVector, pipeline
+
+from utils.audio import resample
+
+from .spectral import MultiResolutionSTFTLoss, mel_spectrogram
 
 SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
 
@@ -79,8 +88,6 @@ def _mel_params(sample_rate: int) -> dict:
 
 def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
     """Mean absolute difference of the natural-log mel spectrograms."""
-    from losses import mel_spectrogram
-
     params = _mel_params(sample_rate)
     ref = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None], **params)
     est = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(estimate, dtype=np.float32))[None], **params)
@@ -93,8 +100,6 @@ _STFT_LOSS = None
 def stft_distance(reference: np.ndarray, estimate: np.ndarray) -> float:
     """Multi-resolution STFT distance: spectral convergence + log-magnitude L1."""
     global _STFT_LOSS
-    from losses import MultiResolutionSTFTLoss
-
     if _STFT_LOSS is None:
         _STFT_LOSS = MultiResolutionSTFTLoss()
     ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None]
@@ -105,19 +110,13 @@ def stft_distance(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
     """Wideband PESQ at 16 kHz (signals at other rates are resampled first)."""
-    from pesq import pesq
-
     if sample_rate != 16000:
-        from utils.audio import resample
-
         reference, estimate = resample(reference, sample_rate, 16000), resample(estimate, sample_rate, 16000)
     return float(pesq(16000, reference, estimate, "wb"))
 
 
 def stoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
     """Short-time objective intelligibility (classic STOI, not extended)."""
-    from pystoi import stoi as _stoi
-
     return float(_stoi(reference, estimate, sample_rate, extended=False))
 
 
@@ -155,63 +154,6 @@ def mean_metrics(rows: list[dict], keys: list[str]) -> dict[str, float | None]:
     return out
 
 
-# ---------------------------------------------------------------------------- codebooks
-class CodebookStats:
-    """Usage and entropy of every codebook over a set of files, and the bitrate.
-
-    Args:
-        n_q: codebooks in use.
-        bins: entries per codebook.
-        frame_rate: code frames per second.
-    """
-
-    def __init__(self, n_q: int, bins: int, frame_rate: float):
-        self.n_q, self.bins, self.frame_rate = n_q, bins, frame_rate
-        self.counts = np.zeros((n_q, bins), dtype=np.int64)
-        self.frames = 0
-        self.seconds = 0.0
-
-    def update(self, codes, seconds: float) -> None:
-        """Count ``codes`` (n_q, frames) of a clip lasting ``seconds``."""
-        codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes)
-        for i in range(self.n_q):
-            self.counts[i] += np.bincount(codes[i], minlength=self.bins)[: self.bins]
-        self.frames += codes.shape[1]
-        self.seconds += seconds
-
-    def summary(self) -> dict:
-        """``{"codebooks": [{"index", "used", "usage", "entropy_bits"}], "frames", "seconds",
-        "bitrate_kbps", "entropy_bitrate_kbps"}``.
-
-        ``usage``: fraction of entries chosen at least once; ``entropy_bits``: entropy of the
-        code distribution (log2(bins) when uniform). ``bitrate_kbps``: bits of the codes
-        (n_q * log2(bins) per frame) per second of audio; ``entropy_bitrate_kbps``: the same
-        with each codebook's entropy, the rate an ideal entropy coder would reach.
-        """
-        books = []
-        for i in range(self.n_q):
-            total = self.counts[i].sum()
-            p = self.counts[i][self.counts[i] > 0] / max(total, 1)
-            books.append(
-                {
-                    "index": i,
-                    "used": int((self.counts[i] > 0).sum()),
-                    "usage": float((self.counts[i] > 0).mean()),
-                    "entropy_bits": float(-(p * np.log2(p)).sum()) if total else 0.0,
-                }
-            )
-        seconds = self.seconds or math.nan
-        bits = self.n_q * math.log2(self.bins) * self.frames
-        entropy_bits = sum(b["entropy_bits"] for b in books) * self.frames
-        return {
-            "codebooks": books,
-            "frames": self.frames,
-            "seconds": self.seconds,
-            "bitrate_kbps": bits / seconds / 1000,
-            "entropy_bitrate_kbps": entropy_bits / seconds / 1000,
-        }
-
-
 # ---------------------------------------------------------------------------- model-based
 def normalize_text(text: str) -> list[str]:
     """Lower-case words without punctuation, for WER."""
@@ -219,17 +161,11 @@ def normalize_text(text: str) -> list[str]:
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / reference words (after :func:`normalize_text`)."""
+    """Word error rate (jiwer) of the hypothesis after :func:`normalize_text` of both."""
     ref, hyp = normalize_text(reference), normalize_text(hypothesis)
-    if not ref:
+    if not ref:  # jiwer refuses an empty reference
         return 0.0 if not hyp else 1.0
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / len(ref)
+    return float(jiwer.wer(" ".join(ref), " ".join(hyp)))
 
 
 class ModelMetrics:
@@ -287,15 +223,11 @@ class ModelMetrics:
             return None
 
     def _load_speaker(self, path: Path):
-        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
         extractor = AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForAudioXVector.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
         return extractor, model
 
     def _load_asr(self, path: Path):
-        from transformers import pipeline
-
         return pipeline("automatic-speech-recognition", model=str(path), device=torch.device(self.device))
 
     def _load_utmos(self, path: Path):
@@ -316,8 +248,6 @@ class ModelMetrics:
         transcripts and for caching the reference's embedding and transcript)."""
         if not self.names:
             return {}
-        from utils.audio import resample
-
         ref = resample(np.asarray(reference, dtype=np.float32), sample_rate, 16000)
         est = resample(np.asarray(estimate, dtype=np.float32), sample_rate, 16000)
         out = {}

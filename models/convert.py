@@ -1,9 +1,9 @@
 """Convert X-Codec checkpoints between formats, exactly.
 
-    python -m utils.convert xcodec_speech_hubert_librispeech.pth hf_dir/ --config config_hubert.yaml
-    python -m utils.convert hf_dir/ export_dir/                     # transformers -> our export
-    python -m utils.convert runs/x/model_ckpts/ckpt_00100000.pth hf_dir/   # a model trained here
-    python -m utils.convert SRC DST --to export                     # any format -> our export
+    python -m models.convert xcodec_speech_hubert_librispeech.pth hf_dir/ --config config_hubert.yaml
+    python -m models.convert hf_dir/ export_dir/                     # transformers -> our export
+    python -m models.convert runs/x/model_ckpts/ckpt_00100000.pth hf_dir/   # a model trained here
+    python -m models.convert SRC DST --to export                     # any format -> our export
 
 SRC is anything ``XCodec.from_pretrained`` reads: an original release ``.pth`` (+ YAML:
 ``--config`` or ``config.yaml`` beside it), one of our training checkpoints (a ``.pth``
@@ -28,13 +28,18 @@ be empty (``--overwrite`` replaces it); it is written to a temporary directory f
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import XcodecModel
+
+from utils.files import atomic_directory
+
+from .config import GeneratorConfig
+from .export import write_export, write_transformers
+from .pretrained import CheckpointError, adapt_weight_norm, load_codec_state, read_checkpoint
+from .xcodec import XCodec, build_codec
 
 FORMATS = ("transformers", "export")
 
@@ -43,84 +48,12 @@ class ConvertError(Exception):
     """A conversion that cannot be done; the message says why in one line."""
 
 
-def read_source(src: str | Path, config: str | Path | None = None):
-    """Read a checkpoint's raw tensors in our key names (weight norm as stored), its
-    architecture and its ``audio_norm_scale``: ``(state, GeneratorConfig, scale, kind)``
-    with kind one of ``release``, ``training``, ``transformers``, ``export``."""
-    from models.pretrained import (
-        RELEASES,
-        CheckpointError,
-        _config_for,
-        download_release,
-        read_hf_dir,
-        read_safetensors,
-        read_torch_file,
-        tensors_only,
-    )
-    from utils.config import ConfigError, generator_config_from_dict
-
-    cfg_path = Path(config) if config is not None else None
-    if isinstance(src, str) and src in RELEASES:
-        ckpt, release_cfg = download_release(src)
-        src, cfg_path = ckpt, cfg_path or release_cfg
-    path = Path(src)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        state, gen, scale, _ = read_hf_dir(path)
-        return state, gen, scale, "transformers"
-    if path.is_dir() or path.suffix == ".safetensors":
-        weights = path / "model.safetensors" if path.is_dir() else path
-        if not weights.is_file():
-            raise CheckpointError(f"{path}: directory holds neither config.json + model.safetensors nor config.yaml + model.safetensors")
-        gen, scale = _config_for(cfg_path or weights.parent / "config.yaml", weights)
-        return read_safetensors(weights), gen, scale, "export"
-    obj = read_torch_file(path)
-    if isinstance(obj.get("codec"), dict):
-        if cfg_path is None and isinstance(obj.get("config"), dict):
-            try:
-                gen, scale = generator_config_from_dict(obj["config"], str(path))
-            except ConfigError as exc:
-                raise CheckpointError(str(exc)) from None
-        else:
-            gen, scale = _config_for(cfg_path, path)
-        return tensors_only(obj["codec"]), gen, scale, "training"
-    gen, scale = _config_for(cfg_path, path)
-    return tensors_only(obj), gen, scale, "release"
-
-
-def canonical_state(state: dict[str, torch.Tensor], gen, scale: float, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def canonical_state(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The inference state: acoustic weight norm folded (as the loader folds it), the
     teacher's positional conv as weight-norm parameters; checked against the architecture."""
-    from models import build_codec
-    from models.pretrained import adapt_weight_norm, load_codec_state
-
     skeleton = build_codec(gen, scale, weight_norm=False)
     load_codec_state(skeleton, state, source)  # one-line CheckpointError on any mismatch
     return {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(state, set(skeleton.state_dict())).items()}
-
-
-def write_transformers(state: dict[str, torch.Tensor], gen, scale: float, directory: Path) -> None:
-    """A transformers ``XcodecModel`` directory holding ``state`` (our key names)."""
-    from transformers import XcodecConfig, XcodecModel
-
-    from models.pretrained import adapt_weight_norm, hf_config_from_generator, state_to_hf
-
-    hf = XcodecModel(XcodecConfig(**hf_config_from_generator(gen), audio_norm_scale=scale)).eval()
-    hf_state = adapt_weight_norm(state_to_hf(state, len(gen.ratios)), set(hf.state_dict()))
-    hf.load_state_dict(hf_state, strict=True)
-    hf.save_pretrained(str(directory))
-
-
-def write_export(state: dict[str, torch.Tensor], gen, scale: float, directory: Path) -> None:
-    """Our export: ``model.safetensors`` + ``config.yaml``."""
-    import yaml
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / "model.safetensors"))
-    doc = {"generator": {"name": "SoundStream", "config": asdict(gen)}, "audio_norm_scale": scale}
-    (directory / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def _compare(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
@@ -133,14 +66,10 @@ def _compare(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 def verify(src, config, dst: Path, fmt: str) -> None:
     """Load SRC and DST and require every tensor to be identical (and, for transformers,
     that ``XcodecModel.from_pretrained`` reads DST with no missing or unexpected weights)."""
-    from models import XCodec
-
     differ = _compare(XCodec.from_pretrained(src, config=config), XCodec.from_pretrained(dst))
     if differ:
         raise ConvertError(f"verification failed: {len(differ)} tensor(s) differ after conversion, e.g. {differ[0]}")
     if fmt == "transformers":
-        from transformers import XcodecModel
-
         _, info = XcodecModel.from_pretrained(str(dst), output_loading_info=True)
         bad = [k for part in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(part, [])]
         if bad:
@@ -152,8 +81,8 @@ def convert(
     overwrite: bool = False, check: bool = True,
 ) -> tuple[Path, str]:  # fmt: skip
     """Convert ``src`` into ``dst`` (see the module docstring); returns ``(dst, format)``."""
-    state, gen, scale, kind = read_source(src, config)
-    fmt = to or ("export" if kind == "transformers" else "transformers")
+    contents = read_checkpoint(src, config)
+    fmt = to or ("export" if contents.kind == "transformers" else "transformers")
     if fmt not in FORMATS:
         raise ConvertError(f"unknown target format {fmt!r}; expected one of {', '.join(FORMATS)}")
     dst = Path(dst)
@@ -161,30 +90,22 @@ def convert(
         raise ConvertError(f"{dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ConvertError(f"{dst}: directory is not empty; pass --overwrite to replace it")
-    state = canonical_state(state, gen, scale, str(src))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    try:
-        from utils.codes import _umask
+    gen, scale = contents.generator, contents.audio_norm_scale
+    state = canonical_state(contents.state, gen, scale, str(src))
+    writer = write_transformers if fmt == "transformers" else write_export
 
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 directories
-        (write_transformers if fmt == "transformers" else write_export)(state, gen, scale, tmp)
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~_umask())
+    def write(tmp: Path) -> None:
+        writer(state, gen, scale, tmp)
         if check:
             verify(src, config, tmp, fmt)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory(dst, write)
     return dst, fmt
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m utils.convert",
+        prog="python -m models.convert",
         description="Convert X-Codec checkpoints: release .pth / training checkpoint / transformers dir / export -> "
         "transformers XcodecModel directory or our export.",
     )
@@ -195,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-verify", action="store_true", help="skip loading the result back and comparing every tensor")
     args = p.parse_args(argv)
-    from models.pretrained import CheckpointError
-
     try:
         dst, fmt = convert(args.src, args.dst, args.to, args.config, args.overwrite, not args.no_verify)
     except (CheckpointError, ConvertError) as exc:

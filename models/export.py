@@ -1,0 +1,69 @@
+"""Writing X-Codec checkpoints: our inference export and transformers' ``XcodecModel`` format.
+
+- export: ``model.safetensors`` (folded weights) + ``config.yaml``, read back by
+  ``XCodec.from_pretrained``;
+- transformers: ``config.json`` + ``model.safetensors``, read by
+  ``transformers.XcodecModel.from_pretrained`` and by ``XCodec.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import XcodecConfig, XcodecModel
+
+from .config import GeneratorConfig
+from .hf_layout import hf_config_from_generator, state_to_hf
+from .pretrained import adapt_weight_norm
+from .xcodec import XCodec
+
+
+def folded_state_dict(model: XCodec) -> dict[str, torch.Tensor]:
+    """The state dict with every weight norm folded into plain ``weight`` tensors."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    expected = {re.sub(r"\.parametrizations\.weight\.original[01]$", ".weight", k) for k in state}
+    return adapt_weight_norm(state, expected)
+
+
+def write_export(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, directory: str | Path) -> Path:
+    """Our export of ``state`` (our key names): ``model.safetensors`` + ``config.yaml``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    doc = {"generator": {"name": "SoundStream", "config": asdict(gen)}, "audio_norm_scale": scale}
+    (directory / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return directory
+
+
+def transformers_model(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float | None = None) -> XcodecModel:
+    """A transformers ``XcodecModel`` (eval mode) holding exactly ``state`` (our key names)."""
+    extra = {} if scale is None else {"audio_norm_scale": scale}
+    hf = XcodecModel(XcodecConfig(**hf_config_from_generator(gen), **extra)).eval()
+    hf.load_state_dict(adapt_weight_norm(state_to_hf(state, len(gen.ratios)), set(hf.state_dict())), strict=True)
+    return hf
+
+
+def write_transformers(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, directory: str | Path) -> Path:
+    """A transformers ``XcodecModel`` directory holding ``state`` (our key names)."""
+    transformers_model(state, gen, scale).save_pretrained(str(directory))
+    return Path(directory)
+
+
+def save_export(model: XCodec, directory: str | Path) -> Path:
+    """Write ``model`` as our inference export."""
+    return write_export(folded_state_dict(model), model.config, model.audio_norm_scale, directory)
+
+
+def to_transformers(model: XCodec) -> XcodecModel:
+    """A transformers ``XcodecModel`` (eval mode) holding exactly ``model``'s weights."""
+    return transformers_model(folded_state_dict(model), model.config)
+
+
+def save_transformers(model: XCodec, directory: str | Path) -> Path:
+    """Write ``model`` as a transformers ``XcodecModel`` directory."""
+    return write_transformers(folded_state_dict(model), model.config, model.audio_norm_scale, directory)

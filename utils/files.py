@@ -1,0 +1,190 @@
+"""Files on disk: atomic writes of files and directories, their leftovers, input collection.
+
+Every writer of the project goes through :func:`atomic_write` or :func:`atomic_directory`:
+the content is written under a hidden temporary name beside the target
+(``.{name}.XXXXXXXX.tmp``) and renamed over it when complete, so a reader never sees a
+partial file and a process killed mid-write leaves the old file (or none) plus a
+temporary that :func:`remove_stale_temporaries` deletes at the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
+LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def umask() -> int:
+    """The process umask (read without changing it for longer than a call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (where the filesystem supports it)."""
+    try:
+        fd = os.open(str(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def temporary_name(target: str) -> str:
+    """The prefix of temporaries standing for ``target`` (``.{target}.``)."""
+    return f"{TMP_PREFIX}{target}."
+
+
+def temporary_target(name: str) -> str | None:
+    """The name a temporary of :func:`atomic_write` / :func:`atomic_directory` stands for, else ``None``."""
+    if not (name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)):
+        return None
+    parts = name[len(TMP_PREFIX) : -len(TMP_SUFFIX)].rsplit(".", 1)
+    return parts[0] if len(parts) == 2 and parts[0] else None
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = False) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    Args:
+        path: the final file.
+        write: fills the temporary file given its path.
+        durable: fsync the file and its directory (checkpoints: survive a power cut).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name), suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
+        write(tmp)
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: bool = False) -> Path:
+    """Fill a temporary directory beside ``final`` with ``write(tmp_dir)``, then put it in
+    place of ``final`` (an existing ``final`` is replaced only once the new one is complete)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final.name), suffix=TMP_SUFFIX))
+    try:
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
+        write(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                p.chmod(0o666 & ~umask())
+                if durable:
+                    with open(p, "rb") as fh:
+                        os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if durable:
+        fsync_dir(final.parent)
+    return final
+
+
+def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
+    """Delete the temporaries left in ``directory`` by a killed writer; returns them.
+
+    Args:
+        directory: where to look (not recursive).
+        targets: only temporaries of these file names (``None``: every temporary).
+    """
+    wanted = None if targets is None else set(targets)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        target = temporary_target(entry.name)
+        if target is None or (wanted is not None and target not in wanted):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
+    """:func:`remove_stale_temporaries` for a set of target files in any directories; returns how many."""
+    by_dir: dict[Path, set[str]] = {}
+    for p in paths:
+        by_dir.setdefault(Path(p).parent, set()).add(Path(p).name)
+    return sum(len(remove_stale_temporaries(d, names)) for d, names in by_dir.items())
+
+
+# ---------------------------------------------------------------------------- input collection
+def scan_directory(root: str | Path, suffixes: set[str]) -> list[Path]:
+    """Files under ``root`` whose lower-case extension is in ``suffixes``, in a fixed order:
+    a directory's files (sorted) before its subdirectories (sorted), recursively. Directory
+    symlinks are not followed, so a link loop cannot recurse forever."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        found += [Path(dirpath) / n for n in sorted(filenames) if Path(n).suffix.lower() in suffixes]
+    return found
+
+
+def read_file_list(path: str | Path) -> list[Path]:
+    """Paths of a list file: one a line (its first tab-separated field), blank lines and
+    ``#`` comments skipped. A relative path is taken from the working directory when it
+    exists there, else from the list's own directory."""
+    path = Path(path)
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = line.split("\t")[0].strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry)
+        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+            p = path.parent / p
+        out.append(p)
+    return out
+
+
+def is_file_list(path: str | Path) -> bool:
+    """A list file (``.txt``, ``.lst``, ``.list``, ``.scp``, ``.tsv``) rather than an audio file."""
+    path = Path(path)
+    return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
+
+
+def collect_files(source: str | Path, suffixes: set[str]) -> list[tuple[Path, Path]]:
+    """The one input collector: ``[(file, name)]`` for a directory (scanned recursively;
+    ``name`` relative to it), a list file (``name`` as listed) or a single file (its name).
+
+    Existence of listed files is not checked here: a missing file is reported when read.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return [(f, f.relative_to(source)) for f in scan_directory(source, suffixes)]
+    if is_file_list(source):
+        return [(f, f) for f in read_file_list(source)]
+    return [(source, Path(source.name))]
