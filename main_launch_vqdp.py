@@ -66,7 +66,7 @@ from training.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from training.config import LoadedConfig, TrainConfig, load_train_config
+from training.config import TrainConfig, load_train_config
 from training.faults import FaultHooks, write_state_hashes
 from training.parallel import wrap_ddp
 from training.run_logger import ConsoleLogger, RunLogger
@@ -377,18 +377,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_config(args: argparse.Namespace) -> LoadedConfig:
-    overrides = list(args.overrides)
-    for key in ("training_file", "validation_file", "log_dir"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    return load_train_config(args.config, args.exp_config, overrides)
-
-
 def main(argv: Sequence[str] | None = None) -> State:
     """Run training; returns the final state (tests inspect it). Raises on errors."""
     args = parse_args(argv)
-    loaded = load_config(args)
+    flags = [f"{k}={getattr(args, k)}" for k in ("training_file", "validation_file", "log_dir") if getattr(args, k) is not None]
+    loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])
     cfg, raw = loaded.cfg, loaded.raw
     hooks = FaultHooks.from_env()
     device = du.init_distributed()
