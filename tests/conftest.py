@@ -103,6 +103,29 @@ def release_dir(tmp_path_factory, tiny_codec) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def release_hub_cache(tmp_path_factory, release_dir) -> Path:
+    """A Hugging Face hub cache (``HF_HUB_CACHE``) laid out as the hub lays it out, holding the
+    tiny codec as release ``xcodec_hubert_librispeech`` of ZhenYe234/xcodec (.pth + YAML)."""
+    import yaml
+
+    from utils.config import merge
+
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--ZhenYe234--xcodec"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snapshot / "xcodec_speech_hubert_librispeech.pth").write_bytes((release_dir / "model.pth").read_bytes())
+    config = (release_dir / "config.yaml").read_text().replace("base: xcodec_hubert_librispeech.yaml\n", "")
+    # The released YAML is self-contained: inline the base.
+    merged = merge(yaml.safe_load(BASE_CONFIG.read_text()), yaml.safe_load(config))
+    (snapshot / "config_hubert.yaml").write_text(yaml.safe_dump(merged))
+    return cache
+
+
 # ---------------------------------------------------------------------------- training
 TEST_HOOK_VARS = ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR")
 

@@ -136,25 +136,9 @@ def _hub_script(name: str) -> str:
     )
 
 
-def test_release_name_resolves_through_offline_hf_cache(tmp_path, release_dir):
+def test_release_name_resolves_through_offline_hf_cache(tmp_path, release_hub_cache):
     """The real huggingface_hub code path against a cache laid out as the hub lays it out."""
-    cache = tmp_path / "hub"
-    repo = cache / "models--ZhenYe234--xcodec"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    (snapshot / "xcodec_speech_hubert_librispeech.pth").write_bytes((release_dir / "model.pth").read_bytes())
-    config = (release_dir / "config.yaml").read_text().replace("base: xcodec_hubert_librispeech.yaml\n", "")
-    full = (BASE_CONFIG.read_text() + "\n")  # the released YAML is self-contained: inline the base
-    import yaml
-
-    from utils.config import merge
-
-    merged = merge(yaml.safe_load(full), yaml.safe_load(config))
-    (snapshot / "config_hubert.yaml").write_text(yaml.safe_dump(merged))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(release_hub_cache), "HF_HOME": str(tmp_path / "home")}
     ok = subprocess.run([sys.executable, "-c", _hub_script("xcodec_hubert_librispeech")], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "OK (1, 8, 10)" in ok.stdout
