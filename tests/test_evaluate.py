@@ -239,7 +239,7 @@ def test_spectrogram_figure_axes_colour_bar_and_unicode_title():
     assert len(spectrograms) == 2 and len(colorbars) == 1
     assert spectrograms[-1].get_xlabel() == "time (s)" and all(ax.get_ylabel() == "frequency (kHz)" for ax in spectrograms)
     assert colorbars[0].get_ylabel() == "magnitude (dB)"
-    assert fig._suptitle.get_text() == "語音/ŝpeech_ü.flac"
+    assert fig.get_suptitle() == "語音/ŝpeech_ü.flac"
     assert [ax.get_title(loc="left") for ax in spectrograms] == ["original", "2 kbps   PESQ 2.10"]
     x0, x1, y0, y1 = spectrograms[0].get_images()[0].get_extent()
     assert (x0, y0, y1) == (0.0, 0.0, 8.0) and x1 == pytest.approx(len(wav) / 16000, abs=0.01)  # seconds, kHz
