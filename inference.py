@@ -282,19 +282,23 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
         "bins": int(model.bins),
         "bandwidth": bandwidth,
         "checkpoint": checkpoint_id(args.checkpoint, args.config),
+        "precision": args.precision,
+        "device": model.device.type,  # exact codes agree across devices; recorded for the record
     }
     n_q = model.quantizer.n_q_for_bandwidth(args.bandwidth)
     try:
         entries = read_manifest(root) if root.is_dir() else []
     except (CodesFileError, OSError) as exc:
         raise CliError(str(exc)) from None
-    clash = [e for e in entries if (e.get("checkpoint"), e.get("n_q")) != (fields["checkpoint"], n_q)]
+    mine = (fields["checkpoint"], n_q, args.precision)
+    # Entries written before precisions were recorded were all fp32.
+    clash = [e for e in entries if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
     if clash:
         e = clash[0]
         raise CliError(
             f"{root}: already holds codes of {len(clash)} file(s) made by checkpoint {e.get('checkpoint')} at "
-            f"{e.get('bandwidth')} kbps; this run uses {fields['checkpoint']} at {bandwidth} kbps: "
-            "choose another --codes-out directory"
+            f"{e.get('bandwidth')} kbps in {e.get('precision', 'fp32')}; this run uses {fields['checkpoint']} at "
+            f"{bandwidth} kbps in {args.precision}: choose another --codes-out directory"
         )
     remove_stale_temporaries_of([j.codes_out for j in jobs] + [j.audio_out for j in jobs if j.audio_out is not None])
     done = {e["path"] for e in entries}
@@ -310,9 +314,11 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
 
 
 def _device_for_rank(args: argparse.Namespace) -> None:
-    """Under torchrun, each local rank uses its own GPU unless --device says otherwise."""
-    if args.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    """Several processes (torchrun, or RANK/WORLD_SIZE set by hand): each uses its own GPU
+    (LOCAL_RANK, else RANK, modulo the GPUs visible) unless --device says otherwise."""
+    index = os.environ.get("LOCAL_RANK", os.environ.get("RANK"))
+    if args.device is None and index is not None and index.isdigit() and torch.cuda.is_available():
+        args.device = f"cuda:{int(index) % torch.cuda.device_count()}"
 
 
 def run(args: argparse.Namespace) -> int:

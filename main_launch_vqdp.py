@@ -53,7 +53,7 @@ from torch import nn
 
 from data import DataError, batches_per_epoch
 from losses import LossBundle
-from models import XCodec, build_codec
+from models import CheckpointError, XCodec, build_codec
 from modules.discriminators import DiscriminatorBank, build_discriminators
 from quantization import CodebookUsage
 from training.batches import make_loaders, screen_batch
@@ -61,6 +61,7 @@ from training.checkpoint import (
     TrainingError,
     find_resume_checkpoint,
     init_codec_from,
+    remove_stale_checkpoint_temporaries,
     restore,
     save_checkpoint,
     seed_everything,
@@ -73,7 +74,6 @@ from training.run_logger import ConsoleLogger, RunLogger
 from training.validation import validate
 from utils import distributed as du
 from utils.config import ConfigError
-from utils.files import remove_stale_temporaries
 
 
 # ---------------------------------------------------------------------------- state
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> State:
         ckpt_dir = log_dir / "model_ckpts"
         if du.is_main_process():
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for p in remove_stale_temporaries(ckpt_dir):
+            for p in remove_stale_checkpoint_temporaries(ckpt_dir):
                 print(f"removed {p.name} left by an interrupted save", flush=True)
             (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         if device.type == "cuda":
@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> State:
 def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(argv)
-    except (ConfigError, DataError, TrainingError) as exc:
+    except (ConfigError, DataError, TrainingError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -24,7 +24,7 @@ def list_audio_files(source: str | Path) -> list[str]:
         source: a text file with one path per line (blank lines and ``#`` comments
             ignored; a relative path is taken from the working directory when it exists
             there, else from the list's own directory), or a directory, scanned
-            recursively for every extension libsndfile reads, in sorted order.
+            recursively for every extension libsndfile reads, sorted by path.
 
     Returns:
         The paths, in a deterministic order. Existence and readability are checked

@@ -64,14 +64,14 @@ def _acoustic_key_from_hf(key: str, n_stages: int) -> str | None:
         if name in ends:
             return f"{prefix}.{ends[name]}.{tail}"
         r = re.match(r"block\.(\d+)\.res_unit(\d)\.(\w+)\.(.*)", rest)
-        if r:
+        if r and r.group(3) in _UNIT_LAYERS:
             i, j, k = int(r.group(1)) + 1, int(r.group(2)) - 1 + first_unit, _UNIT_LAYERS.index(r.group(3))
             return f"{prefix}.{i}.block.{j}.block.{k}.{r.group(4)}"
+        names = {v: k for k, v in others.items()}
         r = re.match(r"block\.(\d+)\.(\w+)\.(.*)", rest)
-        if r:
-            index = {v: k for k, v in others.items()}[r.group(2)]
-            return f"{prefix}.{int(r.group(1)) + 1}.block.{index}.{r.group(3)}"
-    return None
+        if r and r.group(2) in names:
+            return f"{prefix}.{int(r.group(1)) + 1}.block.{names[r.group(2)]}.{r.group(3)}"
+    return None  # not a known layer: kept as it is, and reported as unexpected when loading
 
 
 def original_key_to_hf(key: str, n_stages: int) -> str:

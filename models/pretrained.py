@@ -45,7 +45,6 @@ RELEASES: dict[str, tuple[str, str]] = {
     "xcodec_hubert_general_audio_v2": ("xcodec_hubert_general_audio_v2.pth", "config_hubert_general.yaml"),
 }
 DEFAULT_RELEASE = "xcodec_hubert_librispeech"
-FORMATS = ("pth", "transformers", "export")
 
 
 class CheckpointError(ValueError):
@@ -296,6 +295,16 @@ def read_hf_config(path: Path) -> tuple[GeneratorConfig, float]:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise CheckpointError(f"{path}: audio_norm_scale: expected a number, got {scale!r}")
     return gen, float(scale)
+
+
+def read_state(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of any checkpoint in our key names, without needing its config where the
+    format allows (a release ``.pth`` alone: fine-tuning takes the architecture from its own config)."""
+    src = resolve_checkpoint(checkpoint, config)
+    if src.kind != "pth":
+        return read_checkpoint(src).state
+    obj = read_torch_file(src.weights)
+    return tensors_only(obj["codec"] if isinstance(obj.get("codec"), dict) else obj)
 
 
 def read_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> CheckpointContents:

@@ -65,7 +65,7 @@ def encode_long(
     file, computed first in chunks, instead of each window's own.
     """
     check_precision(precision)
-    wav = _as_batch1(wav)
+    wav = _as_batch1(wav)  # stays where it is (a long file on CPU); each window goes to the model's device
     hop = model.hop_length
     total = wav.shape[-1]
     n_frames = int(model.num_frames(total))
@@ -76,7 +76,7 @@ def encode_long(
     if n_frames <= win + 2 * ctx:
         return model.encode(wav, bandwidth, precision=precision)
     rem = total % hop
-    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []
+    stats = group_norm_stats(model.semantic_model, wav.to(model.device), hop // 2) if global_norm else []
     with fixed_group_norm_stats(model.semantic_model, stats):
         return _encode_windows(model, wav, bandwidth, win, ctx, rem, n_frames, precision)
 
@@ -170,14 +170,14 @@ class StreamingDecoder:
 
     def flush(self) -> torch.Tensor:
         if self._codes is None:
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.model.device)
         return self._emit(self._offset + self._codes.shape[-1])
 
     @torch.inference_mode()
     def _emit(self, upto: int) -> torch.Tensor:
         hop = self.model.hop_length
         if upto <= self._emitted:
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.model.device)  # on the device of the audio pieces: they concatenate
         audio = self.model.decode(self._codes, precision=self.precision)[0, 0]
         start = self._emitted - self._offset
         out = audio[start * hop : (upto - self._offset) * hop].clone()
@@ -222,7 +222,7 @@ def encode_many(
     out: list[torch.Tensor | None] = [None] * len(wavs)
     for idx in length_batches([len(w) for w in wavs], batch_size):
         lengths = torch.tensor([len(wavs[i]) for i in idx])
-        batch = torch.zeros(len(idx), 1, int(lengths.max()), dtype=wavs[idx[0]].dtype)
+        batch = wavs[idx[0]].new_zeros(len(idx), 1, int(lengths.max()))  # encode moves it to the model's device
         for j, i in enumerate(idx):
             batch[j, 0, : len(wavs[i])] = wavs[i]
         codes = model.encode(batch, bandwidth, lengths=None if len(idx) == 1 else lengths, precision=precision)
@@ -239,7 +239,7 @@ def decode_many(model: XCodec, codes: Sequence[torch.Tensor], batch_size: int = 
     hop = model.hop_length
     for idx in length_batches([c.shape[-1] for c in codes], batch_size):
         frames = torch.tensor([codes[i].shape[-1] for i in idx])
-        batch = torch.zeros(len(idx), codes[idx[0]].shape[0], int(frames.max()), dtype=torch.long)
+        batch = codes[idx[0]].new_zeros(len(idx), codes[idx[0]].shape[0], int(frames.max()), dtype=torch.long)
         for j, i in enumerate(idx):
             batch[j, :, : codes[i].shape[-1]] = codes[i]
         audio = model.decode(batch, frames=None if len(idx) == 1 else frames, precision=precision)

@@ -20,9 +20,9 @@ from modules import (
     teacher_features,
     teacher_frames,
 )
-from modules.tiled import TiledRunner, plan_segments
+from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
-from utils.precision import check_precision
+from utils.precision import DTYPES, autocast, check_precision, ieee_fp32
 
 from .config import GeneratorConfig
 from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
@@ -99,6 +99,7 @@ class XCodec(nn.Module):
         self.hop_length = hop_length
         self.audio_norm_scale = audio_norm_scale
         self.config = None  # the GeneratorConfig, set by build_codec
+        self._tiled = TiledStacks()  # the CPU inference engine's runners and plans, built on first use
 
     # ------------------------------------------------------------------ properties
     @property
@@ -160,36 +161,35 @@ class XCodec(nn.Module):
         """Inference on CPU without autograd: the cache-blocked runner applies."""
         return x.device.type == "cpu" and not torch.is_grad_enabled()
 
-    def _runner(self, precision: str) -> TiledRunner:
-        runners = self.__dict__.setdefault("_runners", {})
-        if precision not in runners:
-            runners[precision] = TiledRunner(torch.float32 if precision == "fp32" else torch.bfloat16)
-        return runners[precision]
-
-    def _segments(self, which: str):
-        plans = self.__dict__.setdefault("_plans", {})
-        if which not in plans:
-            plans[which] = plan_segments(self.encoder.block if which == "encoder" else self.decoder_2.model)
-        return plans[which]
-
-    def _autocast(self, device: torch.device, precision: str):
-        if precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return torch.autocast(device.type, enabled=False)
+    def _item_groups(self, sizes: torch.Tensor, device: torch.device, precision: str) -> list[list[int]] | None:
+        """How a batch of items of ``sizes`` runs: ``None``, as one padded (masked) pass, or
+        in groups that each run unpadded. On CPU each item runs alone: a padded batch is
+        slower per sample there (FLOP-bound work; 8x larger activations thrash caches). In
+        exact mode elsewhere, items of equal size run together: the masks and the kernels
+        cuDNN and SDPA pick for other shapes could change an item's last bits, and a code.
+        """
+        if device.type == "cpu" and not torch.is_grad_enabled():
+            return [[i] for i in range(len(sizes))]
+        if precision == "fp32" and bool((sizes != sizes[0]).any()):
+            groups: dict[int, list[int]] = {}
+            for i, n in enumerate(sizes.tolist()):
+                groups.setdefault(n, []).append(i)
+            return list(groups.values())
+        return None
 
     def _run_acoustic(self, which: str, x: torch.Tensor, lengths: torch.Tensor | None, precision: str) -> torch.Tensor:
         """Acoustic ``"encoder"`` or ``"decoder"``: cache-blocked channels-last on CPU
         without autograd (fp32 or bf16), else the eager module under autocast."""
-        if self._fast_cpu(x):
-            runner = self._runner(precision)
-            y, _ = runner.run(self._segments(which), runner.to_layout(x), lengths)
-            return runner.from_layout(y).float()
         module = self.encoder if which == "encoder" else self.decoder_2
-        with self._autocast(x.device, precision):
+        if self._fast_cpu(x) and precision is not None:
+            return self._tiled.run(module.block if which == "encoder" else module.model, x, lengths, DTYPES[precision])
+        with autocast(x.device, precision):
             return module(x, lengths).float()
 
-    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str = "fp32"):
+    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32"):
         """The quantizer's input for (B, 1, T) audio.
+
+        ``precision``: ``"fp32"``, ``"bf16"`` or ``None`` (the caller's autocast: training).
 
         Returns ``(latents (B, D+H, F), teacher features (B, H, F), frames (B,))``: the fused
         acoustic + semantic latents after ``fc_prior``, the semantic target, and each item's
@@ -206,7 +206,7 @@ class XCodec(nn.Module):
             wav = wav * (torch.arange(total)[None, None, :] < lengths[:, None, None]).to(wav)
         dev_lengths = lengths.to(wav.device) if ragged else None
 
-        with self._autocast(wav.device, precision):
+        with autocast(wav.device, precision):
             semantic_target = teacher_features(self.semantic_model, wav, self.hop_length // 2, dev_lengths).transpose(1, 2)
             e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
         semantic_target, e_semantic = semantic_target.float(), e_semantic.float()
@@ -277,24 +277,29 @@ class XCodec(nn.Module):
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
         """
         self._check_audio(wav)
+        wav = wav.to(self.device)
         check_precision(precision, wav.device)
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
-        if wav.shape[0] > 1 and self._fast_cpu(wav):
-            # On CPU a padded batch is slower per sample than its items one by one (the
-            # work is FLOP-bound, and 8x larger activations thrash caches and page in
-            # memory), so each item runs alone: exactly its own codes, by construction.
+        with ieee_fp32(precision == "fp32"):
+            if wav.shape[0] == 1:
+                return self._encode_pass(wav, bandwidth, lengths, precision)
             lengths = self._valid_lengths(wav, lengths)
+            groups = self._item_groups(lengths, wav.device, precision)
+            if groups is None:
+                return self._encode_pass(wav, bandwidth, lengths, precision)
             frames = self.num_frames(lengths)
             if bool((frames < 1).any()):
                 self.latents(wav[:1, :, : int(lengths.min())], None)  # raises the too-short error
             out = torch.zeros(wav.shape[0], n_q, int(frames.max()), dtype=torch.long, device=wav.device)
-            for i, n in enumerate(lengths.tolist()):
-                codes = self.encode(wav[i : i + 1, :, :n], bandwidth, precision=precision)
-                out[i, :, : codes.shape[-1]] = codes[0]
+            for idx in groups:
+                n = int(lengths[idx[0]])
+                codes = self._encode_pass(wav[idx, :, :n], bandwidth, None, precision)
+                out[idx, :, : codes.shape[-1]] = codes
             return out
+
+    def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str) -> torch.Tensor:
         e, _, frames = self.latents(wav, lengths, precision)
         codes = self.quantizer.encode(e, bandwidth)
-        assert codes.shape[1] == n_q
         if lengths is not None and bool((frames != codes.shape[-1]).any()):
             codes = codes.masked_fill(~self._frame_mask(frames, codes.shape[-1], codes.device)[:, None, :], 0)
         return codes
@@ -337,33 +342,46 @@ class XCodec(nn.Module):
             (B, 1, F * hop) float32 audio (whole frames; trim to the input length yourself).
         """
         self.check_codes(codes)
-        check_precision(precision, codes.device)
         codes = codes.to(device=self.device, dtype=torch.long)
-        if codes.shape[0] > 1 and self._fast_cpu(codes):
-            # Item by item on CPU (see encode): each decodes exactly as alone.
-            count = codes.shape[-1]
-            frames = [count] * codes.shape[0] if frames is None else torch.as_tensor(frames, dtype=torch.long).tolist()
-            if len(frames) != codes.shape[0] or min(frames) < 1 or max(frames) > count:
-                raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {frames}")
+        check_precision(precision, codes.device)
+        count = codes.shape[-1]
+        if frames is not None:
+            frames = torch.as_tensor(frames, dtype=torch.long).cpu()
+            if frames.shape != (codes.shape[0],) or int(frames.min()) < 1 or int(frames.max()) > count:
+                raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {frames.tolist()}")
+        with ieee_fp32(precision == "fp32"):
+            groups = None
+            if codes.shape[0] > 1:
+                sizes = frames if frames is not None else torch.full((codes.shape[0],), count)
+                groups = self._item_groups(sizes, codes.device, precision)
+            if groups is None:
+                return self._decode_pass(codes, frames, precision)
             out = torch.zeros(codes.shape[0], 1, count * self.hop_length, device=codes.device)
-            for i, f in enumerate(frames):
-                audio = self.decode(codes[i : i + 1, :, :f], precision=precision)
-                out[i, :, : audio.shape[-1]] = audio[0]
+            for idx in groups:
+                f = count if frames is None else int(frames[idx[0]])
+                audio = self._decode_pass(codes[idx, :, :f], None, precision)
+                out[idx, :, : audio.shape[-1]] = audio
             return out
+
+    def _decode_pass(self, codes: torch.Tensor, frames: torch.Tensor | None, precision: str) -> torch.Tensor:
         quantized = self.quantizer.decode(codes)
         z = self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
         if frames is not None:
-            frames = torch.as_tensor(frames, dtype=torch.long, device=z.device)
             if bool((frames == codes.shape[-1]).all()):
                 frames = None
             else:
+                frames = frames.to(z.device)
                 z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
         return self._run_acoustic("decoder", z, frames, precision)
 
     # ------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:
-        """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass."""
-        e, semantic_target, _ = self.latents(wav, None)
+        """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass.
+
+        Runs in the caller's precision: under a bf16 autocast the teacher, the encoders and
+        the decoders compute in bf16, the quantizer in fp32.
+        """
+        e, semantic_target, _ = self.latents(wav, None, precision=None)
         q = self.quantizer(e, bandwidth)
         quantized = q.quantized
         semantic = self.decoder_semantic(self.fc_post1(quantized.transpose(1, 2)).transpose(1, 2))
@@ -374,16 +392,16 @@ class XCodec(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | Path | CheckpointSource, config: str | Path | None = None, device: str | torch.device = "cpu"
+        cls, path: str | Path | CheckpointSource, config: str | Path | None = None, device: str | torch.device = "cpu"
     ) -> XCodec:
         """Load an inference model (eval mode, weight norm folded, no gradients).
 
-        ``checkpoint``: a release name (downloaded once into the Hugging Face cache), a
+        ``path``: a release name (downloaded once into the Hugging Face cache), a
         release .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our
         training, a transformers ``XcodecModel`` directory or our export. Raises
         ``models.pretrained.CheckpointError`` with a one-line reason.
         """
-        contents = read_checkpoint(checkpoint, config)
+        contents = read_checkpoint(path, config)
         model = build_codec(contents.generator, contents.audio_norm_scale, weight_norm=False)
         load_codec_state(model, contents.state, contents.source)
         for module in model.semantic_model.modules():  # the teacher's positional conv

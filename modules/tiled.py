@@ -341,6 +341,24 @@ class TiledRunner:
 
 
 # ------------------------------------------------------------------------------ plans
+class TiledStacks:
+    """Runners per dtype and segment plans per acoustic stack, each built on first use."""
+
+    def __init__(self) -> None:
+        self._runners: dict[torch.dtype, TiledRunner] = {}
+        self._plans: dict[int, list[Segment]] = {}
+
+    def run(self, layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """(B, C, T) ``x`` through the encoder's or decoder's Sequential; float32 (B, C', T') out."""
+        if dtype not in self._runners:
+            self._runners[dtype] = TiledRunner(dtype)
+        if id(layers) not in self._plans:
+            self._plans[id(layers)] = plan_segments(layers)
+        runner = self._runners[dtype]
+        y, _ = runner.run(self._plans[id(layers)], runner.to_layout(x), lengths)
+        return runner.from_layout(y).float()
+
+
 def _residual(unit) -> Residual:
     return Residual(unit, ConvSpec.of(unit.block[1]), ConvSpec.of(unit.block[3]))
 

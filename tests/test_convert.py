@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BASE_CONFIG, TINY_CONFIG, make_tiny_codec, read_asset, to_release_state
+from conftest import ASSETS, BASE_CONFIG, TINY_CONFIG, make_tiny_codec, read_asset, to_release_state
 from models import XCodec
 from models.convert import main as convert_main
+from models.export import to_transformers
+from models.hf_layout import hf_key_to_original, original_key_to_hf
 from models.pretrained import fold_weight_norm
 from utils.config import read_config
 
@@ -109,3 +112,24 @@ def test_conversion_errors_are_one_line(tmp_path, release_pth, capsys):
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert (tmp_path / "full" / "x").read_text() == "keep me" and not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("layout", ["released_pth_layout_hubert_base.json", "released_pth_layout_wavlm_base_plus.json"])
+def test_transformers_key_names_round_trip_on_the_released_layouts(layout):
+    """Every key of both released layouts, in every weight-norm style, maps to transformers' name and back."""
+    keys = list(json.loads((ASSETS / layout).read_text()))
+    styles = [k.replace(".weight_g", s0).replace(".weight_v", s1) for k in keys
+              for s0, s1 in ((".weight_g", ".weight_v"), (".parametrizations.weight.original0", ".parametrizations.weight.original1"))]  # fmt: skip
+    mapped = {k: original_key_to_hf(k, 4) for k in styles}
+    assert all(hf_key_to_original(v, 4) == k for k, v in mapped.items())
+    assert len(set(mapped.values())) == len(set(styles))  # no two keys share a name
+    assert hf_key_to_original("acoustic_encoder.block.0.res_unit1.unknown.weight", 4) == "acoustic_encoder.block.0.res_unit1.unknown.weight"
+
+
+def test_transformers_state_names_are_exactly_ours(tiny_codec):
+    """XcodecModel's own state dict renamed with the inverse map gives exactly our keys."""
+    hf_keys = set(to_transformers(tiny_codec).state_dict())
+    ours = {k.replace(".parametrizations.weight.original0", ".weight").replace(".parametrizations.weight.original1", ".weight") for k in tiny_codec.state_dict()}
+    back = {hf_key_to_original(k, len(tiny_codec.config.ratios)) for k in hf_keys}
+    back = {k.replace(".parametrizations.weight.original0", ".weight").replace(".parametrizations.weight.original1", ".weight") for k in back}
+    assert back == ours

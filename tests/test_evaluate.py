@@ -95,13 +95,13 @@ def test_sample_rates_are_reconciled_and_files_matched_by_relative_path(tmp_path
     (line,) = _error_lines(err)
     assert "lonely.flac" in line and "no estimate" in line
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [r["path"] for r in report["files"]] == ["late.wav", "a/x.flac"] and report["failed"][0]["path"] == "lonely.flac"
-    late, row = report["files"]
+    assert [r["path"] for r in report["files"]] == ["a/x.flac", "late.wav"] and report["failed"][0]["path"] == "lonely.flac"
+    row, late = report["files"]
     assert row["stoi"] > 0.99 and row["si_sdr"] > 25 and row["pesq_wb"] > 4.0  # the same speech, resampled
     assert late["si_sdr"] < 0  # a 10 ms delay ruins waveform metrics...
 
     code, stdout, _ = _run([*argv, "--max-delay-ms", "20"], capsys)
-    late, row = json.loads((tmp_path / "r.json").read_text())["files"]
+    row, late = json.loads((tmp_path / "r.json").read_text())["files"]
     assert row["delay_ms"] == 0 and late["delay_ms"] == 10.0 and late["si_sdr"] > 60  # ...unless compensated
     assert "delay" in stdout
 

@@ -108,6 +108,7 @@ def test_corpus_manifest_resume_and_settings_clash(tmp_path, export_dir, model, 
         rel = entry["path"][: -len(".flac")]
         assert entry["codes"] == f"{rel}.npy" and entry["n_q"] == 4 and entry["bandwidth"] == 2.0 and entry["bins"] == 1024
         assert entry["checkpoint"].startswith("xcodec-") and entry["sample_rate"] == 16000
+        assert entry["precision"] == "fp32" and entry["device"] == "cpu"
         assert entry["duration"] == pytest.approx(sf.info(src / entry["path"]).duration)
         assert np.array_equal(codes.numpy(), _expected_codes(model, src, rel, 2.0))
         assert entry["frames"] == codes.shape[1] == int(model.num_frames(entry["samples"]))
@@ -125,6 +126,11 @@ def test_corpus_manifest_resume_and_settings_clash(tmp_path, export_dir, model, 
     assert inference.main([*argv[:-2], "-b", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds codes" in err[0] and "2.0 kbps" in err[0]
+    assert (out / "manifest.jsonl").read_text() == before
+    # So is another precision: bf16 codes must not mix with fp32 ones.
+    assert inference.main([*argv, "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds codes" in err[0] and "in fp32" in err[0] and "in bf16" in err[0]
     assert (out / "manifest.jsonl").read_text() == before
 
 

@@ -11,13 +11,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_launch_vqdp as trainer
-from conftest import ROOT
+from conftest import ROOT, to_release_state
 from conftest import TINY_CONFIG as TINY
 from conftest import train_tiny as run
 from data import DataError
 from models import XCodec
 from models.pretrained import read_torch_file
-from training.checkpoint import nonfinite_entries
+from training.checkpoint import nonfinite_entries, remove_stale_checkpoint_temporaries
 from training.config import load_train_config
 from utils.audio import load_audio
 
@@ -160,6 +160,16 @@ def test_init_from_released_style_weights(tmp_path):
     x = torch.randn(1, 1, 6400) * 0.1
     torch.testing.assert_close(fresh.codec.eval().encode(x), state.codec.eval().encode(x))
 
+    # A release-style .pth alone (old weight_g/weight_v keys, an io.BytesIO entry, no YAML
+    # beside it): the weights are all fine-tuning needs.
+    release = tmp_path / "release_only" / "xcodec.pth"
+    release.parent.mkdir()
+    torch.save(to_release_state(saved), release)
+    third = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
+    trainer.init_codec_from(third.codec, str(release))
+    for key, value in third.codec.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
     # A fine-tuning run starts from those weights with fresh discriminators and optimizers.
     tuned = run(tmp_path / "tuned", f"init_from={ckpt}", "max_steps=1", "validation_file=null")
     assert tuned.step == 1
@@ -189,3 +199,18 @@ def test_bf16_autocast_keeps_the_quantizer_in_fp32():
     assert seen == [torch.float32]
     assert torch.is_autocast_enabled("cpu") is False  # the hooks left no autocast state behind
     assert torch.isfinite(out.audio.float()).all()
+
+
+def test_stale_temporaries_of_this_and_earlier_versions_are_removed(tmp_path):
+    """A save killed mid-write leaves a temporary; earlier versions named them ckpt_X.pth.tmp-PID."""
+    (tmp_path / "ckpt_00000004.pth.tmp-123").write_bytes(b"partial")
+    (tmp_path / "export_00000004.tmp-123").mkdir()
+    (tmp_path / "export_00000004.tmp-123" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".ckpt_00000005.pth.k2j4h1.tmp").write_bytes(b"partial")
+    keep = ["ckpt_00000003.pth", "export_00000003", "notes.tmp-1.txt"]
+    (tmp_path / keep[0]).write_bytes(b"complete")
+    (tmp_path / keep[1]).mkdir()
+    (tmp_path / keep[2]).write_text("not a temporary")
+    removed = sorted(p.name for p in remove_stale_checkpoint_temporaries(tmp_path))
+    assert removed == [".ckpt_00000005.pth.k2j4h1.tmp", "ckpt_00000004.pth.tmp-123", "export_00000004.tmp-123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from models.export import save_export
-from models.pretrained import load_codec_state, read_checkpoint, read_torch_file
+from models.pretrained import load_codec_state, read_state, read_torch_file
 from utils import distributed as du
-from utils.files import atomic_directory, atomic_write
+from utils.files import atomic_directory, atomic_write, remove_stale_temporaries
 
 CHECKPOINT_FORMAT = "xcodec-train-1"
 
@@ -42,6 +42,8 @@ class TrainingError(RuntimeError):
     """The run cannot go on (repeated non-finite losses, a corrupt state); the message says why."""
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8,})\.pth$")
+# Temporaries of checkpoints written by earlier versions: ckpt_X.pth.tmp-PID, export_X.tmp-PID.
+LEGACY_TMP_RE = re.compile(r"^(ckpt_\d{8,}\.pth|export_\d{8,})\.tmp-\d+$")
 EXPORT_RE = re.compile(r"^export_(\d{8,})$")
 
 
@@ -102,6 +104,16 @@ def atomic_torch_save(obj: Any, path: str | Path, pause_mid_write: float = 0.0, 
             torch.save(obj, _PausingWriter(f, pause_mid_write, on_pause) if pause_mid_write > 0 else f)
 
     return atomic_write(path, write, durable=True)
+
+
+def remove_stale_checkpoint_temporaries(directory: str | Path) -> list[Path]:
+    """Delete what a process killed while saving left in ``directory`` (this version's and earlier ones')."""
+    removed = remove_stale_temporaries(directory)
+    for p in Path(directory).iterdir() if Path(directory).is_dir() else []:
+        if LEGACY_TMP_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def rotate_checkpoints(directory: str | Path, keep: int) -> list[Path]:
@@ -251,7 +263,7 @@ def init_codec_from(codec: Any, source: str) -> str:
     ``source``: anything ``XCodec.from_pretrained`` reads (a release name, a release
     ``.pth`` or one of our training checkpoints, an export, a transformers directory).
     """
-    load_codec_state(codec, read_checkpoint(source).state, f"init_from {source}")
+    load_codec_state(codec, read_state(source), f"init_from {source}")
     return source
 
 

@@ -141,7 +141,7 @@ class SubbandSTFTLossConfig:
 
 @dataclass
 class MelConfig:
-    """HiFi-GAN log-mel settings: the optional mel loss, the validation mel distance and the images."""
+    """HiFi-GAN log-mel settings: the optional mel loss and the validation mel distance."""
 
     sampling_rate: int = 16000
     n_fft: int = 1024

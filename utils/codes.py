@@ -1,4 +1,4 @@
-"""Codes files and tokenized corpora: reading, writing, manifests, sharding.
+"""Codes files and tokenized corpora: reading, writing, manifests, checking.
 
 A tokenized corpus (``python inference.py --input corpus/ --codes-out codes/``) is a tree
 of ``.npy`` files mirroring the input tree, one per audio file, int16, shape

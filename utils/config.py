@@ -117,7 +117,8 @@ def config_layers(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]
         return [(str(path), data)]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
-    return config_layers(path.parent / base, _seen + (path.resolve(),)) + [(str(path), data)]
+    here = path.resolve().parent if path.is_symlink() else path.parent  # a linked config's base sits beside the target
+    return config_layers(here / base, _seen + (path.resolve(),)) + [(str(path), data)]
 
 
 def read_config(path: str | Path) -> dict:

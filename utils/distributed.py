@@ -21,8 +21,9 @@ def is_distributed() -> bool:
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """This process's ``(rank, world size)``: the process group's when one is initialised,
-    else the ``RANK``/``WORLD_SIZE`` variables ``torchrun`` sets, else ``(0, 1)``.
+    """This process's shard of a job that needs no process group (tokenization): the process
+    group's ``(rank, world size)`` when one is initialised, else the ``RANK``/``WORLD_SIZE``
+    variables ``torchrun`` sets, else ``(0, 1)``.
 
     Raises:
         ValueError: the variables are not integers or the rank lies outside the world.
@@ -39,11 +40,13 @@ def rank_and_world_size() -> tuple[int, int]:
 
 
 def rank() -> int:
-    return rank_and_world_size()[0]
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    return rank_and_world_size()[1]
+    """The process group's size (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def local_rank() -> int:

@@ -143,14 +143,16 @@ def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
 
 # ---------------------------------------------------------------------------- input collection
 def scan_directory(root: str | Path, suffixes: set[str]) -> list[Path]:
-    """Files under ``root`` whose lower-case extension is in ``suffixes``, in a fixed order:
-    a directory's files (sorted) before its subdirectories (sorted), recursively. Directory
-    symlinks are not followed, so a link loop cannot recurse forever."""
+    """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path.
+
+    Directory symlinks are not followed (a link loop cannot recurse forever); a dangling
+    file link is listed, so that reading it reports it instead of dropping it silently.
+    """
+    root = Path(root)
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        found += [Path(dirpath) / n for n in sorted(filenames) if Path(n).suffix.lower() in suffixes]
-    return found
+    for dirpath, _, filenames in os.walk(root):
+        found += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in suffixes]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def read_file_list(path: str | Path) -> list[Path]:
