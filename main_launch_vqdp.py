@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import random
 import sys
 import time
@@ -70,7 +69,7 @@ from training.checkpoint import (
 from training.config import TrainConfig, load_train_config
 from training.faults import FaultHooks, write_state_hashes
 from training.parallel import wrap_ddp
-from training.run_logger import ConsoleLogger, RunLogger
+from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
 from training.validation import validate
 from utils import distributed as du
 from utils.config import ConfigError
@@ -159,7 +158,7 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor | float]:
     """One discriminator update on real audio and the detached reconstruction.
 
     Args:
@@ -191,12 +190,11 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
         state.opt_d.step()
     logged["loss/discriminator"] = total.detach()
     logged["grad_norm/d"] = grad_norm.detach()
-    out = {k: float(v) for k, v in logged.items()}
-    out["skipped/d"] = float(skip)
-    return out
+    logged["skipped/d"] = float(skip)
+    return logged
 
 
-def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, adversarial: bool, inject_nan: bool = False) -> dict[str, float]:
+def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, adversarial: bool, inject_nan: bool = False) -> dict[str, torch.Tensor | float]:
     """One codec update: weighted sum of the loss terms of ``state.weights``.
 
     Args:
@@ -246,14 +244,14 @@ def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: An
         state.opt_g.zero_grad(set_to_none=True)
     else:
         state.opt_g.step()
-    logged = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-    logged["loss/generator"] = float(total.detach())
-    logged["grad_norm/g"] = float(grad_norm)
+    logged: dict[str, torch.Tensor | float] = {f"loss/{k}": v.detach() for k, v in terms.items()}
+    logged["loss/generator"] = total.detach()
+    logged["grad_norm/g"] = grad_norm.detach()
     logged["skipped/g"] = float(skip)
     return logged
 
 
-def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None) -> dict[str, float]:
+def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None) -> dict[str, torch.Tensor | float]:
     """One training step on a (B, 1, T) batch: one codec forward, a D update, a G update.
 
     A non-finite loss or gradient skips that update on every rank; a skipped generator
@@ -261,16 +259,18 @@ def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None)
     """
     cfg = state.cfg
     step = state.step + 1
-    bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng)
+    # Every rank holds the same bandwidth RNG (seeded and restored alike): no collective needed.
+    bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng, sync=False)
     codebooks = [b.detach().clone() for b in state.codec.quantizer.buffers()]
+    adversarial = state.uses_discriminators and state.step >= cfg.discriminator_iter_start
+    waveform_loss = adversarial or any(state.weights[k] > 0 for k in ("full_stft", "sub_stft", "mel"))
     with state.autocast():
-        out = state.codec_ddp(wav, bandwidth)
+        out = state.codec_ddp(wav, bandwidth, audio_grad=waveform_loss)
     n = min(wav.shape[-1], out.audio.shape[-1])
     real, fake = wav[..., :n], out.audio[..., :n].float()
-    metrics: dict[str, float] = {"train/bandwidth": float(out.bandwidth)}
+    metrics: dict[str, torch.Tensor | float] = {"train/bandwidth": float(out.bandwidth)}
     if state.uses_discriminators:
         metrics.update(discriminator_step(state, real, fake.detach()))
-    adversarial = state.uses_discriminators and state.step >= cfg.discriminator_iter_start
     inject = hooks is not None and step in hooks.nan_steps
     metrics.update(generator_step(state, real, fake, out, adversarial, inject))
     if metrics["skipped/g"]:
@@ -297,7 +297,7 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
     per_epoch = batches_per_epoch(train_sampler, cfg.batch_size)
     total = cfg.max_steps or cfg.num_epoches * per_epoch
     logger.progress(total, state.step)
-    accum: dict[str, list[float]] = {}
+    means = RunningMeans()  # device-side sums: no host sync per step
     last_saved = state.step
     originals_logged = False
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
@@ -329,15 +329,12 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
                     )
             else:
                 state.nonfinite_consecutive = 0
-            for k, v in metrics.items():
-                if math.isfinite(v):
-                    accum.setdefault(k, []).append(v)
             seconds = time.perf_counter() - t0
-            accum.setdefault("perf/step_seconds", []).append(seconds)
-            logger.step(state.step, state.epoch, metrics, seconds, print_line=state.step % cfg.print_freq == 0)
+            means.add({**metrics, "perf/step_seconds": seconds})
+            if state.step % cfg.print_freq == 0:
+                logger.step(state.step, state.epoch, {k: float(v) for k, v in metrics.items()}, seconds)
             if state.step % cfg.summary_interval == 0:
-                logger.summary(state, accum)  # a collective (codebook usage): same step on every rank
-                accum.clear()
+                logger.summary(state, means.pop())  # a collective (codebook usage): same step on every rank
             if valid_loader is not None and state.step % cfg.validation_interval == 0:
                 result = validate(state, valid_loader, logger, not originals_logged)
                 originals_logged = True
@@ -384,8 +381,9 @@ def main(argv: Sequence[str] | None = None) -> State:
     loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])
     cfg, raw = loaded.cfg, loaded.raw
     hooks = FaultHooks.from_env()
-    device = du.init_distributed()
+    device = du.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout_minutes)
     logger = None
+    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # restored at the end
     try:
         log_dir = Path(cfg.log_dir)
         ckpt_dir = log_dir / "model_ckpts"
@@ -405,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> State:
         state = build_state(cfg, raw, device, teacher)
         logger = RunLogger(str(log_dir), cfg.tensorboard, purge_step=(resume[1]["step"] + 1) if resume else None)
         logger.info(f"config: {' + '.join(loaded.sources)}")
-        logger.info(f"processes: {du.world_size()} ({'nccl' if device.type == 'cuda' else 'gloo'} if > 1), device {device}, precision {cfg.precision}")
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        logger.info(f"processes: {du.world_size()} (backend {backend}), device {device}, precision {cfg.precision}")
         logger.models(state, teacher)
         if resume is not None:
             path, ckpt = resume
@@ -429,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> State:
             write_state_hashes(state, hooks.hash_dir)
         return state
     finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
         if logger is not None:
             logger.close()
         if dist.is_initialized():
@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> State:
 def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError) as exc:
+    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -375,18 +375,18 @@ class XCodec(nn.Module):
         return self._run_acoustic("decoder", z, frames, precision)
 
     # ------------------------------------------------------------------ training
-    def forward(self, wav: torch.Tensor, bandwidth: float | None = None) -> CodecOutput:
-        """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass.
-
-        Runs in the caller's precision: under a bf16 autocast the teacher, the encoders and
-        the decoders compute in bf16, the quantizer in fp32.
-        """
+    def forward(self, wav: torch.Tensor, bandwidth: float | None = None, audio_grad: bool = True) -> CodecOutput:
+        """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass,
+        in the caller's precision (under bf16 autocast all but the quantizer run in bf16).
+        ``audio_grad=False`` decodes without a graph (no loss uses the waveform this step:
+        the acoustic decoder is then unused, as DDP must see it)."""
         e, semantic_target, _ = self.latents(wav, None, precision=None)
         q = self.quantizer(e, bandwidth)
         quantized = q.quantized
         semantic = self.decoder_semantic(self.fc_post1(quantized.transpose(1, 2)).transpose(1, 2))
         semantic_loss = F.mse_loss(semantic, semantic_target.detach())
-        audio = self.decoder_2(self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2))
+        with torch.set_grad_enabled(audio_grad and torch.is_grad_enabled()):
+            audio = self.decoder_2(self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2))
         return CodecOutput(audio, q.codes, q.commit_loss, semantic_loss, q.n_q, q.bandwidth)
 
     # ------------------------------------------------------------------ loading

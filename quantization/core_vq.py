@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.distributed import all_gather_rows, all_reduce, broadcast_tensors
+from utils.distributed import all_gather_rows, all_reduce, broadcast_tensors, is_distributed
 
 
 def _sample_rows(samples: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,6 +76,11 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
+        self._known_inited = False  # a Python copy of ``inited`` once it is 1: no host sync per forward
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._known_inited = False  # the loaded ``inited`` decides
+        super()._load_from_state_dict(*args, **kwargs)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) nearest-entry indices.
@@ -108,13 +113,13 @@ class EuclideanCodebook(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
-        onehot = F.one_hot(codes, self.codebook_size).to(flat.dtype)
-        counts = onehot.sum(0)
-        sums = flat.t() @ onehot
+        # index_add_, not one_hot/bincount: those check the index range on the host (a sync).
+        counts = flat.new_zeros(self.codebook_size).index_add_(0, codes, flat.new_ones(codes.shape[0]))
+        sums = flat.new_zeros(self.codebook_size, flat.shape[1]).index_add_(0, codes, flat)
         all_reduce(counts)
         all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums.t(), alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
         self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
@@ -128,16 +133,21 @@ class EuclideanCodebook(nn.Module):
         dead = self.cluster_size < self.threshold_ema_dead_code
         if not bool(dead.any()):
             return
-        samples = all_gather_rows(flat)
-        replacement = _sample_rows(samples, self.codebook_size)
+        # Replacements are drawn from this rank's batch and rank 0's win everywhere (as
+        # EnCodec does): no rank gathers every rank's residuals.
+        replacement = _sample_rows(flat, self.codebook_size)
         self.embed.copy_(torch.where(dead[:, None], replacement, self.embed))
-        broadcast_tensors(self.buffers())
+        if is_distributed():
+            broadcast_tensors([self.embed])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D) -> quantized (B, T, D), codes (B, T). Updates the EMA state in training."""
         flat = x.reshape(-1, x.shape[-1])
-        if self.training and not bool(self.inited.item()):
-            self._init_from(flat.detach().float())
+        if self.training and not self._known_inited:
+            self._known_inited = bool(self.inited.item())
+            if not self._known_inited:
+                self._init_from(flat.detach().float())
+                self._known_inited = True
         codes = self.quantize(flat)
         quantized = self.decode(codes).view_as(x)
         if self.training:

@@ -55,8 +55,10 @@ class CodebookUsage:
         codes = torch.as_tensor(codes)
         if codes.dim() == 2:
             codes = codes[None]
-        for i in range(codes.shape[1]):
-            self.counts[i] += torch.bincount(codes[:, i].reshape(-1).to(self.counts.device), minlength=self.bins)[: self.bins].to(self.counts)
+        n_used = codes.shape[1]
+        # One index_add_ over (stage, code) pairs: bincount would sync with the host per stage.
+        flat = (codes.to(self.counts.device).transpose(0, 1).reshape(n_used, -1) + self.bins * torch.arange(n_used, device=self.counts.device)[:, None]).reshape(-1)
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         self.frames += codes.shape[0] * codes.shape[-1]
         self.seconds += seconds
 

@@ -96,10 +96,12 @@ class ResidualVectorQuantizer(nn.Module):
             )
         return min(self.n_q, max(1, math.floor(float(bandwidth) / self.bandwidth_per_quantizer)))
 
-    def sample_bandwidth(self, rng: random.Random | None = None) -> float:
-        """A random target bandwidth, chosen on rank 0 and shared by every rank."""
+    def sample_bandwidth(self, rng: random.Random | None = None, sync: bool = True) -> float:
+        """A random target bandwidth, the same on every rank: chosen on rank 0 and shared
+        (``sync``), or drawn from ``rng`` when every rank holds the same ``rng`` state (no
+        collective: training seeds and restores it alike everywhere)."""
         choice = (rng or random).choice(self.target_bandwidths)
-        return broadcast_object(choice)
+        return broadcast_object(choice) if sync else choice
 
     def forward(self, x: torch.Tensor, bandwidth: float | None = None) -> QuantizedResult:
         """Quantize (B, D, T) latents with the stages that ``bandwidth`` allows.

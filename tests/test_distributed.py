@@ -6,6 +6,7 @@ import os
 import random
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -58,3 +59,27 @@ def test_collectives_across_two_gloo_processes(tmp_path):
         assert torch.equal(r["bcast"], torch.zeros(2))  # rank 0's values everywhere
     assert r0["choice"] == r1["choice"] == random.Random(0).random()
     assert r0["bw"] == r1["bw"]  # every rank trains the same number of codebooks
+
+
+def test_device_and_backend_choice_for_a_process_layout():
+    """More NCCL processes than GPUs is one clear error; gloo lets ranks share a GPU."""
+    assert D.choose_device(0, 1, 0) == (torch.device("cpu"), "gloo")
+    assert D.choose_device(3, 8, 8) == (torch.device("cuda", 3), "nccl")
+    assert D.choose_device(1, 2, 1, backend="gloo") == (torch.device("cuda", 0), "gloo")  # two ranks, one GPU
+    assert D.choose_device(1, 2, 1, device="cpu") == (torch.device("cpu"), "gloo")
+    with pytest.raises(D.DistributedError, match=r"2 processes on this node but 1 GPU\(s\) visible.*--nproc-per-node=1.*dist_backend=gloo"):
+        D.choose_device(0, 2, 1)  # every rank of the node fails alike, not only the ones past the last GPU
+    with pytest.raises(D.DistributedError, match="no GPU is visible"):
+        D.choose_device(0, 1, 0, device="cuda")
+    with pytest.raises(D.DistributedError, match="nccl needs GPUs"):
+        D.choose_device(0, 1, 0, backend="nccl")
+
+
+def test_shard_and_rank_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert D.rank_and_world_size() == (1, 3) and D.shard(list(range(7)), 1, 3) == [1, 4]
+    assert D.rank() == 0 and D.world_size() == 1  # no process group: collectives stay single-process
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(ValueError, match="must be integers"):
+        D.rank_and_world_size()

@@ -194,11 +194,23 @@ def test_bf16_autocast_keeps_the_quantizer_in_fp32():
     state = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
     seen = []
     state.codec.quantizer.vq.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    # The teacher, both encoders and the decoder compute in bf16 (the caller's autocast).
+    computed = {}
+    for name in ("semantic_model", "encoder", "encoder_semantic", "decoder_2"):
+        module = getattr(state.codec, name)
+        module.register_forward_hook(lambda m, a, out, name=name: computed.update({name: _first_tensor(out).dtype}) and None)
     with state.autocast():
         out = state.codec(torch.randn(2, 1, 6400) * 0.1, 4.0)
     assert seen == [torch.float32]
-    assert torch.is_autocast_enabled("cpu") is False  # the hooks left no autocast state behind
+    assert computed == dict.fromkeys(("semantic_model", "encoder", "encoder_semantic", "decoder_2"), torch.bfloat16)
+    assert torch.is_autocast_enabled("cpu") is False  # no autocast state left behind
     assert torch.isfinite(out.audio.float()).all()
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return next(v for v in (out.values() if hasattr(out, "values") else out) if isinstance(v, torch.Tensor))
 
 
 def test_stale_temporaries_of_this_and_earlier_versions_are_removed(tmp_path):

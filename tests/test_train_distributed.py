@@ -74,3 +74,16 @@ def test_killed_rank_is_restarted_and_resumes(tmp_path):
     assert "resumed from" in out and "ckpt_00000002.pth (step 2" in out
     ckpt = read_torch_file(log_dir / "model_ckpts" / "ckpt_00000005.pth")
     assert ckpt["step"] == 5
+
+
+def test_adversarial_terms_starting_late_leave_ddp_consistent(tmp_path):
+    """No spectral loss and discriminator_iter_start > 0: the decoder has no gradient in the
+    first steps, which DDP must be told (find_unused_parameters) or it stops with an error."""
+    proc = torchrun(
+        tmp_path, {}, f"log_dir={tmp_path / 'run'}", f"training_file={train_list(tmp_path)}", "max_steps=3",
+        "validation_file=null", "discriminator_iter_start=2",
+        "loss_weights.full_stft=0", "loss_weights.sub_stft=0", "loss_weights.mel=0", "loss_weights.adversarial=1",
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "finished at step 3" in out

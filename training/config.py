@@ -192,6 +192,9 @@ class TrainConfig:
     log_dir: str = "runs/xcodec"
     seed: int = 2333
     cudnn_deterministic: bool = False
+    device: str = "auto"
+    dist_backend: str = "auto"
+    dist_timeout_minutes: float = 30.0
     tensorboard: bool = True
     num_epoches: int = 5000
     max_steps: int = 0
@@ -314,6 +317,12 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
         raise bad("d_list", f"names repeat: {cfg.d_list}")
     if cfg.precision not in ("fp32", "bf16"):
         raise bad("precision", f"expected fp32 or bf16, got {cfg.precision!r}")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise bad("device", f"expected auto, cuda or cpu, got {cfg.device!r}")
+    if cfg.dist_backend not in ("auto", "nccl", "gloo"):
+        raise bad("dist_backend", f"expected auto, nccl or gloo, got {cfg.dist_backend!r}")
+    if not cfg.dist_timeout_minutes > 0:
+        raise bad("dist_timeout_minutes", f"must be > 0, got {cfg.dist_timeout_minutes}")
     if cfg.lr_scheduler.interval not in ("epoch", "step"):
         raise bad("lr_scheduler.interval", f"expected epoch or step, got {cfg.lr_scheduler.interval!r}")
     for name, value in dataclasses.asdict(cfg.loss_weights).items():

@@ -32,9 +32,13 @@ def wrap_ddp(state: Any) -> None:
     ignore += [f"semantic_model.{n}" for n, _ in codec.semantic_model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(codec, ignore)
     ids = [state.device.index] if state.device.type == "cuda" else None
-    # A zero semantic weight leaves the semantic decoder out of the graph, and no
-    # waveform term at all leaves out the acoustic decoder.
+    # A zero semantic weight leaves the semantic decoder out of the graph. The acoustic
+    # decoder gets a gradient at every step only from a spectral term: the adversarial
+    # terms alone start at discriminator_iter_start, and the steps before leave it out.
     w = state.weights
-    unused = w["semantic"] == 0 or not any(w[k] > 0 for k in ("full_stft", "sub_stft", "mel", "adversarial", "feature_matching"))
+    spectral = any(w[k] > 0 for k in ("full_stft", "sub_stft", "mel"))
+    adversarial = any(w[k] > 0 for k in ("adversarial", "feature_matching"))
+    decoder_every_step = spectral or (adversarial and state.cfg.discriminator_iter_start == 0)
+    unused = w["semantic"] == 0 or not decoder_every_step
     state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=unused, **_no_buffer_sync())
     state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, **_no_buffer_sync())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from utils import distributed as du
@@ -66,20 +67,19 @@ class RunLogger:
         figure = spectrogram_figure([(f"{prefix} {name}, step {step}", wav)], sample_rate)
         self.writer.add_figure(f"{prefix}/spectrogram_{name}", figure, step)
 
-    def step(self, step: int, epoch: int, metrics: dict[str, float], seconds: float, print_line: bool) -> None:
-        """After a training step: advance the bar; with ``print_line``, one line of losses."""
+    def step(self, step: int, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        """Every ``print_freq`` steps: the bar to ``step`` with the losses, and one line of them."""
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(step - self.bar.n)
             g, d = metrics.get("loss/generator", float("nan")), metrics.get("loss/discriminator", float("nan"))
             self.bar.set_postfix(g=f"{g:.3g}", d=f"{d:.3g}", refresh=False)
-        if print_line:
-            parts = [f"{name} {metrics[key]:.4g}" for key, name in _SHORT.items() if key in metrics]
-            self.info(f"step {step} ep {epoch} | " + " ".join(parts) + f" | bw {metrics.get('train/bandwidth', 0):g} | {seconds:.3f} s/step")
+        parts = [f"{name} {metrics[key]:.4g}" for key, name in _SHORT.items() if key in metrics]
+        self.info(f"step {step} ep {epoch} | " + " ".join(parts) + f" | bw {metrics.get('train/bandwidth', 0):g} | {seconds:.3f} s/step")
 
-    def summary(self, state: Any, accum: dict[str, list[float]]) -> None:
-        """Tensorboard scalars of the script's ``State``: means of ``accum`` since the last
-        summary, codebook usage (all ranks: a collective), learning rates, data counters."""
-        values = {k: sum(v) / len(v) for k, v in accum.items()}
+    def summary(self, state: Any, means: dict[str, float]) -> None:
+        """Tensorboard scalars of the script's ``State``: ``means`` since the last summary,
+        codebook usage (all ranks: a collective), learning rates, data counters."""
+        values = dict(means)
         values.update({f"codebook/{k}": v for k, v in state.usage.compute().items()})
         values["lr/g"] = state.sched_g.get_last_lr()[0]
         values["lr/d"] = state.sched_d.get_last_lr()[0]
@@ -112,6 +112,28 @@ class RunLogger:
             self.writer.close()
         if self.text is not None:
             self.text.close()
+
+
+class RunningMeans:
+    """Means of logged values between two summaries, summed where they live (GPU values stay
+    on the GPU: no host sync per step); non-finite values are left out of a mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        for key, value in values.items():
+            v = value.detach().double() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+            ok = torch.isfinite(v)
+            self.sums[key] = self.sums.get(key, 0) + torch.where(ok, v, torch.zeros_like(v))
+            self.counts[key] = self.counts.get(key, 0) + ok.double()
+
+    def pop(self) -> dict[str, float]:
+        """The means (keys with no finite value left out), and a fresh start."""
+        out = {k: float(self.sums[k] / self.counts[k]) for k in self.sums if float(self.counts[k]) > 0}
+        self.sums, self.counts = {}, {}
+        return out
 
 
 class ConsoleLogger:

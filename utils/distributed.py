@@ -58,25 +58,53 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
-    """Join torchrun's process group when there is one (NCCL on GPUs, gloo on CPU); returns this rank's device."""
+class DistributedError(RuntimeError):
+    """A process layout that cannot run (e.g. more NCCL ranks than GPUs); the message says what to change."""
+
+
+def choose_device(local: int, local_world: int, gpus: int, device: str = "auto", backend: str = "auto") -> tuple[torch.device, str]:
+    """This process's device and the process group's backend.
+
+    Args:
+        local: the local rank; local_world: processes on this node; gpus: GPUs visible.
+        device: ``"auto"`` (cuda when a GPU is visible), ``"cuda"`` or ``"cpu"``.
+        backend: ``"auto"`` (NCCL on GPUs, gloo on CPU), ``"nccl"`` or ``"gloo"``. NCCL needs
+            a GPU per process; with gloo several ranks may share one (``local % gpus``).
+    """
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        if backend == "nccl":
+            raise DistributedError("dist_backend=nccl needs GPUs; on CPU use dist_backend=gloo (or auto)")
+        return torch.device("cpu"), "gloo"
+    if gpus == 0:
+        raise DistributedError("device=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, drivers); use device=cpu or auto")
+    backend = "nccl" if backend == "auto" else backend
+    if backend == "nccl" and local_world > gpus:
+        raise DistributedError(
+            f"{local_world} processes on this node but {gpus} GPU(s) visible: NCCL needs one GPU per process; "
+            f"run --nproc-per-node={gpus}, or set dist_backend=gloo (ranks share GPUs) or device=cpu"
+        )
+    return torch.device("cuda", local % gpus), backend
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> torch.device:
+    """Join torchrun's process group when there is one; returns this rank's device (see :func:`choose_device`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank())
-    device = torch.device("cuda", local_rank()) if cuda else torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    chosen, backend = choose_device(local_rank(), local_world, gpus, device, backend)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
-        kwargs = {"device_id": device} if cuda else {}
+        kwargs = {"device_id": chosen} if backend == "nccl" else {}
         # torchrun's store can outlive a failed attempt; keys of this attempt get their own
         # prefix so a restarted group never reads the dead group's addresses.
         store, r, size = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"xcodec/attempt_{attempt}/", store)
         dist.init_process_group(
-            "nccl" if cuda else "gloo", store=store, rank=r, world_size=size,
-            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs,
-        )  # fmt: skip
-    return device
+            backend, store=store, rank=r, world_size=size, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
+        )
+    return chosen
 
 
 def is_main_process() -> bool:
