@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import AudioFiles, duration_order, file_loader
 from models import CheckpointError, XCodec, checkpoint_id
 from models.streaming import decode_long, encode_long
 from utils import distributed as du
-from utils.audio import AudioError, audio_extensions, load_audio, save_audio
+from utils.audio import audio_extensions, save_audio
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
 from utils.codes import CodesFileError, ManifestWriter, load_codes, manifest_path, read_manifest, save_codes
 from utils.files import atomic_write, remove_stale_temporaries_of, scan_directory
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-b", "--bandwidth", type=float, help="target bandwidth in kbps (default: the largest)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="clips per forward pass for directories")
+    p.add_argument("--workers", type=int, help="processes reading and resampling files ahead of the model "
+                   "(default: up to 4 on CUDA, 0 on CPU)")
     p.add_argument("-r", "--rescale", action="store_true", help="rescale the output peak to 0.99 instead of clamping")
     p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
     p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
@@ -74,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--input needs --output and/or --codes-out")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
     if args.window < 0 or args.context < 0:
         p.error("--window and --context must be >= 0")
     return args
@@ -187,18 +192,27 @@ def _progress(items, enabled: bool, desc: str):
 
 
 def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
-    """Encode (and decode) every job, ``--batch-size`` clips at a time."""
+    """Encode (and decode) every job, ``--batch-size`` clips at a time.
+
+    ``--workers`` processes read and resample the files ahead of the model, longest first,
+    so that a batch holds files of similar length (little padding); on CUDA the audio comes
+    in pinned memory and is copied without blocking.
+    """
     rate, min_len = model.sample_rate, model.min_length()
-    pending: list[tuple[Job, np.ndarray]] = []
+    device = model.device
+    order = duration_order([j.src for j in jobs]) if many else list(range(len(jobs)))
+    workers = args.workers if args.workers is not None else (min(4, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
+    loader = file_loader(AudioFiles([j.src for j in jobs], rate), order, workers, pin_memory=device.type == "cuda")
+    pending: list[tuple[Job, torch.Tensor]] = []
 
     def flush() -> None:
         if not pending:
             return
         lengths = torch.tensor([len(w) for _, w in pending])
-        batch = torch.zeros(len(pending), 1, int(lengths.max()))
+        batch = torch.zeros(len(pending), 1, int(lengths.max()), device=device)
         for i, (_, w) in enumerate(pending):
-            batch[i, 0, : len(w)] = torch.from_numpy(w)
-        batch = batch.to(model.device) * model.audio_norm_scale
+            batch[i, 0, : len(w)].copy_(w, non_blocking=True)
+        batch *= model.audio_norm_scale
         frames = model.num_frames(lengths)
         if len(pending) == 1 and _is_long(len(pending[0][1]), rate, args):
             # One long file: windows with context, stitched at frame boundaries (bounded memory).
@@ -220,11 +234,10 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
         pending.clear()
 
-    for job in _progress(jobs, many, "encoding"):
-        try:
-            wav, _ = load_audio(job.src, rate)
-        except AudioError as exc:
-            stats.fail(str(exc))
+    for index, wav, error in _progress(loader, many, "encoding"):
+        job = jobs[index]
+        if error is not None:
+            stats.fail(error)
             continue
         if len(wav) < min_len:
             stats.fail(f"{job.src}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")

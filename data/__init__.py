@@ -1,4 +1,4 @@
-"""Training data: audio file lists, fixed-length crops, resumable distributed sampling."""
+"""Audio data: training crops with resumable distributed sampling, whole files for inference."""
 
 from .dataset import (
     AudioSegmentDataset,
@@ -9,13 +9,17 @@ from .dataset import (
     collate,
     list_audio_files,
 )
+from .files import AudioFiles, duration_order, file_loader
 
 __all__ = [
+    "AudioFiles",
     "AudioSegmentDataset",
     "DataError",
     "ResumableSampler",
     "batches_per_epoch",
     "build_loader",
     "collate",
+    "duration_order",
+    "file_loader",
     "list_audio_files",
 ]

@@ -134,6 +134,20 @@ def test_corpus_manifest_resume_and_settings_clash(tmp_path, export_dir, model, 
     assert (out / "manifest.jsonl").read_text() == before
 
 
+def test_reader_workers_and_length_order_give_the_same_codes(tmp_path, export_dir, model, capsys):
+    """Files read by DataLoader workers, longest first, in batches: the codes of each file alone."""
+    src = tmp_path / "corpus"
+    rels = _corpus(src, n=5, broken=True)
+    out = tmp_path / "codes"
+    argv = ["--input", str(src), "--codes-out", str(out), "--checkpoint", str(export_dir), "--batch-size", "3", "--workers", "2"]
+    assert inference.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "broken.wav" in err and "5 file(s) written, 1 failed/skipped" in err  # a worker's failure is reported, once
+    for rel in rels:
+        assert np.array_equal(np.load(out / f"{rel}.npy"), _expected_codes(model, src, rel).astype(np.int16)), rel
+    assert check_corpus(out) == (5, [])
+
+
 def test_symlinks_never_put_outputs_outside_the_output_root(tmp_path, export_dir, capsys):
     outside = tmp_path / "outside"
     _corpus(outside, n=2)

@@ -1,0 +1,70 @@
+"""Whole audio files for inference and tokenization, read and resampled in DataLoader workers.
+
+The GPU should never wait for soundfile and soxr: workers decode and resample the next
+files while the model encodes the current batch, in an order that puts files of similar
+length together (batches with little padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from utils.audio import AudioError, load_audio
+
+
+def duration_order(paths: Sequence[str | Path]) -> list[int]:
+    """Indices of ``paths``, longest file first (from the headers; an unreadable header sorts
+    last, and its error is reported when the file is read)."""
+
+    def frames(path) -> float:
+        try:
+            info = sf.info(str(path))
+            return info.frames / max(info.samplerate, 1)
+        except Exception:  # libsndfile raises several types; the read reports the reason
+            return -1.0
+
+    seconds = [frames(p) for p in paths]
+    return sorted(range(len(paths)), key=lambda i: -seconds[i])
+
+
+class AudioFiles(Dataset):
+    """Mono float32 audio of whole files at ``sample_rate``.
+
+    Args:
+        paths: the files.
+        sample_rate: every file is resampled (soxr) to this rate.
+
+    Items: ``(index, wav (T,) float32 tensor or None, error message or None)``; a file that
+    cannot be used never raises, its item carries the one-line reason instead.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], sample_rate: int):
+        self.paths = list(paths)
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            wav, _ = load_audio(self.paths[index], self.sample_rate)
+        except AudioError as exc:
+            return index, None, str(exc)
+        return index, torch.from_numpy(wav), None
+
+
+def _keep(item):
+    return item
+
+
+def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool) -> DataLoader:
+    """The files of ``dataset`` in ``order``, read ahead by ``workers`` processes (0: in this one)."""
+    return DataLoader(
+        dataset, batch_size=None, sampler=list(order), num_workers=workers, pin_memory=pin_memory,
+        collate_fn=_keep, prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+    )  # fmt: skip
