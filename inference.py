@@ -341,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
         jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out)
     _device_for_rank(args)
     model = load_model(args)
+    if model.device.type == "cuda":
+        torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
     if args.bandwidth is not None:
         try:
             model.quantizer.n_q_for_bandwidth(args.bandwidth)

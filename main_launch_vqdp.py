@@ -261,7 +261,7 @@ def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None)
     step = state.step + 1
     # Every rank holds the same bandwidth RNG (seeded and restored alike): no collective needed.
     bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng, sync=False)
-    codebooks = [b.detach().clone() for b in state.codec.quantizer.buffers()]
+    codebooks = state.codec.quantizer.save_state()
     adversarial = state.uses_discriminators and state.step >= cfg.discriminator_iter_start
     waveform_loss = adversarial or any(state.weights[k] > 0 for k in ("full_stft", "sub_stft", "mel"))
     with state.autocast():
@@ -274,9 +274,7 @@ def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None)
     inject = hooks is not None and step in hooks.nan_steps
     metrics.update(generator_step(state, real, fake, out, adversarial, inject))
     if metrics["skipped/g"]:
-        with torch.no_grad():
-            for buf, saved in zip(state.codec.quantizer.buffers(), codebooks):
-                buf.copy_(saved)
+        state.codec.quantizer.restore_state(codebooks)
     else:
         state.usage.update(out.codes)
     return metrics

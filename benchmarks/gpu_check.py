@@ -53,6 +53,7 @@ from benchmarks.bench_inference import read, rel, speech, timed  # noqa: E402
 from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
 from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
+from utils.precision import ieee_fp32  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -141,7 +142,8 @@ def check_exactness(model: XCodec, cpu_model: XCodec, hf) -> dict:
             dev = model.encode(c)
             per_clip.append(dev)
             vs_cpu.append(agreement(dev, cpu_model.encode(c)))
-            vs_hf.append(agreement(dev, hf.encode(c.to(model.device), return_dict=False)))
+            with ieee_fp32(), torch.inference_mode():  # the reference in IEEE fp32 too
+                vs_hf.append(agreement(dev, hf.encode(c.to(model.device), return_dict=False)))
             batch_vs_alone.append(agreement(batched[i : i + 1, :, : int(frames[i])], dev))
         audio_err = rel(model.decode(per_clip[0]), cpu_model.decode(per_clip[0].cpu()))
         restored = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)

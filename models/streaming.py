@@ -76,7 +76,7 @@ def encode_long(
     if n_frames <= win + 2 * ctx:
         return model.encode(wav, bandwidth, precision=precision)
     rem = total % hop
-    stats = group_norm_stats(model.semantic_model, wav.to(model.device), hop // 2) if global_norm else []
+    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []  # chunks go to the model
     with fixed_group_norm_stats(model.semantic_model, stats):
         return _encode_windows(model, wav, bandwidth, win, ctx, rem, n_frames, precision)
 

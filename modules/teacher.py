@@ -206,11 +206,13 @@ def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk
     k, s = conv.kernel_size[0], conv.stride[0]
     frames = (x.shape[-1] - k) // s + 1
     batch = x.shape[0]
-    first = torch.zeros(batch, k, dtype=torch.float64, device=x.device)
-    gram = torch.zeros(batch, k, k, dtype=torch.float64, device=x.device)
+    # On the conv's device, a chunk at a time: a long file may stay on the CPU.
+    device = conv.weight.device
+    first = torch.zeros(batch, k, dtype=torch.float64, device=device)
+    gram = torch.zeros(batch, k, k, dtype=torch.float64, device=device)
     for f0 in range(0, frames, chunk):
         f1 = min(frames, f0 + chunk)
-        patches = x[:, f0 * s : (f1 - 1) * s + k].double().unfold(-1, k, s)  # (B, F, k)
+        patches = x[:, f0 * s : (f1 - 1) * s + k].to(device).double().unfold(-1, k, s)  # (B, F, k)
         first += patches.sum(1)
         gram += patches.transpose(1, 2) @ patches
     first /= frames

@@ -115,7 +115,10 @@ class EuclideanCodebook(nn.Module):
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         # index_add_, not one_hot/bincount: those check the index range on the host (a sync).
         counts = flat.new_zeros(self.codebook_size).index_add_(0, codes, flat.new_ones(codes.shape[0]))
-        sums = flat.new_zeros(self.codebook_size, flat.shape[1]).index_add_(0, codes, flat)
+        if flat.is_cuda and torch.are_deterministic_algorithms_enabled():
+            sums = F.one_hot(codes, self.codebook_size).to(flat.dtype).t() @ flat  # index_add_ is atomic on CUDA
+        else:
+            sums = flat.new_zeros(self.codebook_size, flat.shape[1]).index_add_(0, codes, flat)
         all_reduce(counts)
         all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -165,6 +168,10 @@ class VectorQuantization(nn.Module):
     @property
     def codebook(self) -> torch.Tensor:
         return self._codebook.embed
+
+    def state_restored(self) -> None:
+        """The buffers were overwritten (e.g. rolled back to before k-means): read ``inited`` again."""
+        self._codebook._known_inited = False
 
     @torch.no_grad()
     def set_codebook(self, embed: torch.Tensor) -> None:

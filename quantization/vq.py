@@ -96,6 +96,18 @@ class ResidualVectorQuantizer(nn.Module):
             )
         return min(self.n_q, max(1, math.floor(float(bandwidth) / self.bandwidth_per_quantizer)))
 
+    def save_state(self) -> list[torch.Tensor]:
+        """Copies of the codebooks' buffers (EMA statistics, ``inited``), for :meth:`restore_state`."""
+        return [b.detach().clone() for b in self.buffers()]
+
+    @torch.no_grad()
+    def restore_state(self, saved: list[torch.Tensor]) -> None:
+        """Put back what :meth:`save_state` returned (a training step skipped for a NaN)."""
+        for buf, value in zip(self.buffers(), saved):
+            buf.copy_(value)
+        for layer in self.vq.layers:
+            layer.state_restored()
+
     def sample_bandwidth(self, rng: random.Random | None = None, sync: bool = True) -> float:
         """A random target bandwidth, the same on every rank: chosen on rank 0 and shared
         (``sync``), or drawn from ``rng`` when every rank holds the same ``rng`` state (no

@@ -74,6 +74,12 @@ def test_exact_mode_turns_tf32_off_inside_and_restores_it(inference_codec, clip)
         seen.clear()
         inference_codec.encode(clip, precision="bf16")
         assert seen == [(True, True)]  # fast mode leaves them alone
+        # A process that set the matmul precision through the newer API keeps to it.
+        seen.clear()
+        torch.set_float32_matmul_precision("high")
+        inference_codec.encode(clip)
+        assert seen == [(False, False)] and torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision("highest")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         for h in hooks:

@@ -137,6 +137,15 @@ def test_nonfinite_loss_skips_update_then_stops(tmp_path, monkeypatch):
     acc = events(log_dir)
     assert scalars(acc, "train/nonfinite_skipped")[2] == 0 and scalars(acc, "train/nonfinite_skipped")[4] == 1
 
+    # A NaN at the very first step rolls the codebooks back to before their k-means
+    # initialisation: the next step initialises them again.
+    monkeypatch.setenv("XCODEC_TEST_NAN_STEPS", "1")
+    first = run(tmp_path / "run1", "max_steps=2", "validation_file=null")
+    used = [bool(layer.codebook.abs().sum() > 0) for layer in first.codec.quantizer.vq.layers]
+    inited = [float(b) == 1.0 for k, b in first.codec.quantizer.state_dict().items() if k.endswith("inited")]
+    assert first.nonfinite_total == 1 and inited[0] and used[0]  # stage 0 trains at every step
+    assert all(i or not u for i, u in zip(inited, used))  # no stage trained without its k-means
+
     monkeypatch.setenv("XCODEC_TEST_NAN_STEPS", "2,3")
     with pytest.raises(trainer.TrainingError, match="2 consecutive steps with NaN/Inf"):
         run(tmp_path / "run2", "max_steps=6", "max_nonfinite_steps=2", "validation_file=null")

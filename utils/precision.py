@@ -103,10 +103,21 @@ def ieee_fp32(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # torch refuses to mix its two matmul-precision APIs (the legacy matmul.allow_tf32 flag
+    # and set_float32_matmul_precision): keep to the one the process already uses.
+    try:
+        matmul = ("precision", torch.get_float32_matmul_precision())
+        torch.set_float32_matmul_precision("highest")
+    except RuntimeError:  # the legacy flag was written: the getter refuses
+        matmul = ("legacy", torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    cudnn = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if matmul[0] == "precision":
+            torch.set_float32_matmul_precision(matmul[1])
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = matmul[1]
+        torch.backends.cudnn.allow_tf32 = cudnn
