@@ -22,6 +22,8 @@ def duration_order(paths: Sequence[str | Path]) -> list[int]:
     last, and its error is reported when the file is read)."""
 
     def frames(path) -> float:
+        if not Path(path).is_file():  # a FIFO or a device would block the header read
+            return -1.0
         try:
             info = sf.info(str(path))
             return info.frames / max(info.samplerate, 1)

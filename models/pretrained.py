@@ -158,6 +158,13 @@ def load_codec_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected_state[k].shape)}" for k in wrong[:10]]
             parts.append(f"{len(wrong)} shape mismatch(es): {', '.join(shapes)}")
         raise CheckpointError(f"{source} does not match the config's architecture: " + "; ".join(parts))
+    # Weights that load but cannot work: every code the same, or non-finite audio.
+    integer = sorted(k for k in state if expected_state[k].is_floating_point() and not state[k].is_floating_point())
+    if integer:
+        raise CheckpointError(f"{source}: {len(integer)} weight(s) are not floating point, e.g. {integer[0]} ({state[integer[0]].dtype})")
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise CheckpointError(f"{source}: {len(nonfinite)} tensor(s) hold NaN or Inf, e.g. {nonfinite[0]}; refusing non-finite weights")
     model.load_state_dict(state, strict=True)
 
 

@@ -140,9 +140,8 @@ class XCodec(nn.Module):
         return teacher_frames(self.semantic_model, lengths + 2 * (self.hop_length // 2))
 
     def _acoustic_padding(self, lengths: torch.Tensor) -> torch.Tensor:
-        # The original encodes once, and when the acoustic and semantic frame counts
-        # differ it encodes again with hop/2 zeros on each side. Deciding per item up
-        # front gives the same result with a single acoustic pass.
+        # The original encodes again with hop/2 zeros on each side when the acoustic and semantic
+        # frame counts differ; deciding per item up front gives that with one acoustic pass.
         pad = self.hop_length // 2
         differs = self.encoder.output_length(lengths) != self.num_frames(lengths)
         return differs.long() * pad
@@ -372,7 +371,9 @@ class XCodec(nn.Module):
             else:
                 frames = frames.to(z.device)
                 z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
-        return self._run_acoustic("decoder", z, frames, precision)
+        if not bool(torch.isfinite(audio := self._run_acoustic("decoder", z, frames, precision)).all()):
+            raise ValueError("decoded audio holds NaN or Inf: the model's weights or codebooks are not finite")
+        return audio
 
     # ------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor, bandwidth: float | None = None, audio_grad: bool = True) -> CodecOutput:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -47,6 +49,9 @@ def _write_corpus(root):
     blob = (root / "full.flac").read_bytes()
     (root / "full.flac").unlink()
     (root / "truncated.flac").write_bytes(blob[: len(blob) // 3])
+    # A FIFO named like audio: reading it would block forever.
+    os.mkfifo(root / "pipe.wav")
+    bad["pipe.wav"] = "not a regular file"
     return good, bad
 
 

@@ -100,6 +100,30 @@ def test_mismatched_checkpoint_names_keys(tmp_path, release_dir):
     assert "1 unexpected key(s): junk.weight" in msg
 
 
+@pytest.mark.parametrize("damage", ["nan", "inf_codebook", "integer"])
+def test_weights_that_cannot_work_are_refused_naming_the_tensor(tmp_path, release_dir, damage, capsys):
+    import inference
+
+    state = torch.load(release_dir / "model.pth", weights_only=False)
+    key = {"nan": "fc_prior.weight", "inf_codebook": "quantizer.vq.layers.2._codebook.embed", "integer": "fc_post2.weight"}[damage]
+    if damage == "integer":
+        state[key] = state[key].round().to(torch.int32)
+    else:
+        state[key] = state[key].clone()
+        state[key][0, 0] = float("nan") if damage == "nan" else float("inf")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        XCodec.from_pretrained(tmp_path / "bad.pth", config=release_dir / "config.yaml")
+    wav = tmp_path / "in.flac"
+    wav.write_bytes((ASSETS / "speech_en.flac").read_bytes())
+    before = wav.read_bytes()
+    code = inference.main(["--checkpoint", str(tmp_path / "bad.pth"), "--config", str(release_dir / "config.yaml"),
+                           "--input", str(wav), "--output", str(tmp_path / "out.wav")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and key in err[0] and "Traceback" not in err[0]
+    assert wav.read_bytes() == before and not (tmp_path / "out.wav").exists()
+
+
 def test_config_architecture_mismatch_is_reported(tmp_path, release_dir):
     with pytest.raises(CheckpointError, match="shape mismatch"):
         XCodec.from_pretrained(release_dir / "model.pth", config=BASE_CONFIG)

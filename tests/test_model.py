@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_tiny_codec
 from models import CodesError, XCodec
 
 
@@ -114,3 +115,13 @@ def test_public_attributes(inference_codec):
     assert inference_codec.frame_rate == 50
     assert inference_codec.target_bandwidths == [0.5, 1.0, 1.5, 2.0, 4.0]
     assert inference_codec.audio_norm_scale == pytest.approx(0.95)
+
+
+def test_decode_never_returns_non_finite_audio():
+    model = make_tiny_codec(weight_norm=False)
+    codes = torch.zeros(1, 2, 10, dtype=torch.long)
+    assert torch.isfinite(model.decode(codes)).all()
+    with torch.no_grad():
+        model.quantizer.vq.layers[1].codebook[0, 0] = float("inf")  # as a diverged training run may leave it
+    with pytest.raises(ValueError, match="decoded audio holds NaN or Inf"):
+        model.decode(codes)

@@ -29,6 +29,8 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.nda
         raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
+    if not path.is_file():  # a FIFO or a device: opening it could block forever
+        raise AudioError(f"{path}: not a regular file (a FIFO, socket or device); skipped")
     try:
         wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile raises several types; all mean "unreadable"
