@@ -38,7 +38,7 @@ from models import CheckpointError, XCodec, checkpoint_id
 from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
-from utils.files import atomic_write, collect_files, is_file_list, scan_directory
+from utils.files import atomic_write, collect_files, is_file_list, overwritten_input, scan_directory
 from utils.plotting import save_figure, spectrogram_figure
 
 
@@ -58,10 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, required=True, help="JSON report; the CSV goes beside it (same name, .csv)")
     p.add_argument("--csv", type=Path, help="CSV path (default: --output with .csv)")
     p.add_argument("--plot", type=Path, help="write a spectrogram PNG per file into this directory")
-    p.add_argument(
-        "--max-delay-ms", type=float, default=0.0,
-        help="compensate a delay of the estimate up to this many ms (cross-correlation; default 0: off)",
-    )  # fmt: skip
+    p.add_argument("--max-delay-ms", type=float, default=0.0,
+                   help="compensate a delay of the estimate up to this many ms (cross-correlation; default 0: off)")
     p.add_argument("--speaker-model", type=Path, help="local speaker-verification model directory (transformers x-vector)")
     p.add_argument("--asr-model", type=Path, help="local ASR model directory (transformers) for WER")
     p.add_argument("--transcripts", type=Path, help="reference transcripts for WER: JSON {path: text} or TSV 'path<TAB>text'")
@@ -257,7 +255,7 @@ def _csv_value(value) -> str:
     return f"{value:.6g}"
 
 
-# ---------------------------------------------------------------------------- plotting
+# ---------------------------------------------------------------------------- plots
 def plot_path(plot_dir: Path, name: str) -> Path:
     out = plot_dir / Path(name).with_suffix(".png")
     if not out.resolve().is_relative_to(plot_dir.resolve()):  # a list may name files outside
@@ -266,7 +264,7 @@ def plot_path(plot_dir: Path, name: str) -> Path:
 
 
 def _codebooks(n: int) -> str:
-    return f"{n} codebook" + ("s" if n != 1 else "")
+    return f"{n} codebook{'s' if n != 1 else ''}"
 
 
 def _label(title: str, metrics: dict | None) -> str:
@@ -418,6 +416,12 @@ def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    sources = args.input if args.checkpoint is not None else [args.reference, args.estimate]
+    inputs = [f for s in sources if s.exists() for f, _ in collect_files(s, audio_extensions())] + list(sources)
+    csv_path = args.csv or args.output.with_suffix(".csv")
+    clash = overwritten_input([args.output, csv_path], inputs)
+    if clash is not None:  # before any work: the report must not replace audio it reads
+        raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
     failures = Failures()
     if args.checkpoint is not None:
         report, single, keys = evaluate_checkpoint(args, failures)
@@ -425,7 +429,6 @@ def run(args: argparse.Namespace) -> int:
         report, single, keys = evaluate_pairs(args, failures)
     if single and failures.items:
         return EXIT_ERROR  # the one line is already on stderr; nothing to report
-    csv_path = args.csv or args.output.with_suffix(".csv")
     write_reports(report, args.output, csv_path, keys)
     if "bandwidths" in report:
         for section in report["bandwidths"]:

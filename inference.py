@@ -34,7 +34,7 @@ from utils import distributed as du
 from utils.audio import audio_extensions, save_audio
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
 from utils.codes import CodesFileError, ManifestWriter, load_codes, manifest_path, read_manifest, save_codes
-from utils.files import atomic_write, remove_stale_temporaries_of, scan_directory
+from utils.files import atomic_write, overwritten_input, remove_stale_temporaries_of, scan_directory
 
 
 @dataclass
@@ -339,6 +339,9 @@ def run(args: argparse.Namespace) -> int:
         jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
     else:
         jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out)
+    clash = overwritten_input([p for j in jobs for p in (j.audio_out, j.codes_out)], [j.src for j in jobs])
+    if clash is not None:  # refused before any work: no run may write onto its input
+        raise CliError(f"{clash[0]}: an output would overwrite the input {clash[1]}; choose another output path")
     _device_for_rank(args)
     model = load_model(args)
     if model.device.type == "cuda":

@@ -371,7 +371,8 @@ class XCodec(nn.Module):
             else:
                 frames = frames.to(z.device)
                 z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
-        if not bool(torch.isfinite(audio := self._run_acoustic("decoder", z, frames, precision)).all()):
+        audio = self._run_acoustic("decoder", z, frames, precision)
+        if not audio.is_meta and not bool(torch.isfinite(audio).all()):  # meta: shapes only, no values
             raise ValueError("decoded audio holds NaN or Inf: the model's weights or codebooks are not finite")
         return audio
 

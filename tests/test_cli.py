@@ -179,3 +179,30 @@ def test_cli_entry_point_without_network(tmp_path):
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "xcodec_hubert_librispeech", "--checkpoint", "--config")
     assert TINY_CONFIG.exists()
+
+
+@pytest.mark.parametrize("case", ["same_file", "codes_onto_audio", "same_directory", "codes_in_onto_itself", "evaluate_report"])
+def test_no_output_is_ever_written_onto_an_input(tmp_path, ckpt, case, capsys):
+    """Refused before any work with one line; every input byte-identical afterwards."""
+    import evaluate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sf.write(data / "a.wav", sf.read(ASSETS / "speech_en.flac", dtype="float32")[0][:16000], 16000)
+    np.save(data / "c.npy", np.zeros((1, 10), dtype=np.int16))
+    files = sorted(data.iterdir())
+    before = {p: p.read_bytes() for p in files}
+    argv = {
+        "same_file": ["--input", data / "a.wav", "--output", data / "a.wav"],
+        "codes_onto_audio": ["--input", data / "a.wav", "--codes-out", data / "a.wav"],
+        "same_directory": ["--input", data, "--output", data],
+        "codes_in_onto_itself": ["--codes-in", data / "c.npy", "--output", data / "c.npy"],
+    }.get(case)
+    if argv is None:
+        code = evaluate.main([str(a) for a in ["--reference", data / "a.wav", "--estimate", data / "a.wav", "--output", data / "a.wav"]])
+        err = capsys.readouterr().err
+    else:
+        code, err = _run([*argv, *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, "would overwrite the input")
+    assert sorted(data.iterdir()) == files and all(p.read_bytes() == before[p] for p in files)

@@ -141,6 +141,21 @@ def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
     return sum(len(remove_stale_temporaries(d, names)) for d, names in by_dir.items())
 
 
+def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) -> tuple[Path, Path] | None:
+    """``(output, input)`` for the first output that would be written onto an input file (paths
+    resolved: links and ``..`` included), else ``None``. Tools call it before any work."""
+    sources = {}
+    for p in inputs:
+        try:
+            sources[Path(p).resolve()] = Path(p)
+        except OSError:
+            continue
+    for out in outputs:
+        if out is not None and Path(out).resolve() in sources:
+            return Path(out), sources[Path(out).resolve()]
+    return None
+
+
 # ---------------------------------------------------------------------------- input collection
 def scan_directory(root: str | Path, suffixes: set[str]) -> list[Path]:
     """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path.
