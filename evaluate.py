@@ -268,14 +268,9 @@ def _codebooks(n: int) -> str:
 
 
 def _label(title: str, metrics: dict | None) -> str:
-    if not metrics:
-        return title
-    parts = [title]
-    if metrics.get("pesq_wb") is not None and math.isfinite(metrics["pesq_wb"]):
-        parts.append(f"PESQ {metrics['pesq_wb']:.2f}")
-    if metrics.get("stoi") is not None and math.isfinite(metrics["stoi"]):
-        parts.append(f"STOI {metrics['stoi']:.2f}")
-    return "   ".join(parts)
+    """A panel title with the PESQ and STOI that could be computed."""
+    values = [(name, (metrics or {}).get(key)) for key, name in (("pesq_wb", "PESQ"), ("stoi", "STOI"))]
+    return "   ".join([title] + [f"{name} {v:.2f}" for name, v in values if v is not None and math.isfinite(v)])
 
 
 # ---------------------------------------------------------------------------- running
@@ -317,8 +312,7 @@ def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra
     return {**metrics, **delay}, why
 
 
-def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]]:
-    items, single = collect_inputs(args.input)
+def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failures: Failures) -> tuple[dict, bool, list[str]]:
     model, device = _load_model(args)
     bandwidths = sorted(set(args.bandwidths or model.target_bandwidths))
     try:
@@ -376,8 +370,8 @@ def evaluate_checkpoint(args, failures: Failures) -> tuple[dict, bool, list[str]
     return report, single, keys
 
 
-def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
-    pairs, single, notes = pair_files(args.reference, args.estimate)
+def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failures) -> tuple[dict, bool, list[str]]:
+    pairs, single, notes = paired
     extra = _model_metrics(args, args.device or "cpu")
     keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
     notes = notes + extra.notes + _absent_notes(args)
@@ -416,17 +410,22 @@ def evaluate_pairs(args, failures: Failures) -> tuple[dict, bool, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sources = args.input if args.checkpoint is not None else [args.reference, args.estimate]
-    inputs = [f for s in sources if s.exists() for f, _ in collect_files(s, audio_extensions())] + list(sources)
+    # The inputs, collected once: checked against the outputs before any work, then evaluated.
+    if args.checkpoint is not None:
+        items, single = collect_inputs(args.input)
+        inputs = [f for f, _ in items] + list(args.input)
+    else:
+        paired = pair_files(args.reference, args.estimate)
+        inputs = [f for _, ref, est in paired[0] for f in (ref, est) if f is not None] + [args.reference, args.estimate]
     csv_path = args.csv or args.output.with_suffix(".csv")
     clash = overwritten_input([args.output, csv_path], inputs)
-    if clash is not None:  # before any work: the report must not replace audio it reads
+    if clash is not None:  # the report must not replace audio it reads
         raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
     failures = Failures()
     if args.checkpoint is not None:
-        report, single, keys = evaluate_checkpoint(args, failures)
+        report, single, keys = evaluate_checkpoint(args, items, single, failures)
     else:
-        report, single, keys = evaluate_pairs(args, failures)
+        report, single, keys = evaluate_pairs(args, paired, failures)
     if single and failures.items:
         return EXIT_ERROR  # the one line is already on stderr; nothing to report
     write_reports(report, args.output, csv_path, keys)
