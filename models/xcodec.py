@@ -156,9 +156,9 @@ class XCodec(nn.Module):
             raise ValueError("audio contains NaN or Inf samples")
 
     # ------------------------------------------------------------------ fast paths
-    def _fast_cpu(self, x: torch.Tensor) -> bool:
+    def _fast_cpu(self, device: torch.device) -> bool:
         """Inference on CPU without autograd: the cache-blocked runner applies."""
-        return x.device.type == "cpu" and not torch.is_grad_enabled()
+        return device.type == "cpu" and not torch.is_grad_enabled()
 
     def _item_groups(self, sizes: torch.Tensor, device: torch.device, precision: str) -> list[list[int]] | None:
         """How a batch of items of ``sizes`` runs: ``None``, as one padded (masked) pass, or
@@ -167,7 +167,7 @@ class XCodec(nn.Module):
         exact mode elsewhere, items of equal size run together: the masks and the kernels
         cuDNN and SDPA pick for other shapes could change an item's last bits, and a code.
         """
-        if device.type == "cpu" and not torch.is_grad_enabled():
+        if self._fast_cpu(device):
             return [[i] for i in range(len(sizes))]
         if precision == "fp32" and bool((sizes != sizes[0]).any()):
             groups: dict[int, list[int]] = {}
@@ -180,7 +180,7 @@ class XCodec(nn.Module):
         """Acoustic ``"encoder"`` or ``"decoder"``: cache-blocked channels-last on CPU
         without autograd (fp32 or bf16), else the eager module under autocast."""
         module = self.encoder if which == "encoder" else self.decoder_2
-        if self._fast_cpu(x) and precision is not None:
+        if self._fast_cpu(x.device) and precision is not None:
             return self._tiled.run(module.block if which == "encoder" else module.model, x, lengths, DTYPES[precision])
         with autocast(x.device, precision):
             return module(x, lengths).float()

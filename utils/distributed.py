@@ -29,7 +29,7 @@ def rank_and_world_size() -> tuple[int, int]:
         ValueError: the variables are not integers or the rank lies outside the world.
     """
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return rank(), world_size()
     try:
         r, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
