@@ -6,7 +6,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-from utils.config import ConfigError, from_dict, read_config
+from modules.teacher import TEACHERS
+from utils.config import ConfigError, check_ranges, from_dict, read_config, setting
 
 
 @dataclasses.dataclass
@@ -18,18 +19,39 @@ class GeneratorConfig:
     """
 
     n_filters: int = 32
-    D: int = 256
-    target_bandwidths: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1, 1.5, 2, 4])
-    ratios: list[int] = dataclasses.field(default_factory=lambda: [8, 5, 4, 2])
-    sample_rate: int = 16000
-    bins: int = 1024
+    D: int = setting(256, gt=0)
+    target_bandwidths: list[float] = setting(factory=lambda: [0.5, 1, 1.5, 2, 4], gt=0, nonempty=True)
+    ratios: list[int] = setting(factory=lambda: [8, 5, 4, 2], ge=1, nonempty=True)
+    sample_rate: int = setting(16000, gt=0)
+    bins: int = setting(1024, ge=2)
     normalize: bool = False
     causal: bool = False
-    semantic_techer: str = "hubert_base"
-    encoder_dim: int = 64
-    decoder_dim: int = 1024
-    semantic_blocks: int = 2
+    semantic_techer: str = setting("hubert_base", choices=tuple(TEACHERS))
+    encoder_dim: int = setting(64, gt=0)
+    decoder_dim: int = setting(1024, gt=0)
+    semantic_blocks: int = setting(2, ge=1)
     semantic_model_config: dict | None = None
+
+    def check(self, where: str = "config") -> None:
+        """Refuse values outside their ranges and combinations no model can be built from.
+
+        Raises:
+            ConfigError: naming the key and ``where`` (the file).
+        """
+        check_ranges(self, where)
+        if self.target_bandwidths != sorted(self.target_bandwidths):
+            raise ConfigError(f"{where}.target_bandwidths: must be in increasing order, got {self.target_bandwidths}")
+        per_codebook = self.frame_rate * math.log2(self.bins) / 1000
+        if self.target_bandwidths[-1] < per_codebook:
+            raise ConfigError(
+                f"{where}.target_bandwidths: the largest, {self.target_bandwidths[-1]} kbps, is less than one "
+                f"codebook ({per_codebook:g} kbps at {self.frame_rate} frames/s and {self.bins} bins)"
+            )
+        if self.decoder_dim < 2 ** len(self.ratios):
+            raise ConfigError(
+                f"{where}.decoder_dim: {self.decoder_dim} is halved at each of the {len(self.ratios)} "
+                f"upsampling stages; it must be at least {2 ** len(self.ratios)}"
+            )
 
     @property
     def hop_length(self) -> int:
@@ -53,9 +75,12 @@ def generator_config_from_dict(data: dict, where: str = "config") -> tuple[Gener
             raise ConfigError(f"{where}: generator.name {name!r} is not an X-Codec model (SoundStream)")
         gen = gen["config"]
     cfg = from_dict(GeneratorConfig, gen, f"{where}: generator.config")
+    cfg.check(f"{where}: generator.config")
     scale = data.get("audio_norm_scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ConfigError(f"{where}: audio_norm_scale: expected a number, got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"{where}: audio_norm_scale: must be a finite number > 0, got {scale!r}")
     return cfg, float(scale)
 
 

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig
 
 from modules.teacher import TEACHERS, teacher_config
+from utils.config import ConfigError
 
 from .config import GeneratorConfig
 
@@ -136,23 +137,73 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
     teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
     if teacher is None:
         raise LayoutError(f"{where}: unsupported semantic model type {model_type!r}")
-    default = AutoConfig.for_model(model_type).to_dict()
-    full = AutoConfig.for_model(model_type, **{k: v for k, v in sc.items() if k != "model_type"}).to_dict()
+    try:
+        default = AutoConfig.for_model(model_type).to_dict()
+        full = AutoConfig.for_model(model_type, **{k: v for k, v in sc.items() if k != "model_type"}).to_dict()
+    except Exception as exc:  # transformers' own checks (wrong types, bad combinations)
+        raise LayoutError(f"{where}: semantic_model_config: {str(exc).splitlines()[0][:200]}") from None
     ignore = {"transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "model_type"}
     overrides = {k: v for k, v in full.items() if k not in ignore and default.get(k) != v}
     bandwidths = _field(config, "target_bandwidths", list, [0.5, 1, 1.5, 2, 4], where)
-    return GeneratorConfig(
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bandwidths):
+        raise LayoutError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")
+    ratios = _field(ac, "downsampling_ratios", list, [8, 5, 4, 2], where)
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+        raise LayoutError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
+    strides = _field(config, "strides", list, [1, 1], where)
+    cfg = GeneratorConfig(
         D=_field(ac, "hidden_size", int, 256, where),
         target_bandwidths=[float(b) for b in bandwidths],
-        ratios=list(_field(ac, "downsampling_ratios", list, [8, 5, 4, 2], where)),
+        ratios=list(ratios),
         sample_rate=_field(config, "sample_rate", int, 16000, where),
         bins=_field(config, "codebook_size", int, 1024, where),
         semantic_techer=teacher,
         encoder_dim=_field(ac, "encoder_hidden_size", int, 64, where),
         decoder_dim=_field(ac, "decoder_hidden_size", int, 1024, where),
-        semantic_blocks=len(_field(config, "strides", list, [1, 1], where)),
+        semantic_blocks=len(strides),
         semantic_model_config=overrides or None,
     )
+    try:
+        cfg.check("")
+    except ConfigError as exc:  # name the config.json key, not ours
+        ours, _, problem = str(exc).lstrip(".").partition(": ")
+        raise LayoutError(f"{where}: {_HF_NAMES.get(ours, ours)}: {problem}") from None
+    _check_hf_consistency(config, ac, full, cfg, where)
+    return cfg
+
+
+_HF_NAMES = {
+    "D": "acoustic_model_config.hidden_size",
+    "ratios": "acoustic_model_config.downsampling_ratios",
+    "encoder_dim": "acoustic_model_config.encoder_hidden_size",
+    "decoder_dim": "acoustic_model_config.decoder_hidden_size",
+    "bins": "codebook_size",
+    "semantic_blocks": "strides",
+}
+
+
+def _check_hf_consistency(config: dict, ac: dict, teacher: dict, cfg: GeneratorConfig, where: str) -> None:
+    """Sizes that must agree for the weights to mean what the config says."""
+    hop = math.prod(cfg.ratios)
+    expect = {
+        "acoustic_model_config.upsampling_ratios": (ac.get("upsampling_ratios"), cfg.ratios),  # the decoder uses the encoder's ratios
+        "acoustic_model_config.hop_length": (ac.get("hop_length"), hop),
+        "acoustic_model_config.sampling_rate": (ac.get("sampling_rate"), cfg.sample_rate),
+        "channel_ratios": (config.get("channel_ratios"), [1] * cfg.semantic_blocks),
+        "strides": (config.get("strides"), [1] * cfg.semantic_blocks),
+        "codebook_dim": (config.get("codebook_dim"), cfg.D + teacher["hidden_size"]),
+    }
+    for key, (found, wanted) in expect.items():
+        if found is not None and found != wanted:
+            raise LayoutError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(teacher.get(key), int) or teacher[key] < 1:
+            raise LayoutError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {teacher.get(key)!r}")
+    if teacher["hidden_size"] % teacher["num_attention_heads"]:
+        raise LayoutError(
+            f"{where}: semantic_model_config: hidden_size {teacher['hidden_size']} is not a multiple of "
+            f"num_attention_heads {teacher['num_attention_heads']}"
+        )
 
 
 def hf_config_from_generator(cfg: GeneratorConfig) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,17 +56,19 @@ class CheckpointError(ValueError):
 def read_torch_file(path: str | Path) -> dict:
     """``torch.load`` with ``weights_only=True`` (plus ``io.BytesIO``), refusing anything else."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a directory, device or pipe); a checkpoint is a .pth file")
     try:
         with torch.serialization.safe_globals([io.BytesIO]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unpickl" in type(exc).__name__:
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(
                 f"{path}: refused: the file holds Python objects other than tensors, which are never unpickled "
-                f"(weights-only loading). {first[:200]}"
+                "(weights-only loading)"
             ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict):
@@ -276,7 +279,11 @@ class CheckpointContents:
 
 def _yaml_config(path: Path | None, weights: Path) -> tuple[GeneratorConfig, float]:
     if path is None:
-        raise CheckpointError(f"{weights}: no config given and no config.yaml beside it; pass --config /path/to/config.yaml")
+        beside = weights.parent / "config.yaml"
+        what = f"{beside} is not a file" if beside.exists() else "no config.yaml beside it"
+        raise CheckpointError(f"{weights}: no config given and {what}; pass --config /path/to/config.yaml")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; the config is a YAML file (e.g. {path / 'config.yaml'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: config file not found")
     try:
@@ -288,9 +295,9 @@ def _yaml_config(path: Path | None, weights: Path) -> tuple[GeneratorConfig, flo
 def read_hf_config(path: Path) -> tuple[GeneratorConfig, float]:
     """Architecture and ``audio_norm_scale`` (0.95 when absent) of a transformers config.json."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({str(exc)[:160]})") from None
     if not isinstance(config, dict) or config.get("model_type") != "xcodec":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
@@ -299,8 +306,8 @@ def read_hf_config(path: Path) -> tuple[GeneratorConfig, float]:
     except LayoutError as exc:
         raise CheckpointError(str(exc)) from None
     scale = config.get("audio_norm_scale", 0.95)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise CheckpointError(f"{path}: audio_norm_scale: expected a number, got {scale!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{path}: audio_norm_scale: expected a finite number > 0, got {scale!r}")
     return gen, float(scale)
 
 

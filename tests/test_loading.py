@@ -170,3 +170,63 @@ def test_release_name_resolves_through_offline_hf_cache(tmp_path, release_hub_ca
     assert missing.returncode != 0
     last = missing.stderr.strip().splitlines()[-1]
     assert "could not get release 'xcodec_wavlm_mls'" in last and "--checkpoint" in last
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tiny_codec):
+    return save_transformers(tiny_codec, tmp_path_factory.mktemp("hf") / "xcodec-tiny")
+
+
+def _edit(config: dict, path: str, value) -> dict:
+    out = json.loads(json.dumps(config))
+    *parents, last = path.split(".")
+    node = out
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        (None, [1, 2], "model_type"),
+        ("codebook_size", 0, "codebook_size: must be >= 2"),
+        ("codebook_size", "1024", "codebook_size: expected int"),
+        ("sample_rate", 0, "sample_rate"),
+        ("target_bandwidths", [], "target_bandwidths"),
+        ("target_bandwidths", ["4"], "target_bandwidths: expected numbers"),
+        ("acoustic_model_config.hidden_size", -4, "acoustic_model_config.hidden_size: must be > 0"),
+        ("acoustic_model_config.downsampling_ratios", [8, 0, 4, 2], "downsampling_ratios: every item"),
+        ("acoustic_model_config.upsampling_ratios", [2, 4, 5, 8], "upsampling_ratios"),
+        ("acoustic_model_config.hop_length", 160, "hop_length"),
+        ("codebook_dim", 7, "codebook_dim"),
+        ("semantic_model_config.num_attention_heads", 3, "num_attention_heads"),
+        ("semantic_model_config.hidden_size", "big", "semantic_model_config"),
+        ("audio_norm_scale", float("nan"), "audio_norm_scale"),
+    ],
+)
+def test_transformers_config_json_is_validated(tmp_path, hf_dir, path, value, needle, capsys):
+    import inference
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "model.safetensors").symlink_to(hf_dir / "model.safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(value if path is None else _edit(config, path, value)))
+    with pytest.raises(CheckpointError, match=needle):
+        XCodec.from_pretrained(d)
+    code = inference.main(["--checkpoint", str(d), "--input", str(ASSETS / "speech_en.flac"), "--output", str(tmp_path / "o.wav")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "config.json" in err[0], err
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_non_regular_checkpoint_and_directory_config(tmp_path, release_dir):
+    with pytest.raises(CheckpointError, match="not a regular file") as err:
+        XCodec.from_pretrained("/dev/zero", config=release_dir / "config.yaml")
+    assert "Python objects" not in str(err.value)
+    (tmp_path / "config.yaml").mkdir()
+    (tmp_path / "model.pth").write_bytes((release_dir / "model.pth").read_bytes())
+    with pytest.raises(CheckpointError, match="config.yaml is not a file"):
+        XCodec.from_pretrained(tmp_path / "model.pth")

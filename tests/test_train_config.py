@@ -84,3 +84,25 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "segment_sise" in err and "command line" in err
     assert not (tmp_path / "run").exists()  # nothing is created for a config that does not parse
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("optimizer.g.lr=-1e-4", ["optimizer.g.lr", "> 0"]),
+        ("optimizer.d.betas=[0.8, 1.5]", ["optimizer.d.betas", "< 1"]),
+        ("segment_size=100", ["segment_size", "shorter than one code frame"]),
+        ("lr_scheduler.g.gamma=0", ["lr_scheduler.g.gamma", "> 0"]),
+        ("grad_clip=.inf", ["grad_clip", "finite"]),
+        ("generator.config.ratios=[8, 0]", ["ratios", ">= 1"]),
+        ("mel_scale_loss.fmax=0", ["fmax", "> 0"]),
+        ("audio_norm_scale=.nan", ["audio_norm_scale", "finite"]),
+    ],
+)
+def test_out_of_range_values_fail_naming_key_and_source(tmp_path, capsys, override, needles):
+    rc = trainer.cli(["--config", str(CONFIGS / "tiny.yaml"), f"log_dir={tmp_path / 'run'}", override])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from models.config import GeneratorConfig, generator_config_from_dict
-from utils.config import ConfigError, config_layers, from_dict, merge
+from utils.config import ConfigError, config_layers, from_dict, merge, setting
 
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
 
@@ -43,48 +43,48 @@ class GeneratorSection:
 class MFDConfig:
     """Multi-frequency discriminator (``mfd``, the released recipe's only discriminator)."""
 
-    hop_lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024])
-    hidden_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 512])
-    domain: str = "double"
+    hop_lengths: list[int] = setting(factory=lambda: [32, 64, 128, 256, 512, 1024], ge=1, nonempty=True)
+    hidden_channels: list[int] = setting(factory=lambda: [64, 128, 256, 512, 512, 512], ge=32)
+    domain: str = setting("double", choices=("linear", "log", "double"))
     mel_scale: bool = True
-    sample_rate: int = 16000
+    sample_rate: int = setting(16000, gt=0)
 
 
 @dataclass
 class MPDConfig:
     """HiFi-GAN multi-period discriminator (``mpd``)."""
 
-    period_sizes: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
-    period_kernel_size: int = 5
+    period_sizes: list[int] = setting(factory=lambda: [2, 3, 5, 7, 11], ge=1, nonempty=True)
+    period_kernel_size: int = setting(5, ge=1)
 
 
 @dataclass
 class MSDConfig:
     """HiFi-GAN multi-scale discriminator (``msd``)."""
 
-    num_scales: int = 3
-    pool_kernel_size: int = 4
-    pool_stride: int = 2
+    num_scales: int = setting(3, ge=1)
+    pool_kernel_size: int = setting(4, ge=1)
+    pool_stride: int = setting(2, ge=1)
 
 
 @dataclass
 class MSSTFTDConfig:
     """EnCodec multi-scale STFT discriminator (``msstftd``)."""
 
-    filters: int = 32
-    n_ffts: list[int] = field(default_factory=lambda: [1024, 2048, 512])
-    hop_lengths: list[int] = field(default_factory=lambda: [256, 512, 128])
-    win_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 512])
+    filters: int = setting(32, ge=1)
+    n_ffts: list[int] = setting(factory=lambda: [1024, 2048, 512], ge=2, nonempty=True)
+    hop_lengths: list[int] = setting(factory=lambda: [256, 512, 128], ge=1, nonempty=True)
+    win_lengths: list[int] = setting(factory=lambda: [1024, 2048, 512], ge=1, nonempty=True)
 
 
 @dataclass
 class AdamWConfig:
     """``torch.optim.AdamW`` arguments (weight_decay 0.01 is AdamW's default, which the original used)."""
 
-    lr: float = 2.0e-4
-    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
-    eps: float = 1.0e-6
-    weight_decay: float = 0.01
+    lr: float = setting(2.0e-4, gt=0)
+    betas: list[float] = setting(factory=lambda: [0.8, 0.99], ge=0, lt=1)
+    eps: float = setting(1.0e-6, gt=0)
+    weight_decay: float = setting(0.01, ge=0)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class OptimizerConfig:
 
 @dataclass
 class ExponentialLRConfig:
-    gamma: float = 0.999
+    gamma: float = setting(0.999, gt=0, le=1)
 
 
 @dataclass
@@ -104,52 +104,52 @@ class SchedulerConfig:
 
     g: ExponentialLRConfig = field(default_factory=ExponentialLRConfig)
     d: ExponentialLRConfig = field(default_factory=ExponentialLRConfig)
-    interval: str = "epoch"
+    interval: str = setting("epoch", choices=("epoch", "step"))
 
 
 @dataclass
 class LossWeights:
     """Weight of every loss term; the names are also the tensorboard keys (``loss/<name>``)."""
 
-    full_stft: float = 1.0
-    sub_stft: float = 1.0
-    mel: float = 0.0
-    feature_matching: float = 20.0
-    adversarial: float = 1.0
-    semantic: float = 100.0
-    commit: float = 1.0
+    full_stft: float = setting(1.0, ge=0)
+    sub_stft: float = setting(1.0, ge=0)
+    mel: float = setting(0.0, ge=0)
+    feature_matching: float = setting(20.0, ge=0)
+    adversarial: float = setting(1.0, ge=0)
+    semantic: float = setting(100.0, ge=0)
+    commit: float = setting(1.0, ge=0)
 
 
 @dataclass
 class STFTLossConfig:
     """Full-band multi-resolution STFT loss (Parallel WaveGAN sizes of the original)."""
 
-    fft_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048])
-    win_sizes: list[int] = field(default_factory=lambda: [480, 960, 1200])
-    hop_sizes: list[int] = field(default_factory=lambda: [120, 240, 300])
+    fft_sizes: list[int] = setting(factory=lambda: [512, 1024, 2048], ge=2, nonempty=True)
+    win_sizes: list[int] = setting(factory=lambda: [480, 960, 1200], ge=1, nonempty=True)
+    hop_sizes: list[int] = setting(factory=lambda: [120, 240, 300], ge=1, nonempty=True)
 
 
 @dataclass
 class SubbandSTFTLossConfig:
     """PQMF sub-band multi-resolution STFT loss."""
 
-    num_bands: int = 6
-    fft_sizes: list[int] = field(default_factory=lambda: [128, 256, 256])
-    win_sizes: list[int] = field(default_factory=lambda: [80, 120, 200])
-    hop_sizes: list[int] = field(default_factory=lambda: [20, 40, 50])
+    num_bands: int = setting(6, ge=1)
+    fft_sizes: list[int] = setting(factory=lambda: [128, 256, 256], ge=2, nonempty=True)
+    win_sizes: list[int] = setting(factory=lambda: [80, 120, 200], ge=1, nonempty=True)
+    hop_sizes: list[int] = setting(factory=lambda: [20, 40, 50], ge=1, nonempty=True)
 
 
 @dataclass
 class MelConfig:
     """HiFi-GAN log-mel settings: the optional mel loss and the validation mel distance."""
 
-    sampling_rate: int = 16000
-    n_fft: int = 1024
-    num_mels: int = 80
-    hop_size: int = 160
-    win_size: int = 800
-    fmin: float = 0.0
-    fmax: float | None = None
+    sampling_rate: int = setting(16000, gt=0)
+    n_fft: int = setting(1024, ge=2)
+    num_mels: int = setting(80, ge=1)
+    hop_size: int = setting(160, ge=1)
+    win_size: int = setting(800, ge=1)
+    fmin: float = setting(0.0, ge=0)
+    fmax: float | None = setting(None, gt=0)
 
 
 @dataclass
@@ -163,9 +163,9 @@ class TrainConfig:
     """
 
     generator: GeneratorSection = field(default_factory=GeneratorSection)
-    audio_norm_scale: float = 0.95
+    audio_norm_scale: float = setting(0.95, gt=0)
     # discriminators
-    d_list: list[str] = field(default_factory=lambda: ["mfd"])
+    d_list: list[str] = setting(factory=lambda: ["mfd"], choices=DISCRIMINATOR_NAMES, nonempty=True)
     mfd: MFDConfig = field(default_factory=MFDConfig)
     mpd: MPDConfig = field(default_factory=MPDConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
@@ -173,39 +173,39 @@ class TrainConfig:
     # optimisation
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    grad_clip: float = 2.0
-    precision: str = "fp32"
+    grad_clip: float = setting(2.0, gt=0)
+    precision: str = setting("fp32", choices=("fp32", "bf16"))
     # losses
     loss_weights: LossWeights = field(default_factory=LossWeights)
     full_multi_scale_stft_loss: STFTLossConfig = field(default_factory=STFTLossConfig)
     sub_multi_scale_stft_loss: SubbandSTFTLossConfig = field(default_factory=SubbandSTFTLossConfig)
     mel_scale_loss: MelConfig = field(default_factory=MelConfig)
-    discriminator_iter_start: int = 0
+    discriminator_iter_start: int = setting(0, ge=0)
     # data
     training_file: str = "data/librispeech/train.txt"
     validation_file: str | None = None
-    segment_size: int = 48000
-    batch_size: int = 8
-    num_workers: int = 8
-    max_bad_fraction: float = 0.5
+    segment_size: int = setting(48000, ge=1)
+    batch_size: int = setting(8, ge=1)
+    num_workers: int = setting(8, ge=0)
+    max_bad_fraction: float = setting(0.5, gt=0, le=1)
     # run
     log_dir: str = "runs/xcodec"
     seed: int = 2333
     cudnn_deterministic: bool = False
-    device: str = "auto"
-    dist_backend: str = "auto"
-    dist_timeout_minutes: float = 30.0
+    device: str = setting("auto", choices=("auto", "cuda", "cpu"))
+    dist_backend: str = setting("auto", choices=("auto", "nccl", "gloo"))
+    dist_timeout_minutes: float = setting(30.0, gt=0)
     tensorboard: bool = True
-    num_epoches: int = 5000
-    max_steps: int = 0
-    checkpoint_interval: int = 5000
-    summary_interval: int = 100
-    validation_interval: int = 5000
-    validation_max_clips: int = 0
-    print_freq: int = 10
-    num_ckpt_keep: int = 10
-    num_plots: int = 8
-    max_nonfinite_steps: int = 10
+    num_epoches: int = setting(5000, ge=0)
+    max_steps: int = setting(0, ge=0)
+    checkpoint_interval: int = setting(5000, ge=1)
+    summary_interval: int = setting(100, ge=1)
+    validation_interval: int = setting(5000, ge=1)
+    validation_max_clips: int = setting(0, ge=0)
+    print_freq: int = setting(10, ge=1)
+    num_ckpt_keep: int = setting(10, ge=1)
+    num_plots: int = setting(8, ge=0)
+    max_nonfinite_steps: int = setting(10, ge=1)
     # initialisation
     init_from: str | None = None
     pretrained_teacher: bool | str | None = None
@@ -308,39 +308,10 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
         return ConfigError(f"{where}: {key}: {msg}")
 
     generator_config_from_dict(raw, where)  # the generator name and section, as inference reads them
-    if not cfg.d_list:
-        raise bad("d_list", "needs at least one discriminator")
-    unknown = [d for d in cfg.d_list if d not in DISCRIMINATOR_NAMES]
-    if unknown:
-        raise bad("d_list", f"unknown discriminator(s) {unknown}; valid: {list(DISCRIMINATOR_NAMES)}")
     if len(set(cfg.d_list)) != len(cfg.d_list):
         raise bad("d_list", f"names repeat: {cfg.d_list}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise bad("precision", f"expected fp32 or bf16, got {cfg.precision!r}")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise bad("device", f"expected auto, cuda or cpu, got {cfg.device!r}")
-    if cfg.dist_backend not in ("auto", "nccl", "gloo"):
-        raise bad("dist_backend", f"expected auto, nccl or gloo, got {cfg.dist_backend!r}")
-    if not cfg.dist_timeout_minutes > 0:
-        raise bad("dist_timeout_minutes", f"must be > 0, got {cfg.dist_timeout_minutes}")
-    if cfg.lr_scheduler.interval not in ("epoch", "step"):
-        raise bad("lr_scheduler.interval", f"expected epoch or step, got {cfg.lr_scheduler.interval!r}")
-    for name, value in dataclasses.asdict(cfg.loss_weights).items():
-        if value < 0:
-            raise bad(f"loss_weights.{name}", f"must be >= 0, got {value}")
-    positive = ("segment_size", "batch_size", "checkpoint_interval", "summary_interval", "validation_interval", "print_freq", "num_ckpt_keep", "max_nonfinite_steps")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
-    for key in ("num_workers", "max_steps", "num_epoches", "discriminator_iter_start", "num_plots", "validation_max_clips"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.max_steps == 0 and cfg.num_epoches == 0:
         raise bad("max_steps", "max_steps and num_epoches are both 0: nothing to train")
-    if not 0.0 < cfg.max_bad_fraction <= 1.0:
-        raise bad("max_bad_fraction", f"must be in (0, 1], got {cfg.max_bad_fraction}")
-    if cfg.grad_clip <= 0:
-        raise bad("grad_clip", f"must be > 0, got {cfg.grad_clip}")
     if len(cfg.optimizer.g.betas) != 2 or len(cfg.optimizer.d.betas) != 2:
         raise bad("optimizer.*.betas", "expected two numbers")
     for name, sec in (("full_multi_scale_stft_loss", cfg.full_multi_scale_stft_loss), ("sub_multi_scale_stft_loss", cfg.sub_multi_scale_stft_loss)):
@@ -348,6 +319,10 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
             raise bad(name, "fft_sizes, win_sizes and hop_sizes must have the same length")
     if len(cfg.mfd.hop_lengths) != len(cfg.mfd.hidden_channels) and "mfd" in cfg.d_list:
         raise bad("mfd", "hop_lengths and hidden_channels must have the same length")
+    if cfg.segment_size < cfg.codec.hop_length:
+        raise bad("segment_size", f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)")
+    if cfg.mel_scale_loss.fmax is not None and cfg.mel_scale_loss.fmax <= cfg.mel_scale_loss.fmin:
+        raise bad("mel_scale_loss.fmax", f"must be above fmin ({cfg.mel_scale_loss.fmin}), got {cfg.mel_scale_loss.fmax}")
     if "mfd" in cfg.d_list and any(c % 32 for c in cfg.mfd.hidden_channels):
         raise bad("mfd.hidden_channels", f"every width must be a multiple of 32, got {cfg.mfd.hidden_channels}")
     if isinstance(cfg.pretrained_teacher, str) and not cfg.pretrained_teacher:

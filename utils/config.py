@@ -2,15 +2,18 @@
 
 A config file may name a ``base:`` file (relative to itself) and hold only what it
 changes. :func:`from_dict` builds a dataclass from a mapping; unknown keys and wrong
-types fail naming the key and the file. The codec architecture lives in
+types fail naming the key and the file, and so does a value outside the range its field
+declares (:func:`setting`). The codec architecture lives in
 ``models.config``, the training recipe in ``training.config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,68 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+    nonempty: bool = False,
+) -> Any:
+    """A dataclass field with its allowed range, checked by :func:`from_dict` and :func:`check_ranges`.
+
+    The bounds apply to a number, or to every item of a list; NaN never passes a bound.
+    ``choices`` lists the allowed values; ``nonempty`` refuses an empty list.
+    """
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "nonempty": nonempty}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _within(item: float, key: str, bound: float) -> bool:
+    return {"ge": item >= bound, "gt": item > bound, "le": item <= bound, "lt": item < bound}[key]
+
+
+def range_problem(value: Any, meta: typing.Mapping) -> str | None:
+    """Why ``value`` is outside the range of a :func:`setting` (``None``: it is inside)."""
+    if meta.get("nonempty") and isinstance(value, list) and not value:
+        return "must not be empty"
+    items = value if isinstance(value, list) else [value]
+    choices = meta.get("choices")
+    for item in items:
+        if choices is not None and item is not None and item not in choices:
+            return f"expected one of {', '.join(map(str, choices))}, got {item!r}"
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        if not math.isfinite(item):
+            return f"must be a finite number, got {value!r}"
+        for key, word in _BOUNDS:
+            bound = meta.get(key)
+            if bound is not None and not _within(item, key, bound):
+                subject = "every item must be" if isinstance(value, list) else "must be"
+                return f"{subject} {word} {bound}, got {value!r}"
+    return None
+
+
+def check_ranges(obj: Any, where: str = "config") -> None:
+    """Check every field of dataclass ``obj`` (recursively) against its :func:`setting` range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{where}.{f.name}")
+            continue
+        problem = range_problem(value, f.metadata)
+        if problem is not None:
+            raise ConfigError(f"{where}.{f.name}: {problem}")
+
+
 def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if data is None:
@@ -69,6 +134,9 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
             raise ConfigError(f"{where}.{name}: expected {_type_name(tp)}, got {value!r}")
         if tp is float and isinstance(value, int):
             value = float(value)
+        problem = range_problem(value, fields[name].metadata)
+        if problem is not None:
+            raise ConfigError(f"{where}.{name}: {problem}")
         kwargs[name] = value
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -83,10 +151,16 @@ def _type_name(tp: Any) -> str:
 def read_yaml(path: str | Path) -> dict:
     """``yaml.safe_load`` a mapping, with a one-line error for a missing or malformed file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
