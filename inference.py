@@ -20,10 +20,8 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,26 +29,26 @@ from data import AudioFiles, duration_order, file_loader
 from models import CheckpointError, XCodec, checkpoint_id
 from models.streaming import decode_long, encode_long
 from utils import distributed as du
-from utils.audio import audio_extensions, save_audio
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
-from utils.codes import CodesFileError, ManifestWriter, load_codes, manifest_path, read_manifest, save_codes
-from utils.files import atomic_write, overwritten_input, remove_stale_temporaries_of, scan_directory
-
-
-@dataclass
-class Job:
-    """One input file and where its results go."""
-
-    src: Path
-    rel: Path  # path relative to the input root (the file name for a single file)
-    audio_out: Path | None
-    codes_out: Path | None
+from utils.audio import audio_extensions
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
+from utils.codes import (
+    CodesFileError,
+    ManifestWriter,
+    has_manifest,
+    load_codes,
+    manifest_path,
+    read_manifest,
+    source_lengths,
+    unchanged,
+)
+from utils.files import remove_stale_temporaries_of
+from utils.outputs import Job, lock_output_trees, plan, write_outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="X-Codec: encode audio to codes and decode codes to audio.")
+    p = argument_parser("X-Codec: encode audio to codes and decode codes to audio.")
     p.add_argument("--input", type=Path, help="audio file or directory (searched recursively)")
-    p.add_argument("--output", type=Path, help="output .wav file or directory (mirrors the input tree)")
+    p.add_argument("--output", type=Path, help="output .wav/.flac file, or a directory (mirrors the input tree, .wav files)")
     p.add_argument("--checkpoint", default="xcodec_hubert_librispeech", help="release name or checkpoint path")
     p.add_argument("--config", type=Path, help="YAML config for a .pth checkpoint (default: config.yaml beside it)")
     p.add_argument("-b", "--bandwidth", type=float, help="target bandwidth in kbps (default: the largest)")
@@ -66,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=float, default=30.0,
                    help="files longer than window + 2 * context seconds are encoded in windows (0: never)")
     p.add_argument("--context", type=float, default=5.0, help="seconds of context on each side of a window")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (a tokenization "
+                   "resuming in its own --codes-out never needs it)")
     args = p.parse_args(argv)
     if args.codes_in is None and args.input is None:
         p.error("one of --input or --codes-in is required")
@@ -79,58 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size must be at least 1")
     if args.workers is not None and args.workers < 0:
         p.error("--workers must be >= 0")
-    if args.window < 0 or args.context < 0:
-        p.error("--window and --context must be >= 0")
+    if not (0 <= args.window < float("inf") and 0 <= args.context < float("inf")):
+        p.error("--window and --context must be finite numbers >= 0")
+    if 0 < args.window < 1:
+        p.error(f"--window {args.window}: a window must be at least 1 second (0: never window); tiny windows make long files take hours")
     return args
-
-
-# ---------------------------------------------------------------------------- planning
-def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | None:
-    if root is None:
-        return None
-    if not is_dir:
-        return root
-    out = (root / rel).with_suffix(suffix)
-    # Never write outside the output root, whatever the input names hold.
-    if not out.resolve().is_relative_to(root.resolve()):
-        raise CliError(f"{rel}: output path would escape {root}")
-    return out
-
-
-def _is_dir_target(path: Path | None, many: bool) -> bool:
-    if path is None:
-        return False
-    return many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == ""
-
-
-def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
-    """List the jobs for a file or a directory; returns ``(jobs, is_directory_run)``."""
-    if not src.exists():
-        raise CliError(f"{src}: no such file or directory")
-    if src.is_dir():
-        files = scan_directory(src, suffixes)
-        if not files:
-            raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
-        rels = [f.relative_to(src) for f in files]
-        many = True
-    else:
-        files, rels, many = [src], [Path(src.name)], False
-    audio_dir = _is_dir_target(audio_root, many)
-    codes_dir = _is_dir_target(codes_root, many)
-    jobs = []
-    for f, rel in zip(files, rels):
-        audio_out = _target(audio_root, rel, ".wav", audio_dir)
-        codes_out = _target(codes_root, rel, ".npy", codes_dir)
-        if audio_out is not None and not audio_dir:
-            audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
-        jobs.append(Job(f, rel, audio_out, codes_out))
-    return jobs, many
-
-
-# ---------------------------------------------------------------------------- writing
-def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
-    """Write 16-bit WAV atomically (never a partial file under ``path``)."""
-    atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale))
 
 
 # ---------------------------------------------------------------------------- running
@@ -145,6 +98,7 @@ class Stats:
         self.audio_seconds = 0.0
         self.start = time.perf_counter()
         self.already_done = 0  # skipped: finished by an earlier run (manifest)
+        self.changed = 0  # in the manifest, but the input changed since: done again
         self.rank, self.world_size = 0, 1
         self.manifest = None  # utils.codes.ManifestWriter of a corpus tokenization
         self.manifest_fields: dict = {}
@@ -164,7 +118,9 @@ class Stats:
                     "sample_rate": int(rate),
                     "n_q": int(codes_shape[0]),
                     "frames": int(codes_shape[1]),
+                    **({"source_size": job.source[0], "source_mtime_ns": job.source[1]} if job.source else {}),
                     **self.manifest_fields,
+                    "written": round(time.time(), 3),
                 }
             )
 
@@ -178,6 +134,7 @@ class Stats:
         speed = self.audio_seconds / elapsed if elapsed > 0 else 0.0
         prefix = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
         done = f", {self.already_done} already done (skipped)" if self.already_done else ""
+        done += f", {self.changed} changed since tokenized (redone)" if self.changed else ""
         return (
             f"{prefix}{self.written} file(s) written, {len(self.failed)} failed/skipped{done}, "
             f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f}, "
@@ -227,11 +184,9 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                 audio = model.decode(codes, frames=frames, precision=args.precision).float().cpu().numpy()
         codes_np = codes.cpu().numpy()
         for i, (job, w) in enumerate(pending):
-            if job.codes_out is not None:
-                save_codes(job.codes_out, codes_np[i, :, : int(frames[i])], model.bins)
-            if job.audio_out is not None:
-                save_wav(job.audio_out, audio[i, 0, : len(w)], rate, args.rescale)
-            stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
+            wav = audio[i, 0, : len(w)] if audio is not None else None
+            if write_outputs(job, stats.fail, codes_np[i, :, : int(frames[i])], wav, rate, args.rescale, model.bins):
+                stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
         pending.clear()
 
     for index, wav, error in _progress(loader, many, "encoding"):
@@ -261,16 +216,54 @@ def _decode_long(model, codes, args: argparse.Namespace):
 
 
 def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
+    """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
+    length where a manifest records it (else whole frames)."""
+    try:
+        lengths = source_lengths(args.codes_in, model.sample_rate)
+    except CodesFileError as exc:
+        raise CliError(str(exc)) from None
+    window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else None
+    pending: list[tuple[Job, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        if len(pending) == 1:
+            audio = _decode_long(model, pending[0][1][None].to(model.device), args).float().cpu().numpy()
+        else:
+            frames = [c.shape[1] for _, c in pending]
+            batch = torch.zeros(len(pending), pending[0][1].shape[0], max(frames), dtype=torch.long)
+            for i, (_, c) in enumerate(pending):
+                batch[i, :, : c.shape[1]] = c
+            audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
+        for i, (job, c) in enumerate(pending):
+            wav = audio[i, 0, : c.shape[1] * model.hop_length]
+            wav = wav[: lengths.get(job.src.resolve(), len(wav))]
+            if write_outputs(job, stats.fail, None, wav, model.sample_rate, args.rescale, model.bins):
+                stats.written += 1
+                stats.audio_seconds += len(wav) / model.sample_rate
+        pending.clear()
+
     for job in _progress(jobs, many, "decoding"):
         try:
             codes = load_codes(job.src, model.n_q, model.bins)
         except ValueError as exc:
             stats.fail(str(exc))
             continue
-        audio = _decode_long(model, codes[None].to(model.device), args).float().cpu().numpy()[0, 0]
-        save_wav(job.audio_out, audio, model.sample_rate, args.rescale)
-        stats.written += 1
-        stats.audio_seconds += len(audio) / model.sample_rate
+        long = window is not None and codes.shape[1] > window
+        if pending and (long or codes.shape[0] != pending[0][1].shape[0]):
+            flush()  # a long file goes alone; a batch holds one number of codebooks
+        pending.append((job, codes))
+        if long or len(pending) >= args.batch_size:
+            flush()
+    flush()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    try:
+        return du.rank_and_world_size()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> list[Job]:
@@ -278,17 +271,26 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
 
     Sharding: rank R of W takes jobs R, R + W, ... of the sorted list (a single file goes
     to rank 0). Resuming: in a directory run with ``--codes-out``, the manifests in the
-    codes root list finished files; they are skipped when their outputs exist. Codes made
-    by another checkpoint or bandwidth in the same root are refused.
+    codes root list finished files, keyed on (input root, relative path, size, mtime); they
+    are skipped when their outputs exist and the input is unchanged. Codes of another input
+    root, checkpoint, bandwidth or precision in the same root are refused. Any other output
+    that already exists is replaced only with ``--overwrite``.
     """
-    try:
-        rank, world = du.rank_and_world_size()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    rank, world = _rank_and_world()
     stats.rank, stats.world_size = rank, world
     jobs = du.shard(jobs, rank, world)
-    if not many or args.codes_in is not None or args.codes_out is None:
-        return jobs
+    resuming = many and args.codes_in is None and args.codes_out is not None
+    tracked = resuming and has_manifest(args.codes_out)  # the outputs are this pipeline's own
+    if resuming:
+        jobs = _resume(model, jobs, args, stats, rank, world)
+    existing = [p for j in jobs for p in j.outputs if p.is_file()]
+    if existing and not (args.overwrite or tracked):
+        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
+    remove_stale_temporaries_of([p for j in jobs for p in j.outputs])  # only a dead writer's (see utils.files)
+    return jobs
+
+
+def _resume(model, jobs: list[Job], args: argparse.Namespace, stats: Stats, rank: int, world: int) -> list[Job]:
     root = args.codes_out
     bandwidth = float(args.bandwidth) if args.bandwidth is not None else float(max(model.target_bandwidths))
     fields = {
@@ -297,6 +299,7 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
         "checkpoint": checkpoint_id(args.checkpoint, args.config),
         "precision": args.precision,
         "device": model.device.type,  # exact codes agree across devices; recorded for the record
+        "input_root": str(args.input.resolve()),
     }
     n_q = model.quantizer.n_q_for_bandwidth(args.bandwidth)
     try:
@@ -313,13 +316,27 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
             f"{e.get('bandwidth')} kbps in {e.get('precision', 'fp32')}; this run uses {fields['checkpoint']} at "
             f"{bandwidth} kbps in {args.precision}: choose another --codes-out directory"
         )
-    remove_stale_temporaries_of([j.codes_out for j in jobs] + [j.audio_out for j in jobs if j.audio_out is not None])
-    done = {e["path"] for e in entries}
-    todo = [
-        j
-        for j in jobs
-        if not (j.rel.as_posix() in done and j.codes_out.is_file() and (j.audio_out is None or j.audio_out.is_file()))
-    ]
+    other = next((e for e in entries if e.get("input_root", fields["input_root"]) != fields["input_root"]), None)
+    if other is not None:
+        raise CliError(
+            f"{root}: holds codes of files under {other['input_root']}, not {fields['input_root']}: "
+            "choose another --codes-out directory"
+        )
+    for job in jobs:
+        try:
+            st = job.src.stat()
+            job.source = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass  # the reader reports it
+    done = {e["path"]: e for e in entries}
+    todo = []
+    for j in jobs:
+        entry = done.get(j.rel.as_posix())
+        if entry is not None and all(p.is_file() for p in j.outputs):
+            if unchanged(entry, j.source):
+                continue
+            stats.changed += 1
+        todo.append(j)
     stats.already_done = len(jobs) - len(todo)
     stats.codes_root, stats.manifest_fields = root, fields
     stats.manifest = ManifestWriter(manifest_path(root, rank, world))
@@ -339,21 +356,19 @@ def run(args: argparse.Namespace) -> int:
         jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
     else:
         jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out)
-    clash = overwritten_input([p for j in jobs for p in (j.audio_out, j.codes_out)], [j.src for j in jobs])
-    if clash is not None:  # refused before any work: no run may write onto its input
-        raise CliError(f"{clash[0]}: an output would overwrite the input {clash[1]}; choose another output path")
-    _device_for_rank(args)
-    model = load_model(args)
-    if model.device.type == "cuda":
-        torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
-    if args.bandwidth is not None:
-        try:
-            model.quantizer.n_q_for_bandwidth(args.bandwidth)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
     stats = Stats()
-    jobs = shard_and_resume(model, jobs, args, many, stats)
+    locks = lock_output_trees([args.output, args.codes_out], many, *_rank_and_world())  # before the slow model load
     try:
+        _device_for_rank(args)
+        model = load_model(args)
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
+        if args.bandwidth is not None:
+            try:
+                model.quantizer.n_q_for_bandwidth(args.bandwidth)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+        jobs = shard_and_resume(model, jobs, args, many, stats)
         if args.codes_in is not None:
             decode_jobs(model, jobs, args, many, stats)
         else:
@@ -361,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if stats.manifest is not None:
             stats.manifest.close()
+        for lock in locks:
+            lock.release()
     if many:
         print(stats.summary(), file=sys.stderr)
     if stats.failed:

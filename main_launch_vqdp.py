@@ -22,7 +22,9 @@ the base (``--exp_config``, the original's ``--exp_model_config``)::
     python main_launch_vqdp.py --config configs/xcodec_wavlm_mls.yaml batch_size=16 \\
         optimizer.g.lr=1e-4 d_list=[mfd,mpd] precision=bf16
 
-Restarting the same command resumes from the newest ``<log_dir>/model_ckpts/ckpt_*.pth``.
+Restarting the same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth``;
+``--restart`` starts again from step 0 (the old checkpoints are moved aside). SIGTERM or
+SIGINT saves a checkpoint at the current step and exits (128 + signal number).
 Fine-tuning from released weights: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
 Tensorboard: ``tensorboard --logdir <log_dir>/logs``.
 
@@ -34,123 +36,43 @@ updated discriminators (the original ran the codec a second time for the D updat
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import random
+import signal
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
-from torch import nn
 
 from data import DataError, batches_per_epoch
-from losses import LossBundle
-from models import CheckpointError, XCodec, build_codec
-from modules.discriminators import DiscriminatorBank, build_discriminators
-from quantization import CodebookUsage
+from models import CheckpointError
+from models.pretrained import load_codec_state, read_state
+from modules.teacher import fetch_teacher
 from training.batches import make_loaders, screen_batch
 from training.checkpoint import (
     TrainingError,
+    check_resumable,
     find_resume_checkpoint,
-    init_codec_from,
     remove_stale_checkpoint_temporaries,
     restore,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
-from training.config import TrainConfig, load_train_config
+from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
 from training.parallel import wrap_ddp
 from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
+from training.signals import StopSignals
+from training.state import State, build_state
 from training.validation import validate
 from utils import distributed as du
 from utils.config import ConfigError
-
-
-# ---------------------------------------------------------------------------- state
-@dataclass
-class State:
-    """Everything the GAN training loop mutates, and everything a checkpoint restores.
-
-    ``codec`` / ``discriminators`` are the plain modules (checkpoints, validation, the
-    generator step's discriminator pass); ``codec_ddp`` / ``disc_ddp`` are what the
-    training forward passes go through (the same modules without a process group).
-    """
-
-    cfg: TrainConfig
-    raw_config: dict
-    device: torch.device
-    codec: XCodec
-    codec_ddp: nn.Module
-    discriminators: nn.ModuleDict
-    disc_ddp: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    sched_g: torch.optim.lr_scheduler.LRScheduler
-    sched_d: torch.optim.lr_scheduler.LRScheduler
-    losses: LossBundle
-    weights: dict[str, float]
-    usage: CodebookUsage
-    bandwidth_rng: random.Random
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    nonfinite_total: int = 0
-    nonfinite_consecutive: int = 0
-    bad_files: dict[str, str] = field(default_factory=dict)
-    skipped_batches: int = 0
-
-    @property
-    def uses_discriminators(self) -> bool:
-        return self.weights["adversarial"] > 0 or self.weights["feature_matching"] > 0
-
-    def g_params(self) -> list[nn.Parameter]:
-        return [p for p in self.codec.parameters() if p.requires_grad]
-
-    def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-
-def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool | str | None = None) -> State:
-    """Models, optimizers, schedulers and losses, identical on every rank.
-
-    ``teacher``: what ``build_codec`` gets as ``pretrained_teacher`` (default
-    ``cfg.teacher_source()``); ``False`` when the weights come from a checkpoint.
-    """
-    teacher = cfg.teacher_source() if teacher is None else teacher
-    codec = build_codec(cfg.codec, cfg.audio_norm_scale, weight_norm=True, pretrained_teacher=teacher)
-    discs = build_discriminators(cfg.d_list, {name: dataclasses.asdict(getattr(cfg, name)) for name in cfg.d_list})
-    codec.to(device).train()
-    discs.to(device).train()
-    if du.is_distributed() and teacher is False:
-        # A randomly initialised teacher is excluded from DDP's start-up sync; make it rank 0's.
-        du.broadcast_tensors(list(codec.semantic_model.parameters()) + list(codec.semantic_model.buffers()))
-    g_params = [p for p in codec.parameters() if p.requires_grad]
-    teacher_ids = {id(p) for p in codec.semantic_model.parameters()}
-    assert not any(id(p) in teacher_ids for p in g_params), "the teacher must not be optimised"
-    og, od = cfg.optimizer.g, cfg.optimizer.d
-    opt_g = torch.optim.AdamW(g_params, lr=og.lr, betas=tuple(og.betas), eps=og.eps, weight_decay=og.weight_decay)
-    opt_d = torch.optim.AdamW(discs.parameters(), lr=od.lr, betas=tuple(od.betas), eps=od.eps, weight_decay=od.weight_decay)
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.lr_scheduler.g.gamma)
-    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.lr_scheduler.d.gamma)
-    losses = LossBundle(*(dataclasses.asdict(sec) for sec in (cfg.full_multi_scale_stft_loss, cfg.sub_multi_scale_stft_loss, cfg.mel_scale_loss)))
-    return State(
-        cfg=cfg, raw_config=raw, device=device,
-        codec=codec, codec_ddp=codec, discriminators=discs, disc_ddp=DiscriminatorBank(discs),
-        opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d,
-        losses=losses.to(device), weights=dataclasses.asdict(cfg.loss_weights),
-        usage=CodebookUsage(codec.n_q, codec.bins, device), bandwidth_rng=random.Random(cfg.seed),
-    )  # fmt: skip
+from utils.hub import HubError
 
 
 # ---------------------------------------------------------------------------- steps
@@ -290,70 +212,80 @@ def step_schedulers(state: State) -> None:
         state.sched_d.step()
 
 
-def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks) -> None:
+def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals) -> None:
+    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint."""
     cfg = state.cfg
-    per_epoch = batches_per_epoch(train_sampler, cfg.batch_size)
-    total = cfg.max_steps or cfg.num_epoches * per_epoch
-    logger.progress(total, state.step)
+    logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(train_sampler, cfg.batch_size), state.step)
     means = RunningMeans()  # device-side sums: no host sync per step
-    last_saved = state.step
-    originals_logged = False
+    state.last_saved = state.step
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
-    while not done:
-        if cfg.max_steps == 0 and state.epoch >= cfg.num_epoches:
-            break
+    while not done and (cfg.max_steps > 0 or state.epoch < cfg.num_epoches):
         train_sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
-        for batch in train_loader:
-            t0 = time.perf_counter()
-            state.batch_in_epoch += 1
-            wav = screen_batch(state, batch, logger)
-            if wav is None:
-                logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks ({state.skipped_batches} so far)")
-                continue
-            metrics = train_step(state, wav, hooks)
-            state.step += 1
-            if cfg.lr_scheduler.interval == "step":
-                step_schedulers(state)
-            skipped = metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0)
-            if skipped:
-                state.nonfinite_total += 1
-                state.nonfinite_consecutive += 1
-                logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_consecutive} in a row)")
-                if state.nonfinite_consecutive >= cfg.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients (max_nonfinite_steps="
-                        f"{cfg.max_nonfinite_steps}); stopping. The last checkpoint (step {last_saved}) holds no NaN: lower the "
-                        "learning rate, check the data, or resume from it."
-                    )
-            else:
-                state.nonfinite_consecutive = 0
-            seconds = time.perf_counter() - t0
-            means.add({**metrics, "perf/step_seconds": seconds})
-            if state.step % cfg.print_freq == 0:
-                logger.step(state.step, state.epoch, {k: float(v) for k, v in metrics.items()}, seconds)
-            if state.step % cfg.summary_interval == 0:
-                logger.summary(state, means.pop())  # a collective (codebook usage): same step on every rank
-            if valid_loader is not None and state.step % cfg.validation_interval == 0:
-                result = validate(state, valid_loader, logger, not originals_logged)
-                originals_logged = True
-                logger.scalars(result, state.step)
-                logger.info(f"validation at step {state.step}: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()))
-            if state.step % cfg.checkpoint_interval == 0:
-                save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
-                last_saved = state.step
-            hooks.maybe_kill(state.step, logger)
-            if cfg.max_steps and state.step >= cfg.max_steps:
-                done = True
-                break
-        else:
-            # A whole epoch: the original steps the schedulers here.
+        try:
+            done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, hooks, stop, means)
+        except RuntimeError:
+            if stop.received is None:
+                raise
+            done, state.stopped_by = True, stop.name  # Ctrl-C also reached the loader's worker processes
+        if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
                 step_schedulers(state)
             state.epoch += 1
             state.batch_in_epoch = 0
-    if state.step != last_saved:
+    if state.stopped_by:
+        logger.info(f"stopping on {state.stopped_by} at step {state.step}; rerun the same command to resume")
+    if state.step != state.last_saved:
         save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
     logger.info(f"finished at step {state.step} (epoch {state.epoch})")
+
+
+def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals, means: RunningMeans) -> bool:
+    """The rest of the current epoch; True when the run is done (``max_steps``, or a stop signal)."""
+    cfg = state.cfg
+    for batch in train_loader:
+        t0 = time.perf_counter()
+        state.batch_in_epoch += 1
+        wav = screen_batch(state, batch, logger)
+        if wav is None:
+            logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks ({state.skipped_batches} so far)")
+            continue
+        metrics = train_step(state, wav, hooks)
+        state.step += 1
+        if cfg.lr_scheduler.interval == "step":
+            step_schedulers(state)
+        if metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0):
+            state.nonfinite_total += 1
+            state.nonfinite_consecutive += 1
+            logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_consecutive} in a row)")
+            if state.nonfinite_consecutive >= cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients (max_nonfinite_steps="
+                    f"{cfg.max_nonfinite_steps}); stopping. The last checkpoint (step {state.last_saved}) holds no NaN: lower the "
+                    "learning rate, check the data, or resume from it."
+                )
+        else:
+            state.nonfinite_consecutive = 0
+        seconds = time.perf_counter() - t0
+        means.add({**metrics, "perf/step_seconds": seconds})
+        if state.step % cfg.print_freq == 0:
+            logger.step(state.step, state.epoch, {k: float(v) for k, v in metrics.items()}, seconds)
+        if state.step % cfg.summary_interval == 0:
+            logger.summary(state, means.pop())  # a collective (codebook usage): same step on every rank
+        if valid_loader is not None and state.step % cfg.validation_interval == 0:
+            result = validate(state, valid_loader, logger, not state.originals_logged)
+            state.originals_logged = True
+            logger.scalars(result, state.step)
+            logger.info(f"validation at step {state.step}: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()))
+        if state.step % cfg.checkpoint_interval == 0:
+            save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
+            state.last_saved = state.step
+        hooks.maybe_kill(state.step, logger)
+        if stop.requested_on_any_rank(state.device):  # every rank stops after the same step
+            state.stopped_by = stop.name or "a signal on another rank"
+            return True
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -367,13 +299,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--training_file", default=None, help="same as training_file=...")
     parser.add_argument("--validation_file", default=None, help="same as validation_file=...")
     parser.add_argument("--log_dir", default=None, help="same as log_dir=...")
+    parser.add_argument("--restart", action="store_true", help="start again from step 0 even though log_dir holds "
+                        "checkpoints (they are moved to model_ckpts/previous_<time>/, not deleted)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> State:
-    """Run training; returns the final state (tests inspect it). Raises on errors."""
+    """Run training; returns the final state (tests inspect it). Raises on errors.
+
+    Everything that can refuse the run (config, checkpoints, the teacher's download,
+    ``init_from``) is checked before anything is written into ``log_dir``.
+    """
     args = parse_args(argv)
     flags = [f"{k}={getattr(args, k)}" for k in ("training_file", "validation_file", "log_dir") if getattr(args, k) is not None]
     loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])
@@ -385,6 +323,13 @@ def main(argv: Sequence[str] | None = None) -> State:
     try:
         log_dir = Path(cfg.log_dir)
         ckpt_dir = log_dir / "model_ckpts"
+        resume = find_resume_checkpoint(ckpt_dir, ConsoleLogger(), restart=args.restart)
+        if resume is not None:
+            check_resumable(resume[1], raw, str(resume[0]))
+        # Resuming or fine-tuning: the teacher's weights come with the codec's (no download).
+        teacher = False if resume is not None else cfg.teacher_source()
+        init_state = read_state(cfg.init_from) if resume is None and cfg.init_from is not None else None
+        teacher_dir = fetch_teacher(cfg.codec.semantic_techer, teacher)  # offline: one line in seconds
         if du.is_main_process():
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             for p in remove_stale_checkpoint_temporaries(ckpt_dir):
@@ -393,12 +338,9 @@ def main(argv: Sequence[str] | None = None) -> State:
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
-        resume = find_resume_checkpoint(ckpt_dir, ConsoleLogger())
         # The same seed everywhere while building: every rank starts from identical models.
         seed_everything(cfg.seed)
-        # Resuming or fine-tuning: the teacher's weights come with the codec's (no download).
-        teacher = False if resume is not None else cfg.teacher_source()
-        state = build_state(cfg, raw, device, teacher)
+        state = build_state(cfg, raw, device, teacher_dir)
         logger = RunLogger(str(log_dir), cfg.tensorboard, purge_step=(resume[1]["step"] + 1) if resume else None)
         logger.info(f"config: {' + '.join(loaded.sources)}")
         backend = dist.get_backend() if dist.is_initialized() else "none"
@@ -408,9 +350,10 @@ def main(argv: Sequence[str] | None = None) -> State:
             path, ckpt = resume
             restore(state, ckpt, str(path), logger)
             logger.info(f"resumed from {path} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch} of the epoch)")
-        elif cfg.init_from is not None:
-            init_codec_from(state.codec, cfg.init_from)
+        elif init_state is not None:
+            load_codec_state(state.codec, init_state, f"init_from {cfg.init_from}")
             logger.info(f"codec initialised from {cfg.init_from}; discriminators and optimizers start fresh")
+        del init_state
         wrap_ddp(state)
         train_loader, train_sampler, valid_loader = make_loaders(cfg, state.codec.sample_rate, device)
         logger.info(f"data: {len(train_loader.dataset)} training clips, {len(valid_loader.dataset) if valid_loader else 0} validation clips, "
@@ -421,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> State:
         elif resume is None:
             seed_everything(cfg.seed + du.rank())
         del resume
-        train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, hooks)
+        with StopSignals() as stop:
+            train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, hooks, stop)
         if hooks.hash_dir:
             write_state_hashes(state, hooks.hash_dir)
         return state
@@ -434,11 +378,17 @@ def main(argv: Sequence[str] | None = None) -> State:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: errors as one ``error:`` line and exit code 1; a stop signal: 128 + its number."""
     try:
-        main(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError) as exc:
+        state = main(argv)
+    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)
+        return 130
+    if state.stopped_by.startswith("SIG"):
+        return 128 + int(getattr(signal, state.stopped_by))
     return 0
 
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 from torch import nn
 
 from utils.config import ConfigError
+from utils.hub import HubError, hub_file
 
 from .config import GeneratorConfig, generator_config_from_dict, load_generator_config
 from .hf_layout import LayoutError, generator_config_from_hf, state_from_hf
@@ -206,7 +206,12 @@ def download_release(name: str) -> tuple[Path, Path]:
     """Fetch a release's .pth and YAML into the Hugging Face cache (once) and return their paths."""
     ckpt, cfg = RELEASES[name]
     try:
-        return Path(hf_hub_download(RELEASE_REPO, ckpt)), Path(hf_hub_download(RELEASE_REPO, cfg))
+        return hub_file(RELEASE_REPO, ckpt), hub_file(RELEASE_REPO, cfg)
+    except HubError as exc:
+        raise CheckpointError(
+            f"could not get release {name!r}: {exc}. Without network, pass a local checkpoint: "
+            "--checkpoint /path/to/model.pth --config /path/to/config.yaml"
+        ) from None
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

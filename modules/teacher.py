@@ -8,11 +8,14 @@ sides. Both are quirks that the released checkpoints depend on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, HubertConfig, WavLMConfig
+
+from utils.hub import hub_snapshot
 
 from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
 
@@ -72,6 +75,19 @@ def teacher_config(name: str, overrides: dict | None):
     return cls(**(overrides or {}))
 
 
+def fetch_teacher(name: str, pretrained: str | bool) -> str | bool:
+    """The local directory of a pretrained teacher (``pretrained``: ``True`` for the standard
+    one, a repository id or a directory), downloaded once; ``False`` stays ``False``.
+
+    Raises:
+        utils.hub.HubError: not cached and the hub cannot be reached (in seconds, one line).
+    """
+    if not pretrained:
+        return False
+    source = TEACHERS[name].repo_id if pretrained is True else str(pretrained)
+    return source if Path(source).is_dir() else str(hub_snapshot(source))
+
+
 def build_teacher(name: str, config_overrides: dict | None = None, pretrained: str | bool = False) -> nn.Module:
     """Build the teacher model.
 
@@ -85,8 +101,7 @@ def build_teacher(name: str, config_overrides: dict | None = None, pretrained: s
     if name not in TEACHERS:
         raise ValueError(f"unknown semantic teacher {name!r}; expected one of {sorted(TEACHERS)}")
     if pretrained:
-        source = TEACHERS[name].repo_id if pretrained is True else pretrained
-        model = AutoModel.from_pretrained(source, **(config_overrides or {}))
+        model = AutoModel.from_pretrained(fetch_teacher(name, pretrained), **(config_overrides or {}))
     else:
         model = AutoModel.from_config(teacher_config(name, config_overrides))
     _install_masked_group_norm(model)

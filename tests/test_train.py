@@ -17,7 +17,7 @@ from conftest import train_tiny as run
 from data import DataError
 from models import XCodec
 from models.pretrained import read_torch_file
-from training.checkpoint import nonfinite_entries, remove_stale_checkpoint_temporaries
+from training.checkpoint import init_codec_from, nonfinite_entries, remove_stale_checkpoint_temporaries
 from training.config import load_train_config
 from utils.audio import load_audio
 
@@ -159,13 +159,13 @@ def test_init_from_released_style_weights(tmp_path):
 
     loaded = load_train_config(TINY, overrides=[f"init_from={ckpt}"])
     state = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
-    trainer.init_codec_from(state.codec, str(ckpt))
+    init_codec_from(state.codec, str(ckpt))
     for key, value in state.codec.state_dict().items():
         assert torch.equal(value, saved[key]), key
 
     # From the slim export (folded weight norm): same codec function.
     fresh = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
-    trainer.init_codec_from(fresh.codec, str(src / "model_ckpts" / "export_00000002"))
+    init_codec_from(fresh.codec, str(src / "model_ckpts" / "export_00000002"))
     x = torch.randn(1, 1, 6400) * 0.1
     torch.testing.assert_close(fresh.codec.eval().encode(x), state.codec.eval().encode(x))
 
@@ -175,7 +175,7 @@ def test_init_from_released_style_weights(tmp_path):
     release.parent.mkdir()
     torch.save(to_release_state(saved), release)
     third = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
-    trainer.init_codec_from(third.codec, str(release))
+    init_codec_from(third.codec, str(release))
     for key, value in third.codec.state_dict().items():
         assert torch.equal(value, saved[key]), key
 

@@ -18,7 +18,9 @@ next start.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 import random
 import re
 import shutil
@@ -30,9 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.config import generator_config_from_dict
 from models.export import save_export
 from models.pretrained import load_codec_state, read_state, read_torch_file
 from utils import distributed as du
+from utils.config import ConfigError
 from utils.files import atomic_directory, atomic_write, remove_stale_temporaries
 
 CHECKPOINT_FORMAT = "xcodec-train-1"
@@ -267,23 +271,128 @@ def init_codec_from(codec: Any, source: str) -> str:
     return source
 
 
-def find_resume_checkpoint(ckpt_dir: Path, logger: Any) -> tuple[Path, dict] | None:
-    """Newest readable checkpoint (rank 0 picks, every rank reads the same file)."""
-    choice, obj = None, None
+REQUIRED_KEYS = (
+    "codec", "config", "discriminators", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d",
+    "step", "epoch", "batch_in_epoch", "rng", "bandwidth_rng",
+)  # fmt: skip
+UNUSABLE_DIR = "unusable"
+
+
+def checkpoint_problem(obj: dict) -> str | None:
+    """Why a read checkpoint cannot be resumed from (``None``: it can)."""
+    if obj.get("format") != CHECKPOINT_FORMAT:
+        return "not a checkpoint of this training script"
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        return f"incomplete (no {', '.join(missing)})"
+    if not isinstance(obj["config"], dict):
+        return "its config is not a mapping"
+    return None
+
+
+def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -> tuple[Path, dict] | None:
+    """The newest usable checkpoint (rank 0 picks, every rank reads the same file).
+
+    Policy: a checkpoint that cannot be used (unreadable, truncated, incomplete, another
+    format) is moved to ``model_ckpts/unusable/`` once an older one is chosen, so that
+    rotation never deletes the new checkpoints because of it. With checkpoints present and
+    none usable the run stops (it never starts again from step 0 over an existing run);
+    ``restart=True`` moves every checkpoint and export to ``model_ckpts/previous_<time>/``
+    and starts from step 0 (nothing is deleted).
+
+    Raises:
+        TrainingError: checkpoints exist, none is usable and ``restart`` is false.
+    """
+    choice, obj, error = None, None, None
     if du.is_main_process():
-        for _, path in reversed(list_checkpoints(ckpt_dir)):
+        found = list_checkpoints(ckpt_dir)
+        if restart:
+            _set_aside(ckpt_dir, f"previous_{time.strftime('%Y%m%d-%H%M%S')}", [p for _, p in found] + exports(ckpt_dir), logger)
+            found = []
+        unusable: list[tuple[Path, str]] = []
+        for _, path in reversed(found):
             try:
-                obj = read_torch_file(path)
-                if obj.get("format") == CHECKPOINT_FORMAT:
-                    choice = str(path)
-                    break
-                logger.warn(f"{path}: not a checkpoint of this training script; ignored")
+                candidate = read_torch_file(path)
+                problem = checkpoint_problem(candidate)
             except Exception as exc:  # a corrupt file (e.g. copied partially): try the previous one
-                logger.warn(f"{path}: unreadable ({exc}); trying an older checkpoint")
+                problem = str(exc).removeprefix(f"{path}: ")
+            if problem is None:
+                choice, obj = str(path), candidate
+                break
+            logger.warn(f"{path}: {problem}; trying an older checkpoint")
+            unusable.append((path, problem))
+        if unusable and choice is None:
+            path, problem = unusable[0]
+            error = (
+                f"{ckpt_dir}: none of the {len(unusable)} checkpoint(s) can be resumed from (newest: {path.name}: {problem}); "
+                "repair or move them, or pass --restart to start again from step 0 (they are then moved aside, not deleted)"
+            )
+        elif unusable:
+            _set_aside(ckpt_dir, UNUSABLE_DIR, [p for p, _ in unusable], logger)
+    error = du.broadcast_object(error)
+    if error is not None:
+        raise TrainingError(error)
     choice = du.broadcast_object(choice)
     if choice is None:
         return None
     return Path(choice), obj if du.is_main_process() else read_torch_file(choice)
+
+
+def exports(ckpt_dir: Path) -> list[Path]:
+    """The ``export_*`` directories of a checkpoint directory."""
+    return sorted(p for p in Path(ckpt_dir).iterdir() if EXPORT_RE.match(p.name)) if Path(ckpt_dir).is_dir() else []
+
+
+def _set_aside(ckpt_dir: Path, name: str, paths: list[Path], logger: Any) -> None:
+    if not paths:
+        return
+    target = Path(ckpt_dir) / name
+    target.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        os.replace(p, target / p.name)
+    logger.warn(f"moved {len(paths)} file(s) to {target}: {', '.join(p.name for p in paths[:4])}{' ...' if len(paths) > 4 else ''}")
+
+
+def check_resumable(ckpt: dict, raw: dict, source: str) -> None:
+    """Refuse to resume a run whose codec architecture the new config changes (checked
+    before anything is written into the run's directory).
+
+    Raises:
+        TrainingError: naming the first key that differs.
+    """
+    try:
+        old = dataclasses.asdict(generator_config_from_dict(ckpt["config"], source)[0])
+    except ConfigError as exc:
+        raise TrainingError(f"{source}: its stored config cannot be read ({exc})") from None
+    new = dataclasses.asdict(generator_config_from_dict(raw, "config")[0])
+    for key in old:
+        if old[key] != new[key]:
+            raise TrainingError(
+                f"{source} was trained with generator.config.{key} = {old[key]!r}, the config now says "
+                f"{new[key]!r}: resume with the original architecture, or use another log_dir"
+            )
+
+
+def apply_optimizer_settings(opt: torch.optim.Optimizer, sched: Any, adamw: Any, gamma: float, name: str) -> list[str]:
+    """Put the config's optimizer settings into a restored optimizer and scheduler; returns
+    what changed (``"lr 0.0002 -> 0.0001"``). A new lr keeps the decay the schedule has applied."""
+    changes = []
+    for group in opt.param_groups:
+        base = group.get("initial_lr", group["lr"])
+        new = {"lr": adamw.lr, "betas": tuple(adamw.betas), "eps": adamw.eps, "weight_decay": adamw.weight_decay}
+        old = {"lr": base, "betas": tuple(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"]}
+        for key in new:
+            if old[key] != new[key]:
+                changes.append(f"optimizer.{name}.{key} {old[key]} -> {new[key]}")
+        group["lr"] = group["lr"] * (adamw.lr / base) if base else adamw.lr
+        group["initial_lr"] = adamw.lr
+        group["betas"], group["eps"], group["weight_decay"] = new["betas"], new["eps"], new["weight_decay"]
+    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    if sched.gamma != gamma:
+        changes.append(f"lr_scheduler.{name}.gamma {sched.gamma} -> {gamma}")
+        sched.gamma = gamma
+    return sorted(set(changes))
 
 
 def restore(state: Any, ckpt: dict, source: str, logger: Any) -> None:
@@ -296,11 +405,15 @@ def restore(state: Any, ckpt: dict, source: str, logger: Any) -> None:
             disc.load_state_dict(saved_discs[name])
     state.opt_g.load_state_dict(ckpt["optimizer_g"])
     state.sched_g.load_state_dict(ckpt["scheduler_g"])
+    changes = apply_optimizer_settings(state.opt_g, state.sched_g, state.cfg.optimizer.g, state.cfg.lr_scheduler.g.gamma, "g")
     if fresh or set(saved_discs) != set(state.discriminators):
         logger.warn(f"d_list changed since the checkpoint ({sorted(saved_discs)} -> {list(state.discriminators)}): discriminator optimizer restarts")
     else:
         state.opt_d.load_state_dict(ckpt["optimizer_d"])
         state.sched_d.load_state_dict(ckpt["scheduler_d"])
+        changes += apply_optimizer_settings(state.opt_d, state.sched_d, state.cfg.optimizer.d, state.cfg.lr_scheduler.d.gamma, "d")
+    if changes:
+        logger.warn(f"settings changed since the checkpoint, applied from step {int(ckpt['step'])}: {'; '.join(changes)}")
     state.step, state.epoch, state.batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
     counters = ckpt.get("counters", {})
     state.nonfinite_total = int(counters.get("nonfinite_total", 0))

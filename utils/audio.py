@@ -63,6 +63,10 @@ def prepare_output(wav: np.ndarray, rescale: bool = False, limit: float = 0.99) 
     return np.clip(wav, -limit, limit)
 
 
-def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False) -> None:
-    """Write (T,) audio as 16-bit PCM WAV, clamped or rescaled like the original inference.py."""
-    sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format="WAV")
+OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what the tools write, by the output's extension
+
+
+def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False, format: str = "WAV") -> None:
+    """Write (T,) audio as 16-bit PCM (``format``: ``WAV`` or ``FLAC``), clamped or rescaled like
+    the original inference.py. The format is explicit: ``path`` may be a temporary name."""
+    sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)

@@ -29,18 +29,32 @@ def cli_main(
     except (CliError, *one_line) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # a read-only or full filesystem, a vanished directory: the OS's one line
+        where = exc.filename2 or exc.filename
+        print(f"error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The tools' parser: ``--help`` shows every default."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def resolve_device(device: str | None) -> str:
-    """``--device``: the given torch device, checked, or cuda when available, else cpu."""
+    """``--device``: the given torch device, checked, or cuda when available, else cpu.
+
+    Only ``cpu`` and ``cuda[:N]`` are supported (``meta`` holds no data; other backends are untested).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError:
-        raise CliError(f"unknown --device {device!r}") from None
+        raise CliError(f"unknown --device {device!r}; use cpu or cuda[:N]") from None
+    if kind not in ("cpu", "cuda"):
+        raise CliError(f"--device {device}: not supported; use cpu or cuda[:N]")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available on this machine")
     return device

@@ -114,7 +114,12 @@ def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
 
 def _read_lines(path: Path) -> list[dict]:
     entries = []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CodesFileError(f"{path}: not UTF-8 text (byte {exc.start}); a manifest is JSON lines") from None
+    except OSError as exc:
+        raise CodesFileError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
     lines = text.split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
@@ -125,20 +130,58 @@ def _read_lines(path: Path) -> list[dict]:
             if i == len(lines) - 1:  # a torn last line from a killed writer: not an entry
                 continue
             raise CodesFileError(f"{path}:{i + 1}: not a JSON line") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise CodesFileError(f"{path}:{i + 1}: a manifest line must be an object with a 'path'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("codes"), str):
+            raise CodesFileError(f"{path}:{i + 1}: a manifest line must be an object with a 'path' and a 'codes' string")
+        for key in ("n_q", "frames", "samples"):
+            if key in entry and (not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] < 0):
+                raise CodesFileError(f"{path}:{i + 1}: {key}: expected a non-negative integer, got {entry[key]!r}")
         entries.append(entry)
     return entries
 
 
 def read_manifest(root: str | Path) -> list[dict]:
-    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path."""
+    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path.
+
+    A path listed twice (its input changed and was tokenized again) keeps its latest entry
+    (``written``, the time it was written; without one, the later line).
+    """
     root = Path(root)
     by_path: dict[str, dict] = {}
     for path in sorted(root.glob(MANIFEST_GLOB)):
         for entry in _read_lines(path):
-            by_path[entry["path"]] = entry
+            old = by_path.get(entry["path"])
+            if old is None or entry.get("written", 0) >= old.get("written", 0):
+                by_path[entry["path"]] = entry
     return [by_path[k] for k in sorted(by_path)]
+
+
+def has_manifest(root: str | Path) -> bool:
+    """``root`` is a tokenized corpus (holds at least one manifest file)."""
+    return Path(root).is_dir() and any(Path(root).glob(MANIFEST_GLOB))
+
+
+def unchanged(entry: dict, source: tuple[int, int] | None) -> bool:
+    """The input an entry describes is still the file ``source`` = (size, mtime_ns) describes.
+    Entries written before sources were recorded count as unchanged."""
+    if "source_size" not in entry:
+        return True
+    return source is not None and (entry["source_size"], entry.get("source_mtime_ns")) == tuple(source)
+
+
+def source_lengths(codes: str | Path, sample_rate: int) -> dict[Path, int]:
+    """``{codes file (resolved): samples of its source}`` from the manifest of the corpus that
+    holds ``codes`` (a codes directory, or a file inside one, up to 4 levels deep), for
+    entries made at ``sample_rate``; ``{}`` when there is no manifest."""
+    codes = Path(codes)
+    roots = [codes] if codes.is_dir() else list(codes.resolve().parents)[:4]
+    for root in roots:
+        if has_manifest(root):
+            return {
+                (root / e["codes"]).resolve(): int(e["samples"])
+                for e in read_manifest(root)
+                if isinstance(e.get("samples"), int) and e.get("sample_rate") == sample_rate
+            }
+    return {}
 
 
 class ManifestWriter:
@@ -207,9 +250,11 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
     root = Path(root)
     entries = read_manifest(root)
     problems = []
-    listed = set()
+    listed: dict[str, str] = {}
     for entry in entries:
-        listed.add(entry["codes"])
+        if entry["codes"] in listed:
+            problems.append(f"{entry['codes']}: written for two inputs, {listed[entry['codes']]} and {entry['path']}; one was lost")
+        listed[entry["codes"]] = entry["path"]
         try:
             load_codes(root / entry["codes"], None, entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"])
         except (CodesFileError, FileNotFoundError) as exc:
@@ -224,7 +269,8 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Check a tokenized corpus (codes + manifests) and optionally merge the manifests.")
+    p = argparse.ArgumentParser(description="Check a tokenized corpus (codes + manifests) and optionally merge the manifests.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
     p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl")
     args = p.parse_args(argv)

@@ -30,6 +30,11 @@ def rank_and_world_size() -> tuple[int, int]:
     """
     if dist.is_available() and dist.is_initialized():
         return rank(), world_size()
+    if ("WORLD_SIZE" in os.environ) != ("RANK" in os.environ):
+        given, absent = ("WORLD_SIZE", "RANK") if "WORLD_SIZE" in os.environ else ("RANK", "WORLD_SIZE")
+        raise ValueError(
+            f"{given}={os.environ[given]} is set but {absent} is not: set both (torchrun does), or neither for one process"
+        )
     try:
         r, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -50,7 +55,15 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    """torchrun's ``LOCAL_RANK`` (0 without it).
+
+    Raises:
+        ValueError: it is not an integer.
+    """
+    try:
+        return int(os.environ.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} must be an integer") from None
 
 
 def shard(items: Sequence, rank: int, world_size: int) -> list:
@@ -87,9 +100,24 @@ def choose_device(local: int, local_world: int, gpus: int, device: str = "auto",
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> torch.device:
-    """Join torchrun's process group when there is one; returns this rank's device (see :func:`choose_device`)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    """Join torchrun's process group when there is one; returns this rank's device (see :func:`choose_device`).
+
+    Raises:
+        DistributedError: the torchrun variables are malformed or incomplete (e.g. WORLD_SIZE
+            set by hand without torchrun's MASTER_ADDR/MASTER_PORT), instead of a hang or a traceback.
+    """
+    try:
+        _, world = rank_and_world_size()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_rank()
+    except ValueError as exc:
+        raise DistributedError(f"{exc}; launch several processes with torchrun --nproc-per-node=N") from None
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(v)]
+    if missing:
+        raise DistributedError(
+            f"WORLD_SIZE={world} but {' and '.join(missing)} not set: launch with torchrun --nproc-per-node={world} "
+            "(it sets them), or unset WORLD_SIZE and RANK for one process"
+        )
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     chosen, backend = choose_device(local_rank(), local_world, gpus, device, backend)
     if chosen.type == "cuda":

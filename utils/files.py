@@ -4,17 +4,26 @@ Every writer of the project goes through :func:`atomic_write` or :func:`atomic_d
 the content is written under a hidden temporary name beside the target
 (``.{name}.XXXXXXXX.tmp``) and renamed over it when complete, so a reader never sees a
 partial file and a process killed mid-write leaves the old file (or none) plus a
-temporary that :func:`remove_stale_temporaries` deletes at the next start.
+temporary that :func:`remove_stale_temporaries` deletes at the next start. A writer holds
+an advisory lock (``flock``) on its temporary while it writes, and a temporary that is
+locked belongs to a live writer: it is never deleted. :class:`TreeLock` keeps a second run
+out of an output tree that a first one is still writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; writes stay atomic
+    fcntl = None
 
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
 LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
@@ -38,6 +47,30 @@ def fsync_dir(directory: str | Path) -> None:
         os.fsync(fd)
     except OSError:
         pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting; ``False`` if another holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a filesystem without locks: behave as before
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """Hold an advisory lock on ``path`` (a temporary being written) for the block."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try_lock(fd)
+        yield
     finally:
         os.close(fd)
 
@@ -68,12 +101,13 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name), suffix=TMP_SUFFIX)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
-        write(tmp)
-        if durable:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with _locked(tmp):
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
+            write(tmp)
+            if durable:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -89,17 +123,18 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final.name), suffix=TMP_SUFFIX))
     try:
-        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
-        write(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                p.chmod(0o666 & ~umask())
-                if durable:
-                    with open(p, "rb") as fh:
-                        os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(tmp, final)
+        with _locked(str(tmp)):
+            tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
+            write(tmp)
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    p.chmod(0o666 & ~umask())
+                    if durable:
+                        with open(p, "rb") as fh:
+                            os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,6 +145,8 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
 
 def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
     """Delete the temporaries left in ``directory`` by a killed writer; returns them.
+
+    A temporary whose writer is alive (it holds the temporary's lock) is left alone.
 
     Args:
         directory: where to look (not recursive).
@@ -123,7 +160,7 @@ def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | Non
         return removed
     for entry in entries:
         target = temporary_target(entry.name)
-        if target is None or (wanted is not None and target not in wanted):
+        if target is None or (wanted is not None and target not in wanted) or _in_use(entry.path):
             continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -131,6 +168,58 @@ def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | Non
             Path(entry.path).unlink(missing_ok=True)
         removed.append(Path(entry.path))
     return removed
+
+
+def _in_use(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        return not try_lock(fd)
+    finally:
+        os.close(fd)  # closing releases the probe's own lock
+
+
+class TreeLock:
+    """An advisory lock on an output tree: ``{root}/.xcodec.lock`` (``.xcodec.rank{R}.lock``
+    for rank R of several processes), held until :meth:`release` or the process ends.
+
+    Args:
+        root: the output directory (created if needed).
+        rank: this process's rank; ranks of one run lock different files.
+
+    Raises:
+        TreeLockedError: another live process holds it.
+    """
+
+    def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / (".xcodec.lock" if world_size == 1 and rank == 0 else f".xcodec.rank{rank}.lock")
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        if not try_lock(self._fd):
+            holder = os.pread(self._fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); wait for it or choose another output")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this host'}".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> TreeLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class TreeLockedError(OSError):
+    """The output tree is locked by a live run."""
 
 
 def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
@@ -156,16 +245,35 @@ def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) ->
     return None
 
 
+def output_collision(pairs: Iterable[tuple[Path | None, Path]]) -> tuple[Path, Path, Path] | None:
+    """``(output, first input, second input)`` when two inputs would write the same output
+    (e.g. ``a.wav`` and ``a.flac`` both to ``a.npy``), else ``None``. Tools call it before any work."""
+    seen: dict[Path, Path] = {}
+    for out, src in pairs:
+        if out is None:
+            continue
+        key = Path(os.path.abspath(out))
+        if key in seen and seen[key] != src:
+            return Path(out), seen[key], src
+        seen[key] = src
+    return None
+
+
 # ---------------------------------------------------------------------------- input collection
-def scan_directory(root: str | Path, suffixes: set[str]) -> list[Path]:
+def scan_directory(root: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[Path]:
     """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path.
 
     Directory symlinks are not followed (a link loop cannot recurse forever); a dangling
     file link is listed, so that reading it reports it instead of dropping it silently.
+    Directories in ``exclude`` (a run's own output directories inside its input tree) are
+    not entered: a rerun never reads its outputs as inputs.
     """
     root = Path(root)
+    skip = {Path(p).resolve() for p in exclude}
     found = []
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
+        if skip:
+            dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).resolve() not in skip]
         found += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in suffixes]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 

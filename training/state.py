@@ -1,0 +1,100 @@
+"""The training state: everything the GAN loop mutates and a checkpoint restores, built
+identically on every rank."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from losses import LossBundle
+from models import XCodec, build_codec
+from modules.discriminators import DiscriminatorBank, build_discriminators
+from quantization import CodebookUsage
+from utils import distributed as du
+
+from .config import TrainConfig
+
+
+@dataclass
+class State:
+    """Everything the GAN training loop mutates, and everything a checkpoint restores.
+
+    ``codec`` / ``discriminators`` are the plain modules (checkpoints, validation, the
+    generator step's discriminator pass); ``codec_ddp`` / ``disc_ddp`` are what the
+    training forward passes go through (the same modules without a process group).
+    """
+
+    cfg: TrainConfig
+    raw_config: dict
+    device: torch.device
+    codec: XCodec
+    codec_ddp: nn.Module
+    discriminators: nn.ModuleDict
+    disc_ddp: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    sched_d: torch.optim.lr_scheduler.LRScheduler
+    losses: LossBundle
+    weights: dict[str, float]
+    usage: CodebookUsage
+    bandwidth_rng: random.Random
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_total: int = 0
+    nonfinite_consecutive: int = 0
+    bad_files: dict[str, str] = field(default_factory=dict)
+    skipped_batches: int = 0
+    last_saved: int = 0  # step of the newest checkpoint (of this run)
+    originals_logged: bool = False  # validation audio logged once
+    stopped_by: str = ""  # the signal that ended the run early
+
+    @property
+    def uses_discriminators(self) -> bool:
+        return self.weights["adversarial"] > 0 or self.weights["feature_matching"] > 0
+
+    def g_params(self) -> list[nn.Parameter]:
+        return [p for p in self.codec.parameters() if p.requires_grad]
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool | str | None = None) -> State:
+    """Models, optimizers, schedulers and losses, identical on every rank.
+
+    ``teacher``: what ``build_codec`` gets as ``pretrained_teacher`` (default
+    ``cfg.teacher_source()``); ``False`` when the weights come from a checkpoint.
+    """
+    teacher = cfg.teacher_source() if teacher is None else teacher
+    codec = build_codec(cfg.codec, cfg.audio_norm_scale, weight_norm=True, pretrained_teacher=teacher)
+    discs = build_discriminators(cfg.d_list, {name: dataclasses.asdict(getattr(cfg, name)) for name in cfg.d_list})
+    codec.to(device).train()
+    discs.to(device).train()
+    if du.is_distributed() and teacher is False:
+        # A randomly initialised teacher is excluded from DDP's start-up sync; make it rank 0's.
+        du.broadcast_tensors(list(codec.semantic_model.parameters()) + list(codec.semantic_model.buffers()))
+    g_params = [p for p in codec.parameters() if p.requires_grad]
+    teacher_ids = {id(p) for p in codec.semantic_model.parameters()}
+    assert not any(id(p) in teacher_ids for p in g_params), "the teacher must not be optimised"
+    og, od = cfg.optimizer.g, cfg.optimizer.d
+    opt_g = torch.optim.AdamW(g_params, lr=og.lr, betas=tuple(og.betas), eps=og.eps, weight_decay=og.weight_decay)
+    opt_d = torch.optim.AdamW(discs.parameters(), lr=od.lr, betas=tuple(od.betas), eps=od.eps, weight_decay=od.weight_decay)
+    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.lr_scheduler.g.gamma)
+    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.lr_scheduler.d.gamma)
+    losses = LossBundle(*(dataclasses.asdict(sec) for sec in (cfg.full_multi_scale_stft_loss, cfg.sub_multi_scale_stft_loss, cfg.mel_scale_loss)))
+    return State(
+        cfg=cfg, raw_config=raw, device=device,
+        codec=codec, codec_ddp=codec, discriminators=discs, disc_ddp=DiscriminatorBank(discs),
+        opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d,
+        losses=losses.to(device), weights=dataclasses.asdict(cfg.loss_weights),
+        usage=CodebookUsage(codec.n_q, codec.bins, device), bandwidth_rng=random.Random(cfg.seed),
+    )  # fmt: skip

@@ -1,0 +1,133 @@
+"""What a command-line run writes and where: jobs (input -> outputs), their checks, writers, locks.
+
+``inference.py`` plans a file or a directory tree into :class:`Job` objects; every check
+that needs no model happens here, before any work: a directory input with a file name as
+output, an output onto an input, an audio format the tools cannot write, two inputs that
+would write one output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.audio import OUTPUT_FORMATS, audio_extensions, save_audio
+from utils.cli import CliError
+from utils.codes import save_codes
+from utils.files import TreeLock, TreeLockedError, atomic_write, output_collision, overwritten_input, scan_directory
+
+
+@dataclass
+class Job:
+    """One input file and where its results go."""
+
+    src: Path
+    rel: Path  # path relative to the input root (the file name for a single file)
+    audio_out: Path | None
+    codes_out: Path | None
+    source: tuple[int, int] | None = None  # (size, mtime_ns) of src when planned (resume key)
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [p for p in (self.audio_out, self.codes_out) if p is not None]
+
+
+def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | None:
+    if root is None:
+        return None
+    if not is_dir:
+        return root
+    out = (root / rel).with_suffix(suffix)
+    # Never write outside the output root, whatever the input names hold.
+    if not out.resolve().is_relative_to(root.resolve()):
+        raise CliError(f"{rel}: output path would escape {root}")
+    return out
+
+
+def _is_dir_target(path: Path | None, many: bool) -> bool:
+    if path is None:
+        return False
+    return many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == ""
+
+
+def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
+    """List the jobs for a file or a directory; returns ``(jobs, is_directory_run)``.
+
+    Refused here, before any work: a directory input with a file name as output, an audio
+    output the tools cannot write, and two inputs that would write the same output.
+    """
+    if not src.exists():
+        raise CliError(f"{src}: no such file or directory")
+    if src.is_dir():
+        for root, flag in ((audio_root, "--output"), (codes_root, "--codes-out")):
+            if root is not None and not root.is_dir() and root.suffix.lower() in audio_extensions() | {".npy"}:
+                raise CliError(f"{flag} {root}: the input is a directory, so this must be a directory, not a file name")
+        outputs = [r for r in (audio_root, codes_root) if r is not None]
+        files = scan_directory(src, suffixes, exclude=outputs)  # a rerun never reads its own outputs
+        if not files:
+            raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
+        rels = [f.relative_to(src) for f in files]
+        many = True
+    else:
+        files, rels, many = [src], [Path(src.name)], False
+    audio_dir = _is_dir_target(audio_root, many)
+    codes_dir = _is_dir_target(codes_root, many)
+    jobs = []
+    for f, rel in zip(files, rels):
+        audio_out = _target(audio_root, rel, ".wav", audio_dir)
+        codes_out = _target(codes_root, rel, ".npy", codes_dir)
+        if audio_out is not None and not audio_dir:
+            audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
+        jobs.append(Job(f, rel, audio_out, codes_out))
+    onto = overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])
+    if onto is not None:  # no run may write onto its input
+        raise CliError(f"{onto[0]}: an output would overwrite the input {onto[1]}; choose another output path")
+    if not audio_dir and jobs[0].audio_out is not None and jobs[0].audio_out.suffix.lower() not in OUTPUT_FORMATS:
+        raise CliError(f"--output {jobs[0].audio_out}: audio is written as {' or '.join(OUTPUT_FORMATS)}")
+    clash = output_collision((out, j.src) for j in jobs for out in j.outputs)
+    if clash is not None:
+        raise CliError(
+            f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the input's "
+            "stem): rename one of them or run them separately"
+        )
+    return jobs, many
+
+
+def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
+    """Write 16-bit WAV (or FLAC, by the extension) atomically (never a partial file under ``path``)."""
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower(), "WAV")
+    atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale, format=fmt))
+
+
+def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int, rescale: bool, bins: int) -> bool:
+    """Write a job's codes and/or audio; a target that cannot be written (a directory, a
+    read-only or full filesystem) fails this job with one line and the run goes on."""
+    for target, save in ((job.codes_out, lambda: save_codes(job.codes_out, codes, bins)), (job.audio_out, lambda: save_wav(job.audio_out, audio, rate, rescale))):
+        if target is None:
+            continue
+        try:
+            save()
+        except OSError as exc:
+            fail(f"{target}: cannot write ({exc.strerror or exc})")
+            return False
+    return True
+
+
+def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[TreeLock]:
+    """An advisory lock per output directory of a directory run: a second run on the same
+    output stops with one line instead of racing the first."""
+    if not many:
+        return []
+    locks: list[TreeLock] = []
+    try:
+        for root in dict.fromkeys(r for r in roots if r is not None):
+            locks.append(TreeLock(root, rank, world))
+    except (TreeLockedError, OSError) as exc:
+        for lock in locks:
+            lock.release()
+        raise CliError(str(exc) if isinstance(exc, TreeLockedError) else f"{exc.filename}: cannot write ({exc.strerror})") from None
+    return locks
