@@ -37,13 +37,14 @@ from losses.metrics import (
 from models import CheckpointError, XCodec, checkpoint_id
 from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, cli_main, resolve_device
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
 from utils.files import atomic_write, collect_files, is_file_list, overwritten_input, scan_directory
 from utils.plotting import save_figure, spectrogram_figure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         description="Evaluate codec reconstructions (PESQ, STOI, mel/STFT distance, SI-SDR, codebook usage).",
         epilog="Modes: --checkpoint + --input (encode and decode here), or --reference + --estimate.",
     )

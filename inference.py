@@ -29,7 +29,7 @@ from data import AudioFiles, duration_order, file_loader
 from models import CheckpointError, XCodec, checkpoint_id
 from models.streaming import decode_long, encode_long
 from utils import distributed as du
-from utils.audio import audio_extensions
+from utils.audio import audio_extensions, fit_length
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
 from utils.codes import (
     CodesFileError,
@@ -184,7 +184,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                 audio = model.decode(codes, frames=frames, precision=args.precision).float().cpu().numpy()
         codes_np = codes.cpu().numpy()
         for i, (job, w) in enumerate(pending):
-            wav = audio[i, 0, : len(w)] if audio is not None else None
+            wav = fit_length(audio[i, 0], len(w)) if audio is not None else None  # the source's length
             if write_outputs(job, stats.fail, codes_np[i, :, : int(frames[i])], wav, rate, args.rescale, model.bins):
                 stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
         pending.clear()
@@ -238,7 +238,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
         for i, (job, c) in enumerate(pending):
             wav = audio[i, 0, : c.shape[1] * model.hop_length]
-            wav = wav[: lengths.get(job.src.resolve(), len(wav))]
+            wav = fit_length(wav, lengths.get(job.src.resolve(), len(wav)))
             if write_outputs(job, stats.fail, None, wav, model.sample_rate, args.rescale, model.bins):
                 stats.written += 1
                 stats.audio_seconds += len(wav) / model.sample_rate

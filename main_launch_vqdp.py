@@ -71,6 +71,7 @@ from training.signals import StopSignals
 from training.state import State, build_state
 from training.validation import validate
 from utils import distributed as du
+from utils.cli import DefaultsHelpFormatter
 from utils.config import ConfigError
 from utils.hub import HubError
 
@@ -291,7 +292,7 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
 # ---------------------------------------------------------------------------- entry point
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line: ``--config`` and friends, then ``key.sub=value`` overrides."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config", "--basic_model_config", dest="config", default="configs/xcodec_hubert_librispeech.yaml",
                         help="recipe YAML (may name a 'base:' file)")
     parser.add_argument("--exp_config", "--exp_model_config", dest="exp_config", default=None,

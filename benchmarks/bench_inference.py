@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's
 from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
 from models.export import to_transformers  # noqa: E402
 from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
+from utils.cli import DefaultsHelpFormatter  # noqa: E402
 from utils.precision import cpu_has_amx  # noqa: E402
 
 ASSETS = ROOT / "tests" / "assets"
@@ -334,7 +335,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0], help="seconds of speech")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; one more warms up)")

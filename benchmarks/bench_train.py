@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import main_launch_vqdp as trainer  # noqa: E402
 from data import AudioSegmentDataset, collate, list_audio_files  # noqa: E402
 from training.config import load_train_config  # noqa: E402
+from utils.cli import DefaultsHelpFormatter  # noqa: E402
 
 
 def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:
@@ -49,7 +50,7 @@ def sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each: one step of each variant)")
     parser.add_argument("--warmup", type=int, default=3)

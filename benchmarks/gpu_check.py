@@ -53,6 +53,7 @@ from benchmarks.bench_inference import read, rel, speech, timed  # noqa: E402
 from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
 from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
+from utils.cli import DefaultsHelpFormatter  # noqa: E402
 from utils.precision import ieee_fp32  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -280,7 +281,7 @@ def machine(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     p.add_argument("--quick", action="store_true", help="tiny model, few files: minutes on CPU")
     p.add_argument("--json", type=Path, help="summary file (default: benchmarks/results/gpu_check_<machine>.json)")

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import XcodecModel
 
+from utils.cli import DefaultsHelpFormatter
 from utils.files import atomic_directory
 
 from .config import GeneratorConfig
@@ -105,6 +106,7 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="python -m models.convert",
         description="Convert X-Codec checkpoints: release .pth / training checkpoint / transformers dir / export -> "
         "transformers XcodecModel directory or our export.",

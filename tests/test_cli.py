@@ -206,3 +206,132 @@ def test_no_output_is_ever_written_onto_an_input(tmp_path, ckpt, case, capsys):
     assert code == 2
     _one_error_line(err, "would overwrite the input")
     assert sorted(data.iterdir()) == files and all(p.read_bytes() == before[p] for p in files)
+
+
+def _tree_state(root) -> dict:
+    """Every file under ``root`` and its bytes (inputs and earlier outputs must not change)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _clip(path, seconds: float = 0.5, offset: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wav = sf.read(ASSETS / "speech_en.flac", dtype="float32")[0]
+    sf.write(path, wav[offset : offset + int(seconds * 16000)], 16000)
+
+
+def test_two_inputs_with_one_stem_are_refused_before_any_work(tmp_path, ckpt, capsys):
+    src = tmp_path / "in"
+    _clip(src / "a.b.c.flac")
+    _clip(src / "a.b.c.wav", offset=4000)
+    before = _tree_state(tmp_path)
+    code, err = _run(["--input", src, "--output", tmp_path / "rec", "--codes-out", tmp_path / "codes", *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, "a.b.c.flac", "a.b.c.wav", "would both be written")
+    assert _tree_state(tmp_path) == before and not (tmp_path / "rec").exists() and not (tmp_path / "codes").exists()
+
+
+def test_existing_outputs_need_overwrite_and_a_rerun_never_reads_its_outputs(tmp_path, ckpt, capsys):
+    src = tmp_path / "in"
+    _clip(src / "x.flac")
+    _clip(src / "sub" / "y.flac", offset=8000)
+    rec = src / "rec"  # the output tree inside the input tree
+    argv = ["--input", src, "--output", rec, *ckpt]
+    code, err = _run(argv, capsys)
+    assert code == 0 and "2 file(s) written" in err
+    first = _tree_state(tmp_path)
+    code, err = _run(argv, capsys)  # a rerun: refused, nothing replaced
+    assert code == 2
+    _one_error_line(err, "exists", "--overwrite")
+    assert _tree_state(tmp_path) == first
+    code, err = _run([*argv, "--overwrite"], capsys)
+    assert code == 0 and "2 file(s) written" in err  # rec/*.wav were not read back as inputs
+    assert not (rec / "rec").exists() and _tree_state(tmp_path) == first  # same bytes again
+
+    single = ["--input", src / "x.flac", "--output", tmp_path / "x.wav", *ckpt]
+    assert _run(single, capsys)[0] == 0
+    out = (tmp_path / "x.wav").read_bytes()
+    code, err = _run(single, capsys)
+    assert code == 2
+    _one_error_line(err, "x.wav: exists")
+    assert (tmp_path / "x.wav").read_bytes() == out
+
+
+def test_an_output_that_cannot_be_written_skips_only_that_file(tmp_path, ckpt, capsys):
+    src = tmp_path / "in"
+    for i, name in enumerate("abc"):
+        _clip(src / f"{name}.flac", offset=3000 * i)
+    (tmp_path / "rec" / "b.wav").mkdir(parents=True)  # a directory where b's output belongs
+    before = _tree_state(src)
+    code, err = _run(["--input", src, "--output", tmp_path / "rec", *ckpt], capsys)
+    assert code == 1 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "b.wav: cannot write" in lines[0], err
+    assert (tmp_path / "rec" / "a.wav").is_file() and (tmp_path / "rec" / "c.wav").is_file() and (tmp_path / "rec" / "b.wav").is_dir()
+    assert _tree_state(src) == before and not list((tmp_path / "rec").glob(".*.tmp"))
+
+
+def test_output_format_follows_the_extension(tmp_path, ckpt, capsys):
+    _clip(tmp_path / "in.flac")
+    code, _ = _run(["--input", tmp_path / "in.flac", "--output", tmp_path / "o.flac", *ckpt], capsys)
+    assert code == 0 and sf.info(str(tmp_path / "o.flac")).format == "FLAC"
+    code, err = _run(["--input", tmp_path / "in.flac", "--output", tmp_path / "o.mp3", *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, "o.mp3", ".wav or .flac")
+    # A directory input with a file name as output: refused, no directory of that name made.
+    code, err = _run(["--input", tmp_path, "--output", tmp_path / "newname.wav", "--overwrite", *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, "newname.wav", "must be a directory")
+    assert not (tmp_path / "newname.wav").exists() and not (tmp_path / "o.mp3").exists()
+
+
+def test_a_second_run_on_a_locked_output_tree_stops_with_one_line(tmp_path, ckpt, capsys):
+    from utils.files import TreeLock, atomic_write, remove_stale_temporaries
+
+    src = tmp_path / "in"
+    _clip(src / "a.flac")
+    with TreeLock(tmp_path / "rec"):  # a live run holds the tree
+        code, err = _run(["--input", src, "--output", tmp_path / "rec", *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, "another run is writing")
+    assert not (tmp_path / "rec" / "a.wav").exists()
+    # A live writer's temporary is never deleted; a dead writer's is.
+    seen = []
+
+    def write(tmp):
+        open(tmp, "w").write("partial")
+        seen.append(remove_stale_temporaries(tmp_path / "rec"))
+
+    atomic_write(tmp_path / "rec" / "x.txt", write)
+    assert seen == [[]] and (tmp_path / "rec" / "x.txt").read_text() == "partial"
+    (tmp_path / "rec" / ".a.wav.dead1234.tmp").write_text("left by a killed run")
+    assert [p.name for p in remove_stale_temporaries(tmp_path / "rec")] == [".a.wav.dead1234.tmp"]
+
+
+@pytest.mark.parametrize(
+    "extra,env,needles",
+    [
+        (["--device", "meta"], {}, ["--device meta", "cpu or cuda"]),
+        (["--device", "mps"], {}, ["--device mps", "cpu or cuda"]),
+        (["--device", "xla"], {}, ["--device xla", "cpu or cuda"]),
+        ([], {"WORLD_SIZE": "2"}, ["WORLD_SIZE=2", "RANK is not"]),
+        ([], {"WORLD_SIZE": "abc", "RANK": "0"}, ["WORLD_SIZE='abc'", "integers"]),
+    ],
+)
+def test_device_and_process_layout_errors_are_one_line(tmp_path, ckpt, extra, env, needles, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _clip(tmp_path / "in" / "a.flac")
+    code, err = _run(["--input", tmp_path / "in", "--output", tmp_path / "rec", *extra, *ckpt], capsys)
+    assert code == 2
+    _one_error_line(err, *needles)
+    assert not list((tmp_path / "rec").glob("*.wav")) if (tmp_path / "rec").exists() else True
+
+
+def test_help_shows_defaults_and_tiny_windows_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 30.0)" in out and "(default: None)" not in out and "(default: xcodec_hubert_librispeech)" in out
+    with pytest.raises(SystemExit) as exc:
+        inference.parse_args(["--input", "a.wav", "--output", "b.wav", "--window", "0.01", "--context", "0"])
+    assert exc.value.code == 2 and "at least 1 second" in capsys.readouterr().err

@@ -264,3 +264,69 @@ def test_codes_cli_reports_problems(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "expected 6 frames" in err and "stray.npy: codes file not in any manifest" in err
     assert ASSETS.is_dir()
+
+
+def test_resume_is_keyed_on_input_root_size_and_mtime(tmp_path, export_dir, model, capsys):
+    root_a, root_b, out = tmp_path / "rootA", tmp_path / "rootB", tmp_path / "codes"
+    rels = _corpus(root_a, n=3)
+    _corpus(root_b, n=3, seconds=0.9)  # the same relative names, other audio
+    argv = ["--input", str(root_a), "--codes-out", str(out), "--checkpoint", str(export_dir)]
+    assert inference.main(argv) == 0
+    capsys.readouterr()
+    tokenized = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    # Another input root into the same codes: refused, nothing changes.
+    assert inference.main(["--input", str(root_b), *argv[2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds codes of files under" in err[0] and str(root_a) in err[0]
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == tokenized
+    # An input edited after tokenizing is tokenized again; the others are skipped.
+    edited = root_a / f"{rels[1]}.flac"
+    sf.write(edited, read_asset("speech_en.flac")[5000:5000 + 12000], 16000)
+    os.utime(edited, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert inference.main(argv) == 0
+    assert "1 file(s) written, 0 failed/skipped, 2 already done (skipped), 1 changed since tokenized (redone)" in capsys.readouterr().err
+    for entry, codes in iter_corpus(out):
+        assert np.array_equal(codes.numpy(), _expected_codes(model, root_a, entry["path"][: -len(".flac")]))
+    assert check_corpus(out) == (3, [])
+
+
+def test_codes_in_restores_source_lengths_and_batches_exactly(tmp_path, export_dir, capsys):
+    src, codes, rec1, rec4 = tmp_path / "corpus", tmp_path / "codes", tmp_path / "rec1", tmp_path / "rec4"
+    rels = _corpus(src, n=5)
+    assert inference.main(["--input", str(src), "--codes-out", str(codes), "--checkpoint", str(export_dir)]) == 0
+    assert inference.main(["--codes-in", str(codes), "--output", str(rec1), "--checkpoint", str(export_dir)]) == 0
+    assert inference.main(["--codes-in", str(codes), "--output", str(rec4), "--checkpoint", str(export_dir), "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    for rel in rels:
+        one = sf.read(rec1 / f"{rel}.wav", dtype="int16")[0]
+        assert len(one) == sf.info(str(src / f"{rel}.flac")).frames  # trimmed to the source, not whole frames
+        assert np.array_equal(one, sf.read(rec4 / f"{rel}.wav", dtype="int16")[0])  # a batch equals its items alone
+    # A single codes file from the corpus finds its manifest too.
+    single = tmp_path / "one.wav"
+    assert inference.main(["--codes-in", str(codes / f"{rels[0]}.npy"), "--output", str(single), "--checkpoint", str(export_dir)]) == 0
+    assert sf.info(str(single)).frames == sf.info(str(src / f"{rels[0]}.flac")).frames
+
+
+def test_malformed_manifests_and_one_codes_file_for_two_inputs_are_reported(tmp_path, export_dir, capsys):
+    out = tmp_path / "codes"
+    out.mkdir()
+    np.save(out / "a.npy", np.zeros((2, 5), dtype=np.int16))
+    line = {"codes": "a.npy", "n_q": 2, "frames": 5, "bins": 1024, "samples": 1600, "sample_rate": 16000}
+    (out / "manifest.jsonl").write_text("".join(json.dumps({**line, "path": p}) + "\n" for p in ("a.b.wav", "a.b.flac")))
+    n, problems = check_corpus(out)
+    assert n == 2 and any("written for two inputs" in p for p in problems)
+    from utils.codes import main as codes_main
+
+    assert codes_main([str(out)]) == 1
+    assert "written for two inputs" in capsys.readouterr().err
+    (out / "manifest.jsonl").write_bytes(b'{"path": "a\xff.wav"}\n')
+    before = (out / "manifest.jsonl").read_bytes()
+    assert codes_main([str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not UTF-8" in err[0]
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "x.wav", read_asset("speech_en.flac")[:8000], 16000)
+    code = inference.main(["--input", str(tmp_path / "in"), "--codes-out", str(out), "--checkpoint", str(export_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not UTF-8" in err[0] and "Traceback" not in err[0]
+    assert (out / "manifest.jsonl").read_bytes() == before

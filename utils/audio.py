@@ -63,6 +63,14 @@ def prepare_output(wav: np.ndarray, rescale: bool = False, limit: float = 0.99) 
     return np.clip(wav, -limit, limit)
 
 
+def fit_length(wav: np.ndarray, samples: int) -> np.ndarray:
+    """(T,) audio cut or zero-padded at the end to ``samples``: the decoder emits whole frames
+    (``frames * hop``), which can be up to a hop shorter or longer than the source."""
+    if len(wav) >= samples:
+        return wav[:samples]
+    return np.pad(wav, (0, samples - len(wav)))
+
+
 OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what the tools write, by the output's extension
 
 

@@ -38,9 +38,19 @@ def cli_main(
         return 130
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every real default shown (not ``None`` or ``False``), the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def argument_parser(description: str) -> argparse.ArgumentParser:
     """The tools' parser: ``--help`` shows every default."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
 
 
 def resolve_device(device: str | None) -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.cli import DefaultsHelpFormatter
 from utils.files import atomic_write, temporary_target
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -270,7 +271,7 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Check a tokenized corpus (codes + manifests) and optionally merge the manifests.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
     p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl")
     args = p.parse_args(argv)
