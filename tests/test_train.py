@@ -235,3 +235,40 @@ def test_stale_temporaries_of_this_and_earlier_versions_are_removed(tmp_path):
     removed = sorted(p.name for p in remove_stale_checkpoint_temporaries(tmp_path))
     assert removed == [".ckpt_00000005.pth.k2j4h1.tmp", "ckpt_00000004.pth.tmp-123", "export_00000004.tmp-123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_offline_teacher_download_fails_fast_in_one_line(tmp_path):
+    """The default recipe downloads its teacher; with the hub unreachable (an endpoint that
+    refuses connections) it stops within seconds, one line, before log_dir exists."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "HF_HOME": str(tmp_path / "home")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "main_launch_vqdp.py"), "--config", str(ROOT / "configs" / "xcodec_hubert_librispeech.yaml"),
+                           f"log_dir={tmp_path / 'run'}", "training_file=tests/assets/train.txt"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - start
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr[-3000:]
+    assert "facebook/hubert-base-ls960" in err[0] and "cannot reach http://127.0.0.1:9" in err[0]
+    assert "Retrying" not in proc.stderr + proc.stdout and elapsed < 60  # no five-retry backoff
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "world_size"])
+def test_start_up_errors_are_one_line_and_create_nothing(tmp_path, case, capsys, monkeypatch):
+    (tmp_path / "bad.pth").write_bytes(b"PK\x03\x04 truncated")
+    overrides = {"missing": [f"init_from={tmp_path / 'absent.pth'}"], "truncated": [f"init_from={tmp_path / 'bad.pth'}"], "world_size": []}[case]
+    if case == "world_size":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+    code = trainer.cli(["--config", str(TINY), f"log_dir={tmp_path / 'run'}", "max_steps=1", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error:"), err
+    assert {"missing": "not found", "truncated": "not a readable PyTorch checkpoint", "world_size": "torchrun"}[case] in err[0]
+    assert not (tmp_path / "run").exists()

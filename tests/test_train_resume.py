@@ -107,3 +107,92 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
     assert not [p for p in ckpt_dir.iterdir() if temporary_target(p.name) is not None]
     assert sorted(p.name for p in ckpt_dir.glob("ckpt_*.pth")) == ["ckpt_00000002.pth", "ckpt_00000004.pth", "ckpt_00000006.pth"]
     assert read_torch_file(ckpt_dir / "ckpt_00000006.pth")["step"] == 6
+
+
+# ---------------------------------------------------------------------------- policies
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_unusable_checkpoints_never_restart_a_run_silently(tmp_path, capsys):
+    import main_launch_vqdp as trainer
+
+    log_dir = tmp_path / "run"
+    run(log_dir, "max_steps=2", "validation_file=null")
+    ckpt_dir = log_dir / "model_ckpts"
+    (ckpt_dir / "ckpt_00000002.pth").write_bytes(b"truncated")
+    before = _files(log_dir)
+    argv = ["--config", str(TINY), f"log_dir={log_dir}", "max_steps=4", "validation_file=null"]
+    assert trainer.cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 1 checkpoint(s)" in err[0] and "--restart" in err[0]
+    assert _files(log_dir) == before  # the old run's checkpoint, export and config untouched
+    # --restart: from step 0, the old files moved aside, nothing deleted.
+    assert trainer.cli([*argv, "--restart"]) == 0
+    aside = [d for d in ckpt_dir.iterdir() if d.name.startswith("previous_")]
+    assert len(aside) == 1 and (aside[0] / "ckpt_00000002.pth").read_bytes() == b"truncated"
+    assert (aside[0] / "export_00000002").is_dir()
+    assert read_torch_file(ckpt_dir / "ckpt_00000004.pth")["step"] == 4
+
+
+def test_newer_unusable_checkpoints_fall_back_and_are_set_aside(tmp_path):
+    log_dir = tmp_path / "run"
+    ckpt_dir = log_dir / "model_ckpts"
+    run(log_dir, "max_steps=2", "validation_file=null", "num_ckpt_keep=2")
+    good = read_torch_file(ckpt_dir / "ckpt_00000002.pth")
+    incomplete = {k: v for k, v in good.items() if k != "optimizer_g"}
+    torch.save(incomplete, ckpt_dir / "ckpt_00000090.pth")  # newest, but missing a key
+    (ckpt_dir / "ckpt_00000099.pth").write_bytes(b"junk")
+    state = run(log_dir, "max_steps=6", "validation_file=null", "num_ckpt_keep=2")
+    assert state.step == 6
+    log = (log_dir / "logs" / "log.txt").read_text()
+    assert "ckpt_00000002.pth (step 2" in log
+    # The unusable ones no longer shadow the new checkpoints: rotation keeps 4 and 6.
+    assert sorted(p.name for p in ckpt_dir.glob("ckpt_*.pth")) == ["ckpt_00000004.pth", "ckpt_00000006.pth"]
+    assert sorted(p.name for p in (ckpt_dir / "unusable").iterdir()) == ["ckpt_00000090.pth", "ckpt_00000099.pth"]
+
+
+def test_a_changed_architecture_is_refused_before_log_dir_changes(tmp_path, capsys):
+    import main_launch_vqdp as trainer
+
+    log_dir = tmp_path / "run"
+    run(log_dir, "max_steps=2", "validation_file=null")
+    before = _files(log_dir)
+    assert trainer.cli(["--config", str(TINY), f"log_dir={log_dir}", "max_steps=4", "generator.config.D=24"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "generator.config.D = 16" in err[0] and "24" in err[0]
+    assert _files(log_dir) == before  # config.yaml not overwritten with the rejected config
+
+
+def test_changed_optimizer_settings_are_applied_on_resume(tmp_path):
+    log_dir = tmp_path / "run"
+    run(log_dir, "max_steps=2", "validation_file=null")
+    state = run(log_dir, "max_steps=3", "validation_file=null", "optimizer.g.lr=1e-4", "optimizer.d.betas=[0.5, 0.9]")
+    group = state.opt_g.param_groups[0]
+    assert group["initial_lr"] == 1e-4 and group["lr"] == pytest.approx(1e-4 * 0.999)  # one epoch of decay kept
+    assert state.opt_d.param_groups[0]["betas"] == (0.5, 0.9)
+    log = (log_dir / "logs" / "log.txt").read_text()
+    assert "optimizer.g.lr 0.0002 -> 0.0001" in log and "optimizer.d.betas" in log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    log_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ("max_steps=500", "checkpoint_interval=1000", "validation_file=null", "print_freq=1")
+    proc = _spawn(log_dir, env, *args)
+    text = log_dir / "logs" / "log.txt"
+    deadline = time.time() + 240
+    while not (text.is_file() and "step 3 ep" in text.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out
+    assert "Traceback" not in out and f"stopping on {signal.Signals(sig).name} at step" in out
+    saved = sorted(log_dir.glob("model_ckpts/ckpt_*.pth"))
+    assert len(saved) == 1 and read_torch_file(saved[0])["step"] >= 3  # nothing since the last checkpoint lost
+    step = read_torch_file(saved[0])["step"]
+    proc = _spawn(log_dir, env, f"max_steps={step + 1}", *args[1:])
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and f"(step {step}," in out, out
