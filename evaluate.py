@@ -28,10 +28,11 @@ from tqdm import tqdm
 from losses.metrics import (
     SIGNAL_METRICS,
     ModelMetrics,
-    align,
+    TranscriptError,
     compensate_delay,
     estimate_delay,
     mean_metrics,
+    read_transcripts,
     signal_metrics,
 )
 from models import CheckpointError, XCodec, checkpoint_id
@@ -40,6 +41,8 @@ from utils.audio import AudioError, audio_extensions, load_audio, prepare_output
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
 from utils.files import atomic_write, collect_files, is_file_list, overwritten_input, scan_directory
 from utils.plotting import save_figure, spectrogram_figure
+
+MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find false matches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--bandwidths needs --checkpoint")
     if args.sample_rate is not None and args.sample_rate <= 0:
         p.error("--sample-rate must be positive")
-    if args.max_delay_ms < 0:
-        p.error("--max-delay-ms must not be negative")
+    if not 0 <= args.max_delay_ms <= MAX_DELAY_MS:
+        p.error(f"--max-delay-ms must be a number in [0, {MAX_DELAY_MS}], got {args.max_delay_ms}")
     return args
 
 
@@ -139,29 +142,6 @@ def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, P
     extra = sum(len(v) for v in by_stem.values()) - len(used)
     notes = [f"{extra} estimate file(s) without a reference were ignored"] if extra else []
     return pairs, False, notes
-
-
-def read_transcripts(path: Path | None) -> dict[str, str]:
-    if path is None:
-        return {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CliError(f"{path}: cannot read transcripts ({exc.strerror})") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CliError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise CliError(f"{path}: expected a JSON object {{path: text}}")
-        return {str(k): str(v) for k, v in data.items()}
-    out = {}
-    for line in text.splitlines():
-        if "\t" in line:
-            key, value = line.split("\t", 1)
-            out[key.strip()] = value.strip()
-    return out
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -389,9 +369,9 @@ def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failure
             continue
         rate = args.sample_rate or min(ref_rate, est_rate)
         ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
-        if abs(len(ref) - len(est)) > 0.1 * rate:
-            notes.append(f"{name}: lengths differ by {abs(len(ref) - len(est)) / rate:.2f} s; both trimmed to the shorter")
-        ref, est = align(ref, est)
+        if abs(len(ref) - len(est)) > 0.1 * rate:  # scored against the whole reference (losses.metrics)
+            short = "shorter: the missing audio is scored as silence" if len(est) < len(ref) else "longer: cut to the reference"
+            notes.append(f"{name}: the estimate is {abs(len(ref) - len(est)) / rate:.2f} s {short}")
         metrics, why = _measure(args, name, ref, est, rate, extra)
         notes += [f"{name}: {w}" for w in why]
         rows.append({"path": name, **metrics})
@@ -419,6 +399,11 @@ def run(args: argparse.Namespace) -> int:
         paired = pair_files(args.reference, args.estimate)
         inputs = [f for _, ref, est in paired[0] for f in (ref, est) if f is not None] + [args.reference, args.estimate]
     csv_path = args.csv or args.output.with_suffix(".csv")
+    for flag, path in (("--output", args.output), ("--csv", csv_path)):
+        if path.is_dir():
+            raise CliError(f"{flag} {path}: is a directory; it names the report file (e.g. {path / 'report.json'})")
+    if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
+        raise CliError(f"--plot {args.plot}: is a file; it names a directory for the spectrogram PNGs")
     clash = overwritten_input([args.output, csv_path], inputs)
     if clash is not None:  # the report must not replace audio it reads
         raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
@@ -442,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(parse_args, run, argv, one_line=(CheckpointError,))
+    return cli_main(parse_args, run, argv, one_line=(CheckpointError, TranscriptError))
 
 
 if __name__ == "__main__":

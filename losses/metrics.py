@@ -4,12 +4,16 @@ Signal metrics (``signal_metrics``) compare a reference and an estimate of the s
 
 - ``pesq_wb``: wideband PESQ (ITU-T P.862.2, the ``pesq`` package) at 16 kHz (other
   rates are resampled to 16 kHz for it), MOS-LQO in [1.04, 4.64], higher is better;
+  computed in a worker process, so that a crash of the library costs one value, not the run;
 - ``stoi``: STOI (``pystoi``), in [0, 1], higher is better;
 - ``mel_distance``: mean |log-mel(estimate) - log-mel(reference)| (the HiFi-GAN log-mel of
   ``losses.mel_spectrogram``: 80 mels, 1024-point FFT, 10 ms hop at 16 kHz), lower is better;
 - ``stft_distance``: the multi-resolution STFT distance of ``losses.MultiResolutionSTFTLoss``
   (spectral convergence + log-magnitude L1, FFT sizes 512/1024/2048), lower is better;
 - ``si_sdr``: scale-invariant SDR in dB (zero-mean signals), higher is better.
+
+The estimate is scored against the whole reference: a longer estimate is cut to the
+reference's length and a shorter one padded with silence (missing audio counts).
 
 Model-based metrics (optional, models supplied locally; see :class:`ModelMetrics`):
 speaker similarity, WER (jiwer) and UTMOS. Codebook usage and entropy are
@@ -18,9 +22,15 @@ speaker similarity, WER (jiwer) and UTMOS. Codebook usage and entropy are
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing
+import os
 import re
+import signal
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import jiwer
@@ -30,7 +40,7 @@ from pesq import pesq
 from pystoi import stoi as _stoi
 from transformers import AutoFeatureExtractor, AutoModelForAudioXVector, pipeline
 
-from utils.audio import resample
+from utils.audio import fit_length, resample
 
 from .spectral import MultiResolutionSTFTLoss, mel_spectrogram
 
@@ -47,6 +57,7 @@ def align(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.n
 def estimate_delay(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> int:
     """Lag in samples (positive: the estimate is late) in ``[-max_lag, max_lag]`` that
     maximises the magnitude of the cross-correlation (a codec may flip the polarity)."""
+    max_lag = min(max_lag, len(reference) - 1, len(estimate) - 1)  # longer lags would wrap around
     if max_lag <= 0:
         return 0
     n = 1 << (len(reference) + len(estimate)).bit_length()
@@ -108,11 +119,40 @@ def stft_distance(reference: np.ndarray, estimate: np.ndarray) -> float:
         return float(_STFT_LOSS(est, ref))
 
 
+PESQ_CRASH_HOOK = "XCODEC_TEST_PESQ_CRASH"  # test hook: the worker dies as the pesq library does when it segfaults
+_PESQ_POOL: ProcessPoolExecutor | None = None
+
+
+class MetricCrashed(RuntimeError):
+    """A metric library crashed its worker process on this input."""
+
+
+def _pesq_in_worker(reference: np.ndarray, estimate: np.ndarray, crash: bool) -> float:
+    if crash:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return float(pesq(16000, reference, estimate, "wb"))
+
+
 def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
-    """Wideband PESQ at 16 kHz (signals at other rates are resampled first)."""
+    """Wideband PESQ at 16 kHz (signals at other rates are resampled first).
+
+    The ``pesq`` C library segfaults on some inputs (e.g. a 2-minute tone), so it runs in a
+    worker process (started once, spawned: no forked threads).
+
+    Raises:
+        MetricCrashed: the worker died on this input (a fresh one serves the next call).
+    """
+    global _PESQ_POOL
     if sample_rate != 16000:
         reference, estimate = resample(reference, sample_rate, 16000), resample(estimate, sample_rate, 16000)
-    return float(pesq(16000, reference, estimate, "wb"))
+    if _PESQ_POOL is None:
+        _PESQ_POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return _PESQ_POOL.submit(_pesq_in_worker, reference, estimate, bool(os.environ.get(PESQ_CRASH_HOOK))).result()
+    except BrokenProcessPool:
+        _PESQ_POOL.shutdown(wait=False)
+        _PESQ_POOL = None
+        raise MetricCrashed("the pesq library crashed on this input (its worker process died)") from None
 
 
 def stoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
@@ -121,12 +161,14 @@ def stoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) 
 
 
 def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> tuple[dict[str, float], list[str]]:
-    """Every signal metric of ``estimate`` against ``reference`` (trimmed to the shorter).
+    """Every signal metric of ``estimate`` against the whole ``reference`` (the estimate cut or
+    padded with silence to its length: a truncated estimate is not scored on what is left).
 
     Returns ``(metrics, notes)``: a metric that cannot be computed (e.g. PESQ finds no
-    speech) is NaN and ``notes`` says why.
+    speech, or the library crashed) is NaN and ``notes`` says why.
     """
-    reference, estimate = align(np.asarray(reference), np.asarray(estimate))
+    reference = np.asarray(reference)
+    estimate = fit_length(np.asarray(estimate), len(reference))
     functions: dict[str, Callable[[], float]] = {
         "pesq_wb": lambda: pesq_wb(reference, estimate, sample_rate),
         "stoi": lambda: stoi(reference, estimate, sample_rate),
@@ -155,6 +197,40 @@ def mean_metrics(rows: list[dict], keys: list[str]) -> dict[str, float | None]:
 
 
 # ---------------------------------------------------------------------------- model-based
+class TranscriptError(ValueError):
+    """A transcripts file that cannot be used; the message names it."""
+
+
+def read_transcripts(path: Path | None) -> dict[str, str]:
+    """Reference transcripts for WER: a JSON object ``{path: text}`` or TSV lines ``path<TAB>text``.
+
+    Raises:
+        TranscriptError: unreadable, not UTF-8 or malformed (one line).
+    """
+    if path is None:
+        return {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TranscriptError(f"{path}: transcripts are not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise TranscriptError(f"{path}: cannot read transcripts ({exc.strerror})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TranscriptError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise TranscriptError(f"{path}: expected a JSON object {{path: text}}")
+        return {str(k): str(v) for k, v in data.items()}
+    out = {}
+    for line in text.splitlines():
+        if "\t" in line:
+            key, value = line.split("\t", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
 def normalize_text(text: str) -> list[str]:
     """Lower-case words without punctuation, for WER."""
     return re.sub(r"[^\w\s']", " ", text.lower()).split()

@@ -97,7 +97,7 @@ def test_sample_rates_are_reconciled_and_files_matched_by_relative_path(tmp_path
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["path"] for r in report["files"]] == ["a/x.flac", "late.wav"] and report["failed"][0]["path"] == "lonely.flac"
     row, late = report["files"]
-    assert row["stoi"] > 0.99 and row["si_sdr"] > 25 and row["pesq_wb"] > 4.0  # the same speech, resampled
+    assert row["stoi"] > 0.99 and row["si_sdr"] > 20 and row["pesq_wb"] > 4.0  # the same speech, resampled; its missing 5 ms count as silence
     assert late["si_sdr"] < 0  # a 10 ms delay ruins waveform metrics...
 
     code, stdout, _ = _run([*argv, "--max-delay-ms", "20"], capsys)
@@ -246,3 +246,81 @@ def test_spectrogram_figure_axes_colour_bar_and_unicode_title():
     lo, hi = spectrograms[1].get_images()[0].get_clim()
     assert hi - lo == plotting.DB_RANGE  # both panels share the reference's dB scale
     assert spectrograms[0].get_images()[0].get_clim() == (lo, hi)
+
+
+def test_a_crash_of_the_pesq_library_costs_one_value_not_the_report(tmp_path, capsys, monkeypatch):
+    """The pesq C library can segfault; its worker process dies (here: by the real signal,
+    sent from inside the worker) and the file gets a note while everything else is reported."""
+    from losses.metrics import PESQ_CRASH_HOOK
+
+    speech = read_asset("speech_en.flac")[:32000]
+    sf.write(tmp_path / "ref.wav", speech, 16000)
+    sf.write(tmp_path / "est.wav", speech * 0.9, 16000)
+    monkeypatch.setenv(PESQ_CRASH_HOOK, "1")
+    code, _, err = _run(["--reference", tmp_path / "ref.wav", "--estimate", tmp_path / "est.wav", "--output", tmp_path / "r.json"], capsys)
+    assert code == 0 and not _error_lines(err)
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = report["files"][0]
+    assert row["pesq_wb"] is None and row["stoi"] > 0.99 and row["si_sdr"] > 15
+    assert any("pesq" in n and "crashed" in n for n in report["notes"])
+    monkeypatch.delenv(PESQ_CRASH_HOOK)
+    code, _, _ = _run(["--reference", tmp_path / "ref.wav", "--estimate", tmp_path / "est.wav", "--output", tmp_path / "r2.json"], capsys)
+    assert code == 0 and json.loads((tmp_path / "r2.json").read_text())["files"][0]["pesq_wb"] > 4.0  # a fresh worker
+
+
+def test_a_truncated_estimate_is_scored_against_the_whole_reference(tmp_path, capsys):
+    speech = read_asset("speech_en.flac")[:48000]
+    sf.write(tmp_path / "ref.wav", speech, 16000)
+    sf.write(tmp_path / "full.wav", speech, 16000)
+    sf.write(tmp_path / "half.wav", speech[:24000], 16000)
+    rows = {}
+    for name in ("full", "half"):
+        code, _, _ = _run(["--reference", tmp_path / "ref.wav", "--estimate", tmp_path / f"{name}.wav", "--output", tmp_path / f"{name}.json"], capsys)
+        assert code == 0
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        rows[name] = report["files"][0]
+    assert rows["full"]["pesq_wb"] > 4.5 and rows["half"]["pesq_wb"] < 3.0  # not a perfect score on what is left
+    assert rows["half"]["stoi"] < 0.8
+    assert any("shorter: the missing audio is scored as silence" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--max-delay-ms", "5000"], "--max-delay-ms must be a number in [0, 1000.0]"),
+        (["--max-delay-ms", "inf"], "--max-delay-ms must be a number"),
+        (["--max-delay-ms", "nan"], "--max-delay-ms must be a number"),
+    ],
+)
+def test_bad_delay_search_is_refused(tmp_path, capsys, extra, needle):
+    sf.write(tmp_path / "ref.wav", read_asset("speech_en.flac")[:16000], 16000)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.parse_args(["--reference", str(tmp_path / "ref.wav"), "--estimate", str(tmp_path / "ref.wav"), "--output", str(tmp_path / "r.json"), *extra])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_delay_search_longer_than_the_clip_finds_the_true_delay(tmp_path, capsys):
+    speech = read_asset("speech_en.flac")[:8000]
+    sf.write(tmp_path / "ref.wav", speech, 16000)
+    sf.write(tmp_path / "late.wav", np.concatenate([np.zeros(80, np.float32), speech]), 16000)  # 5 ms late
+    code, _, _ = _run(["--reference", tmp_path / "ref.wav", "--estimate", tmp_path / "late.wav", "--output", tmp_path / "r.json",
+                       "--max-delay-ms", "1000"], capsys)  # fmt: skip
+    row = json.loads((tmp_path / "r.json").read_text())["files"][0]
+    assert code == 0 and row["delay_ms"] == pytest.approx(5.0) and row["pesq_wb"] > 4.0
+
+
+@pytest.mark.parametrize("case", ["output_dir", "plot_file", "transcripts_bytes"])
+def test_report_targets_and_transcripts_errors_are_one_line(tmp_path, capsys, case):
+    sf.write(tmp_path / "ref.wav", read_asset("speech_en.flac")[:16000], 16000)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "plots.png").write_bytes(b"not a directory")
+    (tmp_path / "t.json").write_bytes(b'{"ref.wav": "\xff"}')
+    argv = ["--reference", tmp_path / "ref.wav", "--estimate", tmp_path / "ref.wav"]
+    argv += {"output_dir": ["--output", tmp_path / "reports"],
+             "plot_file": ["--output", tmp_path / "r.json", "--plot", tmp_path / "plots.png"],
+             "transcripts_bytes": ["--output", tmp_path / "r.json", "--transcripts", tmp_path / "t.json"]}[case]  # fmt: skip
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    code, _, err = _run(argv, capsys)
+    (line,) = _error_lines(err)
+    assert code == 2 and {"output_dir": "is a directory", "plot_file": "is a file", "transcripts_bytes": "not UTF-8"}[case] in line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before and list((tmp_path / "reports").iterdir()) == []
