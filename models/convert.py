@@ -91,6 +91,9 @@ def convert(
         raise ConvertError(f"{dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ConvertError(f"{dst}: directory is not empty; pass --overwrite to replace it")
+    inside = [Path(p) for p in (src, config) if p is not None and Path(p).exists() and Path(p).resolve().is_relative_to(dst.resolve())]
+    if inside:  # replacing dst would delete what is being converted
+        raise ConvertError(f"{inside[0]} is inside the destination {dst}, which is replaced: choose another destination")
     gen, scale = contents.generator, contents.audio_norm_scale
     state = canonical_state(contents.state, gen, scale, str(src))
     writer = write_transformers if fmt == "transformers" else write_export

@@ -11,15 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from modules import (
-    AcousticDecoder,
-    AcousticEncoder,
-    SemanticDecoder,
-    SemanticEncoder,
-    build_teacher,
-    teacher_features,
-    teacher_frames,
-)
+from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticEncoder
+from modules.teacher import build_teacher, teacher_features, teacher_frames
 from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
 from utils.precision import DTYPES, autocast, check_precision, ieee_fp32
@@ -239,9 +232,10 @@ class XCodec(nn.Module):
         batch, _, total = wav.shape
         if lengths is None:
             return torch.full((batch,), total, dtype=torch.long)
-        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
-        if lengths.shape != (batch,) or bool((lengths > total).any()) or bool((lengths < 1).any()):
-            raise ValueError(f"lengths must be {batch} values in [1, {total}], got {lengths.tolist()}")
+        given = torch.as_tensor(lengths).cpu()
+        lengths = given.long()  # 16000.5 samples is refused below, not truncated
+        if given.shape != (batch,) or bool((given != lengths).any()) or bool((lengths > total).any()) or bool((lengths < 1).any()):
+            raise ValueError(f"lengths must be {batch} whole numbers in [1, {total}], got {given.tolist()}")
         return lengths
 
     def min_length(self) -> int:
@@ -276,7 +270,7 @@ class XCodec(nn.Module):
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
         """
         self._check_audio(wav)
-        wav = wav.to(self.device)
+        wav = wav.to(self.device, torch.float32)  # float64/float16 input: computed in float32 like any other
         check_precision(precision, wav.device)
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
         with ieee_fp32(precision == "fp32"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,14 @@ def test_conversion_errors_are_one_line(tmp_path, release_pth, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert (tmp_path / "full" / "x").read_text() == "keep me" and not (tmp_path / "o").exists()
+    # --overwrite never deletes the source it converts.
+    (tmp_path / "full" / "model.pth").write_bytes(Path(release_pth).read_bytes())
+    before = (tmp_path / "full" / "model.pth").read_bytes()
+    argv = [tmp_path / "full" / "model.pth", tmp_path / "full", "--config", release_pth.parent / "config.yaml", "--overwrite"]
+    assert convert_main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is inside the destination" in err[0]
+    assert (tmp_path / "full" / "model.pth").read_bytes() == before and (tmp_path / "full" / "x").read_text() == "keep me"
     assert not list(tmp_path.glob(".*.tmp"))
 
 

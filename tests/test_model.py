@@ -125,3 +125,12 @@ def test_decode_never_returns_non_finite_audio():
         model.quantizer.vq.layers[1].codebook[0, 0] = float("inf")  # as a diverged training run may leave it
     with pytest.raises(ValueError, match="decoded audio holds NaN or Inf"):
         model.decode(codes)
+
+
+def test_float64_audio_is_encoded_as_float32_and_fractional_lengths_are_refused(tiny_codec):
+    model = tiny_codec.eval()
+    x = torch.randn(2, 1, 4000, generator=torch.Generator().manual_seed(3)) * 0.1
+    assert torch.equal(model.encode(x.double()), model.encode(x))
+    assert torch.equal(model.encode(x, lengths=torch.tensor([3200.0, 4000.0])), model.encode(x, lengths=[3200, 4000]))
+    with pytest.raises(ValueError, match="whole numbers"):
+        model.encode(x, lengths=[3200.5, 4000])
