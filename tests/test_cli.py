@@ -181,6 +181,21 @@ def test_cli_entry_point_without_network(tmp_path):
     assert TINY_CONFIG.exists()
 
 
+def test_without_network_the_release_name_fails_fast_in_one_line(tmp_path):
+    """Quickstart 1 with the hub unreachable (not HF_HUB_OFFLINE): one short connection
+    attempt, no retry lines, one line with what to do."""
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "empty_cache")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--input", str(ASSETS / "speech_en.flac"), "--output", str(tmp_path / "o.wav")],
+                          env=env, capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and time.monotonic() - start < 60
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Retrying" not in proc.stderr
+    _one_error_line(proc.stderr, "xcodec_hubert_librispeech", "cannot reach http://127.0.0.1:9", "--checkpoint")
+    assert not (tmp_path / "o.wav").exists()
+
+
 @pytest.mark.parametrize("case", ["same_file", "codes_onto_audio", "same_directory", "codes_in_onto_itself", "evaluate_report"])
 def test_no_output_is_ever_written_onto_an_input(tmp_path, ckpt, case, capsys):
     """Refused before any work with one line; every input byte-identical afterwards."""
