@@ -9,21 +9,25 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import HfApi
 from safetensors.torch import save_file
 from transformers import XcodecConfig, XcodecModel
 
 from .config import GeneratorConfig
 from .hf_layout import hf_config_from_generator, state_to_hf
 from .pretrained import adapt_weight_norm
-from .xcodec import XCodec
+
+# The writers take any module with X-Codec's state-dict layout and its ``config`` /
+# ``audio_norm_scale`` attributes (``XCodec``), so that ``XCodec.save_pretrained`` can use them.
 
 
-def folded_state_dict(model: XCodec) -> dict[str, torch.Tensor]:
+def folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every weight norm folded into plain ``weight`` tensors."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     expected = {re.sub(r"\.parametrizations\.weight\.original[01]$", ".weight", k) for k in state}
@@ -54,16 +58,25 @@ def write_transformers(state: dict[str, torch.Tensor], gen: GeneratorConfig, sca
     return Path(directory)
 
 
-def save_export(model: XCodec, directory: str | Path) -> Path:
+def save_export(model: torch.nn.Module, directory: str | Path) -> Path:
     """Write ``model`` as our inference export."""
     return write_export(folded_state_dict(model), model.config, model.audio_norm_scale, directory)
 
 
-def to_transformers(model: XCodec) -> XcodecModel:
+def to_transformers(model: torch.nn.Module) -> XcodecModel:
     """A transformers ``XcodecModel`` (eval mode) holding exactly ``model``'s weights."""
     return transformers_model(folded_state_dict(model), model.config)
 
 
-def save_transformers(model: XCodec, directory: str | Path) -> Path:
+def save_transformers(model: torch.nn.Module, directory: str | Path) -> Path:
     """Write ``model`` as a transformers ``XcodecModel`` directory."""
     return write_transformers(folded_state_dict(model), model.config, model.audio_norm_scale, directory)
+
+
+def push_to_hub(model: torch.nn.Module, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Upload ``model`` in the transformers format to the Hugging Face Hub; returns the commit URL."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_transformers(model, tmp)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="X-Codec (transformers XcodecModel format)"))

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from utils.config import ConfigError
-from utils.hub import HubError, hub_file
+from utils.hub import HubError, hub_file, hub_snapshot
 
 from .config import GeneratorConfig, generator_config_from_dict, load_generator_config
 from .hf_layout import LayoutError, generator_config_from_hf, state_from_hf
@@ -46,6 +46,7 @@ RELEASES: dict[str, tuple[str, str]] = {
     "xcodec_hubert_general_audio_v2": ("xcodec_hubert_general_audio_v2.pth", "config_hubert_general.yaml"),
 }
 DEFAULT_RELEASE = "xcodec_hubert_librispeech"
+REPO_FILES: dict[str, list[str]] = {}  # hub repositories whose checkpoint is not in the transformers layout
 
 
 class CheckpointError(ValueError):
@@ -220,6 +221,26 @@ def download_release(name: str) -> tuple[Path, Path]:
         ) from None
 
 
+TRANSFORMERS_FILES = ["config.json", "model.safetensors"]  # what a transformers XcodecModel repository needs
+
+
+def is_repo_id(name: str) -> bool:
+    """``owner/name`` of a Hugging Face repository (not a local path, not a file name)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and Path(name).suffix not in (".pth", ".pt", ".safetensors", ".yaml", ".json")
+
+
+def download_repo(repo_id: str) -> Path:
+    """The local snapshot of a hub repository holding a checkpoint (the files it needs only)."""
+    try:
+        return hub_snapshot(repo_id, REPO_FILES.get(repo_id, TRANSFORMERS_FILES))
+    except HubError as exc:
+        raise CheckpointError(f"could not get {repo_id!r}: {exc}. Without network, pass a local checkpoint directory") from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {reason})") from None
+
+
 def resolve_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> CheckpointSource:
     """Turn a release name or a path (``.pth``, transformers or export directory,
     ``.safetensors``) and an optional YAML into a :class:`CheckpointSource`."""
@@ -231,6 +252,8 @@ def resolve_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | 
         ckpt, release_cfg = download_release(checkpoint)
         return CheckpointSource("pth", ckpt, cfg or release_cfg, True, name)
     path = Path(checkpoint)
+    if not path.exists() and isinstance(checkpoint, str) and is_repo_id(name):
+        return resolve_checkpoint(download_repo(name), config)
     if not path.exists():
         if "/" not in name and not path.suffix:
             raise CheckpointError(f"unknown release name {name!r}; known releases: {', '.join(RELEASES)}")

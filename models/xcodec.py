@@ -18,6 +18,7 @@ from quantization import ResidualVectorQuantizer
 from utils.precision import DTYPES, autocast, check_precision, ieee_fp32
 
 from .config import GeneratorConfig
+from .export import push_to_hub, save_transformers
 from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
 
 
@@ -121,9 +122,7 @@ class XCodec(nn.Module):
 
     def train(self, mode: bool = True) -> XCodec:
         super().train(mode)
-        # The teacher is frozen: its dropout and layer drop must never perturb the targets
-        # (the original leaves it in train mode).
-        self.semantic_model.eval()
+        self.semantic_model.eval()  # frozen: its dropout must never perturb the targets (the original leaves it in train mode)
         return self
 
     # ------------------------------------------------------------------ lengths
@@ -385,7 +384,14 @@ class XCodec(nn.Module):
             audio = self.decoder_2(self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2))
         return CodecOutput(audio, q.codes, q.commit_loss, semantic_loss, q.n_q, q.bandwidth)
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors, which ``XcodecModel.from_pretrained`` and :meth:`from_pretrained` open."""
+        return save_transformers(self, directory)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+        return push_to_hub(self, repo_id, private, token)  # save_pretrained into a hub repository; the commit URL
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path | CheckpointSource, config: str | Path | None = None, device: str | torch.device = "cpu"

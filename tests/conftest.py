@@ -103,26 +103,36 @@ def release_dir(tmp_path_factory, tiny_codec) -> Path:
     return d
 
 
+def add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Lay ``files`` ({path in the repo: bytes}) out in a Hugging Face hub cache (``HF_HUB_CACHE``)
+    as huggingface_hub lays out a downloaded snapshot; returns the snapshot directory."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 @pytest.fixture(scope="session")
 def release_hub_cache(tmp_path_factory, release_dir) -> Path:
-    """A Hugging Face hub cache (``HF_HUB_CACHE``) laid out as the hub lays it out, holding the
-    tiny codec as release ``xcodec_hubert_librispeech`` of ZhenYe234/xcodec (.pth + YAML)."""
+    """A Hugging Face hub cache holding the tiny codec as release ``xcodec_hubert_librispeech``
+    of ZhenYe234/xcodec (.pth + YAML)."""
     import yaml
 
     from utils.config import merge
 
     cache = tmp_path_factory.mktemp("hub")
-    repo = cache / "models--ZhenYe234--xcodec"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    (snapshot / "xcodec_speech_hubert_librispeech.pth").write_bytes((release_dir / "model.pth").read_bytes())
     config = (release_dir / "config.yaml").read_text().replace("base: xcodec_hubert_librispeech.yaml\n", "")
     # The released YAML is self-contained: inline the base.
     merged = merge(yaml.safe_load(BASE_CONFIG.read_text()), yaml.safe_load(config))
-    (snapshot / "config_hubert.yaml").write_text(yaml.safe_dump(merged))
+    add_to_hub_cache(cache, "ZhenYe234/xcodec", {
+        "xcodec_speech_hubert_librispeech.pth": (release_dir / "model.pth").read_bytes(),
+        "config_hubert.yaml": yaml.safe_dump(merged).encode(),
+    })  # fmt: skip
     return cache
 
 

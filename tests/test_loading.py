@@ -230,3 +230,40 @@ def test_non_regular_checkpoint_and_directory_config(tmp_path, release_dir):
     (tmp_path / "model.pth").write_bytes((release_dir / "model.pth").read_bytes())
     with pytest.raises(CheckpointError, match="config.yaml is not a file"):
         XCodec.from_pretrained(tmp_path / "model.pth")
+
+
+def test_hub_repo_ids_resolve_through_an_offline_cache_and_save_pretrained_opens_in_transformers(tmp_path, tiny_codec, speech):
+    """``from_pretrained("owner/name")`` on the real huggingface_hub path (a cache laid out as
+    the hub lays it out, HF_HUB_OFFLINE=1); ``save_pretrained`` is what XcodecModel opens."""
+    from transformers import XcodecModel
+
+    from conftest import add_to_hub_cache
+
+    saved = XCodec.from_pretrained(save_transformers(tiny_codec, tmp_path / "hf")).save_pretrained(tmp_path / "saved")
+    hf = XcodecModel.from_pretrained(str(saved)).eval()
+    x = torch.from_numpy(speech[:16000])[None, None]
+    ours = XCodec.from_pretrained(saved)
+    with torch.no_grad():
+        hf_codes = hf.encode(x).audio_codes
+        hf_audio = hf.decode(hf_codes).audio_values
+    assert torch.equal(ours.encode(x), hf_codes)
+    assert float((ours.decode(hf_codes)[..., : hf_audio.shape[-1]] - hf_audio).abs().max()) < 1e-5
+    cache = tmp_path / "cache"
+    add_to_hub_cache(cache, "someone/xcodec-tiny", {n: (saved / n).read_bytes() for n in ("config.json", "model.safetensors")})
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        import torch
+        from models import XCodec
+        m = XCodec.from_pretrained("someone/xcodec-tiny")
+        x = torch.zeros(1, 1, 3200)
+        print("OK", tuple(m.encode(x).shape))
+        try:
+            XCodec.from_pretrained("someone/not-cached")
+        except Exception as exc:
+            print("ERR", type(exc).__name__, exc)
+    """)  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK (1, 8, 10)" in proc.stdout
+    assert "ERR CheckpointError could not get 'someone/not-cached'" in proc.stdout and "HF_HUB_OFFLINE" in proc.stdout

@@ -55,15 +55,21 @@ def hub_file(repo_id: str, filename: str) -> Path:
     return Path(hf_hub_download(repo_id, filename))
 
 
-def hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str, files: list[str] | None = None) -> Path:
     """A local directory holding ``repo_id`` (a model for ``from_pretrained``): cached, else downloaded.
+
+    Args:
+        repo_id: ``owner/name`` of a model repository.
+        files: only these files (paths in the repository); ``None``: the whole repository.
 
     Raises:
         HubError: not cached and the hub is unreachable (fast, one line).
     """
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        local = Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=True))
+        if files is None or all((local / f).is_file() for f in files):
+            return local
     except Exception:
         pass
     _require_network(repo_id)
-    return Path(snapshot_download(repo_id))
+    return Path(snapshot_download(repo_id, allow_patterns=files))
