@@ -22,12 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import AudioFiles, duration_order, file_loader
 from models import CheckpointError, XCodec, checkpoint_id
 from models.streaming import decode_long, encode_long
+from models.vocoder import Vocoder, merge_low_band
 from utils import distributed as du
 from utils.audio import audio_extensions, fit_length
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
@@ -64,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=float, default=30.0,
                    help="files longer than window + 2 * context seconds are encoded in windows (0: never)")
     p.add_argument("--context", type=float, default=5.0, help="seconds of context on each side of a window")
+    p.add_argument("--vocoder", help="write 44.1 kHz audio with one of YuE's vocoders: vocals, instrumentals, "
+                   "or a decoder_*.pth (config.yaml beside it); use YuE's codec (yue_xcodec_mini) at -b 4")
+    p.add_argument("--low-freq-merge", action="store_true", help="with --vocoder: YuE's post-processing, the codec's "
+                   "own audio below 5.5 kHz (energy-matched) under the vocoder's highs")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (a tokenization "
                    "resuming in its own --codes-out never needs it)")
     args = p.parse_args(argv)
@@ -75,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--codes-in needs --output")
     if args.input is not None and args.output is None and args.codes_out is None:
         p.error("--input needs --output and/or --codes-out")
+    if args.low_freq_merge and not args.vocoder:
+        p.error("--low-freq-merge needs --vocoder")
+    if args.vocoder and args.output is None:
+        p.error("--vocoder needs --output")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     if args.workers is not None and args.workers < 0:
@@ -148,7 +158,7 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
 
 
-def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
+def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats, vocoder: Vocoder | None = None) -> None:
     """Encode (and decode) every job, ``--batch-size`` clips at a time.
 
     ``--workers`` processes read and resample the files ahead of the model, longest first,
@@ -177,15 +187,18 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         else:
             codes = model.encode(batch, args.bandwidth, lengths=lengths, precision=args.precision)
         audio = None
-        if any(job.audio_out is not None for job, _ in pending):
+        if vocoder is not None and any(job.audio_out is not None for job, _ in pending):
+            audio = [_vocode(model, vocoder, codes[i : i + 1, :, : int(frames[i])], args) for i in range(len(pending))]
+        elif any(job.audio_out is not None for job, _ in pending):
             if len(pending) == 1 and _is_long(len(pending[0][1]), rate, args):
                 audio = _decode_long(model, codes, args).float().cpu().numpy()
             else:
                 audio = model.decode(codes, frames=frames, precision=args.precision).float().cpu().numpy()
         codes_np = codes.cpu().numpy()
+        out_rate = vocoder.sample_rate if vocoder is not None else rate
         for i, (job, w) in enumerate(pending):
-            wav = fit_length(audio[i, 0], len(w)) if audio is not None else None  # the source's length
-            if write_outputs(job, stats.fail, codes_np[i, :, : int(frames[i])], wav, rate, args.rescale, model.bins):
+            wav = fit_length(audio[i].reshape(-1), round(len(w) * out_rate / rate)) if audio is not None else None  # the source's length
+            if write_outputs(job, stats.fail, codes_np[i, :, : int(frames[i])], wav, out_rate, args.rescale, model.bins):
                 stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
         pending.clear()
 
@@ -205,6 +218,15 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     flush()
 
 
+def _vocode(model, vocoder: Vocoder, codes: torch.Tensor, args: argparse.Namespace) -> np.ndarray:
+    """(1, n_q, F) codes -> (F * hop,) audio at the vocoder's rate; with ``--low-freq-merge``
+    YuE's post-processing (the codec's own decoding below 5.5 kHz, energy-matched)."""
+    audio = vocoder.vocode(model, codes)
+    if args.low_freq_merge:
+        audio = merge_low_band(_decode_long(model, codes, args), audio, model.sample_rate, vocoder.sample_rate)
+    return audio[0, 0].float().cpu().numpy()
+
+
 def _is_long(samples: int, rate: int, args: argparse.Namespace) -> bool:
     return args.window > 0 and samples > (args.window + 2 * args.context) * rate
 
@@ -215,7 +237,7 @@ def _decode_long(model, codes, args: argparse.Namespace):
     return decode_long(model, codes, window=window, precision=args.precision)
 
 
-def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> None:
+def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats, vocoder: Vocoder | None = None) -> None:
     """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
     length where a manifest records it (else whole frames)."""
     try:
@@ -228,7 +250,10 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     def flush() -> None:
         if not pending:
             return
-        if len(pending) == 1:
+        rate = vocoder.sample_rate if vocoder is not None else model.sample_rate
+        if vocoder is not None:
+            audio = [_vocode(model, vocoder, c[None], args)[None] for _, c in pending]
+        elif len(pending) == 1:
             audio = _decode_long(model, pending[0][1][None].to(model.device), args).float().cpu().numpy()
         else:
             frames = [c.shape[1] for _, c in pending]
@@ -237,11 +262,12 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                 batch[i, :, : c.shape[1]] = c
             audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
         for i, (job, c) in enumerate(pending):
-            wav = audio[i, 0, : c.shape[1] * model.hop_length]
-            wav = fit_length(wav, lengths.get(job.src.resolve(), len(wav)))
-            if write_outputs(job, stats.fail, None, wav, model.sample_rate, args.rescale, model.bins):
+            wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
+            source = lengths.get(job.src.resolve())  # samples at the codec's rate
+            wav = fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav))
+            if write_outputs(job, stats.fail, None, wav, rate, args.rescale, model.bins):
                 stats.written += 1
-                stats.audio_seconds += len(wav) / model.sample_rate
+                stats.audio_seconds += len(wav) / rate
         pending.clear()
 
     for job in _progress(jobs, many, "decoding"):
@@ -369,10 +395,11 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CliError(str(exc)) from None
         jobs = shard_and_resume(model, jobs, args, many, stats)
+        vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
         if args.codes_in is not None:
-            decode_jobs(model, jobs, args, many, stats)
+            decode_jobs(model, jobs, args, many, stats, vocoder)
         else:
-            encode_jobs(model, jobs, args, many, stats)
+            encode_jobs(model, jobs, args, many, stats, vocoder)
     finally:
         if stats.manifest is not None:
             stats.manifest.close()

@@ -127,12 +127,9 @@ def _field(config: dict, key: str, kind: type, default, where: str):
     return value
 
 
-def generator_config_from_hf(config: dict, where: str = "config.json") -> GeneratorConfig:
-    """GeneratorConfig from a transformers ``XcodecConfig`` dict (config.json)."""
-    if not isinstance(config, dict):
-        raise LayoutError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    ac = _field(config, "acoustic_model_config", dict, {}, where)
-    sc = dict(_field(config, "semantic_model_config", dict, {}, where))
+def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
+    """``(teacher name, overrides of its default config, the full config)`` from a transformers
+    HuBERT/WavLM config dict (a ``semantic_model_config`` or a teacher's own ``config.json``)."""
     model_type = sc.get("model_type", "hubert")
     teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
     if teacher is None:
@@ -141,9 +138,18 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
         default = AutoConfig.for_model(model_type).to_dict()
         full = AutoConfig.for_model(model_type, **{k: v for k, v in sc.items() if k != "model_type"}).to_dict()
     except Exception as exc:  # transformers' own checks (wrong types, bad combinations)
-        raise LayoutError(f"{where}: semantic_model_config: {str(exc).splitlines()[0][:200]}") from None
+        raise LayoutError(f"{where}: {str(exc).splitlines()[0][:200]}") from None
     ignore = {"transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "model_type"}
-    overrides = {k: v for k, v in full.items() if k not in ignore and default.get(k) != v}
+    return teacher, {k: v for k, v in full.items() if k not in ignore and default.get(k) != v}, full
+
+
+def generator_config_from_hf(config: dict, where: str = "config.json") -> GeneratorConfig:
+    """GeneratorConfig from a transformers ``XcodecConfig`` dict (config.json)."""
+    if not isinstance(config, dict):
+        raise LayoutError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    ac = _field(config, "acoustic_model_config", dict, {}, where)
+    sc = dict(_field(config, "semantic_model_config", dict, {}, where))
+    teacher, overrides, full = teacher_from_hf_config(sc, f"{where}: semantic_model_config")
     bandwidths = _field(config, "target_bandwidths", list, [0.5, 1, 1.5, 2, 4], where)
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bandwidths):
         raise LayoutError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")

@@ -18,11 +18,11 @@ Every ``torch.load`` uses ``weights_only=True``; the only extra class allowed is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from utils.config import ConfigError
 from utils.hub import HubError, hub_file, hub_snapshot
 
 from .config import GeneratorConfig, generator_config_from_dict, load_generator_config
-from .hf_layout import LayoutError, generator_config_from_hf, state_from_hf
+from .hf_layout import LayoutError, generator_config_from_hf, state_from_hf, teacher_from_hf_config
 
 RELEASE_REPO = "ZhenYe234/xcodec"
 
@@ -46,7 +46,11 @@ RELEASES: dict[str, tuple[str, str]] = {
     "xcodec_hubert_general_audio_v2": ("xcodec_hubert_general_audio_v2.pth", "config_hubert_general.yaml"),
 }
 DEFAULT_RELEASE = "xcodec_hubert_librispeech"
-REPO_FILES: dict[str, list[str]] = {}  # hub repositories whose checkpoint is not in the transformers layout
+# YuE's music codec (multimodal-art-projection/YuE): a training checkpoint {"codec_model": ...}
+# with 12 codebooks, its YAML beside it and the teacher's architecture in semantic_ckpts/.
+YUE_RELEASE, YUE_REPO = "yue_xcodec_mini", "m-a-p/xcodec_mini_infer"
+YUE_FILES = ["final_ckpt/ckpt_00360000.pth", "final_ckpt/config.yaml", "semantic_ckpts/hf_1_325000/config.json"]
+REPO_FILES: dict[str, list[str]] = {YUE_REPO: YUE_FILES}  # hub repositories not in the transformers layout
 
 
 class CheckpointError(ValueError):
@@ -174,7 +178,7 @@ def load_codec_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 # ---------------------------------------------------------------------------- resolution
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CheckpointSource:
     """Where a checkpoint's files are.
 
@@ -248,6 +252,8 @@ def resolve_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | 
         return checkpoint
     cfg = Path(config) if config is not None else None
     name = str(checkpoint)
+    if isinstance(checkpoint, str) and checkpoint == YUE_RELEASE:
+        return resolve_checkpoint(download_repo(YUE_REPO), config)
     if isinstance(checkpoint, str) and checkpoint in RELEASES:
         ckpt, release_cfg = download_release(checkpoint)
         return CheckpointSource("pth", ckpt, cfg or release_cfg, True, name)
@@ -259,11 +265,19 @@ def resolve_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | 
             raise CheckpointError(f"unknown release name {name!r}; known releases: {', '.join(RELEASES)}")
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir():
+        if (path / "final_ckpt").is_dir():  # YuE's repository layout
+            found = sorted((path / "final_ckpt").glob("*.pth"))
+            if not found:
+                raise CheckpointError(f"{path / 'final_ckpt'}: no .pth checkpoint in it")
+            weights = path / YUE_FILES[0] if (path / YUE_FILES[0]).is_file() else found[-1]
+            return CheckpointSource("pth", weights, cfg or weights.parent / "config.yaml", cfg is not None, name)
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             return CheckpointSource("transformers", path, path / "config.json", False, name)
         if (path / "model.safetensors").is_file():
             return CheckpointSource("export", path / "model.safetensors", cfg or path / "config.yaml", cfg is not None, name)
-        raise CheckpointError(f"{path}: directory holds neither config.json + model.safetensors nor config.yaml + model.safetensors")
+        raise CheckpointError(
+            f"{path}: directory holds neither config.json + model.safetensors, config.yaml + model.safetensors, nor final_ckpt/ (YuE)"
+        )
     if path.suffix == ".safetensors":
         return CheckpointSource("export", path, cfg or path.parent / "config.yaml", cfg is not None, name)
     beside = path.parent / "config.yaml"
@@ -286,7 +300,7 @@ def checkpoint_id(checkpoint: str | Path | CheckpointSource, config: str | Path 
 
 
 # ---------------------------------------------------------------------------- reading
-@dataclass
+@dataclasses.dataclass
 class CheckpointContents:
     """A checkpoint read into memory.
 
@@ -346,7 +360,10 @@ def read_state(checkpoint: str | Path | CheckpointSource, config: str | Path | N
     if src.kind != "pth":
         return read_checkpoint(src).state
     obj = read_torch_file(src.weights)
-    return tensors_only(obj["codec"] if isinstance(obj.get("codec"), dict) else obj)
+    for key in ("codec", "codec_model"):  # ours, YuE's
+        if isinstance(obj.get(key), dict):
+            return tensors_only(obj[key])
+    return tensors_only(obj)
 
 
 def read_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | Path | None = None) -> CheckpointContents:
@@ -370,5 +387,28 @@ def read_checkpoint(checkpoint: str | Path | CheckpointSource, config: str | Pat
         else:
             gen, scale = _yaml_config(src.config, src.weights)
         return CheckpointContents(tensors_only(obj["codec"]), gen, scale, "training", where)
+    if isinstance(obj.get("codec_model"), dict):  # YuE's training checkpoint: the codec only
+        return CheckpointContents(tensors_only(obj["codec_model"]), _yue_config(src), 1.0, "yue", where)
     gen, scale = _yaml_config(src.config, src.weights)
     return CheckpointContents(tensors_only(obj), gen, scale, "release", where)
+
+
+def _yue_config(src: CheckpointSource) -> GeneratorConfig:
+    """YuE's architecture: its YAML, with the teacher's from ``semantic_ckpts/*/config.json`` of
+    the repository (``final_ckpt/..``) when present. YuE encodes raw audio: no input gain."""
+    gen, _ = _yaml_config(src.config, src.weights)  # its audio_norm_scale (0.95) is training-only
+    teachers = sorted((src.weights.parent.parent / "semantic_ckpts").glob("*/config.json"))
+    if len(teachers) > 1:
+        raise CheckpointError(f"{src.weights.parent.parent / 'semantic_ckpts'}: several teacher configs; expected one")
+    if not teachers:
+        return gen  # the standard HuBERT base architecture, which YuE's teacher has
+    try:
+        data = json.loads(teachers[0].read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{teachers[0]}: expected a JSON object")
+        name, overrides, _ = teacher_from_hf_config(data, str(teachers[0]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{teachers[0]}: not valid UTF-8 JSON ({str(exc)[:160]})") from None
+    except LayoutError as exc:
+        raise CheckpointError(str(exc)) from None
+    return dataclasses.replace(gen, semantic_techer=name, semantic_model_config=overrides or None)

@@ -1,0 +1,185 @@
+"""YuE's 44.1 kHz vocoders: Vocos decoders that turn X-Codec codes into 44.1 kHz audio.
+
+YuE's codec (``yue_xcodec_mini``, HF ``m-a-p/xcodec_mini_infer``) ships two vocoders in
+``decoders/``: ``decoder_131000.pth`` (vocals) and ``decoder_151000.pth`` (instrumentals),
+bare state dicts of a Vocos backbone + ISTFT head described by ``decoders/config.yaml``.
+They take the quantizer's latents of 8 codebooks (the sum of the code embeddings, before
+``fc_post2``) and give 882 samples per frame: 44.1 kHz at 50 frames/s::
+
+    codec = XCodec.from_pretrained("yue_xcodec_mini")
+    vocoder = Vocoder.from_pretrained("vocals")            # or "instrumentals", or a .pth
+    codes = codec.encode(wav_16k, bandwidth=4.0)           # (B, 8, F)
+    audio = vocoder.vocode(codec, codes)                   # (B, 1, F * 882) at 44.1 kHz
+    audio = merge_low_band(codec.decode(codes), audio)     # YuE's optional post-processing
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.signal import lfilter
+from torch import nn
+
+from modules.vocos import ISTFTHead, VocosBackbone
+from utils.audio import resample
+from utils.config import ConfigError, from_dict, read_yaml, setting
+from utils.hub import HubError, hub_file
+
+from .pretrained import CheckpointError, read_torch_file, tensors_only
+
+YUE_REPO = "m-a-p/xcodec_mini_infer"
+VOCODERS = {"vocals": "decoders/decoder_131000.pth", "instrumentals": "decoders/decoder_151000.pth"}
+VOCODER_CONFIG = "decoders/config.yaml"
+LOW_BAND_CUTOFF_HZ = 5500.0
+
+
+@dataclasses.dataclass
+class BackboneArgs:
+    input_channels: int = setting(1024, ge=1)
+    dim: int = setting(512, ge=1)
+    intermediate_dim: int = setting(1536, ge=1)
+    num_layers: int = setting(8, ge=1)
+    layer_scale_init_value: float | None = setting(None, ge=0)
+
+
+@dataclasses.dataclass
+class HeadArgs:
+    dim: int = setting(512, ge=1)
+    n_fft: int = setting(3528, ge=2)
+    hop_length: int = setting(882, ge=1)
+    padding: str = setting("same", choices=("same",))
+
+
+def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
+    """``backbone`` and ``head`` (``class_path`` + ``init_args``, Vocos' format) of a vocoder YAML.
+
+    Raises:
+        ConfigError: naming the key and the file.
+    """
+    data = read_yaml(path)
+    unknown = sorted(set(data) - {"backbone", "head", "feature_extractor"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a vocoder config has backbone and head")
+    parts = []
+    for key, cls, name in (("backbone", BackboneArgs, "VocosBackbone"), ("head", HeadArgs, "ISTFTHead")):
+        section = data.get(key)
+        if not isinstance(section, dict) or not str(section.get("class_path", "")).endswith(name):
+            raise ConfigError(f"{path}: {key}: expected class_path ...{name} with init_args")
+        parts.append(from_dict(cls, section.get("init_args"), f"{path}: {key}.init_args"))
+    backbone, head = parts
+    if backbone.dim != head.dim:
+        raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
+    return backbone, head
+
+
+class Vocoder(nn.Module):
+    """A Vocos decoder from codec latents to audio (state-dict keys ``backbone.*``, ``head.*``).
+
+    Args:
+        backbone: :class:`VocosBackboneArgs`-shaped settings.
+        head: the ISTFT head's settings.
+        frame_rate: code frames per second of the codec it follows (50).
+    """
+
+    def __init__(self, backbone: BackboneArgs, head: HeadArgs, frame_rate: int = 50):
+        super().__init__()
+        self.backbone = VocosBackbone(**dataclasses.asdict(backbone))
+        self.head = ISTFTHead(**dataclasses.asdict(head))
+        self.hop_length = head.hop_length
+        self.sample_rate = head.hop_length * frame_rate
+        self.input_channels = backbone.input_channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.out.weight.device
+
+    @torch.inference_mode()
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, input_channels, F) latents -> (B, 1, F * hop_length) audio."""
+        return self.head(self.backbone(latents.to(self.device, torch.float32)))[:, None]
+
+    @torch.inference_mode()
+    def vocode(self, codec: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+        """(B, n_q, F) codes of ``codec`` -> (B, 1, F * hop_length) audio at :attr:`sample_rate`
+        (YuE: 8 codebooks, the quantizer's latents before ``fc_post2``)."""
+        codec.check_codes(codes)
+        latents = codec.quantizer.decode(codes.to(codec.device))
+        if latents.shape[1] != self.input_channels:
+            raise ValueError(f"the vocoder takes {self.input_channels}-channel latents; this codec gives {latents.shape[1]}")
+        return self(latents)
+
+    @staticmethod
+    def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> Vocoder:
+        """``"vocals"`` / ``"instrumentals"`` (YuE's, downloaded once from ``m-a-p/xcodec_mini_infer``)
+        or a ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it).
+
+        Raises:
+            CheckpointError: with a one-line reason.
+        """
+        if str(name) in VOCODERS:
+            try:
+                weights, cfg = hub_file(YUE_REPO, VOCODERS[str(name)]), Path(config) if config else hub_file(YUE_REPO, VOCODER_CONFIG)
+            except HubError as exc:
+                raise CheckpointError(f"could not get the {name} vocoder: {exc}; pass a local decoder_*.pth") from None
+        else:
+            weights = Path(name)
+            cfg = Path(config) if config is not None else weights.parent / "config.yaml"
+            if not weights.is_file():
+                known = ", ".join(VOCODERS)
+                raise CheckpointError(f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {known})")
+        try:
+            backbone, head = read_vocoder_config(cfg)
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        model = Vocoder(backbone, head)
+        state = tensors_only(read_torch_file(weights))
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [k for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"{weights} does not match {cfg}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"shape mismatch {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}"
+            )
+        bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{weights}: {len(bad)} tensor(s) are not finite floating point, e.g. {bad[0]}")
+        model.load_state_dict(state, strict=True)
+        return model.eval().requires_grad_(False).to(device)
+
+
+def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707) -> np.ndarray:
+    """RBJ cookbook low/high-pass (as ``torchaudio.functional.*pass_biquad``, output clamped to [-1, 1])."""
+    w0 = 2 * np.pi * cutoff / rate
+    alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
+    b = np.array([1 - cos, 2 * (1 - cos), 1 - cos]) / 2 if kind == "low" else np.array([1 + cos, -2 * (1 + cos), 1 + cos]) / 2
+    a = np.array([1 + alpha, -2 * cos, 1 - alpha])
+    return np.clip(lfilter(b / a[0], a / a[0], x.astype(np.float64)), -1.0, 1.0)
+
+
+def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate: int = 16000, rate: int = 44100,
+                   cutoff: float = LOW_BAND_CUTOFF_HZ, eps: float = 1e-10) -> torch.Tensor:  # fmt: skip
+    """YuE's post-processing (``replace_low_freq_with_energy_matched``): the codec's own 16 kHz
+    decoding below ``cutoff``, scaled to the vocoder's energy there, plus the vocoder above it.
+
+    Args:
+        codec_audio: (B, 1, T16) the codec's decoding at ``codec_rate``.
+        vocoded: (B, 1, T44) the vocoder's output at ``rate``.
+
+    Returns:
+        (B, 1, min(T16 resampled, T44)) float32 at ``rate``. Resampling is soxr's (YuE uses
+        torchaudio's sinc resampler: the low band differs slightly).
+    """
+    out = []
+    for low, high in zip(codec_audio[:, 0].float().cpu().numpy(), vocoded[:, 0].float().cpu().numpy()):
+        low = resample(low, codec_rate, rate)
+        a_low, b_low = _biquad(low, rate, cutoff, "low"), _biquad(high, rate, cutoff, "low")
+        gain = (np.sqrt(np.mean(b_low**2)) + eps) / (np.sqrt(np.mean(a_low**2)) + eps)
+        b_high = _biquad(high, rate, cutoff, "high")
+        n = min(len(a_low), len(b_high))
+        out.append((a_low[:n] * gain + b_high[:n]).astype(np.float32))
+    n = min(len(o) for o in out)
+    return torch.from_numpy(np.stack([o[:n] for o in out]))[:, None]
