@@ -36,6 +36,7 @@ from losses.metrics import (
     signal_metrics,
 )
 from models import CheckpointError, XCodec, checkpoint_id
+from models.vocoder import Vocoder
 from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-rate", type=int, help="rate for --reference/--estimate metrics (default: the lower of the two)")
     p.add_argument("--output", type=Path, required=True, help="JSON report; the CSV goes beside it (same name, .csv)")
     p.add_argument("--csv", type=Path, help="CSV path (default: --output with .csv)")
+    p.add_argument("--vocoder", help="with --checkpoint: reconstruct with a YuE vocoder (vocals, instrumentals or a "
+                   ".pth) and score against each input at its own rate (e.g. 44.1 kHz)")
     p.add_argument("--plot", type=Path, help="write a spectrogram PNG per file into this directory")
     p.add_argument("--max-delay-ms", type=float, default=0.0,
                    help="compensate a delay of the estimate up to this many ms (cross-correlation; default 0: off)")
@@ -78,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint and --input go together")
     if by_reference and (args.reference is None or args.estimate is None):
         p.error("--reference and --estimate go together")
-    if by_reference and args.bandwidths:
-        p.error("--bandwidths needs --checkpoint")
+    if by_reference and (args.bandwidths or args.vocoder):
+        p.error("--bandwidths and --vocoder need --checkpoint")
     if args.sample_rate is not None and args.sample_rate <= 0:
         p.error("--sample-rate must be positive")
     if not 0 <= args.max_delay_ms <= MAX_DELAY_MS:
@@ -306,9 +309,11 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
     books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
     notes = extra.notes + _absent_notes(args)
+    vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
     for path, name in _progress(items, len(items) > 1, "evaluating"):
         try:
             wav, _ = load_audio(path, rate)
+            ref, ref_rate = load_audio(path) if vocoder is not None else (wav, rate)  # scored at the file's own rate
             if len(wav) < min_len:
                 raise AudioError(f"{path}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
         except AudioError as exc:
@@ -317,17 +322,20 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
         x = torch.from_numpy(wav)[None, None].to(model.device) * model.audio_norm_scale
         # Residual VQ: the codes of a lower bandwidth are the first codebooks of a higher one.
         codes = model.encode(x, max(bandwidths))
-        panels = [("original", wav)]
+        panels = [("original", ref)]
         for bw in bandwidths:
             c = codes[:, : n_qs[bw]]
-            rec = prepare_output(model.decode(c)[0, 0, : len(wav)].float().cpu().numpy())  # as inference.py writes it
-            metrics, why = _measure(args, name, wav, rec, rate, extra)
+            if vocoder is None:
+                rec = prepare_output(model.decode(c)[0, 0, : len(wav)].float().cpu().numpy())  # as inference.py writes it
+            else:
+                rec = prepare_output(resample(vocoder.vocode(model, c)[0, 0].float().cpu().numpy(), vocoder.sample_rate, ref_rate)[: len(ref)])
+            metrics, why = _measure(args, name, ref, rec, ref_rate, extra)
             notes += [f"{name} at {bw:g} kbps: {w}" for w in why]
             rows[bw].append({"path": name, **metrics})
             books[bw].update(c[0], len(wav) / rate)
             panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", metrics), rec))
         if args.plot is not None:
-            save_figure(spectrogram_figure(panels, rate, title=name), plot_path(args.plot, name))
+            save_figure(spectrogram_figure(panels, ref_rate, title=name), plot_path(args.plot, name))
     sections = []
     for bw in bandwidths:
         sections.append(
@@ -342,7 +350,8 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
     report = {
         "checkpoint": str(args.checkpoint),
         "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
-        "sample_rate": rate,
+        "sample_rate": vocoder.sample_rate if vocoder is not None else rate,
+        "vocoder": args.vocoder,
         "metrics": keys,
         "bandwidths": sections,
         "failed": failures.items,

@@ -4,6 +4,7 @@ with random weights made here; the Vocos ISTFT against a direct computation."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -205,3 +206,22 @@ def test_release_name_and_vocoders_through_an_offline_hub_cache(yue, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK vocals (1, 1, 8820)" in proc.stdout and "OK instrumentals (1, 1, 8820)" in proc.stdout
+
+
+def test_evaluate_with_the_vocoder_scores_at_the_reference_rate(yue, tmp_path, capsys):
+    import soxr
+
+    import evaluate
+
+    root = yue[0]
+    ref = soxr.resample(read_asset("music_4s.flac")[:24000], 16000, 44100)
+    sf.write(tmp_path / "song.wav", ref, 44100)
+    argv = ["--checkpoint", str(root), "--input", str(tmp_path / "song.wav"), "--bandwidths", "0.5", "4",
+            "--vocoder", str(root / "decoders" / "decoder_151000.pth"), "--output", str(tmp_path / "r.json")]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["sample_rate"] == 44100 and report["vocoder"].endswith("decoder_151000.pth")
+    assert [s["n_q"] for s in report["bandwidths"]] == [1, 8]
+    row = report["bandwidths"][1]["files"][0]
+    assert row["path"] == "song.wav" and math.isfinite(row["mel_distance"]) and math.isfinite(row["si_sdr"])
