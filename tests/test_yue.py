@@ -184,6 +184,10 @@ def test_yue_to_transformers_gives_the_same_codes(yue, tmp_path, music):
     with torch.no_grad():
         hf_codes = hf.encode(music, bandwidth=6.0).audio_codes
     assert hf_codes.shape[1] == 12 and torch.equal(hf_codes, model.encode(music, 6))
+    from models.convert import main as convert_main
+
+    assert convert_main([str(yue[0]), str(tmp_path / "converted")]) == 0  # the conversion CLI, verified tensor by tensor
+    assert torch.equal(XCodec.from_pretrained(tmp_path / "converted").encode(music, 6), hf_codes)
 
 
 def test_release_name_and_vocoders_through_an_offline_hub_cache(yue, tmp_path):
