@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +32,10 @@ from models.vocoder import Vocoder, merge_low_band
 from utils import distributed as du
 from utils.audio import audio_extensions, fit_length
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
-from utils.codes import (
-    CodesFileError,
-    ManifestWriter,
-    has_manifest,
-    load_codes,
-    manifest_path,
-    read_manifest,
-    source_lengths,
-    unchanged,
-)
-from utils.files import remove_stale_temporaries_of
+from utils.codes import CodesFileError, has_manifest, load_codes, source_lengths, write_sidecar
+from utils.corpus import FORMATS, RunStats, refuse_existing, resume
 from utils.outputs import Job, lock_output_trees, plan, write_outputs
+from utils.shards import shard_format
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-r", "--rescale", action="store_true", help="rescale the output peak to 0.99 instead of clamping")
     p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
     p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
+    p.add_argument("--format", choices=FORMATS, default="npy", help="tokenized corpus: one .npy per file + manifests, "
+                   "or parquet / webdataset shards (see utils/shards.py)")
+    p.add_argument("--shard-size", type=int, default=10000, help="files per parquet/webdataset shard")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32: exact codes (default); bf16: fast mode, codes agree with fp32 for most frames")
     p.add_argument("--window", type=float, default=30.0,
@@ -85,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--low-freq-merge needs --vocoder")
     if args.vocoder and args.output is None:
         p.error("--vocoder needs --output")
+    if args.format != "npy" and args.codes_out is None:
+        p.error(f"--format {args.format} needs --codes-out")
+    if args.shard_size < 1:
+        p.error("--shard-size must be at least 1")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     if args.workers is not None and args.workers < 0:
@@ -101,64 +99,13 @@ def load_model(args: argparse.Namespace) -> XCodec:
     return XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
 
 
-class Stats:
-    def __init__(self) -> None:
-        self.written = 0
-        self.failed: list[str] = []
-        self.audio_seconds = 0.0
-        self.start = time.perf_counter()
-        self.already_done = 0  # skipped: finished by an earlier run (manifest)
-        self.changed = 0  # in the manifest, but the input changed since: done again
-        self.rank, self.world_size = 0, 1
-        self.manifest = None  # utils.codes.ManifestWriter of a corpus tokenization
-        self.manifest_fields: dict = {}
-        self.codes_root: Path | None = None
-
-    def wrote(self, job: Job, samples: int, rate: int, codes_shape: tuple[int, int] | None = None) -> None:
-        """Count a finished job; in a corpus tokenization, append its manifest line."""
-        self.written += 1
-        self.audio_seconds += samples / rate
-        if self.manifest is not None and job.codes_out is not None and codes_shape is not None:
-            self.manifest.add(
-                {
-                    "path": job.rel.as_posix(),
-                    "codes": job.codes_out.relative_to(self.codes_root).as_posix(),
-                    "duration": round(samples / rate, 6),
-                    "samples": int(samples),
-                    "sample_rate": int(rate),
-                    "n_q": int(codes_shape[0]),
-                    "frames": int(codes_shape[1]),
-                    **({"source_size": job.source[0], "source_mtime_ns": job.source[1]} if job.source else {}),
-                    **self.manifest_fields,
-                    "written": round(time.time(), 3),
-                }
-            )
-
-    def fail(self, message: str) -> None:
-        self.failed.append(message)
-        tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, even under a progress bar
-
-    def summary(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        rtf = elapsed / self.audio_seconds if self.audio_seconds else 0.0
-        speed = self.audio_seconds / elapsed if elapsed > 0 else 0.0
-        prefix = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
-        done = f", {self.already_done} already done (skipped)" if self.already_done else ""
-        done += f", {self.changed} changed since tokenized (redone)" if self.changed else ""
-        return (
-            f"{prefix}{self.written} file(s) written, {len(self.failed)} failed/skipped{done}, "
-            f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f}, "
-            f"{speed:.1f} audio hours per hour)"
-        )
-
-
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
 
 
-def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats, vocoder: Vocoder | None = None) -> None:
+def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats, vocoder: Vocoder | None = None) -> None:
     """Encode (and decode) every job, ``--batch-size`` clips at a time.
 
     ``--workers`` processes read and resample the files ahead of the model, longest first,
@@ -198,8 +145,11 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         out_rate = vocoder.sample_rate if vocoder is not None else rate
         for i, (job, w) in enumerate(pending):
             wav = fit_length(audio[i].reshape(-1), round(len(w) * out_rate / rate)) if audio is not None else None  # the source's length
-            if write_outputs(job, stats.fail, codes_np[i, :, : int(frames[i])], wav, out_rate, args.rescale, model.bins):
-                stats.wrote(job, len(w), rate, (codes_np.shape[1], int(frames[i])))
+            item = codes_np[i, :, : int(frames[i])]
+            if write_outputs(job, stats.fail, item, wav, out_rate, args.rescale, model.bins):
+                stats.wrote(job, len(w), rate, item)
+                if not many and job.codes_out is not None:  # a single codes file describes itself
+                    write_sidecar(job.codes_out, {"path": job.src.name, "samples": len(w), "sample_rate": rate, **codes_fields(model, args)}, item)
         pending.clear()
 
     for index, wav, error in _progress(loader, many, "encoding"):
@@ -237,7 +187,7 @@ def _decode_long(model, codes, args: argparse.Namespace):
     return decode_long(model, codes, window=window, precision=args.precision)
 
 
-def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats, vocoder: Vocoder | None = None) -> None:
+def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats, vocoder: Vocoder | None = None) -> None:
     """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
     length where a manifest records it (else whole frames)."""
     try:
@@ -292,81 +242,32 @@ def _rank_and_world() -> tuple[int, int]:
         raise CliError(str(exc)) from None
 
 
-def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: Stats) -> list[Job]:
-    """This rank's share of ``jobs``, less the files an earlier run finished (corpus tokenization).
+def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list[Job]:
+    """This rank's share of ``jobs``, less the files an earlier run finished (see utils.corpus).
 
-    Sharding: rank R of W takes jobs R, R + W, ... of the sorted list (a single file goes
-    to rank 0). Resuming: in a directory run with ``--codes-out``, the manifests in the
-    codes root list finished files, keyed on (input root, relative path, size, mtime); they
-    are skipped when their outputs exist and the input is unchanged. Codes of another input
-    root, checkpoint, bandwidth or precision in the same root are refused. Any other output
-    that already exists is replaced only with ``--overwrite``.
+    Any output that already exists is replaced only with ``--overwrite``, or by a
+    tokenization resuming in its own ``--codes-out``.
     """
-    rank, world = _rank_and_world()
-    stats.rank, stats.world_size = rank, world
-    jobs = du.shard(jobs, rank, world)
-    resuming = many and args.codes_in is None and args.codes_out is not None
-    tracked = resuming and has_manifest(args.codes_out)  # the outputs are this pipeline's own
-    if resuming:
-        jobs = _resume(model, jobs, args, stats, rank, world)
-    existing = [p for j in jobs for p in j.outputs if p.is_file()]
-    if existing and not (args.overwrite or tracked):
-        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
-    remove_stale_temporaries_of([p for j in jobs for p in j.outputs])  # only a dead writer's (see utils.files)
+    stats.rank, stats.world_size = _rank_and_world()
+    jobs = du.shard(jobs, stats.rank, stats.world_size)
+    tokenizing = many and args.codes_in is None and args.codes_out is not None
+    tracked = tokenizing and (has_manifest(args.codes_out) or shard_format(args.codes_out) is not None)
+    if tokenizing:
+        jobs = resume(jobs, args.codes_out, args.format, codes_fields(model, args), model.quantizer.n_q_for_bandwidth(args.bandwidth), stats, args.shard_size)
+    refuse_existing(jobs, args.overwrite, tracked)
     return jobs
 
 
-def _resume(model, jobs: list[Job], args: argparse.Namespace, stats: Stats, rank: int, world: int) -> list[Job]:
-    root = args.codes_out
-    bandwidth = float(args.bandwidth) if args.bandwidth is not None else float(max(model.target_bandwidths))
-    fields = {
+def codes_fields(model, args: argparse.Namespace) -> dict:
+    """What made the codes, recorded with every tokenized file."""
+    return {
         "bins": int(model.bins),
-        "bandwidth": bandwidth,
+        "bandwidth": float(args.bandwidth) if args.bandwidth is not None else float(max(model.target_bandwidths)),
         "checkpoint": checkpoint_id(args.checkpoint, args.config),
         "precision": args.precision,
         "device": model.device.type,  # exact codes agree across devices; recorded for the record
-        "input_root": str(args.input.resolve()),
+        "input_root": str(args.input.resolve()) if args.input is not None else None,
     }
-    n_q = model.quantizer.n_q_for_bandwidth(args.bandwidth)
-    try:
-        entries = read_manifest(root) if root.is_dir() else []
-    except (CodesFileError, OSError) as exc:
-        raise CliError(str(exc)) from None
-    mine = (fields["checkpoint"], n_q, args.precision)
-    # Entries written before precisions were recorded were all fp32.
-    clash = [e for e in entries if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
-    if clash:
-        e = clash[0]
-        raise CliError(
-            f"{root}: already holds codes of {len(clash)} file(s) made by checkpoint {e.get('checkpoint')} at "
-            f"{e.get('bandwidth')} kbps in {e.get('precision', 'fp32')}; this run uses {fields['checkpoint']} at "
-            f"{bandwidth} kbps in {args.precision}: choose another --codes-out directory"
-        )
-    other = next((e for e in entries if e.get("input_root", fields["input_root"]) != fields["input_root"]), None)
-    if other is not None:
-        raise CliError(
-            f"{root}: holds codes of files under {other['input_root']}, not {fields['input_root']}: "
-            "choose another --codes-out directory"
-        )
-    for job in jobs:
-        try:
-            st = job.src.stat()
-            job.source = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            pass  # the reader reports it
-    done = {e["path"]: e for e in entries}
-    todo = []
-    for j in jobs:
-        entry = done.get(j.rel.as_posix())
-        if entry is not None and all(p.is_file() for p in j.outputs):
-            if unchanged(entry, j.source):
-                continue
-            stats.changed += 1
-        todo.append(j)
-    stats.already_done = len(jobs) - len(todo)
-    stats.codes_root, stats.manifest_fields = root, fields
-    stats.manifest = ManifestWriter(manifest_path(root, rank, world))
-    return todo
 
 
 def _device_for_rank(args: argparse.Namespace) -> None:
@@ -381,8 +282,10 @@ def run(args: argparse.Namespace) -> int:
     if args.codes_in is not None:
         jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
     else:
-        jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out)
-    stats = Stats()
+        jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out if args.format == "npy" else None)
+        if args.format != "npy" and not many:
+            raise CliError(f"--format {args.format} writes shards of a directory or list input; one file goes to --codes-out x.npy")
+    stats = RunStats()
     locks = lock_output_trees([args.output, args.codes_out], many, *_rank_and_world())  # before the slow model load
     try:
         _device_for_rank(args)
@@ -401,8 +304,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             encode_jobs(model, jobs, args, many, stats, vocoder)
     finally:
-        if stats.manifest is not None:
-            stats.manifest.close()
+        stats.close()
         for lock in locks:
             lock.release()
     if many:

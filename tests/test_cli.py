@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,13 +55,17 @@ def test_file_round_trip_matches_the_api(tmp_path, ckpt, model, speech, capsys):
     got, _ = sf.read(out, dtype="float32")
     assert np.abs(got - ref).max() < 2 / 32768
 
-    # Codes back to audio: the same samples (whole frames, so a little longer).
+    # The single codes file describes itself (c.json) ...
+    side = json.loads((tmp_path / "c.json").read_text())
+    assert side["samples"] == len(speech) and side["sample_rate"] == 16000 and side["n_q"] == 4 and side["bandwidth"] == 2.0
+    assert side["frames"] == codes.shape[1] and side["path"] == "speech_en.flac" and side["checkpoint"].startswith("xcodec-")
+    # ... so codes back to audio restore the exact original length (whole frames would be longer).
     out2 = tmp_path / "from_codes.wav"
     code, err = _run(["--codes-in", tmp_path / "c.npy", "--output", out2, *ckpt], capsys)
     assert code == 0, err
     back, _ = sf.read(out2, dtype="float32")
-    assert len(back) == codes.shape[1] * 320
-    assert np.abs(back[: len(speech)] - got).max() < 2 / 32768
+    assert len(back) == len(speech) != codes.shape[1] * 320
+    assert np.abs(back - got).max() < 2 / 32768
 
 
 def test_stereo_44k_input_is_downmixed_and_resampled(tmp_path, ckpt, speech, capsys):

@@ -42,6 +42,7 @@ import torch
 
 from utils.cli import DefaultsHelpFormatter
 from utils.files import atomic_write, temporary_target
+from utils.shards import SHARD_RE, ShardError, iter_shard, merge_index, read_index, shard_format
 
 MANIFEST_NAME = "manifest.jsonl"
 MANIFEST_GLOB = "manifest*.jsonl"
@@ -90,19 +91,26 @@ def load_codes(
     except Exception as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise CodesFileError(f"{path}: not a readable .npy codes file ({reason})") from None
+    return checked_codes(codes, str(path), n_q_max, bins, n_q=n_q, frames=frames)
+
+
+def checked_codes(
+    codes: np.ndarray, where: str, n_q_max: int | None = None, bins: int | None = 1024, *, n_q: int | None = None, frames: int | None = None
+) -> torch.Tensor:
+    """``codes`` as a ``LongTensor`` (n_q, frames) after the checks of :func:`load_codes` (``where`` names it)."""
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
-        raise CodesFileError(f"{path}: codes must be integers (int16), got dtype {getattr(codes, 'dtype', type(codes))}")
+        raise CodesFileError(f"{where}: codes must be integers (int16), got dtype {getattr(codes, 'dtype', type(codes))}")
     limit = n_q_max if n_q_max is not None else float("inf")
     if codes.ndim != 2 or not 1 <= codes.shape[0] <= limit or codes.shape[1] < 1:
         bound = f"1 <= n_q <= {n_q_max}" if n_q_max is not None else "n_q >= 1"
-        raise CodesFileError(f"{path}: codes must have shape (n_q, frames) with {bound}, got {codes.shape}")
+        raise CodesFileError(f"{where}: codes must have shape (n_q, frames) with {bound}, got {codes.shape}")
     if n_q is not None and codes.shape[0] != n_q:
-        raise CodesFileError(f"{path}: expected {n_q} codebooks, found {codes.shape[0]}")
+        raise CodesFileError(f"{where}: expected {n_q} codebooks, found {codes.shape[0]}")
     if frames is not None and codes.shape[1] != frames:
-        raise CodesFileError(f"{path}: expected {frames} frames, found {codes.shape[1]}")
+        raise CodesFileError(f"{where}: expected {frames} frames, found {codes.shape[1]}")
     lo, hi = int(codes.min()), int(codes.max())
     if lo < 0 or (bins is not None and hi >= bins):
-        raise CodesFileError(f"{path}: code values must lie in [0, {bins if bins is not None else 'inf'}), found [{lo}, {hi}]")
+        raise CodesFileError(f"{where}: code values must lie in [0, {bins if bins is not None else 'inf'}), found [{lo}, {hi}]")
     return torch.from_numpy(codes.astype(np.int64))
 
 
@@ -169,11 +177,42 @@ def unchanged(entry: dict, source: tuple[int, int] | None) -> bool:
     return source is not None and (entry["source_size"], entry.get("source_mtime_ns")) == tuple(source)
 
 
+def sidecar_path(codes: str | Path) -> Path:
+    """The metadata file of a single codes file: ``x.npy`` -> ``x.json``."""
+    return Path(codes).with_suffix(".json")
+
+
+def write_sidecar(codes_path: str | Path, fields: dict, codes: np.ndarray) -> Path:
+    """Describe a single ``--codes-out x.npy`` in ``x.json`` (the fields of a manifest line:
+    source name, samples, sample rate, n_q, frames, bins, bandwidth, checkpoint, precision)."""
+    entry = {**fields, "codes": Path(codes_path).name, "n_q": int(codes.shape[0]), "frames": int(codes.shape[1])}
+    entry["duration"] = round(entry["samples"] / entry["sample_rate"], 6)
+    text = json.dumps(entry, ensure_ascii=False, indent=1) + "\n"
+    return atomic_write(sidecar_path(codes_path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_sidecar(codes_path: str | Path) -> dict | None:
+    """The ``x.json`` of ``x.npy`` (``None`` without one)."""
+    path = sidecar_path(codes_path)
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodesFileError(f"{path}: not a UTF-8 JSON description of {Path(codes_path).name} ({str(exc)[:120]})") from None
+    if not isinstance(entry, dict):
+        raise CodesFileError(f"{path}: expected a JSON object")
+    return entry
+
+
 def source_lengths(codes: str | Path, sample_rate: int) -> dict[Path, int]:
-    """``{codes file (resolved): samples of its source}`` from the manifest of the corpus that
-    holds ``codes`` (a codes directory, or a file inside one, up to 4 levels deep), for
-    entries made at ``sample_rate``; ``{}`` when there is no manifest."""
+    """``{codes file (resolved): samples of its source}`` from the sidecar of a single codes file
+    or the manifest of the corpus that holds ``codes`` (a codes directory, or a file inside one,
+    up to 4 levels deep), for entries made at ``sample_rate``; ``{}`` when neither exists."""
     codes = Path(codes)
+    side = read_sidecar(codes) if codes.suffix == ".npy" else None
+    if side is not None and isinstance(side.get("samples"), int) and side.get("sample_rate") == sample_rate:
+        return {codes.resolve(): side["samples"]}
     roots = [codes] if codes.is_dir() else list(codes.resolve().parents)[:4]
     for root in roots:
         if has_manifest(root):
@@ -233,22 +272,77 @@ def merge_manifests(root: str | Path) -> Path:
     return target
 
 
-def iter_corpus(root: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Yield ``(manifest entry, LongTensor (n_q, frames))`` for every file of a tokenized corpus,
-    each checked against its manifest entry (shape and ``[0, bins)``)."""
-    root = Path(root)
-    for entry in read_manifest(root):
-        yield entry, load_codes(
-            root / entry["codes"], None, bins if bins is not None else entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"]
-        )
+def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The one reader of tokenized corpora: ``(entry, LongTensor (n_q, frames))`` for every file.
+
+    Args:
+        path: an npy corpus (``.npy`` files + manifests), a sharded one (parquet or webdataset
+            shards + index, see ``utils.shards``), one shard (``.parquet``/``.tar``) or one
+            ``.npy`` (with its ``.json`` when there is one).
+        bins: codebook size to check codes against (default: what each entry records).
+
+    Every codes array is checked against its entry (``n_q``, ``frames``) and ``[0, bins)``;
+    :class:`CodesFileError` names the file otherwise.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npy":
+        entry = read_sidecar(path) or {"path": path.name}
+        yield entry, load_codes(path, None, bins or entry.get("bins"), n_q=entry.get("n_q"), frames=entry.get("frames"))
+        return
+    if path.is_file():
+        shards = [path]
+    elif shard_format(path) is not None:
+        shards = [path / line["shard"] for line in read_index(path)]
+    else:
+        for entry in read_manifest(path):
+            yield entry, load_codes(path / entry["codes"], None, bins or entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"])
+        return
+    for shard in shards:
+        try:
+            for entry, codes in iter_shard(shard):
+                where = f"{shard.name}: {entry.get('path')}"
+                yield entry, checked_codes(codes, where, None, bins or entry.get("bins"), n_q=entry.get("n_q"), frames=entry.get("frames"))
+        except ShardError as exc:
+            raise CodesFileError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- checking
+def check_shards(root: Path) -> tuple[int, list[str]]:
+    """:func:`check_corpus` of a sharded corpus: every indexed shard readable with the rows its
+    index line lists, each file once, no shard outside the index, no leftover temporary."""
+    problems, seen, n = [], {}, 0
+    lines = read_index(root)
+    for line in lines:
+        names = []
+        try:
+            for entry, codes in iter_shard(root / line["shard"]):
+                names.append(entry["path"])
+                checked_codes(codes, f"{line['shard']}: {entry['path']}", None, entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"])
+        except (ShardError, CodesFileError) as exc:
+            problems.append(str(exc))
+        if sorted(names) != sorted(f["path"] for f in line["files"]):
+            problems.append(f"{line['shard']}: holds {len(names)} file(s), its index line lists {len(line['files'])}")
+        for name in names:
+            if name in seen:
+                problems.append(f"{name}: in two shards, {seen[name]} and {line['shard']}")
+            seen[name] = line["shard"]
+        n += len(names)
+    indexed = {line["shard"] for line in lines}
+    for p in sorted(root.iterdir()):
+        if SHARD_RE.match(p.name) and p.name not in indexed:
+            problems.append(f"{p.name}: shard not in any index")
+        elif temporary_target(p.name) is not None:
+            problems.append(f"{p.name}: leftover temporary file")
+    return n, problems
+
+
 def check_corpus(root: str | Path) -> tuple[int, list[str]]:
     """Check a tokenized corpus: ``(entries, problems)`` where problems lists missing,
-    unreadable or mis-shaped codes files, code files without a manifest entry and
-    leftover temporaries."""
+    unreadable or mis-shaped codes files (or shards), code files without a manifest entry,
+    files listed twice and leftover temporaries."""
     root = Path(root)
+    if shard_format(root) is not None:
+        return check_shards(root)
     entries = read_manifest(root)
     problems = []
     listed: dict[str, str] = {}
@@ -270,24 +364,26 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Check a tokenized corpus (codes + manifests) and optionally merge the manifests.",
+    p = argparse.ArgumentParser(description="Check a tokenized corpus (npy + manifests, or parquet/webdataset shards + "
+                                "index) and optionally merge the per-rank files.",
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
-    p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl")
+    p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl (shards: "
+                   "index.rank*.jsonl into index.jsonl)")
     args = p.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root}: not a directory", file=sys.stderr)
         return 2
     try:
         if args.merge:
-            print(f"wrote {merge_manifests(args.root)}")
+            print(f"wrote {merge_index(args.root) if shard_format(args.root) else merge_manifests(args.root)}")
         n, problems = check_corpus(args.root)
-    except CodesFileError as exc:
+    except (CodesFileError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    print(f"{n} file(s) in the manifest, {len(problems)} problem(s)")
+    print(f"{n} file(s) in the corpus, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 

@@ -1,0 +1,171 @@
+"""A tokenization run's bookkeeping: this rank's share, what an earlier run finished, where codes go.
+
+``inference.py --input DIR --codes-out OUT [--format npy|parquet|webdataset]``:
+
+- sharding: rank R of W takes files R, R + W, ... of the sorted list;
+- resuming: a file is done when OUT lists it (npy: a manifest line and its ``.npy``;
+  shards: a finished shard, see ``utils.shards``) with the same input root, relative path,
+  size and mtime. An npy file whose input changed is redone; shards are append-only, so a
+  changed input stops the run (tokenize into a new directory). Codes of another input root,
+  checkpoint, bandwidth, precision or format in OUT are refused with one line;
+- writing: npy: the codes file, then its manifest line; shards: rows queued per rank and
+  written ``--shard-size`` at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from utils.cli import CliError
+from utils.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
+from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
+from utils.outputs import Job
+from utils.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
+
+FORMATS = ("npy", "parquet", "webdataset")
+
+
+class RunStats:
+    """What a run did (files written, failed, skipped, seconds of audio) and, in a tokenization,
+    the writer its finished files go to."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.failed: list[str] = []
+        self.audio_seconds = 0.0
+        self.start = time.perf_counter()
+        self.already_done = 0  # skipped: finished by an earlier run
+        self.changed = 0  # finished earlier, but the input changed since: done again
+        self.rank, self.world_size = 0, 1
+        self.manifest: ManifestWriter | None = None  # npy corpus
+        self.shards: ShardWriter | None = None  # parquet / webdataset corpus
+        self.fields: dict = {}
+        self.codes_root: Path | None = None
+
+    def wrote(self, job: Job, samples: int, rate: int, codes: np.ndarray | None = None) -> None:
+        """Count a finished job; in a tokenization, record it (manifest line or shard row)."""
+        self.written += 1
+        self.audio_seconds += samples / rate
+        if codes is None or (self.manifest is None and self.shards is None):
+            return
+        entry = {
+            "path": job.rel.as_posix(),
+            "duration": round(samples / rate, 6),
+            "samples": int(samples),
+            "sample_rate": int(rate),
+            "n_q": int(codes.shape[0]),
+            "frames": int(codes.shape[1]),
+            **({"source_size": job.source[0], "source_mtime_ns": job.source[1]} if job.source else {}),
+            **self.fields,
+            "written": round(time.time(), 3),
+        }
+        if self.manifest is not None and job.codes_out is not None:
+            self.manifest.add({"codes": job.codes_out.relative_to(self.codes_root).as_posix(), **entry})
+        elif self.shards is not None:
+            source = {k: entry[k] for k in ("path", "source_size", "source_mtime_ns") if k in entry}
+            self.shards.add(entry, codes, source)
+
+    def fail(self, message: str) -> None:
+        self.failed.append(message)
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, even under a progress bar
+
+    def close(self) -> None:
+        """Write what is queued (the last partial shard) and close the manifest."""
+        if self.shards is not None:
+            self.shards.close()
+        if self.manifest is not None:
+            self.manifest.close()
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        rtf = elapsed / self.audio_seconds if self.audio_seconds else 0.0
+        speed = self.audio_seconds / elapsed if elapsed > 0 else 0.0
+        prefix = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
+        done = f", {self.already_done} already done (skipped)" if self.already_done else ""
+        done += f", {self.changed} changed since tokenized (redone)" if self.changed else ""
+        return (
+            f"{prefix}{self.written} file(s) written, {len(self.failed)} failed/skipped{done}, "
+            f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f}, "
+            f"{speed:.1f} audio hours per hour)"
+        )
+
+
+def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
+    """``(settings of every earlier entry, {path: entry})`` of what OUT already holds."""
+    found = "npy" if has_manifest(root) else shard_format(root)
+    if found is not None and found != fmt:
+        raise CliError(f"{root}: holds a {found} corpus; this run writes --format {fmt}: choose another --codes-out directory")
+    try:
+        if fmt == "npy":
+            entries = read_manifest(root) if root.is_dir() else []
+            return entries, {e["path"]: e for e in entries}
+        settings = [e.get("settings", {}) for e in read_index(root)] if root.is_dir() else []
+        return settings, finished_files(root) if root.is_dir() else {}
+    except (CodesFileError, ShardError, OSError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats: RunStats, shard_size: int) -> list[Job]:
+    """This rank's jobs less the finished ones; sets up the writer (see the module docstring).
+
+    Args:
+        jobs: this rank's jobs.
+        root: ``--codes-out``.
+        fmt: ``npy``, ``parquet`` or ``webdataset``.
+        fields: what made the codes: ``bins``, ``bandwidth``, ``checkpoint``, ``precision``,
+            ``device``, ``input_root`` (recorded with every file).
+        n_q: codebooks at this bandwidth.
+    """
+    earlier, done = _earlier(root, fmt)
+    mine = (fields["checkpoint"], n_q, fields["precision"])
+    # Entries written before precisions were recorded were all fp32.
+    clash = [e for e in earlier if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
+    if clash:
+        e = clash[0]
+        raise CliError(
+            f"{root}: already holds codes of {len(clash)} file(s) made by checkpoint {e.get('checkpoint')} at "
+            f"{e.get('bandwidth')} kbps in {e.get('precision', 'fp32')}; this run uses {fields['checkpoint']} at "
+            f"{fields['bandwidth']} kbps in {fields['precision']}: choose another --codes-out directory"
+        )
+    other = next((e for e in earlier if e.get("input_root", fields["input_root"]) != fields["input_root"]), None)
+    if other is not None:
+        raise CliError(f"{root}: holds codes of files under {other['input_root']}, not {fields['input_root']}: choose another --codes-out directory")
+    for job in jobs:
+        try:
+            st = job.src.stat()
+            job.source = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass  # the reader reports it
+    todo = []
+    for j in jobs:
+        entry = done.get(j.rel.as_posix())
+        if entry is not None and all(p.is_file() for p in j.outputs):
+            if unchanged(entry, j.source):
+                continue
+            if fmt != "npy":
+                raise CliError(f"{j.src}: changed since it was tokenized into {root} ({entry['shard']}); shards are append-only: tokenize into a new directory")
+            stats.changed += 1
+        todo.append(j)
+    stats.already_done = len(jobs) - len(todo)
+    stats.codes_root, stats.fields = root, fields
+    if fmt == "npy":
+        stats.manifest = ManifestWriter(manifest_path(root, stats.rank, stats.world_size))
+    else:
+        settings = {**{k: fields[k] for k in ("checkpoint", "bandwidth", "precision", "input_root", "bins")}, "n_q": n_q}
+        remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)
+        stats.shards = ShardWriter(root, fmt, stats.rank, shard_size, settings)
+    return todo
+
+
+def refuse_existing(jobs: list[Job], overwrite: bool, tracked: bool) -> None:
+    """Existing outputs are replaced only with ``--overwrite`` or by a tokenization resuming in
+    its own output (``tracked``); then the temporaries of dead writers are removed."""
+    existing = [p for j in jobs for p in j.outputs if p.is_file()]
+    if existing and not (overwrite or tracked):
+        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
+    remove_stale_temporaries_of([p for j in jobs for p in j.outputs])  # only a dead writer's (see utils.files)

@@ -1,0 +1,226 @@
+"""Sharded tokenized corpora: parquet and webdataset shards, and the per-rank index of finished shards.
+
+A sharded corpus (``inference.py --input corpus/ --codes-out codes/ --format parquet``)
+holds, in its root:
+
+- ``shard-r{RRR}-{NNNNNN}.parquet`` (or ``.tar``): about ``--shard-size`` files each, written
+  by rank R under a temporary name and renamed when complete;
+- ``index.rank{R}.jsonl``: one line per finished shard of rank R, appended *before* the
+  rename: ``{"shard": name, "rows": n, "files": [{"path", "source_size", "source_mtime_ns"}],
+  "settings": {...}}``. A line whose shard file does not exist (killed between the two) does
+  not count, so a file is done exactly when it is in a shard that exists.
+
+Parquet rows: ``path``, ``codes`` (list of ``n_q`` lists of int16), ``n_q``, ``frames``,
+``samples``, ``sample_rate``, ``duration``, ``bandwidth``, ``bins``, ``checkpoint``,
+``precision``: ``datasets.load_dataset("parquet", data_files="codes/*.parquet")``, DuckDB
+and Spark read them as they are. Webdataset shards: ``{key}.codes.npy`` (int16,
+``(n_q, frames)``) + ``{key}.json`` (the same fields but ``codes``) per file, ``key`` a hash
+of the path (webdataset keys cannot hold dots): ``webdataset.WebDataset("codes/shard-{...}.tar")``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from utils.files import atomic_write
+
+SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
+SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
+INDEX_GLOB = "index*.jsonl"  # index.rank{R}.jsonl per rank; index.jsonl once merged
+ROW_FIELDS = ("path", "n_q", "frames", "samples", "sample_rate", "duration", "bandwidth", "bins", "checkpoint", "precision")
+SCHEMA = pa.schema([
+    ("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()), ("frames", pa.int32()),
+    ("samples", pa.int64()), ("sample_rate", pa.int32()), ("duration", pa.float64()), ("bandwidth", pa.float64()),
+    ("bins", pa.int32()), ("checkpoint", pa.string()), ("precision", pa.string()),
+])  # fmt: skip
+
+
+class ShardError(ValueError):
+    """A shard or index that cannot be used; the message names the file."""
+
+
+def sample_key(path: str) -> str:
+    """The webdataset key of a file: a hash of its path (keys end at the first dot)."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:20]
+
+
+def shard_format(root: str | Path) -> str | None:
+    """``"parquet"`` / ``"webdataset"`` when ``root`` holds shards or an index, else ``None``."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for p in sorted(root.iterdir()):
+        m = SHARD_RE.match(p.name)
+        if m:
+            return "parquet" if m.group(3) == "parquet" else "webdataset"
+    for line in _index_lines(root):
+        return "parquet" if line["shard"].endswith(".parquet") else "webdataset"
+    return None
+
+
+# ---------------------------------------------------------------------------- index
+def _index_lines(root: Path) -> list[dict]:
+    lines = []
+    for path in sorted(root.glob(INDEX_GLOB)):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ShardError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        rows = text.split("\n")
+        for i, line in enumerate(rows):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(rows) - 1:
+                    continue  # a torn last line of a killed writer
+                raise ShardError(f"{path}:{i + 1}: not a JSON line") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str) or not isinstance(entry.get("files"), list):
+                raise ShardError(f"{path}:{i + 1}: an index line must hold 'shard' and 'files'")
+            lines.append(entry)
+    return lines
+
+
+def read_index(root: str | Path) -> list[dict]:
+    """The index lines of every rank whose shard exists (finished shards), sorted by shard name."""
+    root = Path(root)
+    lines = {e["shard"]: e for e in _index_lines(root) if (root / e["shard"]).is_file()}  # once, even if merged twice
+    return [lines[name] for name in sorted(lines)]
+
+
+def finished_files(root: str | Path) -> dict[str, dict]:
+    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard."""
+    out = {}
+    for entry in read_index(root):
+        for f in entry["files"]:
+            out[f["path"]] = {**f, "shard": entry["shard"]}
+    return out
+
+
+def next_sequence(root: Path, rank: int) -> int:
+    """The next free shard number of ``rank`` (after every shard and index line it has)."""
+    seqs = [int(m.group(2)) for p in root.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
+    seqs += [int(m.group(2)) for e in _index_lines(root) if (m := SHARD_RE.match(e["shard"])) and int(m.group(1)) == rank]
+    return max(seqs, default=0) + 1
+
+
+def merge_index(root: str | Path) -> Path:
+    """Write every rank's finished-shard lines into one ``index.jsonl`` (the rank files are removed)."""
+    root = Path(root)
+    lines = read_index(root)
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    target = atomic_write(root / "index.jsonl", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=True)
+    for path in root.glob("index.rank*.jsonl"):
+        path.unlink()
+    return target
+
+
+# ---------------------------------------------------------------------------- writing
+def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for entry, codes in rows:
+        for name in ROW_FIELDS:
+            columns[name].append(entry[name])
+        columns["codes"].append(codes.astype(np.int16).tolist())
+    pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), path, compression="zstd")
+
+
+def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for entry, codes in rows:
+            key = sample_key(entry["path"])
+            buf = io.BytesIO()
+            np.save(buf, codes.astype(np.int16), allow_pickle=False)
+            meta = json.dumps({k: entry[k] for k in ROW_FIELDS}, ensure_ascii=False).encode("utf-8")
+            for name, data in ((f"{key}.codes.npy", buf.getvalue()), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), int(entry.get("written", time.time())), 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Collects (entry, codes) rows of one rank and writes them as shards of ``shard_size``.
+
+    Args:
+        root: the corpus directory.
+        fmt: ``"parquet"`` or ``"webdataset"``.
+        rank: this process's rank (shard names and index file are per rank).
+        shard_size: files per shard.
+        settings: what made the codes (checkpoint, bandwidth, precision, input root), per index line.
+    """
+
+    def __init__(self, root: str | Path, fmt: str, rank: int, shard_size: int, settings: dict):
+        self.root, self.fmt, self.rank, self.shard_size, self.settings = Path(root), fmt, rank, shard_size, settings
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.seq = next_sequence(self.root, rank)
+        self.rows: list[tuple[dict, np.ndarray, dict]] = []
+        self.index = self.root / f"index.rank{rank}.jsonl"
+
+    def add(self, entry: dict, codes: np.ndarray, source: dict) -> None:
+        """Queue one file (``source``: its path, size and mtime for the index); full shards are written."""
+        self.rows.append((entry, codes, source))
+        if len(self.rows) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued rows as one shard: temporary file, index line, rename."""
+        if not self.rows:
+            return
+        name = f"shard-r{self.rank:03d}-{self.seq:06d}{SHARD_FORMATS[self.fmt]}"
+        rows = [(e, c) for e, c, _ in self.rows]
+        line = {"shard": name, "rows": len(rows), "files": [s for _, _, s in self.rows], "settings": self.settings}
+
+        def write(tmp: str) -> None:
+            (_write_parquet if self.fmt == "parquet" else _write_tar)(tmp, rows)
+            with open(self.index, "a", encoding="utf-8") as fh:  # before the rename: see the module docstring
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+        _drop_torn_line(self.index)
+        atomic_write(self.root / name, write, durable=True)
+        self.seq += 1
+        self.rows.clear()
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _drop_torn_line(path: Path) -> None:
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+
+# ---------------------------------------------------------------------------- reading
+def iter_shard(path: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
+    """``(entry, codes int16 (n_q, frames))`` of every file in one shard."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    codes = np.asarray(row.pop("codes"), dtype=np.int16).reshape(row["n_q"], row["frames"])
+                    yield row, codes
+            return
+        with tarfile.open(path, "r") as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for name in sorted(n for n in members if n.endswith(".json")):
+                key = name[: -len(".json")]
+                entry = json.loads(tar.extractfile(members[name]).read().decode("utf-8"))
+                codes = np.load(io.BytesIO(tar.extractfile(members[f"{key}.codes.npy"]).read()), allow_pickle=False)
+                yield entry, codes
+    except (OSError, KeyError, ValueError, pa.ArrowException, tarfile.TarError) as exc:
+        raise ShardError(f"{path}: not a readable shard ({type(exc).__name__}: {str(exc)[:160]})") from None
