@@ -114,7 +114,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     """
     rate, min_len = model.sample_rate, model.min_length()
     device = model.device
-    order = duration_order([j.src for j in jobs]) if many else list(range(len(jobs)))
+    order = duration_order([j.src for j in jobs], [j.duration for j in jobs]) if many else list(range(len(jobs)))
     workers = args.workers if args.workers is not None else (min(4, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
     loader = file_loader(AudioFiles([j.src for j in jobs], rate), order, workers, pin_memory=device.type == "cuda")
     pending: list[tuple[Job, torch.Tensor]] = []

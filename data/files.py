@@ -14,15 +14,15 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.audio import AudioError, load_audio
+from utils.audio import AudioError, DatasetAudio, load_audio
 
 
-def duration_order(paths: Sequence[str | Path]) -> list[int]:
-    """Indices of ``paths``, longest file first (from the headers; an unreadable header sorts
-    last, and its error is reported when the file is read)."""
+def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequence[float | None] | None = None) -> list[int]:
+    """Indices of ``paths``, longest file first (``durations`` where known, else the headers;
+    an unreadable header or a dataset row without a duration sorts last)."""
 
     def frames(path) -> float:
-        if not Path(path).is_file():  # a FIFO or a device would block the header read
+        if isinstance(path, DatasetAudio) or not Path(path).is_file():  # a FIFO or a device would block the header read
             return -1.0
         try:
             info = sf.info(str(path))
@@ -30,7 +30,8 @@ def duration_order(paths: Sequence[str | Path]) -> list[int]:
         except Exception:  # libsndfile raises several types; the read reports the reason
             return -1.0
 
-    seconds = [frames(p) for p in paths]
+    known = durations or [None] * len(paths)
+    seconds = [d if d is not None else frames(p) for p, d in zip(paths, known)]
     return sorted(range(len(paths)), key=lambda i: -seconds[i])
 
 

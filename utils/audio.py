@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,66 @@ def audio_extensions() -> set[str]:
     return {"." + ext.lower() for ext in sf.available_formats()} | {".oga", ".opus", ".aif", ".aiff"}
 
 
-def load_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """Read ``path`` as mono float32, optionally resampled to ``sample_rate``.
+@dataclass(frozen=True)
+class DatasetAudio:
+    """Row ``row`` of the ``audio`` column of a Hugging Face dataset (a ``save_to_disk``
+    directory or parquet files), read when needed (in a reader process, not at planning).
+
+    Attributes:
+        dataset: the directory or parquet file.
+        row: the row index.
+        name: what messages call it.
+    """
+
+    dataset: str
+    row: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.dataset}#{self.name}"
+
+
+_DATASETS: dict[str, object] = {}  # opened once per process (memory-mapped Arrow)
+
+
+def open_audio_dataset(path: str | Path):
+    """The dataset at ``path`` (``save_to_disk`` directory or parquet file(s)) with its ``audio``
+    column undecoded (``{"bytes", "path"}``), through the real ``datasets`` code path."""
+    import datasets  # optional heavy dependency: only for dataset inputs
+
+    key = str(path)
+    if key not in _DATASETS:
+        p = Path(path)
+        ds = datasets.load_from_disk(key) if p.is_dir() else datasets.load_dataset("parquet", data_files=key, split="train")
+        if "audio" not in ds.column_names:
+            raise AudioError(f"{path}: no 'audio' column (columns: {', '.join(ds.column_names)})")
+        _DATASETS[key] = ds.cast_column("audio", datasets.Audio(decode=False))
+    return _DATASETS[key]
+
+
+def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str:
+    cell = open_audio_dataset(ref.dataset)[ref.row]["audio"]
+    if cell.get("bytes"):
+        return io.BytesIO(cell["bytes"])
+    if cell.get("path") and Path(cell["path"]).is_file():
+        return cell["path"]
+    raise AudioError(f"{ref}: the audio cell holds neither bytes nor a local file")
+
+
+def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Read ``path`` (a file, or a dataset row) as mono float32, optionally resampled to ``sample_rate``.
 
     Returns ``(wav (T,), rate)``. Raises :class:`AudioError` with a one-line reason for
     missing, unreadable, empty or non-finite audio.
     """
+    if isinstance(path, DatasetAudio):
+        try:
+            wav, rate = sf.read(_dataset_bytes(path), dtype="float32", always_2d=True)
+        except AudioError:
+            raise
+        except Exception as exc:
+            raise AudioError(f"{path}: cannot read audio ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})") from None
+        return _finish(path, wav, rate, sample_rate)
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: no such file")
@@ -36,6 +92,10 @@ def load_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.nda
     except Exception as exc:  # libsndfile raises several types; all mean "unreadable"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise AudioError(f"{path}: cannot read audio ({reason})") from None
+    return _finish(path, wav, rate, sample_rate)
+
+
+def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[np.ndarray, int]:
     if wav.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
 from utils.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
 from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
@@ -136,11 +138,7 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     if other is not None:
         raise CliError(f"{root}: holds codes of files under {other['input_root']}, not {fields['input_root']}: choose another --codes-out directory")
     for job in jobs:
-        try:
-            st = job.src.stat()
-            job.source = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            pass  # the reader reports it
+        job.source = source_key(job.src)
     todo = []
     for j in jobs:
         entry = done.get(j.rel.as_posix())
@@ -160,6 +158,19 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)
         stats.shards = ShardWriter(root, fmt, stats.rank, shard_size, settings)
     return todo
+
+
+def source_key(src: Path | DatasetAudio) -> tuple[int, int] | None:
+    """What identifies an input's content for resuming: (size, mtime_ns) of a file; for a
+    dataset row (row, the dataset's fingerprint), which changes when the dataset does."""
+    if isinstance(src, DatasetAudio):
+        fingerprint = getattr(open_audio_dataset(src.dataset), "_fingerprint", "") or "0"
+        return src.row, int(zlib.crc32(fingerprint.encode()))
+    try:
+        st = src.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None  # the reader reports it
 
 
 def refuse_existing(jobs: list[Job], overwrite: bool, tracked: bool) -> None:

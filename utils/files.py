@@ -13,12 +13,18 @@ out of an output tree that a first one is still writing.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from utils.audio import DatasetAudio, open_audio_dataset
 
 try:
     import fcntl
@@ -27,6 +33,7 @@ except ImportError:  # Windows: no advisory locks; writes stay atomic
 
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
 LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
+MANIFEST_SUFFIXES = {".jsonl", ".csv"}  # rows of path[, id, duration]
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -235,6 +242,8 @@ def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) ->
     resolved: links and ``..`` included), else ``None``. Tools call it before any work."""
     sources = {}
     for p in inputs:
+        if not isinstance(p, (str, Path)):
+            continue  # a dataset row is no file
         try:
             sources[Path(p).resolve()] = Path(p)
         except OSError:
@@ -301,15 +310,103 @@ def is_file_list(path: str | Path) -> bool:
     return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
 
 
+@dataclass(frozen=True)
+class InputItem:
+    """One input of a run.
+
+    Attributes:
+        source: the file, or a :class:`utils.audio.DatasetAudio` row.
+        name: its relative name (outputs mirror it: ``name`` with the output's extension).
+        duration: seconds, when the input listing says (saves reading headers for the order).
+    """
+
+    source: Path | DatasetAudio
+    name: Path
+    duration: float | None = None
+
+
+def is_dataset(path: str | Path) -> bool:
+    """A Hugging Face ``save_to_disk`` directory, or a parquet file (with an ``audio`` column)."""
+    path = Path(path)
+    return (path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
+        path.is_file() and path.suffix == ".parquet"
+    )
+
+
+def read_input_manifest(path: str | Path) -> list[InputItem]:
+    """A JSONL (one object a line) or CSV (a header row) listing ``path`` and optionally ``id``
+    (the name outputs get; default: the path as listed) and ``duration`` (seconds). Relative
+    paths are taken as :func:`read_file_list` takes them.
+
+    Raises:
+        ValueError: a row without ``path``, a bad duration, a file that is not UTF-8 (one line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    items = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise ValueError(f"{path}: row {i + 1} has no 'path'")
+        p = Path(str(row["path"]))
+        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+            p = path.parent / p
+        duration = row.get("duration")
+        try:
+            duration = float(duration) if duration not in (None, "") else None
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: row {i + 1}: duration {duration!r} is not a number") from None
+        name = Path(str(row["id"]) + p.suffix) if row.get("id") not in (None, "") else Path(str(row["path"]))
+        items.append(InputItem(p, name, duration))
+    return items
+
+
+def dataset_items(path: str | Path) -> list[InputItem]:
+    """The rows of a dataset's ``audio`` column (see :func:`is_dataset`): named by an ``id``
+    column when there is one, else by the audio's own file name, else by the row number."""
+    ds = open_audio_dataset(path)
+    ids = ds["id"] if "id" in ds.column_names else None
+    items = []
+    for row, cell in enumerate(ds["audio"]):
+        own = Path(cell.get("path") or "").name
+        suffix = Path(own).suffix or ".wav"
+        name = Path(f"{ids[row]}{suffix}") if ids is not None else Path(own) if own else Path(f"{row:08d}.wav")
+        items.append(InputItem(DatasetAudio(str(path), row, name.as_posix()), name))
+    return items
+
+
+def collect_inputs(source: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[InputItem]:
+    """The one input collector: a directory (scanned recursively, ``exclude`` not entered), a
+    list file, a JSONL/CSV manifest, a Hugging Face dataset (``save_to_disk`` directory or
+    parquet with an ``audio`` column; local files only), or a single file."""
+    source = Path(source)
+    if is_dataset(source):
+        return dataset_items(source)
+    if source.is_dir():
+        return [InputItem(f, f.relative_to(source)) for f in scan_directory(source, suffixes, exclude)]
+    if source.suffix.lower() in MANIFEST_SUFFIXES and source.is_file():
+        return read_input_manifest(source)
+    if is_file_list(source):
+        return [InputItem(f, f) for f in read_file_list(source)]
+    return [InputItem(source, Path(source.name))]
+
+
 def collect_files(source: str | Path, suffixes: set[str]) -> list[tuple[Path, Path]]:
-    """The one input collector: ``[(file, name)]`` for a directory (scanned recursively;
+    """:func:`collect_inputs` as ``[(file, name)]`` for a directory (scanned recursively;
     ``name`` relative to it), a list file (``name`` as listed) or a single file (its name).
 
     Existence of listed files is not checked here: a missing file is reported when read.
     """
-    source = Path(source)
-    if source.is_dir():
-        return [(f, f.relative_to(source)) for f in scan_directory(source, suffixes)]
-    if is_file_list(source):
-        return [(f, f) for f in read_file_list(source)]
-    return [(source, Path(source.name))]
+    return [(i.source, i.name) for i in collect_inputs(source, suffixes)]

@@ -15,21 +15,33 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.audio import OUTPUT_FORMATS, audio_extensions, save_audio
+from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
 from utils.codes import save_codes
-from utils.files import TreeLock, TreeLockedError, atomic_write, output_collision, overwritten_input, scan_directory
+from utils.files import (
+    MANIFEST_SUFFIXES,
+    InputItem,
+    TreeLock,
+    TreeLockedError,
+    atomic_write,
+    collect_inputs,
+    is_dataset,
+    is_file_list,
+    output_collision,
+    overwritten_input,
+)
 
 
 @dataclass
 class Job:
     """One input file and where its results go."""
 
-    src: Path
+    src: Path | DatasetAudio
     rel: Path  # path relative to the input root (the file name for a single file)
     audio_out: Path | None
     codes_out: Path | None
     source: tuple[int, int] | None = None  # (size, mtime_ns) of src when planned (resume key)
+    duration: float | None = None  # seconds, when the input listing gives it
 
     @property
     def outputs(self) -> list[Path]:
@@ -62,27 +74,30 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     """
     if not src.exists():
         raise CliError(f"{src}: no such file or directory")
-    if src.is_dir():
+    many = src.is_dir() or is_dataset(src) or is_file_list(src) or src.suffix.lower() in MANIFEST_SUFFIXES
+    if many:
         for root, flag in ((audio_root, "--output"), (codes_root, "--codes-out")):
             if root is not None and not root.is_dir() and root.suffix.lower() in audio_extensions() | {".npy"}:
-                raise CliError(f"{flag} {root}: the input is a directory, so this must be a directory, not a file name")
+                raise CliError(f"{flag} {root}: the input is a directory or a list, so this must be a directory, not a file name")
         outputs = [r for r in (audio_root, codes_root) if r is not None]
-        files = scan_directory(src, suffixes, exclude=outputs)  # a rerun never reads its own outputs
-        if not files:
+        try:
+            items = collect_inputs(src, suffixes, exclude=outputs)  # a rerun never reads its own outputs
+        except (ValueError, OSError) as exc:
+            raise CliError(str(exc)) from None
+        if not items:
             raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
-        rels = [f.relative_to(src) for f in files]
-        many = True
     else:
-        files, rels, many = [src], [Path(src.name)], False
+        items = [InputItem(src, Path(src.name))]
     audio_dir = _is_dir_target(audio_root, many)
     codes_dir = _is_dir_target(codes_root, many)
     jobs = []
-    for f, rel in zip(files, rels):
+    for item in items:
+        f, rel = item.source, item.name.relative_to(item.name.anchor) if item.name.is_absolute() else item.name
         audio_out = _target(audio_root, rel, ".wav", audio_dir)
         codes_out = _target(codes_root, rel, ".npy", codes_dir)
         if audio_out is not None and not audio_dir:
             audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
-        jobs.append(Job(f, rel, audio_out, codes_out))
+        jobs.append(Job(f, rel, audio_out, codes_out, duration=item.duration))
     onto = overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])
     if onto is not None:  # no run may write onto its input
         raise CliError(f"{onto[0]}: an output would overwrite the input {onto[1]}; choose another output path")
