@@ -96,14 +96,17 @@ def _assert_complete(out: Path, expected: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet", "webdataset"])
-def test_two_ranks_tokenize_into_each_format_with_the_api_codes(tmp_path, corpus, export_dir, expected, fmt, monkeypatch, capsys):
+def test_two_ranks_tokenize_into_each_format_with_the_api_codes(tmp_path, corpus, export_dir, expected, fmt, capsys, monkeypatch):
+    """Two processes (RANK/WORLD_SIZE, as a scheduler starts them) write into one directory at once."""
     out = tmp_path / "codes"
-    for rank in (0, 1):
-        assert _tokenize(corpus, out, export_dir, fmt, rank, 2, monkeypatch, "--shard-size", "7") == 0
-        assert f"rank {rank}/2: 20 file(s) written" in capsys.readouterr().err
+    argv = [sys.executable, str(ROOT / "inference.py"), "--input", str(corpus), "--codes-out", str(out), "--checkpoint", str(export_dir),
+            "--format", fmt, "--batch-size", "4", "--shard-size", "7"]  # fmt: skip
+    procs = [subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and f"rank {rank}/2: 20 file(s) written" in err, err[-2000:]
     _assert_complete(out, expected)
-    monkeypatch.delenv("RANK")  # the readers below would take them for a multi-node job
-    monkeypatch.delenv("WORLD_SIZE")
     if fmt == "parquet":
         import datasets
 

@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "index) and optionally merge the per-rank files.",
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
+    p.add_argument("--check", action="store_true", help="check every file or shard (what the command always does)")
     p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl (shards: "
                    "index.rank*.jsonl into index.jsonl)")
     args = p.parse_args(argv)
