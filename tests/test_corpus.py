@@ -211,13 +211,18 @@ def test_manifests_and_hugging_face_datasets_as_inputs(tmp_path, corpus, export_
     ds = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio(decode=False))
     ds.save_to_disk(str(tmp_path / "hf"))
     ds.to_parquet(str(tmp_path / "hf.parquet"))
-    for source in ("list.jsonl", "list.csv", "hf", "hf.parquet"):
+    from utils.audio import load_audio
+
+    arrays = [{"array": load_audio(f, 16000)[0], "sampling_rate": 16000} for f in files]  # decoded samples, no files
+    datasets.Dataset.from_dict({"id": rows["id"], "audio": arrays}).save_to_disk(str(tmp_path / "hf_arrays"))
+    for source in ("list.jsonl", "list.csv", "hf", "hf.parquet", "hf_arrays"):
         out = tmp_path / f"codes_{source}"
         assert _tokenize(tmp_path / source, out, export_dir, "npy", 0, 1, monkeypatch) == 0, capsys.readouterr().err
         got = {e["path"]: c for e, c in iter_corpus(out)}
-        assert sorted(got) == sorted(f"u{i}{files[i].suffix}" for i in range(6)), sorted(got)
+        suffix = [".wav"] * 6 if source == "hf_arrays" else [f.suffix for f in files]
+        assert sorted(got) == sorted(f"u{i}{suffix[i]}" for i in range(6)), sorted(got)
         for i in range(6):
-            assert torch.equal(got[f"u{i}{files[i].suffix}"], expected[rels[i]])
+            assert torch.equal(got[f"u{i}{suffix[i]}"], expected[rels[i]]), (source, i)
     capsys.readouterr()
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
     code = _tokenize(tmp_path / "bad.jsonl", tmp_path / "bad", export_dir, "npy", 0, 1, monkeypatch)

@@ -53,12 +53,18 @@ def open_audio_dataset(path: str | Path):
         ds = datasets.load_from_disk(key) if p.is_dir() else datasets.load_dataset("parquet", data_files=key, split="train")
         if "audio" not in ds.column_names:
             raise AudioError(f"{path}: no 'audio' column (columns: {', '.join(ds.column_names)})")
-        _DATASETS[key] = ds.cast_column("audio", datasets.Audio(decode=False))
+        if isinstance(ds.features["audio"], datasets.Audio):  # else a plain {array, sampling_rate} struct
+            ds = ds.cast_column("audio", datasets.Audio(decode=False))
+        _DATASETS[key] = ds
     return _DATASETS[key]
 
 
-def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str:
+def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str | tuple[np.ndarray, int]:
     cell = open_audio_dataset(ref.dataset)[ref.row]["audio"]
+    if not isinstance(cell, dict):
+        raise AudioError(f"{ref}: the audio cell is not a mapping")
+    if cell.get("array") is not None and cell.get("sampling_rate"):
+        return np.asarray(cell["array"], dtype=np.float32), int(cell["sampling_rate"])
     if cell.get("bytes"):
         return io.BytesIO(cell["bytes"])
     if cell.get("path") and Path(cell["path"]).is_file():
@@ -74,7 +80,11 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
     """
     if isinstance(path, DatasetAudio):
         try:
-            wav, rate = sf.read(_dataset_bytes(path), dtype="float32", always_2d=True)
+            data = _dataset_bytes(path)
+            if isinstance(data, tuple):  # decoded samples: (T,) or (T, C)
+                wav, rate = data[0].reshape(len(data[0]), -1), data[1]
+            else:
+                wav, rate = sf.read(data, dtype="float32", always_2d=True)
         except AudioError:
             raise
         except Exception as exc:

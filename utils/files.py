@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from utils.audio import DatasetAudio, open_audio_dataset
 
 try:
@@ -378,9 +380,11 @@ def dataset_items(path: str | Path) -> list[InputItem]:
     column when there is one, else by the audio's own file name, else by the row number."""
     ds = open_audio_dataset(path)
     ids = ds["id"] if "id" in ds.column_names else None
+    audio = ds.data.table.column("audio")  # Arrow, memory-mapped: the names without reading any audio
+    names = audio.combine_chunks().field("path").to_pylist() if pa.types.is_struct(audio.type) and audio.type.get_field_index("path") >= 0 else [None] * len(ds)
     items = []
-    for row, cell in enumerate(ds["audio"]):
-        own = Path(cell.get("path") or "").name
+    for row, own in enumerate(names):
+        own = Path(own or "").name
         suffix = Path(own).suffix or ".wav"
         name = Path(f"{ids[row]}{suffix}") if ids is not None else Path(own) if own else Path(f"{row:08d}.wav")
         items.append(InputItem(DatasetAudio(str(path), row, name.as_posix()), name))
