@@ -40,7 +40,8 @@ from models.vocoder import Vocoder
 from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
-from utils.files import atomic_write, collect_files, is_file_list, overwritten_input, scan_directory
+from utils.files import atomic_write, overwritten_input
+from utils.inputs import MANIFEST_SUFFIXES, collect_files, is_dataset, is_file_list, pair_by_relative_path
 from utils.plotting import save_figure, spectrogram_figure
 
 MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find false matches
@@ -96,20 +97,24 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
     items: list[tuple[Path, str]] = []
     several_dirs = sum(p.is_dir() for p in inputs) > 1
     suffixes = audio_extensions()
-    for src in inputs:
-        found = collect_files(src, suffixes)
-        if src.is_dir():
+    listing = [is_file_list(p) or is_dataset(p) or p.suffix.lower() in MANIFEST_SUFFIXES for p in inputs]
+    for src, is_list in zip(inputs, listing):
+        try:
+            found = collect_files(src, suffixes)
+        except (ValueError, OSError, ImportError) as exc:
+            raise CliError(str(exc)) from None
+        if src.is_dir() and not is_dataset(src):
             if not found:
                 raise CliError(f"{src}: no audio files found")
             prefix = Path(src.name) if several_dirs else Path()
             items += [(f, (prefix / name).as_posix()) for f, name in found]
-        elif is_file_list(src):
+        elif is_list:  # a list, a JSONL/CSV manifest or a dataset: named as it names them
             if not found:
                 raise CliError(f"{src}: the list names no files")
-            items += [(f, f.as_posix()) for f, _ in found]
+            items += [(f, name.as_posix()) for f, name in found]
         else:
             items.append((src, src.as_posix() if len(inputs) > 1 else src.name))
-    single = len(inputs) == 1 and len(items) == 1 and not inputs[0].is_dir() and not is_file_list(inputs[0])
+    single = len(inputs) == 1 and len(items) == 1 and not inputs[0].is_dir() and not listing[0]
     return items, single
 
 
@@ -126,25 +131,10 @@ def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, P
         raise CliError(f"--reference {reference} and --estimate {estimate} must both be files or both directories")
     if not reference.is_dir():
         return [(reference.name, reference, estimate)], True, []
-    suffixes = audio_extensions()
-    refs = scan_directory(reference, suffixes)
-    if not refs:
+    pairs, extra = pair_by_relative_path(reference, estimate, audio_extensions())
+    if not pairs:
         raise CliError(f"{reference}: no audio files found")
-    by_stem: dict[str, list[Path]] = {}
-    for f in scan_directory(estimate, suffixes):
-        by_stem.setdefault(f.relative_to(estimate).with_suffix("").as_posix(), []).append(f)
-    pairs, used = [], set()
-    for f in refs:
-        rel = f.relative_to(reference)
-        candidates = by_stem.get(rel.with_suffix("").as_posix(), [])
-        same = [c for c in candidates if c.suffix == f.suffix]
-        match = (same or candidates or [None])[0]
-        if match is not None:
-            used.add(match)
-        pairs.append((rel.as_posix(), f, match))
-    extra = sum(len(v) for v in by_stem.values()) - len(used)
-    notes = [f"{extra} estimate file(s) without a reference were ignored"] if extra else []
-    return pairs, False, notes
+    return pairs, False, [f"{extra} estimate file(s) without a reference were ignored"] if extra else []
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -310,6 +300,11 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
     books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
     notes = extra.notes + _absent_notes(args)
     vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
+    try:
+        for n_q in n_qs.values() if vocoder is not None else ():
+            vocoder.check_codec(model, n_q)
+    except ValueError as exc:
+        raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
     for path, name in _progress(items, len(items) > 1, "evaluating"):
         try:
             wav, _ = load_audio(path, rate)

@@ -223,8 +223,10 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     for job in _progress(jobs, many, "decoding"):
         try:
             codes = load_codes(job.src, model.n_q, model.bins)
+            if vocoder is not None:
+                vocoder.check_codec(model, codes.shape[0])
         except ValueError as exc:
-            stats.fail(str(exc))
+            stats.fail(str(exc) if str(exc).startswith(str(job.src)) else f"{job.src}: {exc}")
             continue
         long = window is not None and codes.shape[1] > window
         if pending and (long or codes.shape[0] != pending[0][1].shape[0]):
@@ -299,6 +301,11 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError(str(exc)) from None
         jobs = shard_and_resume(model, jobs, args, many, stats)
         vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
+        if vocoder is not None and args.codes_in is None:  # codes files are checked one by one
+            try:
+                vocoder.check_codec(model, model.quantizer.n_q_for_bandwidth(args.bandwidth))
+            except ValueError as exc:
+                raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
         if args.codes_in is not None:
             decode_jobs(model, jobs, args, many, stats, vocoder)
         else:

@@ -222,12 +222,7 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
     while not done and (cfg.max_steps > 0 or state.epoch < cfg.num_epoches):
         train_sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
-        try:
-            done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, hooks, stop, means)
-        except RuntimeError:
-            if stop.received is None:
-                raise
-            done, state.stopped_by = True, stop.name  # Ctrl-C also reached the loader's worker processes
+        done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, hooks, stop, means)
         if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
                 step_schedulers(state)
@@ -243,7 +238,17 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
 def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals, means: RunningMeans) -> bool:
     """The rest of the current epoch; True when the run is done (``max_steps``, or a stop signal)."""
     cfg = state.cfg
-    for batch in train_loader:
+    batches = iter(train_loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return False
+        except RuntimeError:  # a loader worker killed by the signal that stops us (not at a step's middle)
+            if stop.received is None or du.world_size() > 1:
+                raise
+            state.stopped_by = stop.name
+            return True
         t0 = time.perf_counter()
         state.batch_in_epoch += 1
         wav = screen_batch(state, batch, logger)
@@ -286,7 +291,6 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
             return True
         if cfg.max_steps and state.step >= cfg.max_steps:
             return True
-    return False
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.audio import audio_extensions, load_audio
-from utils.files import read_file_list, scan_directory
+from utils.inputs import read_file_list, scan_directory
 
 
 class DataError(RuntimeError):
@@ -160,6 +161,10 @@ def collate(items: list[dict]) -> dict:
 
 
 def _worker_init(worker_id: int) -> None:
+    # A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group: the workers leave the
+    # stop to the main process, which finishes its step and saves (training.signals).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Crops carry their own seeds; this only keeps numpy/random in workers distinct
     # for anything else that may draw from them.
     info = torch.utils.data.get_worker_info()

@@ -34,6 +34,7 @@ YUE_REPO = "m-a-p/xcodec_mini_infer"
 VOCODERS = {"vocals": "decoders/decoder_131000.pth", "instrumentals": "decoders/decoder_151000.pth"}
 VOCODER_CONFIG = "decoders/config.yaml"
 LOW_BAND_CUTOFF_HZ = 5500.0
+YUE_VOCODER_CODEBOOKS = 8  # YuE's stage-2 codes (4 kbps)
 
 
 @dataclasses.dataclass
@@ -72,6 +73,8 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
     backbone, head = parts
     if backbone.dim != head.dim:
         raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
+    if head.n_fft <= head.hop_length or (head.n_fft - head.hop_length) % 2:
+        raise ConfigError(f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}")
     return backbone, head
 
 
@@ -84,8 +87,9 @@ class Vocoder(nn.Module):
         frame_rate: code frames per second of the codec it follows (50).
     """
 
-    def __init__(self, backbone: BackboneArgs, head: HeadArgs, frame_rate: int = 50):
+    def __init__(self, backbone: BackboneArgs, head: HeadArgs, frame_rate: int = 50, n_q: int | None = None):
         super().__init__()
+        self.frame_rate, self.n_q = frame_rate, n_q  # n_q: the codebooks it was trained on (YuE's: 8), if known
         self.backbone = VocosBackbone(**dataclasses.asdict(backbone))
         self.head = ISTFTHead(**dataclasses.asdict(head))
         self.hop_length = head.hop_length
@@ -106,10 +110,17 @@ class Vocoder(nn.Module):
         """(B, n_q, F) codes of ``codec`` -> (B, 1, F * hop_length) audio at :attr:`sample_rate`
         (YuE: 8 codebooks, the quantizer's latents before ``fc_post2``)."""
         codec.check_codes(codes)
-        latents = codec.quantizer.decode(codes.to(codec.device))
-        if latents.shape[1] != self.input_channels:
-            raise ValueError(f"the vocoder takes {self.input_channels}-channel latents; this codec gives {latents.shape[1]}")
-        return self(latents)
+        self.check_codec(codec, codes.shape[1])
+        return self(codec.quantizer.decode(codes.to(codec.device)))
+
+    def check_codec(self, codec: nn.Module, n_q: int) -> None:
+        """Raise ``ValueError`` unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
+        if self.n_q is not None and n_q != self.n_q:
+            raise ValueError(f"this vocoder takes {self.n_q} codebooks, not {n_q}: encode at the bandwidth of {self.n_q} (YuE: -b 4)")
+        if codec.frame_rate != self.frame_rate:
+            raise ValueError(f"this vocoder follows a {self.frame_rate} Hz codec; this one runs at {codec.frame_rate} Hz")
+        if codec.quantizer.dimension != self.input_channels:
+            raise ValueError(f"the vocoder takes {self.input_channels}-channel latents; this codec gives {codec.quantizer.dimension}")
 
     @staticmethod
     def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> Vocoder:
@@ -134,7 +145,7 @@ class Vocoder(nn.Module):
             backbone, head = read_vocoder_config(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-        model = Vocoder(backbone, head)
+        model = Vocoder(backbone, head, n_q=YUE_VOCODER_CODEBOOKS if str(name) in VOCODERS else None)
         state = tensors_only(read_torch_file(weights))
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

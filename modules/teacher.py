@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, HubertConfig, WavLMConfig
 
-from utils.hub import hub_snapshot
+from utils.hub import HubError, hub_snapshot
 
 from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
 
@@ -85,7 +85,14 @@ def fetch_teacher(name: str, pretrained: str | bool) -> str | bool:
     if not pretrained:
         return False
     source = TEACHERS[name].repo_id if pretrained is True else str(pretrained)
-    return source if Path(source).is_dir() else str(hub_snapshot(source))
+    if Path(source).is_dir():
+        return source
+    try:
+        return str(hub_snapshot(source))
+    except HubError:
+        raise
+    except Exception as exc:  # a malformed id, a repository that does not exist, ...
+        raise HubError(f"teacher {source!r}: not a local directory nor a downloadable repository ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
 def build_teacher(name: str, config_overrides: dict | None = None, pretrained: str | bool = False) -> nn.Module:

@@ -48,14 +48,14 @@ class VocosBackbone(nn.Module):
         dim: hidden channels.
         intermediate_dim: ConvNeXt MLP width.
         num_layers: ConvNeXt blocks.
-        layer_scale_init_value: initial layer scale (default ``1 / num_layers``, as Vocos).
+        layer_scale_init_value: initial layer scale (``None`` or 0: ``1 / num_layers``, as Vocos).
     """
 
     def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int, layer_scale_init_value: float | None = None):
         super().__init__()
         self.embed = nn.Conv1d(input_channels, dim, kernel_size=7, padding=3)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        scale = layer_scale_init_value if layer_scale_init_value is not None else 1 / num_layers
+        scale = layer_scale_init_value or 1 / num_layers  # Vocos' rule: 0 also means the default
         self.convnext = nn.ModuleList(ConvNeXtBlock(dim, intermediate_dim, scale) for _ in range(num_layers))
         self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
 

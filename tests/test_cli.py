@@ -186,6 +186,16 @@ def test_cli_entry_point_without_network(tmp_path):
     assert TINY_CONFIG.exists()
 
 
+def test_the_offline_probe_defers_to_a_proxy(monkeypatch):
+    from utils.hub import hub_reachable
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    assert "cannot reach" in hub_reachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_reachable() is None  # huggingface_hub, which uses the proxy, decides
+
+
 def test_without_network_the_release_name_fails_fast_in_one_line(tmp_path):
     """Quickstart 1 with the hub unreachable (not HF_HUB_OFFLINE): one short connection
     attempt, no retry lines, one line with what to do."""
@@ -311,9 +321,14 @@ def test_a_second_run_on_a_locked_output_tree_stops_with_one_line(tmp_path, ckpt
     _clip(src / "a.flac")
     with TreeLock(tmp_path / "rec"):  # a live run holds the tree
         code, err = _run(["--input", src, "--output", tmp_path / "rec", *ckpt], capsys)
-    assert code == 2
-    _one_error_line(err, "another run is writing")
+        assert code == 2
+        _one_error_line(err, "another run is writing")
+        # A run with another number of processes is refused too (its ranks would share files out differently).
+        with pytest.raises(OSError, match="a run with 1 process"):
+            TreeLock(tmp_path / "rec", rank=1, world_size=2)
     assert not (tmp_path / "rec" / "a.wav").exists()
+    with TreeLock(tmp_path / "rec", rank=0, world_size=2), TreeLock(tmp_path / "rec", rank=1, world_size=2):
+        pass  # the ranks of one run share the tree
     # A live writer's temporary is never deleted; a dead writer's is.
     seen = []
 

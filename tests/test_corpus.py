@@ -228,3 +228,25 @@ def test_manifests_and_hugging_face_datasets_as_inputs(tmp_path, corpus, export_
     code = _tokenize(tmp_path / "bad.jsonl", tmp_path / "bad", export_dir, "npy", 0, 1, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "row 1 has no 'path'" in err[0]
+
+
+def test_duplicate_names_and_a_merge_during_a_run_are_refused(tmp_path, corpus, export_dir, monkeypatch, capsys):
+    from utils.codes import main as codes_main
+    from utils.files import TreeLock
+
+    files = sorted(corpus.rglob("*.wav"))[:2]
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"path": str(f), "id": "same"}) + "\n" for f in files))
+    code = _tokenize(tmp_path / "dup.jsonl", tmp_path / "codes", export_dir, "parquet", 0, 1, monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the same name same.wav" in err[0]
+    assert not (tmp_path / "codes").exists() or not list((tmp_path / "codes").glob("shard-*"))
+    out = tmp_path / "ok"
+    assert _tokenize(corpus, out, export_dir, "webdataset", 0, 1, monkeypatch) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with TreeLock(out, rank=0, world_size=1):  # a run still writing
+        assert codes_main([str(out), "--merge"]) == 2
+    assert "still writing" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert codes_main([str(out), "--merge"]) == 0 and (out / "index.jsonl").is_file() and not list(out.glob("index.rank*.jsonl"))
+    assert sum(1 for _ in iter_corpus(out)) == N_CLIPS

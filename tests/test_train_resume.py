@@ -179,14 +179,16 @@ def test_changed_optimizer_settings_are_applied_on_resume(tmp_path):
 def test_a_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     log_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ("max_steps=500", "checkpoint_interval=1000", "validation_file=null", "print_freq=1")
-    proc = _spawn(log_dir, env, *args)
+    # Loader workers too: a scheduler's SIGTERM and Ctrl-C reach the whole process group.
+    args = ("max_steps=500", "checkpoint_interval=1000", "validation_file=null", "print_freq=1", "num_workers=2")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main_launch_vqdp.py"), "--config", str(TINY), f"log_dir={log_dir}", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     text = log_dir / "logs" / "log.txt"
     deadline = time.time() + 240
     while not (text.is_file() and "step 3 ep" in text.read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.05)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)  # the whole group, as a terminal or a scheduler signals it
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out
     assert "Traceback" not in out and f"stopping on {signal.Signals(sig).name} at step" in out

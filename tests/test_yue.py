@@ -205,11 +205,16 @@ def test_release_name_and_vocoders_through_an_offline_hub_cache(yue, tmp_path):
         codes = m.encode(torch.zeros(1, 1, 3200), 4)
         for name in ("vocals", "instrumentals"):
             print("OK", name, tuple(Vocoder.from_pretrained(name).vocode(m, codes).shape))
+        try:
+            Vocoder.from_pretrained("vocals").vocode(m, m.encode(torch.zeros(1, 1, 3200), 6))
+        except ValueError as exc:
+            print("REFUSED", exc)
     """)  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK vocals (1, 1, 8820)" in proc.stdout and "OK instrumentals (1, 1, 8820)" in proc.stdout
+    assert "REFUSED this vocoder takes 8 codebooks, not 12" in proc.stdout  # YuE's vocoders: stage-2 codes only
 
 
 def test_evaluate_with_the_vocoder_scores_at_the_reference_rate(yue, tmp_path, capsys):

@@ -45,7 +45,10 @@ _DATASETS: dict[str, object] = {}  # opened once per process (memory-mapped Arro
 def open_audio_dataset(path: str | Path):
     """The dataset at ``path`` (``save_to_disk`` directory or parquet file(s)) with its ``audio``
     column undecoded (``{"bytes", "path"}``), through the real ``datasets`` code path."""
-    import datasets  # optional heavy dependency: only for dataset inputs
+    try:
+        import datasets  # optional heavy dependency: only for dataset inputs
+    except ImportError:
+        raise AudioError(f"{path}: reading a Hugging Face dataset needs the datasets package (pip install datasets)") from None
 
     key = str(path)
     if key not in _DATASETS:

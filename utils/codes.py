@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from utils.cli import DefaultsHelpFormatter
-from utils.files import atomic_write, temporary_target
+from utils.files import atomic_write, temporary_target, tree_in_use
 from utils.shards import SHARD_RE, ShardError, iter_shard, merge_index, read_index, shard_format
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -142,8 +142,8 @@ def _read_lines(path: Path) -> list[dict]:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("codes"), str):
             raise CodesFileError(f"{path}:{i + 1}: a manifest line must be an object with a 'path' and a 'codes' string")
         for key in ("n_q", "frames", "samples"):
-            if key in entry and (not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] < 0):
-                raise CodesFileError(f"{path}:{i + 1}: {key}: expected a non-negative integer, got {entry[key]!r}")
+            if (key in entry or key != "samples") and (not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool) or entry[key] < 0):
+                raise CodesFileError(f"{path}:{i + 1}: {key}: expected a non-negative integer, got {entry.get(key)!r}")
         entries.append(entry)
     return entries
 
@@ -377,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.merge:
+            live = tree_in_use(args.root)
+            if live is not None:
+                print(f"error: {args.root}: a run is still writing into it ({live}); merge when it is done", file=sys.stderr)
+                return 2
             print(f"wrote {merge_index(args.root) if shard_format(args.root) else merge_manifests(args.root)}")
         n, problems = check_corpus(args.root)
     except (CodesFileError, ShardError) as exc:

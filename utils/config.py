@@ -86,7 +86,7 @@ def range_problem(value: Any, meta: typing.Mapping) -> str | None:
             return f"expected one of {', '.join(map(str, choices))}, got {item!r}"
         if not isinstance(item, (int, float)) or isinstance(item, bool):
             continue
-        if not math.isfinite(item):
+        if isinstance(item, float) and not math.isfinite(item):
             return f"must be a finite number, got {value!r}"
         for key, word in _BOUNDS:
             bound = meta.get(key)

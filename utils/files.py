@@ -1,4 +1,4 @@
-"""Files on disk: atomic writes of files and directories, their leftovers, input collection.
+"""Files on disk: atomic writes of files and directories, their leftovers, locks (inputs: utils.inputs).
 
 Every writer of the project goes through :func:`atomic_write` or :func:`atomic_directory`:
 the content is written under a hidden temporary name beside the target
@@ -13,20 +13,13 @@ out of an output tree that a first one is still writing.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-
-from utils.audio import DatasetAudio, open_audio_dataset
 
 try:
     import fcntl
@@ -34,8 +27,6 @@ except ImportError:  # Windows: no advisory locks; writes stay atomic
     fcntl = None
 
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
-LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
-MANIFEST_SUFFIXES = {".jsonl", ".csv"}  # rows of path[, id, duration]
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -74,9 +65,10 @@ def try_lock(fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(path: str):
-    """Hold an advisory lock on ``path`` (a temporary being written) for the block."""
-    fd = os.open(path, os.O_RDONLY)
+def _locked(path: str, fd: int | None = None):
+    """Hold an advisory lock on ``path`` (a temporary being written; ``fd`` its open descriptor,
+    opened read-write: NFS grants exclusive locks only to writers) for the block."""
+    fd = os.open(path, os.O_RDWR if os.path.isfile(path) else os.O_RDONLY) if fd is None else fd
     try:
         try_lock(fd)
         yield
@@ -108,9 +100,8 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name), suffix=TMP_SUFFIX)
-    os.close(fd)
     try:
-        with _locked(tmp):
+        with _locked(tmp, fd):  # locked from its first instant: no cleaner can take it for a dead writer's
             os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
             write(tmp)
             if durable:
@@ -141,9 +132,14 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
                     if durable:
                         with open(p, "rb") as fh:
                             os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            old = None
+            if final.exists():  # moved aside first: a kill now leaves the old copy, not nothing
+                old = final.with_name(f"{temporary_name(final.name)}old{TMP_SUFFIX}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -181,7 +177,7 @@ def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | Non
 
 def _in_use(path: str) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, (os.O_RDWR if os.path.isfile(path) else os.O_RDONLY) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
     try:
@@ -191,12 +187,16 @@ def _in_use(path: str) -> bool:
 
 
 class TreeLock:
-    """An advisory lock on an output tree: ``{root}/.xcodec.lock`` (``.xcodec.rank{R}.lock``
-    for rank R of several processes), held until :meth:`release` or the process ends.
+    """An advisory lock on an output tree, held until :meth:`release` or the process ends.
+
+    Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock``
+    shared; a run whose world size differs from a live one's is refused (its ranks would
+    take other shares of the same files), and so is a second run with the same ranks.
 
     Args:
         root: the output directory (created if needed).
-        rank: this process's rank; ranks of one run lock different files.
+        rank: this process's rank.
+        world_size: the number of processes of the run.
 
     Raises:
         TreeLockedError: another live process holds it.
@@ -205,26 +205,52 @@ class TreeLock:
     def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        self.path = root / (".xcodec.lock" if world_size == 1 and rank == 0 else f".xcodec.rank{rank}.lock")
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-        if not try_lock(self._fd):
-            holder = os.pread(self._fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(self._fd)
-            self._fd = None
-            raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); wait for it or choose another output")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this host'}".encode(), 0)
+        self.path = root / f".xcodec.rank{rank}.lock"
+        self._fds: list[int] = []
+        try:
+            self._take(self.path, fcntl.LOCK_EX if fcntl else 0, root)
+            os.ftruncate(self._fds[0], 0)
+            os.pwrite(self._fds[0], f"pid {os.getpid()} on {socket.gethostname()}, rank {rank} of {world_size}".encode(), 0)
+            self._take(root / f".xcodec.world{world_size}.lock", fcntl.LOCK_SH if fcntl else 0, root)
+            for other in root.glob(".xcodec.world*.lock"):
+                if other.name != f".xcodec.world{world_size}.lock" and _in_use(str(other)):
+                    raise TreeLockedError(f"{root}: a run with {other.name[len('.xcodec.world'):-len('.lock')]} process(es) is writing "
+                                          f"into this directory; this one has {world_size}: wait for it or choose another output")  # fmt: skip
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, path: Path, mode: int, root: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        self._fds.append(fd)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); wait for it or choose another output") from None
+        except OSError:
+            pass  # a filesystem without locks: behave as before
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def __enter__(self) -> TreeLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def tree_in_use(root: str | Path) -> str | None:
+    """The lock file of a live run writing into ``root`` (its rank locks), else ``None``."""
+    for lock in sorted(Path(root).glob(".xcodec.rank*.lock")):
+        if _in_use(str(lock)):
+            return lock.name
+    return None
 
 
 class TreeLockedError(OSError):
@@ -268,149 +294,3 @@ def output_collision(pairs: Iterable[tuple[Path | None, Path]]) -> tuple[Path, P
             return Path(out), seen[key], src
         seen[key] = src
     return None
-
-
-# ---------------------------------------------------------------------------- input collection
-def scan_directory(root: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[Path]:
-    """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path.
-
-    Directory symlinks are not followed (a link loop cannot recurse forever); a dangling
-    file link is listed, so that reading it reports it instead of dropping it silently.
-    Directories in ``exclude`` (a run's own output directories inside its input tree) are
-    not entered: a rerun never reads its outputs as inputs.
-    """
-    root = Path(root)
-    skip = {Path(p).resolve() for p in exclude}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if skip:
-            dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).resolve() not in skip]
-        found += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in suffixes]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def read_file_list(path: str | Path) -> list[Path]:
-    """Paths of a list file: one a line (its first tab-separated field), blank lines and
-    ``#`` comments skipped. A relative path is taken from the working directory when it
-    exists there, else from the list's own directory."""
-    path = Path(path)
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        entry = line.split("\t")[0].strip()
-        if not entry or entry.startswith("#"):
-            continue
-        p = Path(entry)
-        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
-            p = path.parent / p
-        out.append(p)
-    return out
-
-
-def is_file_list(path: str | Path) -> bool:
-    """A list file (``.txt``, ``.lst``, ``.list``, ``.scp``, ``.tsv``) rather than an audio file."""
-    path = Path(path)
-    return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input of a run.
-
-    Attributes:
-        source: the file, or a :class:`utils.audio.DatasetAudio` row.
-        name: its relative name (outputs mirror it: ``name`` with the output's extension).
-        duration: seconds, when the input listing says (saves reading headers for the order).
-    """
-
-    source: Path | DatasetAudio
-    name: Path
-    duration: float | None = None
-
-
-def is_dataset(path: str | Path) -> bool:
-    """A Hugging Face ``save_to_disk`` directory, or a parquet file (with an ``audio`` column)."""
-    path = Path(path)
-    return (path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
-        path.is_file() and path.suffix == ".parquet"
-    )
-
-
-def read_input_manifest(path: str | Path) -> list[InputItem]:
-    """A JSONL (one object a line) or CSV (a header row) listing ``path`` and optionally ``id``
-    (the name outputs get; default: the path as listed) and ``duration`` (seconds). Relative
-    paths are taken as :func:`read_file_list` takes them.
-
-    Raises:
-        ValueError: a row without ``path``, a bad duration, a file that is not UTF-8 (one line).
-    """
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
-    items = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not row.get("path"):
-            raise ValueError(f"{path}: row {i + 1} has no 'path'")
-        p = Path(str(row["path"]))
-        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
-            p = path.parent / p
-        duration = row.get("duration")
-        try:
-            duration = float(duration) if duration not in (None, "") else None
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: row {i + 1}: duration {duration!r} is not a number") from None
-        name = Path(str(row["id"]) + p.suffix) if row.get("id") not in (None, "") else Path(str(row["path"]))
-        items.append(InputItem(p, name, duration))
-    return items
-
-
-def dataset_items(path: str | Path) -> list[InputItem]:
-    """The rows of a dataset's ``audio`` column (see :func:`is_dataset`): named by an ``id``
-    column when there is one, else by the audio's own file name, else by the row number."""
-    ds = open_audio_dataset(path)
-    ids = ds["id"] if "id" in ds.column_names else None
-    audio = ds.data.table.column("audio")  # Arrow, memory-mapped: the names without reading any audio
-    names = audio.combine_chunks().field("path").to_pylist() if pa.types.is_struct(audio.type) and audio.type.get_field_index("path") >= 0 else [None] * len(ds)
-    items = []
-    for row, own in enumerate(names):
-        own = Path(own or "").name
-        suffix = Path(own).suffix or ".wav"
-        name = Path(f"{ids[row]}{suffix}") if ids is not None else Path(own) if own else Path(f"{row:08d}.wav")
-        items.append(InputItem(DatasetAudio(str(path), row, name.as_posix()), name))
-    return items
-
-
-def collect_inputs(source: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[InputItem]:
-    """The one input collector: a directory (scanned recursively, ``exclude`` not entered), a
-    list file, a JSONL/CSV manifest, a Hugging Face dataset (``save_to_disk`` directory or
-    parquet with an ``audio`` column; local files only), or a single file."""
-    source = Path(source)
-    if is_dataset(source):
-        return dataset_items(source)
-    if source.is_dir():
-        return [InputItem(f, f.relative_to(source)) for f in scan_directory(source, suffixes, exclude)]
-    if source.suffix.lower() in MANIFEST_SUFFIXES and source.is_file():
-        return read_input_manifest(source)
-    if is_file_list(source):
-        return [InputItem(f, f) for f in read_file_list(source)]
-    return [InputItem(source, Path(source.name))]
-
-
-def collect_files(source: str | Path, suffixes: set[str]) -> list[tuple[Path, Path]]:
-    """:func:`collect_inputs` as ``[(file, name)]`` for a directory (scanned recursively;
-    ``name`` relative to it), a list file (``name`` as listed) or a single file (its name).
-
-    Existence of listed files is not checked here: a missing file is reported when read.
-    """
-    return [(i.source, i.name) for i in collect_inputs(source, suffixes)]

@@ -9,6 +9,7 @@ wanted within a few seconds; with network the normal download runs (and its retr
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,17 +23,30 @@ class HubError(OSError):
     """The hub cannot be reached and the file is not cached; the message says what to do."""
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """``None`` when a TCP connection to the hub endpoint opens within ``timeout``, else why not."""
+    """``None`` when a TCP connection to the hub endpoint opens within ``timeout``, else why not.
+
+    Behind a proxy (the ``*_PROXY`` variables) a direct connection proves nothing, so the
+    probe is skipped and huggingface_hub, which uses the proxy, decides.
+    """
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # bounds the name lookup as well as the connection
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
             return None
     except OSError as exc:
         return f"cannot reach {constants.ENDPOINT}: {exc.strerror or type(exc).__name__}"
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _require_network(what: str) -> None:

@@ -18,18 +18,8 @@ import numpy as np
 from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
 from utils.codes import save_codes
-from utils.files import (
-    MANIFEST_SUFFIXES,
-    InputItem,
-    TreeLock,
-    TreeLockedError,
-    atomic_write,
-    collect_inputs,
-    is_dataset,
-    is_file_list,
-    output_collision,
-    overwritten_input,
-)
+from utils.files import TreeLock, TreeLockedError, atomic_write, output_collision, overwritten_input
+from utils.inputs import MANIFEST_SUFFIXES, InputItem, collect_inputs, is_dataset, is_file_list
 
 
 @dataclass
@@ -82,7 +72,7 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
         outputs = [r for r in (audio_root, codes_root) if r is not None]
         try:
             items = collect_inputs(src, suffixes, exclude=outputs)  # a rerun never reads its own outputs
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, ImportError) as exc:
             raise CliError(str(exc)) from None
         if not items:
             raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
@@ -90,14 +80,20 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
         items = [InputItem(src, Path(src.name))]
     audio_dir = _is_dir_target(audio_root, many)
     codes_dir = _is_dir_target(codes_root, many)
-    jobs = []
-    for item in items:
-        f, rel = item.source, item.name.relative_to(item.name.anchor) if item.name.is_absolute() else item.name
-        audio_out = _target(audio_root, rel, ".wav", audio_dir)
-        codes_out = _target(codes_root, rel, ".npy", codes_dir)
-        if audio_out is not None and not audio_dir:
-            audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
-        jobs.append(Job(f, rel, audio_out, codes_out, duration=item.duration))
+    jobs, names = [], {}
+    try:
+        for item in items:
+            f, rel = item.source, item.name.relative_to(item.name.anchor) if item.name.is_absolute() else item.name
+            if rel.as_posix() in names:  # one name, two inputs: a corpus row would stand for either
+                raise CliError(f"{names[rel.as_posix()]} and {f} have the same name {rel.as_posix()}: give them distinct ids")
+            names[rel.as_posix()] = f
+            audio_out = _target(audio_root, rel, ".wav", audio_dir)
+            codes_out = _target(codes_root, rel, ".npy", codes_dir)
+            if audio_out is not None and not audio_dir:
+                audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
+            jobs.append(Job(f, rel, audio_out, codes_out, duration=item.duration))
+    except ValueError as exc:  # e.g. a NUL byte in a listed path
+        raise CliError(f"{src}: unusable input name ({exc})") from None
     onto = overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])
     if onto is not None:  # no run may write onto its input
         raise CliError(f"{onto[0]}: an output would overwrite the input {onto[1]}; choose another output path")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -55,11 +56,21 @@ def sample_key(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8")).hexdigest()[:20]
 
 
+CORPUS_FILE = "corpus.json"  # {"format": ...}, written before the first shard
+
+
 def shard_format(root: str | Path) -> str | None:
-    """``"parquet"`` / ``"webdataset"`` when ``root`` holds shards or an index, else ``None``."""
+    """``"parquet"`` / ``"webdataset"`` when ``root`` is a sharded corpus (even one whose first
+    shard is not finished yet), else ``None``."""
     root = Path(root)
     if not root.is_dir():
         return None
+    try:
+        fmt = json.loads((root / CORPUS_FILE).read_text(encoding="utf-8")).get("format")
+        if fmt in SHARD_FORMATS:
+            return fmt
+    except (OSError, ValueError, AttributeError):
+        pass
     for p in sorted(root.iterdir()):
         m = SHARD_RE.match(p.name)
         if m:
@@ -89,6 +100,8 @@ def _index_lines(root: Path) -> list[dict]:
                 raise ShardError(f"{path}:{i + 1}: not a JSON line") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str) or not isinstance(entry.get("files"), list):
                 raise ShardError(f"{path}:{i + 1}: an index line must hold 'shard' and 'files'")
+            if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in entry["files"]):
+                raise ShardError(f"{path}:{i + 1}: every file of an index line needs a 'path'")
             lines.append(entry)
     return lines
 
@@ -167,6 +180,9 @@ class ShardWriter:
         self.seq = next_sequence(self.root, rank)
         self.rows: list[tuple[dict, np.ndarray, dict]] = []
         self.index = self.root / f"index.rank{rank}.jsonl"
+        if not (self.root / CORPUS_FILE).is_file():
+            text = json.dumps({"format": fmt}) + "\n"
+            atomic_write(self.root / CORPUS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def add(self, entry: dict, codes: np.ndarray, source: dict) -> None:
         """Queue one file (``source``: its path, size and mtime for the index); full shards are written."""
@@ -186,6 +202,8 @@ class ShardWriter:
             (_write_parquet if self.fmt == "parquet" else _write_tar)(tmp, rows)
             with open(self.index, "a", encoding="utf-8") as fh:  # before the rename: see the module docstring
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())  # durable before the shard's durable rename
 
         _drop_torn_line(self.index)
         atomic_write(self.root / name, write, durable=True)

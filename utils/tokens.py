@@ -60,30 +60,33 @@ def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-m
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    files, idx, n_q, bins = [], [0], None, None
+    files: list[dict] = []
+    idx = [0]
+    info: dict = {}  # n_q, bins and dtype, from the first file
     bin_path = prefix.with_name(prefix.name + ".bin")
-    chunks = []
-    for entry, codes in iter_corpus(corpus):
-        n_q = n_q if n_q is not None else codes.shape[0]
-        bins = bins if bins is not None else int(entry.get("bins", 1024))
-        if codes.shape[0] != n_q or int(entry.get("bins", bins)) != bins:
-            raise CodesFileError(f"{entry['path']}: {codes.shape[0]} codebooks of {entry.get('bins')}; the corpus has {n_q} of {bins}")
-        chunks.append(flatten(codes.numpy(), layout, bins, offsets))
-        idx.append(idx[-1] + len(chunks[-1]))
-        files.append({"path": entry["path"], "frames": int(codes.shape[1])})
-    if not files:
-        raise CodesFileError(f"{corpus}: no tokenized files")
-    top = (n_q * bins if offsets else bins) - 1
-    dtype = np.int16 if top < 2**15 else np.int32
-    meta = {"layout": layout, "n_q": n_q, "bins": bins, "offsets": offsets, "dtype": np.dtype(dtype).name,
-            "files": files, "tokens": idx[-1], "source": str(corpus)}  # fmt: skip
 
-    def write_bin(tmp: str) -> None:
+    def write_bin(tmp: str) -> None:  # streamed: one file's tokens in memory at a time
         with open(tmp, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk.astype("<" + np.dtype(dtype).str[1:]).tobytes())
+            for entry, codes in iter_corpus(corpus):
+                if not info:
+                    info["n_q"], info["bins"] = codes.shape[0], int(entry.get("bins", 1024))
+                    top = (info["n_q"] * info["bins"] if offsets else info["bins"]) - 1
+                    info["dtype"] = np.dtype(np.int16 if top < 2**15 else np.int32).newbyteorder("<")
+                if codes.shape[0] != info["n_q"] or int(entry.get("bins", info["bins"])) != info["bins"]:
+                    raise CodesFileError(
+                        f"{entry['path']}: {codes.shape[0]} codebooks of {entry.get('bins')}; the corpus has {info['n_q']} of {info['bins']}"
+                    )
+                tokens = flatten(codes.numpy(), layout, info["bins"], offsets)
+                fh.write(tokens.astype(info["dtype"]).tobytes())
+                idx.append(idx[-1] + len(tokens))
+                files.append({"path": entry["path"], "frames": int(codes.shape[1])})
+        if not files:
+            raise CodesFileError(f"{corpus}: no tokenized files")
 
     atomic_write(bin_path, write_bin, durable=True)
+    meta = {"layout": layout, "n_q": info["n_q"], "bins": info["bins"], "offsets": offsets, "dtype": info["dtype"].name,
+            "files": files, "tokens": idx[-1], "source": str(corpus)}  # fmt: skip
+
     def write_idx(tmp: str) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.save would add ".npy" to a temporary's name
             np.save(fh, np.asarray(idx, dtype=np.int64), allow_pickle=False)

@@ -1,0 +1,184 @@
+"""Input collection: the one collector of a run's inputs (directories, lists, JSONL/CSV
+manifests, Hugging Face datasets) and the pairing of two trees by relative path."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from utils.audio import DatasetAudio, open_audio_dataset
+
+LIST_SUFFIXES = {".txt", ".lst", ".list", ".scp", ".tsv"}
+MANIFEST_SUFFIXES = {".jsonl", ".csv"}  # rows of path[, id, duration]
+
+
+def scan_directory(root: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[Path]:
+    """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path.
+
+    Directory symlinks are not followed (a link loop cannot recurse forever); a dangling
+    file link is listed, so that reading it reports it instead of dropping it silently.
+    Directories in ``exclude`` (a run's own output directories inside its input tree) are
+    not entered: a rerun never reads its outputs as inputs.
+    """
+    root = Path(root)
+    skip = {Path(p).resolve() for p in exclude}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if skip:
+            dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).resolve() not in skip]
+        found += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in suffixes]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def pair_by_relative_path(reference: Path, estimate: Path, suffixes: set[str]) -> tuple[list[tuple[str, Path, Path | None]], int]:
+    """``([(name, reference file, estimate file or None)], unmatched estimates)``: the files of two
+    trees matched by relative path, the audio extension free to differ (same extension preferred)."""
+    by_stem: dict[str, list[Path]] = {}
+    for f in scan_directory(estimate, suffixes):
+        by_stem.setdefault(f.relative_to(estimate).with_suffix("").as_posix(), []).append(f)
+    pairs, used = [], set()
+    for f in scan_directory(reference, suffixes):
+        rel = f.relative_to(reference)
+        candidates = by_stem.get(rel.with_suffix("").as_posix(), [])
+        match = ([c for c in candidates if c.suffix == f.suffix] or candidates or [None])[0]
+        if match is not None:
+            used.add(match)
+        pairs.append((rel.as_posix(), f, match))
+    return pairs, sum(len(v) for v in by_stem.values()) - len(used)
+
+
+def read_file_list(path: str | Path) -> list[Path]:
+    """Paths of a list file: one a line (its first tab-separated field), blank lines and
+    ``#`` comments skipped. A relative path is taken from the working directory when it
+    exists there, else from the list's own directory."""
+    path = Path(path)
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = line.split("\t")[0].strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry)
+        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+            p = path.parent / p
+        out.append(p)
+    return out
+
+
+def is_file_list(path: str | Path) -> bool:
+    """A list file (``.txt``, ``.lst``, ``.list``, ``.scp``, ``.tsv``) rather than an audio file."""
+    path = Path(path)
+    return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input of a run.
+
+    Attributes:
+        source: the file, or a :class:`utils.audio.DatasetAudio` row.
+        name: its relative name (outputs mirror it: ``name`` with the output's extension).
+        duration: seconds, when the input listing says (saves reading headers for the order).
+    """
+
+    source: Path | DatasetAudio
+    name: Path
+    duration: float | None = None
+
+
+def is_dataset(path: str | Path) -> bool:
+    """A Hugging Face ``save_to_disk`` directory, or a parquet file (with an ``audio`` column)."""
+    path = Path(path)
+    return (path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
+        path.is_file() and path.suffix == ".parquet"
+    )
+
+
+def read_input_manifest(path: str | Path) -> list[InputItem]:
+    """A JSONL (one object a line) or CSV (a header row) listing ``path`` and optionally ``id``
+    (the name outputs get; default: the path as listed) and ``duration`` (seconds). Relative
+    paths are taken as :func:`read_file_list` takes them.
+
+    Raises:
+        ValueError: a row without ``path``, a bad duration, a file that is not UTF-8 (one line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if path.suffix == ".csv":
+        try:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as exc:
+            raise ValueError(f"{path}: not a readable CSV manifest ({exc})") from None
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    items = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise ValueError(f"{path}: row {i + 1} has no 'path'")
+        p = Path(str(row["path"]))
+        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
+            p = path.parent / p
+        duration = row.get("duration")
+        try:
+            duration = float(duration) if duration not in (None, "") else None
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: row {i + 1}: duration {duration!r} is not a number") from None
+        name = Path(str(row["id"]) + p.suffix) if row.get("id") not in (None, "") else Path(str(row["path"]))
+        items.append(InputItem(p, name, duration))
+    return items
+
+
+def dataset_items(path: str | Path) -> list[InputItem]:
+    """The rows of a dataset's ``audio`` column (see :func:`is_dataset`): named by an ``id``
+    column when there is one, else by the audio's own file name, else by the row number."""
+    ds = open_audio_dataset(path)
+    ids = ds["id"] if "id" in ds.column_names else None
+    audio = ds.data.table.column("audio")  # Arrow, memory-mapped: the names without reading any audio
+    names = audio.combine_chunks().field("path").to_pylist() if pa.types.is_struct(audio.type) and audio.type.get_field_index("path") >= 0 else [None] * len(ds)
+    items = []
+    for row, own in enumerate(names):
+        own = Path(own or "").name
+        suffix = Path(own).suffix or ".wav"
+        name = Path(f"{ids[row]}{suffix}") if ids is not None else Path(own) if own else Path(f"{row:08d}.wav")
+        items.append(InputItem(DatasetAudio(str(path), row, name.as_posix()), name))
+    return items
+
+
+def collect_inputs(source: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[InputItem]:
+    """The one input collector: a directory (scanned recursively, ``exclude`` not entered), a
+    list file, a JSONL/CSV manifest, a Hugging Face dataset (``save_to_disk`` directory or
+    parquet with an ``audio`` column; local files only), or a single file."""
+    source = Path(source)
+    if is_dataset(source):
+        return dataset_items(source)
+    if source.is_dir():
+        return [InputItem(f, f.relative_to(source)) for f in scan_directory(source, suffixes, exclude)]
+    if source.suffix.lower() in MANIFEST_SUFFIXES and source.is_file():
+        return read_input_manifest(source)
+    if is_file_list(source):
+        return [InputItem(f, f) for f in read_file_list(source)]
+    return [InputItem(source, Path(source.name))]
+
+
+def collect_files(source: str | Path, suffixes: set[str]) -> list[tuple[Path, Path]]:
+    """:func:`collect_inputs` as ``[(file, name)]`` for a directory (scanned recursively;
+    ``name`` relative to it), a list file (``name`` as listed) or a single file (its name).
+
+    Existence of listed files is not checked here: a missing file is reported when read.
+    """
+    return [(i.source, i.name) for i in collect_inputs(source, suffixes)]
