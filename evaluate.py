@@ -41,7 +41,7 @@ from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
 from utils.files import atomic_write, overwritten_input
-from utils.inputs import MANIFEST_SUFFIXES, collect_files, is_dataset, is_file_list, pair_by_relative_path
+from utils.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
 from utils.plotting import save_figure, spectrogram_figure
 
 MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find false matches
@@ -97,7 +97,7 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
     items: list[tuple[Path, str]] = []
     several_dirs = sum(p.is_dir() for p in inputs) > 1
     suffixes = audio_extensions()
-    listing = [is_file_list(p) or is_dataset(p) or p.suffix.lower() in MANIFEST_SUFFIXES for p in inputs]
+    listing = [is_listing(p) for p in inputs]
     for src, is_list in zip(inputs, listing):
         try:
             found = collect_files(src, suffixes)

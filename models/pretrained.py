@@ -150,9 +150,18 @@ def adapt_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dic
 
 def load_codec_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``state`` (any weight-norm style) into ``model``; mismatches fail naming keys."""
+    load_checked_state(model, adapt_weight_norm(tensors_only(state), set(model.state_dict())), source)
+
+
+def load_checked_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, against: str = "the config's architecture") -> None:
+    """``model.load_state_dict(state, strict=True)`` after the checks every loader owes: the keys
+    and shapes (named), then weights that would load but cannot work (integer, NaN/Inf).
+
+    Raises:
+        CheckpointError: one line naming ``source``, what it was checked ``against`` and the tensors.
+    """
     expected_state = model.state_dict()
     expected = set(expected_state)
-    state = adapt_weight_norm(tensors_only(state), expected)
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     wrong = sorted(k for k in expected & set(state) if state[k].shape != expected_state[k].shape)
@@ -165,7 +174,7 @@ def load_codec_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
         if wrong:
             shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected_state[k].shape)}" for k in wrong[:10]]
             parts.append(f"{len(wrong)} shape mismatch(es): {', '.join(shapes)}")
-        raise CheckpointError(f"{source} does not match the config's architecture: " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not match {against}: " + "; ".join(parts))
     # Weights that load but cannot work: every code the same, or non-finite audio.
     integer = sorted(k for k in state if expected_state[k].is_floating_point() and not state[k].is_floating_point())
     if integer:

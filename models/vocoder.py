@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.signal import lfilter
 from torch import nn
 
 from modules.vocos import ISTFTHead, VocosBackbone
@@ -28,7 +27,7 @@ from utils.audio import resample
 from utils.config import ConfigError, from_dict, read_yaml, setting
 from utils.hub import HubError, hub_file
 
-from .pretrained import CheckpointError, read_torch_file, tensors_only
+from .pretrained import CheckpointError, load_checked_state, read_torch_file, tensors_only
 
 YUE_REPO = "m-a-p/xcodec_mini_infer"
 VOCODERS = {"vocals": "decoders/decoder_131000.pth", "instrumentals": "decoders/decoder_151000.pth"}
@@ -146,24 +145,14 @@ class Vocoder(nn.Module):
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
         model = Vocoder(backbone, head, n_q=YUE_VOCODER_CODEBOOKS if str(name) in VOCODERS else None)
-        state = tensors_only(read_torch_file(weights))
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [k for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"{weights} does not match {cfg}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                f"shape mismatch {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}"
-            )
-        bad = [k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
-        if bad:
-            raise CheckpointError(f"{weights}: {len(bad)} tensor(s) are not finite floating point, e.g. {bad[0]}")
-        model.load_state_dict(state, strict=True)
+        load_checked_state(model, tensors_only(read_torch_file(weights)), str(weights), str(cfg))
         return model.eval().requires_grad_(False).to(device)
 
 
 def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707) -> np.ndarray:
     """RBJ cookbook low/high-pass (as ``torchaudio.functional.*pass_biquad``, output clamped to [-1, 1])."""
+    from scipy.signal import lfilter  # optional heavy dependency (0.4 s to import): only --low-freq-merge needs it
+
     w0 = 2 * np.pi * cutoff / rate
     alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
     b = np.array([1 - cos, 2 * (1 - cos), 1 - cos]) / 2 if kind == "low" else np.array([1 + cos, -2 * (1 + cos), 1 + cos]) / 2

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("benchmarks",),
 ]
 # Third-party imports allowed inside a function: heavy, and needed only on some paths.
-OPTIONAL = ("matplotlib", "torch.utils.tensorboard", "datasets")
+OPTIONAL = ("matplotlib", "torch.utils.tensorboard", "datasets", "scipy.signal")
 MAX_LINES = 450
 SKIP_DIRS = {"tests", ".git", "runs", "build", "dist", ".venv", "venv", "__pycache__"}
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from utils.cli import DefaultsHelpFormatter
-from utils.files import atomic_write, temporary_target, tree_in_use
+from utils.files import atomic_write, drop_torn_line, read_json_lines, temporary_target, tree_in_use
 from utils.shards import SHARD_RE, ShardError, iter_shard, merge_index, read_index, shard_format
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -124,26 +124,15 @@ def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
 def _read_lines(path: Path) -> list[dict]:
     entries = []
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CodesFileError(f"{path}: not UTF-8 text (byte {exc.start}); a manifest is JSON lines") from None
-    except OSError as exc:
-        raise CodesFileError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a torn last line from a killed writer: not an entry
-                continue
-            raise CodesFileError(f"{path}:{i + 1}: not a JSON line") from None
+        rows = read_json_lines(path)
+    except ValueError as exc:
+        raise CodesFileError(str(exc)) from None
+    for n, entry in rows:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("codes"), str):
-            raise CodesFileError(f"{path}:{i + 1}: a manifest line must be an object with a 'path' and a 'codes' string")
+            raise CodesFileError(f"{path}:{n}: a manifest line must be an object with a 'path' and a 'codes' string")
         for key in ("n_q", "frames", "samples"):
             if (key in entry or key != "samples") and (not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool) or entry[key] < 0):
-                raise CodesFileError(f"{path}:{i + 1}: {key}: expected a non-negative integer, got {entry.get(key)!r}")
+                raise CodesFileError(f"{path}:{n}: {key}: expected a non-negative integer, got {entry.get(key)!r}")
         entries.append(entry)
     return entries
 
@@ -233,12 +222,7 @@ class ManifestWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                cut = data.rfind(b"\n") + 1
-                with open(self.path, "r+b") as fh:
-                    fh.truncate(cut)
+        drop_torn_line(self.path)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def add(self, entry: dict) -> None:

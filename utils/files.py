@@ -13,6 +13,7 @@ out of an output tree that a first one is still writing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -146,6 +147,45 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
     if durable:
         fsync_dir(final.parent)
     return final
+
+
+# ---------------------------------------------------------------------------- append-only JSON-lines files
+def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """``[(line number, value)]`` of an append-only JSON-lines file (manifests, shard indexes);
+    blank lines are skipped and a torn last line (a killed writer's) is not an entry.
+
+    Raises:
+        ValueError: naming the file (and line): unreadable, not UTF-8, or a line that is not JSON.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); expected JSON lines") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append((i + 1, json.loads(line)))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn: the writer died mid-line
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    return out
+
+
+def drop_torn_line(path: str | Path) -> None:
+    """Cut a torn last line (no newline: a killed writer's) off a JSON-lines file before appending."""
+    path = Path(path)
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
 
 
 def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:

@@ -100,6 +100,12 @@ def is_dataset(path: str | Path) -> bool:
     )
 
 
+def is_listing(path: str | Path) -> bool:
+    """An input that lists other inputs: a list file, a JSONL/CSV manifest or a dataset (not a directory tree)."""
+    path = Path(path)
+    return is_file_list(path) or is_dataset(path) or path.suffix.lower() in MANIFEST_SUFFIXES
+
+
 def read_input_manifest(path: str | Path) -> list[InputItem]:
     """A JSONL (one object a line) or CSV (a header row) listing ``path`` and optionally ``id``
     (the name outputs get; default: the path as listed) and ``duration`` (seconds). Relative

@@ -19,7 +19,7 @@ from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_aud
 from utils.cli import CliError
 from utils.codes import save_codes
 from utils.files import TreeLock, TreeLockedError, atomic_write, output_collision, overwritten_input
-from utils.inputs import MANIFEST_SUFFIXES, InputItem, collect_inputs, is_dataset, is_file_list
+from utils.inputs import InputItem, collect_inputs, is_listing
 
 
 @dataclass
@@ -64,7 +64,7 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     """
     if not src.exists():
         raise CliError(f"{src}: no such file or directory")
-    many = src.is_dir() or is_dataset(src) or is_file_list(src) or src.suffix.lower() in MANIFEST_SUFFIXES
+    many = src.is_dir() or is_listing(src)
     if many:
         for root, flag in ((audio_root, "--output"), (codes_root, "--codes-out")):
             if root is not None and not root.is_dir() and root.suffix.lower() in audio_extensions() | {".npy"}:

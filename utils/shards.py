@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from utils.files import atomic_write
+from utils.files import atomic_write, drop_torn_line, read_json_lines
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
@@ -85,23 +85,14 @@ def _index_lines(root: Path) -> list[dict]:
     lines = []
     for path in sorted(root.glob(INDEX_GLOB)):
         try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ShardError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        rows = text.split("\n")
-        for i, line in enumerate(rows):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(rows) - 1:
-                    continue  # a torn last line of a killed writer
-                raise ShardError(f"{path}:{i + 1}: not a JSON line") from None
+            rows = read_json_lines(path)
+        except ValueError as exc:
+            raise ShardError(str(exc)) from None
+        for n, entry in rows:
             if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str) or not isinstance(entry.get("files"), list):
-                raise ShardError(f"{path}:{i + 1}: an index line must hold 'shard' and 'files'")
+                raise ShardError(f"{path}:{n}: an index line must hold 'shard' and 'files'")
             if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in entry["files"]):
-                raise ShardError(f"{path}:{i + 1}: every file of an index line needs a 'path'")
+                raise ShardError(f"{path}:{n}: every file of an index line needs a 'path'")
             lines.append(entry)
     return lines
 
@@ -205,21 +196,13 @@ class ShardWriter:
                 fh.flush()
                 os.fsync(fh.fileno())  # durable before the shard's durable rename
 
-        _drop_torn_line(self.index)
+        drop_torn_line(self.index)
         atomic_write(self.root / name, write, durable=True)
         self.seq += 1
         self.rows.clear()
 
     def close(self) -> None:
         self.flush()
-
-
-def _drop_torn_line(path: Path) -> None:
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
 
 
 # ---------------------------------------------------------------------------- reading
