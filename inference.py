@@ -34,7 +34,7 @@ from utils.audio import audio_extensions, fit_length
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
 from utils.codes import CodesFileError, has_manifest, load_codes, source_lengths, write_sidecar
 from utils.corpus import FORMATS, RunStats, refuse_existing, resume
-from utils.outputs import Job, lock_output_trees, plan, write_outputs
+from utils.outputs import BackgroundWriter, Job, lock_output_trees, plan, write_outputs
 from utils.shards import shard_format
 
 
@@ -108,16 +108,24 @@ def _progress(items, enabled: bool, desc: str):
 def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats, vocoder: Vocoder | None = None) -> None:
     """Encode (and decode) every job, ``--batch-size`` clips at a time.
 
-    ``--workers`` processes read and resample the files ahead of the model, longest first,
-    so that a batch holds files of similar length (little padding); on CUDA the audio comes
-    in pinned memory and is copied without blocking.
+    ``--workers`` processes read and resample the files at least two batches ahead of the
+    model, longest first, so that a batch holds files of similar length (little padding); on
+    CUDA the audio comes in pinned memory and is copied without blocking. A background
+    thread writes the results: the model never waits on the disk.
     """
     rate, min_len = model.sample_rate, model.min_length()
     device = model.device
     order = duration_order([j.src for j in jobs], [j.duration for j in jobs]) if many else list(range(len(jobs)))
-    workers = args.workers if args.workers is not None else (min(4, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
-    loader = file_loader(AudioFiles([j.src for j in jobs], rate), order, workers, pin_memory=device.type == "cuda")
+    workers = args.workers if args.workers is not None else (min(16, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
+    loader = file_loader(AudioFiles([j.src for j in jobs], rate), order, workers, pin_memory=device.type == "cuda", ahead=2 * args.batch_size)
     pending: list[tuple[Job, torch.Tensor]] = []
+    writer = BackgroundWriter(depth=2 * args.batch_size)
+
+    def finish(job: Job, samples: int, item: np.ndarray, wav: np.ndarray | None, out_rate: int) -> None:
+        if write_outputs(job, stats.fail, item, wav, out_rate, args.rescale, model.bins):
+            stats.wrote(job, samples, rate, item)
+            if not many and job.codes_out is not None:  # a single codes file describes itself
+                write_sidecar(job.codes_out, {"path": job.src.name, "samples": samples, "sample_rate": rate, **codes_fields(model, args)}, item)
 
     def flush() -> None:
         if not pending:
@@ -145,27 +153,26 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         out_rate = vocoder.sample_rate if vocoder is not None else rate
         for i, (job, w) in enumerate(pending):
             wav = fit_length(audio[i].reshape(-1), round(len(w) * out_rate / rate)) if audio is not None else None  # the source's length
-            item = codes_np[i, :, : int(frames[i])]
-            if write_outputs(job, stats.fail, item, wav, out_rate, args.rescale, model.bins):
-                stats.wrote(job, len(w), rate, item)
-                if not many and job.codes_out is not None:  # a single codes file describes itself
-                    write_sidecar(job.codes_out, {"path": job.src.name, "samples": len(w), "sample_rate": rate, **codes_fields(model, args)}, item)
+            writer.submit(finish, job, len(w), codes_np[i, :, : int(frames[i])], wav, out_rate)
         pending.clear()
 
-    for index, wav, error in _progress(loader, many, "encoding"):
-        job = jobs[index]
-        if error is not None:
-            stats.fail(error)
-            continue
-        if len(wav) < min_len:
-            stats.fail(f"{job.src}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
-            continue
-        if _is_long(len(wav), rate, args):
-            flush()  # a long file goes alone
-        pending.append((job, wav))
-        if len(pending) >= args.batch_size or _is_long(len(wav), rate, args):
-            flush()
-    flush()
+    try:
+        for index, wav, error in _progress(loader, many, "encoding"):
+            job = jobs[index]
+            if error is not None:
+                stats.fail(error)
+                continue
+            if len(wav) < min_len:
+                stats.fail(f"{job.src}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
+                continue
+            if _is_long(len(wav), rate, args):
+                flush()  # a long file goes alone
+            pending.append((job, wav))
+            if len(pending) >= args.batch_size or _is_long(len(wav), rate, args):
+                flush()
+        flush()
+    finally:
+        writer.close()
 
 
 def _vocode(model, vocoder: Vocoder, codes: torch.Tensor, args: argparse.Namespace) -> np.ndarray:
@@ -196,6 +203,12 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         raise CliError(str(exc)) from None
     window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else None
     pending: list[tuple[Job, torch.Tensor]] = []
+    writer = BackgroundWriter(depth=2 * args.batch_size)
+
+    def finish(job: Job, wav: np.ndarray, rate: int) -> None:
+        if write_outputs(job, stats.fail, None, wav, rate, args.rescale, model.bins):
+            stats.written += 1
+            stats.audio_seconds += len(wav) / rate
 
     def flush() -> None:
         if not pending:
@@ -214,27 +227,27 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         for i, (job, c) in enumerate(pending):
             wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
             source = lengths.get(job.src.resolve())  # samples at the codec's rate
-            wav = fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav))
-            if write_outputs(job, stats.fail, None, wav, rate, args.rescale, model.bins):
-                stats.written += 1
-                stats.audio_seconds += len(wav) / rate
+            writer.submit(finish, job, fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav)), rate)
         pending.clear()
 
-    for job in _progress(jobs, many, "decoding"):
-        try:
-            codes = load_codes(job.src, model.n_q, model.bins)
-            if vocoder is not None:
-                vocoder.check_codec(model, codes.shape[0])
-        except ValueError as exc:
-            stats.fail(str(exc) if str(exc).startswith(str(job.src)) else f"{job.src}: {exc}")
-            continue
-        long = window is not None and codes.shape[1] > window
-        if pending and (long or codes.shape[0] != pending[0][1].shape[0]):
-            flush()  # a long file goes alone; a batch holds one number of codebooks
-        pending.append((job, codes))
-        if long or len(pending) >= args.batch_size:
-            flush()
-    flush()
+    try:
+        for job in _progress(jobs, many, "decoding"):
+            try:
+                codes = load_codes(job.src, model.n_q, model.bins)
+                if vocoder is not None:
+                    vocoder.check_codec(model, codes.shape[0])
+            except ValueError as exc:
+                stats.fail(str(exc) if str(exc).startswith(str(job.src)) else f"{job.src}: {exc}")
+                continue
+            long = window is not None and codes.shape[1] > window
+            if pending and (long or codes.shape[0] != pending[0][1].shape[0]):
+                flush()  # a long file goes alone; a batch holds one number of codebooks
+            pending.append((job, codes))
+            if long or len(pending) >= args.batch_size:
+                flush()
+        flush()
+    finally:
+        writer.close()
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -306,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 vocoder.check_codec(model, model.quantizer.n_q_for_bandwidth(args.bandwidth))
             except ValueError as exc:
                 raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
+        stats.start_clock()  # the speed reported leaves out start-up and loading
         if args.codes_in is not None:
             decode_jobs(model, jobs, args, many, stats, vocoder)
         else:
@@ -315,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
         for lock in locks:
             lock.release()
     if many:
-        print(stats.summary(), file=sys.stderr)
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB" if model.device.type == "cuda" else ""
+        print(stats.summary() + peak, file=sys.stderr)
     if stats.failed:
         return EXIT_SOME_FAILED if many else EXIT_ERROR
     return EXIT_OK

@@ -1,43 +1,54 @@
 """The GPU check: everything that only a CUDA run can show, in one script and one JSON summary.
 
-    python benchmarks/gpu_check.py                           # one GPU; under 10 minutes on an H200
+    bash benchmarks/gpu_check.sh                             # on the lent GPU machine (wheels, versions, log)
+    python benchmarks/gpu_check.py                           # one GPU; about 8 minutes on an H200
+    python benchmarks/gpu_check.py --sections exactness bf16 # rerun a few (merged into the JSON)
     python benchmarks/gpu_check.py --device cpu --quick      # the script itself, on CPU (the test suite runs this)
 
-Sections (each records ``ok`` and its numbers; one failing section does not stop the others):
+Sections, in order (each records ``ok``, its numbers and its seconds; a failing section does
+not stop the others; the JSON is rewritten after every section, so a run cut short still
+reports what it finished; a section whose budget no longer fits is skipped):
 
-- ``device``: the model on the device, every input on the CPU: encode, a ragged batch,
-  decode, encode_many/decode_many, encode_long, streaming decode (its empty chunks included);
-- ``exactness``: codes of CPU fp32, device fp32, a device batch of clips of different
-  lengths and transformers' XcodecModel on the device, agreement per quantizer, and the
-  TF32 flags left as they were;
-- ``bf16``: device bf16 codes against device fp32, per quantizer, and the speed of both;
-- ``compile``: torch.compile of the acoustic and semantic stacks: codes agreement and speed;
-- ``train``: single-device training of the tiny recipe in fp32 and bf16, stopped at step 2
-  and resumed to step 4; then two ranks on the one device (``dist_backend=gloo``: NCCL
-  refuses two ranks on one GPU) with identical state on both ranks;
+- ``device``: the model on the device, every input on the CPU: encode, decode,
+  encode_many/decode_many, encode_long, streaming decode;
+- ``exactness``: codes of device fp32 against CPU fp32 and against transformers'
+  XcodecModel (both in IEEE fp32), a batch of equal-length clips and a ragged batch against
+  each clip alone, codes used per quantizer, and at every mismatch the margin (second-best
+  minus best distance of the reference residual: rounding has a tiny margin, a bug a large
+  one); the TF32 settings restored and readable after exact mode;
+- ``bf16``: device bf16 codes against device fp32 per quantizer, with the same margins;
+- ``throughput``: at least an hour of audio (clips of 2-20 s cut from the bundled audio)
+  tokenized by ``inference.py`` end to end and by the model alone, fp32 and bf16, and by
+  XcodecModel fp32 (IEEE) and bf16 at its best batch size: audio hours per GPU-hour, after
+  a warm-up pass over every shape, median of 3, with peak GPU memory;
 - ``cli_long``: a long file through ``inference.py`` (windowed encoding, chunked decoding);
-- ``throughput``: tokenization of a directory through ``inference.py`` (DataLoader
-  workers, length-sorted batches) in fp32 and bf16, in hours of audio per hour, against
-  transformers' XcodecModel encoding the same clips in padded batches on the same device.
+- ``train``: single-device training of the tiny recipe in fp32 and bf16, stopped at step 2
+  and resumed to step 4; then two ranks on the one device (gloo) with identical state;
+- ``compile``: torch.compile of the acoustic and semantic stacks (CUDA only).
 
-Weights are random (seeded), codebooks k-means-initialised on real audio; the teacher is
-built from its config (``pretrained_teacher`` off) and ``HF_HUB_OFFLINE=1``: no network.
-The full-size architecture is used except with ``--quick`` (configs/tiny.yaml).
+Weights are random (seeded), codebooks k-means-initialised on at least 10x as many frames of
+real audio as there are entries (so that every quantizer spreads over many codes); the
+teacher is built from its config and ``HF_HUB_OFFLINE=1``: no network. Every subprocess is
+capped at ``--cap`` seconds. The full-size architecture is used except with ``--quick``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +65,44 @@ from models import XCodec, build_codec, init_codebooks, load_generator_config  #
 from models.export import save_export, to_transformers  # noqa: E402
 from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
 from utils.cli import DefaultsHelpFormatter  # noqa: E402
-from utils.precision import ieee_fp32  # noqa: E402
+from utils.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+RATE = 16000
+# name: (budget in seconds on an H200, runs with --device cpu --quick too)
+SECTIONS = {"device": 20, "exactness": 40, "bf16": 20, "throughput": 240, "cli_long": 45, "train": 90, "compile": 90}
 
 
-# ---------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------- audio
+@functools.cache
+def pool() -> np.ndarray:
+    """The bundled real audio (English and Mandarin speech, music), one 13 s float32 array."""
+    return np.concatenate([read(n).numpy() for n in ("speech_en.flac", "speech_cn_4s.flac", "music_4s.flac")])
+
+
+def cut(n: int, rng: np.random.Generator, src: np.ndarray) -> np.ndarray:
+    """``n`` samples of ``src`` looped from a random offset, at a random gain in [0.3, 1]."""
+    start = int(rng.integers(0, len(src)))
+    idx = (start + np.arange(n)) % len(src)
+    return (src[idx] * rng.uniform(0.3, 1.0)).astype(np.float32)
+
+
+def kmeans_clips(model: XCodec, factor: int = 12, seconds: float = 4.0) -> list[torch.Tensor]:
+    """Clips (scaled by 0.95) holding at least ``factor`` x ``bins`` frames: mixtures of two
+    random cuts of the bundled audio, so that k-means sees far more frames than entries."""
+    rng = np.random.default_rng(1)
+    src = pool()
+    n = int(seconds * RATE)
+    count = -(-factor * model.bins // int(model.num_frames(n)))
+    return [torch.from_numpy(cut(n, rng, src) + 0.5 * cut(n, rng, src)) * 0.95 for _ in range(count)]
+
+
+def clip(n: int, seed: int) -> torch.Tensor:
+    """(1, 1, n) real audio (a random cut of the bundled audio), scaled by 0.95."""
+    return torch.from_numpy(cut(n, np.random.default_rng(seed), pool()))[None, None] * 0.95
+
+
+# ---------------------------------------------------------------------------- codes
 def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """Fraction of equal codes per quantizer of (B, n_q, F) or (n_q, F) codes."""
     a, b = a.cpu(), b.cpu()
@@ -69,47 +112,109 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [round(float((a[:, q, :n] == b[:, q, :n]).float().mean()), 6) for q in range(a.shape[1])]
 
 
-def build_model(quick: bool, seed: int = 0) -> XCodec:
-    config = ROOT / "configs" / ("tiny.yaml" if quick else "xcodec_hubert_librispeech.yaml")
-    gen, scale = load_generator_config(config)
-    torch.manual_seed(seed)
-    model = build_codec(gen, scale, weight_norm=False).eval()
-    clips = [read(name)[shift:] * 0.95 for name in ("speech_cn_4s.flac", "music_4s.flac") for shift in (0, 64, 128)]
-    init_codebooks(model, clips, "kmeans")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+def codes_used(codes: list[torch.Tensor]) -> list[int]:
+    """Distinct codes per quantizer over (1, n_q, F) code tensors."""
+    flat = torch.cat([c[0].cpu() for c in codes], dim=-1)
+    return [int(flat[q].unique().numel()) for q in range(flat.shape[0])]
 
 
-def run(cmd: list[str], env_extra: dict | None = None, timeout: int = 600) -> tuple[int, str, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+@torch.inference_mode()
+def mismatches(cpu_model: XCodec, wav: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> list[dict]:
+    """At each frame where ``other`` codes differ from the reference ``ref`` (both (1, n_q, F),
+    ``ref`` from ``cpu_model``), the first differing quantizer and its margin: second-best
+    minus best squared distance of the reference residual (float64), also relative to the
+    residual's squared norm. Later quantizers of that frame follow from the first."""
+    ref, other = ref.cpu(), other.cpu()
+    diff = ref[0] != other[0]  # (n_q, F)
+    frames = diff.any(0).nonzero().flatten().tolist()
+    if not frames:
+        return []
+    residual = cpu_model.latents(wav.cpu(), None)[0][0].double()  # (D, F)
+    first = {f: int(diff[:, f].nonzero()[0]) for f in frames}
+    out = []
+    for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
+        here = [f for f in frames if first[f] == q]
+        if here:
+            r = residual[:, here].T  # (M, D)
+            book = layer.codebook.double()
+            dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]
+            best2 = dist.topk(2, dim=1, largest=False).values
+            norm = r.pow(2).sum(1)
+            for i, f in enumerate(here):
+                margin = float(best2[i, 1] - best2[i, 0])
+                out.append(
+                    {"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / max(float(norm[i]), 1e-30)}
+                )
+        residual = residual - layer.decode(ref[0, q][None])[0].double()
+    return sorted(out, key=lambda m: m["frame"])
 
 
+def summarize(found: list[dict]) -> dict:
+    """Counts and the largest relative margins of :func:`mismatches`."""
+    rel_margins = sorted((m["margin_rel"] for m in found), reverse=True)
+    return {"frames": len(found), "max_margin_rel": rel_margins[0] if found else None,
+            "median_margin_rel": statistics.median(rel_margins) if found else None,
+            "first": found[:20]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- running
 class Check:
-    """Runs the sections, each into ``results[name]``, never letting one stop the rest."""
+    """Runs the sections into ``results``, each within its budget and the run's deadline,
+    never letting one stop the rest, and rewrites the JSON after each."""
 
-    def __init__(self) -> None:
-        self.results: dict[str, dict] = {}
+    def __init__(self, summary: dict, path: Path, deadline: float, cap: int) -> None:
+        self.summary, self.path, self.deadline, self.cap = summary, path, deadline, cap
+        self.results: dict[str, dict] = summary.setdefault("sections", {})
 
-    def section(self, name: str, fn: Callable[[], dict]) -> None:
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, cmd: list[str], env_extra: dict | None = None) -> tuple[int, str, float]:
+        """A subprocess, capped at ``--cap`` seconds and the time left; (rc, output, seconds)."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+        limit = max(5, int(min(self.cap, self.left())))
         t0 = time.perf_counter()
         try:
-            out = {"ok": True, **fn()}
-        except Exception as exc:  # recorded in the JSON: the next section still runs
-            out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+            rc, out = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            text = [s.decode(errors="replace") if isinstance(s, bytes) else (s or "") for s in (exc.stdout, exc.stderr)]
+            rc, out = 124, "".join(text) + f"\n[killed after {limit} s]"
+        return rc, out, time.perf_counter() - t0
+
+    def section(self, name: str, fn: Callable[[], dict], budget: float) -> None:
+        print(f"[{name}] budget {budget:.0f} s, {self.left():.0f} s left", flush=True)
+        t0 = time.perf_counter()
+        if self.left() < budget * 0.5:
+            out = {"ok": True, "skipped": f"not enough time left ({self.left():.0f} s for a {budget:.0f} s budget)"}
+        else:
+            try:
+                out = {"ok": True, **fn()}
+            except Exception as exc:  # recorded in the JSON: the next section still runs
+                out = {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "traceback": traceback.format_exc()[-4000:],
+                }
         out["seconds"] = round(time.perf_counter() - t0, 2)
+        out["budget_s"] = budget
         self.results[name] = out
-        print(f"[{'ok' if out['ok'] else 'FAILED'}] {name} ({out['seconds']} s)" + ("" if out["ok"] else f": {out['error'][:300]}"), flush=True)
+        self.write()
+        status = "skipped" if "skipped" in out else ("ok" if out["ok"] else "FAILED")
+        print(f"[{status}] {name} ({out['seconds']} s)" + ("" if out["ok"] else f": {out['error'][:300]}"), flush=True)
+
+    def write(self) -> None:
+        self.summary["all_ok"] = all(r["ok"] for r in self.results.values())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.summary, indent=1) + "\n")
+        tmp.replace(self.path)
 
 
 # ---------------------------------------------------------------------------- sections
 def check_device(model: XCodec) -> dict:
-    x = speech(3.0)  # CPU input, model on the device
+    x = clip(48000, 0)  # CPU input, model on the device
     codes = model.encode(x)
-    ragged = model.encode(torch.cat([x, x]), lengths=[x.shape[-1], x.shape[-1] - 3200])
     audio = model.decode(codes.cpu())
     many = encode_many(model, [x[0, 0], x[0, 0, :16000]], batch_size=2)
     back = decode_many(model, [c.cpu() for c in many], batch_size=2)
@@ -117,85 +222,256 @@ def check_device(model: XCodec) -> dict:
     dec = StreamingDecoder(model, lookahead=4)
     pieces = [dec.push(c.cpu()) for c in chunk_codes(codes, 3)] + [dec.flush()]
     stream = torch.cat(pieces)
-    devices = {t.device.type for t in (codes, ragged, audio, *many, *back, long, stream, *pieces)}
+    devices = {t.device.type for t in (codes, audio, *many, *back, long, stream, *pieces)}
     assert devices == {model.device.type}, devices
     return {
         "devices": sorted(devices),
-        "ragged_item0_equals_alone": bool(torch.equal(ragged[0], codes[0])),
+        "encode_many_equals_encode": bool(torch.equal(many[0], codes[0])),
         "chunked_decode_rel_err": rel(decode_long(model, codes, window=20), audio),
         "stream_rel_err": rel(stream, audio[0, 0]),
     }
 
 
+def tf32_defaults() -> Callable[[], bool]:
+    """A user's usual TF32 opt-in on Ampere+ (cuDNN convolutions default to TF32); returns a
+    check that after exact mode the settings are as they were and the matmul-precision
+    getter (Inductor calls it) still answers."""
+    torch.set_float32_matmul_precision("high")
+    before = [getattr(obj, name) for obj, name in tf32_switches()]
+
+    def check() -> bool:
+        ok = torch.get_float32_matmul_precision() == "high"  # raises where two APIs were mixed
+        return ok and [getattr(obj, name) for obj, name in tf32_switches()] == before
+
+    return check
+
+
 def check_exactness(model: XCodec, cpu_model: XCodec, hf) -> dict:
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a user's defaults on Ampere+
-    try:
-        lengths = [48000, 40000, 30400, 16123]
-        clips = [speech(n / 16000) for n in lengths]
-        batch = torch.zeros(len(clips), 1, max(lengths))
-        for i, c in enumerate(clips):
-            batch[i, :, : c.shape[-1]] = c[0]
-        per_clip, vs_cpu, vs_hf, batch_vs_alone = [], [], [], []
-        batched = model.encode(batch, lengths=lengths)
-        frames = model.num_frames(torch.tensor(lengths))
-        for i, c in enumerate(clips):
-            dev = model.encode(c)
-            per_clip.append(dev)
-            vs_cpu.append(agreement(dev, cpu_model.encode(c)))
-            with ieee_fp32(), torch.inference_mode():  # the reference in IEEE fp32 too
-                vs_hf.append(agreement(dev, hf.encode(c.to(model.device), return_dict=False)))
-            batch_vs_alone.append(agreement(batched[i : i + 1, :, : int(frames[i])], dev))
-        audio_err = rel(model.decode(per_clip[0]), cpu_model.decode(per_clip[0].cpu()))
-        restored = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    device = model.device
+    precision = torch.get_float32_matmul_precision()
+    restored = tf32_defaults()
+    lengths = [48000, 40000, 30400, 16123]
+    clips = [clip(n, seed) for seed, n in enumerate(lengths)]
+    ref = [cpu_model.encode(c) for c in clips]  # CPU fp32: the reference
+    alone = [model.encode(c) for c in clips]
+    vs_cpu = agreement(torch.cat([a[..., : r.shape[-1]] for a, r in zip(alone, ref)], -1), torch.cat(ref, -1))
+    found = [
+        m | {"clip": i} for i, (c, r, a) in enumerate(zip(clips, ref, alone)) for m in mismatches(cpu_model, c, r, a)
+    ]
+
+    with ieee_fp32(device=device), torch.inference_mode():  # the reference model in IEEE fp32 as well
+        hf_codes = [hf.encode(c.to(device), return_dict=False) for c in clips]
+    vs_hf = agreement(torch.cat(alone, -1), torch.cat(hf_codes, -1))
+    hf_vs_cpu = agreement(torch.cat(hf_codes, -1), torch.cat(ref, -1))
+
+    # A batch of four different clips of one length (one batched pass everywhere) and a ragged
+    # batch (zero-padded, with lengths), each against every clip alone on the same device.
+    equal = [clip(40000, 10 + i) for i in range(4)]
+    batched = model.encode(torch.cat(equal))
+    equal_alone = torch.cat([model.encode(c) for c in equal])
+    ragged = torch.zeros(len(clips), 1, max(lengths))
+    for i, c in enumerate(clips):
+        ragged[i, :, : c.shape[-1]] = c[0]
+    ragged_codes = model.encode(ragged, lengths=lengths)
+    frames = model.num_frames(torch.tensor(lengths))
+    ragged_vs_alone = agreement(
+        torch.cat([ragged_codes[i : i + 1, :, : int(frames[i])] for i in range(len(clips))], -1), torch.cat(alone, -1)
+    )
+
+    latents_err = rel(model.latents(clips[0].to(device))[0], cpu_model.latents(clips[0])[0])
+    audio_err = rel(model.decode(alone[0]), cpu_model.decode(alone[0].cpu()))
+    flags_ok = restored()
+    torch.set_float32_matmul_precision(precision)  # the process as it was, for the sections after
     return {
         "lengths": lengths,
+        "codes_used": codes_used(ref),
         "device_vs_cpu_fp32": vs_cpu,
+        "device_vs_cpu_mismatches": summarize(found),
         "device_vs_xcodecmodel": vs_hf,
-        "batch_vs_alone": batch_vs_alone,
-        "all_identical": all(v == 1.0 for rows in (vs_cpu, vs_hf, batch_vs_alone) for r in rows for v in r),
+        "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu,
+        "batch_equal_lengths": agreement(batched, equal_alone),
+        "batch_ragged": ragged_vs_alone,
+        "latents_device_vs_cpu_rel_err": latents_err,
         "decode_device_vs_cpu_rel_err": audio_err,
-        "tf32_flags_restored": restored,
+        "all_identical": all(
+            v == 1.0 for row in (vs_cpu, vs_hf, agreement(batched, equal_alone), ragged_vs_alone) for v in row
+        ),
+        "tf32_flags_restored": flags_ok,
     }
 
 
-def check_bf16(model: XCodec) -> dict:
-    x = speech(10.0)
-    model.encode(x, precision="bf16")  # warm-up
-    fp32, t32 = timed(lambda: model.encode(x), model.device)
-    bf16, t16 = timed(lambda: model.encode(x, precision="bf16"), model.device)
-    audio, td16 = timed(lambda: model.decode(fp32, precision="bf16"), model.device)
-    ref, td32 = timed(lambda: model.decode(fp32), model.device)
-    return {"agreement_per_quantizer": agreement(bf16, fp32), "encode_s": {"fp32": t32, "bf16": t16},
-            "decode_s": {"fp32": td32, "bf16": td16}, "decode_rel_err": rel(audio, ref)}  # fmt: skip
+def check_bf16(model: XCodec, cpu_model: XCodec) -> dict:
+    clips = [clip(160000, 20), clip(97000, 21)]
+    fp32 = [model.encode(c) for c in clips]
+    bf16 = [model.encode(c, precision="bf16") for c in clips]
+    found = [
+        m | {"clip": i} for i, (c, r, b) in enumerate(zip(clips, fp32, bf16)) for m in mismatches(cpu_model, c, r, b)
+    ]
+    ragged = torch.zeros(2, 1, 160000)
+    for i, c in enumerate(clips):
+        ragged[i, :, : c.shape[-1]] = c[0]
+    batch = model.encode(ragged, lengths=[160000, 97000], precision="bf16")
+    frames = model.num_frames(torch.tensor([160000, 97000]))
+    return {
+        "agreement_per_quantizer": agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
+        "mismatches_vs_fp32": summarize(found),  # margins of the fp32 reference residual (CPU model)
+        "bf16_ragged_batch_vs_alone": agreement(
+            torch.cat([batch[i : i + 1, :, : int(frames[i])] for i in range(2)], -1), torch.cat(bf16, -1)
+        ),
+        "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0])),
+    }
 
 
-def check_compile(model: XCodec, quick: bool) -> dict:
-    if model.device.type != "cuda":
-        return {"skipped": "torch.compile is checked on CUDA only"}
-    x = speech(10.0)
-    eager, t_eager = timed(lambda: model.encode(x), model.device)
-    for module in (model.encoder, model.decoder_2, model.encoder_semantic):
-        module.compile(dynamic=False)
-    try:
-        _, t_first = timed(lambda: model.encode(x), model.device)  # compiles
-        compiled, t_compiled = timed(lambda: model.encode(x), model.device)
-    finally:
-        for module in (model.encoder, model.decoder_2, model.encoder_semantic):
-            module._compiled_call_impl = None  # back to eager for the sections after this one
-    return {"agreement_per_quantizer": agreement(compiled, eager), "eager_s": t_eager, "compiled_s": t_compiled, "compile_s": t_first}
+def make_corpus(folder: Path, hours: float, quick: bool) -> tuple[list[Path], float]:
+    """Clips of 2-20 s (1-4 s with --quick) cut from the bundled audio, written as FLAC in
+    parallel, until ``hours`` of audio; returns their paths and the hours written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, src = np.random.default_rng(0), pool() / 0.95
+    lo, hi = (1, 4) if quick else (2, 20)
+    lengths, total = [], 0
+    while total < hours * 3600 * RATE:
+        lengths.append(int(rng.integers(lo * RATE, hi * RATE)))
+        total += lengths[-1]
+    paths = [folder / f"clip{i:05d}.flac" for i in range(len(lengths))]
+    seeds = rng.integers(0, 2**31, len(lengths))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool_:
+        list(
+            pool_.map(
+                lambda a: sf.write(a[0], cut(a[1], np.random.default_rng(a[2]), src), RATE), zip(paths, lengths, seeds)
+            )
+        )
+    return paths, total / RATE / 3600
 
 
-def check_train(device: str, work: Path) -> dict:
+def peak_memory(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def repeated(fn: Callable[[], None], device: torch.device, hours: float, until: float, reps: int = 3) -> dict:
+    """One warm-up pass (every shape seen once), then up to ``reps`` timed passes while the
+    clock allows: median audio hours per GPU-hour and peak GPU memory."""
+    fn()
+    reset_peak(device)
+    times = []
+    while len(times) < reps and (not times or time.monotonic() + times[-1] < until):
+        times.append(timed(fn, device)[1])
+    seconds = statistics.median(times)
+    return {"hours_per_hour": round(hours / (seconds / 3600), 1), "seconds": round(seconds, 3), "passes": len(times),
+            "peak_gpu_gb": peak_memory(device)}  # fmt: skip
+
+
+def check_throughput(
+    check: Check, model: XCodec, hf, export: Path, device: str, work: Path, quick: bool, budget: float
+) -> dict:
+    until = time.monotonic() + budget
+    paths, hours = make_corpus(work / "corpus", 0.01 if quick else 1.0, quick)
+    out: dict = {"files": len(paths), "audio_hours": round(hours, 4)}
+    batch = 4 if quick else 32
+    reps = 1 if quick else 3  # timed passes (median)
+    wavs = sorted((torch.from_numpy(sf.read(p, dtype="float32")[0]) * 0.95 for p in paths), key=len, reverse=True)
+    dev = model.device
+
+    def ours(precision: str) -> Callable[[], None]:
+        def fn() -> None:
+            for i in range(0, len(wavs), batch):
+                group = wavs[i : i + batch]
+                x = torch.zeros(len(group), 1, len(group[0]))
+                for j, w in enumerate(group):
+                    x[j, 0, : len(w)] = w
+                model.encode(x.to(dev, non_blocking=True), lengths=[len(w) for w in group], precision=precision)
+
+        return fn
+
+    def theirs(precision: str, size: int) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.inference_mode(), ieee_fp32(precision == "fp32", dev), autocast(dev, precision):
+                for i in range(0, len(wavs), size):
+                    group = wavs[i : i + size]
+                    x = torch.zeros(len(group), 1, len(group[0]))
+                    for j, w in enumerate(group):
+                        x[j, 0, : len(w)] = w
+                    hf.encode(x.to(dev, non_blocking=True), return_dict=False)
+
+        return fn
+
+    row = (until - time.monotonic()) / 8  # half the budget for the four in-process rows, half for the CLI
+    for precision in ("fp32", "bf16"):
+        out[f"xcodec_{precision}_model"] = {
+            **repeated(ours(precision), dev, hours, time.monotonic() + row, reps),
+            "batch_size": batch,
+        }
+        best: tuple[float, int] | None = None
+        for size in (8, 32) if quick else (16, 64):
+            reset_peak(dev)
+            fn = theirs(precision, size)
+            fn()  # warm-up at this batch size
+            t = timed(fn, dev)[1]
+            if best is None or t < best[0]:
+                best = (t, size)
+        result = repeated(theirs(precision, best[1]), dev, hours, time.monotonic() + row, reps)
+        out[f"xcodecmodel_{precision}" + ("_ieee" if precision == "fp32" else "")] = {**result, "batch_size": best[1]}
+    for precision in ("fp32", "bf16"):
+        runs = []
+        for i in range(reps):
+            if runs and time.monotonic() + runs[-1]["process_seconds"] > until:
+                break
+            cmd = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(export), "--input", str(work / "corpus"),
+                   "--codes-out", str(work / f"codes_{precision}_{i}"), "--device", device, "--batch-size", str(batch),
+                   "--precision", precision]  # fmt: skip
+            rc, log, t = check.run(cmd)
+            assert rc == 0, log[-3000:]
+            speed = re.search(r"([\d.]+) audio hours per hour", log)
+            memory = re.search(r"peak GPU memory ([\d.]+) GiB", log)
+            runs.append({"hours_per_hour": float(speed.group(1)), "process_seconds": round(t, 1),
+                         "peak_gpu_gb": float(memory.group(1)) if memory else None})  # fmt: skip
+        out[f"xcodec_{precision}_cli"] = {
+            "hours_per_hour": statistics.median(r["hours_per_hour"] for r in runs), "runs": runs, "batch_size": batch,
+            "note": "inference.py's own figure: reading, encoding and writing, after the model is loaded",
+        }  # fmt: skip
+    base = out["xcodecmodel_fp32_ieee"]["hours_per_hour"]
+    out["speedup_vs_xcodecmodel_fp32_ieee"] = {
+        k: round(v["hours_per_hour"] / base, 3) for k, v in out.items() if isinstance(v, dict) and "hours_per_hour" in v
+    }
+    return out
+
+
+def check_cli_long(check: Check, export: Path, device: str, work: Path, quick: bool) -> dict:
+    seconds = 50 if quick else 600
+    long = work / "long.wav"
+    sf.write(long, speech(seconds)[0, 0].numpy() / 0.95, RATE)
+    cmd = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(export), "--input", str(long), "--output", str(work / "long_rec.wav"),
+           "--codes-out", str(work / "long.npy"), "--device", device, "--window", "20", "--context", "5"]  # fmt: skip
+    rc, log, t = check.run(cmd)
+    assert rc == 0, log[-3000:]
+    codes = np.load(work / "long.npy")
+    return {"audio_s": seconds, "rc": rc, "seconds": round(t, 1), "codes_shape": list(codes.shape),
+            "output_samples": sf.info(str(work / "long_rec.wav")).frames}  # fmt: skip
+
+
+def check_train(check: Check, device: str, work: Path) -> dict:
     tiny = str(ROOT / "configs" / "tiny.yaml")
-    base = [sys.executable, str(ROOT / "main_launch_vqdp.py"), "--config", tiny, f"device={device}", "validation_file=null"]
+    base = [
+        sys.executable,
+        str(ROOT / "main_launch_vqdp.py"),
+        "--config",
+        tiny,
+        f"device={device}",
+        "validation_file=null",
+    ]
     out: dict = {}
     for precision in ("fp32", "bf16"):
         log_dir = work / f"train_{precision}"
-        rc1, log1, t1 = run([*base, f"log_dir={log_dir}", f"precision={precision}", "max_steps=2", "checkpoint_interval=2"])
-        rc2, log2, t2 = run([*base, f"log_dir={log_dir}", f"precision={precision}", "max_steps=4", "checkpoint_interval=2"])
+        rc1, log1, t1 = check.run(
+            [*base, f"log_dir={log_dir}", f"precision={precision}", "max_steps=2", "checkpoint_interval=2"]
+        )
+        rc2, log2, t2 = check.run(
+            [*base, f"log_dir={log_dir}", f"precision={precision}", "max_steps=4", "checkpoint_interval=2"]
+        )
         out[precision] = {"rc": [rc1, rc2], "resumed": "resumed from" in log2 and "step 2" in log2,
                           "finished": "finished at step 4" in log2, "seconds": [round(t1, 1), round(t2, 1)]}  # fmt: skip
         if rc1 or rc2:
@@ -203,118 +479,133 @@ def check_train(device: str, work: Path) -> dict:
     hashes = work / "hashes"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "main_launch_vqdp.py"),
            "--config", tiny, f"device={device}", "dist_backend=gloo", f"log_dir={work / 'two_ranks'}", "max_steps=3", "validation_file=null"]  # fmt: skip
-    rc, log, t = run(cmd, {"XCODEC_TEST_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"})
+    rc, log, t = check.run(cmd, {"XCODEC_TEST_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"})
     same = False
-    if rc == 0:
+    if (hashes / "hash_rank1.json").exists():
         r0, r1 = (json.loads((hashes / f"hash_rank{r}.json").read_text()) for r in (0, 1))
         same = all(r0[k] == r1[k] for k in ("codec", "codebooks", "discriminators", "optimizer_g"))
-    out["two_ranks_one_device"] = {"rc": rc, "identical_ranks": same, "seconds": round(t, 1), **({"log_tail": log[-3000:]} if rc else {})}
+    out["two_ranks_one_device"] = {
+        "rc": rc,
+        "identical_ranks": same,
+        "seconds": round(t, 1),
+        **({"log_tail": log[-3000:]} if rc else {}),
+    }
     assert all(v["rc"] in ([0, 0], 0) for v in out.values()), "a training run failed (see log_tail)"
     return out
 
 
-def check_cli_long(export: Path, device: str, work: Path, quick: bool) -> dict:
-    seconds = 50 if quick else 600
-    long = work / "long.wav"
-    sf.write(long, speech(seconds)[0, 0].numpy() / 0.95, 16000)
-    cmd = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(export), "--input", str(long), "--output", str(work / "long_rec.wav"),
-           "--codes-out", str(work / "long.npy"), "--device", device, "--window", "20", "--context", "5"]  # fmt: skip
-    rc, log, t = run(cmd)
-    assert rc == 0, log[-3000:]
-    codes = np.load(work / "long.npy")
-    return {"audio_s": seconds, "rc": rc, "seconds": round(t, 1), "codes_shape": list(codes.shape),
-            "output_samples": sf.info(str(work / "long_rec.wav")).frames}  # fmt: skip
-
-
-def check_throughput(model: XCodec, hf, export: Path, device: str, work: Path, quick: bool) -> dict:
-    corpus = work / "corpus"
-    corpus.mkdir(exist_ok=True)
-    g = np.random.default_rng(0)
-    n_files = 12 if quick else 256
-    src = speech(60)[0, 0].numpy() / 0.95
-    lengths = []
-    for i in range(n_files):
-        n = int(g.integers(16000, 16000 * (4 if quick else 15)))
-        s = int(g.integers(0, len(src) - n))
-        sf.write(corpus / f"clip{i:04d}.flac", src[s : s + n], 16000)
-        lengths.append(n)
-    audio_hours = sum(lengths) / 16000 / 3600
-    out: dict = {"files": n_files, "audio_hours": audio_hours}
-    batch = 4 if quick else 32
-    for precision in ("fp32", "bf16"):
-        codes_dir = work / f"codes_{precision}"
-        cmd = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(export), "--input", str(corpus), "--codes-out", str(codes_dir),
-               "--device", device, "--batch-size", str(batch), "--precision", precision]  # fmt: skip
-        rc, log, t = run(cmd)
-        assert rc == 0, log[-3000:]
-        # The CLI's own figure: reading, encoding and writing, after the model is loaded.
-        speed = float(re.search(r"([\d.]+) audio hours per hour", log).group(1))
-        out[f"xcodec_{precision}"] = {"process_seconds": round(t, 2), "hours_per_hour": speed, "batch_size": batch}
-    # transformers' XcodecModel on the same clips, padded batches of similar length, in
-    # process; its files are read before the clock starts (ours include reading).
-    wavs = sorted((torch.from_numpy(sf.read(p, dtype="float32")[0]) * 0.95 for p in sorted(corpus.glob("*.flac"))), key=len, reverse=True)
-
-    def hf_all() -> None:
-        with torch.inference_mode():
-            for i in range(0, len(wavs), batch):
-                group = wavs[i : i + batch]
-                x = torch.zeros(len(group), 1, len(group[0]))
-                for j, w in enumerate(group):
-                    x[j, 0, : len(w)] = w
-                hf.encode(x.to(model.device), return_dict=False)
-
-    _, t_hf = timed(hf_all, model.device)
-    out["xcodecmodel_fp32_in_process"] = {"seconds": round(t_hf, 2), "hours_per_hour": audio_hours / (t_hf / 3600), "batch_size": batch}
-    out["speedup_fp32"] = out["xcodec_fp32"]["hours_per_hour"] / out["xcodecmodel_fp32_in_process"]["hours_per_hour"]
-    out["speedup_bf16"] = out["xcodec_bf16"]["hours_per_hour"] / out["xcodecmodel_fp32_in_process"]["hours_per_hour"]
-    return out
+def check_compile(model: XCodec) -> dict:
+    if model.device.type != "cuda":
+        return {"skipped": "torch.compile is checked on CUDA only"}
+    x = speech(10.0)
+    eager, t_eager = timed(lambda: model.encode(x), model.device)
+    modules = (model.encoder, model.decoder_2, model.encoder_semantic)
+    for module in modules:
+        module.compile(dynamic=False)
+    try:
+        _, t_first = timed(lambda: model.encode(x), model.device)  # compiles
+        compiled, t_compiled = timed(lambda: model.encode(x), model.device)
+    finally:
+        for module in modules:
+            module._compiled_call_impl = None  # back to eager
+    return {
+        "agreement_per_quantizer": agreement(compiled, eager),
+        "eager_s": t_eager,
+        "compiled_s": t_compiled,
+        "compile_s": t_first,
+    }
 
 
 # ---------------------------------------------------------------------------- main
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "cores": os.cpu_count()}  # fmt: skip
+            "cuda": torch.version.cuda, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}  # fmt: skip
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     return info
 
 
+def build_models(quick: bool, device: torch.device) -> tuple[XCodec, XCodec, dict]:
+    """The seeded random codec on the CPU and a copy on ``device``, codebooks k-means'd on
+    the device; returns ``(cpu_model, model, facts about the k-means frames)``."""
+    gen, scale = load_generator_config(ROOT / "configs" / ("tiny.yaml" if quick else "xcodec_hubert_librispeech.yaml"))
+    torch.manual_seed(0)
+    cpu_model = build_codec(gen, scale, weight_norm=False).eval()
+    model = copy.deepcopy(cpu_model).to(device)
+    clips = kmeans_clips(model)
+    frames = int(sum(int(model.num_frames(len(c))) for c in clips))
+    init_codebooks(model, clips, "kmeans")
+    cpu_model.load_state_dict(model.state_dict())
+    for m in (cpu_model, model):
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return (
+        cpu_model,
+        model,
+        {"kmeans_frames": frames, "bins": model.bins, "frames_per_entry": round(frames / model.bins, 2)},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     p.add_argument("--quick", action="store_true", help="tiny model, few files: minutes on CPU")
-    p.add_argument("--json", type=Path, help="summary file (default: benchmarks/results/gpu_check_<machine>.json)")
+    p.add_argument(
+        "--sections", nargs="+", choices=list(SECTIONS), help="run only these (merged into an existing --json)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=450,
+        help="seconds for the whole check; a section that no longer fits is skipped",
+    )
+    p.add_argument("--cap", type=int, default=150, help="seconds any one subprocess may run")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the summary, gpu_check_<gpu>.json")
+    p.add_argument("--json", type=Path, help="summary file (default: RESULTS/gpu_check_<gpu>.json)")
     p.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
+    start = time.monotonic()
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available here (use --device cpu for the smoke test)", file=sys.stderr)
+        print(
+            "error: --device cuda but CUDA is not available here (use --device cpu for the smoke test)", file=sys.stderr
+        )
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="xcodec_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
-    summary = {"machine": machine(device), "device": str(device), "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"machine: {json.dumps(summary['machine'])}", flush=True)
-    cpu_model = build_model(args.quick)
-    model = build_model(args.quick).to(device)
+    info = machine(device)
+    name = re.sub(r"^nvidia_", "", info.get("gpu", "cpu").lower().replace(" ", "_"))
+    path = args.json or args.results / f"gpu_check_{name}{'_quick' if args.quick else ''}.json"
+    summary = json.loads(path.read_text()) if args.sections and path.exists() else {}
+    summary.update({"machine": info, "device": str(device), "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])})  # fmt: skip
+    print(f"machine: {json.dumps(info)}", flush=True)
+    cpu_model, model, setup = build_models(args.quick, device)
     export = save_export(cpu_model, work / "export")
     hf = to_transformers(cpu_model).to(device).eval()
-    check = Check()
-    check.section("device", lambda: check_device(model))
-    check.section("exactness", lambda: check_exactness(model, cpu_model, hf))
-    check.section("bf16", lambda: check_bf16(model))
-    check.section("compile", lambda: check_compile(model, args.quick))
-    check.section("train", lambda: check_train(args.device, work))
-    check.section("cli_long", lambda: check_cli_long(export, args.device, work, args.quick))
-    check.section("throughput", lambda: check_throughput(model, hf, export, args.device, work, args.quick))
-    summary["sections"] = check.results
-    summary["all_ok"] = all(r["ok"] for r in check.results.values())
-    name = summary["machine"].get("gpu", "cpu").lower().replace(" ", "_")
-    path = args.json or RESULTS / f"gpu_check_{name}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {path}: {'all sections ok' if summary['all_ok'] else 'some sections FAILED'}")
+    summary["setup"] = {**setup, "seconds": round(time.monotonic() - start, 1)}
+    print(f"setup: {json.dumps(summary['setup'])}", flush=True)
+    check = Check(summary, path, start + args.budget, args.cap)
+    sections: dict[str, Callable[[], dict]] = {
+        "device": lambda: check_device(model),
+        "exactness": lambda: check_exactness(model, cpu_model, hf),
+        "bf16": lambda: check_bf16(model, cpu_model),
+        "throughput": lambda: check_throughput(
+            check, model, hf, export, args.device, work, args.quick, SECTIONS["throughput"]
+        ),
+        "cli_long": lambda: check_cli_long(check, export, args.device, work, args.quick),
+        "train": lambda: check_train(check, args.device, work),
+        "compile": lambda: check_compile(model),
+    }
+    for section, fn in sections.items():
+        if args.sections is None or section in args.sections:
+            check.section(section, fn, SECTIONS[section])
+    check.write()
+    print(
+        f"wrote {path}: {'all sections ok' if summary['all_ok'] else 'some sections FAILED'} in {time.monotonic() - start:.0f} s"
+    )
     return 0 if summary["all_ok"] else 1
 
 

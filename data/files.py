@@ -65,9 +65,11 @@ def _keep(item):
     return item
 
 
-def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool) -> DataLoader:
-    """The files of ``dataset`` in ``order``, read ahead by ``workers`` processes (0: in this one)."""
+def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool, ahead: int = 8) -> DataLoader:
+    """The files of ``dataset`` in ``order``, read ahead by ``workers`` processes (0: in this
+    one), at least ``ahead`` files ahead of the consumer (two batches keep the GPU fed)."""
+    prefetch = max(2, -(-ahead // workers)) if workers > 0 else None
     return DataLoader(
         dataset, batch_size=None, sampler=list(order), num_workers=workers, pin_memory=pin_memory,
-        collate_fn=_keep, prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+        collate_fn=_keep, prefetch_factor=prefetch, persistent_workers=False,
     )  # fmt: skip

@@ -272,7 +272,7 @@ class XCodec(nn.Module):
         wav = wav.to(self.device, torch.float32)  # float64/float16 input: computed in float32 like any other
         check_precision(precision, wav.device)
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
-        with ieee_fp32(precision == "fp32"):
+        with ieee_fp32(precision == "fp32", wav.device):
             if wav.shape[0] == 1:
                 return self._encode_pass(wav, bandwidth, lengths, precision)
             lengths = self._valid_lengths(wav, lengths)
@@ -341,7 +341,7 @@ class XCodec(nn.Module):
             frames = torch.as_tensor(frames, dtype=torch.long).cpu()
             if frames.shape != (codes.shape[0],) or int(frames.min()) < 1 or int(frames.max()) > count:
                 raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {frames.tolist()}")
-        with ieee_fp32(precision == "fp32"):
+        with ieee_fp32(precision == "fp32", codes.device):
             groups = None
             if codes.shape[0] > 1:
                 sizes = frames if frames is not None else torch.full((codes.shape[0],), count)

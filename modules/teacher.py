@@ -142,21 +142,25 @@ def teacher_frames(model: nn.Module, num_samples: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden_state_mean(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Mean of all hidden states, summed as they are produced instead of stacked.
+    """Mean of all hidden states, bitwise what the reference computes
+    (``torch.stack(hidden_states, dim=1).mean(dim=1)``).
 
-    Adds the input of every encoder layer and the final output in order, then divides:
-    bitwise what ``torch.stack(hidden_states).mean(0)`` gives, without holding the
-    1 + num_layers copies.
+    On CPU the states are summed as they are produced and the sum divided: the same bits
+    as the stacked mean, without holding the 1 + num_layers copies. CUDA's mean kernel
+    sums in another order and multiplies by 1/N, so there the states are stacked.
     """
     layers = list(model.encoder.layers)
-    total: list[torch.Tensor] = []
+    stack = x.device.type != "cpu"
+    states: list[torch.Tensor] = []
 
     def accumulate(module, args, kw):
         h = args[0] if args else kw["hidden_states"]
-        if total:
-            total[0].add_(h)
+        if stack:
+            states.append(h)
+        elif states:
+            states[0].add_(h)
         else:
-            total.append(h.clone())
+            states.append(h.clone())
 
     handles = [layer.register_forward_pre_hook(accumulate, with_kwargs=True) for layer in layers]
     try:
@@ -164,9 +168,11 @@ def _hidden_state_mean(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Ten
     finally:
         for handle in handles:
             handle.remove()
-    if not total:  # a teacher without layers
+    if not states:  # a teacher without layers
         return out.clone()
-    return total[0].add_(out).div_(len(layers) + 1)
+    if stack:
+        return torch.stack([*states, out], dim=1).mean(dim=1)
+    return states[0].add_(out).div_(len(layers) + 1)
 
 
 @torch.no_grad()

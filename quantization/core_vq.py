@@ -23,8 +23,11 @@ def _sample_rows(samples: torch.Tensor, num: int, generator: torch.Generator | N
 
 
 def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, max_samples: int = 10_000):
-    """Lloyd's k-means on (N, D) samples. Returns ``(means (K, D), counts (K,))``."""
+    """Lloyd's k-means on (N, D) samples, at most ``max_samples`` of them (never fewer than
+    10 per cluster: with about one sample per cluster the residual of every later stage
+    collapses onto a few codes). Returns ``(means (K, D), counts (K,))``."""
     samples = samples.contiguous()  # cdist on a strided view is ~40x slower
+    max_samples = max(max_samples, 10 * num_clusters)
     if samples.shape[0] > max_samples:
         samples = _sample_rows(samples, max_samples)
     means = _sample_rows(samples, num_clusters)

@@ -72,6 +72,10 @@ class RunStats:
             source = {k: entry[k] for k in ("path", "source_size", "source_mtime_ns") if k in entry}
             self.shards.add(entry, codes, source)
 
+    def start_clock(self) -> None:
+        """Time from here: the speed in :meth:`summary` leaves out start-up and model loading."""
+        self.start = time.perf_counter()
+
     def fail(self, message: str) -> None:
         self.failed.append(message)
         tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, even under a progress bar

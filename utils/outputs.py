@@ -9,7 +9,9 @@ would write one output.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +144,30 @@ def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: in
             lock.release()
         raise CliError(str(exc) if isinstance(exc, TreeLockedError) else f"{exc.filename}: cannot write ({exc.strerror})") from None
     return locks
+
+
+class BackgroundWriter:
+    """Runs the writes of finished jobs on one thread behind the model, in order, so that the
+    encoding loop never waits on the disk; at most ``depth`` jobs wait to be written.
+
+    A write that raises (not a failed file: :func:`write_outputs` reports those in one line)
+    raises again in the caller's thread, at the next :meth:`submit` or at :meth:`close`.
+    """
+
+    def __init__(self, depth: int = 64) -> None:
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="xcodec-writer")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn: Callable[..., object], *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while self._pending and (len(self._pending) > self.depth or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every queued write (also when the loop stopped on an error)."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -93,31 +94,44 @@ def autocast(device: torch.device, precision: str | None) -> contextlib.Abstract
     return torch.autocast(device.type, enabled=False)
 
 
+# The TF32 switches exact mode turns off (oneDNN's too: ``set_float32_matmul_precision("high")``
+# sets them, and CPUs with reduced-precision float32 units use them). torch >= 2.9 has
+# per-backend ``fp32_precision`` settings and refuses to read its older API (``allow_tf32``,
+# ``get_float32_matmul_precision``) once the two are mixed: exact mode writes only the newer
+# one where it exists.
+_TF32_SWITCHES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+
+
+def tf32_switches() -> list[tuple[object, str]]:
+    """(object, attribute) of each TF32 switch, in the newest API this torch has."""
+    backends = torch.backends
+    if all(hasattr(getattr(getattr(backends, a), b), "fp32_precision") for a, b in _TF32_SWITCHES):
+        return [(getattr(getattr(backends, a), b), "fp32_precision") for a, b in _TF32_SWITCHES]
+    return [(backends.cuda.matmul, "allow_tf32"), (backends.cudnn, "allow_tf32")]
+
+
 @contextlib.contextmanager
-def ieee_fp32(enabled: bool = True) -> Iterator[None]:
-    """IEEE float32 matmuls and convolutions inside (TF32 off on CUDA); the flags are restored after.
+def ieee_fp32(enabled: bool = True, device: torch.device | None = None) -> Iterator[None]:
+    """IEEE float32 matmuls, convolutions and attention inside; every flag restored after.
 
     cuDNN convolutions default to TF32 on Ampere and later, which changes the last bits of
     every conv and so codes: exact mode runs with it off, and leaves the process as it was.
+    On CUDA (``device``) attention also runs on SDPA's math kernel: the memory-efficient
+    kernel computes float32 with 3xTF32 on sm80+ whatever the flags.
     """
     if not enabled:
         yield
         return
-    # torch refuses to mix its two matmul-precision APIs (the legacy matmul.allow_tf32 flag
-    # and set_float32_matmul_precision): keep to the one the process already uses.
+    switches = tf32_switches()
+    saved = [getattr(obj, name) for obj, name in switches]
+    for obj, name in switches:
+        setattr(obj, name, False if name == "allow_tf32" else "ieee")
     try:
-        matmul = ("precision", torch.get_float32_matmul_precision())
-        torch.set_float32_matmul_precision("highest")
-    except RuntimeError:  # the legacy flag was written: the getter refuses
-        matmul = ("legacy", torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-    cudnn = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if matmul[0] == "precision":
-            torch.set_float32_matmul_precision(matmul[1])
+        if device is not None and device.type == "cuda":
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
         else:
-            torch.backends.cuda.matmul.allow_tf32 = matmul[1]
-        torch.backends.cudnn.allow_tf32 = cudnn
+            yield
+    finally:
+        for (obj, name), value in zip(switches, saved):
+            setattr(obj, name, value)
