@@ -93,6 +93,10 @@ def test_codes_beyond_int16_need_their_bins_and_are_never_wrapped(tmp_path, code
     assert proc.returncode == 0, proc.stderr
     stream = TokenStream.open(prefix)
     assert stream.meta["dtype"] == "int32" and np.array_equal(stream.codes(0).numpy(), big)
+    # --bins never overrides what a corpus records
+    _one_line_refusal(
+        _cli("export", str(codes_dir), str(tmp_path / "x"), "--bins", "65536"), "1024 bins", "--bins says 65536"
+    )
 
 
 def test_codes_at_or_above_bins_with_offsets_are_refused_naming_the_file(tmp_path, codes_dir):

@@ -131,6 +131,8 @@ def export_stream(
         with open(tmp, "wb") as fh:
             for entry, codes in iter_corpus(corpus):
                 where, file_bins = entry.get("path"), int(entry.get("bins") or bins or DEFAULT_BINS)
+                if bins is not None and file_bins != bins:
+                    raise CodesFileError(f"{where}: tokenized with {file_bins} bins; --bins says {bins}")
                 if not info:
                     info["n_q"], info["bins"] = codes.shape[0], file_bins
                     top = (info["n_q"] * info["bins"] if offsets else info["bins"]) - 1
