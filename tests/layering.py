@@ -6,8 +6,9 @@ Rules, for every Python file outside tests/:
 
 - layers, bottom to top: ``utils`` -> ``modules``, ``quantization`` -> ``models`` ->
   ``losses``, ``data`` -> ``training`` -> the entry points (``inference``, ``evaluate``,
-  ``main_launch_vqdp``) -> ``benchmarks``. A file imports only from lower layers or from its
-  own top-level package (no upward and no sideways imports);
+  ``main_launch_vqdp``) -> ``yue_data`` (which drives ``inference``) -> ``benchmarks``. A file
+  imports only from lower layers or from its own top-level package (no upward and no sideways
+  imports);
 - no import circle between files (a package's ``__init__`` counts as a file);
 - imports inside functions only for the optional heavy dependencies in ``OPTIONAL``, never
   for the project's own modules;
@@ -29,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("losses", "data"),
     ("training",),
     ("inference", "evaluate", "main_launch_vqdp"),
+    ("yue_data",),  # drives inference.py's tokenization
     ("benchmarks",),
 ]
 # Third-party imports allowed inside a function: heavy, and needed only on some paths.
@@ -113,7 +115,9 @@ def collect(files: list[Path], root: Path = ROOT) -> tuple[set[str], list[Import
                     if in_function:
                         problems.append(f"{path.relative_to(root)}:{line}: imports {first_party} inside a function")
                 elif in_function and not target.startswith(OPTIONAL) and base not in ("__future__",):
-                    problems.append(f"{path.relative_to(root)}:{line}: imports {target} inside a function (not an optional dependency)")
+                    problems.append(
+                        f"{path.relative_to(root)}:{line}: imports {target} inside a function (not an optional dependency)"
+                    )
     return modules, imports, problems
 
 
@@ -179,7 +183,9 @@ def check(root: Path = ROOT) -> tuple[list[str], dict]:
             continue
         same_package = imp.source.split(".")[0] == imp.target.split(".")[0]
         if dst > src or (dst == src and not same_package):
-            problems.append(f"{imp.source} (line {imp.line}) imports {imp.target}: {'upward' if dst > src else 'sideways'} across layers")
+            problems.append(
+                f"{imp.source} (line {imp.line}) imports {imp.target}: {'upward' if dst > src else 'sideways'} across layers"
+            )
     for component in circles(modules, imports):
         problems.append(f"import circle: {' -> '.join(component)}")
     sizes = {str(p.relative_to(root)): len(p.read_text(encoding="utf-8").splitlines()) for p in files}

@@ -51,9 +51,16 @@ def yue(tmp_path_factory):
     (root / "final_ckpt" / "config.yaml").write_text(yaml.safe_dump(YUE_CONFIG))
     teacher_dir = root / "semantic_ckpts" / "hf_1_325000"
     teacher_dir.mkdir(parents=True)
-    (teacher_dir / "config.json").write_text(json.dumps({**HubertConfig(**TEACHER).to_dict(), "architectures": ["HubertModel"]}))
-    (teacher_dir / "preprocessor_config.json").write_text(json.dumps({"feature_extractor_type": "Wav2Vec2FeatureExtractor"}))
-    vocoder = Vocoder(BackboneArgs(input_channels=16 + TEACHER["hidden_size"], dim=32, intermediate_dim=48, num_layers=2), HeadArgs(dim=32)).eval()
+    (teacher_dir / "config.json").write_text(
+        json.dumps({**HubertConfig(**TEACHER).to_dict(), "architectures": ["HubertModel"]})
+    )
+    (teacher_dir / "preprocessor_config.json").write_text(
+        json.dumps({"feature_extractor_type": "Wav2Vec2FeatureExtractor"})
+    )
+    vocoder = Vocoder(
+        BackboneArgs(input_channels=16 + TEACHER["hidden_size"], dim=32, intermediate_dim=48, num_layers=2),
+        HeadArgs(dim=32),
+    ).eval()
     (root / "decoders").mkdir()
     for name in ("decoder_131000.pth", "decoder_151000.pth"):
         torch.save(vocoder.state_dict(), root / "decoders" / name)
@@ -122,7 +129,10 @@ def test_wrong_layouts_are_refused_naming_the_keys(yue, tmp_path):
     state = torch.load(root / "decoders" / "decoder_131000.pth", weights_only=True)
     state["backbone.convnext.9.gamma"] = state.pop("backbone.convnext.1.gamma")
     torch.save(state, tmp_path / "decoder.pth")
-    with pytest.raises(CheckpointError, match=r"missing key\(s\): backbone\.convnext\.1\.gamma; 1 unexpected key\(s\): backbone\.convnext\.9\.gamma"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing key\(s\): backbone\.convnext\.1\.gamma; 1 unexpected key\(s\): backbone\.convnext\.9\.gamma",
+    ):
         Vocoder.from_pretrained(tmp_path / "decoder.pth", config=root / "decoders" / "config.yaml")
 
 
@@ -172,7 +182,18 @@ def test_inference_writes_44k_files_with_the_vocoder(yue, tmp_path, capsys):
     assert np.load(tmp_path / "a.npy").shape[0] == 8  # what YuE's stage 2 reads
     assert inference.main([*argv, "--output", str(tmp_path / "m.wav"), "--low-freq-merge"]) == 0
     assert sf.info(str(tmp_path / "m.wav")).frames == info.frames
-    code = inference.main(["--checkpoint", str(root), "--codes-in", str(tmp_path / "a.npy"), "--output", str(tmp_path / "c.wav"), "--vocoder", str(voc)])
+    code = inference.main(
+        [
+            "--checkpoint",
+            str(root),
+            "--codes-in",
+            str(tmp_path / "a.npy"),
+            "--output",
+            str(tmp_path / "c.wav"),
+            "--vocoder",
+            str(voc),
+        ]
+    )
     assert code == 0 and sf.info(str(tmp_path / "c.wav")).samplerate == 44100
     capsys.readouterr()
 
@@ -186,7 +207,9 @@ def test_yue_to_transformers_gives_the_same_codes(yue, tmp_path, music):
     assert hf_codes.shape[1] == 12 and torch.equal(hf_codes, model.encode(music, 6))
     from models.convert import main as convert_main
 
-    assert convert_main([str(yue[0]), str(tmp_path / "converted")]) == 0  # the conversion CLI, verified tensor by tensor
+    assert (
+        convert_main([str(yue[0]), str(tmp_path / "converted")]) == 0
+    )  # the conversion CLI, verified tensor by tensor
     assert torch.equal(XCodec.from_pretrained(tmp_path / "converted").encode(music, 6), hf_codes)
 
 
@@ -234,3 +257,67 @@ def test_evaluate_with_the_vocoder_scores_at_the_reference_rate(yue, tmp_path, c
     assert [s["n_q"] for s in report["bandwidths"]] == [1, 8]
     row = report["bandwidths"][1]["files"][0]
     assert row["path"] == "song.wav" and math.isfinite(row["mel_distance"]) and math.isfinite(row["si_sdr"])
+
+
+def _torchaudio_sinc_resample(x: np.ndarray, orig: int, new: int, width: int = 6, rolloff: float = 0.99) -> np.ndarray:
+    """torchaudio's ``sinc_interp_hann`` resampling from its documented formula, output by output:
+    ``y[m] = sum_i x[i] * (base / orig) * sinc(t) * cos(pi t / (2 width))^2``, ``t = base * (i / orig - m / new)``,
+    ``|t| <= width``, ``base = rolloff * min(orig, new)`` (no gcd step, no kernel table, no strided convolution)."""
+    base = rolloff * min(orig, new)
+    m = np.arange(math.ceil(len(x) * new / orig))
+    i = np.floor(m * orig / new).astype(np.int64)[:, None] + np.arange(
+        -width * orig // int(base) - 2, width * orig // int(base) + 3
+    )
+    t = base * (i / orig - m[:, None] / new)
+    w = np.where(np.abs(t) <= width, np.sinc(t) * np.cos(np.pi * t / (2 * width)) ** 2, 0.0) * (base / orig)
+    taps = np.where((i >= 0) & (i < len(x)), x[np.clip(i, 0, len(x) - 1)], 0.0)
+    return (taps * w).sum(axis=1)
+
+
+def test_sinc_resample_is_torchaudios_windowed_sinc():
+    from utils.audio import sinc_resample, sinc_resample_kernel
+
+    kernel, width = sinc_resample_kernel(160, 441)  # 16 -> 44.1 kHz after the gcd (100)
+    assert width == 7 and kernel.shape == (441, 2 * 7 + 160)  # ceil(6 * 160 / 158.4) taps of context
+    j, k = np.meshgrid(np.arange(441), np.arange(174), indexing="ij")
+    t = np.clip(158.4 * ((k - 7) / 160 - j / 441), -6, 6)
+    assert np.allclose(kernel, np.sinc(t) * np.cos(np.pi * t / 12) ** 2 * 0.99, rtol=0, atol=1e-12)
+    x = read_asset("music_4s.flac").astype(np.float64)
+    for orig, new in ((16000, 44100), (44100, 16000), (16000, 24000)):
+        y = sinc_resample(x, orig, new)
+        ref = _torchaudio_sinc_resample(x, orig, new)
+        assert y.shape == ref.shape == (math.ceil(len(x) * new / orig),)
+        assert np.abs(y - ref).max() < 1e-9 * np.abs(ref).max(), (orig, new)
+
+
+def test_merge_low_band_is_yues_post_processing_step_for_step():
+    """YuE's replace_low_freq_with_energy_matched, each step computed here with numpy/scipy:
+    torchaudio Resample 16 -> 44.1 kHz, lowpass/highpass biquads (RBJ, Q 0.707, clamped to [-1, 1]),
+    one RMS gain, the sum cut to the shorter length."""
+    import soxr
+    from scipy.signal import lfilter
+
+    codec = read_asset("music_4s.flac").astype(np.float64)  # the codec's 16 kHz decoding
+    rng = np.random.default_rng(0)
+    voc = soxr.resample(read_asset("speech_en.flac")[:64000], 16000, 44100)[:175000]  # the vocoder at 44.1 kHz
+    voc = voc + 0.05 * rng.standard_normal(len(voc))  # highs for the vocoder's band
+
+    def biquad(x, kind):
+        w0 = 2 * np.pi * 5500.0 / 44100
+        alpha, c = np.sin(w0) / 2 / 0.707, np.cos(w0)
+        b = [(1 - c) / 2, 1 - c, (1 - c) / 2] if kind == "low" else [(1 + c) / 2, -1 - c, (1 + c) / 2]
+        a = [1 + alpha, -2 * c, 1 - alpha]
+        return np.clip(lfilter(np.array(b) / a[0], np.array(a) / a[0], x), -1, 1)
+
+    def yue(a):
+        a_low, b_low, b_high = biquad(a, "low"), biquad(voc, "low"), biquad(voc, "high")
+        scale = (np.sqrt(np.mean(b_low**2)) + 1e-10) / (np.sqrt(np.mean(a_low**2)) + 1e-10)
+        n = min(len(a_low), len(b_high))
+        return a_low[:n] * scale + b_high[:n]
+
+    ref = yue(_torchaudio_sinc_resample(codec, 16000, 44100))
+    ours = merge_low_band(torch.from_numpy(codec)[None, None], torch.from_numpy(voc)[None, None])[0, 0].double().numpy()
+    assert ours.shape == ref.shape == (175000,)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+    with_soxr = yue(soxr.resample(codec, 16000, 44100))  # what the merge did before: measurably not YuE's
+    assert np.linalg.norm(with_soxr - ref) / np.linalg.norm(ref) > 1e-3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +49,18 @@ def open_audio_dataset(path: str | Path):
     try:
         import datasets  # optional heavy dependency: only for dataset inputs
     except ImportError:
-        raise AudioError(f"{path}: reading a Hugging Face dataset needs the datasets package (pip install datasets)") from None
+        raise AudioError(
+            f"{path}: reading a Hugging Face dataset needs the datasets package (pip install datasets)"
+        ) from None
 
     key = str(path)
     if key not in _DATASETS:
         p = Path(path)
-        ds = datasets.load_from_disk(key) if p.is_dir() else datasets.load_dataset("parquet", data_files=key, split="train")
+        ds = (
+            datasets.load_from_disk(key)
+            if p.is_dir()
+            else datasets.load_dataset("parquet", data_files=key, split="train")
+        )
         if "audio" not in ds.column_names:
             raise AudioError(f"{path}: no 'audio' column (columns: {', '.join(ds.column_names)})")
         if isinstance(ds.features["audio"], datasets.Audio):  # else a plain {array, sampling_rate} struct
@@ -91,7 +98,9 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
         except AudioError:
             raise
         except Exception as exc:
-            raise AudioError(f"{path}: cannot read audio ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})") from None
+            raise AudioError(
+                f"{path}: cannot read audio ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
+            ) from None
         return _finish(path, wav, rate, sample_rate)
     path = Path(path)
     if not path.exists():
@@ -125,6 +134,50 @@ def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     if orig_rate == new_rate:
         return wav
     return soxr.resample(wav.astype(np.float32, copy=False), orig_rate, new_rate, quality="HQ").astype(np.float32)
+
+
+def sinc_resample_kernel(
+    orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> tuple[np.ndarray, int]:
+    """torchaudio's ``sinc_interp_hann`` kernel (``torchaudio.transforms.Resample``'s default) for
+    gcd-reduced rates ``orig -> new``, written from its documented algorithm (no torchaudio here).
+
+    Returns:
+        ``(kernel, width)``: kernel ``(new, 2 * width + orig)`` float64, row ``j`` the taps of output
+        phase ``j``; ``width`` the input samples of context on each side.
+    """
+    base = min(orig, new) * rolloff  # the lowpass cutoff, below both Nyquists (anti-aliasing)
+    width = math.ceil(lowpass_filter_width * orig / base)
+    t = (np.arange(0, -new, -1)[:, None] / new + np.arange(-width, width + orig)[None] / orig) * base
+    t = np.clip(t, -lowpass_filter_width, lowpass_filter_width)
+    window = np.cos(t * np.pi / lowpass_filter_width / 2) ** 2  # Hann, evaluated where the taps fall
+    sinc = np.sinc(t)  # sin(pi t) / (pi t), 1 at 0
+    return sinc * window * (base / orig), width
+
+
+def sinc_resample(
+    wav: np.ndarray, orig_rate: int, new_rate: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
+) -> np.ndarray:
+    """Resample (T,) audio as ``torchaudio.transforms.Resample(orig_rate, new_rate)`` does (windowed sinc,
+    Hann): YuE's post-processing resamples so, and soxr's filter differs from it by ~10% above 6 kHz.
+
+    Args:
+        wav: (T,) float audio at ``orig_rate``.
+
+    Returns:
+        (ceil(T * new_rate / orig_rate),) float64 audio at ``new_rate``.
+    """
+    gcd = math.gcd(int(orig_rate), int(new_rate))
+    orig, new = int(orig_rate) // gcd, int(new_rate) // gcd
+    wav = np.asarray(wav, dtype=np.float64)
+    if orig == new:
+        return wav.copy()
+    kernel, width = sinc_resample_kernel(orig, new, lowpass_filter_width, rolloff)
+    # conv1d with stride orig: frame n holds the `new` outputs whose taps start at input n * orig - width
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(wav, (width, width + orig)), kernel.shape[1])[::orig]
+    chunk = 1 << 13  # frames at a time: a long song never holds all (frames, taps) copies at once
+    out = np.concatenate([frames[i : i + chunk] @ kernel.T for i in range(0, len(frames), chunk)]).reshape(-1)
+    return out[: math.ceil(new * len(wav) / orig)]
 
 
 def prepare_output(wav: np.ndarray, rescale: bool = False, limit: float = 0.99) -> np.ndarray:
