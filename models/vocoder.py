@@ -24,6 +24,7 @@ from torch import nn
 
 from modules.vocos import ISTFTHead, VocosBackbone
 from utils.audio import resample
+from utils.budget import check_budget
 from utils.config import ConfigError, from_dict, read_yaml, setting
 from utils.hub import HubError, hub_file
 
@@ -74,7 +75,21 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
         raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
     if head.n_fft <= head.hop_length or (head.n_fft - head.hop_length) % 2:
         raise ConfigError(f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}")
+    scalars = {k: v for k, v in dataclasses.asdict(backbone).items() if k != "layer_scale_init_value"}
+    sizes = {f"backbone.init_args.{k}": v for k, v in scalars.items()}
+    sizes |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(head).items() if k != "padding"}
+    defaults = {f"backbone.init_args.{k}": v for k, v in dataclasses.asdict(BackboneArgs()).items()}
+    defaults |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(HeadArgs()).items()}
+    check_budget(_vocoder_parameters, sizes, defaults, f"{path}: ")
     return backbone, head
+
+
+def _vocoder_parameters(v: dict) -> float:
+    """Parameters (within 2x) of a vocoder whose config sizes are ``v`` (float arithmetic)."""
+    dim, n_fft = float(v["backbone.init_args.dim"]), float(v["head.init_args.n_fft"])
+    blocks = float(v["backbone.init_args.num_layers"]) * dim * (8 + 2 * float(v["backbone.init_args.intermediate_dim"]))
+    head = float(v["head.init_args.dim"]) * (n_fft + 2) + n_fft
+    return float(v["backbone.init_args.input_channels"]) * dim * 7 + blocks + head
 
 
 class Vocoder(nn.Module):

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from models.config import GeneratorConfig, generator_config_from_dict
+from utils.budget import check_budget
 from utils.config import ConfigError, config_layers, from_dict, merge, setting
 
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
@@ -321,6 +322,11 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
         raise bad("mfd", "hop_lengths and hidden_channels must have the same length")
     if cfg.segment_size < cfg.codec.hop_length:
         raise bad("segment_size", f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)")
+    # Before log_dir is touched: a batch of segments is one tensor per audio-rate layer.
+    widest = max(cfg.codec.encoder_dim, cfg.codec.decoder_dim / 2 ** len(cfg.codec.ratios))
+    sizes = {"segment_size": cfg.segment_size, "batch_size": cfg.batch_size}
+    check_budget(lambda v: float(v["segment_size"]) * v["batch_size"] * widest, sizes, {"segment_size": 48000, "batch_size": 8},
+                 f"{where}: ", "elements in one audio-rate activation")  # fmt: skip
     if cfg.mel_scale_loss.fmax is not None and cfg.mel_scale_loss.fmax <= cfg.mel_scale_loss.fmin:
         raise bad("mel_scale_loss.fmax", f"must be above fmin ({cfg.mel_scale_loss.fmin}), got {cfg.mel_scale_loss.fmax}")
     if "mfd" in cfg.d_list and any(c % 32 for c in cfg.mfd.hidden_channels):

@@ -10,6 +10,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from utils.budget import MAX_ELEMENTS, over_budget
+
 
 class AudioError(ValueError):
     """An audio file that cannot be used: unreadable, empty or non-finite."""
@@ -67,7 +69,9 @@ def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str | tuple[np.ndarray, in
     if not isinstance(cell, dict):
         raise AudioError(f"{ref}: the audio cell is not a mapping")
     if cell.get("array") is not None and cell.get("sampling_rate"):
-        return np.asarray(cell["array"], dtype=np.float32), int(cell["sampling_rate"])
+        rate = cell["sampling_rate"]  # checked in _finish: a negative rate is this file's failure, not the run's
+        rate = int(rate) if isinstance(rate, float) and rate.is_integer() else rate
+        return np.asarray(cell["array"], dtype=np.float32), rate
     if cell.get("bytes"):
         return io.BytesIO(cell["bytes"])
     if cell.get("path") and Path(cell["path"]).is_file():
@@ -109,8 +113,14 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
 
 
 def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[np.ndarray, int]:
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"{path}: sample rate must be a positive integer, got {rate!r}")
     if wav.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
+    resampled = wav.shape[0] * (sample_rate or rate) / rate  # before soxr allocates it: a header may declare 1 Hz
+    if over_budget(resampled):
+        raise AudioError(f"{path}: {wav.shape[0]} samples at {rate} Hz resample to {resampled:.3g} samples at {sample_rate} Hz, "
+                         f"over the bound of {MAX_ELEMENTS:.3g} (is the declared sample rate right?)")  # fmt: skip
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: audio contains NaN or Inf samples")
