@@ -191,7 +191,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
     length where a manifest records it (else whole frames)."""
     try:
-        lengths = source_lengths(args.codes_in, model.sample_rate)
+        lengths = source_lengths(args.codes_in, model.sample_rate, model.hop_length)
     except CodesFileError as exc:
         raise CliError(str(exc)) from None
     window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else None
@@ -213,7 +213,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
         for i, (job, c) in enumerate(pending):
             wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
-            source = lengths.get(job.src.resolve())  # samples at the codec's rate
+            source, _ = lengths.get(job.src.resolve(), (None, None))  # samples at the codec's rate
             wav = fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav))
             if write_outputs(job, stats.fail, None, wav, rate, args.rescale, model.bins):
                 stats.written += 1
@@ -222,7 +222,8 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
 
     for job in _progress(jobs, many, "decoding"):
         try:
-            codes = load_codes(job.src, model.n_q, model.bins)
+            # The frames its description records: a description of other codes would cut or stretch the audio.
+            codes = load_codes(job.src, model.n_q, model.bins, frames=lengths.get(job.src.resolve(), (None, None))[1])
             if vocoder is not None:
                 vocoder.check_codec(model, codes.shape[0])
         except ValueError as exc:

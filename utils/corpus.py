@@ -106,7 +106,7 @@ def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
         if fmt == "npy":
             entries = read_manifest(root) if root.is_dir() else []
             return entries, {e["path"]: e for e in entries}
-        settings = [e.get("settings", {}) for e in read_index(root)] if root.is_dir() else []
+        settings = [e.get("settings", {}) for e in read_index(root, lost_ok=True)] if root.is_dir() else []
         return settings, finished_files(root) if root.is_dir() else {}
     except (CodesFileError, ShardError, OSError) as exc:
         raise CliError(str(exc)) from None
@@ -124,6 +124,7 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         n_q: codebooks at this bandwidth.
     """
     earlier, done = _earlier(root, fmt)
+    fields = {**fields, "world_size": stats.world_size}  # --merge checks that every rank of the run ran
     mine = (fields["checkpoint"], n_q, fields["precision"])
     # Entries written before precisions were recorded were all fp32.
     clash = [e for e in earlier if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
@@ -155,7 +156,8 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     if fmt == "npy":
         stats.manifest = ManifestWriter(manifest_path(root, stats.rank, stats.world_size))
     else:
-        settings = {**{k: fields[k] for k in ("checkpoint", "bandwidth", "precision", "input_root", "bins")}, "n_q": n_q}
+        kept = ("checkpoint", "bandwidth", "precision", "input_root", "bins", "world_size")
+        settings = {**{k: fields[k] for k in kept}, "n_q": n_q}
         remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)
         stats.shards = ShardWriter(root, fmt, stats.rank, shard_size, settings)
     return todo

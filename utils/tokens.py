@@ -32,6 +32,7 @@ import torch
 from utils.cli import DefaultsHelpFormatter
 from utils.codes import CodesFileError, iter_corpus
 from utils.files import atomic_write
+from utils.schema import TOKEN_STREAM, read_json
 
 LAYOUTS = ("frame-major", "codebook-major")
 
@@ -113,7 +114,7 @@ class TokenStream:
     @staticmethod
     def open(prefix: str | Path) -> TokenStream:
         prefix = Path(prefix)
-        meta = json.loads(prefix.with_name(prefix.name + ".json").read_text(encoding="utf-8"))
+        meta = read_json(prefix.with_name(prefix.name + ".json"), TOKEN_STREAM, CodesFileError)
         index = np.load(prefix.with_name(prefix.name + ".idx.npy"), allow_pickle=False)
         tokens = np.memmap(prefix.with_name(prefix.name + ".bin"), dtype="<" + np.dtype(meta["dtype"]).str[1:], mode="r")
         if len(index) != len(meta["files"]) + 1 or int(index[-1]) != len(tokens):
