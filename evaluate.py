@@ -299,7 +299,7 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
     books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
     notes = extra.notes + _absent_notes(args)
-    vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
+    vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint) if args.vocoder else None
     try:
         for n_q in n_qs.values() if vocoder is not None else ():
             vocoder.check_codec(model, n_q)

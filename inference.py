@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CliError(str(exc)) from None
         jobs = shard_and_resume(model, jobs, args, many, stats)
-        vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
+        vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint) if args.vocoder else None
         if vocoder is not None and args.codes_in is None:  # codes files are checked one by one
             try:
                 vocoder.check_codec(model, model.quantizer.n_q_for_bandwidth(args.bandwidth))

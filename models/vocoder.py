@@ -54,16 +54,20 @@ class HeadArgs:
     padding: str = setting("same", choices=("same",))
 
 
-def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
-    """``backbone`` and ``head`` (``class_path`` + ``init_args``, Vocos' format) of a vocoder YAML.
+def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs, int]:
+    """``backbone`` and ``head`` (``class_path`` + ``init_args``, Vocos' format) of a vocoder YAML, and
+    the codebooks it was trained on: its ``n_q`` key, else YuE's 8 (``decoders/config.yaml`` has none).
 
     Raises:
         ConfigError: naming the key and the file.
     """
     data = read_yaml(path)
-    unknown = sorted(set(data) - {"backbone", "head", "feature_extractor"})
+    unknown = sorted(set(data) - {"backbone", "head", "feature_extractor", "n_q"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a vocoder config has backbone and head")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a vocoder config has backbone, head and n_q")
+    n_q = data.get("n_q", YUE_VOCODER_CODEBOOKS)
+    if isinstance(n_q, bool) or not isinstance(n_q, int) or n_q < 1:
+        raise ConfigError(f"{path}: n_q: expected the number of codebooks the vocoder takes (an integer >= 1), got {n_q!r}")
     parts = []
     for key, cls, name in (("backbone", BackboneArgs, "VocosBackbone"), ("head", HeadArgs, "ISTFTHead")):
         section = data.get(key)
@@ -81,7 +85,7 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
     defaults = {f"backbone.init_args.{k}": v for k, v in dataclasses.asdict(BackboneArgs()).items()}
     defaults |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(HeadArgs()).items()}
     check_budget(_vocoder_parameters, sizes, defaults, f"{path}: ")
-    return backbone, head
+    return backbone, head, n_q
 
 
 def _vocoder_parameters(v: dict) -> float:
@@ -137,13 +141,19 @@ class Vocoder(nn.Module):
             raise ValueError(f"the vocoder takes {self.input_channels}-channel latents; this codec gives {codec.quantizer.dimension}")
 
     @staticmethod
-    def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> Vocoder:
-        """``"vocals"`` / ``"instrumentals"`` (YuE's, downloaded once from ``m-a-p/xcodec_mini_infer``)
-        or a ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it).
+    def from_pretrained(
+        name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu", checkpoint: str | Path | None = None
+    ) -> Vocoder:
+        """``"vocals"`` / ``"instrumentals"`` (YuE's: from ``checkpoint``'s ``decoders/`` when it is a local
+        clone of ``m-a-p/xcodec_mini_infer``, else downloaded once) or a ``decoder_*.pth`` (config:
+        ``config`` or ``config.yaml`` beside it).
 
         Raises:
             CheckpointError: with a one-line reason.
         """
+        local = yue_clone(checkpoint)
+        if str(name) in VOCODERS and local is not None:
+            name = local / VOCODERS[str(name)]
         if str(name) in VOCODERS:
             try:
                 weights, cfg = hub_file(YUE_REPO, VOCODERS[str(name)]), Path(config) if config else hub_file(YUE_REPO, VOCODER_CONFIG)
@@ -156,12 +166,24 @@ class Vocoder(nn.Module):
                 known = ", ".join(VOCODERS)
                 raise CheckpointError(f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {known})")
         try:
-            backbone, head = read_vocoder_config(cfg)
+            backbone, head, n_q = read_vocoder_config(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-        model = Vocoder(backbone, head, n_q=YUE_VOCODER_CODEBOOKS if str(name) in VOCODERS else None)
+        model = Vocoder(backbone, head, n_q=n_q)
         load_checked_state(model, tensors_only(read_torch_file(weights)), str(weights), str(cfg))
         return model.eval().requires_grad_(False).to(device)
+
+
+def yue_clone(checkpoint: str | Path | None) -> Path | None:
+    """The local YuE repository (``final_ckpt/`` and ``decoders/``) that ``checkpoint`` is, or holds
+    (``final_ckpt/*.pth``), else ``None``."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return None
+    path = Path(checkpoint)
+    for root in (path, path.parent.parent) if path.is_file() else (path,):
+        if (root / "final_ckpt").is_dir() and all((root / f).is_file() for f in (*VOCODERS.values(), VOCODER_CONFIG)):
+            return root
+    return None
 
 
 def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707) -> np.ndarray:
