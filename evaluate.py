@@ -42,6 +42,7 @@ from utils.audio import AudioError, audio_extensions, load_audio, prepare_output
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
 from utils.files import atomic_write, overwritten_input
 from utils.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
+from utils.outputs import refuse_replacing
 from utils.plotting import save_figure, spectrogram_figure
 
 MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find false matches
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transcripts", type=Path, help="reference transcripts for WER: JSON {path: text} or TSV 'path<TAB>text'")
     p.add_argument("--utmos", type=Path, help="local clone of the SpeechMOS torch.hub repo (weights in the torch hub cache)")
     p.add_argument("--quiet", action="store_true", help="print only the mean rows")
+    p.add_argument("--overwrite", action="store_true", help="replace a report, CSV or plots that already exist")
     args = p.parse_args(argv)
     by_checkpoint = args.checkpoint is not None or args.input is not None
     by_reference = args.reference is not None or args.estimate is not None
@@ -411,6 +413,9 @@ def run(args: argparse.Namespace) -> int:
     clash = overwritten_input([args.output, csv_path], inputs)
     if clash is not None:  # the report must not replace audio it reads
         raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
+    names = [name for _, name in items] if args.checkpoint is not None else [name for name, _, _ in paired[0]]
+    plots = [plot_path(args.plot, name) for name in names] if args.plot is not None else []
+    refuse_replacing([args.output, csv_path, *plots], args.overwrite)  # as inference.py: before any work
     failures = Failures()
     if args.checkpoint is not None:
         report, single, keys = evaluate_checkpoint(args, items, single, failures)

@@ -26,7 +26,7 @@ from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
 from utils.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
 from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
-from utils.outputs import Job
+from utils.outputs import Job, refuse_replacing
 from utils.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
 
 FORMATS = ("npy", "parquet", "webdataset")
@@ -179,7 +179,5 @@ def source_key(src: Path | DatasetAudio) -> tuple[int, int] | None:
 def refuse_existing(jobs: list[Job], overwrite: bool, tracked: bool) -> None:
     """Existing outputs are replaced only with ``--overwrite`` or by a tokenization resuming in
     its own output (``tracked``); then the temporaries of dead writers are removed."""
-    existing = [p for j in jobs for p in j.outputs if p.is_file()]
-    if existing and not (overwrite or tracked):
-        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
+    refuse_replacing([p for j in jobs for p in j.outputs], overwrite or tracked)
     remove_stale_temporaries_of([p for j in jobs for p in j.outputs])  # only a dead writer's (see utils.files)
