@@ -213,7 +213,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
         for i, (job, c) in enumerate(pending):
             wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
-            source, _ = lengths.get(job.src.resolve(), (None, None))  # samples at the codec's rate
+            source, _ = lengths.get(job.src.resolve(), (None, None))  # samples at the codec's rate (checked when loaded)
             wav = fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav))
             if write_outputs(job, stats.fail, None, wav, rate, args.rescale, model.bins):
                 stats.written += 1
@@ -222,8 +222,11 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
 
     for job in _progress(jobs, many, "decoding"):
         try:
+            known = lengths.get(job.src.resolve(), (None, None))
+            if isinstance(known, CodesFileError):
+                raise known
             # The frames its description records: a description of other codes would cut or stretch the audio.
-            codes = load_codes(job.src, model.n_q, model.bins, frames=lengths.get(job.src.resolve(), (None, None))[1])
+            codes = load_codes(job.src, model.n_q, model.bins, frames=known[1])
             if vocoder is not None:
                 vocoder.check_codec(model, codes.shape[0])
         except ValueError as exc:

@@ -224,3 +224,27 @@ def test_a_dataset_row_with_a_negative_rate_fails_that_row_only(tmp_path, export
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "bad" in err[0] and "sample rate must be a positive integer, got -16000" in err[0], err
     assert [e["path"] for e in read_manifest(tmp_path / "codes")] == ["good.wav"]
+
+
+def test_a_corrupt_manifest_entry_fails_its_file_only(tmp_path, export_dir, capsys):
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        sf.write(tmp_path / "in" / f"{name}.wav", read_asset("speech_en.flac")[:16000], 16000)
+    codes = tmp_path / "codes"
+    assert (
+        inference.main(["--checkpoint", str(export_dir), "--input", str(tmp_path / "in"), "--codes-out", str(codes)])
+        == 0
+    )
+    lines = [json.loads(line) for line in (codes / "manifest.jsonl").read_text().splitlines()]
+    lines = [{**e, "samples": 9_600_000} if e["path"] == "a.wav" else e for e in lines]
+    (codes / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    capsys.readouterr()
+    code = inference.main(
+        ["--checkpoint", str(export_dir), "--codes-in", str(codes), "--output", str(tmp_path / "out")]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert (
+        code == 1 and len(err) == 1 and "samples 9600000 disagrees with 50 frames" in err[0] and "(a.wav)" in err[0]
+    ), err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.wav")) == ["b.wav"]
+    assert sf.info(str(tmp_path / "out" / "b.wav")).frames == 16000

@@ -189,14 +189,14 @@ def read_sidecar(codes_path: str | Path) -> dict | None:
     return read_json(path, SIDECAR, CodesFileError) if path.is_file() else None
 
 
-def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict[Path, tuple[int, int]]:
+def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict[Path, tuple[int, int] | CodesFileError]:
     """``{codes file (resolved): (samples of its source, frames)}`` from the sidecar of a single codes
     file or the manifest of the corpus that holds ``codes`` (a codes directory, or a file inside one,
     up to 4 levels deep), for entries made at ``sample_rate``; ``{}`` when neither exists.
 
-    Raises:
-        CodesFileError: naming the file, for an entry whose ``samples`` is not ``frames * hop_length``
-            within one hop (it would stretch or cut the decoded audio).
+    An entry whose ``samples`` is not ``frames * hop_length`` within one hop (it would stretch or
+    cut the decoded audio) maps to a :class:`CodesFileError` naming the sidecar or corpus: that
+    file's failure, not the run's.
     """
     codes = Path(codes)
     side = read_sidecar(codes) if codes.suffix == ".npy" else None
@@ -216,12 +216,12 @@ def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict
         samples, frames = entry.get("samples"), entry.get("frames")
         if samples is None or frames is None:
             continue
+        out[path] = (samples, frames)
         if abs(samples - frames * hop_length) > hop_length:
-            raise CodesFileError(
-                f"{where or path}: samples {samples} disagrees with {frames} frames of {hop_length} samples "
+            out[path] = CodesFileError(
+                f"{where}: samples {samples} disagrees with {frames} frames of {hop_length} samples "
                 f"({entry.get('path', path.name)}); the description is corrupt"
             )
-        out[path] = (samples, frames)
     return out
 
 
