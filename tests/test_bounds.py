@@ -126,3 +126,18 @@ def test_a_wav_declaring_1_hz_is_not_resampled(tmp_path, release_dir, capsys):
     line = _one_line(capsys)
     assert code == 2 and str(src) in line and "1 Hz" in line and "bound" in line, line
     assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("batch_size=100000000", "batch_size"),
+     ("full_multi_scale_stft_loss.fft_sizes=[512, 1024, 1000000000]", "full_multi_scale_stft_loss.fft_sizes"),
+     ("mfd.hidden_channels=[32, 32, 32, 1000000000]", "mfd.hidden_channels"),
+     ("mel_scale_loss.num_mels=10000000000", "mel_scale_loss.num_mels")],
+)  # fmt: skip
+def test_training_recipe_sizes_are_bounded(tmp_path, capsys, override, key):
+    log_dir = tmp_path / "run"
+    code = trainer.cli(["--config", str(TINY_CONFIG), f"log_dir={log_dir}", override])
+    line = _one_line(capsys)
+    assert code == 1 and f": {key}: " in line and "would allocate" in line, line
+    assert not log_dir.exists()
