@@ -141,3 +141,11 @@ def test_training_recipe_sizes_are_bounded(tmp_path, capsys, override, key):
     line = _one_line(capsys)
     assert code == 1 and f": {key}: " in line and "would allocate" in line, line
     assert not log_dir.exists()
+
+
+def test_deeply_nested_override_is_one_line(tmp_path, capsys):
+    code = trainer.cli(
+        ["--config", str(TINY_CONFIG), f"log_dir={tmp_path / 'run'}", "d_list=" + "[" * 100_000 + "]" * 100_000]
+    )
+    line = _one_line(capsys)
+    assert code == 1 and "d_list: not valid YAML (nested too deeply)" in line, line

@@ -277,6 +277,8 @@ def parse_override(arg: str) -> dict:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except RecursionError:  # e.g. 100k nested "[": the parser recurses once per level
+        raise ConfigError(f"command line: {key}: not valid YAML (nested too deeply)") from None
     tp = _field_type(TrainConfig, keys)
     if tp is not None and tp is not Any and _accepts_str(tp) and not isinstance(value, str) and text.strip() not in ("null", "~", "Null", "NULL") and not isinstance(value, bool):
         value = text
