@@ -374,7 +374,11 @@ def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failure
             failures.add(name, str(exc))
             continue
         rate = args.sample_rate or min(ref_rate, est_rate)
-        ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
+        try:  # --sample-rate 10^9 would allocate without bound
+            ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
+        except AudioError as exc:
+            failures.add(name, f"{name}: {exc}")
+            continue
         if abs(len(ref) - len(est)) > 0.1 * rate:  # scored against the whole reference (losses.metrics)
             short = "shorter: the missing audio is scored as silence" if len(est) < len(ref) else "longer: cut to the reference"
             notes.append(f"{name}: the estimate is {abs(len(ref) - len(est)) / rate:.2f} s {short}")

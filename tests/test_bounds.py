@@ -149,3 +149,20 @@ def test_deeply_nested_override_is_one_line(tmp_path, capsys):
     )
     line = _one_line(capsys)
     assert code == 1 and "d_list: not valid YAML (nested too deeply)" in line, line
+
+
+def test_an_evaluation_rate_beyond_the_bound_fails_the_file(tmp_path, capsys):
+    import evaluate
+
+    argv = [
+        "--reference",
+        SPEECH,
+        "--estimate",
+        str(ASSETS / "speech_en_xcodec_0.5kbps.wav"),
+        "--output",
+        str(tmp_path / "r.json"),
+    ]
+    code = evaluate.main([*argv, "--sample-rate", "1000000000"])
+    line = _one_line(capsys)
+    assert code == 2 and "resample to" in line and "over the bound" in line, line
+    assert not (tmp_path / "r.json").exists()

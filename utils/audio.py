@@ -117,23 +117,30 @@ def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[
         raise AudioError(f"{path}: sample rate must be a positive integer, got {rate!r}")
     if wav.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
-    resampled = wav.shape[0] * (sample_rate or rate) / rate  # before soxr allocates it: a header may declare 1 Hz
-    if over_budget(resampled):
-        raise AudioError(f"{path}: {wav.shape[0]} samples at {rate} Hz resample to {resampled:.3g} samples at {sample_rate} Hz, "
-                         f"over the bound of {MAX_ELEMENTS:.3g} (is the declared sample rate right?)")  # fmt: skip
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: audio contains NaN or Inf samples")
     if sample_rate is not None and rate != sample_rate:
-        wav = resample(wav, rate, sample_rate)
+        try:
+            wav = resample(wav, rate, sample_rate)
+        except AudioError as exc:
+            raise AudioError(f"{path}: {exc}") from None
         rate = sample_rate
     return np.ascontiguousarray(wav, dtype=np.float32), rate
 
 
 def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Resample a (T,) float array with soxr's high-quality filter."""
+    """Resample a (T,) float array with soxr's high-quality filter.
+
+    Raises:
+        AudioError: the result would exceed the size bound (``utils.budget``; a header declaring 1 Hz).
+    """
     if orig_rate == new_rate:
         return wav
+    samples = len(wav) * new_rate / orig_rate  # before soxr allocates it
+    if over_budget(samples):
+        raise AudioError(f"{len(wav)} samples at {orig_rate} Hz resample to {samples:.3g} samples at {new_rate} Hz, "
+                         f"over the bound of {MAX_ELEMENTS:.3g} (is the sample rate right?)")  # fmt: skip
     return soxr.resample(wav.astype(np.float32, copy=False), orig_rate, new_rate, quality="HQ").astype(np.float32)
 
 
