@@ -160,7 +160,7 @@ def drop_unfinished_line(index: Path, root: Path) -> None:
     start = data.rstrip(b"\n").rfind(b"\n") + 1
     try:
         shard = json.loads(data[start:]).get("shard")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return  # not an index line: the readers report it
     if isinstance(shard, str) and SHARD_RE.match(shard) and not (root / shard).exists():
         with open(index, "r+b") as fh:
