@@ -42,6 +42,7 @@ from utils.audio import AudioError, audio_extensions, load_audio, prepare_output
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
 from utils.files import atomic_write, overwritten_input
 from utils.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
+from utils.outputs import refuse_replacing
 from utils.plotting import save_figure, spectrogram_figure
 
 MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find false matches
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transcripts", type=Path, help="reference transcripts for WER: JSON {path: text} or TSV 'path<TAB>text'")
     p.add_argument("--utmos", type=Path, help="local clone of the SpeechMOS torch.hub repo (weights in the torch hub cache)")
     p.add_argument("--quiet", action="store_true", help="print only the mean rows")
+    p.add_argument("--overwrite", action="store_true", help="replace a report, CSV or plots that already exist")
     args = p.parse_args(argv)
     by_checkpoint = args.checkpoint is not None or args.input is not None
     by_reference = args.reference is not None or args.estimate is not None
@@ -299,7 +301,7 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
     books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
     notes = extra.notes + _absent_notes(args)
-    vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
+    vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint) if args.vocoder else None
     try:
         for n_q in n_qs.values() if vocoder is not None else ():
             vocoder.check_codec(model, n_q)
@@ -372,7 +374,11 @@ def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failure
             failures.add(name, str(exc))
             continue
         rate = args.sample_rate or min(ref_rate, est_rate)
-        ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
+        try:  # --sample-rate 10^9 would allocate without bound
+            ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
+        except AudioError as exc:
+            failures.add(name, f"{name}: {exc}")
+            continue
         if abs(len(ref) - len(est)) > 0.1 * rate:  # scored against the whole reference (losses.metrics)
             short = "shorter: the missing audio is scored as silence" if len(est) < len(ref) else "longer: cut to the reference"
             notes.append(f"{name}: the estimate is {abs(len(ref) - len(est)) / rate:.2f} s {short}")
@@ -411,6 +417,9 @@ def run(args: argparse.Namespace) -> int:
     clash = overwritten_input([args.output, csv_path], inputs)
     if clash is not None:  # the report must not replace audio it reads
         raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
+    names = [name for _, name in items] if args.checkpoint is not None else [name for name, _, _ in paired[0]]
+    plots = [plot_path(args.plot, name) for name in names] if args.plot is not None else []
+    refuse_replacing([args.output, csv_path, *plots], args.overwrite)  # as inference.py: before any work
     failures = Failures()
     if args.checkpoint is not None:
         report, single, keys = evaluate_checkpoint(args, items, single, failures)

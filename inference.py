@@ -198,7 +198,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
     length where a manifest records it (else whole frames)."""
     try:
-        lengths = source_lengths(args.codes_in, model.sample_rate)
+        lengths = source_lengths(args.codes_in, model.sample_rate, model.hop_length)
     except CodesFileError as exc:
         raise CliError(str(exc)) from None
     window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else None
@@ -226,14 +226,18 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
         for i, (job, c) in enumerate(pending):
             wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
-            source = lengths.get(job.src.resolve())  # samples at the codec's rate
+            source, _ = lengths.get(job.src.resolve(), (None, None))  # samples at the codec's rate (checked when loaded)
             writer.submit(finish, job, fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav)), rate)
         pending.clear()
 
     try:
         for job in _progress(jobs, many, "decoding"):
             try:
-                codes = load_codes(job.src, model.n_q, model.bins)
+                known = lengths.get(job.src.resolve(), (None, None))
+                if isinstance(known, CodesFileError):
+                    raise known
+                # The frames its description records: a description of other codes would cut or stretch the audio.
+                codes = load_codes(job.src, model.n_q, model.bins, frames=known[1])
                 if vocoder is not None:
                     vocoder.check_codec(model, codes.shape[0])
             except ValueError as exc:
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise CliError(str(exc)) from None
         jobs = shard_and_resume(model, jobs, args, many, stats)
-        vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device) if args.vocoder else None
+        vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint) if args.vocoder else None
         if vocoder is not None and args.codes_in is None:  # codes files are checked one by one
             try:
                 vocoder.check_codec(model, model.quantizer.n_q_for_bandwidth(args.bandwidth))

@@ -281,7 +281,8 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
             result = validate(state, valid_loader, logger, not state.originals_logged)
             state.originals_logged = True
             logger.scalars(result, state.step)
-            logger.info(f"validation at step {state.step}: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()))
+            measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()) if result["valid/clips"] else "no usable clips"
+            logger.info(f"validation at step {state.step}: {measured}")
         if state.step % cfg.checkpoint_interval == 0:
             save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
             state.last_saved = state.step

@@ -6,8 +6,11 @@ import dataclasses
 import math
 from pathlib import Path
 
-from modules.teacher import TEACHERS
+from modules.teacher import TEACHER_SIZE_KEYS, TEACHERS, teacher_parameters, teacher_size
+from utils.budget import check_budget
 from utils.config import ConfigError, check_ranges, from_dict, read_config, setting
+
+SIZE_KEYS = ("D", "target_bandwidths", "ratios", "sample_rate", "bins", "encoder_dim", "decoder_dim", "semantic_blocks")
 
 
 @dataclasses.dataclass
@@ -52,6 +55,18 @@ class GeneratorConfig:
                 f"{where}.decoder_dim: {self.decoder_dim} is halved at each of the {len(self.ratios)} "
                 f"upsampling stages; it must be at least {2 ** len(self.ratios)}"
             )
+        check_budget(codec_parameters, *self.sizes(), f"{where}.")
+
+    def sizes(self) -> tuple[dict, dict]:
+        """``(sizes, defaults)`` for :func:`codec_parameters`: the keys that size the model, the
+        teacher's as ``semantic_model_config.<key>``, and their default values."""
+        teacher, teacher_default = teacher_size(self.semantic_techer, self.semantic_model_config)
+        default = GeneratorConfig()
+        values = {k: getattr(self, k) for k in SIZE_KEYS}
+        values |= {f"semantic_model_config.{k}": v for k, v in teacher.items()}
+        defaults = {k: getattr(default, k) for k in SIZE_KEYS}
+        defaults |= {f"semantic_model_config.{k}": v for k, v in teacher_default.items()}
+        return values, defaults
 
     @property
     def hop_length(self) -> int:
@@ -62,6 +77,29 @@ class GeneratorConfig:
     def frame_rate(self) -> int:
         """Code frames per second, as the original computes it (rounded up)."""
         return math.ceil(self.sample_rate / self.hop_length)
+
+
+def codec_parameters(v: dict) -> float:
+    """Parameters and codebook buffers (within 2x) of the codec whose :meth:`GeneratorConfig.sizes` are ``v``
+    (float arithmetic: sizes of 10^9 must not build big integers)."""
+    teacher = teacher_parameters({k: v[f"semantic_model_config.{k}"] for k in TEACHER_SIZE_KEYS})
+    h, d = float(v["semantic_model_config.hidden_size"]), float(v["D"])
+    ratios = [float(r) for r in v["ratios"]]
+    frame_rate = math.ceil(float(v["sample_rate"]) / math.prod(ratios))
+    n_q = 1000 * float(max(v["target_bandwidths"])) / (frame_rate * math.log2(float(v["bins"])))
+    total = teacher + 3 * n_q * float(v["bins"]) * (d + h)  # codebooks: embedding, EMA sum and counts
+    width = float(v["encoder_dim"])
+    for r in ratios:  # three residual units (k7 + k1) on `width`, then a strided conv to twice it
+        total += 24 * width * width + 4 * r * width * width
+        width *= 2
+    total += width * d * 3
+    width = float(v["decoder_dim"])
+    total += d * width * 7
+    for r in ratios:  # a transposed conv halving the width, three residual units
+        total += r * width * width + 6 * width * width
+        width /= 2
+    total += 6 * float(v["semantic_blocks"]) * 8 * h * h  # semantic encoder and decoder
+    return total + (d + h) * (2 * (d + h))  # fc_prior, fc_post1, fc_post2
 
 
 def generator_config_from_dict(data: dict, where: str = "config") -> tuple[GeneratorConfig, float]:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from modules.teacher import check_teacher_size
 from utils.config import ConfigError
 from utils.hub import HubError, hub_file, hub_snapshot
 
@@ -349,6 +350,8 @@ def read_hf_config(path: Path) -> tuple[GeneratorConfig, float]:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid UTF-8 JSON ({str(exc)[:160]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict) or config.get("model_type") != "xcodec":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
@@ -416,8 +419,11 @@ def _yue_config(src: CheckpointSource) -> GeneratorConfig:
         if not isinstance(data, dict):
             raise CheckpointError(f"{teachers[0]}: expected a JSON object")
         name, overrides, _ = teacher_from_hf_config(data, str(teachers[0]))
+        check_teacher_size(name, overrides, f"{teachers[0]}: ")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{teachers[0]}: not valid UTF-8 JSON ({str(exc)[:160]})") from None
-    except LayoutError as exc:
+    except RecursionError:
+        raise CheckpointError(f"{teachers[0]}: not valid JSON (nested too deeply)") from None
+    except (LayoutError, ConfigError) as exc:
         raise CheckpointError(str(exc)) from None
     return dataclasses.replace(gen, semantic_techer=name, semantic_model_config=overrides or None)

@@ -24,6 +24,7 @@ from torch import nn
 
 from modules.vocos import ISTFTHead, VocosBackbone
 from utils.audio import sinc_resample
+from utils.budget import check_budget
 from utils.config import ConfigError, from_dict, read_yaml, setting
 from utils.hub import HubError, hub_file
 
@@ -53,16 +54,20 @@ class HeadArgs:
     padding: str = setting("same", choices=("same",))
 
 
-def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
-    """``backbone`` and ``head`` (``class_path`` + ``init_args``, Vocos' format) of a vocoder YAML.
+def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs, int]:
+    """``backbone`` and ``head`` (``class_path`` + ``init_args``, Vocos' format) of a vocoder YAML, and
+    the codebooks it was trained on: its ``n_q`` key, else YuE's 8 (``decoders/config.yaml`` has none).
 
     Raises:
         ConfigError: naming the key and the file.
     """
     data = read_yaml(path)
-    unknown = sorted(set(data) - {"backbone", "head", "feature_extractor"})
+    unknown = sorted(set(data) - {"backbone", "head", "feature_extractor", "n_q"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a vocoder config has backbone and head")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a vocoder config has backbone, head and n_q")
+    n_q = data.get("n_q", YUE_VOCODER_CODEBOOKS)
+    if isinstance(n_q, bool) or not isinstance(n_q, int) or n_q < 1:
+        raise ConfigError(f"{path}: n_q: expected the number of codebooks the vocoder takes (an integer >= 1), got {n_q!r}")
     parts = []
     for key, cls, name in (("backbone", BackboneArgs, "VocosBackbone"), ("head", HeadArgs, "ISTFTHead")):
         section = data.get(key)
@@ -73,10 +78,22 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs]:
     if backbone.dim != head.dim:
         raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
     if head.n_fft <= head.hop_length or (head.n_fft - head.hop_length) % 2:
-        raise ConfigError(
-            f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}"
-        )
-    return backbone, head
+        raise ConfigError(f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}")
+    scalars = {k: v for k, v in dataclasses.asdict(backbone).items() if k != "layer_scale_init_value"}
+    sizes = {f"backbone.init_args.{k}": v for k, v in scalars.items()}
+    sizes |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(head).items() if k != "padding"}
+    defaults = {f"backbone.init_args.{k}": v for k, v in dataclasses.asdict(BackboneArgs()).items()}
+    defaults |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(HeadArgs()).items()}
+    check_budget(_vocoder_parameters, sizes, defaults, f"{path}: ")
+    return backbone, head, n_q
+
+
+def _vocoder_parameters(v: dict) -> float:
+    """Parameters (within 2x) of a vocoder whose config sizes are ``v`` (float arithmetic)."""
+    dim, n_fft = float(v["backbone.init_args.dim"]), float(v["head.init_args.n_fft"])
+    blocks = float(v["backbone.init_args.num_layers"]) * dim * (8 + 2 * float(v["backbone.init_args.intermediate_dim"]))
+    head = float(v["head.init_args.dim"]) * (n_fft + 2) + n_fft
+    return float(v["backbone.init_args.input_channels"]) * dim * 7 + blocks + head
 
 
 class Vocoder(nn.Module):
@@ -131,14 +148,18 @@ class Vocoder(nn.Module):
 
     @staticmethod
     def from_pretrained(
-        name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"
+        name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu", checkpoint: str | Path | None = None
     ) -> Vocoder:
-        """``"vocals"`` / ``"instrumentals"`` (YuE's, downloaded once from ``m-a-p/xcodec_mini_infer``)
-        or a ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it).
+        """``"vocals"`` / ``"instrumentals"`` (YuE's: from ``checkpoint``'s ``decoders/`` when it is a local
+        clone of ``m-a-p/xcodec_mini_infer``, else downloaded once) or a ``decoder_*.pth`` (config:
+        ``config`` or ``config.yaml`` beside it).
 
         Raises:
             CheckpointError: with a one-line reason.
         """
+        local = yue_clone(checkpoint)
+        if str(name) in VOCODERS and local is not None:
+            name = local / VOCODERS[str(name)]
         if str(name) in VOCODERS:
             try:
                 weights, cfg = (
@@ -156,12 +177,24 @@ class Vocoder(nn.Module):
                     f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {known})"
                 )
         try:
-            backbone, head = read_vocoder_config(cfg)
+            backbone, head, n_q = read_vocoder_config(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-        model = Vocoder(backbone, head, n_q=YUE_VOCODER_CODEBOOKS if str(name) in VOCODERS else None)
+        model = Vocoder(backbone, head, n_q=n_q)
         load_checked_state(model, tensors_only(read_torch_file(weights)), str(weights), str(cfg))
         return model.eval().requires_grad_(False).to(device)
+
+
+def yue_clone(checkpoint: str | Path | None) -> Path | None:
+    """The local YuE repository (``final_ckpt/`` and ``decoders/``) that ``checkpoint`` is, or holds
+    (``final_ckpt/*.pth``), else ``None``."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return None
+    path = Path(checkpoint)
+    for root in (path, path.parent.parent) if path.is_file() else (path,):
+        if (root / "final_ckpt").is_dir() and all((root / f).is_file() for f in (*VOCODERS.values(), VOCODER_CONFIG)):
+            return root
+    return None
 
 
 def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707) -> np.ndarray:

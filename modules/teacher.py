@@ -7,14 +7,17 @@ sides. Both are quirks that the released checkpoints depend on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, HubertConfig, WavLMConfig
 
+from utils.budget import check_budget
 from utils.hub import HubError, hub_snapshot
 
 from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
@@ -73,6 +76,32 @@ def teacher_config(name: str, overrides: dict | None):
     cls = {"hubert": HubertConfig, "wavlm": WavLMConfig}[TEACHERS[name].model_type]
     # The base configs' defaults are the base models' architecture.
     return cls(**(overrides or {}))
+
+
+# The transformers config keys that size a teacher (see teacher_parameters).
+TEACHER_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "conv_dim", "conv_kernel",
+                     "num_conv_pos_embeddings", "num_conv_pos_embedding_groups")  # fmt: skip
+
+
+def teacher_parameters(c: Mapping[str, Any]) -> float:
+    """Parameters (within 2x) of a HuBERT/WavLM whose transformers config holds ``c`` (the
+    :data:`TEACHER_SIZE_KEYS`), in float arithmetic: sizes of 10^9 must not build big integers."""
+    h, inner = float(c["hidden_size"]), float(c["intermediate_size"])
+    dims = [1.0, *(float(d) for d in c["conv_dim"])]
+    convs = sum(a * b * float(k) for a, b, k in zip(dims, dims[1:], c["conv_kernel"]))
+    pos_conv = h * h / max(float(c["num_conv_pos_embedding_groups"]), 1.0) * float(c["num_conv_pos_embeddings"])
+    return convs + dims[-1] * h + pos_conv + float(c["num_hidden_layers"]) * (4 * h * h + 2 * h * inner)
+
+
+def teacher_size(name: str, overrides: dict | None) -> tuple[dict, dict]:
+    """``(sizes, defaults)``: the :data:`TEACHER_SIZE_KEYS` of teacher ``name`` with ``overrides``, and of its default."""
+    full, default = teacher_config(name, overrides).to_dict(), teacher_config(name, None).to_dict()
+    return {k: full.get(k) for k in TEACHER_SIZE_KEYS}, {k: default.get(k) for k in TEACHER_SIZE_KEYS}
+
+
+def check_teacher_size(name: str, overrides: dict | None, where: str) -> None:
+    """Refuse a teacher architecture too large to build (utils.budget), naming the key after ``where``."""
+    check_budget(teacher_parameters, *teacher_size(name, overrides), where)
 
 
 def fetch_teacher(name: str, pretrained: str | bool) -> str | bool:

@@ -20,7 +20,7 @@ import torch
 import inference
 from conftest import ROOT, make_tiny_codec, read_asset
 from models import XCodec
-from utils.codes import check_corpus, iter_corpus
+from utils.codes import CodesFileError, check_corpus, iter_corpus
 from utils.shards import read_index
 from utils.tokens import TokenStream, export_stream
 
@@ -170,9 +170,14 @@ def test_a_rank_killed_mid_shard_is_finished_by_a_rerun_with_another_world_size(
     assert sum(int(line.split(": ")[1].split(" file(s) written")[0]) for line in err.splitlines() if "file(s) written" in line) == 20
     assert not list(out.glob(".shard-*.tmp"))
     _assert_complete(out, expected)
-    # A shard lost after its index line was written (killed before the rename) counts as not done.
+    # A shard deleted after the run is a problem for --check and the readers (never files silently
+    # missing), and a rerun writes its files again.
     lost = read_index(out)[0]
     (out / lost["shard"]).unlink()
+    n, problems = check_corpus(out)
+    assert n == len(expected) - lost["rows"] and len(problems) == 1 and f"{lost['shard']} ({lost['rows']} file(s)), which does not exist" in problems[0]
+    with pytest.raises(CodesFileError, match="which does not exist"):
+        next(iter_corpus(out))
     assert _tokenize(corpus, out, export_dir, "parquet", 0, 1, monkeypatch) == 0
     assert f"{lost['rows']} file(s) written" in capsys.readouterr().err
     _assert_complete(out, expected)

@@ -100,7 +100,7 @@ def test_sample_rates_are_reconciled_and_files_matched_by_relative_path(tmp_path
     assert row["stoi"] > 0.99 and row["si_sdr"] > 20 and row["pesq_wb"] > 4.0  # the same speech, resampled; its missing 5 ms count as silence
     assert late["si_sdr"] < 0  # a 10 ms delay ruins waveform metrics...
 
-    code, stdout, _ = _run([*argv, "--max-delay-ms", "20"], capsys)
+    code, stdout, _ = _run([*argv, "--max-delay-ms", "20", "--overwrite"], capsys)
     row, late = json.loads((tmp_path / "r.json").read_text())["files"]
     assert row["delay_ms"] == 0 and late["delay_ms"] == 10.0 and late["si_sdr"] > 60  # ...unless compensated
     assert "delay" in stdout
@@ -324,3 +324,19 @@ def test_report_targets_and_transcripts_errors_are_one_line(tmp_path, capsys, ca
     (line,) = _error_lines(err)
     assert code == 2 and {"output_dir": "is a directory", "plot_file": "is a file", "transcripts_bytes": "not UTF-8"}[case] in line
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before and list((tmp_path / "reports").iterdir()) == []
+
+
+def test_an_existing_report_is_replaced_only_with_overwrite(tmp_path, capsys):
+    """As inference.py: existing outputs (report, CSV, plots) need --overwrite; refused before any work."""
+    ref = ASSETS / "speech_en.flac"
+    argv = ["--reference", ref, "--estimate", ASSETS / "speech_en_xcodec_0.5kbps.wav", "--output", tmp_path / "r.json"]
+    code, _, _ = _run(argv, capsys)
+    assert code == 0
+    (tmp_path / "r.json").write_text("an earlier report\n")
+    csv_before = (tmp_path / "r.csv").read_bytes()
+    code, out, err = _run(argv, capsys)
+    lines = _error_lines(err)
+    assert code == 2 and len(lines) == 1 and f"{tmp_path / 'r.json'}: exists" in lines[0] and "--overwrite" in lines[0], err
+    assert (tmp_path / "r.json").read_text() == "an earlier report\n" and (tmp_path / "r.csv").read_bytes() == csv_before
+    code, _, _ = _run([*argv, "--overwrite"], capsys)
+    assert code == 0 and json.loads((tmp_path / "r.json").read_text())["files"][0]["path"] == "speech_en.flac"

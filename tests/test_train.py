@@ -122,6 +122,22 @@ def test_bad_clips_are_skipped_counted_and_logged_once(tmp_path):
         assert str(bad[key]) in str(err.value)
 
 
+def test_validation_without_a_usable_clip_reports_no_distances(tmp_path):
+    from tests.test_data import make_bad_files
+
+    bad = make_bad_files(tmp_path / "bad")
+    lst = tmp_path / "valid.txt"
+    lst.write_text("\n".join(str(bad[k]) for k in ("nan", "empty", "not_audio")) + "\n")
+    log_dir = tmp_path / "run"
+    run(log_dir, "max_steps=2", f"validation_file={lst}", "validation_interval=1", "checkpoint_interval=100")
+    acc = events(log_dir)
+    tags = set(acc.Tags()["scalars"])
+    assert not {"valid/mel_distance", "valid/stft_distance", "valid/semantic_loss"} & tags  # not 0, as if perfect
+    assert scalars(acc, "valid/clips") == {1: 0.0, 2: 0.0}
+    log = (log_dir / "logs" / "log.txt").read_text()
+    assert log.count("no usable clips") == 2 and "mel_distance" not in log
+
+
 def test_nonfinite_loss_skips_update_then_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("XCODEC_TEST_NAN_STEPS", "3")
     log_dir = tmp_path / "run"

@@ -248,14 +248,14 @@ def test_evaluate_with_the_vocoder_scores_at_the_reference_rate(yue, tmp_path, c
     root = yue[0]
     ref = soxr.resample(read_asset("music_4s.flac")[:24000], 16000, 44100)
     sf.write(tmp_path / "song.wav", ref, 44100)
-    argv = ["--checkpoint", str(root), "--input", str(tmp_path / "song.wav"), "--bandwidths", "0.5", "4",
+    argv = ["--checkpoint", str(root), "--input", str(tmp_path / "song.wav"), "--bandwidths", "4",
             "--vocoder", str(root / "decoders" / "decoder_151000.pth"), "--output", str(tmp_path / "r.json")]  # fmt: skip
     assert evaluate.main(argv) == 0
     capsys.readouterr()
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sample_rate"] == 44100 and report["vocoder"].endswith("decoder_151000.pth")
-    assert [s["n_q"] for s in report["bandwidths"]] == [1, 8]
-    row = report["bandwidths"][1]["files"][0]
+    assert [s["n_q"] for s in report["bandwidths"]] == [8]  # the vocoder takes 8 codebooks: -b 0.5 is refused
+    row = report["bandwidths"][0]["files"][0]
     assert row["path"] == "song.wav" and math.isfinite(row["mel_distance"]) and math.isfinite(row["si_sdr"])
 
 
@@ -321,3 +321,44 @@ def test_merge_low_band_is_yues_post_processing_step_for_step():
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
     with_soxr = yue(soxr.resample(codec, 16000, 44100))  # what the merge did before: measurably not YuE's
     assert np.linalg.norm(with_soxr - ref) / np.linalg.norm(ref) > 1e-3
+
+
+def test_a_vocoder_given_as_a_path_refuses_other_codebook_counts(yue, tmp_path, capsys):
+    """Its n_q comes from its config (YuE's 8 unless ``n_q:`` says otherwise): 12-codebook codes are
+    refused in one line, not vocoded into wrong audio."""
+    root = yue[0]
+    model = XCodec.from_pretrained(root)
+    src = tmp_path / "song.flac"
+    sf.write(src, read_asset("music_4s.flac")[:20000], 16000)
+    np.save(tmp_path / "c12.npy", model.encode(torch.from_numpy(read_asset("music_4s.flac")[:20000].copy())[None, None], 6)[0].numpy().astype(np.int16))
+    voc = root / "decoders" / "decoder_151000.pth"
+    code = inference.main(["--checkpoint", str(root), "--codes-in", str(tmp_path / "c12.npy"), "--output", str(tmp_path / "o.wav"), "--vocoder", str(voc)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "this vocoder takes 8 codebooks, not 12" in err[0], err
+    assert not (tmp_path / "o.wav").exists()
+    code = inference.main(["--checkpoint", str(root), "--input", str(src), "-b", "6", "--output", str(tmp_path / "o.wav"), "--vocoder", str(voc)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "takes 8 codebooks, not 12" in err[0] and not (tmp_path / "o.wav").exists(), err
+    mine = tmp_path / "voc"  # a vocoder trained on 12 codebooks says so
+    mine.mkdir()
+    (mine / "decoder.pth").write_bytes(voc.read_bytes())
+    (mine / "config.yaml").write_text((root / "decoders" / "config.yaml").read_text() + "n_q: 12\n")
+    assert Vocoder.from_pretrained(mine / "decoder.pth").n_q == 12
+    code = inference.main(["--checkpoint", str(root), "--codes-in", str(tmp_path / "c12.npy"), "--output", str(tmp_path / "o.wav"), "--vocoder", str(mine / "decoder.pth")])
+    assert code == 0 and sf.info(str(tmp_path / "o.wav")).samplerate == 44100
+    capsys.readouterr()
+
+
+def test_a_local_yue_clone_gives_its_own_vocoders(yue, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing may come from the hub
+    root, _, vocoder = yue
+    for checkpoint in (root, root / "final_ckpt" / "ckpt_00360000.pth"):
+        voc = Vocoder.from_pretrained("vocals", checkpoint=checkpoint)
+        assert all(torch.equal(a, b) for a, b in zip(voc.state_dict().values(), vocoder.state_dict().values()))
+    src = tmp_path / "song.flac"
+    sf.write(src, read_asset("music_4s.flac")[:20000], 16000)
+    code = inference.main(["--checkpoint", str(root), "--input", str(src), "-b", "4", "--vocoder", "instrumentals", "--output", str(tmp_path / "o.wav")])
+    assert code == 0, capsys.readouterr().err
+    assert sf.info(str(tmp_path / "o.wav")).samplerate == 44100

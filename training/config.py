@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from models.config import GeneratorConfig, generator_config_from_dict
+from utils.budget import MAX_STEP_ELEMENTS, check_budget
 from utils.config import ConfigError, config_layers, from_dict, merge, setting
 
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
@@ -276,6 +277,8 @@ def parse_override(arg: str) -> dict:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except RecursionError:  # e.g. 100k nested "[": the parser recurses once per level
+        raise ConfigError(f"command line: {key}: not valid YAML (nested too deeply)") from None
     tp = _field_type(TrainConfig, keys)
     if tp is not None and tp is not Any and _accepts_str(tp) and not isinstance(value, str) and text.strip() not in ("null", "~", "Null", "NULL") and not isinstance(value, bool):
         value = text
@@ -321,12 +324,55 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
         raise bad("mfd", "hop_lengths and hidden_channels must have the same length")
     if cfg.segment_size < cfg.codec.hop_length:
         raise bad("segment_size", f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)")
+    # Before log_dir is touched: what one training step allocates, from the recipe alone.
+    widest = max(cfg.codec.encoder_dim, cfg.codec.decoder_dim / 2 ** len(cfg.codec.ratios))
+    sizes, defaults = _recipe_sizes(cfg), _recipe_sizes(TrainConfig())
+    step = "elements in one training step"
+    check_budget(lambda v: _step_elements(v, widest), sizes, defaults, f"{where}: ", step, MAX_STEP_ELEMENTS)
     if cfg.mel_scale_loss.fmax is not None and cfg.mel_scale_loss.fmax <= cfg.mel_scale_loss.fmin:
         raise bad("mel_scale_loss.fmax", f"must be above fmin ({cfg.mel_scale_loss.fmin}), got {cfg.mel_scale_loss.fmax}")
     if "mfd" in cfg.d_list and any(c % 32 for c in cfg.mfd.hidden_channels):
         raise bad("mfd.hidden_channels", f"every width must be a multiple of 32, got {cfg.mfd.hidden_channels}")
     if isinstance(cfg.pretrained_teacher, str) and not cfg.pretrained_teacher:
         raise bad("pretrained_teacher", "empty string")
+
+
+_RECIPE_SIZE_KEYS = (
+    "segment_size", "batch_size", "mfd.hop_lengths", "mfd.hidden_channels", "msstftd.filters", "msstftd.n_ffts",
+    "msstftd.hop_lengths", "full_multi_scale_stft_loss.fft_sizes", "full_multi_scale_stft_loss.hop_sizes",
+    "sub_multi_scale_stft_loss.fft_sizes", "sub_multi_scale_stft_loss.hop_sizes", "mel_scale_loss.n_fft",
+    "mel_scale_loss.num_mels", "mel_scale_loss.hop_size",
+)  # fmt: skip
+
+
+def _recipe_sizes(cfg: TrainConfig) -> dict:
+    """The recipe keys that size a training step (dotted names as in the YAML)."""
+    out = {}
+    for key in _RECIPE_SIZE_KEYS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        out[key] = value
+    return out
+
+
+def _step_elements(v: dict, widest: float) -> float:
+    """Elements (within a few x) of one training step's largest allocations: the batch at the widest
+    audio-rate layer, every spectrogram of the losses and discriminators, the discriminators' weights."""
+    audio = float(v["batch_size"]) * float(v["segment_size"])
+
+    def spectrograms(n_ffts, hops) -> float:  # complex (B, n_fft / 2 + 1, T / hop) and its window
+        return sum(audio / float(h) * (float(n) + 2) + float(n) for n, h in zip(n_ffts, hops))
+
+    total = audio * widest
+    for name in ("full_multi_scale_stft_loss", "sub_multi_scale_stft_loss"):
+        total += spectrograms(v[f"{name}.fft_sizes"], v[f"{name}.hop_sizes"])
+    total += spectrograms([v["mel_scale_loss.n_fft"]], [v["mel_scale_loss.hop_size"]])
+    total += float(v["mel_scale_loss.n_fft"]) * float(v["mel_scale_loss.num_mels"])
+    hops, hidden = v["mfd.hop_lengths"], v["mfd.hidden_channels"]  # each: an STFT of 4 * hop, 2-D convs up to `hidden`
+    total += spectrograms([4 * float(h) for h in hops], hops) + sum(12 * float(c) ** 2 + audio * float(c) / 16 for c in hidden)
+    total += spectrograms(v["msstftd.n_ffts"], v["msstftd.hop_lengths"]) * (1 + float(v["msstftd.filters"]))
+    return total
 
 
 def load_train_config(

@@ -14,7 +14,8 @@ def validate(state: Any, loader, logger: Any, log_originals: bool) -> dict[str, 
     """Mel and STFT distances (and the semantic loss) on fixed validation crops at the top bandwidth.
 
     Every rank evaluates its shard; sums are all-reduced. Rank 0 logs audio and mel
-    images of its first ``num_plots`` clips.
+    images of its first ``num_plots`` clips. With no usable clip there are no distances: only
+    ``valid/clips`` (0) is returned, never a distance of 0 that reads as a perfect model.
     """
     cfg, codec = state.cfg, state.codec
     codec.eval()
@@ -46,7 +47,9 @@ def validate(state: Any, loader, logger: Any, log_originals: bool) -> dict[str, 
     finally:
         codec.train()
     du.all_reduce(sums)
-    count = max(float(sums[3]), 1.0)
+    count = float(sums[3])
+    if count == 0:
+        return {"valid/clips": 0.0}
     return {
         "valid/mel_distance": float(sums[0]) / count,
         "valid/stft_distance": float(sums[1]) / count,

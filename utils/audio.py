@@ -11,6 +11,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from utils.budget import MAX_ELEMENTS, over_budget
+
 
 class AudioError(ValueError):
     """An audio file that cannot be used: unreadable, empty or non-finite."""
@@ -74,7 +76,9 @@ def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str | tuple[np.ndarray, in
     if not isinstance(cell, dict):
         raise AudioError(f"{ref}: the audio cell is not a mapping")
     if cell.get("array") is not None and cell.get("sampling_rate"):
-        return np.asarray(cell["array"], dtype=np.float32), int(cell["sampling_rate"])
+        rate = cell["sampling_rate"]  # checked in _finish: a negative rate is this file's failure, not the run's
+        rate = int(rate) if isinstance(rate, float) and rate.is_integer() else rate
+        return np.asarray(cell["array"], dtype=np.float32), rate
     if cell.get("bytes"):
         return io.BytesIO(cell["bytes"])
     if cell.get("path") and Path(cell["path"]).is_file():
@@ -118,21 +122,34 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
 
 
 def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[np.ndarray, int]:
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"{path}: sample rate must be a positive integer, got {rate!r}")
     if wav.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: audio contains NaN or Inf samples")
     if sample_rate is not None and rate != sample_rate:
-        wav = resample(wav, rate, sample_rate)
+        try:
+            wav = resample(wav, rate, sample_rate)
+        except AudioError as exc:
+            raise AudioError(f"{path}: {exc}") from None
         rate = sample_rate
     return np.ascontiguousarray(wav, dtype=np.float32), rate
 
 
 def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Resample a (T,) float array with soxr's high-quality filter."""
+    """Resample a (T,) float array with soxr's high-quality filter.
+
+    Raises:
+        AudioError: the result would exceed the size bound (``utils.budget``; a header declaring 1 Hz).
+    """
     if orig_rate == new_rate:
         return wav
+    samples = len(wav) * new_rate / orig_rate  # before soxr allocates it
+    if over_budget(samples):
+        raise AudioError(f"{len(wav)} samples at {orig_rate} Hz resample to {samples:.3g} samples at {new_rate} Hz, "
+                         f"over the bound of {MAX_ELEMENTS:.3g} (is the sample rate right?)")  # fmt: skip
     return soxr.resample(wav.astype(np.float32, copy=False), orig_rate, new_rate, quality="HQ").astype(np.float32)
 
 

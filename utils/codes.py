@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,17 @@ import torch
 
 from utils.cli import DefaultsHelpFormatter
 from utils.files import atomic_write, drop_torn_line, read_json_lines, temporary_target, tree_in_use
-from utils.shards import SHARD_RE, ShardError, iter_shard, merge_index, read_index, shard_format
+from utils.schema import MANIFEST_LINE, SIDECAR, check_record, read_json
+from utils.shards import (
+    SHARD_RE,
+    ShardError,
+    index_files,
+    iter_shard,
+    lost_shards,
+    merge_index,
+    read_index,
+    shard_format,
+)
 
 MANIFEST_NAME = "manifest.jsonl"
 MANIFEST_GLOB = "manifest*.jsonl"
@@ -122,19 +133,11 @@ def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
 
 
 def _read_lines(path: Path) -> list[dict]:
-    entries = []
     try:
         rows = read_json_lines(path)
     except ValueError as exc:
         raise CodesFileError(str(exc)) from None
-    for n, entry in rows:
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("codes"), str):
-            raise CodesFileError(f"{path}:{n}: a manifest line must be an object with a 'path' and a 'codes' string")
-        for key in ("n_q", "frames", "samples"):
-            if (key in entry or key != "samples") and (not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool) or entry[key] < 0):
-                raise CodesFileError(f"{path}:{n}: {key}: expected a non-negative integer, got {entry.get(key)!r}")
-        entries.append(entry)
-    return entries
+    return [check_record(entry, MANIFEST_LINE, f"{path}:{n}", CodesFileError) for n, entry in rows]
 
 
 def read_manifest(root: str | Path) -> list[dict]:
@@ -183,34 +186,43 @@ def write_sidecar(codes_path: str | Path, fields: dict, codes: np.ndarray) -> Pa
 def read_sidecar(codes_path: str | Path) -> dict | None:
     """The ``x.json`` of ``x.npy`` (``None`` without one)."""
     path = sidecar_path(codes_path)
-    if not path.is_file():
-        return None
-    try:
-        entry = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodesFileError(f"{path}: not a UTF-8 JSON description of {Path(codes_path).name} ({str(exc)[:120]})") from None
-    if not isinstance(entry, dict):
-        raise CodesFileError(f"{path}: expected a JSON object")
-    return entry
+    return read_json(path, SIDECAR, CodesFileError) if path.is_file() else None
 
 
-def source_lengths(codes: str | Path, sample_rate: int) -> dict[Path, int]:
-    """``{codes file (resolved): samples of its source}`` from the sidecar of a single codes file
-    or the manifest of the corpus that holds ``codes`` (a codes directory, or a file inside one,
-    up to 4 levels deep), for entries made at ``sample_rate``; ``{}`` when neither exists."""
+def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict[Path, tuple[int, int] | CodesFileError]:
+    """``{codes file (resolved): (samples of its source, frames)}`` from the sidecar of a single codes
+    file or the manifest of the corpus that holds ``codes`` (a codes directory, or a file inside one,
+    up to 4 levels deep), for entries made at ``sample_rate``; ``{}`` when neither exists.
+
+    An entry whose ``samples`` is not ``frames * hop_length`` within one hop (it would stretch or
+    cut the decoded audio) maps to a :class:`CodesFileError` naming the sidecar or corpus: that
+    file's failure, not the run's.
+    """
     codes = Path(codes)
     side = read_sidecar(codes) if codes.suffix == ".npy" else None
-    if side is not None and isinstance(side.get("samples"), int) and side.get("sample_rate") == sample_rate:
-        return {codes.resolve(): side["samples"]}
-    roots = [codes] if codes.is_dir() else list(codes.resolve().parents)[:4]
-    for root in roots:
-        if has_manifest(root):
-            return {
-                (root / e["codes"]).resolve(): int(e["samples"])
-                for e in read_manifest(root)
-                if isinstance(e.get("samples"), int) and e.get("sample_rate") == sample_rate
-            }
-    return {}
+    if side is not None:
+        found = {codes.resolve(): side} if side.get("sample_rate") == sample_rate else {}
+        where = sidecar_path(codes)
+    else:
+        found, where = {}, None
+        for root in [codes] if codes.is_dir() else list(codes.resolve().parents)[:4]:
+            if has_manifest(root):
+                entries = [e for e in read_manifest(root) if e.get("sample_rate") == sample_rate]
+                found = {(root / e["codes"]).resolve(): e for e in entries}
+                where = root
+                break
+    out = {}
+    for path, entry in found.items():
+        samples, frames = entry.get("samples"), entry.get("frames")
+        if samples is None or frames is None:
+            continue
+        out[path] = (samples, frames)
+        if abs(samples - frames * hop_length) > hop_length:
+            out[path] = CodesFileError(
+                f"{where}: samples {samples} disagrees with {frames} frames of {hop_length} samples "
+                f"({entry.get('path', path.name)}); the description is corrupt"
+            )
+    return out
 
 
 class ManifestWriter:
@@ -276,7 +288,10 @@ def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dic
     if path.is_file():
         shards = [path]
     elif shard_format(path) is not None:
-        shards = [path / line["shard"] for line in read_index(path)]
+        try:
+            shards = [path / line["shard"] for line in read_index(path)]
+        except ShardError as exc:
+            raise CodesFileError(str(exc)) from None
     else:
         for entry in read_manifest(path):
             yield entry, load_codes(path / entry["codes"], None, bins or entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"])
@@ -294,8 +309,8 @@ def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dic
 def check_shards(root: Path) -> tuple[int, list[str]]:
     """:func:`check_corpus` of a sharded corpus: every indexed shard readable with the rows its
     index line lists, each file once, no shard outside the index, no leftover temporary."""
-    problems, seen, n = [], {}, 0
-    lines = read_index(root)
+    problems, seen, n = lost_shards(root), {}, 0
+    lines = read_index(root, lost_ok=True)
     for line in lines:
         names = []
         try:
@@ -304,6 +319,7 @@ def check_shards(root: Path) -> tuple[int, list[str]]:
                 checked_codes(codes, f"{line['shard']}: {entry['path']}", None, entry.get("bins"), n_q=entry["n_q"], frames=entry["frames"])
         except (ShardError, CodesFileError) as exc:
             problems.append(str(exc))
+            continue  # its rows past the bad one are unknown: no count to compare
         if sorted(names) != sorted(f["path"] for f in line["files"]):
             problems.append(f"{line['shard']}: holds {len(names)} file(s), its index line lists {len(line['files'])}")
         for name in names:
@@ -318,6 +334,25 @@ def check_shards(root: Path) -> tuple[int, list[str]]:
         elif temporary_target(p.name) is not None:
             problems.append(f"{p.name}: leftover temporary file")
     return n, problems
+
+
+def missing_ranks(root: Path) -> tuple[list[int], int]:
+    """``(ranks without a per-rank file, world size)`` of the run(s) whose per-rank manifests or
+    indexes ``root`` holds: ranks 0 .. W-1, W the largest world size their lines record (or the
+    largest rank + 1). Every rank that ran leaves its file, even with nothing to write."""
+    kind = "index" if shard_format(root) is not None else "manifest"
+    named = [(re.fullmatch(rf"{kind}\.rank(\d+)\.jsonl", p.name), p) for p in root.glob(f"{kind}.rank*.jsonl")]
+    files = {int(m.group(1)): p for m, p in named if m}
+    if not files:
+        return [], 0
+    if kind == "index":  # a merged index.jsonl holds earlier runs, of other world sizes
+        ranked = [entries for path, entries in index_files(root) if path in files.values()]
+        lines = [e.get("settings") or {} for entries in ranked for e in entries]
+    else:
+        lines = [e for path in files.values() for e in _read_lines(path)]
+    worlds = [w for e in lines if isinstance(w := e.get("world_size"), int) and not isinstance(w, bool)]
+    world = max([max(files) + 1, *worlds])
+    return sorted(set(range(world)) - set(files)), world
 
 
 def check_corpus(root: str | Path) -> tuple[int, list[str]]:
@@ -354,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
     p.add_argument("--check", action="store_true", help="check every file or shard (what the command always does)")
     p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl (shards: "
-                   "index.rank*.jsonl into index.jsonl)")
+                   "index.rank*.jsonl into index.jsonl); refused while a rank of the run has written nothing")
+    p.add_argument("--allow-missing", action="store_true", help="--merge even though some ranks have written nothing "
+                   "(their files are not in the corpus: tokenize them later with the same command)")
     args = p.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root}: not a directory", file=sys.stderr)
@@ -364,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             live = tree_in_use(args.root)
             if live is not None:
                 print(f"error: {args.root}: a run is still writing into it ({live}); merge when it is done", file=sys.stderr)
+                return 2
+            missing, world = missing_ranks(args.root)
+            if missing and not args.allow_missing:
+                ranks = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+                print(f"error: {args.root}: rank(s) {ranks} of {world} have not run here (no per-rank file); run them "
+                      "(the same command with their RANK) or pass --allow-missing", file=sys.stderr)  # fmt: skip
                 return 2
             print(f"wrote {merge_index(args.root) if shard_format(args.root) else merge_manifests(args.root)}")
         n, problems = check_corpus(args.root)

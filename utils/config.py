@@ -163,6 +163,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:  # e.g. 100k nested "[": the parser recurses once per level
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     return data

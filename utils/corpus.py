@@ -26,7 +26,7 @@ from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
 from utils.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
 from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
-from utils.outputs import Job
+from utils.outputs import Job, refuse_replacing
 from utils.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
 
 FORMATS = ("npy", "parquet", "webdataset")
@@ -110,7 +110,7 @@ def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
         if fmt == "npy":
             entries = read_manifest(root) if root.is_dir() else []
             return entries, {e["path"]: e for e in entries}
-        settings = [e.get("settings", {}) for e in read_index(root)] if root.is_dir() else []
+        settings = [e.get("settings", {}) for e in read_index(root, lost_ok=True)] if root.is_dir() else []
         return settings, finished_files(root) if root.is_dir() else {}
     except (CodesFileError, ShardError, OSError) as exc:
         raise CliError(str(exc)) from None
@@ -128,6 +128,7 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         n_q: codebooks at this bandwidth.
     """
     earlier, done = _earlier(root, fmt)
+    fields = {**fields, "world_size": stats.world_size}  # --merge checks that every rank of the run ran
     mine = (fields["checkpoint"], n_q, fields["precision"])
     # Entries written before precisions were recorded were all fp32.
     clash = [e for e in earlier if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
@@ -159,7 +160,8 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     if fmt == "npy":
         stats.manifest = ManifestWriter(manifest_path(root, stats.rank, stats.world_size))
     else:
-        settings = {**{k: fields[k] for k in ("checkpoint", "bandwidth", "precision", "input_root", "bins")}, "n_q": n_q}
+        kept = ("checkpoint", "bandwidth", "precision", "input_root", "bins", "world_size")
+        settings = {**{k: fields[k] for k in kept}, "n_q": n_q}
         remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)
         stats.shards = ShardWriter(root, fmt, stats.rank, shard_size, settings)
     return todo
@@ -181,7 +183,5 @@ def source_key(src: Path | DatasetAudio) -> tuple[int, int] | None:
 def refuse_existing(jobs: list[Job], overwrite: bool, tracked: bool) -> None:
     """Existing outputs are replaced only with ``--overwrite`` or by a tokenization resuming in
     its own output (``tracked``); then the temporaries of dead writers are removed."""
-    existing = [p for j in jobs for p in j.outputs if p.is_file()]
-    if existing and not (overwrite or tracked):
-        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
+    refuse_replacing([p for j in jobs for p in j.outputs], overwrite or tracked)
     remove_stale_temporaries_of([p for j in jobs for p in j.outputs])  # only a dead writer's (see utils.files)

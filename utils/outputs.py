@@ -130,6 +130,17 @@ def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | Non
     return True
 
 
+def refuse_replacing(paths: list[Path], overwrite: bool) -> None:
+    """Outputs that already exist are replaced only with ``--overwrite`` (every tool); refused before any work.
+
+    Raises:
+        CliError: naming the first existing output.
+    """
+    existing = [p for p in paths if p.is_file()]
+    if existing and not overwrite:
+        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
+
+
 def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[TreeLock]:
     """An advisory lock per output directory of a directory run: a second run on the same
     output stops with one line instead of racing the first."""

@@ -7,8 +7,9 @@ holds, in its root:
   by rank R under a temporary name and renamed when complete;
 - ``index.rank{R}.jsonl``: one line per finished shard of rank R, appended *before* the
   rename: ``{"shard": name, "rows": n, "files": [{"path", "source_size", "source_mtime_ns"}],
-  "settings": {...}}``. A line whose shard file does not exist (killed between the two) does
-  not count, so a file is done exactly when it is in a shard that exists.
+  "settings": {...}}``. The last line of a rank's file whose shard does not exist (killed between
+  the two) does not count, so a file is done exactly when it is in a shard that exists; any
+  other line naming a missing shard is a lost shard (:func:`lost_shards`), refused by readers.
 
 Parquet rows: ``path``, ``codes`` (list of ``n_q`` lists of int16), ``n_q``, ``frames``,
 ``samples``, ``sample_rate``, ``duration``, ``bandwidth``, ``bins``, ``checkpoint``,
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from utils.files import atomic_write, drop_torn_line, read_json_lines
+from utils.schema import INDEX_LINE, SHARD_ROW, check_record
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
@@ -81,36 +83,89 @@ def shard_format(root: str | Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------- index
-def _index_lines(root: Path) -> list[dict]:
-    lines = []
+def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
+    """``[(index file, its lines)]``, every line checked (``utils.schema.INDEX_LINE``; the shard a file
+    name in ``root``: an index never points outside its corpus)."""
+    out = []
     for path in sorted(root.glob(INDEX_GLOB)):
         try:
             rows = read_json_lines(path)
         except ValueError as exc:
             raise ShardError(str(exc)) from None
         for n, entry in rows:
-            if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str) or not isinstance(entry.get("files"), list):
-                raise ShardError(f"{path}:{n}: an index line must hold 'shard' and 'files'")
-            if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in entry["files"]):
-                raise ShardError(f"{path}:{n}: every file of an index line needs a 'path'")
-            lines.append(entry)
-    return lines
+            check_record(entry, INDEX_LINE, f"{path}:{n}", ShardError)
+            if not SHARD_RE.match(entry["shard"]):
+                raise ShardError(f"{path}:{n}: shard {entry['shard']!r} is not a shard file name of this directory")
+        out.append((path, [entry for _, entry in rows]))
+    return out
 
 
-def read_index(root: str | Path) -> list[dict]:
-    """The index lines of every rank whose shard exists (finished shards), sorted by shard name."""
+def _index_lines(root: Path) -> list[dict]:
+    return [entry for _, entries in index_files(root) for entry in entries]
+
+
+def _unfinished(path: Path, entries: list[dict], i: int) -> bool:
+    """Line ``i`` of a rank's index file is the write in progress (or killed) between the line and the
+    shard's rename (see the module docstring): its last line, of a per-rank file."""
+    return path.name != "index.jsonl" and i == len(entries) - 1
+
+
+def lost_shards(root: str | Path) -> list[str]:
+    """One line per index line naming a shard that is not there (deleted or lost, not an unfinished
+    write) and whose files are not all in shards that are: files missing from the corpus until a
+    rerun of the tokenization writes them again."""
     root = Path(root)
+    files = index_files(root)
+    present = {f["path"] for _, entries in files for e in entries if (root / e["shard"]).is_file() for f in e["files"]}
+    return [
+        f"{path.name}: lists {e['shard']} ({len(e['files'])} file(s)), which does not exist: deleted or lost"
+        for path, entries in files
+        for i, e in enumerate(entries)
+        if not (root / e["shard"]).is_file()
+        and not _unfinished(path, entries, i)
+        and not all(f["path"] in present for f in e["files"])
+    ]
+
+
+def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
+    """The index lines of every rank whose shard exists (finished shards), sorted by shard name.
+
+    Raises:
+        ShardError: a line names a lost shard (:func:`lost_shards`), unless ``lost_ok``.
+    """
+    root = Path(root)
+    lost = [] if lost_ok else lost_shards(root)
+    if lost:
+        raise ShardError(f"{root}: {lost[0]}; restore it, or rerun the tokenization to write its files again")
     lines = {e["shard"]: e for e in _index_lines(root) if (root / e["shard"]).is_file()}  # once, even if merged twice
     return [lines[name] for name in sorted(lines)]
 
 
 def finished_files(root: str | Path) -> dict[str, dict]:
-    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard."""
+    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard
+    (a resuming run's view: the files of a lost shard are not finished, it writes them again)."""
     out = {}
-    for entry in read_index(root):
+    for entry in read_index(root, lost_ok=True):
         for f in entry["files"]:
             out[f["path"]] = {**f, "shard": entry["shard"]}
     return out
+
+
+def drop_unfinished_line(index: Path, root: Path) -> None:
+    """Cut this rank's unfinished last line (killed between the line and the rename) before appending:
+    once another line follows it, it would read as a lost shard."""
+    if not index.is_file():
+        return
+    data = index.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    try:
+        shard = json.loads(data[start:]).get("shard")
+    except (ValueError, AttributeError, RecursionError):
+        return  # not an index line: the readers report it
+    if isinstance(shard, str) and SHARD_RE.match(shard) and not (root / shard).exists():
+        with open(index, "r+b") as fh:
+            fh.truncate(start)
+            os.fsync(fh.fileno())
 
 
 def next_sequence(root: Path, rank: int) -> int:
@@ -121,7 +176,11 @@ def next_sequence(root: Path, rank: int) -> int:
 
 
 def merge_index(root: str | Path) -> Path:
-    """Write every rank's finished-shard lines into one ``index.jsonl`` (the rank files are removed)."""
+    """Write every rank's finished-shard lines into one ``index.jsonl`` (the rank files are removed).
+
+    Raises:
+        ShardError: a line names a lost shard (its line is never dropped).
+    """
     root = Path(root)
     lines = read_index(root)
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
@@ -168,9 +227,12 @@ class ShardWriter:
     def __init__(self, root: str | Path, fmt: str, rank: int, shard_size: int, settings: dict):
         self.root, self.fmt, self.rank, self.shard_size, self.settings = Path(root), fmt, rank, shard_size, settings
         self.root.mkdir(parents=True, exist_ok=True)
-        self.seq = next_sequence(self.root, rank)
         self.rows: list[tuple[dict, np.ndarray, dict]] = []
         self.index = self.root / f"index.rank{rank}.jsonl"
+        drop_torn_line(self.index)
+        drop_unfinished_line(self.index, self.root)
+        self.index.touch()  # this rank ran, even with no file to write: --merge checks that every rank did
+        self.seq = next_sequence(self.root, rank)
         if not (self.root / CORPUS_FILE).is_file():
             text = json.dumps({"format": fmt}) + "\n"
             atomic_write(self.root / CORPUS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -196,7 +258,6 @@ class ShardWriter:
                 fh.flush()
                 os.fsync(fh.fileno())  # durable before the shard's durable rename
 
-        drop_torn_line(self.index)
         atomic_write(self.root / name, write, durable=True)
         self.seq += 1
         self.rows.clear()
@@ -211,8 +272,11 @@ def iter_shard(path: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
     path = Path(path)
     try:
         if path.suffix == ".parquet":
+            n = 0
             for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
                 for row in batch.to_pylist():
+                    n += 1
+                    check_record(row, SHARD_ROW, f"{path}: row {n}", ShardError)
                     codes = np.asarray(row.pop("codes"), dtype=np.int16).reshape(row["n_q"], row["frames"])
                     yield row, codes
             return
@@ -221,7 +285,10 @@ def iter_shard(path: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
             for name in sorted(n for n in members if n.endswith(".json")):
                 key = name[: -len(".json")]
                 entry = json.loads(tar.extractfile(members[name]).read().decode("utf-8"))
+                check_record(entry, SHARD_ROW, f"{path}: {name}", ShardError)
                 codes = np.load(io.BytesIO(tar.extractfile(members[f"{key}.codes.npy"]).read()), allow_pickle=False)
                 yield entry, codes
-    except (OSError, KeyError, ValueError, pa.ArrowException, tarfile.TarError) as exc:
+    except ShardError:
+        raise
+    except (OSError, KeyError, ValueError, pa.ArrowException, tarfile.TarError, RecursionError) as exc:
         raise ShardError(f"{path}: not a readable shard ({type(exc).__name__}: {str(exc)[:160]})") from None

@@ -39,6 +39,7 @@ import torch
 from utils.cli import DefaultsHelpFormatter, cli_main
 from utils.codes import CodesFileError, iter_corpus
 from utils.files import atomic_write
+from utils.schema import TOKEN_STREAM, read_json
 
 LAYOUTS = ("frame-major", "codebook-major")
 DEFAULT_BINS = 1024  # the codebook size of a file that records none (a .npy without its .json)
@@ -169,24 +170,13 @@ def export_stream(
 
 
 def _checked_meta(path: Path) -> dict:
-    """``P.json``, every field the reader relies on checked (an odd dtype would memory-map garbage)."""
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodesFileError(f"{path}: not UTF-8 JSON ({str(exc)[:120]})") from None
-    ok = isinstance(meta, dict) and meta.get("layout") in LAYOUTS and isinstance(meta.get("offsets"), bool)
-    ok = (
-        ok
-        and all(type(meta.get(k)) is int and meta[k] > 0 for k in ("n_q", "bins"))
-        and isinstance(meta.get("files"), list)
-    )
-    ok = ok and all(isinstance(f, dict) and type(f.get("frames")) is int and f["frames"] >= 0 for f in meta["files"])
-    if not ok:
-        raise CodesFileError(
-            f"{path}: expected layout, n_q, bins, offsets and files with frames, as utils.tokens export writes"
-        )
-    if meta.get("dtype") not in TOKEN_DTYPES:
-        raise CodesFileError(f"{path}: dtype {meta.get('dtype')!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    """``P.json`` checked against the one metadata schema, its layout and dtype too (an odd
+    dtype would memory-map garbage)."""
+    meta = read_json(path, TOKEN_STREAM, CodesFileError)
+    if meta["layout"] not in LAYOUTS:
+        raise CodesFileError(f"{path}: layout {meta['layout']!r} is not one of {', '.join(LAYOUTS)}")
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise CodesFileError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(TOKEN_DTYPES)}")
     return meta
 
 

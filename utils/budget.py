@@ -1,0 +1,68 @@
+"""The one size bound: what a config would allocate, estimated before anything is built.
+
+A config value of 10^9 must end in one line naming it, not in a MemoryError, a traceback from
+an allocator or a build that never ends. Every builder (codec, teacher, vocoder, training
+segments, resampling) estimates from its config alone the elements it would allocate and
+calls :func:`check_budget` first. The estimate is refused above :data:`MAX_ELEMENTS`, and the
+key blamed is the one whose default value shrinks the estimate most.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from utils.config import ConfigError
+
+# 2^31 elements: 8 GiB of float32 in one model or one tensor, over 10x the largest release
+# (about 0.2e9 parameters) and 37 hours of 16 kHz audio in one clip.
+MAX_ELEMENTS = 2**31
+# One training step's estimate counts a few of its tensors only; the release recipe's is 0.26e9,
+# and a large GPU fits tens of times that batch.
+MAX_STEP_ELEMENTS = 8 * MAX_ELEMENTS
+
+
+def elements(estimate: Callable[[Mapping[str, Any]], float], values: Mapping[str, Any]) -> float:
+    """``estimate(values)`` as a float; an overflow, a NaN or a value the estimate cannot use is ``inf``."""
+    try:
+        n = float(estimate(values))
+    except (OverflowError, ValueError, TypeError, ZeroDivisionError):
+        return math.inf
+    return n if n == n else math.inf
+
+
+def over_budget(n: float, limit: int = MAX_ELEMENTS) -> bool:
+    """``n`` elements (a float: inf and NaN count as too many) is more than ``limit``."""
+    return not n <= limit
+
+
+def check_budget(
+    estimate: Callable[[Mapping[str, Any]], float],
+    values: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    where: str,
+    what: str = "parameters",
+    limit: int = MAX_ELEMENTS,
+) -> None:
+    """Refuse ``values`` when ``estimate(values)`` elements exceed ``limit``.
+
+    Args:
+        estimate: elements allocated for a mapping of the keys of ``values`` (float arithmetic).
+        values: the config's keys as the user names them, e.g. ``{"bins": 1024, ...}``.
+        defaults: a plausible value for each key of ``values`` (the built-in defaults).
+        where: the message's prefix, e.g. ``"config.yaml: generator.config."``.
+        what: what is counted (``parameters``, ``samples in one batch``).
+
+    Raises:
+        ConfigError: ``{where}{key}: ...`` naming the key whose default shrinks the estimate most.
+    """
+    total = elements(estimate, values)
+    if not over_budget(total, limit):
+        return
+    candidates = [k for k in values if k in defaults and values[k] != defaults[k]] or list(values)
+    key = min(candidates, key=lambda k: elements(estimate, {**values, k: defaults.get(k, values[k])}))
+    size = "an unbounded number of" if math.isinf(total) else f"about {total:.3g}"
+    raise ConfigError(
+        f"{where}{key}: {values[key]!r} would allocate {size} {what}, over the bound of {limit:.3g}; not a plausible setting"
+    )

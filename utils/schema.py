@@ -1,0 +1,137 @@
+"""One schema for the metadata this project writes and reads back, checked wherever it is read.
+
+Manifest lines and codes sidecars (``utils.codes``), shard rows and index lines
+(``utils.shards``) and token-stream descriptions (``utils.tokens``) are written by us, but a
+copy, an edit or a disk error can change them: every reader checks what it reads against the
+schema here (types, ranges, required keys) before using a value, so a corrupt file is one line
+naming it, never a traceback or a wrong result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a record.
+
+    Attributes:
+        kind: ``int``, ``float`` (an int is fine), ``str``, ``bool``, ``dict`` or ``list``.
+        required: the record is unusable without it (``None`` counts as absent).
+        ge, gt: the least value of a number.
+        items: for a list, the schema every item (an object) follows.
+    """
+
+    kind: type
+    required: bool = False
+    ge: float | None = None
+    gt: float | None = None
+    items: dict[str, Field] | None = None
+
+
+def _kind_ok(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def problem(record: Any, schema: dict[str, Field]) -> str | None:
+    """Why ``record`` does not follow ``schema`` (``"key: ..."``), or ``None``. Unknown keys are allowed."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key, field in schema.items():
+        value = record.get(key)
+        if value is None:
+            if field.required:
+                return f"{key}: missing"
+            continue
+        if not _kind_ok(value, field.kind):
+            kind = "a finite number" if field.kind is float else field.kind.__name__
+            return f"{key}: expected {kind}, got {value!r}"[:200]
+        if field.ge is not None and value < field.ge or field.gt is not None and value <= field.gt:
+            bound = f">= {field.ge}" if field.ge is not None else f"> {field.gt}"
+            return f"{key}: must be {bound}, got {value!r}"
+        for i, item in enumerate(value if field.items is not None else []):
+            inner = problem(item, field.items)
+            if inner is not None:
+                return f"{key}[{i}]: {inner}"
+    return None
+
+
+def check_record(record: Any, schema: dict[str, Field], where: str, error: type[Exception] = ValueError) -> dict:
+    """``record``, after checking it against ``schema``.
+
+    Raises:
+        error: ``"{where}: {key}: {problem}"`` in one line.
+    """
+    why = problem(record, schema)
+    if why is not None:
+        raise error(f"{where}: {why}")
+    return record
+
+
+def read_json(path: str | Path, schema: dict[str, Field], error: type[Exception] = ValueError) -> dict:
+    """A UTF-8 JSON object file, checked against ``schema``; ``error`` names ``path`` in one line."""
+    try:
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not UTF-8 JSON ({str(exc)[:120]})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    return check_record(record, schema, str(path), error)
+
+
+# ---------------------------------------------------------------------------- our metadata
+# What one tokenized file is: a manifest line, a sidecar, a parquet row, a tar member's .json.
+CODES_ENTRY = {
+    "path": Field(str),
+    "codes": Field(str),
+    "n_q": Field(int, ge=1),
+    "frames": Field(int, ge=1),
+    "samples": Field(int, ge=1),
+    "sample_rate": Field(int, ge=1),
+    "duration": Field(float, ge=0),
+    "bandwidth": Field(float, gt=0),
+    "bins": Field(int, ge=2),
+    "checkpoint": Field(str),
+    "precision": Field(str),
+    "source_size": Field(int, ge=0),
+    "source_mtime_ns": Field(int),
+    "world_size": Field(int, ge=1),
+}
+
+
+def _requiring(schema: dict[str, Field], *keys: str) -> dict[str, Field]:
+    return {k: Field(f.kind, True, f.ge, f.gt, f.items) if k in keys else f for k, f in schema.items()}
+
+
+MANIFEST_LINE = _requiring(CODES_ENTRY, "path", "codes", "n_q", "frames")
+SIDECAR = CODES_ENTRY
+# A shard row's codes are the array itself, not a file name.
+SHARD_ROW = _requiring({k: f for k, f in CODES_ENTRY.items() if k != "codes"}, "path", "n_q", "frames")
+INDEXED_FILE = _requiring({k: CODES_ENTRY[k] for k in ("path", "source_size", "source_mtime_ns")}, "path")
+STREAM_FILE = _requiring({k: CODES_ENTRY[k] for k in ("path", "frames")}, "path", "frames")
+INDEX_LINE = {
+    "shard": Field(str, required=True),
+    "rows": Field(int, ge=0),
+    "files": Field(list, required=True, items=INDEXED_FILE),
+    "settings": Field(dict),
+}
+TOKEN_STREAM = {
+    "layout": Field(str, required=True),
+    "n_q": Field(int, required=True, ge=1),
+    "bins": Field(int, required=True, ge=2),
+    "offsets": Field(bool, required=True),
+    "dtype": Field(str, required=True),
+    "files": Field(list, required=True, items=STREAM_FILE),
+    "tokens": Field(int, ge=0),
+}
