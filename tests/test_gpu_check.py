@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
-from benchmarks.gpu_check import kmeans_clips
+from benchmarks.gpu_helpers import kmeans_clips
+from conftest import ROOT
 from models import build_codec, init_codebooks, load_generator_config
 from utils.precision import ieee_fp32, tf32_switches
 

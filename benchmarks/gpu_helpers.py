@@ -1,0 +1,207 @@
+"""The GPU check's machinery (benchmarks/gpu_check.py): sections run within budgets, real
+audio, code comparisons with margins, timing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from benchmarks.bench_inference import read, timed
+from models import XCodec
+
+RATE = 16000
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- audio
+@functools.cache
+def pool() -> np.ndarray:
+    """The bundled real audio (English and Mandarin speech, music), one 13 s float32 array."""
+    return np.concatenate([read(n).numpy() for n in ("speech_en.flac", "speech_cn_4s.flac", "music_4s.flac")])
+
+
+def cut(n: int, rng: np.random.Generator, src: np.ndarray) -> np.ndarray:
+    """``n`` samples of ``src`` looped from a random offset, at a random gain in [0.3, 1]."""
+    start = int(rng.integers(0, len(src)))
+    idx = (start + np.arange(n)) % len(src)
+    return (src[idx] * rng.uniform(0.3, 1.0)).astype(np.float32)
+
+
+def kmeans_clips(model: XCodec, factor: int = 12, seconds: float = 4.0) -> list[torch.Tensor]:
+    """Clips (scaled by 0.95) holding at least ``factor`` x ``bins`` frames: mixtures of two
+    random cuts of the bundled audio, so that k-means sees far more frames than entries."""
+    rng = np.random.default_rng(1)
+    src = pool()
+    n = int(seconds * RATE)
+    count = -(-factor * model.bins // int(model.num_frames(n)))
+    return [torch.from_numpy(cut(n, rng, src) + 0.5 * cut(n, rng, src)) * 0.95 for _ in range(count)]
+
+
+def clip(n: int, seed: int) -> torch.Tensor:
+    """(1, 1, n) real audio (a random cut of the bundled audio), scaled by 0.95."""
+    return torch.from_numpy(cut(n, np.random.default_rng(seed), pool()))[None, None] * 0.95
+
+
+# ---------------------------------------------------------------------------- codes
+def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Fraction of equal codes per quantizer of (B, n_q, F) or (n_q, F) codes."""
+    a, b = a.cpu(), b.cpu()
+    if a.dim() == 2:
+        a, b = a[None], b[None]
+    n = min(a.shape[-1], b.shape[-1])
+    return [round(float((a[:, q, :n] == b[:, q, :n]).float().mean()), 6) for q in range(a.shape[1])]
+
+
+def codes_used(codes: list[torch.Tensor]) -> list[int]:
+    """Distinct codes per quantizer over (1, n_q, F) code tensors."""
+    flat = torch.cat([c[0].cpu() for c in codes], dim=-1)
+    return [int(flat[q].unique().numel()) for q in range(flat.shape[0])]
+
+
+@torch.inference_mode()
+def mismatches(cpu_model: XCodec, wav: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> list[dict]:
+    """At each frame where ``other`` codes differ from the reference ``ref`` (both (1, n_q, F),
+    ``ref`` from ``cpu_model``), the first differing quantizer and its margin: second-best
+    minus best squared distance of the reference residual (float64), also relative to the
+    residual's squared norm. Later quantizers of that frame follow from the first."""
+    ref, other = ref.cpu(), other.cpu()
+    diff = ref[0] != other[0]  # (n_q, F)
+    frames = diff.any(0).nonzero().flatten().tolist()
+    if not frames:
+        return []
+    residual = cpu_model.latents(wav.cpu(), None)[0][0].double()  # (D, F)
+    first = {f: int(diff[:, f].nonzero()[0]) for f in frames}
+    out = []
+    for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
+        here = [f for f in frames if first[f] == q]
+        if here:
+            r = residual[:, here].T  # (M, D)
+            book = layer.codebook.double()
+            dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]
+            best2 = dist.topk(2, dim=1, largest=False).values
+            norm = r.pow(2).sum(1)
+            for i, f in enumerate(here):
+                margin = float(best2[i, 1] - best2[i, 0])
+                out.append(
+                    {"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / max(float(norm[i]), 1e-30)}
+                )
+        residual = residual - layer.decode(ref[0, q][None])[0].double()
+    return sorted(out, key=lambda m: m["frame"])
+
+
+def summarize(found: list[dict]) -> dict:
+    """Counts and the largest relative margins of :func:`mismatches`."""
+    rel_margins = sorted((m["margin_rel"] for m in found), reverse=True)
+    return {"frames": len(found), "max_margin_rel": rel_margins[0] if found else None,
+            "median_margin_rel": statistics.median(rel_margins) if found else None,
+            "first": found[:20]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- timing
+def make_corpus(folder: Path, hours: float, quick: bool) -> tuple[list[Path], float]:
+    """Clips of 2-20 s (1-4 s with --quick) cut from the bundled audio, written as FLAC in
+    parallel, until ``hours`` of audio; returns their paths and the hours written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, src = np.random.default_rng(0), pool() / 0.95
+    lo, hi = (1, 4) if quick else (2, 20)
+    lengths, total = [], 0
+    while total < hours * 3600 * RATE:
+        lengths.append(int(rng.integers(lo * RATE, hi * RATE)))
+        total += lengths[-1]
+    paths = [folder / f"clip{i:05d}.flac" for i in range(len(lengths))]
+    seeds = rng.integers(0, 2**31, len(lengths))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool_:
+        list(
+            pool_.map(
+                lambda a: sf.write(a[0], cut(a[1], np.random.default_rng(a[2]), src), RATE), zip(paths, lengths, seeds)
+            )
+        )
+    return paths, total / RATE / 3600
+
+
+def peak_memory(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def repeated(fn: Callable[[], None], device: torch.device, hours: float, until: float, reps: int = 3) -> dict:
+    """One warm-up pass (every shape seen once), then up to ``reps`` timed passes while the
+    clock allows: median audio hours per GPU-hour and peak GPU memory."""
+    fn()
+    reset_peak(device)
+    times = []
+    while len(times) < reps and (not times or time.monotonic() + times[-1] < until):
+        times.append(timed(fn, device)[1])
+    seconds = statistics.median(times)
+    return {"hours_per_hour": round(hours / (seconds / 3600), 1), "seconds": round(seconds, 3), "passes": len(times),
+            "peak_gpu_gb": peak_memory(device)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- running
+class Check:
+    """Runs the sections into ``results``, each within its budget and the run's deadline,
+    never letting one stop the rest, and rewrites the JSON after each."""
+
+    def __init__(self, summary: dict, path: Path, deadline: float, cap: int) -> None:
+        self.summary, self.path, self.deadline, self.cap = summary, path, deadline, cap
+        self.results: dict[str, dict] = summary.setdefault("sections", {})
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, cmd: list[str], env_extra: dict | None = None) -> tuple[int, str, float]:
+        """A subprocess, capped at ``--cap`` seconds and the time left; (rc, output, seconds)."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+        limit = max(5, int(min(self.cap, self.left())))
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+            rc, out = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            text = [s.decode(errors="replace") if isinstance(s, bytes) else (s or "") for s in (exc.stdout, exc.stderr)]
+            rc, out = 124, "".join(text) + f"\n[killed after {limit} s]"
+        return rc, out, time.perf_counter() - t0
+
+    def section(self, name: str, fn: Callable[[], dict], budget: float) -> None:
+        print(f"[{name}] budget {budget:.0f} s, {self.left():.0f} s left", flush=True)
+        t0 = time.perf_counter()
+        if self.left() < budget * 0.5:
+            out = {"ok": True, "skipped": f"not enough time left ({self.left():.0f} s for a {budget:.0f} s budget)"}
+        else:
+            try:
+                out = {"ok": True, **fn()}  # a section may report ok False itself, with its numbers
+            except Exception as exc:  # recorded in the JSON: the next section still runs
+                out = {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "traceback": traceback.format_exc()[-4000:],
+                }
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        out["budget_s"] = budget
+        self.results[name] = out
+        self.write()
+        status = "skipped" if "skipped" in out else ("ok" if out["ok"] else "FAILED")
+        print(f"[{status}] {name} ({out['seconds']} s)" + ("" if out["ok"] else f": {out['error'][:300]}"), flush=True)
+
+    def write(self) -> None:
+        self.summary["all_ok"] = all(r["ok"] for r in self.results.values())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.summary, indent=1) + "\n")
+        tmp.replace(self.path)
