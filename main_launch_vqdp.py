@@ -65,7 +65,7 @@ from training.checkpoint import (
 )
 from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
-from training.parallel import wrap_ddp
+from training.parallel import unwrap_ddp, wrap_ddp
 from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
 from training.signals import StopSignals
 from training.state import State, build_state
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> State:
     cfg, raw = loaded.cfg, loaded.raw
     hooks = FaultHooks.from_env()
     device = du.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout_minutes)
-    logger = None
+    logger, state, finished = None, None, False
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # restored at the end
     try:
         log_dir = Path(cfg.log_dir)
@@ -373,13 +373,17 @@ def main(argv: Sequence[str] | None = None) -> State:
             train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, hooks, stop)
         if hooks.hash_dir:
             write_state_hashes(state, hooks.hash_dir)
+        finished = True
         return state
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
         if logger is not None:
             logger.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # The process group ends here, on every path: left to the interpreter's exit, the
+        # reducers' hold on it hung the process after "finished" (issue 19).
+        if state is not None:
+            unwrap_ddp(state)
+        du.close_distributed(wait=finished)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

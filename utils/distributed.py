@@ -8,6 +8,7 @@ same training, tokenization and quantizer code runs under ``python`` and under
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -133,6 +134,27 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
             backend, store=store, rank=r, world_size=size, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
         )
     return chosen
+
+
+def close_distributed(wait: bool) -> None:
+    """Destroy the process group (no-op without one) while the process can still do it cleanly.
+
+    A group left to the interpreter's exit can hang it: its destructor joins gloo's worker
+    threads while holding the GIL, and a worker still releasing a finished collective's tensors
+    waits for the GIL. Callers first drop what holds the group (DDP wrappers: their reducers).
+
+    Args:
+        wait: meet every rank at a barrier first, so that no collective is in flight (a clean
+            end). False on an error path: the other ranks may never reach the barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        gc.collect()  # DDP's reducer sits in reference cycles: free it (and its hold on the group) now
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
