@@ -71,7 +71,7 @@ from training.signals import StopSignals
 from training.state import State, build_state
 from training.validation import validate
 from utils import distributed as du
-from utils.cli import DefaultsHelpFormatter
+from utils.cli import DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
 from utils.hub import HubError
 
@@ -335,11 +335,16 @@ def main(argv: Sequence[str] | None = None) -> State:
         teacher = False if resume is not None else cfg.teacher_source()
         init_state = read_state(cfg.init_from) if resume is None and cfg.init_from is not None else None
         teacher_dir = fetch_teacher(cfg.codec.semantic_techer, teacher)  # offline: one line in seconds
+        failed = None
         if du.is_main_process():
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for p in remove_stale_checkpoint_temporaries(ckpt_dir):
-                print(f"removed {p.name} left by an interrupted save", flush=True)
-            (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            try:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                for p in remove_stale_checkpoint_temporaries(ckpt_dir):
+                    print(f"removed {p.name} left by an interrupted save", flush=True)
+                (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            except OSError as exc:  # e.g. an unwritable log_dir
+                failed = exc
+        du.raise_on_every_rank(failed)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
@@ -387,11 +392,12 @@ def main(argv: Sequence[str] | None = None) -> State:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: errors as one ``error:`` line and exit code 1; a stop signal: 128 + its number."""
+    """The command line: errors as one ``error:`` line (once under torchrun) and exit code 1;
+    a stop signal: 128 + its number."""
     try:
         state = main(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError, OSError) as exc:
+        report_error(exc)
         return 1
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)

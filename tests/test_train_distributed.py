@@ -145,3 +145,25 @@ def test_every_run_exits_by_itself(tmp_path):
             pytest.fail(f"run {run} of 5 did not exit within 90 s of 'finished at step 2'")
         finally:
             _stop(proc)
+
+
+@pytest.mark.parametrize("refused", ["on_every_rank", "on_rank_0"])
+def test_a_refused_run_says_why_once(tmp_path, refused):
+    """A config every rank refuses, and a log_dir only rank 0 writes into (here under a file):
+    one ``error:`` line for the job, a non-zero exit, no traceback of our processes (only
+    torchrun's own report of a failed child follows), and nothing written."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file\n")
+    if refused == "on_every_rank":
+        args, message = (f"log_dir={tmp_path / 'run'}", "max_steps=abc"), "max_steps: expected int, got 'abc'"
+    else:
+        args, message = (f"log_dir={blocker / 'run'}", "max_steps=1"), f"{blocker / 'run'}"
+    proc = torchrun(tmp_path, {}, *args, f"training_file={train_list(tmp_path)}", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out[-4000:]
+    assert out.count(message) == 1, out[-4000:]
+    # A child's traceback names our files (or is prefixed [rankN]); torchrun's report names neither.
+    assert f'File "{ROOT}' not in out and "[rank" not in out and out.count("Traceback") <= 1, out[-4000:]
+    assert blocker.read_text() == "a file\n" and not (tmp_path / "run").exists()
