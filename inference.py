@@ -12,6 +12,7 @@ Tokenizing a corpus (``--input DIR --codes-out DIR``): under ``torchrun`` (or wi
 RANK/WORLD_SIZE variables set) each rank takes every WORLD_SIZE-th file; a manifest line is
 appended per finished file (``manifest.jsonl``, ``manifest.rank{R}.jsonl`` per rank); files
 already in a manifest are skipped, so rerunning a killed run finishes it. See utils/codes.py.
+Only rank 0 draws a progress bar and prints its summary; every rank prints its own failures.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                     write_sidecar(job.codes_out, {"path": job.src.name, "samples": len(w), "sample_rate": rate, **codes_fields(model, args)}, item)
         pending.clear()
 
-    for index, wav, error in _progress(loader, many, "encoding"):
+    for index, wav, error in _progress(loader, many and stats.rank == 0, "encoding"):
         job = jobs[index]
         if error is not None:
             stats.fail(error)
@@ -220,7 +221,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                 stats.audio_seconds += len(wav) / rate
         pending.clear()
 
-    for job in _progress(jobs, many, "decoding"):
+    for job in _progress(jobs, many and stats.rank == 0, "decoding"):
         try:
             codes = load_codes(job.src, model.n_q, model.bins)
             if vocoder is not None:
@@ -314,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         stats.close()
         for lock in locks:
             lock.release()
-    if many:
+    if many and stats.rank == 0:  # other ranks print only their failures: one bar and one summary per job
         print(stats.summary(), file=sys.stderr)
     if stats.failed:
         return EXIT_SOME_FAILED if many else EXIT_ERROR

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import queue
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from pathlib import Path
 
@@ -167,3 +171,36 @@ def test_a_refused_run_says_why_once(tmp_path, refused):
     # A child's traceback names our files (or is prefixed [rankN]); torchrun's report names neither.
     assert f'File "{ROOT}' not in out and "[rank" not in out and out.count("Traceback") <= 1, out[-4000:]
     assert blocker.read_text() == "a file\n" and not (tmp_path / "run").exists()
+
+
+def test_only_rank_0_draws_the_progress_bar(tmp_path):
+    """Both ranks write to one terminal (a pty, where tqdm draws): one bar, rank 0's."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    cmd = torchrun_command(f"log_dir={tmp_path / 'run'}", f"training_file={train_list(tmp_path)}", *SHORT_RUN)
+    terminal = {"stdin": subprocess.DEVNULL, "stdout": follower, "stderr": follower}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=torchrun_env({}), start_new_session=True, **terminal)
+    os.close(follower)
+    chunks = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: every process holding the terminal has exited
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert proc.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")[-4000:]
+    finally:
+        _stop(proc)
+    reader.join(timeout=60)
+    os.close(leader)
+    out = b"".join(chunks).decode(errors="replace")
+    assert out.count("0/2 [") == 1 and "2/2 [" in out, out[-4000:]  # one bar drawn, and drawn to the end
+    assert out.count("finished at step 2") == 1 and out.count("step 2 ep") == 1, out[-4000:]
