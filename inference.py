@@ -12,6 +12,7 @@ Tokenizing a corpus (``--input DIR --codes-out DIR``): under ``torchrun`` (or wi
 RANK/WORLD_SIZE variables set) each rank takes every WORLD_SIZE-th file; a manifest line is
 appended per finished file (``manifest.jsonl``, ``manifest.rank{R}.jsonl`` per rank); files
 already in a manifest are skipped, so rerunning a killed run finishes it. See utils/codes.py.
+Only rank 0 draws a progress bar and prints its summary; every rank prints its own failures.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         pending.clear()
 
     try:
-        for index, wav, error in _progress(loader, many, "encoding"):
+        for index, wav, error in _progress(loader, many and stats.rank == 0, "encoding"):
             job = jobs[index]
             if error is not None:
                 stats.fail(error)
@@ -231,7 +232,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
         pending.clear()
 
     try:
-        for job in _progress(jobs, many, "decoding"):
+        for job in _progress(jobs, many and stats.rank == 0, "decoding"):
             try:
                 known = lengths.get(job.src.resolve(), (None, None))
                 if isinstance(known, CodesFileError):

@@ -65,13 +65,13 @@ from training.checkpoint import (
 )
 from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
-from training.parallel import wrap_ddp
+from training.parallel import unwrap_ddp, wrap_ddp
 from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
 from training.signals import StopSignals
 from training.state import State, build_state
 from training.validation import validate
 from utils import distributed as du
-from utils.cli import DefaultsHelpFormatter
+from utils.cli import DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
 from utils.hub import HubError
 
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> State:
     cfg, raw = loaded.cfg, loaded.raw
     hooks = FaultHooks.from_env()
     device = du.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout_minutes)
-    logger = None
+    logger, state, finished = None, None, False
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # restored at the end
     try:
         log_dir = Path(cfg.log_dir)
@@ -336,11 +336,16 @@ def main(argv: Sequence[str] | None = None) -> State:
         teacher = False if resume is not None else cfg.teacher_source()
         init_state = read_state(cfg.init_from) if resume is None and cfg.init_from is not None else None
         teacher_dir = fetch_teacher(cfg.codec.semantic_techer, teacher)  # offline: one line in seconds
+        failed = None
         if du.is_main_process():
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for p in remove_stale_checkpoint_temporaries(ckpt_dir):
-                print(f"removed {p.name} left by an interrupted save", flush=True)
-            (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            try:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                for p in remove_stale_checkpoint_temporaries(ckpt_dir):
+                    print(f"removed {p.name} left by an interrupted save", flush=True)
+                (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            except OSError as exc:  # e.g. an unwritable log_dir
+                failed = exc
+        du.raise_on_every_rank(failed)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
@@ -374,21 +379,26 @@ def main(argv: Sequence[str] | None = None) -> State:
             train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, hooks, stop)
         if hooks.hash_dir:
             write_state_hashes(state, hooks.hash_dir)
+        finished = True
         return state
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
         if logger is not None:
             logger.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # The process group ends here, on every path: left to the interpreter's exit, the
+        # reducers' hold on it hung the process after "finished" (issue 19).
+        if state is not None:
+            unwrap_ddp(state)
+        du.close_distributed(wait=finished)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: errors as one ``error:`` line and exit code 1; a stop signal: 128 + its number."""
+    """The command line: errors as one ``error:`` line (once under torchrun) and exit code 1;
+    a stop signal: 128 + its number."""
     try:
         state = main(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError, OSError) as exc:
+        report_error(exc)
         return 1
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)

@@ -288,3 +288,13 @@ def test_start_up_errors_are_one_line_and_create_nothing(tmp_path, case, capsys,
     assert code == 1 and len(err) == 1 and err[0].startswith("error:"), err
     assert {"missing": "not found", "truncated": "not a readable PyTorch checkpoint", "world_size": "torchrun"}[case] in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_log_dir_is_one_line(tmp_path, capsys):
+    """An OSError (here log_dir under a file) ends like every refusal: one line, exit 1, the file untouched."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file\n")
+    code = trainer.cli(["--config", str(TINY), f"log_dir={blocker / 'run'}", "max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"error: {blocker / 'run' / 'model_ckpts'}: Not a directory"], err
+    assert blocker.read_text() == "a file\n"

@@ -42,3 +42,12 @@ def wrap_ddp(state: Any) -> None:
     unused = w["semantic"] == 0 or not decoder_every_step
     state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=unused, **_no_buffer_sync())
     state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, **_no_buffer_sync())
+
+
+def unwrap_ddp(state: Any) -> None:
+    """Point the ``State``'s ``codec_ddp`` / ``disc_ddp`` back at the plain modules, dropping the
+    DDP wrappers: their reducers hold the process group, which can then be destroyed cleanly."""
+    if isinstance(state.codec_ddp, DDP):
+        state.codec_ddp = state.codec_ddp.module
+    if isinstance(state.disc_ddp, DDP):
+        state.disc_ddp = state.disc_ddp.module

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from utils.distributed import first_to_report
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -26,16 +28,25 @@ def cli_main(
     args = parse_args(argv)
     try:
         return run(args)
-    except (CliError, *one_line) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:  # a read-only or full filesystem, a vanished directory: the OS's one line
-        where = exc.filename2 or exc.filename
-        print(f"error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+    except (CliError, OSError, *one_line) as exc:
+        report_error(exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def report_error(exc: BaseException) -> None:
+    """A fatal error as one ``error:`` line on stderr, once per job (under torchrun the ranks
+    that fail alike print it once, see :func:`utils.distributed.first_to_report`). An OSError
+    (a read-only or full filesystem, a vanished directory) as the OS says it, path first."""
+    if isinstance(exc, OSError):
+        where = exc.filename2 or exc.filename
+        line = f"error: {f'{where}: ' if where else ''}{exc.strerror or exc}"
+    else:
+        line = f"error: {exc}"
+    if first_to_report(line):
+        print(line, file=sys.stderr, flush=True)
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):

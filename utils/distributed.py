@@ -8,6 +8,8 @@ same training, tokenization and quantizer code runs under ``python`` and under
 from __future__ import annotations
 
 import datetime
+import gc
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -135,6 +137,43 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     return chosen
 
 
+def close_distributed(wait: bool) -> None:
+    """Destroy the process group (no-op without one) while the process can still do it cleanly.
+
+    A group left to the interpreter's exit can hang it: its destructor joins gloo's worker
+    threads while holding the GIL, and a worker still releasing a finished collective's tensors
+    waits for the GIL. Callers first drop what holds the group (DDP wrappers: their reducers).
+
+    Args:
+        wait: meet every rank at a barrier first, so that no collective is in flight (a clean
+            end). False on an error path: the other ranks may never reach the barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        gc.collect()  # DDP's reducer sits in reference cycles: free it (and its hold on the group) now
+        dist.destroy_process_group()
+
+
+def first_to_report(message: str) -> bool:
+    """Whether this process prints ``message``, a fatal error's line: under torchrun only the
+    first rank to report that message does (ranks that fail alike, e.g. on a refused config,
+    print one line; a rank failing alone still prints its own). Counted in torchrun's store;
+    True outside torchrun, or when the store cannot be reached (a line twice, never none)."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not host or not port.isdigit():
+        return True
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return store.add(f"xcodec/attempt_{attempt}/reported/{hashlib.sha1(message.encode()).hexdigest()}", 1) == 1
+    except (RuntimeError, OSError, ValueError):  # DistStoreError is a RuntimeError
+        return True
+
+
 def is_main_process() -> bool:
     return rank() == 0
 
@@ -177,6 +216,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def raise_on_every_rank(error: BaseException | None, src: int = 0) -> None:
+    """Raise rank ``src``'s ``error`` (a picklable exception, or None) on every rank; a collective.
+    Work that only rank ``src`` does (writing the run directory) then fails on every rank alike,
+    and the others neither wait for it nor fail on the lost connection."""
+    error = broadcast_object(error, src)
+    if error is not None:
+        raise error
 
 
 def gather_objects(obj: Any) -> list:
