@@ -324,3 +324,21 @@ def test_report_targets_and_transcripts_errors_are_one_line(tmp_path, capsys, ca
     (line,) = _error_lines(err)
     assert code == 2 and {"output_dir": "is a directory", "plot_file": "is a file", "transcripts_bytes": "not UTF-8"}[case] in line
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before and list((tmp_path / "reports").iterdir()) == []
+
+
+def test_without_the_eval_extra_one_line_names_it(tmp_path):
+    """pesq is an extra (it builds from source): without it evaluate.py says how to install it,
+    in one line, exit 2, before writing anything. `sys.modules["pesq"] = None` makes the real
+    import fail in a child process as it does where the package is not installed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    wrapper = "import runpy, sys; sys.modules['pesq'] = None; runpy.run_path('evaluate.py', run_name='__main__')"
+    ref = ASSETS / "speech_en.flac"
+    argv = [sys.executable, "-c", wrapper, "--reference", ref, "--estimate", ref, "--output", tmp_path / "r.json"]
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: pesq is not installed: pip install -e .[eval]"]
+    assert list(tmp_path.iterdir()) == []
