@@ -71,7 +71,7 @@ from training.signals import StopSignals
 from training.state import State, build_state
 from training.validation import validate
 from utils import distributed as du
-from utils.cli import DefaultsHelpFormatter
+from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, os_error_line
 from utils.config import ConfigError
 from utils.hub import HubError
 
@@ -383,12 +383,15 @@ def main(argv: Sequence[str] | None = None) -> State:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: errors as one ``error:`` line and exit code 1; a stop signal: 128 + its number."""
+    """The command line: errors as one ``error:`` line and exit code 1 (the filesystem's: 2); a stop signal: 128 + its number."""
     try:
         state = main(argv)
     except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except OSError as exc:  # log_dir unwritable (read-only, under a file), a full disk: refused in one line
+        print(f"error: {os_error_line(exc)}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)
         return 130

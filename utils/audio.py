@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,5 +150,13 @@ OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what the tools write, by th
 
 def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False, format: str = "WAV") -> None:
     """Write (T,) audio as 16-bit PCM (``format``: ``WAV`` or ``FLAC``), clamped or rescaled like
-    the original inference.py. The format is explicit: ``path`` may be a temporary name."""
-    sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)
+    the original inference.py. The format is explicit: ``path`` may be a temporary name.
+
+    Raises:
+        OSError: the file cannot be written (libsndfile's errors too, e.g. a full disk: callers
+            handle one error type for every write).
+    """
+    try:
+        sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)
+    except sf.SoundFileError as exc:
+        raise OSError(errno.EIO, f"libsndfile: {exc}", str(path)) from None

@@ -30,12 +30,17 @@ def cli_main(
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # a read-only or full filesystem, a vanished directory: the OS's one line
-        where = exc.filename2 or exc.filename
-        print(f"error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_line(exc: OSError) -> str:
+    """An ``OSError`` as one line: the path it names (the second one of a rename) and the OS's reason."""
+    where = exc.filename2 or exc.filename
+    return f"{str(where) + ': ' if where else ''}{exc.strerror or exc}"
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from utils.cli import DefaultsHelpFormatter
-from utils.files import atomic_write, drop_torn_line, read_json_lines, temporary_target, tree_in_use
+from utils.files import atomic_write, open_append, read_json_lines, temporary_target, tree_in_use
 from utils.shards import SHARD_RE, ShardError, iter_shard, merge_index, read_index, shard_format
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -222,8 +222,7 @@ class ManifestWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        drop_torn_line(self.path)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open_append(self.path)
 
     def add(self, entry: dict) -> None:
         self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from utils.files import atomic_write, drop_torn_line, read_json_lines
+from utils.files import atomic_write, drop_torn_line, open_append, read_json_lines
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
@@ -171,6 +171,7 @@ class ShardWriter:
         self.seq = next_sequence(self.root, rank)
         self.rows: list[tuple[dict, np.ndarray, dict]] = []
         self.index = self.root / f"index.rank{rank}.jsonl"
+        drop_torn_line(self.index)  # a link there is refused now, not after the first shard's work
         if not (self.root / CORPUS_FILE).is_file():
             text = json.dumps({"format": fmt}) + "\n"
             atomic_write(self.root / CORPUS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -191,12 +192,11 @@ class ShardWriter:
 
         def write(tmp: str) -> None:
             (_write_parquet if self.fmt == "parquet" else _write_tar)(tmp, rows)
-            with open(self.index, "a", encoding="utf-8") as fh:  # before the rename: see the module docstring
+            with open_append(self.index) as fh:  # before the rename: see the module docstring
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())  # durable before the shard's durable rename
 
-        drop_torn_line(self.index)
         atomic_write(self.root / name, write, durable=True)
         self.seq += 1
         self.rows.clear()
