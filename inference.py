@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
         stats.close()
         for lock in locks:
             lock.release()
-    if many:
+    if many or not stats.failed:  # a failed single file: its one error line is all
         print(stats.summary(), file=sys.stderr)
     if stats.failed:
         return EXIT_SOME_FAILED if many else EXIT_ERROR
