@@ -124,6 +124,19 @@ def test_training_with_an_unwritable_log_dir_is_one_line(tmp_path, train_env, ca
     assert blocker.read_text() == "not a directory"
 
 
+def test_convert_into_an_unwritable_destination_is_one_line(tmp_path, release_dir, capsys):
+    from models import convert
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code = convert.main([str(release_dir / "model.pth"), str(blocker / "out"), "--to", "export", "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and str(blocker) in lines[0], err
+    assert blocker.read_text() == "not a directory"
+
+
 def test_a_symlink_loop_in_the_input_tree_is_one_line_and_the_run_goes_on(tmp_path, ckpt, capsys):
     src = tmp_path / "in"
     _clip(src / "good.flac")

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import DefaultsHelpFormatter
+from utils.cli import DefaultsHelpFormatter, os_error_line
 from utils.files import atomic_write, open_append, read_json_lines, temporary_target, tree_in_use
 from utils.shards import SHARD_RE, ShardError, iter_shard, merge_index, read_index, shard_format
 
@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         n, problems = check_corpus(args.root)
     except (CodesFileError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --merge into a read-only or full filesystem
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
