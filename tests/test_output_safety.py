@@ -22,6 +22,9 @@ def ckpt(release_dir):
     return ["--checkpoint", str(release_dir / "model.pth")]
 
 
+LOOP = "a symbolic link that leads nowhere (dangling, or a loop of links)"
+
+
 def _run(argv, capsys) -> tuple[int, str]:
     code = inference.main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -145,8 +148,10 @@ def test_a_symlink_loop_in_the_input_tree_is_one_line_and_the_run_goes_on(tmp_pa
     code, err = _run(["--input", src, "--output", tmp_path / "rec", *ckpt], capsys)
     assert code == 1, err
     lines = _error_lines(err)
-    assert len(lines) == 2 and all(("a.wav" in ln) != ("b.wav" in ln) for ln in lines), err
+    assert len(lines) == 2 and all(("a.wav" in ln) != ("b.wav" in ln) and LOOP in ln for ln in lines), err
     assert (tmp_path / "rec" / "good.wav").is_file() and "1 file(s) written, 2 failed" in err
+    code, err = _run(["--input", src / "a.wav", "--output", tmp_path / "a.wav", *ckpt], capsys)
+    assert code == 2 and err.strip().splitlines() == [f"error: {src / 'a.wav'}: {LOOP}"]
 
 
 def test_a_nul_byte_in_a_listed_path_is_one_line(tmp_path, ckpt, capsys):

@@ -11,6 +11,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from utils.files import missing
+
 
 class AudioError(ValueError):
     """An audio file that cannot be used: unreadable, empty or non-finite."""
@@ -96,7 +98,7 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
         return _finish(path, wav, rate, sample_rate)
     path = Path(path)
     if not path.exists():
-        raise AudioError(f"{path}: no such file")
+        raise AudioError(missing(path))
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
     if not path.is_file():  # a FIFO or a device: opening it could block forever

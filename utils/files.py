@@ -389,6 +389,13 @@ def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
     return sum(len(remove_stale_temporaries(d, names)) for d, names in by_dir.items())
 
 
+def missing(path: str | Path) -> str:
+    """Why ``path`` cannot be opened though it was listed: no such file, or a link to nothing."""
+    if Path(path).is_symlink():  # exists() follows the link
+        return f"{path}: a symbolic link that leads nowhere (dangling, or a loop of links)"
+    return f"{path}: no such file or directory"
+
+
 def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) -> tuple[Path, Path] | None:
     """``(output, input)`` for the first output that would be written onto an input file (paths
     resolved: links and ``..`` included), else ``None``. Tools call it before any work."""

@@ -18,7 +18,15 @@ import numpy as np
 from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
 from utils.codes import save_codes
-from utils.files import LinkedFileError, TreeLock, TreeLockedError, atomic_write, output_collision, overwritten_input
+from utils.files import (
+    LinkedFileError,
+    TreeLock,
+    TreeLockedError,
+    atomic_write,
+    missing,
+    output_collision,
+    overwritten_input,
+)
 from utils.inputs import InputItem, collect_inputs, is_listing
 
 
@@ -63,7 +71,7 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     output the tools cannot write, and two inputs that would write the same output.
     """
     if not src.exists():
-        raise CliError(f"{src}: no such file or directory")
+        raise CliError(missing(src))
     many = src.is_dir() or is_listing(src)
     if many:
         for root, flag in ((audio_root, "--output"), (codes_root, "--codes-out")):
