@@ -73,6 +73,7 @@ from training.validation import validate
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, os_error_line
 from utils.config import ConfigError
+from utils.files import atomic_write
 from utils.hub import HubError
 
 
@@ -339,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> State:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             for p in remove_stale_checkpoint_temporaries(ckpt_dir):
                 print(f"removed {p.name} left by an interrupted save", flush=True)
-            (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            text = yaml.safe_dump(raw, sort_keys=False)
+            atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # a link there is replaced, never written through
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic

@@ -127,6 +127,21 @@ def test_training_with_an_unwritable_log_dir_is_one_line(tmp_path, train_env, ca
     assert blocker.read_text() == "not a directory"
 
 
+def test_training_never_writes_through_a_link_in_its_log_dir(tmp_path, train_env, capsys):
+    import main_launch_vqdp as trainer
+
+    victim = tmp_path / "precious.txt"
+    victim.write_bytes(b"someone else's log")
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    (tmp_path / "run" / "logs" / "log.txt").symlink_to(victim)  # appended to in place
+    code = trainer.cli(["--config", str(TINY_CONFIG), f"log_dir={tmp_path / 'run'}", "max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "log.txt" in lines[0] and "symbolic link" in lines[0], err
+    assert victim.read_bytes() == b"someone else's log"
+
+
 def test_convert_into_an_unwritable_destination_is_one_line(tmp_path, release_dir, capsys):
     from models import convert
 
