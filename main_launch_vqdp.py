@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> State:
             for p in remove_stale_checkpoint_temporaries(ckpt_dir):
                 print(f"removed {p.name} left by an interrupted save", flush=True)
             text = yaml.safe_dump(raw, sort_keys=False)
-            atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # a link there is replaced, never written through
+            atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic

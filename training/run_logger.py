@@ -38,7 +38,8 @@ class RunLogger:
             return
         logs = Path(log_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.text = os.fdopen(open_own(logs / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", buffering=1)  # never through a link
+        fd = open_own(logs / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a link
+        self.text = os.fdopen(fd, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional heavy dependency: only with tensorboard on
 

@@ -257,7 +257,8 @@ def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | Non
 
 def _in_use(path: str) -> bool:
     try:
-        fd = os.open(path, (os.O_RDWR if os.path.isfile(path) else os.O_RDONLY) | getattr(os, "O_NONBLOCK", 0) | NOFOLLOW)
+        mode = os.O_RDWR if os.path.isfile(path) else os.O_RDONLY
+        fd = os.open(path, mode | getattr(os, "O_NONBLOCK", 0) | NOFOLLOW)
     except OSError:
         return False  # gone, or a link: no live writer of ours holds it
     try:
