@@ -68,7 +68,7 @@ def test_a_link_where_a_file_of_ours_belongs_is_refused_and_its_target_untouched
 
 
 # ---------------------------------------------------------------------------- lock files
-def test_no_lock_files_are_left_and_a_killed_runs_are_taken_over(tmp_path, ckpt, capsys):
+def test_no_lock_files_are_left_and_a_killed_runs_locks_are_taken_over(tmp_path, ckpt, capsys):
     src, rec, codes = tmp_path / "in", tmp_path / "rec", tmp_path / "codes"
     _clip(src / "a.flac")
     _clip(src / "b.flac", offset=5000)
