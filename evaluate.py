@@ -26,12 +26,14 @@ import torch
 from tqdm import tqdm
 
 from losses.metrics import (
+    EVAL_EXTRA,
     SIGNAL_METRICS,
     ModelMetrics,
     TranscriptError,
     compensate_delay,
     estimate_delay,
     mean_metrics,
+    missing_packages,
     read_transcripts,
     signal_metrics,
 )
@@ -401,6 +403,9 @@ def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failure
 
 
 def run(args: argparse.Namespace) -> int:
+    missing = missing_packages()
+    if missing:  # an extra of the package (README: Install), checked before any work
+        raise CliError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: {EVAL_EXTRA}")
     # The inputs, collected once: checked against the outputs before any work, then evaluated.
     if args.checkpoint is not None:
         items, single = collect_inputs(args.input)

@@ -333,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
         stats.close()
         for lock in locks:
             lock.release()
-    if many:
+    # One summary per job: rank 0's under torchrun; a failed single file's one error line is all.
+    if (many and stats.rank == 0) or (not many and not stats.failed):
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB" if model.device.type == "cuda" else ""
         print(stats.summary() + peak, file=sys.stderr)
     if stats.failed:

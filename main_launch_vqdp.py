@@ -71,8 +71,9 @@ from training.signals import StopSignals
 from training.state import State, build_state
 from training.validation import validate
 from utils import distributed as du
-from utils.cli import DefaultsHelpFormatter, report_error
+from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
+from utils.files import atomic_write
 from utils.hub import HubError
 
 
@@ -342,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> State:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 for p in remove_stale_checkpoint_temporaries(ckpt_dir):
                     print(f"removed {p.name} left by an interrupted save", flush=True)
-                (log_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-            except OSError as exc:  # e.g. an unwritable log_dir
+                text = yaml.safe_dump(raw, sort_keys=False)
+                atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
+            except OSError as exc:  # e.g. an unwritable log_dir: every rank stops with it
                 failed = exc
         du.raise_on_every_rank(failed)
         if device.type == "cuda":
@@ -393,13 +395,16 @@ def main(argv: Sequence[str] | None = None) -> State:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: errors as one ``error:`` line (once under torchrun) and exit code 1;
-    a stop signal: 128 + its number."""
+    """The command line: errors as one ``error:`` line (once under torchrun) and exit code 1
+    (the filesystem's: 2); a stop signal: 128 + its number."""
     try:
         state = main(argv)
-    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError, OSError) as exc:
+    except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:
         report_error(exc)
         return 1
+    except OSError as exc:  # log_dir unwritable (read-only, under a file), a full disk: refused in one line
+        report_error(exc)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)
         return 130

@@ -33,21 +33,39 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import jiwer
 import numpy as np
 import torch
-from pesq import pesq
-from pystoi import stoi as _stoi
 from transformers import AutoFeatureExtractor, AutoModelForAudioXVector, pipeline
 
 from utils.audio import fit_length, resample
 
 from .spectral import MultiResolutionSTFTLoss, mel_spectrogram
 
+# The evaluation packages are an extra (`pip install -e .[eval]`): pesq ships no wheel and
+# needs a C compiler, which must not stop `pip install -e .`; evaluate.py names what is missing.
+try:
+    from pesq import pesq
+except ImportError:
+    pesq = None
+try:
+    from pystoi import stoi as _stoi
+except ImportError:
+    _stoi = None
+try:
+    import jiwer
+except ImportError:
+    jiwer = None
+
+EVAL_EXTRA = "pip install -e .[eval]"
 SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
 
 
 # ---------------------------------------------------------------------------- signals
+def missing_packages() -> list[str]:
+    """The evaluation packages (the ``eval`` extra) that cannot be imported here."""
+    return [name for name, module in (("pesq", pesq), ("pystoi", _stoi), ("jiwer", jiwer)) if module is None]
+
+
 def align(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Trim both signals to the shorter length."""
     n = min(len(reference), len(estimate))

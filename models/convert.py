@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import XcodecModel
 
-from utils.cli import DefaultsHelpFormatter
+from utils.cli import DefaultsHelpFormatter, os_error_line
 from utils.files import atomic_directory
 
 from .config import GeneratorConfig
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         dst, fmt = convert(args.src, args.dst, args.to, args.config, args.overwrite, not args.no_verify)
     except (CheckpointError, ConvertError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable destination (read-only, under a file), a full disk
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     checked = "" if args.no_verify else " (verified: every tensor identical when loaded)"
     print(f"wrote {fmt} checkpoint {dst}{checked}")

@@ -340,3 +340,21 @@ def test_an_existing_report_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert (tmp_path / "r.json").read_text() == "an earlier report\n" and (tmp_path / "r.csv").read_bytes() == csv_before
     code, _, _ = _run([*argv, "--overwrite"], capsys)
     assert code == 0 and json.loads((tmp_path / "r.json").read_text())["files"][0]["path"] == "speech_en.flac"
+
+
+def test_without_the_eval_extra_one_line_names_it(tmp_path):
+    """pesq is an extra (it builds from source): without it evaluate.py says how to install it,
+    in one line, exit 2, before writing anything. `sys.modules["pesq"] = None` makes the real
+    import fail in a child process as it does where the package is not installed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    wrapper = "import runpy, sys; sys.modules['pesq'] = None; runpy.run_path('evaluate.py', run_name='__main__')"
+    ref = ASSETS / "speech_en.flac"
+    argv = [sys.executable, "-c", wrapper, "--reference", ref, "--estimate", ref, "--output", tmp_path / "r.json"]
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: pesq is not installed: pip install -e .[eval]"]
+    assert list(tmp_path.iterdir()) == []

@@ -296,5 +296,5 @@ def test_an_unwritable_log_dir_is_one_line(tmp_path, capsys):
     blocker.write_text("a file\n")
     code = trainer.cli(["--config", str(TINY), f"log_dir={blocker / 'run'}", "max_steps=1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err == [f"error: {blocker / 'run' / 'model_ckpts'}: Not a directory"], err
+    assert code == 2 and err == [f"error: {blocker / 'run' / 'model_ckpts'}: Not a directory"], err
     assert blocker.read_text() == "a file\n"

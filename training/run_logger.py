@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from utils import distributed as du
+from utils.files import open_own
 from utils.plotting import spectrogram_figure
 
 _SHORT = {"loss/generator": "g", "loss/discriminator": "d", "loss/full_stft": "stft", "loss/sub_stft": "sub", "loss/mel": "mel",
@@ -36,7 +38,8 @@ class RunLogger:
             return
         logs = Path(log_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.text = open(logs / "log.txt", "a", buffering=1)
+        fd = open_own(logs / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a link
+        self.text = os.fdopen(fd, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional heavy dependency: only with tensorboard on
 

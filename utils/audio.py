@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import soundfile as sf
 import soxr
 
 from utils.budget import MAX_ELEMENTS, over_budget
+from utils.files import missing
 
 
 class AudioError(ValueError):
@@ -108,7 +110,7 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
         return _finish(path, wav, rate, sample_rate)
     path = Path(path)
     if not path.exists():
-        raise AudioError(f"{path}: no such file")
+        raise AudioError(missing(path))
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
     if not path.is_file():  # a FIFO or a device: opening it could block forever
@@ -219,5 +221,13 @@ OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what the tools write, by th
 
 def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False, format: str = "WAV") -> None:
     """Write (T,) audio as 16-bit PCM (``format``: ``WAV`` or ``FLAC``), clamped or rescaled like
-    the original inference.py. The format is explicit: ``path`` may be a temporary name."""
-    sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)
+    the original inference.py. The format is explicit: ``path`` may be a temporary name.
+
+    Raises:
+        OSError: the file cannot be written (libsndfile's errors too, e.g. a full disk: callers
+            handle one error type for every write).
+    """
+    try:
+        sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)
+    except sf.SoundFileError as exc:
+        raise OSError(errno.EIO, f"libsndfile: {exc}", str(path)) from None

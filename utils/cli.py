@@ -36,15 +36,17 @@ def cli_main(
         return 130
 
 
+def os_error_line(exc: OSError) -> str:
+    """An ``OSError`` as one line: the path it names (the second one of a rename) and the OS's reason."""
+    where = exc.filename2 or exc.filename
+    return f"{str(where) + ': ' if where else ''}{exc.strerror or exc}"
+
+
 def report_error(exc: BaseException) -> None:
     """A fatal error as one ``error:`` line on stderr, once per job (under torchrun the ranks
-    that fail alike print it once, see :func:`utils.distributed.first_to_report`). An OSError
+    that fail alike print it once, see :func:`utils.distributed.first_to_report`); an OSError
     (a read-only or full filesystem, a vanished directory) as the OS says it, path first."""
-    if isinstance(exc, OSError):
-        where = exc.filename2 or exc.filename
-        line = f"error: {f'{where}: ' if where else ''}{exc.strerror or exc}"
-    else:
-        line = f"error: {exc}"
+    line = f"error: {os_error_line(exc) if isinstance(exc, OSError) else exc}"
     if first_to_report(line):
         print(line, file=sys.stderr, flush=True)
 

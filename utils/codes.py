@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import DefaultsHelpFormatter
-from utils.files import atomic_write, drop_torn_line, read_json_lines, temporary_target, tree_in_use
+from utils.cli import DefaultsHelpFormatter, os_error_line
+from utils.files import atomic_write, open_append, read_json_lines, temporary_target, tree_in_use
 from utils.schema import MANIFEST_LINE, SIDECAR, check_record, read_json
 from utils.shards import (
     SHARD_RE,
@@ -234,8 +234,7 @@ class ManifestWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        drop_torn_line(self.path)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open_append(self.path)
 
     def add(self, entry: dict) -> None:
         self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -412,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         n, problems = check_corpus(args.root)
     except (CodesFileError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --merge into a read-only or full filesystem
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)

@@ -8,16 +8,22 @@ temporary that :func:`remove_stale_temporaries` deletes at the next start. A wri
 an advisory lock (``flock``) on its temporary while it writes, and a temporary that is
 locked belongs to a live writer: it is never deleted. :class:`TreeLock` keeps a second run
 out of an output tree that a first one is still writing.
+
+A file of ours that is written in place (a lock, an appended JSON-lines file) is opened with
+``O_NOFOLLOW`` (:func:`open_own`): a symbolic link where it belongs is refused in one line,
+never written through (its target may be anyone's file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,38 @@ except ImportError:  # Windows: no advisory locks; writes stay atomic
     fcntl = None
 
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class LinkedFileError(OSError):
+    """A symbolic link where the tool keeps a file of its own (a lock, a manifest, an index)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def open_own(path: str | Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a file of ours that is written in place (locked, appended to, truncated):
+    never through a symbolic link (``O_NOFOLLOW``), whose target would be written instead.
+
+    Raises:
+        LinkedFileError: ``path`` is a symbolic link (its target is left untouched).
+    """
+    try:
+        return os.open(path, flags | NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)  # the umask applies
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise LinkedFileError(exc.errno, "a symbolic link where this tool keeps its own file; remove the link "
+                                  "(its target is not touched)", str(path)) from None  # fmt: skip
+        raise
+
+
+def open_append(path: str | Path):
+    """The one appender of JSON-lines files (manifests, shard indexes): a text file opened for
+    appending (created if missing, never through a link), with a torn last line (no newline:
+    a killed writer's) cut off first."""
+    drop_torn_line(path)
+    return os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -180,12 +218,14 @@ def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
 
 def drop_torn_line(path: str | Path) -> None:
     """Cut a torn last line (no newline: a killed writer's) off a JSON-lines file before appending."""
-    path = Path(path)
-    if path.exists():
-        data = path.read_bytes()
+    try:
+        fd = open_own(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    with os.fdopen(fd, "r+b") as fh:
+        data = fh.read()
         if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
@@ -217,9 +257,10 @@ def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | Non
 
 def _in_use(path: str) -> bool:
     try:
-        fd = os.open(path, (os.O_RDWR if os.path.isfile(path) else os.O_RDONLY) | getattr(os, "O_NONBLOCK", 0))
+        mode = os.O_RDWR if os.path.isfile(path) else os.O_RDONLY
+        fd = os.open(path, mode | getattr(os, "O_NONBLOCK", 0) | NOFOLLOW)
     except OSError:
-        return False
+        return False  # gone, or a link: no live writer of ours holds it
     try:
         return not try_lock(fd)
     finally:
@@ -232,6 +273,8 @@ class TreeLock:
     Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock``
     shared; a run whose world size differs from a live one's is refused (its ranks would
     take other shares of the same files), and so is a second run with the same ranks.
+    :meth:`release` deletes the files it holds alone; a killed run leaves them, and the next
+    run takes them over (an unlocked lock file is nobody's).
 
     Args:
         root: the output directory (created if needed).
@@ -240,17 +283,18 @@ class TreeLock:
 
     Raises:
         TreeLockedError: another live process holds it.
+        LinkedFileError: a lock file is a symbolic link.
     """
 
     def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        self.path = root / f".xcodec.rank{rank}.lock"
-        self._fds: list[int] = []
+        self.path, self._root = root / f".xcodec.rank{rank}.lock", root
+        self._held: list[tuple[int, Path]] = []
         try:
-            self._take(self.path, fcntl.LOCK_EX if fcntl else 0, root)
-            os.ftruncate(self._fds[0], 0)
-            os.pwrite(self._fds[0], f"pid {os.getpid()} on {socket.gethostname()}, rank {rank} of {world_size}".encode(), 0)
+            fd = self._take(self.path, fcntl.LOCK_EX if fcntl else 0, root)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, rank {rank} of {world_size}".encode(), 0)
             self._take(root / f".xcodec.world{world_size}.lock", fcntl.LOCK_SH if fcntl else 0, root)
             for other in root.glob(".xcodec.world*.lock"):
                 if other.name != f".xcodec.world{world_size}.lock" and _in_use(str(other)):
@@ -260,29 +304,70 @@ class TreeLock:
             self.release()
             raise
 
-    def _take(self, path: Path, mode: int, root: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-        self._fds.append(fd)
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); wait for it or choose another output") from None
-        except OSError:
-            pass  # a filesystem without locks: behave as before
+    def _take(self, path: Path, mode: int, root: Path) -> int:
+        for attempt in range(100):  # a releasing run may delete the file between our open and our lock: open it again
+            fd = open_own(path, os.O_RDWR | os.O_CREAT)
+            self._held.append((fd, path))
+            if fcntl is None:
+                return fd
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if mode & fcntl.LOCK_SH and attempt < 99:  # a world lock is held exclusively only for an instant:
+                    self._held.pop()  # by a probe (_in_use) or by its last holder deleting it
+                    os.close(fd)
+                    time.sleep(0.01)
+                    continue
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); wait for it or choose another output") from None
+            except OSError:
+                return fd  # a filesystem without locks: behave as before
+            if _same_file(fd, path):
+                return fd
+            self._held.pop()
+            os.close(fd)
+        raise TreeLockedError(f"{root}: its lock files keep being replaced; is another run starting and stopping there?")
 
     def release(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        """Unlock, deleting first (while locked: no other process can hold a deleted file, see
+        :meth:`_take`) the files this process holds alone and those a killed run left."""
+        for fd, path in reversed(self._held):
+            _unlink_if_unlocked(path, fd)
+        if self._held:
+            for left in self._root.glob(".xcodec.*.lock"):
+                _unlink_if_unlocked(left)
+        self._held = []
 
     def __enter__(self) -> TreeLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _unlink_if_unlocked(path: Path, fd: int | None = None) -> None:
+    """Delete a lock file that no other process holds (``fd``: ours, open; closed here)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | NOFOLLOW) if fd is None else fd
+    except OSError:
+        return
+    try:
+        if fcntl is not None and _same_file(fd, path):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a shared lock: only its last holder gets this
+            path.unlink()
+    except OSError:
+        pass  # held by another process, or already gone
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``path`` (not followed) still names the file open as ``fd``."""
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def tree_in_use(root: str | Path) -> str | None:
@@ -305,6 +390,13 @@ def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
     return sum(len(remove_stale_temporaries(d, names)) for d, names in by_dir.items())
 
 
+def missing(path: str | Path) -> str:
+    """Why ``path`` cannot be opened though it was listed: no such file, or a link to nothing."""
+    if Path(path).is_symlink():  # exists() follows the link
+        return f"{path}: a symbolic link that leads nowhere (dangling, or a loop of links)"
+    return f"{path}: no such file or directory"
+
+
 def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) -> tuple[Path, Path] | None:
     """``(output, input)`` for the first output that would be written onto an input file (paths
     resolved: links and ``..`` included), else ``None``. Tools call it before any work."""
@@ -314,11 +406,14 @@ def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) ->
             continue  # a dataset row is no file
         try:
             sources[Path(p).resolve()] = Path(p)
-        except OSError:
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: its reader reports it
             continue
     for out in outputs:
-        if out is not None and Path(out).resolve() in sources:
-            return Path(out), sources[Path(out).resolve()]
+        try:
+            if out is not None and Path(out).resolve() in sources:
+                return Path(out), sources[Path(out).resolve()]
+        except (OSError, ValueError, RuntimeError):
+            continue  # not a file anyone can read: its writer reports it
     return None
 
 

@@ -20,7 +20,15 @@ import numpy as np
 from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
 from utils.codes import save_codes
-from utils.files import TreeLock, TreeLockedError, atomic_write, output_collision, overwritten_input
+from utils.files import (
+    LinkedFileError,
+    TreeLock,
+    TreeLockedError,
+    atomic_write,
+    missing,
+    output_collision,
+    overwritten_input,
+)
 from utils.inputs import InputItem, collect_inputs, is_listing
 
 
@@ -65,7 +73,7 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     output the tools cannot write, and two inputs that would write the same output.
     """
     if not src.exists():
-        raise CliError(f"{src}: no such file or directory")
+        raise CliError(missing(src))
     many = src.is_dir() or is_listing(src)
     if many:
         for root, flag in ((audio_root, "--output"), (codes_root, "--codes-out")):
@@ -118,14 +126,19 @@ def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> No
 
 def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int, rescale: bool, bins: int) -> bool:
     """Write a job's codes and/or audio; a target that cannot be written (a directory, a
-    read-only or full filesystem) fails this job with one line and the run goes on."""
+    read-only or full filesystem, libsndfile's errors) fails this job with one line, what it
+    already wrote is removed (no codes file without its manifest line), and the run goes on."""
+    written: list[Path] = []
     for target, save in ((job.codes_out, lambda: save_codes(job.codes_out, codes, bins)), (job.audio_out, lambda: save_wav(job.audio_out, audio, rate, rescale))):
         if target is None:
             continue
         try:
             save()
+            written.append(target)
         except OSError as exc:
             fail(f"{target}: cannot write ({exc.strerror or exc})")
+            for done in written:
+                done.unlink(missing_ok=True)
             return False
     return True
 
@@ -153,7 +166,8 @@ def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: in
     except (TreeLockedError, OSError) as exc:
         for lock in locks:
             lock.release()
-        raise CliError(str(exc) if isinstance(exc, TreeLockedError) else f"{exc.filename}: cannot write ({exc.strerror})") from None
+        known = isinstance(exc, (TreeLockedError, LinkedFileError))
+        raise CliError(str(exc) if known else f"{exc.filename}: cannot write ({exc.strerror})") from None
     return locks
 
 

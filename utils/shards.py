@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from utils.files import atomic_write, drop_torn_line, read_json_lines
+from utils.files import atomic_write, drop_torn_line, open_append, read_json_lines
 from utils.schema import INDEX_LINE, SHARD_ROW, check_record
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
@@ -229,7 +229,7 @@ class ShardWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.rows: list[tuple[dict, np.ndarray, dict]] = []
         self.index = self.root / f"index.rank{rank}.jsonl"
-        drop_torn_line(self.index)
+        drop_torn_line(self.index)  # a link there is refused now, not after the first shard's work
         drop_unfinished_line(self.index, self.root)
         self.index.touch()  # this rank ran, even with no file to write: --merge checks that every rank did
         self.seq = next_sequence(self.root, rank)
@@ -253,7 +253,7 @@ class ShardWriter:
 
         def write(tmp: str) -> None:
             (_write_parquet if self.fmt == "parquet" else _write_tar)(tmp, rows)
-            with open(self.index, "a", encoding="utf-8") as fh:  # before the rename: see the module docstring
+            with open_append(self.index) as fh:  # before the rename: see the module docstring
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())  # durable before the shard's durable rename
