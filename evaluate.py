@@ -5,10 +5,9 @@
     # reconstructions made elsewhere, matched by relative path:
     python evaluate.py --reference corpus/ --estimate rec/ --output report.json
 
-Writes ``report.json`` and ``report.csv`` (per file and mean), prints a table per
-bandwidth; ``--plot DIR`` writes a PNG of stacked, labelled spectrograms per file.
-Bad input exits non-zero with one line on stderr; with several files a bad file is
-reported and skipped, everything else is written, and the exit code is 1.
+Writes ``report.json`` and ``report.csv`` (per file and mean), prints a table per bandwidth;
+``--plot DIR`` a PNG of stacked, labelled spectrograms per file. Bad input exits non-zero with
+one line; with several files a bad file is reported and skipped, the rest written, exit code 1.
 """
 
 from __future__ import annotations
@@ -403,8 +402,7 @@ def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failure
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = missing_packages()
-    if missing:  # an extra of the package (README: Install), checked before any work
+    if missing := missing_packages():  # an extra of the package (README: Install), checked before any work
         raise CliError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: {EVAL_EXTRA}")
     # The inputs, collected once: checked against the outputs before any work, then evaluated.
     if args.checkpoint is not None:
