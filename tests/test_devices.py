@@ -13,6 +13,7 @@ import torch
 from conftest import make_tiny_codec, read_asset
 from models.streaming import StreamingDecoder, decode_long, decode_many, encode_long, encode_many
 from modules.teacher import first_conv_stats, group_norm_stats
+from utils.precision import tf32_switches
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +61,26 @@ def test_first_conv_statistics_stay_on_the_input_device(meta_codec, clip):
 def test_exact_mode_turns_tf32_off_inside_and_restores_it(inference_codec, clip):
     seen = []
 
-    def record(module, args):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+    def record(module, args):  # torch's newer API (the legacy getters refuse to read "ieee")
+        seen.append([getattr(obj, name) for obj, name in tf32_switches()])
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     hooks = [inference_codec.encoder_semantic.register_forward_pre_hook(record), inference_codec.fc_post2.register_forward_pre_hook(record)]
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as a user may have set them
+        user = [getattr(obj, name) for obj, name in tf32_switches()]
         codes = inference_codec.encode(clip)
         inference_codec.decode(codes)
-        assert seen == [(False, False), (False, False)]  # encode and decode compute in IEEE fp32
+        assert len(seen) == 2 and all(v in ("ieee", False) for row in seen for v in row), seen  # IEEE fp32 inside
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)  # restored
         seen.clear()
         inference_codec.encode(clip, precision="bf16")
-        assert seen == [(True, True)]  # fast mode leaves them alone
+        assert seen == [user]  # fast mode leaves them alone
         # A process that set the matmul precision through the newer API keeps to it.
         seen.clear()
         torch.set_float32_matmul_precision("high")
         inference_codec.encode(clip)
-        assert seen == [(False, False)] and torch.get_float32_matmul_precision() == "high"
+        assert all(v in ("ieee", False) for v in seen[0]) and torch.get_float32_matmul_precision() == "high"
         torch.set_float32_matmul_precision("highest")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
