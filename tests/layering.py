@@ -5,10 +5,10 @@
 Rules, for every Python file outside tests/:
 
 - layers, bottom to top: ``utils`` -> ``modules``, ``quantization`` -> ``models`` ->
-  ``losses``, ``data`` -> ``training`` -> the entry points (``inference``, ``evaluate``,
-  ``main_launch_vqdp``) -> ``yue_data`` (which drives ``inference``) -> ``benchmarks``. A file
-  imports only from lower layers or from its own top-level package (no upward and no sideways
-  imports);
+  ``corpus`` (tokenized corpora; read by ``data`` and the entry points) -> ``losses``, ``data``
+  -> ``training`` -> the entry points (``inference``, ``evaluate``, ``main_launch_vqdp``) ->
+  ``yue_data`` (which drives ``inference``) -> ``benchmarks``. A file imports only from lower
+  layers or from its own top-level package (no upward and no sideways imports);
 - no import circle between files (a package's ``__init__`` counts as a file);
 - imports inside functions only for the optional heavy dependencies in ``OPTIONAL``, never
   for the project's own modules;
@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("utils",),
     ("modules", "quantization"),
     ("models",),
+    ("corpus",),  # codes files, shards, token streams, inputs: above the engine, below data/
     ("losses", "data"),
     ("training",),
     ("inference", "evaluate", "main_launch_vqdp"),

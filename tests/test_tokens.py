@@ -12,8 +12,8 @@ import pytest
 
 import inference
 from conftest import ASSETS, ROOT, make_tiny_codec
-from utils.codes import iter_corpus
-from utils.tokens import TokenStream, export_stream, flatten
+from corpus.codes import iter_corpus
+from corpus.tokens import TokenStream, export_stream, flatten
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def codes_dir(tmp_path_factory) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "utils.tokens", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "corpus.tokens", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 

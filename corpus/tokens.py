@@ -1,7 +1,7 @@
 """Token streams for LM trainers: a tokenized corpus as one flat token file and an index.
 
-    python -m utils.tokens export codes/ stream/train --layout frame-major --offsets
-    python -m utils.tokens check stream/train
+    python -m corpus.tokens export codes/ stream/train --layout frame-major --offsets
+    python -m corpus.tokens check stream/train
 
 writes, for a prefix ``P``, Megatron-LM's indexed dataset (what Megatron-LM, NeMo and YuE's
 fine-tuning open as ``P``) plus our description of it:
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from corpus.codes import CodesFileError, iter_corpus
+from corpus.schema import TOKEN_STREAM, read_json
 from utils.cli import DefaultsHelpFormatter, cli_main
-from utils.codes import CodesFileError, iter_corpus
 from utils.files import atomic_write
-from utils.schema import TOKEN_STREAM, read_json
 
 LAYOUTS = ("frame-major", "codebook-major")
 DEFAULT_BINS = 1024  # the codebook size of a file that records none (a .npy without its .json)
@@ -251,7 +251,7 @@ class TokenStream:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m utils.tokens", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+        prog="python -m corpus.tokens", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser(

@@ -20,12 +20,12 @@ a complete file; a run killed at any point is finished by running the same comma
 
 Reading codes back::
 
-    from utils.codes import load_codes, iter_corpus
+    from corpus.codes import load_codes, iter_corpus
     codes = load_codes("codes/spk1/utt1.npy", bins=1024)    # LongTensor (n_q, frames)
     for entry, codes in iter_corpus("codes/"):               # checked against the manifest
         ...
 
-Checking a corpus: ``python -m utils.codes codes/`` (``--merge`` also writes one
+Checking a corpus: ``python -m corpus.codes codes/`` (``--merge`` also writes one
 ``manifest.jsonl`` from the per-rank files).
 """
 
@@ -41,10 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import DefaultsHelpFormatter, os_error_line
-from utils.files import atomic_write, open_append, read_json_lines, temporary_target, tree_in_use
-from utils.schema import MANIFEST_LINE, SIDECAR, check_record, read_json
-from utils.shards import (
+from corpus.schema import MANIFEST_LINE, SIDECAR, check_record, read_json
+from corpus.shards import (
     SHARD_RE,
     ShardError,
     index_files,
@@ -54,6 +52,8 @@ from utils.shards import (
     read_index,
     shard_format,
 )
+from utils.cli import DefaultsHelpFormatter, os_error_line
+from utils.files import atomic_write, open_append, read_json_lines, temporary_target, tree_in_use
 
 MANIFEST_NAME = "manifest.jsonl"
 MANIFEST_GLOB = "manifest*.jsonl"
@@ -272,7 +272,7 @@ def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dic
 
     Args:
         path: an npy corpus (``.npy`` files + manifests), a sharded one (parquet or webdataset
-            shards + index, see ``utils.shards``), one shard (``.parquet``/``.tar``) or one
+            shards + index, see ``corpus.shards``), one shard (``.parquet``/``.tar``) or one
             ``.npy`` (with its ``.json`` when there is one).
         bins: codebook size to check codes against (default: what each entry records).
 
