@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import precision
 from models.streaming import (
     DECODER_CONTEXT,
     StreamingDecoder,
@@ -25,7 +26,6 @@ from models.streaming import (
 from modules.snake import snake, snake_reference
 from modules.teacher import fixed_group_norm_stats, install_tiled_feature_encoder, teacher_features
 from modules.tiled import TiledRunner, plan_segments
-from utils import precision
 
 
 @pytest.fixture
