@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from corpus.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
+from corpus.outputs import refuse_replacing
 from losses.metrics import (
     EVAL_EXTRA,
     SIGNAL_METRICS,
@@ -42,8 +44,6 @@ from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
 from utils.files import atomic_write, overwritten_input
-from utils.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
-from utils.outputs import refuse_replacing
 from utils.plotting import save_figure, spectrogram_figure
 
 MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find false matches

@@ -11,7 +11,7 @@ reported and skipped, everything else is written, and the exit code is 1.
 Tokenizing a corpus (``--input DIR --codes-out DIR``): under ``torchrun`` (or with the
 RANK/WORLD_SIZE variables set) each rank takes every WORLD_SIZE-th file; a manifest line is
 appended per finished file (``manifest.jsonl``, ``manifest.rank{R}.jsonl`` per rank); files
-already in a manifest are skipped, so rerunning a killed run finishes it. See utils/codes.py.
+already in a manifest are skipped, so rerunning a killed run finishes it. See corpus/codes.py.
 Only rank 0 draws a progress bar and prints its summary; every rank prints its own failures.
 """
 
@@ -26,6 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from corpus.codes import CodesFileError, has_manifest, load_codes, source_lengths, write_sidecar
+from corpus.corpus import FORMATS, RunStats, refuse_existing, resume
+from corpus.outputs import BackgroundWriter, Job, lock_output_trees, plan, write_outputs
+from corpus.shards import shard_format
 from data import AudioFiles, duration_order, file_loader
 from models import CheckpointError, XCodec, checkpoint_id
 from models.streaming import decode_long, encode_long
@@ -33,10 +37,6 @@ from models.vocoder import Vocoder, merge_low_band
 from utils import distributed as du
 from utils.audio import audio_extensions, fit_length
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
-from utils.codes import CodesFileError, has_manifest, load_codes, source_lengths, write_sidecar
-from utils.corpus import FORMATS, RunStats, refuse_existing, resume
-from utils.outputs import BackgroundWriter, Job, lock_output_trees, plan, write_outputs
-from utils.shards import shard_format
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
     p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
     p.add_argument("--format", choices=FORMATS, default="npy", help="tokenized corpus: one .npy per file + manifests, "
-                   "or parquet / webdataset shards (see utils/shards.py)")
+                   "or parquet / webdataset shards (see corpus/shards.py)")
     p.add_argument("--shard-size", type=int, default=10000, help="files per parquet/webdataset shard")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32: exact codes (default); bf16: fast mode, codes agree with fp32 for most frames")
@@ -263,7 +263,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list[Job]:
-    """This rank's share of ``jobs``, less the files an earlier run finished (see utils.corpus).
+    """This rank's share of ``jobs``, less the files an earlier run finished (see corpus.corpus).
 
     Any output that already exists is replaced only with ``--overwrite``, or by a
     tokenization resuming in its own ``--codes-out``.

@@ -35,12 +35,12 @@ from pathlib import Path
 import soundfile as sf
 
 import inference
+from corpus.codes import CodesFileError, read_manifest
+from corpus.inputs import scan_directory
 from utils import distributed as du
 from utils.audio import audio_extensions
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main
-from utils.codes import CodesFileError, read_manifest
 from utils.files import atomic_write
-from utils.inputs import scan_directory
 
 YUE_CODEC = "yue_xcodec_mini"
 YUE_KBPS = 6.0  # all 12 of YuE's codebooks: stage 1 reads exactly 12 rows (or 1), stage 2 rows 0-7

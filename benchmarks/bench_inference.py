@@ -42,9 +42,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's
 
 from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
 from models.export import to_transformers  # noqa: E402
+from models.precision import cpu_has_amx  # noqa: E402
 from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
 from utils.cli import DefaultsHelpFormatter  # noqa: E402
-from utils.precision import cpu_has_amx  # noqa: E402
 
 ASSETS = ROOT / "tests" / "assets"
 

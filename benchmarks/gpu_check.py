@@ -72,9 +72,9 @@ from benchmarks.gpu_helpers import (  # noqa: E402
 )
 from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
+from models.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
 from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
 from utils.cli import DefaultsHelpFormatter  # noqa: E402
-from utils.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # name: (budget in seconds on an H200, runs with --device cpu --quick too)

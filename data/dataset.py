@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from corpus.inputs import read_file_list, scan_directory
 from utils.audio import audio_extensions, load_audio
-from utils.inputs import read_file_list, scan_directory
 
 
 class DataError(RuntimeError):

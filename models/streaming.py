@@ -29,8 +29,8 @@ import torch
 
 from modules.teacher import fixed_group_norm_stats, group_norm_stats
 from modules.tiled import ConvSpec, Residual, plan_segments
-from utils.precision import check_precision
 
+from .precision import check_precision
 from .xcodec import XCodec
 
 DECODER_CONTEXT = 16  # frames: above the decoder's receptive field (~11 frames each side)

@@ -15,10 +15,10 @@ from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticE
 from modules.teacher import build_teacher, teacher_features, teacher_frames
 from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
-from utils.precision import DTYPES, autocast, check_precision, ieee_fp32
 
 from .config import GeneratorConfig
 from .export import push_to_hub, save_transformers
+from .precision import DTYPES, autocast, check_precision, ieee_fp32
 from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
 
 

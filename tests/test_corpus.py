@@ -19,10 +19,10 @@ import torch
 
 import inference
 from conftest import ROOT, make_tiny_codec, read_asset
+from corpus.codes import CodesFileError, check_corpus, iter_corpus
+from corpus.shards import read_index
+from corpus.tokens import TokenStream, export_stream
 from models import XCodec
-from utils.codes import CodesFileError, check_corpus, iter_corpus
-from utils.shards import read_index
-from utils.tokens import TokenStream, export_stream
 
 N_CLIPS = 40
 
@@ -202,7 +202,7 @@ def test_token_streams_round_trip_to_the_same_codes(tmp_path, corpus, export_dir
             assert stream[0][:8].tolist() == [int(first[k, 0]) + 1024 * k for k in range(8)]
         else:
             assert stream[0][:3].tolist() == first[0, :3].tolist()
-    from utils.tokens import main as tokens_main
+    from corpus.tokens import main as tokens_main
 
     assert tokens_main(["check", str(tmp_path / "stream" / "frame-major")]) == 0
 
@@ -239,7 +239,7 @@ def test_manifests_and_hugging_face_datasets_as_inputs(tmp_path, corpus, export_
 
 
 def test_duplicate_names_and_a_merge_during_a_run_are_refused(tmp_path, corpus, export_dir, monkeypatch, capsys):
-    from utils.codes import main as codes_main
+    from corpus.codes import main as codes_main
     from utils.files import TreeLock
 
     files = sorted(corpus.rglob("*.wav"))[:2]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_codec, read_asset
+from models.precision import tf32_switches
 from models.streaming import StreamingDecoder, decode_long, decode_many, encode_long, encode_many
 from modules.teacher import first_conv_stats, group_norm_stats
-from utils.precision import tf32_switches
 
 
 @pytest.fixture(scope="module")

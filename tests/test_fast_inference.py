@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import precision
 from models.streaming import (
     DECODER_CONTEXT,
     StreamingDecoder,
@@ -25,7 +26,6 @@ from models.streaming import (
 from modules.snake import snake, snake_reference
 from modules.teacher import fixed_group_norm_stats, install_tiled_feature_encoder, teacher_features
 from modules.tiled import TiledRunner, plan_segments
-from utils import precision
 
 
 @pytest.fixture
@@ -273,7 +273,7 @@ def test_bf16_speed_probe_tells_fast_kernels_from_none():
     def probe(isa: str | None) -> float:
         env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
         env.update({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
-        argv = [sys.executable, "-c", "from utils.precision import cpu_bf16_speedup; print(cpu_bf16_speedup())"]
+        argv = [sys.executable, "-c", "from models.precision import cpu_bf16_speedup; print(cpu_bf16_speedup())"]
         out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         return float(out.stdout)
 

@@ -16,7 +16,7 @@ import torch
 from benchmarks.gpu_helpers import kmeans_clips
 from conftest import ROOT
 from models import build_codec, init_codebooks, load_generator_config
-from utils.precision import ieee_fp32, tf32_switches
+from models.precision import ieee_fp32, tf32_switches
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
@@ -54,7 +54,7 @@ def test_exact_mode_restores_tf32_settings_and_the_getter_still_answers(user):
     refuses to read the matmul precision once its two APIs were mixed (Inductor reads it)."""
     code = f"""
 import torch
-from utils.precision import ieee_fp32, tf32_switches
+from models.precision import ieee_fp32, tf32_switches
 if {user!r} == "setter":
     torch.set_float32_matmul_precision("high")
 elif {user!r} == "legacy":

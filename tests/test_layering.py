@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT
-from layering import MAX_LINES, check
+from layering import ALIASES, MAX_LINES, check
 
 
 def test_repository_layers_have_no_upward_import_circle_or_long_file():
@@ -40,14 +40,36 @@ def test_each_kind_of_violation_is_found(tmp_path):
     _write(tmp_path, "quantization/q.py", "import modules.x\n")  # sideways
     _write(tmp_path, "models/__init__.py", "")
     _write(tmp_path, "models/m.py", "import numpy\n\n\ndef h():\n    import yaml\n    from matplotlib.figure import Figure\n")
+    _write(tmp_path, "models/up.py", "import data.d\n")  # upward
     _write(tmp_path, "data/d.py", "x = 1\n" * (MAX_LINES + 1))
     problems, _ = check(tmp_path)
     text = "\n".join(problems)
-    assert "utils.a (line 1) imports models.m: upward" in text
+    assert "utils.a (line 1) imports models.m: utils imports nothing of the project but utils" in text
+    assert "models.up (line 1) imports data.d: upward" in text
     assert "quantization.q (line 1) imports modules.x: sideways" in text
     assert "import circle: modules.x -> modules.y" in text
     assert "modules/y.py:2: imports modules.x inside a function" in text
     assert "models/m.py:5: imports yaml inside a function" in text
     assert "matplotlib" not in text  # an optional heavy dependency may be imported late
     assert f"data/d.py: {MAX_LINES + 1} lines" in text
-    assert len(problems) == 6, problems
+    assert len(problems) == 7, problems
+
+
+def test_utils_imports_only_utils_but_for_the_two_command_line_aliases(tmp_path):
+    """utils/ is the leaf: any import of the project outside utils is refused, even from a layer that
+    LAYERS would allow; the old ``python -m utils.codes`` / ``utils.tokens`` may import their new module only."""
+    assert ALIASES == {"utils.codes": "corpus.codes", "utils.tokens": "corpus.tokens"}
+    _write(tmp_path, "utils/files.py", "x = 1\n")
+    _write(tmp_path, "utils/audio.py", "from utils.files import x\nfrom .files import x as y\n")  # utils from utils
+    _write(tmp_path, "utils/codes.py", "from corpus.codes import main\n")  # an alias: allowed
+    _write(tmp_path, "utils/tokens.py", "from corpus.tokens import main\nfrom corpus.shards import s\n")
+    _write(tmp_path, "utils/inputs.py", "from corpus.codes import main\n")  # not an alias
+    _write(tmp_path, "corpus/__init__.py", "")
+    _write(tmp_path, "corpus/codes.py", "from utils.files import x\n\n\ndef main():\n    return 0\n")
+    _write(tmp_path, "corpus/tokens.py", "from corpus.codes import main\n")
+    _write(tmp_path, "corpus/shards.py", "s = 1\n")
+    problems, _ = check(tmp_path)
+    assert sorted(problems) == [
+        "utils.inputs (line 1) imports corpus.codes: utils imports nothing of the project but utils",
+        "utils.tokens (line 2) imports corpus.shards: utils imports nothing of the project but utils",
+    ], problems

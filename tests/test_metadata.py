@@ -16,11 +16,11 @@ import soundfile as sf
 
 import inference
 from conftest import make_tiny_codec, read_asset
-from utils.codes import main as codes_main
-from utils.codes import read_manifest
-from utils.shards import ShardWriter
-from utils.tokens import export_stream
-from utils.tokens import main as tokens_main
+from corpus.codes import main as codes_main
+from corpus.codes import read_manifest
+from corpus.shards import ShardWriter
+from corpus.tokens import export_stream
+from corpus.tokens import main as tokens_main
 
 SETTINGS = {
     "checkpoint": "xcodec-test",

@@ -13,7 +13,7 @@ import soundfile as sf
 
 import inference
 from conftest import ASSETS, ROOT, TINY_CONFIG
-from utils.codes import check_corpus, read_manifest
+from corpus.codes import check_corpus, read_manifest
 from utils.files import TreeLock
 
 

@@ -17,8 +17,7 @@ import torch
 
 import inference
 from conftest import ASSETS, ROOT, make_tiny_codec, read_asset
-from models import XCodec
-from utils.codes import (
+from corpus.codes import (
     CodesFileError,
     check_corpus,
     iter_corpus,
@@ -26,6 +25,7 @@ from utils.codes import (
     merge_manifests,
     read_manifest,
 )
+from models import XCodec
 from utils.files import temporary_target
 
 
@@ -253,7 +253,7 @@ def test_two_ranks_shard_and_a_killed_rank_is_finished_by_a_rerun(tmp_path, expo
 
 
 def test_codes_cli_reports_problems(tmp_path, capsys):
-    from utils.codes import main as codes_main
+    from corpus.codes import main as codes_main
 
     (tmp_path / "a").mkdir()
     np.save(tmp_path / "a" / "x.npy", np.zeros((2, 5), np.int16))
@@ -315,7 +315,7 @@ def test_malformed_manifests_and_one_codes_file_for_two_inputs_are_reported(tmp_
     (out / "manifest.jsonl").write_text("".join(json.dumps({**line, "path": p}) + "\n" for p in ("a.b.wav", "a.b.flac")))
     n, problems = check_corpus(out)
     assert n == 2 and any("written for two inputs" in p for p in problems)
-    from utils.codes import main as codes_main
+    from corpus.codes import main as codes_main
 
     assert codes_main([str(out)]) == 1
     assert "written for two inputs" in capsys.readouterr().err

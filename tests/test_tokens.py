@@ -12,8 +12,8 @@ import pytest
 
 import inference
 from conftest import ASSETS, ROOT, make_tiny_codec
-from utils.codes import iter_corpus
-from utils.tokens import TokenStream, export_stream, flatten
+from corpus.codes import iter_corpus
+from corpus.tokens import TokenStream, export_stream, flatten
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,8 @@ def codes_dir(tmp_path_factory) -> Path:
     return tmp / "codes"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "utils.tokens", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+def _cli(*args: str, module: str = "corpus.tokens") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def _one_line_refusal(proc: subprocess.CompletedProcess, *words: str) -> None:
@@ -137,3 +135,18 @@ def test_inconsistent_index_or_description_is_refused_in_one_line(tmp_path, code
     with open(tmp_path / "s.bin", "ab") as fh:
         fh.write(b"\0\0")
     _one_line_refusal(_cli("check", str(prefix)), "s.bin", "bytes")
+
+
+def test_old_module_paths_run_the_moved_commands_for_one_release(tmp_path, codes_dir):
+    """``python -m utils.tokens`` / ``utils.codes`` (aliases of corpus.tokens / corpus.codes) give the same
+    files, output and exit status, bad input included."""
+    for module in ("corpus.tokens", "utils.tokens"):
+        proc = _cli("export", str(codes_dir), str(tmp_path / module), "--offsets", module=module)
+        assert proc.returncode == 0 and "3 file(s)" in proc.stdout, proc.stderr
+    for ext in (".bin", ".idx", ".json"):
+        assert (tmp_path / f"corpus.tokens{ext}").read_bytes() == (tmp_path / f"utils.tokens{ext}").read_bytes()
+    _one_line_refusal(_cli("check", str(tmp_path / "absent"), module="utils.tokens"), "absent")
+    new, old = (_cli(str(codes_dir), module=m) for m in ("corpus.codes", "utils.codes"))
+    assert new.returncode == old.returncode == 0, old.stderr
+    assert new.stdout == old.stdout == "3 file(s) in the corpus, 0 problem(s)\n"
+    _one_line_refusal(_cli(str(tmp_path / "absent"), module="utils.codes"), "not a directory")

@@ -1,4 +1,4 @@
-"""Files on disk: atomic writes of files and directories, their leftovers, locks (inputs: utils.inputs).
+"""Files on disk: atomic writes of files and directories, their leftovers, locks (inputs: corpus.inputs).
 
 Every writer of the project goes through :func:`atomic_write` or :func:`atomic_directory`:
 the content is written under a hidden temporary name beside the target

@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus.schema import INDEX_LINE, SHARD_ROW, check_record
 from utils.files import atomic_write, drop_torn_line, open_append, read_json_lines
-from utils.schema import INDEX_LINE, SHARD_ROW, check_record
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
@@ -84,7 +84,7 @@ def shard_format(root: str | Path) -> str | None:
 
 # ---------------------------------------------------------------------------- index
 def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
-    """``[(index file, its lines)]``, every line checked (``utils.schema.INDEX_LINE``; the shard a file
+    """``[(index file, its lines)]``, every line checked (``corpus.schema.INDEX_LINE``; the shard a file
     name in ``root``: an index never points outside its corpus)."""
     out = []
     for path in sorted(root.glob(INDEX_GLOB)):

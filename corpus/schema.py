@@ -1,7 +1,7 @@
 """One schema for the metadata this project writes and reads back, checked wherever it is read.
 
-Manifest lines and codes sidecars (``utils.codes``), shard rows and index lines
-(``utils.shards``) and token-stream descriptions (``utils.tokens``) are written by us, but a
+Manifest lines and codes sidecars (``corpus.codes``), shard rows and index lines
+(``corpus.shards``) and token-stream descriptions (``corpus.tokens``) are written by us, but a
 copy, an edit or a disk error can change them: every reader checks what it reads against the
 schema here (types, ranges, required keys) before using a value, so a corrupt file is one line
 naming it, never a traceback or a wrong result.

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from corpus.codes import save_codes
+from corpus.inputs import InputItem, collect_inputs, is_listing
 from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
-from utils.codes import save_codes
 from utils.files import (
     LinkedFileError,
     TreeLock,
@@ -29,7 +30,6 @@ from utils.files import (
     output_collision,
     overwritten_input,
 )
-from utils.inputs import InputItem, collect_inputs, is_listing
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 - sharding: rank R of W takes files R, R + W, ... of the sorted list;
 - resuming: a file is done when OUT lists it (npy: a manifest line and its ``.npy``;
-  shards: a finished shard, see ``utils.shards``) with the same input root, relative path,
+  shards: a finished shard, see ``corpus.shards``) with the same input root, relative path,
   size and mtime. An npy file whose input changed is redone; shards are append-only, so a
   changed input stops the run (tokenize into a new directory). Codes of another input root,
   checkpoint, bandwidth, precision or format in OUT are refused with one line;
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from corpus.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
+from corpus.outputs import Job, refuse_replacing
+from corpus.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
 from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
-from utils.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
 from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
-from utils.outputs import Job, refuse_replacing
-from utils.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
 
 FORMATS = ("npy", "parquet", "webdataset")
 

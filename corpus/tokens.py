@@ -1,0 +1,300 @@
+"""Token streams for LM trainers: a tokenized corpus as one flat token file and an index.
+
+    python -m corpus.tokens export codes/ stream/train --layout frame-major --offsets
+    python -m corpus.tokens check stream/train
+
+writes, for a prefix ``P``, Megatron-LM's indexed dataset (what Megatron-LM, NeMo and YuE's
+fine-tuning open as ``P``) plus our description of it:
+
+- ``P.bin``: every file's tokens back to back, little-endian ``int16`` (``int32`` when a
+  token does not fit);
+- ``P.idx``: Megatron's binary index: ``MMIDIDX\\x00\\x00``, version 1 (``<Q``), the dtype code
+  (``<B``: 3 int16, 4 int32), the sequence count N and document count N + 1 (``<Q``), the N
+  sequence lengths (int32), the N byte offsets (int64) and the document indices ``0..N``
+  (int64): one document of one sequence per file;
+- ``P.json``: the layout (``frame-major`` or ``codebook-major``), ``n_q``, ``bins``, ``offsets``
+  (whether codebook ``k`` adds ``k * bins``), the dtype, and per file its ``path`` and ``frames``.
+
+Streams of earlier versions (``P.idx.npy``: ``N + 1`` int64 token offsets) are still read.
+
+Layouts of a file's ``(n_q, frames)`` codes: ``frame-major`` is ``codes.T.reshape(-1)``
+(all codebooks of frame 0, then frame 1, ...: what YuE and VALL-E-style trainers read),
+``codebook-major`` is ``codes.reshape(-1)`` (codebook 0 of every frame, then codebook 1, ...).
+With ``offsets`` each token is ``k * bins + code`` (one vocabulary for all codebooks; YuE adds
+its own global offset, 45334, on top).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corpus.codes import CodesFileError, iter_corpus
+from corpus.schema import TOKEN_STREAM, read_json
+from utils.cli import DefaultsHelpFormatter, cli_main
+from utils.files import atomic_write
+
+LAYOUTS = ("frame-major", "codebook-major")
+DEFAULT_BINS = 1024  # the codebook size of a file that records none (a .npy without its .json)
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+MEGATRON_HEAD = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
+TOKEN_DTYPES = {"int16": 3, "int32": 4}  # the dtypes a stream may hold, with Megatron's codes for them
+
+
+def flatten(codes: np.ndarray, layout: str, bins: int, offsets: bool) -> np.ndarray:
+    """(n_q, frames) codes -> the 1-D token sequence of ``layout`` (int64)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if offsets:
+        codes = codes + bins * np.arange(codes.shape[0])[:, None]
+    return (codes.T if layout == "frame-major" else codes).reshape(-1)
+
+
+def unflatten(tokens: np.ndarray, layout: str, n_q: int, bins: int, offsets: bool) -> np.ndarray:
+    """The inverse of :func:`flatten`: (n_q, frames) codes."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    codes = tokens.reshape(-1, n_q).T if layout == "frame-major" else tokens.reshape(n_q, -1)
+    return codes - bins * np.arange(n_q)[:, None] if offsets else codes
+
+
+def _path(prefix: Path, suffix: str) -> Path:
+    return prefix.with_name(prefix.name + suffix)
+
+
+def megatron_index(lengths: list[int], dtype: str) -> bytes:
+    """Megatron-LM's ``.idx`` for sequences of ``lengths`` tokens of ``dtype``, one document each."""
+    lengths_arr = np.asarray(lengths, dtype="<i4")
+    pointers = np.zeros(len(lengths), dtype="<i8")
+    np.cumsum(lengths_arr[:-1] * np.dtype(dtype).itemsize, out=pointers[1:])  # byte offsets
+    head = MEGATRON_MAGIC + MEGATRON_HEAD.pack(1, TOKEN_DTYPES[dtype], len(lengths), len(lengths) + 1)
+    return head + lengths_arr.tobytes() + pointers.tobytes() + np.arange(len(lengths) + 1, dtype="<i8").tobytes()
+
+
+def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
+    """``(dtype name, (N + 1,) int64 token offsets)`` from a Megatron ``.idx`` of one sequence per
+    document, every field checked: a file another tool wrote differently is refused, never misread."""
+    raw = path.read_bytes()
+    head = len(MEGATRON_MAGIC) + MEGATRON_HEAD.size
+    if len(raw) < head or not raw.startswith(MEGATRON_MAGIC):
+        raise CodesFileError(f"{path}: not a Megatron index (no MMIDIDX header)")
+    version, code, n, docs = MEGATRON_HEAD.unpack_from(raw, len(MEGATRON_MAGIC))
+    names = {c: name for name, c in TOKEN_DTYPES.items()}
+    if version != 1 or code not in names:
+        raise CodesFileError(
+            f"{path}: Megatron index version {version}, dtype code {code}; expected version 1, dtype int16 or int32"
+        )
+    if len(raw) != head + 12 * n + 8 * docs:
+        raise CodesFileError(
+            f"{path}: {len(raw)} bytes, not the {head + 12 * n + 8 * docs} of {n} sequences and {docs} documents"
+        )
+    lengths = np.frombuffer(raw, "<i4", n, head).astype(np.int64)
+    pointers = np.frombuffer(raw, "<i8", n, head + 4 * n)
+    documents = np.frombuffer(raw, "<i8", docs, head + 12 * n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if (lengths < 0).any() or not np.array_equal(pointers, offsets[:-1] * np.dtype(names[code]).itemsize):
+        raise CodesFileError(f"{path}: sequence lengths and pointers are not contiguous and increasing")
+    if not np.array_equal(documents, np.arange(n + 1)):
+        raise CodesFileError(f"{path}: expected one sequence per document (document indices 0..{n})")
+    return names[code], offsets
+
+
+def export_stream(
+    corpus: str | Path, prefix: str | Path, layout: str = "frame-major", offsets: bool = False, bins: int | None = None
+) -> dict:
+    """Write ``prefix.bin``, ``prefix.idx`` (Megatron) and ``prefix.json`` from any corpus ``iter_corpus`` reads.
+
+    Args:
+        corpus: a tokenized corpus, one shard or one ``.npy``.
+        prefix: output prefix.
+        layout: one of :data:`LAYOUTS`.
+        offsets: token = ``k * bins + code``.
+        bins: codebook size of files that record none (default 1024); every code must be below it.
+
+    Every file must have the same ``n_q`` and ``bins`` (one tokenization). Returns the metadata.
+    Refuses (``CodesFileError`` naming the file) a code ``>= bins``: with ``offsets`` it would
+    be a token of the next codebook, and a dtype chosen from ``bins`` could not hold it.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    files: list[dict] = []
+    lengths: list[int] = []
+    info: dict = {}  # n_q, bins and dtype, from the first file
+
+    def write_bin(tmp: str) -> None:  # streamed: one file's tokens in memory at a time
+        with open(tmp, "wb") as fh:
+            for entry, codes in iter_corpus(corpus):
+                where, file_bins = entry.get("path"), int(entry.get("bins") or bins or DEFAULT_BINS)
+                if bins is not None and file_bins != bins:
+                    raise CodesFileError(f"{where}: tokenized with {file_bins} bins; --bins says {bins}")
+                if not info:
+                    info["n_q"], info["bins"] = codes.shape[0], file_bins
+                    top = (info["n_q"] * info["bins"] if offsets else info["bins"]) - 1
+                    if top >= 2**31:
+                        raise CodesFileError(
+                            f"{where}: {info['n_q']} codebooks of {info['bins']} do not fit int32 tokens"
+                        )
+                    info["dtype"] = "int16" if top < 2**15 else "int32"
+                if codes.shape[0] != info["n_q"] or file_bins != info["bins"]:
+                    raise CodesFileError(
+                        f"{where}: {codes.shape[0]} codebooks of {file_bins}; the corpus has {info['n_q']} of {info['bins']}"
+                    )
+                if int(codes.max()) >= info["bins"]:
+                    raise CodesFileError(
+                        f"{where}: code {int(codes.max())} >= bins {info['bins']} (a token of the next codebook with --offsets,"
+                        " wrapped in the stream's dtype); pass --bins for files that record none"
+                    )
+                tokens = flatten(codes.numpy(), layout, info["bins"], offsets)
+                if len(tokens) >= 2**31:  # Megatron's sequence lengths are int32
+                    raise CodesFileError(f"{where}: {len(tokens)} tokens, more than a Megatron sequence holds")
+                fh.write(tokens.astype("<" + np.dtype(info["dtype"]).str[1:]).tobytes())
+                lengths.append(len(tokens))
+                files.append({"path": entry["path"], "frames": int(codes.shape[1])})
+        if not files:
+            raise CodesFileError(f"{corpus}: no tokenized files")
+
+    atomic_write(_path(prefix, ".bin"), write_bin, durable=True)
+    meta = {"layout": layout, "n_q": info["n_q"], "bins": info["bins"], "offsets": offsets, "dtype": info["dtype"],
+            "files": files, "tokens": sum(lengths), "source": str(corpus)}  # fmt: skip
+    atomic_write(_path(prefix, ".idx"), lambda tmp: Path(tmp).write_bytes(megatron_index(lengths, info["dtype"])))
+    atomic_write(_path(prefix, ".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, ensure_ascii=False) + "\n"))
+    _path(prefix, ".idx.npy").unlink(missing_ok=True)  # an earlier export's index would describe another .bin
+    return meta
+
+
+def _checked_meta(path: Path) -> dict:
+    """``P.json`` checked against the one metadata schema, its layout and dtype too (an odd
+    dtype would memory-map garbage)."""
+    meta = read_json(path, TOKEN_STREAM, CodesFileError)
+    if meta["layout"] not in LAYOUTS:
+        raise CodesFileError(f"{path}: layout {meta['layout']!r} is not one of {', '.join(LAYOUTS)}")
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise CodesFileError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    return meta
+
+
+@dataclass
+class TokenStream:
+    """A token stream read back (memory-mapped): ``stream[i]`` is file ``i``'s tokens.
+
+    Attributes:
+        tokens: the flat ``numpy.memmap``, shape ``(total tokens,)``.
+        index: ``(N + 1,)`` int64 token offsets: file ``i`` is ``tokens[index[i]:index[i + 1]]``.
+        meta: the ``prefix.json`` contents.
+    """
+
+    tokens: np.ndarray
+    index: np.ndarray
+    meta: dict
+
+    @staticmethod
+    def open(prefix: str | Path) -> TokenStream:
+        """Open ``prefix.bin`` with ``prefix.idx`` (Megatron) or an older ``prefix.idx.npy``.
+
+        Raises ``CodesFileError`` (one line) when the three files do not describe one stream.
+        """
+        prefix = Path(prefix)
+        meta = _checked_meta(_path(prefix, ".json"))
+        idx_path = _path(prefix, ".idx")
+        if idx_path.is_file():
+            dtype, index = read_megatron_index(idx_path)
+            if dtype != meta["dtype"]:
+                raise CodesFileError(f"{idx_path}: dtype {dtype}, {_path(prefix, '.json').name} says {meta['dtype']}")
+        else:
+            idx_path = _path(prefix, ".idx.npy")
+            try:
+                index = np.load(idx_path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise CodesFileError(f"{idx_path}: not a readable index ({str(exc).splitlines()[0][:120]})") from None
+            if (
+                index.ndim != 1
+                or index.dtype.kind not in "iu"
+                or len(index) == 0
+                or index[0] != 0
+                or (np.diff(index) < 0).any()
+            ):
+                raise CodesFileError(f"{idx_path}: not an increasing list of token offsets from 0")
+            index = index.astype(np.int64)
+        expected = [meta["n_q"] * f["frames"] for f in meta["files"]]
+        if len(index) != len(expected) + 1 or np.diff(index).tolist() != expected:
+            raise CodesFileError(
+                f"{idx_path}: {len(index) - 1} sequences that are not the {len(expected)} files of n_q x frames tokens the .json lists"
+            )
+        bin_path, dtype = _path(prefix, ".bin"), np.dtype(meta["dtype"]).newbyteorder("<")
+        if bin_path.stat().st_size != int(index[-1]) * dtype.itemsize:
+            raise CodesFileError(
+                f"{bin_path}: {bin_path.stat().st_size} bytes, not the {int(index[-1])} {meta['dtype']} tokens of its index"
+            )
+        tokens = (
+            np.memmap(bin_path, dtype=dtype, mode="r") if index[-1] else np.zeros(0, dtype)
+        )  # an empty file cannot be mapped
+        return TokenStream(tokens, index, meta)
+
+    def __len__(self) -> int:
+        return len(self.index) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.index[i] : self.index[i + 1]])
+
+    def codes(self, i: int) -> torch.Tensor:
+        """File ``i`` as a ``LongTensor`` (n_q, frames), offsets removed."""
+        m = self.meta
+        return torch.from_numpy(unflatten(self[i], m["layout"], m["n_q"], m["bins"], m["offsets"]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m corpus.tokens", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "export",
+        help="write PREFIX.bin / .idx (Megatron) / .json from a tokenized corpus",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    ex.add_argument(
+        "corpus", type=Path, help="a --codes-out directory (npy, parquet or webdataset), one shard or one .npy"
+    )
+    ex.add_argument("prefix", type=Path, help="output prefix")
+    ex.add_argument("--layout", choices=LAYOUTS, default="frame-major", help="token order within a file")
+    ex.add_argument("--offsets", action="store_true", help="token = k * bins + code (one vocabulary for all codebooks)")
+    ex.add_argument(
+        "--bins", type=int, default=None, help=f"codebook size of files that record none (default {DEFAULT_BINS})"
+    )
+    ck = sub.add_parser(
+        "check", help="open a stream and decode every file back to codes", formatter_class=DefaultsHelpFormatter
+    )
+    ck.add_argument("prefix", type=Path)
+    args = p.parse_args(argv)
+    if getattr(args, "bins", None) is not None and args.bins < 1:
+        p.error(f"--bins must be positive, got {args.bins}")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        meta = export_stream(args.corpus, args.prefix, args.layout, args.offsets, args.bins)
+        print(
+            f"wrote {args.prefix}.bin ({meta['tokens']} {meta['dtype']} tokens of {len(meta['files'])} file(s)), .idx, .json"
+        )
+    else:
+        stream = TokenStream.open(args.prefix)
+        for i in range(len(stream)):
+            stream.codes(i)
+        print(f"{len(stream)} file(s), {len(stream.tokens)} tokens, layout {stream.meta['layout']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(parse_args, run, argv, one_line=(CodesFileError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
