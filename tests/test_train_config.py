@@ -78,6 +78,29 @@ def test_overrides_and_experiment_file_merge(tmp_path):
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 
 
+def test_yaml_paths_resolve_from_the_file_and_command_line_paths_from_the_cwd(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "exp" / "lists").mkdir(parents=True)
+    (elsewhere / "exp" / "lists" / "valid.txt").write_text("a.wav\n")
+    (elsewhere / "exp" / "start").mkdir()  # init_from given as a directory beside the experiment file
+    exp = _write(elsewhere / "exp", "validation_file: lists/valid.txt\ninit_from: start\npretrained_teacher: facebook/hubert-base-ls960\n")
+    (elsewhere / "linked.yaml").symlink_to(CONFIGS / "tiny.yaml")
+    monkeypatch.chdir(elsewhere)  # not the repository root: tiny.yaml's lists must still be found
+
+    cfg = load_train_config(CONFIGS / "tiny.yaml").cfg
+    assert Path(cfg.training_file).resolve() == ROOT / "tests" / "assets" / "train.txt"
+    assert Path(cfg.validation_file).resolve() == ROOT / "tests" / "assets" / "valid.txt"
+    assert cfg.log_dir == "runs/tiny"  # an output: taken from the working directory
+    linked = load_train_config("linked.yaml").cfg  # a linked config's paths sit beside its target
+    assert Path(linked.training_file).resolve() == ROOT / "tests" / "assets" / "train.txt"
+
+    cfg = load_train_config(CONFIGS / "tiny.yaml", "exp/exp.yaml", ["training_file=mine.txt"]).cfg
+    assert cfg.training_file == "mine.txt"  # the command line: from the working directory
+    assert Path(cfg.validation_file).resolve() == elsewhere / "exp" / "lists" / "valid.txt"
+    assert Path(cfg.init_from).resolve() == elsewhere / "exp" / "start"
+    assert cfg.pretrained_teacher == "facebook/hubert-base-ls960"  # a hub id, not a path beside the file
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     rc = trainer.cli(["--config", str(CONFIGS / "tiny.yaml"), f"log_dir={tmp_path / 'run'}", "segment_sise=1"])
     assert rc == 1

@@ -7,6 +7,11 @@ A run's config is a stack of layers merged in order:
 3. command-line overrides ``key.sub=value`` (values are YAML: ``max_steps=4``,
    ``d_list=[mfd,mpd]``, ``init_from=null``).
 
+A relative input path written in a YAML layer (``training_file``, ``validation_file``, and
+``init_from`` / ``pretrained_teacher`` when such a path exists) is taken from that file's
+directory, so a config works from any working directory; on the command line it is taken
+from the working directory. ``log_dir`` (an output) is always taken from the working directory.
+
 Every layer is checked on its own against :class:`TrainConfig` before merging, so an
 unknown key or a wrong type fails at start-up naming the key *and the file* (or the
 command-line argument) it came from. The merged dict is kept verbatim (``raw``): it is
@@ -26,7 +31,7 @@ import yaml
 
 from models.config import GeneratorConfig, generator_config_from_dict
 from utils.budget import MAX_STEP_ELEMENTS, check_budget
-from utils.config import ConfigError, config_layers, from_dict, merge, setting
+from utils.config import ConfigError, config_dir, config_layers, from_dict, merge, setting
 
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
 
@@ -375,6 +380,28 @@ def _step_elements(v: dict, widest: float) -> float:
     return total
 
 
+# Input paths a YAML layer may give relative to itself; the second group may also be names
+# (a release, a hub repository id), so they are rebased only when the rebased path exists.
+_FILE_PATH_KEYS = ("training_file", "validation_file")
+_NAME_OR_PATH_KEYS = ("init_from", "pretrained_teacher")
+
+
+def _file_layers(path: str | Path) -> list[tuple[str, dict]]:
+    """``config_layers(path)`` with each layer's relative input paths taken from its file's directory."""
+    out = []
+    for where, data in config_layers(path):
+        here, data = config_dir(where), dict(data)
+        for key in _FILE_PATH_KEYS + _NAME_OR_PATH_KEYS:
+            value = data.get(key)
+            if not isinstance(value, str) or not value or Path(value).is_absolute():
+                continue  # null, a flag, or a type error that _check_layer reports with the file's name
+            rebased = here / value
+            if key in _FILE_PATH_KEYS or rebased.exists():
+                data[key] = str(rebased)
+        out.append((where, data))
+    return out
+
+
 def load_train_config(
     config: str | Path,
     exp_config: str | Path | None = None,
@@ -385,9 +412,9 @@ def load_train_config(
     Raises:
         ConfigError: naming the offending key and the file or argument it came from.
     """
-    layers = config_layers(config)
+    layers = _file_layers(config)
     if exp_config is not None:
-        layers += config_layers(exp_config)
+        layers += _file_layers(exp_config)
     for arg in overrides:
         layers.append((f"command line {arg!r}", parse_override(arg)))
     raw: dict = {}
