@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.mark.parametrize("name", ["xcodec_hubert_librispeech", "xcodec_wavlm_mls", "xcodec_hubert_general_audio", "tiny"])
+@pytest.mark.parametrize(
+    "name", ["xcodec_hubert_librispeech", "xcodec_wavlm_mls", "xcodec_hubert_general_audio", "tiny"]
+)
 def test_recipe_configs_parse(name):
     loaded = load_train_config(CONFIGS / f"{name}.yaml")
     cfg = loaded.cfg
@@ -68,7 +70,11 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 def test_overrides_and_experiment_file_merge(tmp_path):
     exp = _write(tmp_path, "batch_size: 3\noptimizer:\n  d:\n    lr: 1.0e-3\n")
-    loaded = load_train_config(CONFIGS / "tiny.yaml", exp, ["batch_size=5", "log_dir=123", "d_list=[mfd, mpd]", "init_from=null", "loss_weights.mel=45"])
+    loaded = load_train_config(
+        CONFIGS / "tiny.yaml",
+        exp,
+        ["batch_size=5", "log_dir=123", "d_list=[mfd, mpd]", "init_from=null", "loss_weights.mel=45"],
+    )
     cfg = loaded.cfg
     assert cfg.batch_size == 5  # the command line wins over the experiment file
     assert cfg.optimizer.d.lr == 1e-3 and cfg.optimizer.g.lr == 2e-4
@@ -83,7 +89,10 @@ def test_yaml_paths_resolve_from_the_file_and_command_line_paths_from_the_cwd(tm
     (elsewhere / "exp" / "lists").mkdir(parents=True)
     (elsewhere / "exp" / "lists" / "valid.txt").write_text("a.wav\n")
     (elsewhere / "exp" / "start").mkdir()  # init_from given as a directory beside the experiment file
-    exp = _write(elsewhere / "exp", "validation_file: lists/valid.txt\ninit_from: start\npretrained_teacher: facebook/hubert-base-ls960\n")
+    _write(
+        elsewhere / "exp",
+        "validation_file: lists/valid.txt\ninit_from: start\npretrained_teacher: facebook/hubert-base-ls960\n",
+    )
     (elsewhere / "linked.yaml").symlink_to(CONFIGS / "tiny.yaml")
     monkeypatch.chdir(elsewhere)  # not the repository root: tiny.yaml's lists must still be found
 

@@ -138,7 +138,11 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
         if problem is not None:
             raise ConfigError(f"{where}.{name}: {problem}")
         kwargs[name] = value
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
