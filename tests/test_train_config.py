@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import main_launch_vqdp as trainer
+from data import list_audio_files
 from training.config import load_train_config, parse_override
 from utils.config import ConfigError
 
@@ -97,11 +98,13 @@ def test_yaml_paths_resolve_from_the_file_and_command_line_paths_from_the_cwd(tm
     monkeypatch.chdir(elsewhere)  # not the repository root: tiny.yaml's lists must still be found
 
     cfg = load_train_config(CONFIGS / "tiny.yaml").cfg
-    assert Path(cfg.training_file).resolve() == ROOT / "tests" / "assets" / "train.txt"
-    assert Path(cfg.validation_file).resolve() == ROOT / "tests" / "assets" / "valid.txt"
+    assert Path(cfg.training_file).resolve() == ROOT / "tests" / "assets" / "tiny_train.txt"
+    assert Path(cfg.validation_file).resolve() == ROOT / "tests" / "assets" / "tiny_valid.txt"
     assert cfg.log_dir == "runs/tiny"  # an output: taken from the working directory
+    clips = list_audio_files(cfg.training_file) + list_audio_files(cfg.validation_file)
+    assert len(clips) == 4 and all(Path(p).is_file() for p in clips)  # the lists' clips too, from here
     linked = load_train_config("linked.yaml").cfg  # a linked config's paths sit beside its target
-    assert Path(linked.training_file).resolve() == ROOT / "tests" / "assets" / "train.txt"
+    assert Path(linked.training_file).resolve() == ROOT / "tests" / "assets" / "tiny_train.txt"
 
     cfg = load_train_config(CONFIGS / "tiny.yaml", "exp/exp.yaml", ["training_file=mine.txt"]).cfg
     assert cfg.training_file == "mine.txt"  # the command line: from the working directory
