@@ -21,7 +21,7 @@ pip_quiet() { "$py" -m pip install -q "$@" >/dev/null 2>"$venv/pip.log"; }
 # A plain `pip install torch` resolves a multi-GB CUDA build: the CPU wheel, pinned. Where the
 # configured indexes lack it, PyTorch's CPU index is tried once, briefly (no minutes of retries).
 if ! "$py" -c "import torch" 2>/dev/null; then
-    if ! pip_quiet "torch==2.13.0"; then
+    if ! pip_quiet --retries 1 --timeout 30 "torch==2.13.0"; then
         echo "torch==2.13.0 is not on the configured indexes: trying https://download.pytorch.org/whl/cpu once" >&2
         pip_quiet --retries 0 --timeout 20 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" ||
             { echo "error: cannot install torch==2.13.0 (CPU); see $venv/pip.log" >&2; exit 2; }
