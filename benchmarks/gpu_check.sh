@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check as one prepared command for an offline GPU machine (see README: GPU):
+# The GPU check as one prepared command for an offline GPU machine (see docs/performance.md: GPU):
 #   bash benchmarks/gpu_check.sh [gpu_check.py options]
 # Installs the wheels in .whl/ (soundfile, soxr, cffi, pycparser) into a target folder when
 # present (torch and the rest stay as the machine has them), prints the versions, runs the

@@ -51,7 +51,8 @@ def test_editable_install_then_readme_snippet_from_another_directory(tmp_path, r
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    shutil.copy(ASSETS / "speech_en.flac", elsewhere / "speech.flac")
+    (elsewhere / "tests" / "assets").mkdir(parents=True)  # the snippet reads the sample by its path in a clone
+    shutil.copy(ASSETS / "speech_en.flac", elsewhere / "tests" / "assets" / "speech_en.flac")
     script = (
         _readme_snippet()
         + "\nimport models\nprint('MODELS', models.__file__)\nprint('CODES', tuple(codes.shape), tuple(audio.shape))\n"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import main_launch_vqdp as trainer
+from data import list_audio_files
 from training.config import load_train_config, parse_override
 from utils.config import ConfigError
 
@@ -14,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.mark.parametrize("name", ["xcodec_hubert_librispeech", "xcodec_wavlm_mls", "xcodec_hubert_general_audio", "tiny"])
+@pytest.mark.parametrize(
+    "name", ["xcodec_hubert_librispeech", "xcodec_wavlm_mls", "xcodec_hubert_general_audio", "tiny"]
+)
 def test_recipe_configs_parse(name):
     loaded = load_train_config(CONFIGS / f"{name}.yaml")
     cfg = loaded.cfg
@@ -68,7 +71,11 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 def test_overrides_and_experiment_file_merge(tmp_path):
     exp = _write(tmp_path, "batch_size: 3\noptimizer:\n  d:\n    lr: 1.0e-3\n")
-    loaded = load_train_config(CONFIGS / "tiny.yaml", exp, ["batch_size=5", "log_dir=123", "d_list=[mfd, mpd]", "init_from=null", "loss_weights.mel=45"])
+    loaded = load_train_config(
+        CONFIGS / "tiny.yaml",
+        exp,
+        ["batch_size=5", "log_dir=123", "d_list=[mfd, mpd]", "init_from=null", "loss_weights.mel=45"],
+    )
     cfg = loaded.cfg
     assert cfg.batch_size == 5  # the command line wins over the experiment file
     assert cfg.optimizer.d.lr == 1e-3 and cfg.optimizer.g.lr == 2e-4
@@ -76,6 +83,34 @@ def test_overrides_and_experiment_file_merge(tmp_path):
     assert cfg.d_list == ["mfd", "mpd"] and cfg.init_from is None and cfg.loss_weights.mel == 45.0
     assert loaded.raw["generator"]["config"]["D"] == 16  # the raw merged dict is what checkpoints store
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_yaml_paths_resolve_from_the_file_and_command_line_paths_from_the_cwd(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "exp" / "lists").mkdir(parents=True)
+    (elsewhere / "exp" / "lists" / "valid.txt").write_text("a.wav\n")
+    (elsewhere / "exp" / "start").mkdir()  # init_from given as a directory beside the experiment file
+    _write(
+        elsewhere / "exp",
+        "validation_file: lists/valid.txt\ninit_from: start\npretrained_teacher: facebook/hubert-base-ls960\n",
+    )
+    (elsewhere / "linked.yaml").symlink_to(CONFIGS / "tiny.yaml")
+    monkeypatch.chdir(elsewhere)  # not the repository root: tiny.yaml's lists must still be found
+
+    cfg = load_train_config(CONFIGS / "tiny.yaml").cfg
+    assert Path(cfg.training_file).resolve() == ROOT / "tests" / "assets" / "tiny_train.txt"
+    assert Path(cfg.validation_file).resolve() == ROOT / "tests" / "assets" / "tiny_valid.txt"
+    assert cfg.log_dir == "runs/tiny"  # an output: taken from the working directory
+    clips = list_audio_files(cfg.training_file) + list_audio_files(cfg.validation_file)
+    assert len(clips) == 4 and all(Path(p).is_file() for p in clips)  # the lists' clips too, from here
+    linked = load_train_config("linked.yaml").cfg  # a linked config's paths sit beside its target
+    assert Path(linked.training_file).resolve() == ROOT / "tests" / "assets" / "tiny_train.txt"
+
+    cfg = load_train_config(CONFIGS / "tiny.yaml", "exp/exp.yaml", ["training_file=mine.txt"]).cfg
+    assert cfg.training_file == "mine.txt"  # the command line: from the working directory
+    assert Path(cfg.validation_file).resolve() == elsewhere / "exp" / "lists" / "valid.txt"
+    assert Path(cfg.init_from).resolve() == elsewhere / "exp" / "start"
+    assert cfg.pretrained_teacher == "facebook/hubert-base-ls960"  # a hub id, not a path beside the file
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -7,6 +7,10 @@ A run's config is a stack of layers merged in order:
 3. command-line overrides ``key.sub=value`` (values are YAML: ``max_steps=4``,
    ``d_list=[mfd,mpd]``, ``init_from=null``).
 
+Relative input paths in a YAML layer (``training_file``, ``validation_file``; ``init_from`` and
+``pretrained_teacher`` when that path exists) are taken from its file's directory, so a config works
+from any cwd; command-line paths and ``log_dir`` (an output) are taken from the working directory.
+
 Every layer is checked on its own against :class:`TrainConfig` before merging, so an
 unknown key or a wrong type fails at start-up naming the key *and the file* (or the
 command-line argument) it came from. The merged dict is kept verbatim (``raw``): it is
@@ -26,7 +30,7 @@ import yaml
 
 from models.config import GeneratorConfig, generator_config_from_dict
 from utils.budget import MAX_STEP_ELEMENTS, check_budget
-from utils.config import ConfigError, config_layers, from_dict, merge, setting
+from utils.config import ConfigError, config_dir, config_layers, from_dict, merge, setting
 
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
 
@@ -280,7 +284,14 @@ def parse_override(arg: str) -> dict:
     except RecursionError:  # e.g. 100k nested "[": the parser recurses once per level
         raise ConfigError(f"command line: {key}: not valid YAML (nested too deeply)") from None
     tp = _field_type(TrainConfig, keys)
-    if tp is not None and tp is not Any and _accepts_str(tp) and not isinstance(value, str) and text.strip() not in ("null", "~", "Null", "NULL") and not isinstance(value, bool):
+    if (
+        tp is not None
+        and tp is not Any
+        and _accepts_str(tp)
+        and not isinstance(value, str)
+        and text.strip() not in ("null", "~", "Null", "NULL")
+        and not isinstance(value, bool)
+    ):
         value = text
     out: dict = value
     for k in reversed(keys):
@@ -317,20 +328,28 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
         raise bad("max_steps", "max_steps and num_epoches are both 0: nothing to train")
     if len(cfg.optimizer.g.betas) != 2 or len(cfg.optimizer.d.betas) != 2:
         raise bad("optimizer.*.betas", "expected two numbers")
-    for name, sec in (("full_multi_scale_stft_loss", cfg.full_multi_scale_stft_loss), ("sub_multi_scale_stft_loss", cfg.sub_multi_scale_stft_loss)):
+    for name, sec in (
+        ("full_multi_scale_stft_loss", cfg.full_multi_scale_stft_loss),
+        ("sub_multi_scale_stft_loss", cfg.sub_multi_scale_stft_loss),
+    ):
         if not len(sec.fft_sizes) == len(sec.win_sizes) == len(sec.hop_sizes):
             raise bad(name, "fft_sizes, win_sizes and hop_sizes must have the same length")
     if len(cfg.mfd.hop_lengths) != len(cfg.mfd.hidden_channels) and "mfd" in cfg.d_list:
         raise bad("mfd", "hop_lengths and hidden_channels must have the same length")
     if cfg.segment_size < cfg.codec.hop_length:
-        raise bad("segment_size", f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)")
+        raise bad(
+            "segment_size",
+            f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)",
+        )
     # Before log_dir is touched: what one training step allocates, from the recipe alone.
     widest = max(cfg.codec.encoder_dim, cfg.codec.decoder_dim / 2 ** len(cfg.codec.ratios))
     sizes, defaults = _recipe_sizes(cfg), _recipe_sizes(TrainConfig())
     step = "elements in one training step"
     check_budget(lambda v: _step_elements(v, widest), sizes, defaults, f"{where}: ", step, MAX_STEP_ELEMENTS)
     if cfg.mel_scale_loss.fmax is not None and cfg.mel_scale_loss.fmax <= cfg.mel_scale_loss.fmin:
-        raise bad("mel_scale_loss.fmax", f"must be above fmin ({cfg.mel_scale_loss.fmin}), got {cfg.mel_scale_loss.fmax}")
+        raise bad(
+            "mel_scale_loss.fmax", f"must be above fmin ({cfg.mel_scale_loss.fmin}), got {cfg.mel_scale_loss.fmax}"
+        )
     if "mfd" in cfg.d_list and any(c % 32 for c in cfg.mfd.hidden_channels):
         raise bad("mfd.hidden_channels", f"every width must be a multiple of 32, got {cfg.mfd.hidden_channels}")
     if isinstance(cfg.pretrained_teacher, str) and not cfg.pretrained_teacher:
@@ -370,9 +389,33 @@ def _step_elements(v: dict, widest: float) -> float:
     total += spectrograms([v["mel_scale_loss.n_fft"]], [v["mel_scale_loss.hop_size"]])
     total += float(v["mel_scale_loss.n_fft"]) * float(v["mel_scale_loss.num_mels"])
     hops, hidden = v["mfd.hop_lengths"], v["mfd.hidden_channels"]  # each: an STFT of 4 * hop, 2-D convs up to `hidden`
-    total += spectrograms([4 * float(h) for h in hops], hops) + sum(12 * float(c) ** 2 + audio * float(c) / 16 for c in hidden)
+    total += spectrograms([4 * float(h) for h in hops], hops) + sum(
+        12 * float(c) ** 2 + audio * float(c) / 16 for c in hidden
+    )
     total += spectrograms(v["msstftd.n_ffts"], v["msstftd.hop_lengths"]) * (1 + float(v["msstftd.filters"]))
     return total
+
+
+# Input paths a YAML layer may give relative to itself; the second group may also be names
+# (a release, a hub repository id), so they are rebased only when the rebased path exists.
+_FILE_PATH_KEYS = ("training_file", "validation_file")
+_NAME_OR_PATH_KEYS = ("init_from", "pretrained_teacher")
+
+
+def _file_layers(path: str | Path) -> list[tuple[str, dict]]:
+    """``config_layers(path)`` with each layer's relative input paths taken from its file's directory."""
+    out = []
+    for where, data in config_layers(path):
+        here, data = config_dir(where), dict(data)
+        for key in _FILE_PATH_KEYS + _NAME_OR_PATH_KEYS:
+            value = data.get(key)
+            if not isinstance(value, str) or not value or Path(value).is_absolute():
+                continue  # null, a flag, or a type error that _check_layer reports with the file's name
+            rebased = here / value
+            if key in _FILE_PATH_KEYS or rebased.exists():
+                data[key] = str(rebased)
+        out.append((where, data))
+    return out
 
 
 def load_train_config(
@@ -385,9 +428,9 @@ def load_train_config(
     Raises:
         ConfigError: naming the offending key and the file or argument it came from.
     """
-    layers = config_layers(config)
+    layers = _file_layers(config)
     if exp_config is not None:
-        layers += config_layers(exp_config)
+        layers += _file_layers(exp_config)
     for arg in overrides:
         layers.append((f"command line {arg!r}", parse_override(arg)))
     raw: dict = {}

@@ -138,7 +138,11 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
         if problem is not None:
             raise ConfigError(f"{where}.{name}: {problem}")
         kwargs[name] = value
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
@@ -193,8 +197,14 @@ def config_layers(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]
         return [(str(path), data)]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
-    here = path.resolve().parent if path.is_symlink() else path.parent  # a linked config's base sits beside the target
-    return config_layers(here / base, _seen + (path.resolve(),)) + [(str(path), data)]
+    return config_layers(config_dir(path) / base, _seen + (path.resolve(),)) + [(str(path), data)]
+
+
+def config_dir(path: str | Path) -> Path:
+    """The directory relative paths inside config ``path`` are taken from (``base:``, data lists):
+    its own, or its target's for a linked config (whose base sits beside the target)."""
+    path = Path(path)
+    return path.resolve().parent if path.is_symlink() else path.parent
 
 
 def read_config(path: str | Path) -> dict:
