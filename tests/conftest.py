@@ -142,8 +142,8 @@ TEST_HOOK_VARS = ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE
 
 @pytest.fixture
 def train_env(monkeypatch):
-    """In-process training runs: repository root as cwd (tiny.yaml's lists are relative to
-    it), no fault-injection variables, one thread (the tiny model gains nothing from more,
+    """In-process training runs: repository root as cwd (where runs/ and the tests' own lists
+    resolve; tiny.yaml's lists resolve from the YAML), no fault-injection variables, one thread (the tiny model gains nothing from more,
     and timings stay sane on a busy machine)."""
     monkeypatch.chdir(ROOT)
     for var in TEST_HOOK_VARS:
