@@ -203,7 +203,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     except CodesFileError as exc:
         raise CliError(str(exc)) from None
     window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else None
-    pending: list[tuple[Job, torch.Tensor]] = []
+    pending: list[tuple[Job, torch.Tensor, int | None]] = []  # and the source's samples, where recorded
     writer = BackgroundWriter(depth=2 * args.batch_size)
 
     def finish(job: Job, wav: np.ndarray, rate: int) -> None:
@@ -216,18 +216,17 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             return
         rate = vocoder.sample_rate if vocoder is not None else model.sample_rate
         if vocoder is not None:
-            audio = [_vocode(model, vocoder, c[None], args)[None] for _, c in pending]
+            audio = [_vocode(model, vocoder, c[None], args)[None] for _, c, _ in pending]
         elif len(pending) == 1:
             audio = _decode_long(model, pending[0][1][None].to(model.device), args).float().cpu().numpy()
         else:
-            frames = [c.shape[1] for _, c in pending]
+            frames = [c.shape[1] for _, c, _ in pending]
             batch = torch.zeros(len(pending), pending[0][1].shape[0], max(frames), dtype=torch.long)
-            for i, (_, c) in enumerate(pending):
+            for i, (_, c, _) in enumerate(pending):
                 batch[i, :, : c.shape[1]] = c
             audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
-        for i, (job, c) in enumerate(pending):
+        for i, (job, c, source) in enumerate(pending):  # source: samples at the codec's rate (checked when loaded)
             wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
-            source, _ = lengths.get(job.src.resolve(), (None, None))  # samples at the codec's rate (checked when loaded)
             writer.submit(finish, job, fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav)), rate)
         pending.clear()
 
@@ -247,7 +246,7 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
             long = window is not None and codes.shape[1] > window
             if pending and (long or codes.shape[0] != pending[0][1].shape[0]):
                 flush()  # a long file goes alone; a batch holds one number of codebooks
-            pending.append((job, codes))
+            pending.append((job, codes, known[0]))
             if long or len(pending) >= args.batch_size:
                 flush()
         flush()

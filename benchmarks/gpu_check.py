@@ -66,6 +66,8 @@ from benchmarks.gpu_helpers import (  # noqa: E402
     kmeans_clips,
     make_corpus,
     mismatches,
+    padded,
+    ragged_vs_alone,
     repeated,
     reset_peak,
     summarize,
@@ -139,14 +141,7 @@ def check_exactness(model: XCodec, cpu_model: XCodec, hf) -> dict:
     equal = [clip(40000, 10 + i) for i in range(4)]
     batched = model.encode(torch.cat(equal))
     equal_alone = torch.cat([model.encode(c) for c in equal])
-    ragged = torch.zeros(len(clips), 1, max(lengths))
-    for i, c in enumerate(clips):
-        ragged[i, :, : c.shape[-1]] = c[0]
-    ragged_codes = model.encode(ragged, lengths=lengths)
-    frames = model.num_frames(torch.tensor(lengths))
-    ragged_vs_alone = agreement(
-        torch.cat([ragged_codes[i : i + 1, :, : int(frames[i])] for i in range(len(clips))], -1), torch.cat(alone, -1)
-    )
+    ragged = ragged_vs_alone(model, clips, alone, "fp32")
 
     with ieee_fp32(device=device):  # as exact mode computes them (outside it, the user's TF32 defaults apply)
         latents_err = rel(model.latents(clips[0].to(device))[0], cpu_model.latents(clips[0])[0])
@@ -161,12 +156,10 @@ def check_exactness(model: XCodec, cpu_model: XCodec, hf) -> dict:
         "device_vs_xcodecmodel": vs_hf,
         "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu,
         "batch_equal_lengths": agreement(batched, equal_alone),
-        "batch_ragged": ragged_vs_alone,
+        "batch_ragged": ragged,
         "latents_device_vs_cpu_rel_err": latents_err,
         "decode_device_vs_cpu_rel_err": audio_err,
-        "all_identical": all(
-            v == 1.0 for row in (vs_cpu, vs_hf, agreement(batched, equal_alone), ragged_vs_alone) for v in row
-        ),
+        "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, agreement(batched, equal_alone), ragged) for v in row),
         "tf32_flags_restored": flags_ok,
     }
 
@@ -178,17 +171,10 @@ def check_bf16(model: XCodec, cpu_model: XCodec) -> dict:
     found = [
         m | {"clip": i} for i, (c, r, b) in enumerate(zip(clips, fp32, bf16)) for m in mismatches(cpu_model, c, r, b)
     ]
-    ragged = torch.zeros(2, 1, 160000)
-    for i, c in enumerate(clips):
-        ragged[i, :, : c.shape[-1]] = c[0]
-    batch = model.encode(ragged, lengths=[160000, 97000], precision="bf16")
-    frames = model.num_frames(torch.tensor([160000, 97000]))
     return {
         "agreement_per_quantizer": agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
         "mismatches_vs_fp32": summarize(found),  # margins of the fp32 reference residual (CPU model)
-        "bf16_ragged_batch_vs_alone": agreement(
-            torch.cat([batch[i : i + 1, :, : int(frames[i])] for i in range(2)], -1), torch.cat(bf16, -1)
-        ),
+        "bf16_ragged_batch_vs_alone": ragged_vs_alone(model, clips, bf16, "bf16"),
         "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0])),
     }
 
@@ -208,10 +194,7 @@ def check_throughput(
         def fn() -> None:
             for i in range(0, len(wavs), batch):
                 group = wavs[i : i + batch]
-                x = torch.zeros(len(group), 1, len(group[0]))
-                for j, w in enumerate(group):
-                    x[j, 0, : len(w)] = w
-                model.encode(x.to(dev, non_blocking=True), lengths=[len(w) for w in group], precision=precision)
+                model.encode(padded(group).to(dev), lengths=[len(w) for w in group], precision=precision)
 
         return fn
 
@@ -219,11 +202,7 @@ def check_throughput(
         def fn() -> None:
             with torch.inference_mode(), ieee_fp32(precision == "fp32", dev), autocast(dev, precision):
                 for i in range(0, len(wavs), size):
-                    group = wavs[i : i + size]
-                    x = torch.zeros(len(group), 1, len(group[0]))
-                    for j, w in enumerate(group):
-                        x[j, 0, : len(w)] = w
-                    hf.encode(x.to(dev, non_blocking=True), return_dict=False)
+                    hf.encode(padded(wavs[i : i + size]).to(dev), return_dict=False)
 
         return fn
 

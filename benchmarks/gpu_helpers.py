@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.bench_inference import read, timed
 from models import XCodec
+from utils.files import atomic_write
 
 RATE = 16000
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,23 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
         a, b = a[None], b[None]
     n = min(a.shape[-1], b.shape[-1])
     return [round(float((a[:, q, :n] == b[:, q, :n]).float().mean()), 6) for q in range(a.shape[1])]
+
+
+def padded(waves: list[torch.Tensor]) -> torch.Tensor:
+    """Audio tensors of any shape ending in T_i, zero-padded into one (B, 1, max T_i) batch."""
+    batch = torch.zeros(len(waves), 1, max(w.shape[-1] for w in waves))
+    for i, w in enumerate(waves):
+        batch[i, 0, : w.shape[-1]] = w.reshape(-1)
+    return batch
+
+
+def ragged_vs_alone(model: XCodec, clips: list[torch.Tensor], alone: list[torch.Tensor], precision: str) -> list[float]:
+    """Agreement per quantizer of (1, 1, T_i) ``clips`` encoded as one zero-padded batch with
+    their lengths against ``alone``, their (1, n_q, F_i) codes encoded one by one."""
+    lengths = [c.shape[-1] for c in clips]
+    codes = model.encode(padded(clips), lengths=lengths, precision=precision)
+    frames = model.num_frames(torch.tensor(lengths))
+    return agreement(torch.cat([codes[i : i + 1, :, : int(f)] for i, f in enumerate(frames)], -1), torch.cat(alone, -1))
 
 
 def codes_used(codes: list[torch.Tensor]) -> list[int]:
@@ -202,7 +220,5 @@ class Check:
 
     def write(self) -> None:
         self.summary["all_ok"] = all(r["ok"] for r in self.results.values())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.summary, indent=1) + "\n")
-        tmp.replace(self.path)
+        text = json.dumps(self.summary, indent=1) + "\n"
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
