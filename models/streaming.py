@@ -1,126 +1,26 @@
-"""Long files, batches of clips and streaming decode on top of :class:`XCodec`.
+"""Streaming decode and batches of clips on top of :class:`XCodec` (long files: models/pipeline.py).
 
-Long files: the teacher's attention is quadratic in length (and global, as is the
-GroupNorm of its first conv), so a 30-minute file cannot be encoded in one pass. It is
-encoded in windows of ``window`` seconds, each with ``context`` seconds of audio on
-both sides, and the codes of each window's centre are stitched at frame boundaries.
-Window starts are whole frames and every chunk keeps the file's length modulo the hop,
-so each chunk frame is exactly the file frame it stands for (the acoustic encoder's
-half-hop padding decision included). Away from the window edges the codes are those of
-a single pass; the context makes the edges agree too, in practice.
-
-Decoding is local (the decoder is a conv stack whose receptive field is about
-``DECODER_CONTEXT`` frames each side), so chunked decoding with at least that much
-context on both sides equals whole-sequence decoding up to float rounding.
-
-Streaming decode: :class:`StreamingDecoder` takes codes chunk by chunk and returns the
-audio of every frame that has ``lookahead`` frames of future codes, decoding each time
-with ``context`` frames of past codes (the decoder is not causal). With ``lookahead=0``
-the newest frames of each chunk are decoded without their future: lowest latency,
-some error at chunk edges.
+:class:`StreamingDecoder` takes codes chunk by chunk and returns the audio of every frame
+that has ``lookahead`` frames of future codes, decoding each time with ``context`` frames
+of past codes (the decoder is not causal). With ``lookahead=0`` the newest frames of each
+chunk are decoded without their future: lowest latency, some error at chunk edges.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from modules.teacher import fixed_group_norm_stats, group_norm_stats
 from modules.tiled import ConvSpec, Residual, plan_segments
 
+from .pipeline import DECODER_CONTEXT, Pipeline, decode_long, encode_long
 from .precision import check_precision
 from .xcodec import XCodec
 
-DECODER_CONTEXT = 16  # frames: above the decoder's receptive field (~11 frames each side)
-
-
-def _as_batch1(wav: torch.Tensor) -> torch.Tensor:
-    if wav.dim() == 1:
-        wav = wav[None, None]
-    elif wav.dim() == 2:
-        wav = wav[None]
-    if wav.dim() != 3 or wav.shape[:2] != (1, 1):
-        raise ValueError(f"expected one mono clip, (T,), (1, T) or (1, 1, T); got {tuple(wav.shape)}")
-    return wav
-
-
-@torch.inference_mode()
-def encode_long(
-    model: XCodec,
-    wav: torch.Tensor,
-    bandwidth: float | None = None,
-    window: float = 30.0,
-    context: float = 5.0,
-    precision: str = "fp32",
-    global_norm: bool = True,
-) -> torch.Tensor:
-    """Encode one long clip in windows of ``window`` s with ``context`` s on each side.
-
-    Returns (1, n_q, F) codes with F = ``model.num_frames(T)``, as a single pass would.
-    Clips no longer than ``window + 2 * context`` are encoded in one pass. Peak memory
-    depends on the window, not on the file length. ``global_norm``: the teacher's
-    GroupNorm (over the whole clip in a single pass) uses the statistics of the whole
-    file, computed first in chunks, instead of each window's own.
-    """
-    check_precision(precision)
-    wav = _as_batch1(wav)  # stays where it is (a long file on CPU); each window goes to the model's device
-    hop = model.hop_length
-    total = wav.shape[-1]
-    n_frames = int(model.num_frames(total))
-    win = max(1, int(round(window * model.frame_rate)))
-    ctx = max(0, int(round(context * model.frame_rate)))
-    if window <= 0 or context < 0:
-        raise ValueError("window must be > 0 and context >= 0 seconds")
-    if n_frames <= win + 2 * ctx:
-        return model.encode(wav, bandwidth, precision=precision)
-    rem = total % hop
-    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []  # chunks go to the model
-    with fixed_group_norm_stats(model.semantic_model, stats):
-        return _encode_windows(model, wav, bandwidth, win, ctx, rem, n_frames, precision)
-
-
-def _encode_windows(model, wav, bandwidth, win: int, ctx: int, rem: int, n_frames: int, precision: str) -> torch.Tensor:
-    hop, total = model.hop_length, wav.shape[-1]
-    pieces = []
-    for f0 in range(0, n_frames, win):
-        f1 = min(n_frames, f0 + win)
-        first = max(0, f0 - ctx)  # first frame of the chunk
-        a = first * hop
-        b = min(total, (f1 + ctx) * hop + rem)  # keeps (b - a) % hop == total % hop
-        codes = model.encode(wav[..., a:b], bandwidth, precision=precision)
-        if codes.shape[-1] < f1 - first:
-            raise RuntimeError(f"window [{a}, {b}) gave {codes.shape[-1]} frames, needed {f1 - first}")
-        pieces.append(codes[..., f0 - first : f1 - first])
-    return torch.cat(pieces, dim=-1)
-
-
-@torch.inference_mode()
-def decode_long(
-    model: XCodec, codes: torch.Tensor, window: int = 1500, context: int = DECODER_CONTEXT, precision: str = "fp32"
-) -> torch.Tensor:
-    """Decode (1, n_q, F) codes ``window`` frames at a time with ``context`` frames each side.
-
-    Returns (1, 1, F * hop) audio; with ``context >= DECODER_CONTEXT`` it equals a single
-    pass up to float rounding.
-    """
-    model.check_codes(codes)
-    if codes.shape[0] != 1:
-        raise ValueError("decode_long takes one item, codes of shape (1, n_q, F)")
-    if window < 1 or context < 0:
-        raise ValueError("window must be >= 1 and context >= 0 frames")
-    hop = model.hop_length
-    n = codes.shape[-1]
-    if n <= window + 2 * context:
-        return model.decode(codes, precision=precision)
-    out = []
-    for f0 in range(0, n, window):
-        f1 = min(n, f0 + window)
-        a, b = max(0, f0 - context), min(n, f1 + context)
-        audio = model.decode(codes[..., a:b], precision=precision)
-        out.append(audio[..., (f0 - a) * hop : (f1 - a) * hop])
-    return torch.cat(out, dim=-1)
+__all__ = ["DECODER_CONTEXT", "StreamingDecoder", "chunk_codes", "decode_long", "decode_many", "encode_long",
+           "encode_many", "receptive_frames"]  # fmt: skip
 
 
 class StreamingDecoder:
@@ -189,63 +89,34 @@ class StreamingDecoder:
         return out
 
 
-def stream_decode(model: XCodec, chunks: Iterable[torch.Tensor], **kwargs) -> Iterator[torch.Tensor]:
-    """Yield audio for each chunk of codes, then the tail (see :class:`StreamingDecoder`)."""
-    dec = StreamingDecoder(model, **kwargs)
-    for chunk in chunks:
-        yield dec.push(chunk)
-    yield dec.flush()
-
-
-# ---------------------------------------------------------------------------- batches
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to waste little padding."""
+def _in_batches(run: Callable, items: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """``run`` on lists of ``batch_size`` items of similar length (longest first: little padding)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    order = sorted(range(len(items)), key=lambda i: -items[i].shape[-1])
+    out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        for i, result in zip(idx, run([items[i] for i in idx])):
+            out[i] = result
+    return out
 
 
 @torch.inference_mode()
-def encode_many(
-    model: XCodec,
-    clips: Sequence[torch.Tensor],
-    bandwidth: float | None = None,
-    batch_size: int = 8,
-    precision: str = "fp32",
-) -> list[torch.Tensor]:
-    """Encode clips of any lengths, ``batch_size`` at a time (grouped by length).
+def encode_many(model: XCodec, clips: Sequence[torch.Tensor], bandwidth: float | None = None, batch_size: int = 8,
+                precision: str = "fp32") -> list[torch.Tensor]:  # fmt: skip
+    """Encode clips of any lengths (no gain applied), ``batch_size`` at a time (grouped by length).
 
     Returns one (n_q, F_i) code tensor per clip, identical to encoding it alone.
     """
-    wavs = [c.reshape(-1) for c in clips]
-    out: list[torch.Tensor | None] = [None] * len(wavs)
-    for idx in length_batches([len(w) for w in wavs], batch_size):
-        lengths = torch.tensor([len(wavs[i]) for i in idx])
-        batch = wavs[idx[0]].new_zeros(len(idx), 1, int(lengths.max()))  # encode moves it to the model's device
-        for j, i in enumerate(idx):
-            batch[j, 0, : len(wavs[i])] = wavs[i]
-        codes = model.encode(batch, bandwidth, lengths=None if len(idx) == 1 else lengths, precision=precision)
-        frames = model.num_frames(lengths)
-        for j, i in enumerate(idx):
-            out[i] = codes[j, :, : int(frames[j])].clone()
-    return out  # type: ignore[return-value]
+    pipe = Pipeline(model, bandwidth, precision, window=0, gain=1.0)
+    return _in_batches(pipe.encode, [c.reshape(-1) for c in clips], batch_size)
 
 
 @torch.inference_mode()
 def decode_many(model: XCodec, codes: Sequence[torch.Tensor], batch_size: int = 8, precision: str = "fp32") -> list[torch.Tensor]:
     """Decode (n_q, F_i) code tensors ``batch_size`` at a time; returns (F_i * hop,) audio each."""
-    out: list[torch.Tensor | None] = [None] * len(codes)
-    hop = model.hop_length
-    for idx in length_batches([c.shape[-1] for c in codes], batch_size):
-        frames = torch.tensor([codes[i].shape[-1] for i in idx])
-        batch = codes[idx[0]].new_zeros(len(idx), codes[idx[0]].shape[0], int(frames.max()), dtype=torch.long)
-        for j, i in enumerate(idx):
-            batch[j, :, : codes[i].shape[-1]] = codes[i]
-        audio = model.decode(batch, frames=None if len(idx) == 1 else frames, precision=precision)
-        for j, i in enumerate(idx):
-            out[i] = audio[j, 0, : int(frames[j]) * hop].clone()
-    return out  # type: ignore[return-value]
+    return _in_batches(Pipeline(model, None, precision, window=0).decode, codes, batch_size)
 
 
 def chunk_codes(codes: torch.Tensor, size: int) -> list[torch.Tensor]:

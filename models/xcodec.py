@@ -17,8 +17,9 @@ from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
 
 from .config import GeneratorConfig
+from .engine import run_acoustic, run_grouped
 from .export import push_to_hub, save_transformers
-from .precision import DTYPES, autocast, check_precision, ieee_fp32
+from .precision import autocast, check_precision, ieee_fp32
 from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
 
 
@@ -31,7 +32,7 @@ class CodecOutput:
     """Training forward output.
 
     Attributes:
-        audio: (B, 1, F * hop) reconstruction.
+        audio: (B, 1, T) reconstruction, the input's length.
         codes: (B, n_q, F).
         commit_loss: () commitment loss.
         semantic_loss: () MSE between the semantic decoder output and the teacher features.
@@ -147,36 +148,6 @@ class XCodec(nn.Module):
         if not bool(torch.isfinite(wav).all()):
             raise ValueError("audio contains NaN or Inf samples")
 
-    # ------------------------------------------------------------------ fast paths
-    def _fast_cpu(self, device: torch.device) -> bool:
-        """Inference on CPU without autograd: the cache-blocked runner applies."""
-        return device.type == "cpu" and not torch.is_grad_enabled()
-
-    def _item_groups(self, sizes: torch.Tensor, device: torch.device, precision: str) -> list[list[int]] | None:
-        """How a batch of items of ``sizes`` runs: ``None``, as one padded (masked) pass, or
-        in groups that each run unpadded. On CPU each item runs alone: a padded batch is
-        slower per sample there (FLOP-bound work; 8x larger activations thrash caches). In
-        exact mode elsewhere, items of equal size run together: the masks and the kernels
-        cuDNN and SDPA pick for other shapes could change an item's last bits, and a code.
-        """
-        if self._fast_cpu(device):
-            return [[i] for i in range(len(sizes))]
-        if precision == "fp32" and bool((sizes != sizes[0]).any()):
-            groups: dict[int, list[int]] = {}
-            for i, n in enumerate(sizes.tolist()):
-                groups.setdefault(n, []).append(i)
-            return list(groups.values())
-        return None
-
-    def _run_acoustic(self, which: str, x: torch.Tensor, lengths: torch.Tensor | None, precision: str) -> torch.Tensor:
-        """Acoustic ``"encoder"`` or ``"decoder"``: cache-blocked channels-last on CPU
-        without autograd (fp32 or bf16), else the eager module under autocast."""
-        module = self.encoder if which == "encoder" else self.decoder_2
-        if self._fast_cpu(x.device) and precision is not None:
-            return self._tiled.run(module.block if which == "encoder" else module.model, x, lengths, DTYPES[precision])
-        with autocast(x.device, precision):
-            return module(x, lengths).float()
-
     def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32"):
         """The quantizer's input for (B, 1, T) audio.
 
@@ -204,7 +175,7 @@ class XCodec(nn.Module):
 
         pads = self._acoustic_padding(lengths)
         if bool((pads == 0).all()):
-            e_acoustic = self._run_acoustic("encoder", wav, dev_lengths, precision)
+            e_acoustic = run_acoustic(self, "encoder", wav, dev_lengths, precision)
         else:
             # Items needing padding get hop/2 zeros on each side; one acoustic pass for all.
             width = total + 2 * int(pads.max())
@@ -214,7 +185,7 @@ class XCodec(nn.Module):
                 buf[i, :, p : p + total] = wav[i]
             enc_lengths = lengths + 2 * pads
             ragged_enc = bool((enc_lengths != width).any())
-            e_acoustic = self._run_acoustic("encoder", buf, enc_lengths.to(wav.device) if ragged_enc else None, precision)
+            e_acoustic = run_acoustic(self, "encoder", buf, enc_lengths.to(wav.device) if ragged_enc else None, precision)
         acoustic_frames = self.encoder.output_length(lengths + 2 * pads)
         if bool((acoustic_frames != frames).any()):
             raise RuntimeError(
@@ -271,23 +242,10 @@ class XCodec(nn.Module):
         self._check_audio(wav)
         wav = wav.to(self.device, torch.float32)  # float64/float16 input: computed in float32 like any other
         check_precision(precision, wav.device)
-        n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
+        self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
+        lengths = self._valid_lengths(wav, lengths)
         with ieee_fp32(precision == "fp32", wav.device):
-            if wav.shape[0] == 1:
-                return self._encode_pass(wav, bandwidth, lengths, precision)
-            lengths = self._valid_lengths(wav, lengths)
-            groups = self._item_groups(lengths, wav.device, precision)
-            if groups is None:
-                return self._encode_pass(wav, bandwidth, lengths, precision)
-            frames = self.num_frames(lengths)
-            if bool((frames < 1).any()):
-                self.latents(wav[:1, :, : int(lengths.min())], None)  # raises the too-short error
-            out = torch.zeros(wav.shape[0], n_q, int(frames.max()), dtype=torch.long, device=wav.device)
-            for idx in groups:
-                n = int(lengths[idx[0]])
-                codes = self._encode_pass(wav[idx, :, :n], bandwidth, None, precision)
-                out[idx, :, : codes.shape[-1]] = codes
-            return out
+            return run_grouped(lambda x, n: self._encode_pass(x, bandwidth, n, precision), wav, lengths, precision)
 
     def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str) -> torch.Tensor:
         e, _, frames = self.latents(wav, lengths, precision)
@@ -319,7 +277,11 @@ class XCodec(nn.Module):
 
     @torch.inference_mode()
     def decode(
-        self, codes: torch.Tensor, frames: torch.Tensor | Sequence[int] | None = None, precision: str = "fp32"
+        self,
+        codes: torch.Tensor,
+        frames: torch.Tensor | Sequence[int] | None = None,
+        precision: str = "fp32",
+        length: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Decode codes to audio.
 
@@ -329,42 +291,36 @@ class XCodec(nn.Module):
             frames: (B,) valid frames per item of a padded batch (as returned by
                 ``num_frames``); each item then decodes exactly as alone.
             precision: ``"fp32"`` (within ~1e-6 of the eager model) or ``"bf16"``.
+            length: the source's samples, one for all or (B,): the audio is cut (or
+                zero-padded) to it, each item to its own.
 
         Returns:
-            (B, 1, F * hop) float32 audio (whole frames; trim to the input length yourself).
+            (B, 1, T) float32 audio: T = max(``length``), else F * hop (whole frames).
         """
         self.check_codes(codes)
         codes = codes.to(device=self.device, dtype=torch.long)
         check_precision(precision, codes.device)
         count = codes.shape[-1]
+        sizes = torch.full((codes.shape[0],), count)
         if frames is not None:
-            frames = torch.as_tensor(frames, dtype=torch.long).cpu()
-            if frames.shape != (codes.shape[0],) or int(frames.min()) < 1 or int(frames.max()) > count:
-                raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {frames.tolist()}")
+            sizes = torch.as_tensor(frames, dtype=torch.long).cpu()
+            if sizes.shape != (codes.shape[0],) or int(sizes.min()) < 1 or int(sizes.max()) > count:
+                raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {sizes.tolist()}")
         with ieee_fp32(precision == "fp32", codes.device):
-            groups = None
-            if codes.shape[0] > 1:
-                sizes = frames if frames is not None else torch.full((codes.shape[0],), count)
-                groups = self._item_groups(sizes, codes.device, precision)
-            if groups is None:
-                return self._decode_pass(codes, frames, precision)
-            out = torch.zeros(codes.shape[0], 1, count * self.hop_length, device=codes.device)
-            for idx in groups:
-                f = count if frames is None else int(frames[idx[0]])
-                audio = self._decode_pass(codes[idx, :, :f], None, precision)
-                out[idx, :, : audio.shape[-1]] = audio
-            return out
+            audio = run_grouped(lambda z, n: self._decode_pass(z, n, precision), codes, sizes, precision)
+        target = torch.as_tensor(count * self.hop_length if length is None else length).expand(codes.shape[0])
+        audio = F.pad(audio, (0, int(target.max()) - audio.shape[-1]))
+        if bool((target != audio.shape[-1]).any()):  # each item to its own length
+            audio = audio * (torch.arange(audio.shape[-1]) < target[:, None]).to(audio)[:, None]
+        return audio
 
     def _decode_pass(self, codes: torch.Tensor, frames: torch.Tensor | None, precision: str) -> torch.Tensor:
         quantized = self.quantizer.decode(codes)
         z = self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
-        if frames is not None:
-            if bool((frames == codes.shape[-1]).all()):
-                frames = None
-            else:
-                frames = frames.to(z.device)
-                z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
-        audio = self._run_acoustic("decoder", z, frames, precision)
+        if frames is not None:  # a ragged batch: each item's padding frames are zero, as alone
+            frames = frames.to(z.device)
+            z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
+        audio = run_acoustic(self, "decoder", z, frames, precision)
         if not audio.is_meta and not bool(torch.isfinite(audio).all()):  # meta: shapes only, no values
             raise ValueError("decoded audio holds NaN or Inf: the model's weights or codebooks are not finite")
         return audio
@@ -382,6 +338,7 @@ class XCodec(nn.Module):
         semantic_loss = F.mse_loss(semantic, semantic_target.detach())
         with torch.set_grad_enabled(audio_grad and torch.is_grad_enabled()):
             audio = self.decoder_2(self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2))
+        audio = F.pad(audio, (0, wav.shape[-1] - audio.shape[-1]))  # whole frames -> the input's length
         return CodecOutput(audio, q.codes, q.commit_loss, semantic_loss, q.n_q, q.bandwidth)
 
     # ------------------------------------------------------------------ saving and loading

@@ -1,0 +1,185 @@
+"""The encode/decode pipeline over :class:`XCodec` that inference.py, evaluate.py and
+``encode_many``/``decode_many`` share: gain, long-file windows, grouping, padding, trimming.
+
+Long files: the teacher's attention is quadratic in length (and global, as is the GroupNorm
+of its first conv), so a 30-minute file is encoded in windows of ``window`` seconds with
+``context`` seconds of audio on both sides, the codes of each window's centre stitched at
+frame boundaries. Window starts are whole frames and every chunk keeps the file's length
+modulo the hop, so each chunk frame is exactly the file frame it stands for. Decoding is
+local (the decoder's receptive field is under ``DECODER_CONTEXT`` frames each side), so
+windows with that much context equal one pass up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from modules.teacher import fixed_group_norm_stats, group_norm_stats
+
+from .engine import item_groups
+from .vocoder import Vocoder, merge_low_band
+
+DECODER_CONTEXT = 16  # frames: above the decoder's receptive field (~11 frames each side)
+
+
+def window_frames(model, window: float, context: float) -> tuple[int, int]:
+    """``window`` and ``context`` seconds in whole frames."""
+    if window <= 0 or context < 0:
+        raise ValueError("window must be > 0 and context >= 0 seconds")
+    return max(1, round(window * model.frame_rate)), max(0, round(context * model.frame_rate))
+
+
+@torch.inference_mode()
+def encode_long(model, wav: torch.Tensor, bandwidth: float | None = None, window: float = 30.0, context: float = 5.0,
+                precision: str = "fp32", global_norm: bool = True) -> torch.Tensor:  # fmt: skip
+    """Encode one clip, (T,) or (1, 1, T), in windows of ``window`` s with ``context`` s on each side.
+
+    Returns (1, n_q, F) codes with F = ``model.num_frames(T)``, as a single pass would; a clip
+    of at most ``window + 2 * context`` is one pass. Peak memory depends on the window, not the
+    file. ``global_norm``: the teacher's GroupNorm uses the whole file's statistics (computed
+    first in chunks), as in a single pass, instead of each window's own.
+    """
+    wav = wav.reshape(1, 1, -1)  # stays where it is (a long file on CPU); each window goes to the model's device
+    hop, total = model.hop_length, wav.shape[-1]
+    n_frames = int(model.num_frames(total))
+    win, ctx = window_frames(model, window, context)
+    if n_frames <= win + 2 * ctx:
+        return model.encode(wav, bandwidth, precision=precision)
+    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []
+    pieces = []
+    with fixed_group_norm_stats(model.semantic_model, stats):
+        for f0 in range(0, n_frames, win):
+            f1 = min(n_frames, f0 + win)
+            first = max(0, f0 - ctx)  # first frame of the chunk
+            a, b = first * hop, min(total, (f1 + ctx) * hop + total % hop)  # keeps (b - a) % hop == total % hop
+            codes = model.encode(wav[..., a:b], bandwidth, precision=precision)
+            if codes.shape[-1] < f1 - first:
+                raise RuntimeError(f"window [{a}, {b}) gave {codes.shape[-1]} frames, needed {f1 - first}")
+            pieces.append(codes[..., f0 - first : f1 - first])
+    return torch.cat(pieces, dim=-1)
+
+
+@torch.inference_mode()
+def decode_long(model, codes: torch.Tensor, window: int = 1500, context: int = DECODER_CONTEXT,
+                precision: str = "fp32") -> torch.Tensor:  # fmt: skip
+    """Decode (1, n_q, F) codes ``window`` frames at a time with ``context`` frames each side.
+
+    Returns (1, 1, F * hop) audio; with ``context >= DECODER_CONTEXT`` it equals a single
+    pass up to float rounding.
+    """
+    if codes.dim() != 3 or codes.shape[0] != 1:
+        raise ValueError("decode_long takes one item, codes of shape (1, n_q, F)")
+    if window < 1 or context < 0:
+        raise ValueError("window must be >= 1 and context >= 0 frames")
+    hop, n = model.hop_length, codes.shape[-1]
+    out = []
+    for f0 in range(0, n, window):
+        f1 = min(n, f0 + window)
+        a = max(0, f0 - context)
+        audio = model.decode(codes[..., a : min(n, f1 + context)], precision=precision)
+        out.append(audio[..., (f0 - a) * hop : (f1 - a) * hop])
+    return torch.cat(out, dim=-1)
+
+
+class Pipeline:
+    """Lists of clips to codes and codes to audio, each output trimmed to its source's length.
+
+    Args:
+        model: the codec (eval mode).
+        bandwidth: kbps (default: the model's largest); a bandwidth it lacks raises ``ValueError``.
+        precision: ``"fp32"`` (exact codes) or ``"bf16"``.
+        window, context: seconds; a clip of more than ``window + 2 * context`` seconds of frames
+            is encoded and decoded in windows (``window=0``: never).
+        vocoder: decode to the vocoder's rate with it (YuE's 44.1 kHz vocoders);
+            ``low_freq_merge``: YuE's merge of the codec's own audio below 5.5 kHz.
+        gain: applied to audio before encoding (default: the model's ``audio_norm_scale``).
+    """
+
+    def __init__(self, model, bandwidth: float | None = None, precision: str = "fp32", window: float = 30.0,
+                 context: float = 5.0, vocoder: Vocoder | None = None, low_freq_merge: bool = False,
+                 gain: float | None = None):  # fmt: skip
+        self.model, self.bandwidth, self.precision = model, bandwidth, precision
+        self.n_q = model.quantizer.n_q_for_bandwidth(bandwidth)
+        self.window, self.context = window, context
+        win, ctx = window_frames(model, window, context) if window > 0 else (0, 0)
+        self.win, self.limit = win, win + 2 * ctx if window > 0 else None
+        self.vocoder, self.low_freq_merge = vocoder, low_freq_merge
+        self.gain = model.audio_norm_scale if gain is None else gain
+        self.min_length = model.min_length()
+        self.out_rate = vocoder.sample_rate if vocoder is not None else model.sample_rate
+
+    def too_short(self, samples: int) -> str | None:
+        """Why a clip of ``samples`` cannot be encoded, or ``None``."""
+        if samples >= self.min_length:
+            return None
+        return f"audio too short ({samples} samples at {self.model.sample_rate} Hz; at least {self.min_length} needed)"
+
+    def is_long(self, frames: int) -> bool:
+        """The one long/short decision, for encoding and decoding alike."""
+        return self.limit is not None and frames > self.limit
+
+    def _groups(self, sizes: list[int]) -> list[list[int]]:
+        groups = item_groups(torch.tensor(sizes), self.model.device, self.precision) if sizes else []
+        return [list(range(len(sizes)))] if groups is None else groups
+
+    def encode(self, wavs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Clips, (T_i,) each at the model's rate, to (n_q, F_i) codes: F_i = ``num_frames(T_i)``."""
+        model = self.model
+        wavs = [w.reshape(-1) * self.gain for w in wavs]
+        frames = model.num_frames(torch.tensor([len(w) for w in wavs], dtype=torch.long)).tolist()
+        out: list[torch.Tensor | None] = [None] * len(wavs)
+        short = [i for i, f in enumerate(frames) if not self.is_long(f)]
+        for i in set(range(len(wavs))) - set(short):
+            out[i] = encode_long(model, wavs[i], self.bandwidth, self.window, self.context, self.precision)[0]
+        for group in self._groups([len(wavs[i]) for i in short]):
+            idx = [short[j] for j in group]
+            lengths = [len(wavs[i]) for i in idx]
+            batch = pad_sequence([wavs[i] for i in idx], batch_first=True)[:, None]
+            ragged = lengths if len(set(lengths)) > 1 else None
+            codes = model.encode(batch, self.bandwidth, lengths=ragged, precision=self.precision)
+            for j, i in enumerate(idx):
+                out[i] = codes[j, :, : frames[i]]
+        return out  # type: ignore[return-value]
+
+    def decode(self, codes: Sequence[torch.Tensor], source_lengths: Sequence[int | None] | None = None) -> list[torch.Tensor]:
+        """(n_q, F_i) codes (one n_q) to (T_i,) audio at :attr:`out_rate`: T_i is the source's
+        ``source_lengths[i]`` samples (at the model's rate) at the output rate, else F_i frames."""
+        model, rate = self.model, self.model.sample_rate
+        sources = source_lengths or [None] * len(codes)
+        targets = [round((n or c.shape[-1] * model.hop_length) * self.out_rate / rate) for c, n in zip(codes, sources)]
+        if self.vocoder is not None:
+            audio = [self._vocode(c[None])[0, 0] for c in codes]
+        else:
+            audio = [self._decode_one(c[None])[0, 0] if self.is_long(c.shape[-1]) else None for c in codes]
+            short = [i for i, a in enumerate(audio) if a is None]
+            for group in self._groups([codes[i].shape[-1] for i in short]):
+                idx = [short[j] for j in group]
+                frames = [codes[i].shape[-1] for i in idx]
+                batch = pad_sequence([codes[i].T for i in idx], batch_first=True).transpose(1, 2)
+                out = model.decode(batch, frames if len(set(frames)) > 1 else None, self.precision)
+                for j, i in enumerate(idx):
+                    audio[i] = out[j, 0]
+        return [F.pad(a, (0, n - a.shape[-1])) for a, n in zip(audio, targets)]  # cut or zero-padded
+
+    def encode_decode(self, wavs: Sequence[torch.Tensor], decode: bool = True) -> tuple[list, list | None]:
+        """Codes of ``wavs`` and, with ``decode``, their reconstructions of the sources' lengths."""
+        codes = self.encode(wavs)
+        return codes, self.decode(codes, [w.numel() for w in wavs]) if decode else None
+
+    def _decode_one(self, codes: torch.Tensor) -> torch.Tensor:
+        """(1, n_q, F) codes -> (1, 1, F * hop) audio, in windows of ``window`` when long."""
+        if not self.is_long(codes.shape[-1]):
+            return self.model.decode(codes, precision=self.precision)
+        return decode_long(self.model, codes, self.win, precision=self.precision)
+
+    def _vocode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(1, n_q, F) codes -> (1, 1, F * vocoder hop) audio at the vocoder's rate; with
+        ``low_freq_merge`` YuE's post-processing (the codec's own decoding below 5.5 kHz)."""
+        audio = self.vocoder.vocode(self.model, codes)
+        if self.low_freq_merge:
+            audio = merge_low_band(self._decode_one(codes), audio, self.model.sample_rate, self.vocoder.sample_rate)
+        return audio
