@@ -39,6 +39,7 @@ from losses.metrics import (
     signal_metrics,
 )
 from models import CheckpointError, XCodec, checkpoint_id
+from models.pipeline import Pipeline
 from models.vocoder import Vocoder
 from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
@@ -257,11 +258,6 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
 
 
-def _load_model(args) -> tuple[XCodec, str]:
-    model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
-    return model, str(model.device)
-
-
 def _model_metrics(args, device: str) -> ModelMetrics:
     metrics = ModelMetrics(args.speaker_model, args.asr_model, args.utmos, read_transcripts(args.transcripts), device)
     for note in metrics.notes:
@@ -290,65 +286,54 @@ def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra
 
 
 def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failures: Failures) -> tuple[dict, bool, list[str]]:
-    model, device = _load_model(args)
+    model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
     bandwidths = sorted(set(args.bandwidths or model.target_bandwidths))
     try:
         n_qs = {bw: model.quantizer.n_q_for_bandwidth(bw) for bw in bandwidths}
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    extra = _model_metrics(args, device)
+    pipe = Pipeline(model, max(bandwidths))  # long files in windows, as inference.py
+    extra = _model_metrics(args, str(model.device))
     keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
-    rate, min_len = model.sample_rate, model.min_length()
+    rate = model.sample_rate
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
     books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
     notes = extra.notes + _absent_notes(args)
-    vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint) if args.vocoder else None
-    try:
-        for n_q in n_qs.values() if vocoder is not None else ():
-            vocoder.check_codec(model, n_q)
-    except ValueError as exc:
-        raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
+    if args.vocoder:
+        pipe.vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint)
+        try:
+            for n_q in n_qs.values():
+                pipe.vocoder.check_codec(model, n_q)
+        except ValueError as exc:
+            raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
     for path, name in _progress(items, len(items) > 1, "evaluating"):
         try:
             wav, _ = load_audio(path, rate)
-            ref, ref_rate = load_audio(path) if vocoder is not None else (wav, rate)  # scored at the file's own rate
-            if len(wav) < min_len:
-                raise AudioError(f"{path}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
+            ref, ref_rate = load_audio(path) if args.vocoder else (wav, rate)  # scored at the file's own rate
+            if pipe.too_short(len(wav)):
+                raise AudioError(f"{path}: {pipe.too_short(len(wav))}")
         except AudioError as exc:
             failures.add(name, str(exc))
             continue
-        x = torch.from_numpy(wav)[None, None].to(model.device) * model.audio_norm_scale
         # Residual VQ: the codes of a lower bandwidth are the first codebooks of a higher one.
-        codes = model.encode(x, max(bandwidths))
+        codes = pipe.encode([torch.from_numpy(wav)])[0]
         panels = [("original", ref)]
         for bw in bandwidths:
-            c = codes[:, : n_qs[bw]]
-            if vocoder is None:
-                rec = prepare_output(model.decode(c)[0, 0, : len(wav)].float().cpu().numpy())  # as inference.py writes it
-            else:
-                rec = prepare_output(resample(vocoder.vocode(model, c)[0, 0].float().cpu().numpy(), vocoder.sample_rate, ref_rate)[: len(ref)])
+            rec = pipe.decode([codes[: n_qs[bw]]], [len(wav)])[0].float().cpu().numpy()
+            rec = prepare_output(resample(rec, pipe.out_rate, ref_rate)[: len(ref)])  # as inference.py writes it
             metrics, why = _measure(args, name, ref, rec, ref_rate, extra)
             notes += [f"{name} at {bw:g} kbps: {w}" for w in why]
             rows[bw].append({"path": name, **metrics})
-            books[bw].update(c[0], len(wav) / rate)
+            books[bw].update(codes[: n_qs[bw]], len(wav) / rate)
             panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", metrics), rec))
         if args.plot is not None:
             save_figure(spectrogram_figure(panels, ref_rate, title=name), plot_path(args.plot, name))
-    sections = []
-    for bw in bandwidths:
-        sections.append(
-            {
-                "bandwidth": bw,
-                "n_q": n_qs[bw],
-                "files": rows[bw],
-                "mean": mean_metrics(rows[bw], keys),
-                **books[bw].summary(),
-            }
-        )
+    sections = [{"bandwidth": bw, "n_q": n_qs[bw], "files": rows[bw], "mean": mean_metrics(rows[bw], keys), **books[bw].summary()}
+                for bw in bandwidths]  # fmt: skip
     report = {
         "checkpoint": str(args.checkpoint),
         "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
-        "sample_rate": vocoder.sample_rate if vocoder is not None else rate,
+        "sample_rate": pipe.out_rate,
         "vocoder": args.vocoder,
         "metrics": keys,
         "bandwidths": sections,

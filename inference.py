@@ -32,10 +32,10 @@ from corpus.outputs import BackgroundWriter, Job, lock_output_trees, plan, write
 from corpus.shards import shard_format
 from data import AudioFiles, duration_order, file_loader
 from models import CheckpointError, XCodec, checkpoint_id
-from models.streaming import decode_long, encode_long
-from models.vocoder import Vocoder, merge_low_band
+from models.pipeline import Pipeline
+from models.vocoder import Vocoder
 from utils import distributed as du
-from utils.audio import audio_extensions, fit_length
+from utils.audio import audio_extensions
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
 
 
@@ -106,7 +106,7 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
 
 
-def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats, vocoder: Vocoder | None = None) -> None:
+def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> None:
     """Encode (and decode) every job, ``--batch-size`` clips at a time.
 
     ``--workers`` processes read and resample the files at least two batches ahead of the
@@ -114,7 +114,7 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     CUDA the audio comes in pinned memory and is copied without blocking. A background
     thread writes the results: the model never waits on the disk.
     """
-    rate, min_len = model.sample_rate, model.min_length()
+    model, rate = pipe.model, pipe.model.sample_rate
     device = model.device
     order = duration_order([j.src for j in jobs], [j.duration for j in jobs]) if many else list(range(len(jobs)))
     workers = args.workers if args.workers is not None else (min(16, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
@@ -122,112 +122,56 @@ def encode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
     pending: list[tuple[Job, torch.Tensor]] = []
     writer = BackgroundWriter(depth=2 * args.batch_size)
 
-    def finish(job: Job, samples: int, item: np.ndarray, wav: np.ndarray | None, out_rate: int) -> None:
-        if write_outputs(job, stats.fail, item, wav, out_rate, args.rescale, model.bins):
+    def finish(job: Job, samples: int, item: np.ndarray, wav: np.ndarray | None) -> None:
+        if write_outputs(job, stats.fail, item, wav, pipe.out_rate, args.rescale, model.bins):
             stats.wrote(job, samples, rate, item)
             if not many and job.codes_out is not None:  # a single codes file describes itself
                 write_sidecar(job.codes_out, {"path": job.src.name, "samples": samples, "sample_rate": rate, **codes_fields(model, args)}, item)
 
     def flush() -> None:
-        if not pending:
-            return
-        lengths = torch.tensor([len(w) for _, w in pending])
-        batch = torch.zeros(len(pending), 1, int(lengths.max()), device=device)
-        for i, (_, w) in enumerate(pending):
-            batch[i, 0, : len(w)].copy_(w, non_blocking=True)
-        batch *= model.audio_norm_scale
-        frames = model.num_frames(lengths)
-        if len(pending) == 1 and _is_long(len(pending[0][1]), rate, args):
-            # One long file: windows with context, stitched at frame boundaries (bounded memory).
-            codes = encode_long(model, batch, args.bandwidth, window=args.window, context=args.context, precision=args.precision)
-        else:
-            codes = model.encode(batch, args.bandwidth, lengths=lengths, precision=args.precision)
-        audio = None
-        if vocoder is not None and any(job.audio_out is not None for job, _ in pending):
-            audio = [_vocode(model, vocoder, codes[i : i + 1, :, : int(frames[i])], args) for i in range(len(pending))]
-        elif any(job.audio_out is not None for job, _ in pending):
-            if len(pending) == 1 and _is_long(len(pending[0][1]), rate, args):
-                audio = _decode_long(model, codes, args).float().cpu().numpy()
-            else:
-                audio = model.decode(codes, frames=frames, precision=args.precision).float().cpu().numpy()
-        codes_np = codes.cpu().numpy()
-        out_rate = vocoder.sample_rate if vocoder is not None else rate
+        wavs = [w.to(device, non_blocking=True) for _, w in pending]
+        codes, audio = pipe.encode_decode(wavs, decode=any(job.audio_out is not None for job, _ in pending))
         for i, (job, w) in enumerate(pending):
-            wav = fit_length(audio[i].reshape(-1), round(len(w) * out_rate / rate)) if audio is not None else None  # the source's length
-            writer.submit(finish, job, len(w), codes_np[i, :, : int(frames[i])], wav, out_rate)
+            wav = audio[i].float().cpu().numpy() if audio is not None else None
+            writer.submit(finish, job, len(w), codes[i].cpu().numpy(), wav)
         pending.clear()
 
     try:
         for index, wav, error in _progress(loader, many and stats.rank == 0, "encoding"):
-            job = jobs[index]
+            if error is None and pipe.too_short(len(wav)):
+                error = f"{jobs[index].src}: {pipe.too_short(len(wav))}"
             if error is not None:
                 stats.fail(error)
                 continue
-            if len(wav) < min_len:
-                stats.fail(f"{job.src}: audio too short ({len(wav)} samples at {rate} Hz; at least {min_len} needed)")
-                continue
-            if _is_long(len(wav), rate, args):
-                flush()  # a long file goes alone
-            pending.append((job, wav))
-            if len(pending) >= args.batch_size or _is_long(len(wav), rate, args):
+            pending.append((jobs[index], wav))
+            if len(pending) >= args.batch_size:
                 flush()
-        flush()
+        if pending:
+            flush()
     finally:
         writer.close()
 
 
-def _vocode(model, vocoder: Vocoder, codes: torch.Tensor, args: argparse.Namespace) -> np.ndarray:
-    """(1, n_q, F) codes -> (F * hop,) audio at the vocoder's rate; with ``--low-freq-merge``
-    YuE's post-processing (the codec's own decoding below 5.5 kHz, energy-matched)."""
-    audio = vocoder.vocode(model, codes)
-    if args.low_freq_merge:
-        audio = merge_low_band(_decode_long(model, codes, args), audio, model.sample_rate, vocoder.sample_rate)
-    return audio[0, 0].float().cpu().numpy()
-
-
-def _is_long(samples: int, rate: int, args: argparse.Namespace) -> bool:
-    return args.window > 0 and samples > (args.window + 2 * args.context) * rate
-
-
-def _decode_long(model, codes, args: argparse.Namespace):
-    """Decode in windows of ``--window`` seconds of frames with the decoder's context."""
-    window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else codes.shape[-1]
-    return decode_long(model, codes, window=window, precision=args.precision)
-
-
-def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats, vocoder: Vocoder | None = None) -> None:
+def decode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> None:
     """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
     length where a manifest records it (else whole frames)."""
+    model = pipe.model
     try:
         lengths = source_lengths(args.codes_in, model.sample_rate, model.hop_length)
     except CodesFileError as exc:
         raise CliError(str(exc)) from None
-    window = max(1, int(args.window * model.frame_rate)) if args.window > 0 else None
     pending: list[tuple[Job, torch.Tensor, int | None]] = []  # and the source's samples, where recorded
     writer = BackgroundWriter(depth=2 * args.batch_size)
 
-    def finish(job: Job, wav: np.ndarray, rate: int) -> None:
-        if write_outputs(job, stats.fail, None, wav, rate, args.rescale, model.bins):
+    def finish(job: Job, wav: np.ndarray) -> None:
+        if write_outputs(job, stats.fail, None, wav, pipe.out_rate, args.rescale, model.bins):
             stats.written += 1
-            stats.audio_seconds += len(wav) / rate
+            stats.audio_seconds += len(wav) / pipe.out_rate
 
     def flush() -> None:
-        if not pending:
-            return
-        rate = vocoder.sample_rate if vocoder is not None else model.sample_rate
-        if vocoder is not None:
-            audio = [_vocode(model, vocoder, c[None], args)[None] for _, c, _ in pending]
-        elif len(pending) == 1:
-            audio = _decode_long(model, pending[0][1][None].to(model.device), args).float().cpu().numpy()
-        else:
-            frames = [c.shape[1] for _, c, _ in pending]
-            batch = torch.zeros(len(pending), pending[0][1].shape[0], max(frames), dtype=torch.long)
-            for i, (_, c, _) in enumerate(pending):
-                batch[i, :, : c.shape[1]] = c
-            audio = model.decode(batch.to(model.device), frames=frames, precision=args.precision).float().cpu().numpy()
-        for i, (job, c, source) in enumerate(pending):  # source: samples at the codec's rate (checked when loaded)
-            wav = audio[i][0, : c.shape[1] * model.hop_length * rate // model.sample_rate]
-            writer.submit(finish, job, fit_length(wav, round(source * rate / model.sample_rate) if source else len(wav)), rate)
+        audio = pipe.decode([c for _, c, _ in pending], [n for _, _, n in pending])
+        for (job, _, _), wav in zip(pending, audio):
+            writer.submit(finish, job, wav.float().cpu().numpy())
         pending.clear()
 
     try:
@@ -238,18 +182,18 @@ def decode_jobs(model, jobs: list[Job], args: argparse.Namespace, many: bool, st
                     raise known
                 # The frames its description records: a description of other codes would cut or stretch the audio.
                 codes = load_codes(job.src, model.n_q, model.bins, frames=known[1])
-                if vocoder is not None:
-                    vocoder.check_codec(model, codes.shape[0])
+                if pipe.vocoder is not None:
+                    pipe.vocoder.check_codec(model, codes.shape[0])
             except ValueError as exc:
                 stats.fail(str(exc) if str(exc).startswith(str(job.src)) else f"{job.src}: {exc}")
                 continue
-            long = window is not None and codes.shape[1] > window
-            if pending and (long or codes.shape[0] != pending[0][1].shape[0]):
-                flush()  # a long file goes alone; a batch holds one number of codebooks
+            if pending and codes.shape[0] != pending[0][1].shape[0]:
+                flush()  # a batch holds one number of codebooks
             pending.append((job, codes, known[0]))
-            if long or len(pending) >= args.batch_size:
+            if len(pending) >= args.batch_size:
                 flush()
-        flush()
+        if pending:
+            flush()
     finally:
         writer.close()
 
@@ -261,7 +205,7 @@ def _rank_and_world() -> tuple[int, int]:
         raise CliError(str(exc)) from None
 
 
-def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list[Job]:
+def shard_and_resume(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list[Job]:
     """This rank's share of ``jobs``, less the files an earlier run finished (see corpus.corpus).
 
     Any output that already exists is replaced only with ``--overwrite``, or by a
@@ -272,7 +216,7 @@ def shard_and_resume(model, jobs: list[Job], args: argparse.Namespace, many: boo
     tokenizing = many and args.codes_in is None and args.codes_out is not None
     tracked = tokenizing and (has_manifest(args.codes_out) or shard_format(args.codes_out) is not None)
     if tokenizing:
-        jobs = resume(jobs, args.codes_out, args.format, codes_fields(model, args), model.quantizer.n_q_for_bandwidth(args.bandwidth), stats, args.shard_size)
+        jobs = resume(jobs, args.codes_out, args.format, codes_fields(pipe.model, args), pipe.n_q, stats, args.shard_size)
     refuse_existing(jobs, args.overwrite, tracked)
     return jobs
 
@@ -311,23 +255,23 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args)
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
-        if args.bandwidth is not None:
+        try:
+            pipe = Pipeline(model, args.bandwidth, args.precision, args.window, args.context, low_freq_merge=args.low_freq_merge)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        jobs = shard_and_resume(pipe, jobs, args, many, stats)
+        if args.vocoder:
+            pipe.vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint)
+        if pipe.vocoder is not None and args.codes_in is None:  # codes files are checked one by one
             try:
-                model.quantizer.n_q_for_bandwidth(args.bandwidth)
-            except ValueError as exc:
-                raise CliError(str(exc)) from None
-        jobs = shard_and_resume(model, jobs, args, many, stats)
-        vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint) if args.vocoder else None
-        if vocoder is not None and args.codes_in is None:  # codes files are checked one by one
-            try:
-                vocoder.check_codec(model, model.quantizer.n_q_for_bandwidth(args.bandwidth))
+                pipe.vocoder.check_codec(model, pipe.n_q)
             except ValueError as exc:
                 raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
         stats.start_clock()  # the speed reported leaves out start-up and loading
         if args.codes_in is not None:
-            decode_jobs(model, jobs, args, many, stats, vocoder)
+            decode_jobs(pipe, jobs, args, many, stats)
         else:
-            encode_jobs(model, jobs, args, many, stats, vocoder)
+            encode_jobs(pipe, jobs, args, many, stats)
     finally:
         stats.close()
         for lock in locks:

@@ -22,6 +22,7 @@ speaker similarity, WER (jiwer) and UTMOS. Codebook usage and entropy are
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -60,16 +61,9 @@ EVAL_EXTRA = "pip install -e .[eval]"
 SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
 
 
-# ---------------------------------------------------------------------------- signals
 def missing_packages() -> list[str]:
     """The evaluation packages (the ``eval`` extra) that cannot be imported here."""
     return [name for name, module in (("pesq", pesq), ("pystoi", _stoi), ("jiwer", jiwer)) if module is None]
-
-
-def align(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Trim both signals to the shorter length."""
-    n = min(len(reference), len(estimate))
-    return reference[:n], estimate[:n]
 
 
 def estimate_delay(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> int:
@@ -87,62 +81,40 @@ def estimate_delay(reference: np.ndarray, estimate: np.ndarray, max_lag: int) ->
 
 def compensate_delay(reference: np.ndarray, estimate: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
     """Shift by ``lag`` (see :func:`estimate_delay`) and trim both to the shorter."""
-    if lag > 0:
-        estimate = estimate[lag:]
-    elif lag < 0:
-        reference = reference[-lag:]
-    return align(reference, estimate)
+    reference, estimate = reference[max(0, -lag) :], estimate[max(0, lag) :]
+    n = min(len(reference), len(estimate))
+    return reference[:n], estimate[:n]
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> float:
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), zero-mean."""
     ref = reference.astype(np.float64) - reference.mean()
     est = estimate.astype(np.float64) - estimate.mean()
-    alpha = np.dot(est, ref) / (np.dot(ref, ref) + eps)
-    target = alpha * ref
+    target = np.dot(est, ref) / (np.dot(ref, ref) + eps) * ref
     noise = est - target
     return float(10 * np.log10((np.dot(target, target) + eps) / (np.dot(noise, noise) + eps)))
 
 
-def _mel_params(sample_rate: int) -> dict:
-    scale = sample_rate / 16000
-    win = int(round(800 * scale))
-    return {
-        "sampling_rate": sample_rate,
-        "n_fft": 1 << (win - 1).bit_length(),  # 1024 at 16 kHz
-        "hop_size": int(round(160 * scale)),
-        "win_size": win,
-    }
-
-
 def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
-    """Mean absolute difference of the natural-log mel spectrograms."""
-    params = _mel_params(sample_rate)
-    ref = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None], **params)
-    est = mel_spectrogram(torch.from_numpy(np.ascontiguousarray(estimate, dtype=np.float32))[None], **params)
+    """Mean absolute difference of the natural-log mel spectrograms (window and hop scaled from 16 kHz)."""
+    win = int(round(800 * sample_rate / 16000))
+    params = {"sampling_rate": sample_rate, "n_fft": 1 << (win - 1).bit_length(), "hop_size": int(round(160 * sample_rate / 16000)),
+              "win_size": win}  # fmt: skip
+    ref, est = (mel_spectrogram(_tensor(x), **params) for x in (reference, estimate))
     return float((ref - est).abs().mean())
 
 
-_STFT_LOSS = None
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
 
 
-def stft_distance(reference: np.ndarray, estimate: np.ndarray) -> float:
-    """Multi-resolution STFT distance: spectral convergence + log-magnitude L1."""
-    global _STFT_LOSS
-    if _STFT_LOSS is None:
-        _STFT_LOSS = MultiResolutionSTFTLoss()
-    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None]
-    est = torch.from_numpy(np.ascontiguousarray(estimate, dtype=np.float32))[None]
-    with torch.no_grad():
-        return float(_STFT_LOSS(est, ref))
+@functools.cache
+def _stft_loss() -> MultiResolutionSTFTLoss:
+    return MultiResolutionSTFTLoss()
 
 
 PESQ_CRASH_HOOK = "XCODEC_TEST_PESQ_CRASH"  # test hook: the worker dies as the pesq library does when it segfaults
 _PESQ_POOL: ProcessPoolExecutor | None = None
-
-
-class MetricCrashed(RuntimeError):
-    """A metric library crashed its worker process on this input."""
 
 
 def _pesq_in_worker(reference: np.ndarray, estimate: np.ndarray, crash: bool) -> float:
@@ -155,14 +127,11 @@ def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 1600
     """Wideband PESQ at 16 kHz (signals at other rates are resampled first).
 
     The ``pesq`` C library segfaults on some inputs (e.g. a 2-minute tone), so it runs in a
-    worker process (started once, spawned: no forked threads).
-
-    Raises:
-        MetricCrashed: the worker died on this input (a fresh one serves the next call).
+    worker process (started once, spawned: no forked threads); a crash raises ``RuntimeError``
+    and a fresh worker serves the next call.
     """
     global _PESQ_POOL
-    if sample_rate != 16000:
-        reference, estimate = resample(reference, sample_rate, 16000), resample(estimate, sample_rate, 16000)
+    reference, estimate = resample(reference, sample_rate, 16000), resample(estimate, sample_rate, 16000)
     if _PESQ_POOL is None:
         _PESQ_POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
@@ -170,12 +139,7 @@ def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 1600
     except BrokenProcessPool:
         _PESQ_POOL.shutdown(wait=False)
         _PESQ_POOL = None
-        raise MetricCrashed("the pesq library crashed on this input (its worker process died)") from None
-
-
-def stoi(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
-    """Short-time objective intelligibility (classic STOI, not extended)."""
-    return float(_stoi(reference, estimate, sample_rate, extended=False))
+        raise RuntimeError("the pesq library crashed on this input (its worker process died)") from None
 
 
 def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> tuple[dict[str, float], list[str]]:
@@ -189,20 +153,26 @@ def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int
     estimate = fit_length(np.asarray(estimate), len(reference))
     functions: dict[str, Callable[[], float]] = {
         "pesq_wb": lambda: pesq_wb(reference, estimate, sample_rate),
-        "stoi": lambda: stoi(reference, estimate, sample_rate),
+        "stoi": lambda: float(_stoi(reference, estimate, sample_rate, extended=False)),
         "mel_distance": lambda: mel_distance(reference, estimate, sample_rate),
-        "stft_distance": lambda: stft_distance(reference, estimate),
+        "stft_distance": lambda: float(_stft_loss()(_tensor(estimate), _tensor(reference))),
         "si_sdr": lambda: si_sdr(reference, estimate),
     }
     out, notes = {}, []
     for name, fn in functions.items():
         try:
-            out[name] = fn()
+            with torch.no_grad():
+                out[name] = fn()
         except Exception as exc:  # pesq raises its own error types (no utterances, too short)
             out[name] = math.nan
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            notes.append(f"{name}: not computed ({type(exc).__name__}: {reason[:120]})")
+            notes.append(f"{name}: not computed ({_reason(exc, 120)})")
     return out, notes
+
+
+def _reason(exc: Exception, width: int) -> str:
+    """``Type: first line`` of an exception, cut to ``width``."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {reason[:width]}"
 
 
 def mean_metrics(rows: list[dict], keys: list[str]) -> dict[str, float | None]:
@@ -312,8 +282,7 @@ class ModelMetrics:
         try:
             return loader(path)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.notes.append(f"{name}: skipped: could not load {path} ({type(exc).__name__}: {reason[:160]})")
+            self.notes.append(f"{name}: skipped: could not load {path} ({_reason(exc, 160)})")
             return None
 
     def _load_speaker(self, path: Path):

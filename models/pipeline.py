@@ -110,7 +110,11 @@ class Pipeline:
         self.vocoder, self.low_freq_merge = vocoder, low_freq_merge
         self.gain = model.audio_norm_scale if gain is None else gain
         self.min_length = model.min_length()
-        self.out_rate = vocoder.sample_rate if vocoder is not None else model.sample_rate
+
+    @property
+    def out_rate(self) -> int:
+        """The decoded audio's rate: the vocoder's, else the model's."""
+        return self.vocoder.sample_rate if self.vocoder is not None else self.model.sample_rate
 
     def too_short(self, samples: int) -> str | None:
         """Why a clip of ``samples`` cannot be encoded, or ``None``."""

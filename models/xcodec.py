@@ -64,18 +64,9 @@ class XCodec(nn.Module):
             (0.95); kept here for the CLI, never applied inside ``encode``.
     """
 
-    def __init__(
-        self,
-        encoder: AcousticEncoder,
-        decoder: AcousticDecoder,
-        quantizer: ResidualVectorQuantizer,
-        semantic_model: nn.Module,
-        semantic_encoder: SemanticEncoder,
-        semantic_decoder: SemanticDecoder,
-        sample_rate: int,
-        hop_length: int,
-        audio_norm_scale: float = 1.0,
-    ):
+    def __init__(self, encoder: AcousticEncoder, decoder: AcousticDecoder, quantizer: ResidualVectorQuantizer,
+                 semantic_model: nn.Module, semantic_encoder: SemanticEncoder, semantic_decoder: SemanticDecoder,
+                 sample_rate: int, hop_length: int, audio_norm_scale: float = 1.0):  # fmt: skip
         super().__init__()
         latent = quantizer.dimension
         hidden = semantic_model.config.hidden_size
@@ -96,7 +87,6 @@ class XCodec(nn.Module):
         self.config = None  # the GeneratorConfig, set by build_codec
         self._tiled = TiledStacks()  # the CPU inference engine's runners and plans, built on first use
 
-    # ------------------------------------------------------------------ properties
     @property
     def decoder(self) -> AcousticDecoder:
         return self.decoder_2
@@ -126,20 +116,11 @@ class XCodec(nn.Module):
         self.semantic_model.eval()  # frozen: its dropout must never perturb the targets (the original leaves it in train mode)
         return self
 
-    # ------------------------------------------------------------------ lengths
     def num_frames(self, lengths: torch.Tensor | int) -> torch.Tensor:
         """Code frames for inputs of ``lengths`` samples: the teacher's frame count."""
         lengths = torch.as_tensor(lengths)
         return teacher_frames(self.semantic_model, lengths + 2 * (self.hop_length // 2))
 
-    def _acoustic_padding(self, lengths: torch.Tensor) -> torch.Tensor:
-        # The original encodes again with hop/2 zeros on each side when the acoustic and semantic
-        # frame counts differ; deciding per item up front gives that with one acoustic pass.
-        pad = self.hop_length // 2
-        differs = self.encoder.output_length(lengths) != self.num_frames(lengths)
-        return differs.long() * pad
-
-    # ------------------------------------------------------------------ encoding
     def _check_audio(self, wav: torch.Tensor) -> None:
         if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
             raise ValueError("audio must be a floating-point tensor of shape (B, 1, T)")
@@ -157,7 +138,7 @@ class XCodec(nn.Module):
         acoustic + semantic latents after ``fc_prior``, the semantic target, and each item's
         frame count (``lengths`` as in :meth:`encode`).
         """
-        batch, _, total = wav.shape
+        total = wav.shape[-1]
         lengths = self._valid_lengths(wav, lengths)
         frames = self.num_frames(lengths)
         if bool((frames < 1).any()):
@@ -173,25 +154,21 @@ class XCodec(nn.Module):
             e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
         semantic_target, e_semantic = semantic_target.float(), e_semantic.float()
 
-        pads = self._acoustic_padding(lengths)
+        # The original encodes again with hop/2 zeros on each side when the acoustic and semantic
+        # frame counts differ; deciding per item up front gives that with one acoustic pass.
+        p = self.hop_length // 2
+        pads = (self.encoder.output_length(lengths) != frames).long() * p
         if bool((pads == 0).all()):
             e_acoustic = run_acoustic(self, "encoder", wav, dev_lengths, precision)
         else:
-            # Items needing padding get hop/2 zeros on each side; one acoustic pass for all.
-            width = total + 2 * int(pads.max())
-            buf = wav.new_zeros(batch, 1, width)
-            for i in range(batch):
-                p = int(pads[i])
-                buf[i, :, p : p + total] = wav[i]
+            buf = torch.where((pads > 0).to(wav.device)[:, None, None], F.pad(wav, (p, p)), F.pad(wav, (0, 2 * p)))
             enc_lengths = lengths + 2 * pads
-            ragged_enc = bool((enc_lengths != width).any())
+            ragged_enc = bool((enc_lengths != total + 2 * p).any())
             e_acoustic = run_acoustic(self, "encoder", buf, enc_lengths.to(wav.device) if ragged_enc else None, precision)
         acoustic_frames = self.encoder.output_length(lengths + 2 * pads)
         if bool((acoustic_frames != frames).any()):
-            raise RuntimeError(
-                f"acoustic/semantic frame mismatch {acoustic_frames.tolist()} vs {frames.tolist()}; "
-                "the encoder ratios and the teacher's conv strides disagree"
-            )
+            raise RuntimeError(f"acoustic/semantic frame mismatch {acoustic_frames.tolist()} vs {frames.tolist()}; "
+                               "the encoder ratios and the teacher's conv strides disagree")
         n = int(frames.max())
         e = torch.cat([e_acoustic[..., :n], e_semantic[..., :n]], dim=1)
         e = self.fc_prior(e.transpose(1, 2)).transpose(1, 2)
@@ -216,13 +193,8 @@ class XCodec(nn.Module):
         return lo
 
     @torch.inference_mode()
-    def encode(
-        self,
-        wav: torch.Tensor,
-        bandwidth: float | None = None,
-        lengths: torch.Tensor | Sequence[int] | None = None,
-        precision: str = "fp32",
-    ) -> torch.Tensor:
+    def encode(self, wav: torch.Tensor, bandwidth: float | None = None, lengths: torch.Tensor | Sequence[int] | None = None,
+               precision: str = "fp32") -> torch.Tensor:  # fmt: skip
         """Encode audio to codes.
 
         Args:
@@ -258,7 +230,6 @@ class XCodec(nn.Module):
     def _frame_mask(frames: torch.Tensor, size: int, device) -> torch.Tensor:
         return torch.arange(size, device=device)[None, :] < frames.to(device)[:, None]
 
-    # ------------------------------------------------------------------ decoding
     def check_codes(self, codes: torch.Tensor) -> None:
         """Raise :class:`CodesError` unless ``codes`` is an integer (B, n_q, F) tensor in range."""
         if not isinstance(codes, torch.Tensor):
@@ -276,13 +247,8 @@ class XCodec(nn.Module):
             raise CodesError(f"codes must lie in [0, {self.bins}) for this model, found values in [{lo}, {hi}]")
 
     @torch.inference_mode()
-    def decode(
-        self,
-        codes: torch.Tensor,
-        frames: torch.Tensor | Sequence[int] | None = None,
-        precision: str = "fp32",
-        length: int | Sequence[int] | None = None,
-    ) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, frames: torch.Tensor | Sequence[int] | None = None, precision: str = "fp32",
+               length: int | Sequence[int] | None = None) -> torch.Tensor:  # fmt: skip
         """Decode codes to audio.
 
         Args:
@@ -325,7 +291,6 @@ class XCodec(nn.Module):
             raise ValueError("decoded audio holds NaN or Inf: the model's weights or codebooks are not finite")
         return audio
 
-    # ------------------------------------------------------------------ training
     def forward(self, wav: torch.Tensor, bandwidth: float | None = None, audio_grad: bool = True) -> CodecOutput:
         """Training pass on (B, 1, T) segments: one encoder/teacher pass, one decoder pass,
         in the caller's precision (under bf16 autocast all but the quantizer run in bf16).
@@ -341,7 +306,6 @@ class XCodec(nn.Module):
         audio = F.pad(audio, (0, wav.shape[-1] - audio.shape[-1]))  # whole frames -> the input's length
         return CodecOutput(audio, q.codes, q.commit_loss, semantic_loss, q.n_q, q.bandwidth)
 
-    # ------------------------------------------------------------------ saving and loading
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json + model.safetensors, which ``XcodecModel.from_pretrained`` and :meth:`from_pretrained` open."""
         return save_transformers(self, directory)
