@@ -80,22 +80,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     by_checkpoint = args.checkpoint is not None or args.input is not None
     by_reference = args.reference is not None or args.estimate is not None
-    if by_checkpoint == by_reference:
-        p.error("use either --checkpoint with --input, or --reference with --estimate")
-    if by_checkpoint and (args.checkpoint is None or args.input is None):
-        p.error("--checkpoint and --input go together")
-    if by_reference and (args.reference is None or args.estimate is None):
-        p.error("--reference and --estimate go together")
-    if by_reference and (args.bandwidths or args.vocoder):
-        p.error("--bandwidths and --vocoder need --checkpoint")
-    if args.sample_rate is not None and args.sample_rate <= 0:
-        p.error("--sample-rate must be positive")
-    if not 0 <= args.max_delay_ms <= MAX_DELAY_MS:
-        p.error(f"--max-delay-ms must be a number in [0, {MAX_DELAY_MS}], got {args.max_delay_ms}")
+    refusals = (  # the first that applies is the error
+        (by_checkpoint == by_reference, "use either --checkpoint with --input, or --reference with --estimate"),
+        (by_checkpoint and (args.checkpoint is None or args.input is None), "--checkpoint and --input go together"),
+        (by_reference and (args.reference is None or args.estimate is None), "--reference and --estimate go together"),
+        (by_reference and (args.bandwidths or args.vocoder), "--bandwidths and --vocoder need --checkpoint"),
+        (args.sample_rate is not None and args.sample_rate <= 0, "--sample-rate must be positive"),
+        (not 0 <= args.max_delay_ms <= MAX_DELAY_MS, f"--max-delay-ms must be a number in [0, {MAX_DELAY_MS}], got {args.max_delay_ms}"),
+    )
+    for refused, message in refusals:
+        if refused:
+            p.error(message)
     return args
 
 
-# ---------------------------------------------------------------------------- inputs
 def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
     """``([(file, name in the report)], single)``; single: one audio file was given."""
     items: list[tuple[Path, str]] = []
@@ -141,7 +139,6 @@ def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, P
     return pairs, False, [f"{extra} estimate file(s) without a reference were ignored"] if extra else []
 
 
-# ---------------------------------------------------------------------------- reporting
 class Failures:
     """Bad files: reported on stderr at once (one line each) and listed in the report."""
 
@@ -166,23 +163,16 @@ def _clean(value):
     return value
 
 
-def _fmt(value, width: int, digits: int) -> str:
+def _fmt(value, spec: str, missing: str = "") -> str:
+    """``value`` in format ``spec``, or ``missing`` for a metric not computed (None, NaN, inf)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-".rjust(width)
-    return f"{value:{width}.{digits}f}"
+        return missing
+    return format(value, spec)
 
 
-COLUMNS = [  # key, header, width, digits
-    ("pesq_wb", "PESQ-WB", 8, 3),
-    ("stoi", "STOI", 7, 3),
-    ("mel_distance", "mel", 7, 3),
-    ("stft_distance", "STFT", 7, 3),
-    ("si_sdr", "SI-SDR", 8, 2),
-    ("speaker_similarity", "spk-sim", 8, 3),
-    ("wer", "WER", 7, 3),
-    ("utmos", "UTMOS", 7, 3),
-    ("delay_ms", "delay", 7, 2),
-]
+COLUMNS = [("pesq_wb", "PESQ-WB", 8, 3), ("stoi", "STOI", 7, 3), ("mel_distance", "mel", 7, 3),  # key, header, width, digits
+           ("stft_distance", "STFT", 7, 3), ("si_sdr", "SI-SDR", 8, 2), ("speaker_similarity", "spk-sim", 8, 3),
+           ("wer", "WER", 7, 3), ("utmos", "UTMOS", 7, 3), ("delay_ms", "delay", 7, 2)]  # fmt: skip
 
 
 def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quiet: bool = False) -> str:
@@ -193,21 +183,16 @@ def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quie
     lines = [title, header, "-" * len(header)]
     for row in [] if quiet else rows:
         name = row["path"] if len(row["path"]) <= name_width else "..." + row["path"][-(name_width - 3) :]
-        lines.append(name.ljust(name_width) + "".join(" " + _fmt(row.get(k), w, d) for k, _, w, d in cols))
-    lines.append("mean".ljust(name_width) + "".join(" " + _fmt(mean.get(k), w, d) for k, _, w, d in cols))
+        lines.append(name.ljust(name_width) + "".join(" " + _fmt(row.get(k), f"{w}.{d}f", "-".rjust(w)) for k, _, w, d in cols))
+    lines.append("mean".ljust(name_width) + "".join(" " + _fmt(mean.get(k), f"{w}.{d}f", "-".rjust(w)) for k, _, w, d in cols))
     return "\n".join(lines)
 
 
 def format_codebooks(summary: dict) -> str:
-    lines = [
-        f"bitrate {summary['bitrate_kbps']:.3f} kbps ({summary['frames']} frames, {summary['seconds']:.1f} s); "
-        f"entropy-coded bound {summary['entropy_bitrate_kbps']:.3f} kbps"
-    ]
-    for book in summary["codebooks"]:
-        lines.append(
-            f"  codebook {book['index'] + 1}: usage {100 * book['usage']:5.1f}% ({book['used']} entries), "
-            f"entropy {book['entropy_bits']:.2f} bits"
-        )
+    lines = [f"bitrate {summary['bitrate_kbps']:.3f} kbps ({summary['frames']} frames, {summary['seconds']:.1f} s); "
+             f"entropy-coded bound {summary['entropy_bitrate_kbps']:.3f} kbps"]
+    lines += [f"  codebook {book['index'] + 1}: usage {100 * book['usage']:5.1f}% ({book['used']} entries), "
+              f"entropy {book['entropy_bits']:.2f} bits" for book in summary["codebooks"]]
     return "\n".join(lines)
 
 
@@ -222,18 +207,11 @@ def write_reports(report: dict, json_path: Path, csv_path: Path, keys: list[str]
     for section in sections:
         lead = [section["bandwidth"]] if with_bw else []
         for row in section["files"]:
-            writer.writerow(lead + [row["path"]] + [_csv_value(row.get(k)) for k in keys])
-        writer.writerow(lead + ["mean"] + [_csv_value(section["mean"].get(k)) for k in keys])
+            writer.writerow(lead + [row["path"]] + [_fmt(row.get(k), ".6g") for k in keys])
+        writer.writerow(lead + ["mean"] + [_fmt(section["mean"].get(k), ".6g") for k in keys])
     atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
-def _csv_value(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    return f"{value:.6g}"
-
-
-# ---------------------------------------------------------------------------- plots
 def plot_path(plot_dir: Path, name: str) -> Path:
     out = plot_dir / Path(name).with_suffix(".png")
     if not out.resolve().is_relative_to(plot_dir.resolve()):  # a list may name files outside
@@ -251,26 +229,20 @@ def _label(title: str, metrics: dict | None) -> str:
     return "   ".join([title] + [f"{name} {v:.2f}" for name, v in values if v is not None and math.isfinite(v)])
 
 
-# ---------------------------------------------------------------------------- running
 def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True, disable=not enabled)
 
 
-def _model_metrics(args, device: str) -> ModelMetrics:
-    metrics = ModelMetrics(args.speaker_model, args.asr_model, args.utmos, read_transcripts(args.transcripts), device)
-    for note in metrics.notes:
+def _model_metrics(args, device: str) -> tuple[ModelMetrics, list[str], list[str]]:
+    """The optional model-based metrics, the report's metric keys, and notes on what is not computed."""
+    extra = ModelMetrics(args.speaker_model, args.asr_model, args.utmos, read_transcripts(args.transcripts), device)
+    for note in extra.notes:
         print(f"note: {note}", file=sys.stderr)
-    return metrics
-
-
-def _absent_notes(args) -> list[str]:
-    notes = []
-    for flag, name in (("speaker_model", "speaker similarity"), ("asr_model", "WER"), ("utmos", "UTMOS")):
-        if getattr(args, flag) is None:
-            notes.append(f"{name}: not computed (pass --{flag.replace('_', '-')} with a local model)")
-    return notes
+    keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
+    flags = (("speaker-model", "speaker similarity"), ("asr-model", "WER"), ("utmos", "UTMOS"))
+    absent = [f"{name}: not computed (pass --{flag} with a local model)" for flag, name in flags
+              if getattr(args, flag.replace("-", "_")) is None]  # fmt: skip
+    return extra, keys, extra.notes + absent
 
 
 def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra) -> tuple[dict, list[str]]:
@@ -293,12 +265,10 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
     except ValueError as exc:
         raise CliError(str(exc)) from None
     pipe = Pipeline(model, max(bandwidths))  # long files in windows, as inference.py
-    extra = _model_metrics(args, str(model.device))
-    keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
+    extra, keys, notes = _model_metrics(args, str(model.device))
     rate = model.sample_rate
     rows: dict[float, list[dict]] = {bw: [] for bw in bandwidths}
     books = {bw: CodebookUsage(n_qs[bw], model.bins) for bw in bandwidths}
-    notes = extra.notes + _absent_notes(args)
     if args.vocoder:
         pipe.vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint)
         try:
@@ -330,24 +300,16 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
             save_figure(spectrogram_figure(panels, ref_rate, title=name), plot_path(args.plot, name))
     sections = [{"bandwidth": bw, "n_q": n_qs[bw], "files": rows[bw], "mean": mean_metrics(rows[bw], keys), **books[bw].summary()}
                 for bw in bandwidths]  # fmt: skip
-    report = {
-        "checkpoint": str(args.checkpoint),
-        "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
-        "sample_rate": pipe.out_rate,
-        "vocoder": args.vocoder,
-        "metrics": keys,
-        "bandwidths": sections,
-        "failed": failures.items,
-        "notes": notes,
-    }
+    report = {"checkpoint": str(args.checkpoint), "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
+              "sample_rate": pipe.out_rate, "vocoder": args.vocoder, "metrics": keys, "bandwidths": sections,
+              "failed": failures.items, "notes": notes}  # fmt: skip
     return report, single, keys
 
 
 def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failures) -> tuple[dict, bool, list[str]]:
     pairs, single, notes = paired
-    extra = _model_metrics(args, args.device or "cpu")
-    keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
-    notes = notes + extra.notes + _absent_notes(args)
+    extra, keys, model_notes = _model_metrics(args, args.device or "cpu")
+    notes = notes + model_notes
     rows = []
     for name, ref_path, est_path in _progress(pairs, len(pairs) > 1, "evaluating"):
         if est_path is None:
@@ -374,15 +336,8 @@ def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failure
         if args.plot is not None:
             panels = [("reference", ref), (_label(f"estimate  {est_path.name}", metrics), est)]
             save_figure(spectrogram_figure(panels, rate, title=name), plot_path(args.plot, name))
-    report = {
-        "reference": str(args.reference),
-        "estimate": str(args.estimate),
-        "metrics": keys,
-        "files": rows,
-        "mean": mean_metrics(rows, keys),
-        "failed": failures.items,
-        "notes": notes,
-    }
+    report = {"reference": str(args.reference), "estimate": str(args.estimate), "metrics": keys, "files": rows,
+              "mean": mean_metrics(rows, keys), "failed": failures.items, "notes": notes}  # fmt: skip
     return report, single, keys
 
 

@@ -68,42 +68,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (a tokenization "
                    "resuming in its own --codes-out never needs it)")
     args = p.parse_args(argv)
-    if args.codes_in is None and args.input is None:
-        p.error("one of --input or --codes-in is required")
-    if args.codes_in is not None and args.input is not None:
-        p.error("--input and --codes-in cannot be combined")
-    if args.codes_in is not None and args.output is None:
-        p.error("--codes-in needs --output")
-    if args.input is not None and args.output is None and args.codes_out is None:
-        p.error("--input needs --output and/or --codes-out")
-    if args.low_freq_merge and not args.vocoder:
-        p.error("--low-freq-merge needs --vocoder")
-    if args.vocoder and args.output is None:
-        p.error("--vocoder needs --output")
-    if args.format != "npy" and args.codes_out is None:
-        p.error(f"--format {args.format} needs --codes-out")
-    if args.shard_size < 1:
-        p.error("--shard-size must be at least 1")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    if args.workers is not None and args.workers < 0:
-        p.error("--workers must be >= 0")
-    if not (0 <= args.window < float("inf") and 0 <= args.context < float("inf")):
-        p.error("--window and --context must be finite numbers >= 0")
-    if 0 < args.window < 1:
-        p.error(f"--window {args.window}: a window must be at least 1 second (0: never window); tiny windows make long files take hours")
+    refusals = (  # the first that applies is the error
+        (args.codes_in is None and args.input is None, "one of --input or --codes-in is required"),
+        (args.codes_in is not None and args.input is not None, "--input and --codes-in cannot be combined"),
+        (args.codes_in is not None and args.output is None, "--codes-in needs --output"),
+        (args.input is not None and args.output is None and args.codes_out is None,
+         "--input needs --output and/or --codes-out"),
+        (args.low_freq_merge and not args.vocoder, "--low-freq-merge needs --vocoder"),
+        (args.vocoder and args.output is None, "--vocoder needs --output"),
+        (args.format != "npy" and args.codes_out is None, f"--format {args.format} needs --codes-out"),
+        (args.shard_size < 1, "--shard-size must be at least 1"),
+        (args.batch_size < 1, "--batch-size must be at least 1"),
+        (args.workers is not None and args.workers < 0, "--workers must be >= 0"),
+        (not (0 <= args.window < float("inf") and 0 <= args.context < float("inf")),
+         "--window and --context must be finite numbers >= 0"),
+        (0 < args.window < 1,
+         f"--window {args.window}: a window must be at least 1 second (0: never window); tiny windows make long files take hours"),
+    )
+    for refused, message in refusals:
+        if refused:
+            p.error(message)
     return args
 
 
 # ---------------------------------------------------------------------------- running
-def load_model(args: argparse.Namespace) -> XCodec:
-    return XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
-
-
 def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True, disable=not enabled)
+
+
+def _batches(items, size: int, key=None):
+    """Lists of up to ``size`` consecutive items; a change of ``key(item)`` starts a new list."""
+    batch: list = []
+    for item in items:
+        if batch and key is not None and key(item) != key(batch[0]):
+            yield batch
+            batch = []
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> None:
@@ -114,13 +119,19 @@ def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many:
     CUDA the audio comes in pinned memory and is copied without blocking. A background
     thread writes the results: the model never waits on the disk.
     """
-    model, rate = pipe.model, pipe.model.sample_rate
-    device = model.device
+    model, rate, device = pipe.model, pipe.model.sample_rate, pipe.model.device
     order = duration_order([j.src for j in jobs], [j.duration for j in jobs]) if many else list(range(len(jobs)))
     workers = args.workers if args.workers is not None else (min(16, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
     loader = file_loader(AudioFiles([j.src for j in jobs], rate), order, workers, pin_memory=device.type == "cuda", ahead=2 * args.batch_size)
-    pending: list[tuple[Job, torch.Tensor]] = []
-    writer = BackgroundWriter(depth=2 * args.batch_size)
+
+    def readable():
+        for index, wav, error in _progress(loader, many and stats.rank == 0, "encoding"):
+            if error is None and pipe.too_short(len(wav)):
+                error = f"{jobs[index].src}: {pipe.too_short(len(wav))}"
+            if error is not None:
+                stats.fail(error)
+            else:
+                yield jobs[index], wav
 
     def finish(job: Job, samples: int, item: np.ndarray, wav: np.ndarray | None) -> None:
         if write_outputs(job, stats.fail, item, wav, pipe.out_rate, args.rescale, model.bins):
@@ -128,72 +139,51 @@ def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many:
             if not many and job.codes_out is not None:  # a single codes file describes itself
                 write_sidecar(job.codes_out, {"path": job.src.name, "samples": samples, "sample_rate": rate, **codes_fields(model, args)}, item)
 
-    def flush() -> None:
-        wavs = [w.to(device, non_blocking=True) for _, w in pending]
-        codes, audio = pipe.encode_decode(wavs, decode=any(job.audio_out is not None for job, _ in pending))
-        for i, (job, w) in enumerate(pending):
-            wav = audio[i].float().cpu().numpy() if audio is not None else None
-            writer.submit(finish, job, len(w), codes[i].cpu().numpy(), wav)
-        pending.clear()
-
+    writer = BackgroundWriter(depth=2 * args.batch_size)
     try:
-        for index, wav, error in _progress(loader, many and stats.rank == 0, "encoding"):
-            if error is None and pipe.too_short(len(wav)):
-                error = f"{jobs[index].src}: {pipe.too_short(len(wav))}"
-            if error is not None:
-                stats.fail(error)
-                continue
-            pending.append((jobs[index], wav))
-            if len(pending) >= args.batch_size:
-                flush()
-        if pending:
-            flush()
+        for batch in _batches(readable(), args.batch_size):
+            wavs = [w.to(device, non_blocking=True) for _, w in batch]
+            codes, audio = pipe.encode_decode(wavs, decode=any(job.audio_out is not None for job, _ in batch))
+            for i, (job, w) in enumerate(batch):
+                wav = audio[i].float().cpu().numpy() if audio else None
+                writer.submit(finish, job, len(w), codes[i].cpu().numpy(), wav)
     finally:
         writer.close()
 
 
 def decode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> None:
-    """Decode every codes file, ``--batch-size`` at a time; audio is trimmed to the source's
-    length where a manifest records it (else whole frames)."""
+    """Decode every codes file, ``--batch-size`` at a time (one number of codebooks a batch); audio
+    is trimmed to the source's length where a manifest records it (else whole frames)."""
     model = pipe.model
     try:
         lengths = source_lengths(args.codes_in, model.sample_rate, model.hop_length)
     except CodesFileError as exc:
         raise CliError(str(exc)) from None
-    pending: list[tuple[Job, torch.Tensor, int | None]] = []  # and the source's samples, where recorded
-    writer = BackgroundWriter(depth=2 * args.batch_size)
 
-    def finish(job: Job, wav: np.ndarray) -> None:
-        if write_outputs(job, stats.fail, None, wav, pipe.out_rate, args.rescale, model.bins):
-            stats.written += 1
-            stats.audio_seconds += len(wav) / pipe.out_rate
-
-    def flush() -> None:
-        audio = pipe.decode([c for _, c, _ in pending], [n for _, _, n in pending])
-        for (job, _, _), wav in zip(pending, audio):
-            writer.submit(finish, job, wav.float().cpu().numpy())
-        pending.clear()
-
-    try:
+    def readable():
         for job in _progress(jobs, many and stats.rank == 0, "decoding"):
             try:
-                known = lengths.get(job.src.resolve(), (None, None))
+                known = lengths.get(job.src.resolve(), (None, None))  # (source samples, frames), where recorded
                 if isinstance(known, CodesFileError):
                     raise known
                 # The frames its description records: a description of other codes would cut or stretch the audio.
                 codes = load_codes(job.src, model.n_q, model.bins, frames=known[1])
                 if pipe.vocoder is not None:
                     pipe.vocoder.check_codec(model, codes.shape[0])
+                yield job, codes, known[0]
             except ValueError as exc:
                 stats.fail(str(exc) if str(exc).startswith(str(job.src)) else f"{job.src}: {exc}")
-                continue
-            if pending and codes.shape[0] != pending[0][1].shape[0]:
-                flush()  # a batch holds one number of codebooks
-            pending.append((job, codes, known[0]))
-            if len(pending) >= args.batch_size:
-                flush()
-        if pending:
-            flush()
+
+    def finish(job: Job, wav: np.ndarray) -> None:
+        if write_outputs(job, stats.fail, None, wav, pipe.out_rate, args.rescale, model.bins):
+            stats.written += 1
+            stats.audio_seconds += len(wav) / pipe.out_rate
+
+    writer = BackgroundWriter(depth=2 * args.batch_size)
+    try:
+        for batch in _batches(readable(), args.batch_size, key=lambda item: item[1].shape[0]):
+            for (job, _, _), wav in zip(batch, pipe.decode([c for _, c, _ in batch], [n for _, _, n in batch])):
+                writer.submit(finish, job, wav.float().cpu().numpy())
     finally:
         writer.close()
 
@@ -252,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     locks = lock_output_trees([args.output, args.codes_out], many, *_rank_and_world())  # before the slow model load
     try:
         _device_for_rank(args)
-        model = load_model(args)
+        model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
         try:

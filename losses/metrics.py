@@ -1,23 +1,10 @@
-"""Signal metrics for codec evaluation, codebook statistics and optional model-based metrics.
+"""Signal metrics for codec evaluation and optional model-based metrics (``ModelMetrics``).
 
-Signal metrics (``signal_metrics``) compare a reference and an estimate of the same rate:
-
-- ``pesq_wb``: wideband PESQ (ITU-T P.862.2, the ``pesq`` package) at 16 kHz (other
-  rates are resampled to 16 kHz for it), MOS-LQO in [1.04, 4.64], higher is better;
-  computed in a worker process, so that a crash of the library costs one value, not the run;
-- ``stoi``: STOI (``pystoi``), in [0, 1], higher is better;
-- ``mel_distance``: mean |log-mel(estimate) - log-mel(reference)| (the HiFi-GAN log-mel of
-  ``losses.mel_spectrogram``: 80 mels, 1024-point FFT, 10 ms hop at 16 kHz), lower is better;
-- ``stft_distance``: the multi-resolution STFT distance of ``losses.MultiResolutionSTFTLoss``
-  (spectral convergence + log-magnitude L1, FFT sizes 512/1024/2048), lower is better;
-- ``si_sdr``: scale-invariant SDR in dB (zero-mean signals), higher is better.
-
-The estimate is scored against the whole reference: a longer estimate is cut to the
-reference's length and a shorter one padded with silence (missing audio counts).
-
-Model-based metrics (optional, models supplied locally; see :class:`ModelMetrics`):
-speaker similarity, WER (jiwer) and UTMOS. Codebook usage and entropy are
-``quantization.CodebookUsage``.
+``signal_metrics``: wideband PESQ at 16 kHz (``pesq``, in a worker process: a crash of the
+library costs one value, not the run), STOI (``pystoi``), mel distance (HiFi-GAN log-mel, lower
+is better), multi-resolution STFT distance (``losses.MultiResolutionSTFTLoss``) and SI-SDR in
+dB. The estimate is scored against the whole reference: cut to its length, or padded with
+silence (missing audio counts). Codebook usage and entropy are ``quantization.CodebookUsage``.
 """
 
 from __future__ import annotations
@@ -211,22 +198,13 @@ def read_transcripts(path: Path | None) -> dict[str, str]:
         if not isinstance(data, dict):
             raise TranscriptError(f"{path}: expected a JSON object {{path: text}}")
         return {str(k): str(v) for k, v in data.items()}
-    out = {}
-    for line in text.splitlines():
-        if "\t" in line:
-            key, value = line.split("\t", 1)
-            out[key.strip()] = value.strip()
-    return out
-
-
-def normalize_text(text: str) -> list[str]:
-    """Lower-case words without punctuation, for WER."""
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+    pairs = (line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word error rate (jiwer) of the hypothesis after :func:`normalize_text` of both."""
-    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    """Word error rate (jiwer) of the hypothesis, both lower-cased words without punctuation."""
+    ref, hyp = (re.sub(r"[^\w\s']", " ", text.lower()).split() for text in (reference, hypothesis))
     if not ref:  # jiwer refuses an empty reference
         return 0.0 if not hyp else 1.0
     return float(jiwer.wer(" ".join(ref), " ".join(hyp)))
@@ -251,14 +229,8 @@ class ModelMetrics:
     :attr:`notes` says why (one line each). Every model runs at 16 kHz on ``device``.
     """
 
-    def __init__(
-        self,
-        speaker_model: str | Path | None = None,
-        asr_model: str | Path | None = None,
-        utmos: str | Path | None = None,
-        transcripts: dict[str, str] | None = None,
-        device: str = "cpu",
-    ):
+    def __init__(self, speaker_model: str | Path | None = None, asr_model: str | Path | None = None,
+                 utmos: str | Path | None = None, transcripts: dict[str, str] | None = None, device: str = "cpu"):  # fmt: skip
         self.device = device
         self.notes: list[str] = []
         self.transcripts = transcripts or {}
@@ -275,29 +247,25 @@ class ModelMetrics:
     def _load(self, name: str, path, loader):
         if path is None:
             return None
-        path = Path(path)
-        if not path.exists():
+        if not Path(path).exists():
             self.notes.append(f"{name}: skipped: {path} does not exist (the model must be available locally)")
             return None
         try:
-            return loader(path)
+            return loader(str(path))
         except Exception as exc:
             self.notes.append(f"{name}: skipped: could not load {path} ({_reason(exc, 160)})")
             return None
 
-    def _load_speaker(self, path: Path):
-        extractor = AutoFeatureExtractor.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForAudioXVector.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
-        return extractor, model
+    def _load_speaker(self, path: str):
+        model = AutoModelForAudioXVector.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        return AutoFeatureExtractor.from_pretrained(path, local_files_only=True), model
 
-    def _load_asr(self, path: Path):
-        return pipeline("automatic-speech-recognition", model=str(path), device=torch.device(self.device))
+    def _load_asr(self, path: str):
+        return pipeline("automatic-speech-recognition", model=path, device=torch.device(self.device))
 
-    def _load_utmos(self, path: Path):
-        model = torch.hub.load(str(path), "utmos22_strong", source="local", trust_repo=True)
-        return model.eval().to(self.device)
+    def _load_utmos(self, path: str):
+        return torch.hub.load(path, "utmos22_strong", source="local", trust_repo=True).eval().to(self.device)
 
-    @torch.no_grad()
     def _embed(self, wav: np.ndarray) -> torch.Tensor:
         extractor, model = self._speaker
         inputs = extractor(wav, sampling_rate=16000, return_tensors="pt").to(self.device)
@@ -306,13 +274,13 @@ class ModelMetrics:
     def _transcribe(self, wav: np.ndarray) -> str:
         return self._asr({"raw": wav.astype(np.float32), "sampling_rate": 16000})["text"]
 
+    @torch.no_grad()
     def __call__(self, key: str, reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> dict[str, float]:
         """Metrics of ``estimate`` against ``reference``; ``key`` names the file (for
         transcripts and for caching the reference's embedding and transcript)."""
         if not self.names:
             return {}
-        ref = resample(np.asarray(reference, dtype=np.float32), sample_rate, 16000)
-        est = resample(np.asarray(estimate, dtype=np.float32), sample_rate, 16000)
+        ref, est = (resample(np.asarray(x, dtype=np.float32), sample_rate, 16000) for x in (reference, estimate))
         out = {}
         if self._speaker is not None:
             out["speaker_similarity"] = float(self._embed(ref) @ self._embed(est))
@@ -321,6 +289,5 @@ class ModelMetrics:
                 self._ref_text[key] = self.transcripts.get(key) or self._transcribe(ref)
             out["wer"] = word_error_rate(self._ref_text[key], self._transcribe(est))
         if self._utmos is not None:
-            with torch.no_grad():
-                out["utmos"] = float(self._utmos(torch.from_numpy(est)[None].to(self.device), 16000).reshape(-1)[0])
+            out["utmos"] = float(self._utmos(torch.from_numpy(est)[None].to(self.device), 16000).reshape(-1)[0])
         return out
