@@ -10,6 +10,7 @@ silence (missing audio counts). Codebook usage and entropy are ``quantization.Co
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import multiprocessing
@@ -29,20 +30,17 @@ from utils.audio import fit_length, resample
 
 from .spectral import MultiResolutionSTFTLoss, mel_spectrogram
 
+
+def _optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 # The evaluation packages are an extra (`pip install -e .[eval]`): pesq ships no wheel and
 # needs a C compiler, which must not stop `pip install -e .`; evaluate.py names what is missing.
-try:
-    from pesq import pesq
-except ImportError:
-    pesq = None
-try:
-    from pystoi import stoi as _stoi
-except ImportError:
-    _stoi = None
-try:
-    import jiwer
-except ImportError:
-    jiwer = None
+EVAL_PACKAGES = {name: _optional(name) for name in ("pesq", "pystoi", "jiwer")}
 
 EVAL_EXTRA = "pip install -e .[eval]"
 SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
@@ -50,7 +48,7 @@ SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
 
 def missing_packages() -> list[str]:
     """The evaluation packages (the ``eval`` extra) that cannot be imported here."""
-    return [name for name, module in (("pesq", pesq), ("pystoi", _stoi), ("jiwer", jiwer)) if module is None]
+    return [name for name, module in EVAL_PACKAGES.items() if module is None]
 
 
 def estimate_delay(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> int:
@@ -107,7 +105,7 @@ _PESQ_POOL: ProcessPoolExecutor | None = None
 def _pesq_in_worker(reference: np.ndarray, estimate: np.ndarray, crash: bool) -> float:
     if crash:
         os.kill(os.getpid(), signal.SIGSEGV)
-    return float(pesq(16000, reference, estimate, "wb"))
+    return float(EVAL_PACKAGES["pesq"].pesq(16000, reference, estimate, "wb"))
 
 
 def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
@@ -140,7 +138,7 @@ def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int
     estimate = fit_length(np.asarray(estimate), len(reference))
     functions: dict[str, Callable[[], float]] = {
         "pesq_wb": lambda: pesq_wb(reference, estimate, sample_rate),
-        "stoi": lambda: float(_stoi(reference, estimate, sample_rate, extended=False)),
+        "stoi": lambda: float(EVAL_PACKAGES["pystoi"].stoi(reference, estimate, sample_rate, extended=False)),
         "mel_distance": lambda: mel_distance(reference, estimate, sample_rate),
         "stft_distance": lambda: float(_stft_loss()(_tensor(estimate), _tensor(reference))),
         "si_sdr": lambda: si_sdr(reference, estimate),
@@ -207,7 +205,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     ref, hyp = (re.sub(r"[^\w\s']", " ", text.lower()).split() for text in (reference, hypothesis))
     if not ref:  # jiwer refuses an empty reference
         return 0.0 if not hyp else 1.0
-    return float(jiwer.wer(" ".join(ref), " ".join(hyp)))
+    return float(EVAL_PACKAGES["jiwer"].wer(" ".join(ref), " ".join(hyp)))
 
 
 class ModelMetrics:

@@ -126,28 +126,30 @@ class Pipeline:
         """The one long/short decision, for encoding and decoding alike."""
         return self.limit is not None and frames > self.limit
 
-    def _groups(self, sizes: list[int]) -> list[list[int]]:
-        groups = item_groups(torch.tensor(sizes), self.model.device, self.precision) if sizes else []
-        return [list(range(len(sizes)))] if groups is None else groups
+    def _batched(self, items: list[torch.Tensor], run) -> list[torch.Tensor]:
+        """``run(batch, sizes or None)`` on zero-padded (B, C, N) batches of (C, N_i) ``items``, grouped
+        as :func:`item_groups` says (unpadded groups where padding could change a result); a row each."""
+        out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+        sizes = [x.shape[-1] for x in items]
+        groups = item_groups(torch.tensor(sizes), self.model.device, self.precision) if items else []
+        for idx in [list(range(len(items)))] if groups is None else groups:
+            batch = pad_sequence([items[i].T for i in idx], batch_first=True).transpose(1, 2)
+            ragged = [sizes[i] for i in idx]
+            rows = run(batch, ragged if len(set(ragged)) > 1 else None)
+            for j, i in enumerate(idx):
+                out[i] = rows[j]
+        return out
 
     def encode(self, wavs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Clips, (T_i,) each at the model's rate, to (n_q, F_i) codes: F_i = ``num_frames(T_i)``."""
         model = self.model
-        wavs = [w.reshape(-1) * self.gain for w in wavs]
-        frames = model.num_frames(torch.tensor([len(w) for w in wavs], dtype=torch.long)).tolist()
-        out: list[torch.Tensor | None] = [None] * len(wavs)
-        short = [i for i, f in enumerate(frames) if not self.is_long(f)]
-        for i in set(range(len(wavs))) - set(short):
-            out[i] = encode_long(model, wavs[i], self.bandwidth, self.window, self.context, self.precision)[0]
-        for group in self._groups([len(wavs[i]) for i in short]):
-            idx = [short[j] for j in group]
-            lengths = [len(wavs[i]) for i in idx]
-            batch = pad_sequence([wavs[i] for i in idx], batch_first=True)[:, None]
-            ragged = lengths if len(set(lengths)) > 1 else None
-            codes = model.encode(batch, self.bandwidth, lengths=ragged, precision=self.precision)
-            for j, i in enumerate(idx):
-                out[i] = codes[j, :, : frames[i]]
-        return out  # type: ignore[return-value]
+        wavs = [w.reshape(1, -1) * self.gain for w in wavs]
+        frames = model.num_frames(torch.tensor([w.shape[-1] for w in wavs], dtype=torch.long)).tolist()
+        long = [self.is_long(f) for f in frames]
+        short = [i for i, is_long in enumerate(long) if not is_long]
+        rows = iter(self._batched([wavs[i] for i in short], lambda x, n: model.encode(x, self.bandwidth, n, self.precision)))
+        return [encode_long(model, w, self.bandwidth, self.window, self.context, self.precision)[0] if is_long
+                else next(rows)[:, :f] for w, f, is_long in zip(wavs, frames, long)]  # fmt: skip
 
     def decode(self, codes: Sequence[torch.Tensor], source_lengths: Sequence[int | None] | None = None) -> list[torch.Tensor]:
         """(n_q, F_i) codes (one n_q) to (T_i,) audio at :attr:`out_rate`: T_i is the source's
@@ -158,15 +160,9 @@ class Pipeline:
         if self.vocoder is not None:
             audio = [self._vocode(c[None])[0, 0] for c in codes]
         else:
-            audio = [self._decode_one(c[None])[0, 0] if self.is_long(c.shape[-1]) else None for c in codes]
-            short = [i for i, a in enumerate(audio) if a is None]
-            for group in self._groups([codes[i].shape[-1] for i in short]):
-                idx = [short[j] for j in group]
-                frames = [codes[i].shape[-1] for i in idx]
-                batch = pad_sequence([codes[i].T for i in idx], batch_first=True).transpose(1, 2)
-                out = model.decode(batch, frames if len(set(frames)) > 1 else None, self.precision)
-                for j, i in enumerate(idx):
-                    audio[i] = out[j, 0]
+            short = [c for c in codes if not self.is_long(c.shape[-1])]
+            rows = iter(self._batched(short, lambda x, n: model.decode(x, n, self.precision)[:, 0]))
+            audio = [self._decode_one(c[None])[0, 0] if self.is_long(c.shape[-1]) else next(rows) for c in codes]
         return [F.pad(a, (0, n - a.shape[-1])) for a, n in zip(audio, targets)]  # cut or zero-padded
 
     def encode_decode(self, wavs: Sequence[torch.Tensor], decode: bool = True) -> tuple[list, list | None]:

@@ -41,20 +41,10 @@ class StreamingDecoder:
     def __init__(self, model: XCodec, context: int = DECODER_CONTEXT, lookahead: int = 0, precision: str = "fp32"):
         if context < 0 or lookahead < 0:
             raise ValueError("context and lookahead must be >= 0 frames")
-        self.model = model
-        self.context = context
-        self.lookahead = lookahead
-        self.precision = check_precision(precision)
-        self.reset()
-
-    def reset(self) -> None:
+        self.model, self.context, self.lookahead, self.precision = model, context, lookahead, check_precision(precision)
         self._codes: torch.Tensor | None = None  # kept frames: context + not yet emitted
         self._offset = 0  # stream frame index of self._codes[..., 0]
         self._emitted = 0  # frames whose audio has been returned
-
-    @property
-    def frames_emitted(self) -> int:
-        return self._emitted
 
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.dim() == 2:
@@ -65,8 +55,7 @@ class StreamingDecoder:
         if self._codes is not None and codes.shape[1] != self._codes.shape[1]:
             raise ValueError(f"chunk has {codes.shape[1]} quantizers, the stream {self._codes.shape[1]}")
         self._codes = codes if self._codes is None else torch.cat([self._codes, codes], dim=-1)
-        received = self._offset + self._codes.shape[-1]
-        return self._emit(received - self.lookahead)
+        return self._emit(self._offset + self._codes.shape[-1] - self.lookahead)
 
     def flush(self) -> torch.Tensor:
         if self._codes is None:
@@ -79,8 +68,7 @@ class StreamingDecoder:
         if upto <= self._emitted:
             return torch.zeros(0, device=self.model.device)  # on the device of the audio pieces: they concatenate
         audio = self.model.decode(self._codes, precision=self.precision)[0, 0]
-        start = self._emitted - self._offset
-        out = audio[start * hop : (upto - self._offset) * hop].clone()
+        out = audio[(self._emitted - self._offset) * hop : (upto - self._offset) * hop].clone()
         self._emitted = upto
         # Keep `context` frames before the next frame to emit (and everything after it).
         keep_from = max(0, self._emitted - self.context - self._offset)

@@ -60,17 +60,15 @@ class XCodec(nn.Module):
         semantic_decoder: (B, H, F) -> (B, H, F), training target only.
         sample_rate: audio rate in Hz.
         hop_length: samples per frame.
-        audio_norm_scale: gain the released pipelines apply to audio before ``encode``
-            (0.95); kept here for the CLI, never applied inside ``encode``.
+        audio_norm_scale: gain the released pipelines apply before ``encode`` (0.95); models.pipeline
+            applies it, ``encode`` never does.
     """
 
     def __init__(self, encoder: AcousticEncoder, decoder: AcousticDecoder, quantizer: ResidualVectorQuantizer,
                  semantic_model: nn.Module, semantic_encoder: SemanticEncoder, semantic_decoder: SemanticDecoder,
                  sample_rate: int, hop_length: int, audio_norm_scale: float = 1.0):  # fmt: skip
         super().__init__()
-        latent = quantizer.dimension
-        hidden = semantic_model.config.hidden_size
-        acoustic = latent - hidden
+        latent, hidden = quantizer.dimension, semantic_model.config.hidden_size
         # Attribute names reproduce the released state-dict layout.
         self.encoder = encoder
         self.encoder_semantic = semantic_encoder
@@ -80,10 +78,8 @@ class XCodec(nn.Module):
         self.semantic_model = semantic_model
         self.fc_prior = nn.Linear(latent, latent)
         self.fc_post1 = nn.Linear(latent, hidden)
-        self.fc_post2 = nn.Linear(latent, acoustic)
-        self.sample_rate = sample_rate
-        self.hop_length = hop_length
-        self.audio_norm_scale = audio_norm_scale
+        self.fc_post2 = nn.Linear(latent, latent - hidden)
+        self.sample_rate, self.hop_length, self.audio_norm_scale = sample_rate, hop_length, audio_norm_scale
         self.config = None  # the GeneratorConfig, set by build_codec
         self._tiled = TiledStacks()  # the CPU inference engine's runners and plans, built on first use
 
@@ -198,15 +194,13 @@ class XCodec(nn.Module):
         """Encode audio to codes.
 
         Args:
-            wav: (B, 1, T) float audio at ``sample_rate``. Nothing is rescaled here
-                (the released pipelines multiply by ``audio_norm_scale`` first).
+            wav: (B, 1, T) float audio at ``sample_rate``, not rescaled here (see ``audio_norm_scale``).
             bandwidth: one of ``target_bandwidths`` (default: the largest).
             lengths: (B,) valid samples per item for a zero-padded batch of clips of
                 different lengths. Each item then gets exactly the codes it gets alone,
                 ``num_frames(lengths[i])`` frames; frames after those are padding.
-            precision: ``"fp32"`` (exact: the codes of the eager float32 model; the
-                latents differ from it in the last bits only) or ``"bf16"`` (fast mode: the teacher, semantic and
-                acoustic encoders in bfloat16; codes agree with fp32 for most frames).
+            precision: ``"fp32"`` (exact: the codes of the eager float32 model) or ``"bf16"`` (fast mode:
+                the encoders in bfloat16; codes agree with fp32 for most frames).
 
         Returns:
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
