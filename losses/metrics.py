@@ -209,22 +209,18 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 class ModelMetrics:
-    """Optional metrics computed with models the user has locally (nothing is downloaded).
+    """Optional metrics computed with models the user has locally (nothing is downloaded), at 16 kHz.
 
     Args:
-        speaker_model: a transformers speaker-verification directory with an x-vector head
-            (``AutoModelForAudioXVector``, e.g. a local copy of ``microsoft/wavlm-base-plus-sv``):
-            ``speaker_similarity`` = cosine similarity of the reference and estimate embeddings.
-        asr_model: a transformers speech-recognition directory (e.g. Whisper or a wav2vec 2.0
-            CTC model) for ``pipeline("automatic-speech-recognition")``: ``wer`` of the estimate's
-            transcript against ``transcripts[path]`` when given, else against the transcript
-            of the reference audio.
-        utmos: a local clone of the SpeechMOS torch.hub repository (tarepan/SpeechMOS) whose
-            ``utmos22_strong`` weights are in the torch hub cache: ``utmos`` of the estimate.
+        speaker_model: a transformers x-vector directory (``AutoModelForAudioXVector``, e.g.
+            ``microsoft/wavlm-base-plus-sv``): ``speaker_similarity``, cosine of the two embeddings.
+        asr_model: a transformers ASR directory (Whisper, wav2vec 2.0 CTC): ``wer`` of the estimate's
+            transcript against ``transcripts[path]``, else against the reference audio's transcript.
+        utmos: a local clone of tarepan/SpeechMOS (``utmos22_strong`` weights in the torch hub cache).
         transcripts: ``{relative path: text}`` reference transcripts for WER.
 
     A model that is not given is not used; one that cannot be loaded is skipped and
-    :attr:`notes` says why (one line each). Every model runs at 16 kHz on ``device``.
+    :attr:`notes` says why (one line each).
     """
 
     def __init__(self, speaker_model: str | Path | None = None, asr_model: str | Path | None = None,

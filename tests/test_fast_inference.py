@@ -184,6 +184,33 @@ def test_padded_batch_paths_match_items(inference_codec, speech):
         assert _rel(eager[i : i + 1, :, :f], singles[i]) < 1e-5
 
 
+def test_pipeline_trims_to_the_source_and_windows_past_one_threshold(inference_codec, speech):
+    """models.pipeline: the model's gain, exact batching, one long/short threshold (2 s here) for
+    encoding and decoding, and every output cut to its source's length."""
+    from models.pipeline import Pipeline
+
+    pipe = Pipeline(inference_codec, 2.0, window=1.0, context=0.5)
+    clips = [_clip(speech, n)[0, 0] / 0.95 for n in (16001, 24000, 40321)]  # the last is long
+    codes, audio = pipe.encode_decode(clips)
+    assert [pipe.is_long(c.shape[-1]) for c in codes] == [False, False, True]
+    for clip, c, a in zip(clips, codes, audio):
+        scaled = clip[None, None] * inference_codec.audio_norm_scale
+        if pipe.is_long(c.shape[-1]):
+            assert torch.equal(c, encode_long(inference_codec, scaled, 2.0, window=1.0, context=0.5)[0])
+        else:
+            assert torch.equal(c, inference_codec.encode(scaled, 2.0)[0])
+            whole = inference_codec.decode(c[None], length=clip.numel())[0, 0]
+            assert torch.equal(a, whole) and whole.shape[-1] == clip.numel()
+        assert a.shape == clip.shape
+    assert [a.shape[-1] for a in pipe.decode(codes)] == [c.shape[-1] * 320 for c in codes]  # no source: whole frames
+    assert "too short" in pipe.too_short(10) and pipe.too_short(16000) is None
+    batch = torch.stack([clips[0], clips[0]])[:, None]
+    with torch.no_grad():
+        assert inference_codec(batch, 2.0).audio.shape[-1] == 16001  # forward: the input's length
+    padded = inference_codec.decode(codes[0][None].expand(2, -1, -1), length=[16001, 16000])
+    assert padded.shape == (2, 1, 16001) and float(padded[1, 0, 16000:].abs().sum()) == 0
+
+
 # ---------------------------------------------------------------------------- long files
 def test_windowed_encoding_stitches_at_frame_boundaries(inference_codec, speech):
     x = _clip(speech, 16000 * 14 + 201)
