@@ -135,7 +135,7 @@ class XCodec(nn.Module):
         frame count (``lengths`` as in :meth:`encode`).
         """
         total = wav.shape[-1]
-        lengths = self._valid_lengths(wav, lengths)
+        lengths = self._sizes(lengths, wav.shape[0], wav.shape[-1], "lengths")
         frames = self.num_frames(lengths)
         if bool((frames < 1).any()):
             short = int(lengths[frames < 1].min())
@@ -171,15 +171,15 @@ class XCodec(nn.Module):
         return e, semantic_target[..., :n], frames
 
     @staticmethod
-    def _valid_lengths(wav: torch.Tensor, lengths) -> torch.Tensor:
-        batch, _, total = wav.shape
-        if lengths is None:
+    def _sizes(given, batch: int, total: int, what: str) -> torch.Tensor:
+        """(B,) valid samples or frames per item of a padded batch, checked; ``None``: all ``total``."""
+        if given is None:
             return torch.full((batch,), total, dtype=torch.long)
-        given = torch.as_tensor(lengths).cpu()
-        lengths = given.long()  # 16000.5 samples is refused below, not truncated
-        if given.shape != (batch,) or bool((given != lengths).any()) or bool((lengths > total).any()) or bool((lengths < 1).any()):
-            raise ValueError(f"lengths must be {batch} whole numbers in [1, {total}], got {given.tolist()}")
-        return lengths
+        given = torch.as_tensor(given).cpu()
+        sizes = given.long()  # 16000.5 samples is refused below, not truncated
+        if given.shape != (batch,) or bool((given != sizes).any()) or bool((sizes > total).any()) or bool((sizes < 1).any()):
+            raise ValueError(f"{what} must be {batch} whole numbers in [1, {total}], got {given.tolist()}")
+        return sizes
 
     def min_length(self) -> int:
         """Shortest input (samples) that yields one frame."""
@@ -209,7 +209,7 @@ class XCodec(nn.Module):
         wav = wav.to(self.device, torch.float32)  # float64/float16 input: computed in float32 like any other
         check_precision(precision, wav.device)
         self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
-        lengths = self._valid_lengths(wav, lengths)
+        lengths = self._sizes(lengths, wav.shape[0], wav.shape[-1], "lengths")
         with ieee_fp32(precision == "fp32", wav.device):
             return run_grouped(lambda x, n: self._encode_pass(x, bandwidth, n, precision), wav, lengths, precision)
 
@@ -261,11 +261,7 @@ class XCodec(nn.Module):
         codes = codes.to(device=self.device, dtype=torch.long)
         check_precision(precision, codes.device)
         count = codes.shape[-1]
-        sizes = torch.full((codes.shape[0],), count)
-        if frames is not None:
-            sizes = torch.as_tensor(frames, dtype=torch.long).cpu()
-            if sizes.shape != (codes.shape[0],) or int(sizes.min()) < 1 or int(sizes.max()) > count:
-                raise ValueError(f"frames must be {codes.shape[0]} values in [1, {count}], got {sizes.tolist()}")
+        sizes = self._sizes(frames, codes.shape[0], count, "frames")
         with ieee_fp32(precision == "fp32", codes.device):
             audio = run_grouped(lambda z, n: self._decode_pass(z, n, precision), codes, sizes, precision)
         target = torch.as_tensor(count * self.hop_length if length is None else length).expand(codes.shape[0])
