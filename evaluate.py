@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (by_reference and (args.reference is None or args.estimate is None), "--reference and --estimate go together"),
         (by_reference and (args.bandwidths or args.vocoder), "--bandwidths and --vocoder need --checkpoint"),
         (args.sample_rate is not None and args.sample_rate <= 0, "--sample-rate must be positive"),
-        (not 0 <= args.max_delay_ms <= MAX_DELAY_MS, f"--max-delay-ms must be a number in [0, {MAX_DELAY_MS}], got {args.max_delay_ms}"),
+        (not 0 <= args.max_delay_ms <= MAX_DELAY_MS,
+         f"--max-delay-ms must be a number in [0, {MAX_DELAY_MS}], got {args.max_delay_ms}"),
     )
     for refused, message in refusals:
         if refused:
@@ -175,6 +176,10 @@ COLUMNS = [("pesq_wb", "PESQ-WB", 8, 3), ("stoi", "STOI", 7, 3), ("mel_distance"
            ("wer", "WER", 7, 3), ("utmos", "UTMOS", 7, 3), ("delay_ms", "delay", 7, 2)]  # fmt: skip
 
 
+def _cells(values: dict, cols: list) -> str:
+    return "".join(" " + _fmt(values.get(k), f"{w}.{d}f", "-".rjust(w)) for k, _, w, d in cols)
+
+
 def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quiet: bool = False) -> str:
     cols = [c for c in COLUMNS if c[0] in keys]
     names = [r["path"] for r in rows] if not quiet else []
@@ -183,8 +188,8 @@ def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quie
     lines = [title, header, "-" * len(header)]
     for row in [] if quiet else rows:
         name = row["path"] if len(row["path"]) <= name_width else "..." + row["path"][-(name_width - 3) :]
-        lines.append(name.ljust(name_width) + "".join(" " + _fmt(row.get(k), f"{w}.{d}f", "-".rjust(w)) for k, _, w, d in cols))
-    lines.append("mean".ljust(name_width) + "".join(" " + _fmt(mean.get(k), f"{w}.{d}f", "-".rjust(w)) for k, _, w, d in cols))
+        lines.append(name.ljust(name_width) + _cells(row, cols))
+    lines.append("mean".ljust(name_width) + _cells(mean, cols))
     return "\n".join(lines)
 
 
@@ -298,8 +303,8 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
             panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", metrics), rec))
         if args.plot is not None:
             save_figure(spectrogram_figure(panels, ref_rate, title=name), plot_path(args.plot, name))
-    sections = [{"bandwidth": bw, "n_q": n_qs[bw], "files": rows[bw], "mean": mean_metrics(rows[bw], keys), **books[bw].summary()}
-                for bw in bandwidths]  # fmt: skip
+    sections = [{"bandwidth": bw, "n_q": n_qs[bw], "files": rows[bw], "mean": mean_metrics(rows[bw], keys),
+                 **books[bw].summary()} for bw in bandwidths]  # fmt: skip
     report = {"checkpoint": str(args.checkpoint), "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
               "sample_rate": pipe.out_rate, "vocoder": args.vocoder, "metrics": keys, "bandwidths": sections,
               "failed": failures.items, "notes": notes}  # fmt: skip

@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (not (0 <= args.window < float("inf") and 0 <= args.context < float("inf")),
          "--window and --context must be finite numbers >= 0"),
         (0 < args.window < 1,
-         f"--window {args.window}: a window must be at least 1 second (0: never window); tiny windows make long files take hours"),
+         f"--window {args.window}: a window must be at least 1 second (0: never window); "
+         "tiny windows make long files take hours"),
     )
     for refused, message in refusals:
         if refused:
@@ -195,7 +196,7 @@ def _rank_and_world() -> tuple[int, int]:
         raise CliError(str(exc)) from None
 
 
-def shard_and_resume(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list[Job]:
+def shard_and_resume(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list:
     """This rank's share of ``jobs``, less the files an earlier run finished (see corpus.corpus).
 
     Any output that already exists is replaced only with ``--overwrite``, or by a

@@ -82,9 +82,8 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> fl
 
 def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
     """Mean absolute difference of the natural-log mel spectrograms (window and hop scaled from 16 kHz)."""
-    win = int(round(800 * sample_rate / 16000))
-    params = {"sampling_rate": sample_rate, "n_fft": 1 << (win - 1).bit_length(), "hop_size": int(round(160 * sample_rate / 16000)),
-              "win_size": win}  # fmt: skip
+    win, hop = int(round(800 * sample_rate / 16000)), int(round(160 * sample_rate / 16000))
+    params = {"sampling_rate": sample_rate, "n_fft": 1 << (win - 1).bit_length(), "hop_size": hop, "win_size": win}
     ref, est = (mel_spectrogram(_tensor(x), **params) for x in (reference, estimate))
     return float((ref - est).abs().mean())
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .precision import DTYPES, autocast
 
@@ -32,16 +33,22 @@ def item_groups(sizes: torch.Tensor, device: torch.device, precision: str) -> li
     return None
 
 
-def run_grouped(fn: Callable, x: torch.Tensor, sizes: torch.Tensor, precision: str) -> torch.Tensor:
-    """``fn(x, sizes or None)`` over a zero-padded (B, C, N) batch whose items have ``sizes``
-    valid steps, run as :func:`item_groups` says; results zero-padded into one batch."""
-    groups = item_groups(sizes, x.device, precision) if x.shape[0] > 1 else None
-    if groups is None:
-        return fn(x, None if bool((sizes == x.shape[-1]).all()) else sizes)
-    parts = [(idx, fn(x[idx, :, : int(sizes[idx[0]])], None)) for idx in groups]
-    out = parts[0][1].new_zeros(x.shape[0], parts[0][1].shape[1], max(p.shape[-1] for _, p in parts))
-    for idx, part in parts:
-        out[idx, :, : part.shape[-1]] = part
+def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """(C, N_i) tensors zero-padded at the end into one (B, C, max N_i) batch."""
+    return pad_sequence([r.T for r in rows], batch_first=True).transpose(1, 2)
+
+
+def batched(items: list[torch.Tensor], run: Callable, device: torch.device, precision: str) -> list[torch.Tensor]:
+    """``run(batch, sizes or None)`` on zero-padded (B, C, N) batches of (C, N_i) ``items``, grouped as
+    :func:`item_groups` says; one row of the results per item, in order (padding frames included)."""
+    out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    sizes = [x.shape[-1] for x in items]
+    groups = item_groups(torch.tensor(sizes), device, precision) if items else []
+    for idx in [list(range(len(items)))] if groups is None else groups:
+        part = [sizes[i] for i in idx]
+        rows = run(pad_rows([items[i] for i in idx]), torch.tensor(part) if len(set(part)) > 1 else None)
+        for j, i in enumerate(idx):
+            out[i] = rows[j]
     return out
 
 

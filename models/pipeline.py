@@ -16,11 +16,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from modules.teacher import fixed_group_norm_stats, group_norm_stats
 
-from .engine import item_groups
+from .engine import batched
 from .vocoder import Vocoder, merge_low_band
 
 DECODER_CONTEXT = 16  # frames: above the decoder's receptive field (~11 frames each side)
@@ -126,20 +125,6 @@ class Pipeline:
         """The one long/short decision, for encoding and decoding alike."""
         return self.limit is not None and frames > self.limit
 
-    def _batched(self, items: list[torch.Tensor], run) -> list[torch.Tensor]:
-        """``run(batch, sizes or None)`` on zero-padded (B, C, N) batches of (C, N_i) ``items``, grouped
-        as :func:`item_groups` says (unpadded groups where padding could change a result); a row each."""
-        out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
-        sizes = [x.shape[-1] for x in items]
-        groups = item_groups(torch.tensor(sizes), self.model.device, self.precision) if items else []
-        for idx in [list(range(len(items)))] if groups is None else groups:
-            batch = pad_sequence([items[i].T for i in idx], batch_first=True).transpose(1, 2)
-            ragged = [sizes[i] for i in idx]
-            rows = run(batch, ragged if len(set(ragged)) > 1 else None)
-            for j, i in enumerate(idx):
-                out[i] = rows[j]
-        return out
-
     def encode(self, wavs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Clips, (T_i,) each at the model's rate, to (n_q, F_i) codes: F_i = ``num_frames(T_i)``."""
         model = self.model
@@ -147,11 +132,12 @@ class Pipeline:
         frames = model.num_frames(torch.tensor([w.shape[-1] for w in wavs], dtype=torch.long)).tolist()
         long = [self.is_long(f) for f in frames]
         short = [i for i, is_long in enumerate(long) if not is_long]
-        rows = iter(self._batched([wavs[i] for i in short], lambda x, n: model.encode(x, self.bandwidth, n, self.precision)))
+        rows = iter(batched([wavs[i] for i in short], lambda x, n: model.encode(x, self.bandwidth, n, self.precision),
+                            model.device, self.precision))  # fmt: skip
         return [encode_long(model, w, self.bandwidth, self.window, self.context, self.precision)[0] if is_long
                 else next(rows)[:, :f] for w, f, is_long in zip(wavs, frames, long)]  # fmt: skip
 
-    def decode(self, codes: Sequence[torch.Tensor], source_lengths: Sequence[int | None] | None = None) -> list[torch.Tensor]:
+    def decode(self, codes: Sequence[torch.Tensor], source_lengths: Sequence[int | None] | None = None) -> list:
         """(n_q, F_i) codes (one n_q) to (T_i,) audio at :attr:`out_rate`: T_i is the source's
         ``source_lengths[i]`` samples (at the model's rate) at the output rate, else F_i frames."""
         model, rate = self.model, self.model.sample_rate
@@ -161,7 +147,8 @@ class Pipeline:
             audio = [self._vocode(c[None])[0, 0] for c in codes]
         else:
             short = [c for c in codes if not self.is_long(c.shape[-1])]
-            rows = iter(self._batched(short, lambda x, n: model.decode(x, n, self.precision)[:, 0]))
+            rows = iter(batched(short, lambda x, n: model.decode(x, n, self.precision)[:, 0], model.device,
+                                self.precision))  # fmt: skip
             audio = [self._decode_one(c[None])[0, 0] if self.is_long(c.shape[-1]) else next(rows) for c in codes]
         return [F.pad(a, (0, n - a.shape[-1])) for a, n in zip(audio, targets)]  # cut or zero-padded
 

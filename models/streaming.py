@@ -102,7 +102,8 @@ def encode_many(model: XCodec, clips: Sequence[torch.Tensor], bandwidth: float |
 
 
 @torch.inference_mode()
-def decode_many(model: XCodec, codes: Sequence[torch.Tensor], batch_size: int = 8, precision: str = "fp32") -> list[torch.Tensor]:
+def decode_many(model: XCodec, codes: Sequence[torch.Tensor], batch_size: int = 8,
+                precision: str = "fp32") -> list[torch.Tensor]:  # fmt: skip
     """Decode (n_q, F_i) code tensors ``batch_size`` at a time; returns (F_i * hop,) audio each."""
     return _in_batches(Pipeline(model, None, precision, window=0).decode, codes, batch_size)
 

@@ -17,7 +17,7 @@ from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
 
 from .config import GeneratorConfig
-from .engine import run_acoustic, run_grouped
+from .engine import batched, pad_rows, run_acoustic
 from .export import push_to_hub, save_transformers
 from .precision import autocast, check_precision, ieee_fp32
 from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
@@ -177,7 +177,7 @@ class XCodec(nn.Module):
             return torch.full((batch,), total, dtype=torch.long)
         given = torch.as_tensor(given).cpu()
         sizes = given.long()  # 16000.5 samples is refused below, not truncated
-        if given.shape != (batch,) or bool((given != sizes).any()) or bool((sizes > total).any()) or bool((sizes < 1).any()):
+        if given.shape != (batch,) or bool((given != sizes).any() | (sizes > total).any() | (sizes < 1).any()):
             raise ValueError(f"{what} must be {batch} whole numbers in [1, {total}], got {given.tolist()}")
         return sizes
 
@@ -189,8 +189,8 @@ class XCodec(nn.Module):
         return lo
 
     @torch.inference_mode()
-    def encode(self, wav: torch.Tensor, bandwidth: float | None = None, lengths: torch.Tensor | Sequence[int] | None = None,
-               precision: str = "fp32") -> torch.Tensor:  # fmt: skip
+    def encode(self, wav: torch.Tensor, bandwidth: float | None = None,
+               lengths: torch.Tensor | Sequence[int] | None = None, precision: str = "fp32") -> torch.Tensor:  # fmt: skip
         """Encode audio to codes.
 
         Args:
@@ -210,8 +210,10 @@ class XCodec(nn.Module):
         check_precision(precision, wav.device)
         self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
         lengths = self._sizes(lengths, wav.shape[0], wav.shape[-1], "lengths")
+        items = [wav[i, :, :n] for i, n in enumerate(lengths.tolist())]
         with ieee_fp32(precision == "fp32", wav.device):
-            return run_grouped(lambda x, n: self._encode_pass(x, bandwidth, n, precision), wav, lengths, precision)
+            rows = batched(items, lambda x, n: self._encode_pass(x, bandwidth, n, precision), wav.device, precision)
+        return pad_rows(rows)
 
     def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str) -> torch.Tensor:
         e, _, frames = self.latents(wav, lengths, precision)
@@ -262,8 +264,9 @@ class XCodec(nn.Module):
         check_precision(precision, codes.device)
         count = codes.shape[-1]
         sizes = self._sizes(frames, codes.shape[0], count, "frames")
+        items = [codes[i, :, :f] for i, f in enumerate(sizes.tolist())]
         with ieee_fp32(precision == "fp32", codes.device):
-            audio = run_grouped(lambda z, n: self._decode_pass(z, n, precision), codes, sizes, precision)
+            audio = pad_rows(batched(items, lambda z, n: self._decode_pass(z, n, precision), codes.device, precision))
         target = torch.as_tensor(count * self.hop_length if length is None else length).expand(codes.shape[0])
         audio = F.pad(audio, (0, int(target.max()) - audio.shape[-1]))
         if bool((target != audio.shape[-1]).any()):  # each item to its own length
