@@ -28,6 +28,7 @@ be empty (``--overwrite`` replaces it); it is written to a temporary directory f
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -50,11 +51,13 @@ class ConvertError(Exception):
 
 
 def canonical_state(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The inference state: acoustic weight norm folded (as the loader folds it), the
-    teacher's positional conv as weight-norm parameters; checked against the architecture."""
+    """The inference state, checked against the architecture: acoustic weight norm folded as the loader
+    folds it, the teacher's positional conv as weight-norm parameters (transformers expects them, and
+    the loader folds them as it would have)."""
     skeleton = build_codec(gen, scale, weight_norm=False)
     load_codec_state(skeleton, state, source)  # one-line CheckpointError on any mismatch
-    return {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(state, set(skeleton.state_dict())).items()}
+    keys = {re.sub(r"pos_conv_embed\.conv\.weight$", "pos_conv_embed.conv.parametrizations.weight.original0", k) for k in skeleton.state_dict()}
+    return {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(state, keys).items()}
 
 
 def _compare(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:

@@ -26,11 +26,9 @@ from modules.vocos import ISTFTHead, VocosBackbone
 from utils.audio import sinc_resample
 from utils.budget import check_budget
 from utils.config import ConfigError, from_dict, read_yaml, setting
-from utils.hub import HubError, hub_file
 
-from .pretrained import CheckpointError, load_checked_state, read_torch_file, tensors_only
+from .pretrained import YUE_REPO, CheckpointError, download, load_codec_state, read_torch_file
 
-YUE_REPO = "m-a-p/xcodec_mini_infer"
 VOCODERS = {"vocals": "decoders/decoder_131000.pth", "instrumentals": "decoders/decoder_151000.pth"}
 VOCODER_CONFIG = "decoders/config.yaml"
 LOW_BAND_CUTOFF_HZ = 5500.0
@@ -147,54 +145,34 @@ class Vocoder(nn.Module):
             )
 
     @staticmethod
-    def from_pretrained(
-        name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu", checkpoint: str | Path | None = None
-    ) -> Vocoder:
+    def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu",
+                        checkpoint: str | Path | None = None) -> Vocoder:  # fmt: skip
         """``"vocals"`` / ``"instrumentals"`` (YuE's: from ``checkpoint``'s ``decoders/`` when it is a local
-        clone of ``m-a-p/xcodec_mini_infer``, else downloaded once) or a ``decoder_*.pth`` (config:
-        ``config`` or ``config.yaml`` beside it).
+        clone of ``m-a-p/xcodec_mini_infer`` or one of its ``final_ckpt/*.pth``, else downloaded once) or a
+        ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it).
 
         Raises:
             CheckpointError: with a one-line reason.
         """
-        local = yue_clone(checkpoint)
-        if str(name) in VOCODERS and local is not None:
-            name = local / VOCODERS[str(name)]
-        if str(name) in VOCODERS:
-            try:
-                weights, cfg = (
-                    hub_file(YUE_REPO, VOCODERS[str(name)]),
-                    Path(config) if config else hub_file(YUE_REPO, VOCODER_CONFIG),
-                )
-            except HubError as exc:
-                raise CheckpointError(f"could not get the {name} vocoder: {exc}; pass a local decoder_*.pth") from None
+        name, path = str(name), Path(checkpoint) if checkpoint is not None else None
+        roots = () if path is None or not path.exists() else (path, path.parent.parent) if path.is_file() else (path,)
+        local = next((r for r in roots if (r / "final_ckpt").is_dir() and (r / VOCODER_CONFIG).is_file()), None)
+        if name in VOCODERS and local is not None and (local / VOCODERS[name]).is_file():
+            name = str(local / VOCODERS[name])
+        if name in VOCODERS:
+            weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", "Pass a local decoder_*.pth")
         else:
-            weights = Path(name)
-            cfg = Path(config) if config is not None else weights.parent / "config.yaml"
+            weights, cfg = Path(name), Path(name).parent / "config.yaml"
             if not weights.is_file():
-                known = ", ".join(VOCODERS)
-                raise CheckpointError(
-                    f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {known})"
-                )
+                raise CheckpointError(f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {', '.join(VOCODERS)})")
+        cfg = Path(config) if config is not None else cfg
         try:
             backbone, head, n_q = read_vocoder_config(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
         model = Vocoder(backbone, head, n_q=n_q)
-        load_checked_state(model, tensors_only(read_torch_file(weights)), str(weights), str(cfg))
+        load_codec_state(model, read_torch_file(weights), str(weights), str(cfg))
         return model.eval().requires_grad_(False).to(device)
-
-
-def yue_clone(checkpoint: str | Path | None) -> Path | None:
-    """The local YuE repository (``final_ckpt/`` and ``decoders/``) that ``checkpoint`` is, or holds
-    (``final_ckpt/*.pth``), else ``None``."""
-    if checkpoint is None or not Path(checkpoint).exists():
-        return None
-    path = Path(checkpoint)
-    for root in (path, path.parent.parent) if path.is_file() else (path,):
-        if (root / "final_ckpt").is_dir() and all((root / f).is_file() for f in (*VOCODERS.values(), VOCODER_CONFIG)):
-            return root
-    return None
 
 
 def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707) -> np.ndarray:
