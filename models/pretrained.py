@@ -1,15 +1,9 @@
-"""Reading X-Codec checkpoints of every format, safely: the one resolver and the one reader.
+"""Reading X-Codec checkpoints of every format, safely: one resolver, one reader, one state loader.
 
-Formats: an original release ``.pth`` (+ its YAML), a checkpoint of our training (a ``.pth``
-holding ``codec`` and ``config``), YuE's (``codec_model``), a transformers ``XcodecModel``
-directory (config.json + model.safetensors), our export (config.yaml + model.safetensors), or a
-release name / ``owner/name`` downloaded once into the Hugging Face cache.
-:func:`resolve_checkpoint` finds the files, :func:`read_checkpoint` reads them once (hashing them
-for :attr:`Checkpoint.id`) and :func:`load_codec_state` puts a state into a module, folding weight
-norm: loading, conversion and training's ``init_from`` all go through these.
-
-Every ``torch.load`` is weights-only (plus ``io.BytesIO``, which the releases carry); non-tensor
-entries are dropped.
+Formats: a release ``.pth`` (+ its YAML), ours (a ``.pth`` holding ``codec`` and ``config``), YuE's
+(``codec_model``), a transformers ``XcodecModel`` directory (config.json + model.safetensors), our
+export (config.yaml + model.safetensors), or a release name / ``owner/name`` from the Hugging Face
+cache. Every ``torch.load`` is weights-only (plus ``io.BytesIO``, which the releases carry).
 """
 
 from __future__ import annotations
@@ -60,11 +54,8 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def download(repo: str, files: list[str], what: str, hint: str) -> list[Path]:
-    """``files`` of hub repository ``repo`` from the Hugging Face cache, downloaded once.
-
-    Raises:
-        CheckpointError: ``could not get {what}`` and why, then ``hint``.
-    """
+    """``files`` of hub repository ``repo`` from the Hugging Face cache, downloaded once (else a
+    CheckpointError: ``could not get {what}``, why, then ``hint``)."""
     try:
         return [hub_file(repo, f) for f in files]
     except HubError as exc:
@@ -74,7 +65,6 @@ def download(repo: str, files: list[str], what: str, hint: str) -> list[Path]:
         raise CheckpointError(f"could not get {what} from the Hugging Face Hub ({reason}). {hint}") from None
 
 
-# ---------------------------------------------------------------------------- raw files
 def read_torch_file(path: str | Path, data: bytes | None = None) -> dict:
     """``torch.load`` of ``path`` (or of its ``data``, already read) with ``weights_only=True``
     (plus ``io.BytesIO``), refusing anything else."""
@@ -88,11 +78,10 @@ def read_torch_file(path: str | Path, data: bytes | None = None) -> dict:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as exc:
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"{path}: refused: the file holds Python objects other than tensors, which are never unpickled "
-                "(weights-only loading)"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc).split('. ')[0]})") from None
+            why = "the file holds Python objects other than tensors, which are never unpickled (weights-only loading)"
+            raise CheckpointError(f"{path}: refused: {why}") from None
+        reason = _first_line(exc).split(". ")[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return obj
@@ -107,7 +96,6 @@ def _read_json(path: Path, data: bytes | None = None):
         raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-# ---------------------------------------------------------------------------- weight norm and loading
 _G = (".weight_g", ".parametrizations.weight.original0")
 _V = (".weight_v", ".parametrizations.weight.original1")
 
@@ -145,7 +133,8 @@ def adapt_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dic
     return out
 
 
-def load_codec_state(model: nn.Module, state: dict, source: str = "checkpoint", against: str = "the config's architecture") -> None:
+def load_codec_state(model: nn.Module, state: dict, source: str = "checkpoint",
+                     against: str = "the config's architecture") -> None:  # fmt: skip
     """``model.load_state_dict(state, strict=True)`` for a state of any weight-norm style, after the
     checks every loader owes: keys and shapes (named), then weights that would load but cannot work.
 
@@ -166,26 +155,21 @@ def load_codec_state(model: nn.Module, state: dict, source: str = "checkpoint", 
     if parts:
         raise CheckpointError(f"{source} does not match {against}: " + "; ".join(parts))
     # Weights that load but cannot work: every code the same, or non-finite audio.
-    integer = sorted(k for k in state if expected_state[k].is_floating_point() and not state[k].is_floating_point())
-    if integer:
-        raise CheckpointError(f"{source}: {len(integer)} weight(s) are not floating point, e.g. {integer[0]} ({state[integer[0]].dtype})")
-    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-    if nonfinite:
-        raise CheckpointError(f"{source}: {len(nonfinite)} tensor(s) hold NaN or Inf, e.g. {nonfinite[0]}; refusing non-finite weights")
+    ints = sorted(k for k in state if expected_state[k].is_floating_point() and not state[k].is_floating_point())
+    if ints:
+        what = f"{len(ints)} weight(s) are not floating point, e.g. {ints[0]} ({state[ints[0]].dtype})"
+        raise CheckpointError(f"{source}: {what}")
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        what = f"{len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0]}"
+        raise CheckpointError(f"{source}: {what}; refusing non-finite weights")
     model.load_state_dict(state, strict=True)
 
 
-# ---------------------------------------------------------------------------- resolution
 class CheckpointSource(NamedTuple):
-    """Where a checkpoint's files are.
-
-    Attributes:
-        kind: ``"pth"`` (a release, ours or YuE's), ``"transformers"`` or ``"export"``.
-        weights: the ``.pth`` or ``model.safetensors`` file.
-        config: the YAML given or found (``None`` for a ``.pth`` with none: a training checkpoint carries
-            its own), or ``config.json`` of a transformers directory.
-        explicit_config: ``config`` was given by the user (it then wins over a training checkpoint's own).
-    """
+    """Where a checkpoint's files are: ``kind`` ``"pth"``, ``"transformers"`` or ``"export"``; the ``.pth`` or
+    ``model.safetensors``; the YAML or config.json (``None``: a ``.pth`` with none given or beside it);
+    whether the user gave the config (it then wins over a training checkpoint's own)."""
 
     kind: str
     weights: Path
@@ -228,30 +212,21 @@ def resolve_checkpoint(checkpoint: str | Path, config: str | Path | None = None)
     if path.is_dir() and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"
     elif path.is_dir():
-        raise CheckpointError(
-            f"{path}: directory holds neither config.json + model.safetensors, config.yaml + model.safetensors, nor final_ckpt/ (YuE)"
-        )
+        layouts = "config.json + model.safetensors, config.yaml + model.safetensors, nor final_ckpt/ (YuE)"
+        raise CheckpointError(f"{path}: directory holds neither {layouts}")
     if path.suffix == ".safetensors":
         return CheckpointSource("export", path, cfg or path.parent / "config.yaml", cfg is not None)
     beside = path.parent / "config.yaml"
     return CheckpointSource("pth", path, cfg or (beside if beside.is_file() else None), cfg is not None)
 
 
-# ---------------------------------------------------------------------------- reading
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint read into memory.
-
-    Attributes:
-        state: tensors in our key names, weight norm as stored.
-        generator: the architecture (``None`` when read with ``architecture=False``).
-        audio_norm_scale: the gain the pipelines apply before encoding.
-        kind: ``"release"``, ``"training"``, ``"yue"``, ``"transformers"`` or ``"export"``.
-        source: where it came from (for messages).
-        id: ``xcodec-`` and 16 hex digits: a fingerprint of the files that define the model (weights
-            and config) for manifests. Files, not loaded tensors: folding weight norm rounds
-            differently with different thread counts.
-    """
+    """A checkpoint read into memory: tensors in our key names (weight norm as stored), the architecture
+    (``None`` when read with ``architecture=False``), the gain applied before encoding, the ``kind``
+    (``release``, ``training``, ``yue``, ``transformers`` or ``export``), where it came from, and ``id``:
+    ``xcodec-`` + 16 hex digits of the files that define the model, for manifests (files, not tensors:
+    folding weight norm rounds differently with different thread counts)."""
 
     state: dict[str, torch.Tensor]
     generator: GeneratorConfig | None
@@ -266,10 +241,7 @@ def _yaml_config(path: Path | None, weights: Path) -> tuple[GeneratorConfig, flo
         beside = weights.parent / "config.yaml"
         what = f"{beside} is not a file" if beside.exists() else "no config.yaml beside it"
         raise CheckpointError(f"{weights}: no config given and {what}; pass --config /path/to/config.yaml")
-    try:
-        return load_generator_config(path)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
+    return load_generator_config(path)
 
 
 def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig, float]:
@@ -278,10 +250,7 @@ def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig, float]:
     if not isinstance(config, dict) or config.get("model_type") != "xcodec":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
-    try:
-        gen = generator_config_from_hf(config, str(path))
-    except LayoutError as exc:
-        raise CheckpointError(str(exc)) from None
+    gen = generator_config_from_hf(config, str(path))
     scale = config.get("audio_norm_scale", 0.95)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
         raise CheckpointError(f"{path}: audio_norm_scale: expected a finite number > 0, got {scale!r}")
@@ -289,8 +258,7 @@ def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig, float]:
 
 
 def _yue_config(src: CheckpointSource) -> GeneratorConfig:
-    """YuE's architecture: its YAML, with the teacher's from ``semantic_ckpts/*/config.json`` of the
-    repository (``final_ckpt/..``) when present. YuE encodes raw audio: no input gain."""
+    """YuE's YAML, with the teacher's architecture from ``semantic_ckpts/*/config.json`` when present."""
     gen, _ = _yaml_config(src.config, src.weights)  # its audio_norm_scale (0.95) is training-only
     root = src.weights.parent.parent / "semantic_ckpts"
     teachers = sorted(root.glob("*/config.json"))
@@ -301,11 +269,8 @@ def _yue_config(src: CheckpointSource) -> GeneratorConfig:
     data = _read_json(teachers[0])
     if not isinstance(data, dict):
         raise CheckpointError(f"{teachers[0]}: expected a JSON object")
-    try:
-        name, overrides, _ = teacher_from_hf_config(data, str(teachers[0]))
-        check_teacher_size(name, overrides, f"{teachers[0]}: ")
-    except (LayoutError, ConfigError) as exc:
-        raise CheckpointError(str(exc)) from None
+    name, overrides, _ = teacher_from_hf_config(data, str(teachers[0]))
+    check_teacher_size(name, overrides, f"{teachers[0]}: ")
     return dataclasses.replace(gen, semantic_techer=name, semantic_model_config=overrides or None)
 
 
@@ -321,40 +286,34 @@ def _read_files(src: CheckpointSource) -> tuple[list[bytes | None], str]:
 
 
 def read_checkpoint(checkpoint: str | Path, config: str | Path | None = None, architecture: bool = True) -> Checkpoint:
-    """Read any checkpoint (see :func:`resolve_checkpoint`), each file once.
-
-    Args:
-        architecture: ``False``: a ``.pth`` needs no config (fine-tuning takes the architecture
-            from its own config); ``generator`` is then ``None``.
-    """
+    """Read any checkpoint (see :func:`resolve_checkpoint`), each file once; ``architecture=False``: a
+    ``.pth`` needs no config (fine-tuning takes the architecture from its own), ``generator`` is ``None``."""
     src = resolve_checkpoint(checkpoint, config)
     blobs, ckpt_id = _read_files(src)
     where = str(src.weights.parent if src.kind == "transformers" else src.weights)
-    if src.kind != "pth":
-        try:
-            state = load_safetensors(blobs[0])
-        except Exception as exc:
-            raise CheckpointError(f"{src.weights}: not a readable safetensors file ({_first_line(exc)})") from None
-        if src.kind == "transformers":
-            gen, scale = _hf_config(src.config, blobs[1])
-            return Checkpoint(state_from_hf(state, len(gen.ratios)), gen, scale, "transformers", where, ckpt_id)
-        return Checkpoint(state, *_yaml_config(src.config, src.weights), "export", where, ckpt_id)
-    obj = read_torch_file(src.weights, blobs[0])
-    key = next((k for k in ("codec", "codec_model") if isinstance(obj.get(k), dict)), None)  # ours, YuE's
-    state = {k: v for k, v in (obj if key is None else obj[key]).items() if isinstance(v, torch.Tensor)}
-    kind = {"codec": "training", "codec_model": "yue", None: "release"}[key]
-    if not architecture:
-        return Checkpoint(state, None, 1.0, kind, where, ckpt_id)
-    if kind == "yue":  # YuE's training checkpoint: the codec only
-        return Checkpoint(state, _yue_config(src), 1.0, kind, where, ckpt_id)
-    if kind == "training" and not src.explicit_config and isinstance(obj.get("config"), dict):
-        try:
-            gen, scale = generator_config_from_dict(obj["config"], where)
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from None
-    else:
-        gen, scale = _yaml_config(src.config, src.weights)
-    return Checkpoint(state, gen, scale, kind, where, ckpt_id)
+    try:
+        if src.kind != "pth":
+            try:
+                state = load_safetensors(blobs[0])
+            except Exception as exc:
+                raise CheckpointError(f"{src.weights}: not a readable safetensors file ({_first_line(exc)})") from None
+            if src.kind == "transformers":
+                gen, scale = _hf_config(src.config, blobs[1])
+                return Checkpoint(state_from_hf(state, len(gen.ratios)), gen, scale, "transformers", where, ckpt_id)
+            return Checkpoint(state, *_yaml_config(src.config, src.weights), "export", where, ckpt_id)
+        obj = read_torch_file(src.weights, blobs[0])
+        key = next((k for k in ("codec", "codec_model") if isinstance(obj.get(k), dict)), None)  # ours, YuE's
+        state = {k: v for k, v in (obj if key is None else obj[key]).items() if isinstance(v, torch.Tensor)}
+        kind = {"codec": "training", "codec_model": "yue", None: "release"}[key]
+        if not architecture:
+            return Checkpoint(state, None, 1.0, kind, where, ckpt_id)
+        if kind == "yue":  # YuE encodes raw audio: no input gain
+            return Checkpoint(state, _yue_config(src), 1.0, kind, where, ckpt_id)
+        if kind == "training" and not src.explicit_config and isinstance(obj.get("config"), dict):
+            return Checkpoint(state, *generator_config_from_dict(obj["config"], where), kind, where, ckpt_id)
+        return Checkpoint(state, *_yaml_config(src.config, src.weights), kind, where, ckpt_id)
+    except (ConfigError, LayoutError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def read_state(checkpoint: str | Path, config: str | Path | None = None) -> dict[str, torch.Tensor]:

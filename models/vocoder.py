@@ -1,10 +1,8 @@
 """YuE's 44.1 kHz vocoders: Vocos decoders that turn X-Codec codes into 44.1 kHz audio.
 
-YuE's codec (``yue_xcodec_mini``, HF ``m-a-p/xcodec_mini_infer``) ships two vocoders in
-``decoders/``: ``decoder_131000.pth`` (vocals) and ``decoder_151000.pth`` (instrumentals),
-bare state dicts of a Vocos backbone + ISTFT head described by ``decoders/config.yaml``.
-They take the quantizer's latents of 8 codebooks (the sum of the code embeddings, before
-``fc_post2``) and give 882 samples per frame: 44.1 kHz at 50 frames/s::
+YuE's codec (``yue_xcodec_mini``, ``m-a-p/xcodec_mini_infer``) ships two in ``decoders/`` (vocals,
+instrumentals): state dicts of a Vocos backbone + ISTFT head (``decoders/config.yaml``) taking the
+quantizer's latents of 8 codebooks (before ``fc_post2``), 882 samples per frame::
 
     codec = XCodec.from_pretrained("yue_xcodec_mini")
     vocoder = Vocoder.from_pretrained("vocals")            # or "instrumentals", or a .pth
@@ -77,11 +75,11 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs, int]:
         raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
     if head.n_fft <= head.hop_length or (head.n_fft - head.hop_length) % 2:
         raise ConfigError(f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}")
-    scalars = {k: v for k, v in dataclasses.asdict(backbone).items() if k != "layer_scale_init_value"}
-    sizes = {f"backbone.init_args.{k}": v for k, v in scalars.items()}
-    sizes |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(head).items() if k != "padding"}
-    defaults = {f"backbone.init_args.{k}": v for k, v in dataclasses.asdict(BackboneArgs()).items()}
-    defaults |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(HeadArgs()).items()}
+    sizes, defaults = (
+        {f"{key}.init_args.{k}": v for key, args in (("backbone", b), ("head", h))
+         for k, v in dataclasses.asdict(args).items() if k not in ("layer_scale_init_value", "padding")}
+        for b, h in ((backbone, head), (BackboneArgs(), HeadArgs()))
+    )  # fmt: skip
     check_budget(_vocoder_parameters, sizes, defaults, f"{path}: ")
     return backbone, head, n_q
 
@@ -98,14 +96,13 @@ class Vocoder(nn.Module):
     """A Vocos decoder from codec latents to audio (state-dict keys ``backbone.*``, ``head.*``).
 
     Args:
-        backbone: :class:`VocosBackboneArgs`-shaped settings.
-        head: the ISTFT head's settings.
-        frame_rate: code frames per second of the codec it follows (50).
+        backbone, head: the settings; frame_rate: code frames per second of the codec it follows.
+        n_q: the codebooks it was trained on (YuE's: 8), if known.
     """
 
     def __init__(self, backbone: BackboneArgs, head: HeadArgs, frame_rate: int = 50, n_q: int | None = None):
         super().__init__()
-        self.frame_rate, self.n_q = frame_rate, n_q  # n_q: the codebooks it was trained on (YuE's: 8), if known
+        self.frame_rate, self.n_q = frame_rate, n_q
         self.backbone = VocosBackbone(**dataclasses.asdict(backbone))
         self.head = ISTFTHead(**dataclasses.asdict(head))
         self.hop_length = head.hop_length
@@ -132,17 +129,14 @@ class Vocoder(nn.Module):
     def check_codec(self, codec: nn.Module, n_q: int) -> None:
         """Raise ``ValueError`` unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
         if self.n_q is not None and n_q != self.n_q:
-            raise ValueError(
-                f"this vocoder takes {self.n_q} codebooks, not {n_q}: encode at the bandwidth of {self.n_q} (YuE: -b 4)"
-            )
+            fix = f"encode at the bandwidth of {self.n_q} (YuE: -b 4)"
+            raise ValueError(f"this vocoder takes {self.n_q} codebooks, not {n_q}: {fix}")
         if codec.frame_rate != self.frame_rate:
-            raise ValueError(
-                f"this vocoder follows a {self.frame_rate} Hz codec; this one runs at {codec.frame_rate} Hz"
-            )
+            rates = f"a {self.frame_rate} Hz codec; this one runs at {codec.frame_rate} Hz"
+            raise ValueError(f"this vocoder follows {rates}")
         if codec.quantizer.dimension != self.input_channels:
-            raise ValueError(
-                f"the vocoder takes {self.input_channels}-channel latents; this codec gives {codec.quantizer.dimension}"
-            )
+            latent = codec.quantizer.dimension
+            raise ValueError(f"the vocoder takes {self.input_channels}-channel latents; this codec gives {latent}")
 
     @staticmethod
     def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu",
@@ -160,11 +154,13 @@ class Vocoder(nn.Module):
         if name in VOCODERS and local is not None and (local / VOCODERS[name]).is_file():
             name = str(local / VOCODERS[name])
         if name in VOCODERS:
-            weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", "Pass a local decoder_*.pth")
+            hint = "Pass a local decoder_*.pth"
+            weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", hint)
         else:
             weights, cfg = Path(name), Path(name).parent / "config.yaml"
             if not weights.is_file():
-                raise CheckpointError(f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {', '.join(VOCODERS)})")
+                known = f"a .pth with config.yaml beside it, or one of {', '.join(VOCODERS)}"
+                raise CheckpointError(f"{weights}: vocoder not found ({known})")
         cfg = Path(config) if config is not None else cfg
         try:
             backbone, head, n_q = read_vocoder_config(cfg)
@@ -181,11 +177,8 @@ def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707
 
     w0 = 2 * np.pi * cutoff / rate
     alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
-    b = (
-        np.array([1 - cos, 2 * (1 - cos), 1 - cos]) / 2
-        if kind == "low"
-        else np.array([1 + cos, -2 * (1 + cos), 1 + cos]) / 2
-    )
+    sign = -1 if kind == "low" else 1
+    b = np.array([1 + sign * cos, -2 * (1 + sign * cos), 1 + sign * cos]) * [1, sign, 1] / 2
     a = np.array([1 + alpha, -2 * cos, 1 - alpha])
     return np.clip(lfilter(b / a[0], a / a[0], x.astype(np.float64)), -1.0, 1.0)
 

@@ -393,7 +393,7 @@ class XCodec(nn.Module):
         return push_to_hub(self, repo_id, private, token)  # save_pretrained into a hub repository; the commit URL
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> XCodec:
+    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
         """An inference model: eval mode, weight norm folded, no gradients, :attr:`checkpoint_id` set.
 
         Args:
