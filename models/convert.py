@@ -1,16 +1,10 @@
-"""Convert X-Codec checkpoints between formats, exactly.
+"""Convert X-Codec checkpoints between formats, exactly: ``python -m models.convert SRC DST [--to FORMAT]``.
 
-    python -m models.convert xcodec_speech_hubert_librispeech.pth hf_dir/ --config config_hubert.yaml
-    python -m models.convert hf_dir/ export_dir/                     # transformers -> our export
-    python -m models.convert runs/x/model_ckpts/ckpt_00100000.pth hf_dir/   # a model trained here
-
-SRC is anything ``XCodec.from_pretrained`` reads. DST is written as ``--to transformers`` (the
-default, except for a transformers source): config.json + model.safetensors, which
-``transformers.XcodecModel`` and ``XCodec`` open; or ``--to export``: our model.safetensors +
-config.yaml. The tensors are carried over unchanged (see :func:`canonical_state`), so the model
-loaded from DST is bit-for-bit the model loaded from SRC: DST is loaded back and compared tensor by
-tensor (``--no-verify`` skips this). DST must not exist or be empty (``--overwrite`` replaces it);
-it is written to a temporary directory first.
+SRC is anything ``XCodec.from_pretrained`` reads; DST is written (through a temporary directory) as
+``transformers`` (config.json + model.safetensors; the default but for a transformers source) or our
+``export`` (model.safetensors + config.yaml). The tensors are carried over unchanged, so the model
+loaded from DST is bit-for-bit the one loaded from SRC: DST is loaded back and compared tensor by
+tensor (``--no-verify`` skips it). DST must be absent or empty (``--overwrite`` replaces it).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """YuE's 44.1 kHz vocoders: Vocos decoders that turn X-Codec codes into 44.1 kHz audio.
 
-YuE's codec (``yue_xcodec_mini``, ``m-a-p/xcodec_mini_infer``) ships two in ``decoders/`` (vocals,
-instrumentals): state dicts of a Vocos backbone + ISTFT head (``decoders/config.yaml``) taking the
-quantizer's latents of 8 codebooks (before ``fc_post2``), 882 samples per frame::
+YuE's codec (``yue_xcodec_mini``) ships two in ``decoders/`` (vocals, instrumentals): a Vocos backbone
++ ISTFT head (``decoders/config.yaml``) on the quantizer's latents of 8 codebooks, 882 samples a frame::
 
     codec = XCodec.from_pretrained("yue_xcodec_mini")
     vocoder = Vocoder.from_pretrained("vocals")            # or "instrumentals", or a .pth
@@ -185,7 +184,7 @@ def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707
 
 def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate: int = 16000, rate: int = 44100,
                    cutoff: float = LOW_BAND_CUTOFF_HZ, eps: float = 1e-10) -> torch.Tensor:  # fmt: skip
-    """YuE's post-processing (``replace_low_freq_with_energy_matched``): the codec's own 16 kHz
+    """YuE's post-processing (``replace_low_freq_with_energy_matched``, computed in float64): the codec's own
     decoding below ``cutoff``, scaled to the vocoder's energy there, plus the vocoder above it.
 
     Args:
@@ -193,8 +192,7 @@ def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate:
         vocoded: (B, 1, T44) the vocoder's output at ``rate``.
 
     Returns:
-        (B, 1, min(T16 resampled, T44)) float32 at ``rate``: YuE's steps (torchaudio's windowed-sinc
-        resampling, biquads clamped to [-1, 1], one RMS gain), computed in float64.
+        (B, 1, min(T16 resampled, T44)) float32 at ``rate``.
     """
     out = []
     for low, high in zip(codec_audio[:, 0].float().cpu().numpy(), vocoded[:, 0].float().cpu().numpy()):

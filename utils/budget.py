@@ -37,12 +37,9 @@ def over_budget(n: float, limit: int = MAX_ELEMENTS) -> bool:
 
 def check_budget(estimate: Callable[[Mapping[str, Any]], float], values: Mapping[str, Any], defaults: Mapping[str, Any],
                  where: str, what: str = "parameters", limit: int = MAX_ELEMENTS) -> None:  # fmt: skip
-    """Refuse ``values`` when ``estimate(values)`` elements exceed ``limit``.
-
-    Args:
-        estimate: elements allocated for a mapping like ``values`` (float arithmetic).
-        values: the config's keys as the user names them; defaults: a plausible value for each.
-        where: the message's prefix (``"config.yaml: generator.config."``); what: what is counted.
+    """Refuse ``values`` (the config's keys as the user names them) when ``estimate(values)`` elements
+    (float arithmetic) exceed ``limit``; ``defaults``: a plausible value for each key, ``where``: the
+    message's prefix (``"config.yaml: generator.config."``), ``what``: what is counted.
 
     Raises:
         ConfigError: ``{where}{key}: ...`` naming the key whose default shrinks the estimate most.

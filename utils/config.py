@@ -58,7 +58,7 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | 
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def range_problem(value: Any, meta: typing.Mapping) -> str | None:
+def _range_problem(value: Any, meta: typing.Mapping) -> str | None:
     """Why ``value`` is outside the range of a :func:`setting` (``None``: it is inside)."""
     if meta.get("nonempty") and isinstance(value, list) and not value:
         return "must not be empty"
@@ -85,14 +85,12 @@ def check_ranges(obj: Any, where: str = "config") -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{where}.{f.name}")
-            continue
-        problem = range_problem(value, f.metadata)
-        if problem is not None:
+        elif (problem := _range_problem(value, f.metadata)) is not None:
             raise ConfigError(f"{where}.{f.name}: {problem}")
 
 
 def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values out of range raise ConfigError."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -116,17 +114,14 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
         if not _type_ok(value, tp):
             expected = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
-        if tp is float and isinstance(value, int):
-            value = float(value)
-        problem = range_problem(value, fields[name].metadata)
-        if problem is not None:
-            raise ConfigError(f"{where}.{name}: {problem}")
-        kwargs[name] = value
+        kwargs[name] = float(value) if tp is float and isinstance(value, int) else value
     required = [n for n, f in fields.items() if dataclasses.MISSING is f.default is f.default_factory]
     missing = [n for n in required if n not in kwargs]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_ranges(obj, where)
+    return obj
 
 
 def read_yaml(path: str | Path) -> dict:

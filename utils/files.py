@@ -243,19 +243,12 @@ def _in_use(path: str) -> bool:
 
 
 class TreeLock:
-    """An advisory lock on an output tree, held until :meth:`release` or the process ends.
+    """An advisory lock on output tree ``root`` (created if needed), held until :meth:`release` or exit.
 
-    Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock``
-    shared; a run whose world size differs from a live one's is refused (its ranks would take
-    other shares of the same files), and so is a second run with the same ranks. A killed run's
+    Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock`` shared: a second
+    run with the same ranks, or with another world size (its ranks would take other shares of the same
+    files), is refused (TreeLockedError; LinkedFileError for a lock file that is a link). A killed run's
     lock files are taken over (an unlocked lock file is nobody's).
-
-    Args:
-        root: the output directory (created if needed); rank, world_size: this process's.
-
-    Raises:
-        TreeLockedError: another live process holds it.
-        LinkedFileError: a lock file is a symbolic link.
     """
 
     def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
