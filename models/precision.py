@@ -14,12 +14,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-_warned: set[str] = set()
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)  # at check_precision's caller
 
 
 def reset_warnings() -> None:
     """Forget which warnings were given (tests)."""
-    _warned.clear()
+    _warn_once.cache_clear()
 
 
 @functools.cache
@@ -77,11 +80,9 @@ def check_precision(precision: str, device: torch.device | None = None) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     speedup = cpu_bf16_speedup() if precision == "bf16" and device is not None and device.type == "cpu" else 1.0
-    message = (f"bf16 convolutions run at {speedup:.2f}x the float32 rate on this CPU (measured; no AMX or "
-               "AVX512-BF16 kernels): precision='fp32' is faster on this machine")  # fmt: skip
-    if speedup < 0.9 and message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    if speedup < 0.9:
+        _warn_once(f"bf16 convolutions run at {speedup:.2f}x the float32 rate on this CPU (measured; no AMX or "
+                   "AVX512-BF16 kernels): precision='fp32' is faster on this machine")  # fmt: skip
     return precision
 
 
