@@ -1,7 +1,7 @@
 """YuE's 44.1 kHz vocoders: Vocos decoders that turn X-Codec codes into 44.1 kHz audio.
 
-YuE's codec (``yue_xcodec_mini``) ships two in ``decoders/`` (vocals, instrumentals): a Vocos backbone
-+ ISTFT head (``decoders/config.yaml``) on the quantizer's latents of 8 codebooks, 882 samples a frame::
+YuE's codec (``yue_xcodec_mini``) ships two in ``decoders/`` (vocals, instrumentals): a Vocos backbone and
+ISTFT head (``decoders/config.yaml``) on the quantizer's latents of 8 codebooks, 882 samples a frame::
 
     codec = XCodec.from_pretrained("yue_xcodec_mini")
     vocoder = Vocoder.from_pretrained("vocals")            # or "instrumentals", or a .pth
@@ -147,11 +147,11 @@ class Vocoder(nn.Module):
         Raises:
             CheckpointError: with a one-line reason.
         """
-        name, path = str(name), Path(checkpoint) if checkpoint is not None else None
-        roots = () if path is None or not path.exists() else (path, path.parent.parent) if path.is_file() else (path,)
-        local = next((r for r in roots if (r / "final_ckpt").is_dir() and (r / VOCODER_CONFIG).is_file()), None)
-        if name in VOCODERS and local is not None and (local / VOCODERS[name]).is_file():
-            name = str(local / VOCODERS[name])
+        name, local = str(name), Path(checkpoint or "")
+        local = local.parent.parent if local.is_file() else local  # YuE's clone, or its final_ckpt/*.pth
+        if checkpoint is not None and name in VOCODERS and (local / "final_ckpt").is_dir():
+            if (local / VOCODERS[name]).is_file() and (local / VOCODER_CONFIG).is_file():
+                name = str(local / VOCODERS[name])
         if name in VOCODERS:
             hint = "Pass a local decoder_*.pth"
             weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", hint)
