@@ -2,19 +2,8 @@
 
 from .codebooks import init_codebooks
 from .config import GeneratorConfig, load_generator_config
-from .pretrained import CheckpointError, checkpoint_id, read_checkpoint, resolve_checkpoint
+from .pretrained import CheckpointError, checkpoint_id
 from .xcodec import CodecOutput, CodesError, XCodec, build_codec
 
-__all__ = [
-    "CheckpointError",
-    "CodecOutput",
-    "CodesError",
-    "GeneratorConfig",
-    "XCodec",
-    "build_codec",
-    "checkpoint_id",
-    "init_codebooks",
-    "load_generator_config",
-    "read_checkpoint",
-    "resolve_checkpoint",
-]
+__all__ = ["CheckpointError", "CodecOutput", "CodesError", "GeneratorConfig", "XCodec", "build_codec", "checkpoint_id",
+           "init_codebooks", "load_generator_config"]  # fmt: skip

@@ -1,8 +1,5 @@
-"""Codebooks for a codec that was never trained: matched to the latents of real audio.
-
-Random weights with random codebooks use a handful of codes; benchmarks and tests need
-codebooks that spread real audio over most entries, as a trained model's do.
-"""
+"""Codebooks for a codec that was never trained, matched to the latents of real audio: random codebooks
+use a handful of codes, and benchmarks and tests need most entries used, as a trained model's are."""
 
 from __future__ import annotations
 
@@ -19,13 +16,11 @@ def init_codebooks(model: XCodec, clips: Sequence[torch.Tensor], method: str = "
 
     Args:
         model: the codec (its mode is kept).
-        clips: (T,) audio tensors at the model's rate, already scaled by ``audio_norm_scale``,
-            on any device (moved to the model's). K-means needs many more frames than
-            ``bins`` (10x or more), or the later stages' residuals collapse onto a few codes.
-        method: ``"kmeans"``: the quantizer's own k-means initialisation (one training
-            forward over the latents: realistic, seconds on a full-size model);
-            ``"gaussian"``: each stage's entries drawn from a Gaussian matched to its
-            residual (fast, most codes used; draws from torch's global generator).
+        clips: (T,) audio tensors at the model's rate, scaled by ``audio_norm_scale``, on any device.
+            K-means needs 10x more frames than ``bins``, or later stages collapse onto a few codes.
+        method: ``"kmeans"``: the quantizer's own k-means initialisation (one training forward:
+            realistic, seconds on a full-size model); ``"gaussian"``: each stage's entries drawn from
+            a Gaussian matched to its residual (fast; torch's global generator).
     """
     device = model.device
     by_length: dict[int, list[torch.Tensor]] = {}
@@ -38,16 +33,16 @@ def init_codebooks(model: XCodec, clips: Sequence[torch.Tensor], method: str = "
             parts.append(e.transpose(0, 1).reshape(e.shape[1], -1))
     latents = torch.cat(parts, dim=-1)[None].clone()
     quantizer, was_training = model.quantizer, model.quantizer.training
+    if method not in ("kmeans", "gaussian"):
+        raise ValueError(f"method must be 'kmeans' or 'gaussian', got {method!r}")
     if method == "kmeans":
         quantizer.train()
         quantizer(latents, None)
-    elif method == "gaussian":
+    else:
         residual = latents
         for layer in quantizer.vq.layers:
             flat = residual.transpose(1, 2).reshape(-1, residual.shape[1])
             layer.set_codebook(flat.mean(0) + torch.randn(layer.codebook.shape, device=device) * flat.std(0))
             residual = residual - layer.decode(layer.encode(residual))
-    else:
-        raise ValueError(f"method must be 'kmeans' or 'gaussian', got {method!r}")
     quantizer.train(was_training)
     return model

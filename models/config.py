@@ -15,11 +15,8 @@ SIZE_KEYS = ("D", "target_bandwidths", "ratios", "sample_rate", "bins", "encoder
 
 @dataclasses.dataclass
 class GeneratorConfig:
-    """The codec architecture (the ``generator.config`` section of the original YAML).
-
-    ``n_filters`` is accepted for compatibility but, as in the original, unused: the
-    acoustic encoder width is ``encoder_dim`` (64 in every release).
-    """
+    """The codec architecture (the ``generator.config`` section of the original YAML); ``n_filters`` is
+    accepted but, as in the original, unused (the encoder width is ``encoder_dim``)."""
 
     n_filters: int = 32
     D: int = setting(256, gt=0)
@@ -36,41 +33,33 @@ class GeneratorConfig:
     semantic_model_config: dict | None = None
 
     def check(self, where: str = "config") -> None:
-        """Refuse values outside their ranges and combinations no model can be built from.
-
-        Raises:
-            ConfigError: naming the key and ``where`` (the file).
-        """
+        """Refuse values outside their ranges and combinations no model can be built from (ConfigError
+        naming the key and ``where``, the file)."""
         check_ranges(self, where)
         if self.target_bandwidths != sorted(self.target_bandwidths):
             raise ConfigError(f"{where}.target_bandwidths: must be in increasing order, got {self.target_bandwidths}")
         per_codebook = self.frame_rate * math.log2(self.bins) / 1000
         if self.target_bandwidths[-1] < per_codebook:
-            raise ConfigError(
-                f"{where}.target_bandwidths: the largest, {self.target_bandwidths[-1]} kbps, is less than one "
-                f"codebook ({per_codebook:g} kbps at {self.frame_rate} frames/s and {self.bins} bins)"
-            )
+            one = f"one codebook ({per_codebook:g} kbps at {self.frame_rate} frames/s and {self.bins} bins)"
+            largest = f"the largest, {self.target_bandwidths[-1]} kbps"
+            raise ConfigError(f"{where}.target_bandwidths: {largest}, is less than {one}")
         if self.decoder_dim < 2 ** len(self.ratios):
-            raise ConfigError(
-                f"{where}.decoder_dim: {self.decoder_dim} is halved at each of the {len(self.ratios)} "
-                f"upsampling stages; it must be at least {2 ** len(self.ratios)}"
-            )
+            n = len(self.ratios)
+            stages = f"is halved at each of the {n} upsampling stages; it must be at least {2**n}"
+            raise ConfigError(f"{where}.decoder_dim: {self.decoder_dim} {stages}")
         check_budget(codec_parameters, *self.sizes(), f"{where}.")
 
     def sizes(self) -> tuple[dict, dict]:
-        """``(sizes, defaults)`` for :func:`codec_parameters`: the keys that size the model, the
-        teacher's as ``semantic_model_config.<key>``, and their default values."""
-        teacher, teacher_default = teacher_size(self.semantic_techer, self.semantic_model_config)
-        default = GeneratorConfig()
-        values = {k: getattr(self, k) for k in SIZE_KEYS}
-        values |= {f"semantic_model_config.{k}": v for k, v in teacher.items()}
-        defaults = {k: getattr(default, k) for k in SIZE_KEYS}
-        defaults |= {f"semantic_model_config.{k}": v for k, v in teacher_default.items()}
-        return values, defaults
+        """``(sizes, defaults)`` for :func:`codec_parameters`: the keys that size the model (the teacher's
+        as ``semantic_model_config.<key>``) and their default values."""
+        teachers = teacher_size(self.semantic_techer, self.semantic_model_config)
+        return tuple(
+            {k: getattr(cfg, k) for k in SIZE_KEYS} | {f"semantic_model_config.{k}": v for k, v in teacher.items()}
+            for cfg, teacher in zip((self, GeneratorConfig()), teachers)
+        )
 
     @property
     def hop_length(self) -> int:
-        """Samples per code frame (the product of the encoder ratios)."""
         return math.prod(self.ratios)
 
     @property
@@ -80,8 +69,8 @@ class GeneratorConfig:
 
 
 def codec_parameters(v: dict) -> float:
-    """Parameters and codebook buffers (within 2x) of the codec whose :meth:`GeneratorConfig.sizes` are ``v``
-    (float arithmetic: sizes of 10^9 must not build big integers)."""
+    """Parameters and codebook buffers (within 2x) of the codec whose :meth:`GeneratorConfig.sizes` are
+    ``v`` (float arithmetic: sizes of 10^9 must not build big integers)."""
     teacher = teacher_parameters({k: v[f"semantic_model_config.{k}"] for k in TEACHER_SIZE_KEYS})
     h, d = float(v["semantic_model_config.hidden_size"]), float(v["D"])
     ratios = [float(r) for r in v["ratios"]]
@@ -115,7 +104,7 @@ def generator_config_from_dict(data: dict, where: str = "config") -> tuple[Gener
     cfg = from_dict(GeneratorConfig, gen, f"{where}: generator.config")
     cfg.check(f"{where}: generator.config")
     scale = data.get("audio_norm_scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    if type(scale) not in (int, float):
         raise ConfigError(f"{where}: audio_norm_scale: expected a number, got {scale!r}")
     if not (math.isfinite(scale) and scale > 0):
         raise ConfigError(f"{where}: audio_norm_scale: must be a finite number > 0, got {scale!r}")

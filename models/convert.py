@@ -1,44 +1,27 @@
-"""Convert X-Codec checkpoints between formats, exactly.
+"""Convert X-Codec checkpoints between formats, exactly: ``python -m models.convert SRC DST [--to FORMAT]``.
 
-    python -m models.convert xcodec_speech_hubert_librispeech.pth hf_dir/ --config config_hubert.yaml
-    python -m models.convert hf_dir/ export_dir/                     # transformers -> our export
-    python -m models.convert runs/x/model_ckpts/ckpt_00100000.pth hf_dir/   # a model trained here
-    python -m models.convert SRC DST --to export                     # any format -> our export
-
-SRC is anything ``XCodec.from_pretrained`` reads: an original release ``.pth`` (+ YAML:
-``--config`` or ``config.yaml`` beside it), one of our training checkpoints (a ``.pth``
-holding ``codec`` and ``config``), a transformers ``XcodecModel`` directory
-(config.json + model.safetensors), our export (model.safetensors + config.yaml) or a
-release name. DST is written as:
-
-- ``--to transformers`` (the default, except for a transformers source): config.json +
-  model.safetensors, loadable with ``transformers.XcodecModel.from_pretrained(DST)`` and
-  with ``XCodec.from_pretrained(DST)``;
-- ``--to export`` (the default for a transformers source): our inference export,
-  model.safetensors + config.yaml.
-
-The tensors are carried over unchanged: the acoustic convolutions' weight norm is folded
-with the same function the loader uses, and the teacher's positional convolution keeps its
-weight-norm parameters (both transformers and our loader expect them), so the model
-loaded from DST is bit-for-bit the model loaded from SRC. After writing, DST is loaded
-back and compared tensor by tensor (``--no-verify`` skips this). DST must not exist or
-be empty (``--overwrite`` replaces it); it is written to a temporary directory first.
+SRC is anything ``XCodec.from_pretrained`` reads; DST is written (through a temporary directory) as
+``transformers`` (config.json + model.safetensors; the default but for a transformers source) or our
+``export`` (model.safetensors + config.yaml). The tensors are carried over unchanged, so the model
+loaded from DST is bit-for-bit the one loaded from SRC: DST is loaded back and compared tensor by
+tensor (``--no-verify`` skips it). DST must be absent or empty (``--overwrite`` replaces it).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import torch
 from transformers import XcodecModel
 
-from utils.cli import DefaultsHelpFormatter, os_error_line
+from utils.cli import DefaultsHelpFormatter, cli_main
 from utils.files import atomic_directory
 
 from .config import GeneratorConfig
-from .export import write_export, write_transformers
+from .export import transformers_model, write_export
 from .pretrained import CheckpointError, adapt_weight_norm, load_codec_state, read_checkpoint
 from .xcodec import XCodec, build_codec
 
@@ -49,12 +32,15 @@ class ConvertError(Exception):
     """A conversion that cannot be done; the message says why in one line."""
 
 
-def canonical_state(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The inference state: acoustic weight norm folded (as the loader folds it), the
-    teacher's positional conv as weight-norm parameters; checked against the architecture."""
+def canonical_state(state: dict, gen: GeneratorConfig, scale: float, source: str = "checkpoint") -> dict:
+    """The inference state, checked against the architecture: acoustic weight norm folded as the loader
+    folds it, the teacher's positional conv as weight-norm parameters (transformers expects them, and
+    the loader folds them as it would have)."""
     skeleton = build_codec(gen, scale, weight_norm=False)
     load_codec_state(skeleton, state, source)  # one-line CheckpointError on any mismatch
-    return {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(state, set(skeleton.state_dict())).items()}
+    pos_conv = "pos_conv_embed.conv.parametrizations.weight.original0"
+    keys = {re.sub(r"pos_conv_embed\.conv\.weight$", pos_conv, k) for k in skeleton.state_dict()}
+    return {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(state, keys).items()}
 
 
 def _compare(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
@@ -96,10 +82,12 @@ def convert(
         raise ConvertError(f"{inside[0]} is inside the destination {dst}, which is replaced: choose another destination")
     gen, scale = contents.generator, contents.audio_norm_scale
     state = canonical_state(contents.state, gen, scale, str(src))
-    writer = write_transformers if fmt == "transformers" else write_export
 
     def write(tmp: Path) -> None:
-        writer(state, gen, scale, tmp)
+        if fmt == "transformers":
+            transformers_model(state, gen, scale).save_pretrained(str(tmp))
+        else:
+            write_export(state, gen, scale, tmp)
         if check:
             verify(src, config, tmp, fmt)
 
@@ -107,7 +95,7 @@ def convert(
     return dst, fmt
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         formatter_class=DefaultsHelpFormatter,
         prog="python -m models.convert",
@@ -120,18 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="YAML for a release .pth (default: config.yaml beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-verify", action="store_true", help="skip loading the result back and comparing every tensor")
-    args = p.parse_args(argv)
-    try:
-        dst, fmt = convert(args.src, args.dst, args.to, args.config, args.overwrite, not args.no_verify)
-    except (CheckpointError, ConvertError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an unwritable destination (read-only, under a file), a full disk
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    dst, fmt = convert(args.src, args.dst, args.to, args.config, args.overwrite, not args.no_verify)
     checked = "" if args.no_verify else " (verified: every tensor identical when loaded)"
     print(f"wrote {fmt} checkpoint {dst}{checked}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(parse_args, run, argv, (CheckpointError, ConvertError))
 
 
 if __name__ == "__main__":

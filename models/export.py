@@ -1,10 +1,7 @@
-"""Writing X-Codec checkpoints: our inference export and transformers' ``XcodecModel`` format.
-
-- export: ``model.safetensors`` (folded weights) + ``config.yaml``, read back by
-  ``XCodec.from_pretrained``;
-- transformers: ``config.json`` + ``model.safetensors``, read by
-  ``transformers.XcodecModel.from_pretrained`` and by ``XCodec.from_pretrained``.
-"""
+"""Writing X-Codec checkpoints: our export (``model.safetensors`` with folded weights + ``config.yaml``)
+and transformers' ``XcodecModel`` format (``config.json`` + ``model.safetensors``); ``XCodec.from_pretrained``
+reads both. The model-level writers take any module with X-Codec's state-dict layout and its ``config``
+and ``audio_norm_scale`` attributes."""
 
 from __future__ import annotations
 
@@ -23,15 +20,11 @@ from .config import GeneratorConfig
 from .hf_layout import hf_config_from_generator, state_to_hf
 from .pretrained import adapt_weight_norm
 
-# The writers take any module with X-Codec's state-dict layout and its ``config`` /
-# ``audio_norm_scale`` attributes (``XCodec``), so that ``XCodec.save_pretrained`` can use them.
-
 
 def folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every weight norm folded into plain ``weight`` tensors."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    expected = {re.sub(r"\.parametrizations\.weight\.original[01]$", ".weight", k) for k in state}
-    return adapt_weight_norm(state, expected)
+    return adapt_weight_norm(state, {re.sub(r"\.parametrizations\.weight\.original[01]$", ".weight", k) for k in state})
 
 
 def write_export(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, directory: str | Path) -> Path:
@@ -52,25 +45,17 @@ def transformers_model(state: dict[str, torch.Tensor], gen: GeneratorConfig, sca
     return hf
 
 
-def write_transformers(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float, directory: str | Path) -> Path:
-    """A transformers ``XcodecModel`` directory holding ``state`` (our key names)."""
-    transformers_model(state, gen, scale).save_pretrained(str(directory))
-    return Path(directory)
-
-
 def save_export(model: torch.nn.Module, directory: str | Path) -> Path:
-    """Write ``model`` as our inference export."""
     return write_export(folded_state_dict(model), model.config, model.audio_norm_scale, directory)
 
 
 def to_transformers(model: torch.nn.Module) -> XcodecModel:
-    """A transformers ``XcodecModel`` (eval mode) holding exactly ``model``'s weights."""
     return transformers_model(folded_state_dict(model), model.config)
 
 
 def save_transformers(model: torch.nn.Module, directory: str | Path) -> Path:
-    """Write ``model`` as a transformers ``XcodecModel`` directory."""
-    return write_transformers(folded_state_dict(model), model.config, model.audio_norm_scale, directory)
+    transformers_model(folded_state_dict(model), model.config, model.audio_norm_scale).save_pretrained(str(directory))
+    return Path(directory)
 
 
 def push_to_hub(model: torch.nn.Module, repo_id: str, private: bool | None = None, token: str | None = None) -> str:

@@ -1,15 +1,13 @@
 """transformers' ``XcodecModel`` layout: state-dict key names and ``XcodecConfig`` both ways.
 
-Our modules reproduce the released ``.pth`` layout (``encoder.block.*``,
-``decoder_2.model.*``, ``quantizer.vq.layers.N._codebook.*``); transformers renamed
-them. :func:`original_key_to_hf` and :func:`hf_key_to_original` are exact inverses on
-every key of both released layouts (tests check this), whatever the weight-norm style
-(``weight``, ``weight_g/weight_v``, ``parametrizations.weight.original0/1``).
+Our modules reproduce the released ``.pth`` layout (``encoder.block.*``, ``decoder_2.model.*``,
+``quantizer.vq.layers.N._codebook.*``); transformers renamed them. The two key maps are exact
+inverses on every key of both released layouts, whatever the weight-norm style.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 
 import torch
@@ -37,74 +35,39 @@ class LayoutError(ValueError):
     """A transformers config.json that does not describe an X-Codec; the message says why."""
 
 
-def _acoustic_key_to_hf(key: str, n_stages: int) -> str | None:
-    for prefix, module, first_unit, others in _ACOUSTIC_STACKS:
-        m = re.match(re.escape(prefix) + r"\.(\d+)\.(.*)", key)
-        if not m:
-            continue
-        i, rest = int(m.group(1)), m.group(2)
+@functools.cache
+def _renamed_prefixes(n_stages: int) -> list[tuple[str, str]]:
+    """``(our prefix, transformers' prefix)`` of every renamed module but the quantizer's."""
+    pairs = []
+    for ours, theirs, first_unit, others in _ACOUSTIC_STACKS:
         ends = {0: "conv1", n_stages + 1: "snake1", n_stages + 2: "conv2"}
-        if i in ends:
-            return f"{module}.{ends[i]}.{rest}"
-        r = re.match(r"block\.(\d)\.block\.(\d)\.(.*)", rest)
-        if r:
-            j, k = int(r.group(1)) - first_unit, int(r.group(2))
-            return f"{module}.block.{i - 1}.res_unit{j + 1}.{_UNIT_LAYERS[k]}.{r.group(3)}"
-        r = re.match(r"block\.(\d)\.(.*)", rest)
-        return f"{module}.block.{i - 1}.{others[int(r.group(1))]}.{r.group(2)}"
-    return None
-
-
-def _acoustic_key_from_hf(key: str, n_stages: int) -> str | None:
-    for prefix, module, first_unit, others in _ACOUSTIC_STACKS:
-        if not key.startswith(module + "."):
-            continue
-        rest = key[len(module) + 1 :]
-        ends = {"conv1": 0, "snake1": n_stages + 1, "conv2": n_stages + 2}
-        name, _, tail = rest.partition(".")
-        if name in ends:
-            return f"{prefix}.{ends[name]}.{tail}"
-        r = re.match(r"block\.(\d+)\.res_unit(\d)\.(\w+)\.(.*)", rest)
-        if r and r.group(3) in _UNIT_LAYERS:
-            i, j, k = int(r.group(1)) + 1, int(r.group(2)) - 1 + first_unit, _UNIT_LAYERS.index(r.group(3))
-            return f"{prefix}.{i}.block.{j}.block.{k}.{r.group(4)}"
-        names = {v: k for k, v in others.items()}
-        r = re.match(r"block\.(\d+)\.(\w+)\.(.*)", rest)
-        if r and r.group(2) in names:
-            return f"{prefix}.{int(r.group(1)) + 1}.block.{names[r.group(2)]}.{r.group(3)}"
-    return None  # not a known layer: kept as it is, and reported as unexpected when loading
+        pairs += [(f"{ours}.{i}.", f"{theirs}.{name}.") for i, name in ends.items()]
+        layers = [(str(k), name) for k, name in others.items()]
+        units = [(j, k, name) for j in range(3) for k, name in enumerate(_UNIT_LAYERS)]  # 3 residual units a block
+        layers += [(f"{first_unit + j}.block.{k}", f"res_unit{j + 1}.{name}") for j, k, name in units]
+        for i in range(1, n_stages + 1):
+            pairs += [(f"{ours}.{i}.block.{a}.", f"{theirs}.block.{i - 1}.{b}.") for a, b in layers]
+    return pairs + list(_LINEARS)
 
 
 def original_key_to_hf(key: str, n_stages: int) -> str:
     """Map a released/our state-dict key to transformers' ``XcodecModel`` naming."""
-    acoustic = _acoustic_key_to_hf(key, n_stages)
-    if acoustic is not None:
-        return acoustic
-    if key.startswith(("encoder_semantic.", "decoder_semantic.")):
-        return re.sub(r"\.conv\.(weight|bias)$", r".\1", key)
-    m = re.match(r"quantizer\.vq\.layers\.(\d+)\._codebook\.(.*)", key)
-    if m:
-        return f"quantizer.quantizers.{m.group(1)}.codebook.{m.group(2)}"
-    for ours, theirs in _LINEARS:
+    for ours, theirs in _renamed_prefixes(n_stages):
         if key.startswith(ours):
             return theirs + key[len(ours) :]
-    return key
+    if key.startswith(("encoder_semantic.", "decoder_semantic.")):
+        return re.sub(r"\.conv\.(weight|bias)$", r".\1", key)
+    return re.sub(r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.quantizers.\1.codebook.", key)
 
 
 def hf_key_to_original(key: str, n_stages: int) -> str:
-    """The inverse of :func:`original_key_to_hf`."""
-    acoustic = _acoustic_key_from_hf(key, n_stages)
-    if acoustic is not None:
-        return acoustic
-    if key.startswith(("encoder_semantic.", "decoder_semantic.")):
-        return key if _SEMANTIC_PLAIN.search(key) else re.sub(r"\.(weight|bias)$", r".conv.\1", key)
-    m = re.match(r"quantizer\.quantizers\.(\d+)\.codebook\.(.*)", key)
-    if m:
-        return f"quantizer.vq.layers.{m.group(1)}._codebook.{m.group(2)}"
-    for ours, theirs in _LINEARS:
+    """The inverse of :func:`original_key_to_hf`; a key of no known layer is kept (reported as unexpected)."""
+    for ours, theirs in _renamed_prefixes(n_stages):
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
-    return key
+    if key.startswith(("encoder_semantic.", "decoder_semantic.")):
+        return key if _SEMANTIC_PLAIN.search(key) else re.sub(r"\.(weight|bias)$", r".conv.\1", key)
+    return re.sub(r"^quantizer\.quantizers\.(\d+)\.codebook\.", r"quantizer.vq.layers.\1._codebook.", key)
 
 
 def state_to_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
@@ -112,24 +75,19 @@ def state_to_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torc
 
 
 def state_from_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
-    """Rename a transformers ``XcodecModel`` state dict to our keys (any weight-norm style)."""
     return {hf_key_to_original(k, n_stages): v for k, v in state.items()}
 
 
-# ---------------------------------------------------------------------------- configs
 def _field(config: dict, key: str, kind: type, default, where: str):
-    value = config.get(key)
-    if value is None:
-        value = default
-    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
-    if not ok:
+    value = default if config.get(key) is None else config[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
         raise LayoutError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
     return value
 
 
 def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
-    """``(teacher name, overrides of its default config, the full config)`` from a transformers
-    HuBERT/WavLM config dict (a ``semantic_model_config`` or a teacher's own ``config.json``)."""
+    """``(teacher name, overrides of its default config, the full config)`` from a transformers HuBERT/WavLM
+    config dict (a ``semantic_model_config`` or a teacher's own ``config.json``)."""
     model_type = sc.get("model_type", "hubert")
     teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
     if teacher is None:
@@ -151,10 +109,10 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
     sc = dict(_field(config, "semantic_model_config", dict, {}, where))
     teacher, overrides, full = teacher_from_hf_config(sc, f"{where}: semantic_model_config")
     bandwidths = _field(config, "target_bandwidths", list, [0.5, 1, 1.5, 2, 4], where)
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bandwidths):
+    if not all(type(b) in (int, float) for b in bandwidths):
         raise LayoutError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")
     ratios = _field(ac, "downsampling_ratios", list, [8, 5, 4, 2], where)
-    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+    if not all(type(r) is int for r in ratios):
         raise LayoutError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
     strides = _field(config, "strides", list, [1, 1], where)
     cfg = GeneratorConfig(
@@ -189,11 +147,10 @@ _HF_NAMES = {
 
 
 def _check_hf_consistency(config: dict, ac: dict, teacher: dict, cfg: GeneratorConfig, where: str) -> None:
-    """Sizes that must agree for the weights to mean what the config says."""
-    hop = math.prod(cfg.ratios)
+    """Sizes that must agree for the weights to mean what the config says (the decoder uses the encoder's ratios)."""
     expect = {
-        "acoustic_model_config.upsampling_ratios": (ac.get("upsampling_ratios"), cfg.ratios),  # the decoder uses the encoder's ratios
-        "acoustic_model_config.hop_length": (ac.get("hop_length"), hop),
+        "acoustic_model_config.upsampling_ratios": (ac.get("upsampling_ratios"), cfg.ratios),
+        "acoustic_model_config.hop_length": (ac.get("hop_length"), cfg.hop_length),
         "acoustic_model_config.sampling_rate": (ac.get("sampling_rate"), cfg.sample_rate),
         "channel_ratios": (config.get("channel_ratios"), [1] * cfg.semantic_blocks),
         "strides": (config.get("strides"), [1] * cfg.semantic_blocks),
@@ -206,10 +163,9 @@ def _check_hf_consistency(config: dict, ac: dict, teacher: dict, cfg: GeneratorC
         if not isinstance(teacher.get(key), int) or teacher[key] < 1:
             raise LayoutError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {teacher.get(key)!r}")
     if teacher["hidden_size"] % teacher["num_attention_heads"]:
-        raise LayoutError(
-            f"{where}: semantic_model_config: hidden_size {teacher['hidden_size']} is not a multiple of "
-            f"num_attention_heads {teacher['num_attention_heads']}"
-        )
+        hidden, heads = teacher["hidden_size"], teacher["num_attention_heads"]
+        problem = f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        raise LayoutError(f"{where}: semantic_model_config: {problem}")
 
 
 def hf_config_from_generator(cfg: GeneratorConfig) -> dict:
@@ -231,7 +187,7 @@ def hf_config_from_generator(cfg: GeneratorConfig) -> dict:
             "upsampling_ratios": list(cfg.ratios),
             "hidden_size": cfg.D,
             "sampling_rate": cfg.sample_rate,
-            "hop_length": math.prod(cfg.ratios),
+            "hop_length": cfg.hop_length,
         },
         "semantic_model_config": teacher_cfg,
     }

@@ -14,30 +14,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-_warned: set[str] = set()
 
-
-def warn_once(message: str, stacklevel: int = 3) -> None:
-    """A RuntimeWarning, once per process per message."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)  # at check_precision's caller
 
 
 def reset_warnings() -> None:
-    """Forget which :func:`warn_once` messages were given (tests)."""
-    _warned.clear()
+    """Forget which warnings were given (tests)."""
+    _warn_once.cache_clear()
 
 
 @functools.cache
 def cpu_has_amx() -> bool | None:
     """Whether this CPU has AMX tiles (fast bf16 matrix units); None when unknown."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        try:
-            return bool(probe())
-        except RuntimeError:
-            pass
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return bool(torch.cpu._is_amx_tile_supported())
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), None)
@@ -48,15 +40,14 @@ def cpu_has_amx() -> bool | None:
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """How many times faster a convolution of the codec's kind runs in bf16 than in fp32 on
-    this CPU, measured once per process (a few tenths of a second).
+    """How many times faster a convolution of the codec's kind runs in bf16 than in fp32 on this CPU,
+    measured once per process (a few tenths of a second): AVX512-BF16 (AMD Zen 4) is as fast a bf16
+    path as AMX, and a CPU without either runs bf16 at about half the rate.
 
-    AMX is not the only fast bf16 path: AVX512-BF16 (e.g. AMD Zen 4) runs the codec's convs
-    about 2.4x faster in bf16, while a CPU without either runs them at about half the rate.
-    The probe is one of the codec's own convs (256 channels, kernel 7, 2048 frames) on one
-    thread, the two precisions interleaved, best of 3 after a warm-up each: on a busy machine
-    a multi-threaded kernel waits for its slowest thread and one slow run is not the rate (a
-    64-channel conv on all threads read 0.3-0.8x on an AMX CPU whose codec runs 3.5x faster).
+    The probe is one of the codec's convs (256 channels, kernel 7, 2048 frames) on one thread, the
+    precisions interleaved, best of 3 after a warm-up: on a busy machine a multi-threaded kernel
+    waits for its slowest thread (a 64-channel conv on all threads read 0.3-0.8x on an AMX CPU
+    whose codec runs 3.5x faster).
     """
     try:
         onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -84,17 +75,14 @@ def cpu_bf16_speedup() -> float:
 
 
 def check_precision(precision: str, device: torch.device | None = None) -> str:
-    """Return ``precision`` after checking it is one of :data:`PRECISIONS`; on a CPU where
-    bf16 is measured slower than fp32, ``bf16`` warns once that fp32 is the faster choice."""
+    """Return ``precision`` after checking it is one of :data:`PRECISIONS`; on a CPU where bf16 is
+    measured slower than fp32, ``bf16`` warns once per process that fp32 is the faster choice."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and device is not None and device.type == "cpu":
-        speedup = cpu_bf16_speedup()
-        if speedup < 0.9:
-            warn_once(
-                f"bf16 convolutions run at {speedup:.2f}x the float32 rate on this CPU (measured; no AMX or "
-                "AVX512-BF16 kernels): precision='fp32' is faster on this machine"
-            )
+    speedup = cpu_bf16_speedup() if precision == "bf16" and device is not None and device.type == "cpu" else 1.0
+    if speedup < 0.9:
+        _warn_once(f"bf16 convolutions run at {speedup:.2f}x the float32 rate on this CPU (measured; no AMX or "
+                   "AVX512-BF16 kernels): precision='fp32' is faster on this machine")  # fmt: skip
     return precision
 
 
@@ -107,11 +95,9 @@ def autocast(device: torch.device, precision: str | None) -> contextlib.Abstract
     return torch.autocast(device.type, enabled=False)
 
 
-# The TF32 switches exact mode turns off (oneDNN's too: ``set_float32_matmul_precision("high")``
-# sets them, and CPUs with reduced-precision float32 units use them). torch >= 2.9 has
-# per-backend ``fp32_precision`` settings and refuses to read its older API (``allow_tf32``,
-# ``get_float32_matmul_precision``) once the two are mixed: exact mode writes only the newer
-# one where it exists.
+# The TF32 switches exact mode turns off (oneDNN's too: CPUs with reduced-precision float32 units use
+# them). torch >= 2.9 has per-backend ``fp32_precision`` settings and refuses to read its older API
+# once the two are mixed: exact mode writes only the newer one where it exists.
 _TF32_SWITCHES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
 
 
@@ -127,10 +113,9 @@ def tf32_switches() -> list[tuple[object, str]]:
 def ieee_fp32(enabled: bool = True, device: torch.device | None = None) -> Iterator[None]:
     """IEEE float32 matmuls, convolutions and attention inside; every flag restored after.
 
-    cuDNN convolutions default to TF32 on Ampere and later, which changes the last bits of
-    every conv and so codes: exact mode runs with it off, and leaves the process as it was.
-    On CUDA (``device``) attention also runs on SDPA's math kernel: the memory-efficient
-    kernel computes float32 with 3xTF32 on sm80+ whatever the flags.
+    cuDNN convolutions default to TF32 on Ampere and later, which changes the last bits of every conv
+    and so codes. On CUDA attention also runs on SDPA's math kernel: the memory-efficient kernel
+    computes float32 with 3xTF32 on sm80+ whatever the flags.
     """
     if not enabled:
         yield

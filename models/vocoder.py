@@ -1,10 +1,7 @@
 """YuE's 44.1 kHz vocoders: Vocos decoders that turn X-Codec codes into 44.1 kHz audio.
 
-YuE's codec (``yue_xcodec_mini``, HF ``m-a-p/xcodec_mini_infer``) ships two vocoders in
-``decoders/``: ``decoder_131000.pth`` (vocals) and ``decoder_151000.pth`` (instrumentals),
-bare state dicts of a Vocos backbone + ISTFT head described by ``decoders/config.yaml``.
-They take the quantizer's latents of 8 codebooks (the sum of the code embeddings, before
-``fc_post2``) and give 882 samples per frame: 44.1 kHz at 50 frames/s::
+YuE's codec (``yue_xcodec_mini``) ships two in ``decoders/`` (vocals, instrumentals): a Vocos backbone and
+ISTFT head (``decoders/config.yaml``) on the quantizer's latents of 8 codebooks, 882 samples a frame::
 
     codec = XCodec.from_pretrained("yue_xcodec_mini")
     vocoder = Vocoder.from_pretrained("vocals")            # or "instrumentals", or a .pth
@@ -26,11 +23,9 @@ from modules.vocos import ISTFTHead, VocosBackbone
 from utils.audio import sinc_resample
 from utils.budget import check_budget
 from utils.config import ConfigError, from_dict, read_yaml, setting
-from utils.hub import HubError, hub_file
 
-from .pretrained import CheckpointError, load_checked_state, read_torch_file, tensors_only
+from .pretrained import YUE_REPO, CheckpointError, download, load_codec_state, read_torch_file
 
-YUE_REPO = "m-a-p/xcodec_mini_infer"
 VOCODERS = {"vocals": "decoders/decoder_131000.pth", "instrumentals": "decoders/decoder_151000.pth"}
 VOCODER_CONFIG = "decoders/config.yaml"
 LOW_BAND_CUTOFF_HZ = 5500.0
@@ -79,11 +74,11 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs, int]:
         raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
     if head.n_fft <= head.hop_length or (head.n_fft - head.hop_length) % 2:
         raise ConfigError(f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}")
-    scalars = {k: v for k, v in dataclasses.asdict(backbone).items() if k != "layer_scale_init_value"}
-    sizes = {f"backbone.init_args.{k}": v for k, v in scalars.items()}
-    sizes |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(head).items() if k != "padding"}
-    defaults = {f"backbone.init_args.{k}": v for k, v in dataclasses.asdict(BackboneArgs()).items()}
-    defaults |= {f"head.init_args.{k}": v for k, v in dataclasses.asdict(HeadArgs()).items()}
+    sizes, defaults = (
+        {f"{key}.init_args.{k}": v for key, args in (("backbone", b), ("head", h))
+         for k, v in dataclasses.asdict(args).items() if k not in ("layer_scale_init_value", "padding")}
+        for b, h in ((backbone, head), (BackboneArgs(), HeadArgs()))
+    )  # fmt: skip
     check_budget(_vocoder_parameters, sizes, defaults, f"{path}: ")
     return backbone, head, n_q
 
@@ -100,14 +95,13 @@ class Vocoder(nn.Module):
     """A Vocos decoder from codec latents to audio (state-dict keys ``backbone.*``, ``head.*``).
 
     Args:
-        backbone: :class:`VocosBackboneArgs`-shaped settings.
-        head: the ISTFT head's settings.
-        frame_rate: code frames per second of the codec it follows (50).
+        backbone, head: the settings; frame_rate: code frames per second of the codec it follows.
+        n_q: the codebooks it was trained on (YuE's: 8), if known.
     """
 
     def __init__(self, backbone: BackboneArgs, head: HeadArgs, frame_rate: int = 50, n_q: int | None = None):
         super().__init__()
-        self.frame_rate, self.n_q = frame_rate, n_q  # n_q: the codebooks it was trained on (YuE's: 8), if known
+        self.frame_rate, self.n_q = frame_rate, n_q
         self.backbone = VocosBackbone(**dataclasses.asdict(backbone))
         self.head = ISTFTHead(**dataclasses.asdict(head))
         self.hop_length = head.hop_length
@@ -134,67 +128,46 @@ class Vocoder(nn.Module):
     def check_codec(self, codec: nn.Module, n_q: int) -> None:
         """Raise ``ValueError`` unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
         if self.n_q is not None and n_q != self.n_q:
-            raise ValueError(
-                f"this vocoder takes {self.n_q} codebooks, not {n_q}: encode at the bandwidth of {self.n_q} (YuE: -b 4)"
-            )
+            fix = f"encode at the bandwidth of {self.n_q} (YuE: -b 4)"
+            raise ValueError(f"this vocoder takes {self.n_q} codebooks, not {n_q}: {fix}")
         if codec.frame_rate != self.frame_rate:
-            raise ValueError(
-                f"this vocoder follows a {self.frame_rate} Hz codec; this one runs at {codec.frame_rate} Hz"
-            )
+            rates = f"a {self.frame_rate} Hz codec; this one runs at {codec.frame_rate} Hz"
+            raise ValueError(f"this vocoder follows {rates}")
         if codec.quantizer.dimension != self.input_channels:
-            raise ValueError(
-                f"the vocoder takes {self.input_channels}-channel latents; this codec gives {codec.quantizer.dimension}"
-            )
+            latent = codec.quantizer.dimension
+            raise ValueError(f"the vocoder takes {self.input_channels}-channel latents; this codec gives {latent}")
 
     @staticmethod
-    def from_pretrained(
-        name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu", checkpoint: str | Path | None = None
-    ) -> Vocoder:
+    def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu",
+                        checkpoint: str | Path | None = None) -> Vocoder:  # fmt: skip
         """``"vocals"`` / ``"instrumentals"`` (YuE's: from ``checkpoint``'s ``decoders/`` when it is a local
-        clone of ``m-a-p/xcodec_mini_infer``, else downloaded once) or a ``decoder_*.pth`` (config:
-        ``config`` or ``config.yaml`` beside it).
+        clone of ``m-a-p/xcodec_mini_infer`` or one of its ``final_ckpt/*.pth``, else downloaded once) or a
+        ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it).
 
         Raises:
             CheckpointError: with a one-line reason.
         """
-        local = yue_clone(checkpoint)
-        if str(name) in VOCODERS and local is not None:
-            name = local / VOCODERS[str(name)]
-        if str(name) in VOCODERS:
-            try:
-                weights, cfg = (
-                    hub_file(YUE_REPO, VOCODERS[str(name)]),
-                    Path(config) if config else hub_file(YUE_REPO, VOCODER_CONFIG),
-                )
-            except HubError as exc:
-                raise CheckpointError(f"could not get the {name} vocoder: {exc}; pass a local decoder_*.pth") from None
+        name, local = str(name), Path(checkpoint or "")
+        local = local.parent.parent if local.is_file() else local  # YuE's clone, or its final_ckpt/*.pth
+        if checkpoint is not None and name in VOCODERS and (local / "final_ckpt").is_dir():
+            if (local / VOCODERS[name]).is_file() and (local / VOCODER_CONFIG).is_file():
+                name = str(local / VOCODERS[name])
+        if name in VOCODERS:
+            hint = "Pass a local decoder_*.pth"
+            weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", hint)
         else:
-            weights = Path(name)
-            cfg = Path(config) if config is not None else weights.parent / "config.yaml"
+            weights, cfg = Path(name), Path(name).parent / "config.yaml"
             if not weights.is_file():
-                known = ", ".join(VOCODERS)
-                raise CheckpointError(
-                    f"{weights}: vocoder not found (a .pth with config.yaml beside it, or one of {known})"
-                )
+                known = f"a .pth with config.yaml beside it, or one of {', '.join(VOCODERS)}"
+                raise CheckpointError(f"{weights}: vocoder not found ({known})")
+        cfg = Path(config) if config is not None else cfg
         try:
             backbone, head, n_q = read_vocoder_config(cfg)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
         model = Vocoder(backbone, head, n_q=n_q)
-        load_checked_state(model, tensors_only(read_torch_file(weights)), str(weights), str(cfg))
+        load_codec_state(model, read_torch_file(weights), str(weights), str(cfg))
         return model.eval().requires_grad_(False).to(device)
-
-
-def yue_clone(checkpoint: str | Path | None) -> Path | None:
-    """The local YuE repository (``final_ckpt/`` and ``decoders/``) that ``checkpoint`` is, or holds
-    (``final_ckpt/*.pth``), else ``None``."""
-    if checkpoint is None or not Path(checkpoint).exists():
-        return None
-    path = Path(checkpoint)
-    for root in (path, path.parent.parent) if path.is_file() else (path,):
-        if (root / "final_ckpt").is_dir() and all((root / f).is_file() for f in (*VOCODERS.values(), VOCODER_CONFIG)):
-            return root
-    return None
 
 
 def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707) -> np.ndarray:
@@ -203,18 +176,15 @@ def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707
 
     w0 = 2 * np.pi * cutoff / rate
     alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
-    b = (
-        np.array([1 - cos, 2 * (1 - cos), 1 - cos]) / 2
-        if kind == "low"
-        else np.array([1 + cos, -2 * (1 + cos), 1 + cos]) / 2
-    )
+    sign = -1 if kind == "low" else 1
+    b = np.array([1 + sign * cos, -2 * (1 + sign * cos), 1 + sign * cos]) * [1, sign, 1] / 2
     a = np.array([1 + alpha, -2 * cos, 1 - alpha])
     return np.clip(lfilter(b / a[0], a / a[0], x.astype(np.float64)), -1.0, 1.0)
 
 
 def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate: int = 16000, rate: int = 44100,
                    cutoff: float = LOW_BAND_CUTOFF_HZ, eps: float = 1e-10) -> torch.Tensor:  # fmt: skip
-    """YuE's post-processing (``replace_low_freq_with_energy_matched``): the codec's own 16 kHz
+    """YuE's post-processing (``replace_low_freq_with_energy_matched``, computed in float64): the codec's own
     decoding below ``cutoff``, scaled to the vocoder's energy there, plus the vocoder above it.
 
     Args:
@@ -222,8 +192,7 @@ def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate:
         vocoded: (B, 1, T44) the vocoder's output at ``rate``.
 
     Returns:
-        (B, 1, min(T16 resampled, T44)) float32 at ``rate``: YuE's steps (torchaudio's windowed-sinc
-        resampling, biquads clamped to [-1, 1], one RMS gain), computed in float64.
+        (B, 1, min(T16 resampled, T44)) float32 at ``rate``.
     """
     out = []
     for low, high in zip(codec_audio[:, 0].float().cpu().numpy(), vocoded[:, 0].float().cpu().numpy()):

@@ -20,7 +20,7 @@ from .config import GeneratorConfig
 from .engine import batched, pad_rows, run_acoustic
 from .export import push_to_hub, save_transformers
 from .precision import autocast, check_precision, ieee_fp32
-from .pretrained import CheckpointSource, load_codec_state, read_checkpoint
+from .pretrained import load_codec_state, read_checkpoint
 
 
 class CodesError(ValueError):
@@ -307,26 +307,22 @@ class XCodec(nn.Module):
         return push_to_hub(self, repo_id, private, token)  # save_pretrained into a hub repository; the commit URL
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | Path | CheckpointSource, config: str | Path | None = None, device: str | torch.device = "cpu"
-    ) -> XCodec:
-        """Load an inference model (eval mode, weight norm folded, no gradients).
+    def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
+        """An inference model: eval mode, weight norm folded, no gradients, :attr:`checkpoint_id` set.
 
-        ``path``: a release name (downloaded once into the Hugging Face cache), a
-        release .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our
-        training, a transformers ``XcodecModel`` directory or our export. Raises
-        ``models.pretrained.CheckpointError`` with a one-line reason.
+        Args:
+            path: a release name or ``owner/name`` (downloaded once into the Hugging Face cache), a release
+                .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our training or YuE's,
+                a transformers ``XcodecModel`` directory or our export.
+
+        Raises:
+            models.pretrained.CheckpointError: with a one-line reason.
         """
-        contents = read_checkpoint(path, config)
-        model = build_codec(contents.generator, contents.audio_norm_scale, weight_norm=False)
-        load_codec_state(model, contents.state, contents.source)
-        for module in model.semantic_model.modules():  # the teacher's positional conv
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-        return model.to(device)
+        ckpt = read_checkpoint(path, config)
+        model = build_codec(ckpt.generator, ckpt.audio_norm_scale, weight_norm=False)
+        load_codec_state(model, ckpt.state, ckpt.source)  # folds every weight norm into the plain convs
+        model.checkpoint_id = ckpt.id
+        return model.eval().requires_grad_(False).to(device)
 
 
 def build_codec(
@@ -340,13 +336,16 @@ def build_codec(
     Args:
         cfg: architecture (the YAML ``generator.config`` section).
         audio_norm_scale: gain the pipelines apply before encoding (stored, not applied).
-        weight_norm: weight-norm parametrized acoustic convs (training); ``False`` builds
-            plain convs, which is what inference loads folded weights into.
+        weight_norm: weight-norm parametrized convs (training); ``False`` builds plain convs, the
+            teacher's positional conv included, which is what inference loads folded weights into.
         pretrained_teacher: ``False`` builds the teacher from its config (weights come
             from the codec checkpoint); ``True`` or a repo id / directory loads a
             pretrained teacher (training from scratch).
     """
     teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher)
+    for module in teacher.modules() if not weight_norm else ():  # the positional conv: the loader folds its state
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight")
     hidden = teacher.config.hidden_size
     quantizer = ResidualVectorQuantizer.for_bandwidths(cfg.D + hidden, cfg.bins, cfg.frame_rate, cfg.target_bandwidths)
     model = XCodec(
@@ -360,5 +359,5 @@ def build_codec(
         hop_length=cfg.hop_length,
         audio_norm_scale=audio_norm_scale,
     )
-    model.config = cfg
+    model.config, model.checkpoint_id = cfg, None  # checkpoint_id: set by from_pretrained
     return model

@@ -27,14 +27,8 @@ def audio_extensions() -> set[str]:
 
 @dataclass(frozen=True)
 class DatasetAudio:
-    """Row ``row`` of the ``audio`` column of a Hugging Face dataset (a ``save_to_disk``
-    directory or parquet files), read when needed (in a reader process, not at planning).
-
-    Attributes:
-        dataset: the directory or parquet file.
-        row: the row index.
-        name: what messages call it.
-    """
+    """Row ``row`` of the ``audio`` column of a Hugging Face dataset (``dataset``: a ``save_to_disk``
+    directory or parquet file), read when needed; ``name``: what messages call it."""
 
     dataset: str
     row: int
@@ -48,23 +42,20 @@ _DATASETS: dict[str, object] = {}  # opened once per process (memory-mapped Arro
 
 
 def open_audio_dataset(path: str | Path):
-    """The dataset at ``path`` (``save_to_disk`` directory or parquet file(s)) with its ``audio``
-    column undecoded (``{"bytes", "path"}``), through the real ``datasets`` code path."""
+    """The dataset at ``path`` (``save_to_disk`` directory or parquet file) with its ``audio`` column
+    undecoded (``{"bytes", "path"}``), opened once per process."""
     try:
         import datasets  # optional heavy dependency: only for dataset inputs
     except ImportError:
-        raise AudioError(
-            f"{path}: reading a Hugging Face dataset needs the datasets package (pip install datasets)"
-        ) from None
+        needs = "the datasets package (pip install datasets)"
+        raise AudioError(f"{path}: reading a Hugging Face dataset needs {needs}") from None
 
     key = str(path)
     if key not in _DATASETS:
-        p = Path(path)
-        ds = (
-            datasets.load_from_disk(key)
-            if p.is_dir()
-            else datasets.load_dataset("parquet", data_files=key, split="train")
-        )
+        if Path(path).is_dir():
+            ds = datasets.load_from_disk(key)
+        else:
+            ds = datasets.load_dataset("parquet", data_files=key, split="train")
         if "audio" not in ds.column_names:
             raise AudioError(f"{path}: no 'audio' column (columns: {', '.join(ds.column_names)})")
         if isinstance(ds.features["audio"], datasets.Audio):  # else a plain {array, sampling_rate} struct
@@ -91,32 +82,28 @@ def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str | tuple[np.ndarray, in
 def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """Read ``path`` (a file, or a dataset row) as mono float32, optionally resampled to ``sample_rate``.
 
-    Returns ``(wav (T,), rate)``. Raises :class:`AudioError` with a one-line reason for
-    missing, unreadable, empty or non-finite audio.
+    Returns:
+        ``(wav (T,), rate)``.
+
+    Raises:
+        AudioError: one line: missing, unreadable, empty or non-finite audio.
     """
-    if isinstance(path, DatasetAudio):
-        try:
-            data = _dataset_bytes(path)
-            if isinstance(data, tuple):  # decoded samples: (T,) or (T, C)
-                wav, rate = data[0].reshape(len(data[0]), -1), data[1]
-            else:
-                wav, rate = sf.read(data, dtype="float32", always_2d=True)
-        except AudioError:
-            raise
-        except Exception as exc:
-            raise AudioError(
-                f"{path}: cannot read audio ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
-            ) from None
-        return _finish(path, wav, rate, sample_rate)
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(missing(path))
-    if path.is_dir():
-        raise AudioError(f"{path}: is a directory, not an audio file")
-    if not path.is_file():  # a FIFO or a device: opening it could block forever
-        raise AudioError(f"{path}: not a regular file (a FIFO, socket or device); skipped")
+    if not isinstance(path, DatasetAudio):
+        path = Path(path)
+        if not path.exists():
+            raise AudioError(missing(path))
+        if path.is_dir():
+            raise AudioError(f"{path}: is a directory, not an audio file")
+        if not path.is_file():  # a FIFO or a device: opening it could block forever
+            raise AudioError(f"{path}: not a regular file (a FIFO, socket or device); skipped")
     try:
-        wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data = _dataset_bytes(path) if isinstance(path, DatasetAudio) else str(path)
+        if isinstance(data, tuple):  # decoded samples: (T,) or (T, C)
+            wav, rate = data[0].reshape(len(data[0]), -1), data[1]
+        else:
+            wav, rate = sf.read(data, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:  # libsndfile raises several types; all mean "unreadable"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise AudioError(f"{path}: cannot read audio ({reason})") from None
@@ -141,11 +128,8 @@ def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[
 
 
 def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Resample a (T,) float array with soxr's high-quality filter.
-
-    Raises:
-        AudioError: the result would exceed the size bound (``utils.budget``; a header declaring 1 Hz).
-    """
+    """Resample (T,) audio with soxr's high-quality filter; AudioError when the result would exceed the
+    size bound (a header declaring 1 Hz)."""
     if orig_rate == new_rate:
         return wav
     samples = len(wav) * new_rate / orig_rate  # before soxr allocates it
@@ -155,11 +139,9 @@ def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     return soxr.resample(wav.astype(np.float32, copy=False), orig_rate, new_rate, quality="HQ").astype(np.float32)
 
 
-def sinc_resample_kernel(
-    orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
-) -> tuple[np.ndarray, int]:
-    """torchaudio's ``sinc_interp_hann`` kernel (``torchaudio.transforms.Resample``'s default) for
-    gcd-reduced rates ``orig -> new``, written from its documented algorithm (no torchaudio here).
+def sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99) -> tuple:
+    """torchaudio's ``sinc_interp_hann`` kernel (``Resample``'s default) for gcd-reduced rates ``orig -> new``,
+    written from its documented algorithm (no torchaudio here).
 
     Returns:
         ``(kernel, width)``: kernel ``(new, 2 * width + orig)`` float64, row ``j`` the taps of output
@@ -174,9 +156,8 @@ def sinc_resample_kernel(
     return sinc * window * (base / orig), width
 
 
-def sinc_resample(
-    wav: np.ndarray, orig_rate: int, new_rate: int, lowpass_filter_width: int = 6, rolloff: float = 0.99
-) -> np.ndarray:
+def sinc_resample(wav: np.ndarray, orig_rate: int, new_rate: int, lowpass_filter_width: int = 6,
+                  rolloff: float = 0.99) -> np.ndarray:  # fmt: skip
     """Resample (T,) audio as ``torchaudio.transforms.Resample(orig_rate, new_rate)`` does (windowed sinc,
     Hann): YuE's post-processing resamples so, and soxr's filter differs from it by ~10% above 6 kHz.
 
@@ -209,23 +190,19 @@ def prepare_output(wav: np.ndarray, rescale: bool = False, limit: float = 0.99) 
 
 
 def fit_length(wav: np.ndarray, samples: int) -> np.ndarray:
-    """(T,) audio cut or zero-padded at the end to ``samples``: the decoder emits whole frames
-    (``frames * hop``), which can be up to a hop shorter or longer than the source."""
-    if len(wav) >= samples:
-        return wav[:samples]
-    return np.pad(wav, (0, samples - len(wav)))
+    """(T,) audio cut or zero-padded at the end to ``samples`` (the decoder emits whole frames)."""
+    return wav[:samples] if len(wav) >= samples else np.pad(wav, (0, samples - len(wav)))
 
 
 OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what the tools write, by the output's extension
 
 
 def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False, format: str = "WAV") -> None:
-    """Write (T,) audio as 16-bit PCM (``format``: ``WAV`` or ``FLAC``), clamped or rescaled like
-    the original inference.py. The format is explicit: ``path`` may be a temporary name.
+    """Write (T,) audio as 16-bit PCM (``format``: ``WAV`` or ``FLAC``; ``path`` may be a temporary name),
+    clamped or rescaled like the original inference.py.
 
     Raises:
-        OSError: the file cannot be written (libsndfile's errors too, e.g. a full disk: callers
-            handle one error type for every write).
+        OSError: the file cannot be written (libsndfile's errors too: one error type for every write).
     """
     try:
         sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)

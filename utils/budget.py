@@ -1,10 +1,8 @@
 """The one size bound: what a config would allocate, estimated before anything is built.
 
-A config value of 10^9 must end in one line naming it, not in a MemoryError, a traceback from
-an allocator or a build that never ends. Every builder (codec, teacher, vocoder, training
-segments, resampling) estimates from its config alone the elements it would allocate and
-calls :func:`check_budget` first. The estimate is refused above :data:`MAX_ELEMENTS`, and the
-key blamed is the one whose default value shrinks the estimate most.
+A config value of 10^9 must end in one line naming it, not in a MemoryError or a build that never
+ends: every builder estimates from its config the elements it would allocate and calls
+:func:`check_budget` first, which blames the key whose default shrinks the estimate most.
 """
 
 from __future__ import annotations
@@ -37,22 +35,11 @@ def over_budget(n: float, limit: int = MAX_ELEMENTS) -> bool:
     return not n <= limit
 
 
-def check_budget(
-    estimate: Callable[[Mapping[str, Any]], float],
-    values: Mapping[str, Any],
-    defaults: Mapping[str, Any],
-    where: str,
-    what: str = "parameters",
-    limit: int = MAX_ELEMENTS,
-) -> None:
-    """Refuse ``values`` when ``estimate(values)`` elements exceed ``limit``.
-
-    Args:
-        estimate: elements allocated for a mapping of the keys of ``values`` (float arithmetic).
-        values: the config's keys as the user names them, e.g. ``{"bins": 1024, ...}``.
-        defaults: a plausible value for each key of ``values`` (the built-in defaults).
-        where: the message's prefix, e.g. ``"config.yaml: generator.config."``.
-        what: what is counted (``parameters``, ``samples in one batch``).
+def check_budget(estimate: Callable[[Mapping[str, Any]], float], values: Mapping[str, Any], defaults: Mapping[str, Any],
+                 where: str, what: str = "parameters", limit: int = MAX_ELEMENTS) -> None:  # fmt: skip
+    """Refuse ``values`` (the config's keys as the user names them) when ``estimate(values)`` elements
+    (float arithmetic) exceed ``limit``; ``defaults``: a plausible value for each key, ``where``: the
+    message's prefix (``"config.yaml: generator.config."``), ``what``: what is counted.
 
     Raises:
         ConfigError: ``{where}{key}: ...`` naming the key whose default shrinks the estimate most.
@@ -63,6 +50,5 @@ def check_budget(
     candidates = [k for k in values if k in defaults and values[k] != defaults[k]] or list(values)
     key = min(candidates, key=lambda k: elements(estimate, {**values, k: defaults.get(k, values[k])}))
     size = "an unbounded number of" if math.isinf(total) else f"about {total:.3g}"
-    raise ConfigError(
-        f"{where}{key}: {values[key]!r} would allocate {size} {what}, over the bound of {limit:.3g}; not a plausible setting"
-    )
+    bound = f"over the bound of {limit:.3g}; not a plausible setting"
+    raise ConfigError(f"{where}{key}: {values[key]!r} would allocate {size} {what}, {bound}")

@@ -17,14 +17,10 @@ class CliError(Exception):
     """A fatal problem, reported as one line on stderr (no traceback)."""
 
 
-def cli_main(
-    parse_args: Callable[[list[str] | None], argparse.Namespace],
-    run: Callable[[argparse.Namespace], int],
-    argv: list[str] | None = None,
-    one_line: tuple[type[BaseException], ...] = (),
-) -> int:
-    """Parse, run, and turn :class:`CliError` (and the ``one_line`` error types, e.g. a
-    checkpoint that cannot be loaded) into one ``error:`` line and exit code 2."""
+def cli_main(parse_args: Callable[[list[str] | None], argparse.Namespace], run: Callable[[argparse.Namespace], int],
+             argv: list[str] | None = None, one_line: tuple[type[BaseException], ...] = ()) -> int:  # fmt: skip
+    """Parse, run, and turn :class:`CliError`, OSError and the ``one_line`` error types into one
+    ``error:`` line and exit code 2."""
     args = parse_args(argv)
     try:
         return run(args)
@@ -43,9 +39,8 @@ def os_error_line(exc: OSError) -> str:
 
 
 def report_error(exc: BaseException) -> None:
-    """A fatal error as one ``error:`` line on stderr, once per job (under torchrun the ranks
-    that fail alike print it once, see :func:`utils.distributed.first_to_report`); an OSError
-    (a read-only or full filesystem, a vanished directory) as the OS says it, path first."""
+    """A fatal error as one ``error:`` line on stderr, once per job (:func:`utils.distributed.first_to_report`);
+    an OSError as the OS says it, path first."""
     line = f"error: {os_error_line(exc) if isinstance(exc, OSError) else exc}"
     if first_to_report(line):
         print(line, file=sys.stderr, flush=True)
@@ -67,10 +62,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve_device(device: str | None) -> str:
-    """``--device``: the given torch device, checked, or cuda when available, else cpu.
-
-    Only ``cpu`` and ``cuda[:N]`` are supported (``meta`` holds no data; other backends are untested).
-    """
+    """``--device``: the given torch device, checked (``cpu`` or ``cuda[:N]``), or cuda when available, else cpu."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type

@@ -1,16 +1,13 @@
-"""Reading configs: YAML files, their ``base:`` chains, and typed dataclass views.
-
-A config file may name a ``base:`` file (relative to itself) and hold only what it
-changes. :func:`from_dict` builds a dataclass from a mapping; unknown keys and wrong
-types fail naming the key and the file, and so does a value outside the range its field
-declares (:func:`setting`). The codec architecture lives in
-``models.config``, the training recipe in ``training.config``.
+"""Reading configs: YAML files, their ``base:`` chains (a file names a base, relative to itself,
+and holds only what it changes), and typed dataclass views (:func:`from_dict`): unknown keys,
+wrong types and values outside a field's range (:func:`setting`) fail naming the key and the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable
@@ -46,36 +43,22 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
-def setting(
-    default: Any = dataclasses.MISSING,
-    *,
-    factory: Callable[[], Any] | None = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: tuple | None = None,
-    nonempty: bool = False,
-) -> Any:
-    """A dataclass field with its allowed range, checked by :func:`from_dict` and :func:`check_ranges`.
-
-    The bounds apply to a number, or to every item of a list; NaN never passes a bound.
-    ``choices`` lists the allowed values; ``nonempty`` refuses an empty list.
-    """
+def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple | None = None,
+            nonempty: bool = False) -> Any:  # fmt: skip
+    """A dataclass field with its allowed range, checked by :func:`from_dict` and :func:`check_ranges`:
+    bounds on a number or on every item of a list (NaN never passes), ``choices`` the allowed values,
+    ``nonempty`` refuses an empty list."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "nonempty": nonempty}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def _within(item: float, key: str, bound: float) -> bool:
-    return {"ge": item >= bound, "gt": item > bound, "le": item <= bound, "lt": item < bound}[key]
-
-
-def range_problem(value: Any, meta: typing.Mapping) -> str | None:
+def _range_problem(value: Any, meta: typing.Mapping) -> str | None:
     """Why ``value`` is outside the range of a :func:`setting` (``None``: it is inside)."""
     if meta.get("nonempty") and isinstance(value, list) and not value:
         return "must not be empty"
@@ -88,9 +71,9 @@ def range_problem(value: Any, meta: typing.Mapping) -> str | None:
             continue
         if isinstance(item, float) and not math.isfinite(item):
             return f"must be a finite number, got {value!r}"
-        for key, word in _BOUNDS:
+        for key, (within, word) in _BOUNDS.items():
             bound = meta.get(key)
-            if bound is not None and not _within(item, key, bound):
+            if bound is not None and not within(item, bound):
                 subject = "every item must be" if isinstance(value, list) else "must be"
                 return f"{subject} {word} {bound}, got {value!r}"
     return None
@@ -102,14 +85,12 @@ def check_ranges(obj: Any, where: str = "config") -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{where}.{f.name}")
-            continue
-        problem = range_problem(value, f.metadata)
-        if problem is not None:
+        elif (problem := _range_problem(value, f.metadata)) is not None:
             raise ConfigError(f"{where}.{f.name}: {problem}")
 
 
 def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values out of range raise ConfigError."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -131,25 +112,16 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
             except ValueError:
                 pass
         if not _type_ok(value, tp):
-            raise ConfigError(f"{where}.{name}: expected {_type_name(tp)}, got {value!r}")
-        if tp is float and isinstance(value, int):
-            value = float(value)
-        problem = range_problem(value, fields[name].metadata)
-        if problem is not None:
-            raise ConfigError(f"{where}.{name}: {problem}")
-        kwargs[name] = value
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+            expected = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
+        kwargs[name] = float(value) if tp is float and isinstance(value, int) else value
+    required = [n for n, f in fields.items() if dataclasses.MISSING is f.default is f.default_factory]
+    missing = [n for n in required if n not in kwargs]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-    return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    obj = cls(**kwargs)
+    check_ranges(obj, where)
+    return obj
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -178,16 +150,12 @@ def merge(base: dict, override: dict) -> dict:
     """Recursive dict merge: mappings merge key by key, anything else is replaced."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
 def config_layers(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
-    """``[(file, mapping)]`` for ``path`` and the chain of ``base:`` files it names, base first
-    (each mapping without its ``base`` key)."""
+    """``[(file, mapping without base)]`` for ``path`` and the ``base:`` files it names, base first."""
     path = Path(path)
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
@@ -201,8 +169,8 @@ def config_layers(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]
 
 
 def config_dir(path: str | Path) -> Path:
-    """The directory relative paths inside config ``path`` are taken from (``base:``, data lists):
-    its own, or its target's for a linked config (whose base sits beside the target)."""
+    """Where relative paths inside config ``path`` start (``base:``, data lists): its directory, or its
+    target's for a linked config (whose base sits beside the target)."""
     path = Path(path)
     return path.resolve().parent if path.is_symlink() else path.parent
 

@@ -1,9 +1,5 @@
-"""Process-group helpers that fall back to a single process; the one source of rank and world size.
-
-Every function here works with or without ``torch.distributed`` initialised, so the
-same training, tokenization and quantizer code runs under ``python`` and under
-``torchrun``. Collectives run only when a process group of more than one rank exists.
-"""
+"""Process-group helpers that work without a process group too (the same code runs under ``python``
+and ``torchrun``; collectives run only with more than one rank); the one source of rank and world size."""
 
 from __future__ import annotations
 
@@ -18,25 +14,27 @@ import torch
 import torch.distributed as dist
 
 
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _grouped() and dist.get_world_size() > 1
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """This process's shard of a job that needs no process group (tokenization): the process
-    group's ``(rank, world size)`` when one is initialised, else the ``RANK``/``WORLD_SIZE``
-    variables ``torchrun`` sets, else ``(0, 1)``.
+    """``(rank, world size)`` of a job that needs no process group (tokenization): the process group's,
+    else torchrun's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``.
 
     Raises:
         ValueError: the variables are not integers or the rank lies outside the world.
     """
-    if dist.is_available() and dist.is_initialized():
+    if _grouped():
         return rank(), world_size()
     if ("WORLD_SIZE" in os.environ) != ("RANK" in os.environ):
         given, absent = ("WORLD_SIZE", "RANK") if "WORLD_SIZE" in os.environ else ("RANK", "WORLD_SIZE")
-        raise ValueError(
-            f"{given}={os.environ[given]} is set but {absent} is not: set both (torchrun does), or neither for one process"
-        )
+        fix = "set both (torchrun does), or neither for one process"
+        raise ValueError(f"{given}={os.environ[given]} is set but {absent} is not: {fix}")
     try:
         r, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -47,21 +45,15 @@ def rank_and_world_size() -> tuple[int, int]:
 
 
 def rank() -> int:
-    """This process's rank in the process group (0 without one)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _grouped() else 0
 
 
 def world_size() -> int:
-    """The process group's size (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _grouped() else 1
 
 
 def local_rank() -> int:
-    """torchrun's ``LOCAL_RANK`` (0 without it).
-
-    Raises:
-        ValueError: it is not an integer.
-    """
+    """torchrun's ``LOCAL_RANK`` (0 without it); ValueError when it is not an integer."""
     try:
         return int(os.environ.get("LOCAL_RANK", 0))
     except ValueError:
@@ -83,8 +75,8 @@ def choose_device(local: int, local_world: int, gpus: int, device: str = "auto",
     Args:
         local: the local rank; local_world: processes on this node; gpus: GPUs visible.
         device: ``"auto"`` (cuda when a GPU is visible), ``"cuda"`` or ``"cpu"``.
-        backend: ``"auto"`` (NCCL on GPUs, gloo on CPU), ``"nccl"`` or ``"gloo"``. NCCL needs
-            a GPU per process; with gloo several ranks may share one (``local % gpus``).
+        backend: ``"auto"`` (NCCL on GPUs, gloo on CPU), ``"nccl"`` (a GPU per process) or ``"gloo"``
+            (ranks may share a GPU: ``local % gpus``).
     """
     if device == "cpu" or (device == "auto" and gpus == 0):
         if backend == "nccl":
@@ -94,19 +86,18 @@ def choose_device(local: int, local_world: int, gpus: int, device: str = "auto",
         raise DistributedError("device=cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, drivers); use device=cpu or auto")
     backend = "nccl" if backend == "auto" else backend
     if backend == "nccl" and local_world > gpus:
-        raise DistributedError(
-            f"{local_world} processes on this node but {gpus} GPU(s) visible: NCCL needs one GPU per process; "
-            f"run --nproc-per-node={gpus}, or set dist_backend=gloo (ranks share GPUs) or device=cpu"
-        )
+        fix = f"run --nproc-per-node={gpus}, or set dist_backend=gloo (ranks share GPUs) or device=cpu"
+        found = f"{local_world} processes on this node but {gpus} GPU(s) visible"
+        raise DistributedError(f"{found}: NCCL needs one GPU per process; {fix}")
     return torch.device("cuda", local % gpus), backend
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> torch.device:
-    """Join torchrun's process group when there is one; returns this rank's device (see :func:`choose_device`).
+    """Join torchrun's process group when there is one; returns this rank's device (:func:`choose_device`).
 
     Raises:
-        DistributedError: the torchrun variables are malformed or incomplete (e.g. WORLD_SIZE
-            set by hand without torchrun's MASTER_ADDR/MASTER_PORT), instead of a hang or a traceback.
+        DistributedError: malformed or incomplete torchrun variables (WORLD_SIZE set by hand without
+            MASTER_ADDR/MASTER_PORT), instead of a hang or a traceback.
     """
     try:
         _, world = rank_and_world_size()
@@ -116,39 +107,34 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
         raise DistributedError(f"{exc}; launch several processes with torchrun --nproc-per-node=N") from None
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(v)]
     if missing:
-        raise DistributedError(
-            f"WORLD_SIZE={world} but {' and '.join(missing)} not set: launch with torchrun --nproc-per-node={world} "
-            "(it sets them), or unset WORLD_SIZE and RANK for one process"
-        )
+        fix = f"launch with torchrun --nproc-per-node={world} (it sets them), or unset WORLD_SIZE and RANK"
+        fix += " for one process"
+        raise DistributedError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: {fix}")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     chosen, backend = choose_device(local_rank(), local_world, gpus, device, backend)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": chosen} if backend == "nccl" else {}
-        # torchrun's store can outlive a failed attempt; keys of this attempt get their own
-        # prefix so a restarted group never reads the dead group's addresses.
+        # torchrun's store can outlive a failed attempt: this attempt's keys get their own prefix, so a
+        # restarted group never reads the dead group's addresses.
         store, r, size = next(dist.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"xcodec/attempt_{attempt}/", store)
-        dist.init_process_group(
-            backend, store=store, rank=r, world_size=size, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
-        )
+        store = dist.PrefixStore(f"xcodec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, store=store, rank=r, world_size=size, timeout=timeout, **kwargs)
     return chosen
 
 
 def close_distributed(wait: bool) -> None:
-    """Destroy the process group (no-op without one) while the process can still do it cleanly.
-
-    A group left to the interpreter's exit can hang it: its destructor joins gloo's worker
-    threads while holding the GIL, and a worker still releasing a finished collective's tensors
-    waits for the GIL. Callers first drop what holds the group (DDP wrappers: their reducers).
+    """Destroy the process group (no-op without one) while the process can still do it cleanly: a group
+    left to the interpreter's exit can hang it (its destructor joins gloo's threads holding the GIL,
+    which a thread releasing a collective's tensors waits for). Callers first drop DDP wrappers.
 
     Args:
-        wait: meet every rank at a barrier first, so that no collective is in flight (a clean
-            end). False on an error path: the other ranks may never reach the barrier.
+        wait: meet every rank at a barrier first (a clean end); False on an error path, where the
+            other ranks may never reach it.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return
     try:
         if wait and dist.get_world_size() > 1:
@@ -159,10 +145,9 @@ def close_distributed(wait: bool) -> None:
 
 
 def first_to_report(message: str) -> bool:
-    """Whether this process prints ``message``, a fatal error's line: under torchrun only the
-    first rank to report that message does (ranks that fail alike, e.g. on a refused config,
-    print one line; a rank failing alone still prints its own). Counted in torchrun's store;
-    True outside torchrun, or when the store cannot be reached (a line twice, never none)."""
+    """Whether this process prints ``message``, a fatal error's line: under torchrun only the first rank
+    to report it (counted in torchrun's store) does; True outside torchrun or when the store cannot be
+    reached (a line twice, never none)."""
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not host or not port.isdigit():
         return True
@@ -198,15 +183,14 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    sizes_int = [int(s.item()) for s in sizes]
-    max_n = max(sizes_int)
-    padded = torch.zeros(max_n, *x.shape[1:], device=x.device, dtype=x.dtype)
+    counts = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(counts, n)
+    sizes = [int(c.item()) for c in counts]
+    padded = x.new_zeros(max(sizes), *x.shape[1:])
     padded[: x.shape[0]] = x
     gathered = [torch.zeros_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes_int)], dim=0)
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)], dim=0)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -219,9 +203,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def raise_on_every_rank(error: BaseException | None, src: int = 0) -> None:
-    """Raise rank ``src``'s ``error`` (a picklable exception, or None) on every rank; a collective.
-    Work that only rank ``src`` does (writing the run directory) then fails on every rank alike,
-    and the others neither wait for it nor fail on the lost connection."""
+    """Raise rank ``src``'s ``error`` (picklable, or None) on every rank, a collective: work only rank
+    ``src`` does then fails on every rank alike (none waits for it or fails on a lost connection)."""
     error = broadcast_object(error, src)
     if error is not None:
         raise error

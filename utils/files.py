@@ -1,17 +1,11 @@
-"""Files on disk: atomic writes of files and directories, their leftovers, locks (inputs: corpus.inputs).
+"""Files on disk: atomic writes, their leftovers, locks.
 
-Every writer of the project goes through :func:`atomic_write` or :func:`atomic_directory`:
-the content is written under a hidden temporary name beside the target
-(``.{name}.XXXXXXXX.tmp``) and renamed over it when complete, so a reader never sees a
-partial file and a process killed mid-write leaves the old file (or none) plus a
-temporary that :func:`remove_stale_temporaries` deletes at the next start. A writer holds
-an advisory lock (``flock``) on its temporary while it writes, and a temporary that is
-locked belongs to a live writer: it is never deleted. :class:`TreeLock` keeps a second run
-out of an output tree that a first one is still writing.
-
-A file of ours that is written in place (a lock, an appended JSON-lines file) is opened with
-``O_NOFOLLOW`` (:func:`open_own`): a symbolic link where it belongs is refused in one line,
-never written through (its target may be anyone's file).
+Every writer goes through :func:`atomic_write` or :func:`atomic_directory`: the content is written
+under a hidden temporary beside the target (``.{name}.XXXXXXXX.tmp``), locked (``flock``) while it
+is written, and renamed over the target when complete. A reader never sees a partial file; a killed
+writer leaves the old file plus a temporary that :func:`remove_stale_temporaries` deletes (never a
+locked one: a live writer's). :class:`TreeLock` keeps a second run out of an output tree. A file of
+ours written in place is opened with ``O_NOFOLLOW`` (:func:`open_own`): never through a link.
 """
 
 from __future__ import annotations
@@ -45,8 +39,7 @@ class LinkedFileError(OSError):
 
 
 def open_own(path: str | Path, flags: int, mode: int = 0o666) -> int:
-    """``os.open`` of a file of ours that is written in place (locked, appended to, truncated):
-    never through a symbolic link (``O_NOFOLLOW``), whose target would be written instead.
+    """``os.open`` of a file of ours written in place, never through a symbolic link.
 
     Raises:
         LinkedFileError: ``path`` is a symbolic link (its target is left untouched).
@@ -61,9 +54,8 @@ def open_own(path: str | Path, flags: int, mode: int = 0o666) -> int:
 
 
 def open_append(path: str | Path):
-    """The one appender of JSON-lines files (manifests, shard indexes): a text file opened for
-    appending (created if missing, never through a link), with a torn last line (no newline:
-    a killed writer's) cut off first."""
+    """The one appender of JSON-lines files: opened for appending (created if missing, never through
+    a link), a torn last line (a killed writer's) cut off first."""
     drop_torn_line(path)
     return os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
 
@@ -76,22 +68,21 @@ def umask() -> int:
     return mask
 
 
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename in ``directory`` durable (where the filesystem supports it)."""
-    try:
-        fd = os.open(str(directory), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
+def fsync_paths(*paths: Path) -> None:
+    """Make files and renames in directories durable (where the filesystem supports it)."""
+    for path in paths:
+        try:
+            fd = os.open(str(path), os.O_RDONLY)
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):  # some filesystems do not fsync directories
+            os.fsync(fd)
         os.close(fd)
 
 
 def try_lock(fd: int) -> bool:
-    """Take an exclusive advisory lock on ``fd`` without waiting; ``False`` if another holds it."""
+    """Take an exclusive advisory lock on ``fd`` without waiting; ``False`` if another holds it
+    (a filesystem without locks: ``True``)."""
     if fcntl is None:
         return True
     try:
@@ -99,14 +90,13 @@ def try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     except OSError:
-        return True  # a filesystem without locks: behave as before
+        pass
     return True
 
 
 @contextlib.contextmanager
 def _locked(path: str, fd: int | None = None):
-    """Hold an advisory lock on ``path`` (a temporary being written; ``fd`` its open descriptor,
-    opened read-write: NFS grants exclusive locks only to writers) for the block."""
+    """Hold a lock on the temporary ``path`` (``fd``: open read-write, as NFS locks only for writers)."""
     fd = os.open(path, os.O_RDWR if os.path.isfile(path) else os.O_RDONLY) if fd is None else fd
     try:
         try_lock(fd)
@@ -116,7 +106,6 @@ def _locked(path: str, fd: int | None = None):
 
 
 def temporary_name(target: str) -> str:
-    """The prefix of temporaries standing for ``target`` (``.{target}.``)."""
     return f"{TMP_PREFIX}{target}."
 
 
@@ -129,13 +118,8 @@ def temporary_target(name: str) -> str | None:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = False) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    Args:
-        path: the final file.
-        write: fills the temporary file given its path.
-        durable: fsync the file and its directory (checkpoints: survive a power cut).
-    """
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``
+    (``durable``: fsync the file and its directory, to survive a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name), suffix=TMP_SUFFIX)
@@ -144,14 +128,13 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = 
             os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
             write(tmp)
             if durable:
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_paths(Path(tmp))
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync_paths(path.parent)
     return path
 
 
@@ -165,12 +148,11 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
         with _locked(str(tmp)):
             tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
             write(tmp)
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    p.chmod(0o666 & ~umask())
-                    if durable:
-                        with open(p, "rb") as fh:
-                            os.fsync(fh.fileno())
+            files = [p for p in tmp.rglob("*") if p.is_file()]
+            for p in files:
+                p.chmod(0o666 & ~umask())
+            if durable:
+                fsync_paths(*files)
             old = None
             if final.exists():  # moved aside first: a kill now leaves the old copy, not nothing
                 old = final.with_name(f"{temporary_name(final.name)}old{TMP_SUFFIX}")
@@ -183,14 +165,14 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if durable:
-        fsync_dir(final.parent)
+        fsync_paths(final.parent)
     return final
 
 
 # ---------------------------------------------------------------------------- append-only JSON-lines files
 def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
-    """``[(line number, value)]`` of an append-only JSON-lines file (manifests, shard indexes);
-    blank lines are skipped and a torn last line (a killed writer's) is not an entry.
+    """``[(line number, value)]`` of an append-only JSON-lines file; blank lines and a torn last
+    line (a killed writer's) are no entries.
 
     Raises:
         ValueError: naming the file (and line): unreadable, not UTF-8, or a line that is not JSON.
@@ -210,9 +192,8 @@ def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
         try:
             out.append((i + 1, json.loads(line)))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:  # torn: the writer died mid-line
-                continue
-            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+            if i < len(lines) - 1:  # else torn: the writer died mid-line
+                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
     return out
 
 
@@ -229,14 +210,8 @@ def drop_torn_line(path: str | Path) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
-    """Delete the temporaries left in ``directory`` by a killed writer; returns them.
-
-    A temporary whose writer is alive (it holds the temporary's lock) is left alone.
-
-    Args:
-        directory: where to look (not recursive).
-        targets: only temporaries of these file names (``None``: every temporary).
-    """
+    """Delete the temporaries a killed writer left in ``directory`` (not recursive; ``targets``: only
+    those of these file names); returns them. A live writer's (locked) is left alone."""
     wanted = None if targets is None else set(targets)
     removed: list[Path] = []
     try:
@@ -268,22 +243,12 @@ def _in_use(path: str) -> bool:
 
 
 class TreeLock:
-    """An advisory lock on an output tree, held until :meth:`release` or the process ends.
+    """An advisory lock on output tree ``root`` (created if needed), held until :meth:`release` or exit.
 
-    Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock``
-    shared; a run whose world size differs from a live one's is refused (its ranks would
-    take other shares of the same files), and so is a second run with the same ranks.
-    :meth:`release` deletes the files it holds alone; a killed run leaves them, and the next
-    run takes them over (an unlocked lock file is nobody's).
-
-    Args:
-        root: the output directory (created if needed).
-        rank: this process's rank.
-        world_size: the number of processes of the run.
-
-    Raises:
-        TreeLockedError: another live process holds it.
-        LinkedFileError: a lock file is a symbolic link.
+    Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock`` shared: a second
+    run with the same ranks, or with another world size (its ranks would take other shares of the same
+    files), is refused (TreeLockedError; LinkedFileError for a lock file that is a link). A killed run's
+    lock files are taken over (an unlocked lock file is nobody's).
     """
 
     def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
@@ -372,10 +337,7 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def tree_in_use(root: str | Path) -> str | None:
     """The lock file of a live run writing into ``root`` (its rank locks), else ``None``."""
-    for lock in sorted(Path(root).glob(".xcodec.rank*.lock")):
-        if _in_use(str(lock)):
-            return lock.name
-    return None
+    return next((lock.name for lock in sorted(Path(root).glob(".xcodec.rank*.lock")) if _in_use(str(lock))), None)
 
 
 class TreeLockedError(OSError):
@@ -383,15 +345,15 @@ class TreeLockedError(OSError):
 
 
 def remove_stale_temporaries_of(paths: Iterable[Path]) -> int:
-    """:func:`remove_stale_temporaries` for a set of target files in any directories; returns how many."""
+    """:func:`remove_stale_temporaries` for target files in any directories; returns how many."""
     by_dir: dict[Path, set[str]] = {}
-    for p in paths:
-        by_dir.setdefault(Path(p).parent, set()).add(Path(p).name)
+    for p in map(Path, paths):
+        by_dir.setdefault(p.parent, set()).add(p.name)
     return sum(len(remove_stale_temporaries(d, names)) for d, names in by_dir.items())
 
 
 def missing(path: str | Path) -> str:
-    """Why ``path`` cannot be opened though it was listed: no such file, or a link to nothing."""
+    """Why listed ``path`` cannot be opened: no such file, or a link to nothing."""
     if Path(path).is_symlink():  # exists() follows the link
         return f"{path}: a symbolic link that leads nowhere (dangling, or a loop of links)"
     return f"{path}: no such file or directory"
@@ -400,26 +362,23 @@ def missing(path: str | Path) -> str:
 def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) -> tuple[Path, Path] | None:
     """``(output, input)`` for the first output that would be written onto an input file (paths
     resolved: links and ``..`` included), else ``None``. Tools call it before any work."""
-    sources = {}
-    for p in inputs:
-        if not isinstance(p, (str, Path)):
-            continue  # a dataset row is no file
-        try:
-            sources[Path(p).resolve()] = Path(p)
-        except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: its reader reports it
-            continue
+
+    def resolved(p) -> Path | None:  # a NUL byte, a link loop: its reader or writer reports it
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            return Path(p).resolve() if isinstance(p, (str, Path)) else None  # a dataset row is no file
+        return None
+
+    sources = {resolved(p): p for p in inputs}
+    sources.pop(None, None)
     for out in outputs:
-        try:
-            if out is not None and Path(out).resolve() in sources:
-                return Path(out), sources[Path(out).resolve()]
-        except (OSError, ValueError, RuntimeError):
-            continue  # not a file anyone can read: its writer reports it
+        if out is not None and resolved(out) in sources:
+            return Path(out), Path(sources[resolved(out)])
     return None
 
 
 def output_collision(pairs: Iterable[tuple[Path | None, Path]]) -> tuple[Path, Path, Path] | None:
     """``(output, first input, second input)`` when two inputs would write the same output
-    (e.g. ``a.wav`` and ``a.flac`` both to ``a.npy``), else ``None``. Tools call it before any work."""
+    (``a.wav`` and ``a.flac`` both to ``a.npy``), else ``None``."""
     seen: dict[Path, Path] = {}
     for out, src in pairs:
         if out is None:

@@ -1,8 +1,4 @@
-"""Spectrogram figures (matplotlib) for ``evaluate.py --plot`` and training's tensorboard images.
-
-matplotlib is imported when a figure is drawn, not when this module is: inference and
-training without image logging never load it.
-"""
+"""Spectrogram figures for ``evaluate.py --plot`` and training's images (matplotlib: imported only to draw)."""
 
 from __future__ import annotations
 
@@ -21,8 +17,7 @@ DB_RANGE = 80.0
 
 
 def spectrogram_db(wav: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float]:
-    """Magnitude spectrogram in dB, ``((n_fft/2 + 1, frames), hop seconds)``: 32 ms Hann
-    windows, 8 ms hop."""
+    """Magnitude spectrogram in dB, ``((n_fft/2 + 1, frames), hop seconds)``: 32 ms Hann windows, 8 ms hop."""
     n_fft = 1 << (int(0.032 * sample_rate) - 1).bit_length()  # 512 at 16 kHz
     hop = max(1, int(0.008 * sample_rate))
     x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
@@ -36,14 +31,12 @@ def spectrogram_figure(panels: Sequence[tuple[str, np.ndarray]], sample_rate: in
     """A matplotlib ``Figure`` of stacked spectrograms sharing one dB colour scale.
 
     Args:
-        panels: ``(title, (T,) audio)`` per row; the first (the reference) sets the top of
-            the colour scale, the bottom is 80 dB below it.
-        sample_rate: rate of every panel's audio.
-        title: figure title (e.g. the file name, unicode as it is).
+        panels: ``(title, (T,) audio)`` per row; the first sets the top of the colour scale, the
+            bottom is 80 dB below it.
+        sample_rate: rate of every panel's audio; title: the figure's.
 
     Returns:
-        A ``matplotlib.figure.Figure`` (no pyplot state: safe in threads and without a display),
-        time in seconds on the x axis, frequency in kHz on the y axis, a dB colour bar.
+        A ``matplotlib.figure.Figure`` (no pyplot state: safe in threads and without a display).
     """
     from matplotlib.figure import Figure  # optional heavy dependency: only when a figure is drawn
 
