@@ -31,7 +31,6 @@ class CodesFileError(ValueError):
     """A codes file that cannot be used; the message names the file and the reason."""
 
 
-# ---------------------------------------------------------------------------- files
 def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
     """Save (n_q, frames) codes as .npy, atomically: int16 when the codebook fits, else int32."""
     codes = np.asarray(codes).astype(np.int16 if bins <= 2**15 else np.int32)
@@ -43,32 +42,29 @@ def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
     atomic_write(path, write)
 
 
-def load_codes(path: str | Path, n_q_max: int | None = None, bins: int | None = 1024, *,
-               n_q: int | None = None, frames: int | None = None) -> torch.Tensor:  # fmt: skip
-    """Read a codes ``.npy`` file and check it; returns a ``LongTensor`` of shape (n_q, frames).
+def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: int | None = 1024, *,
+               n_q: int | None = None, frames: int | None = None, where: str | None = None) -> torch.Tensor:
+    """Read a codes ``.npy`` file (or take an array) and check it; returns a ``LongTensor`` (n_q, frames).
 
     Args:
-        path: the ``.npy`` file (as written by ``inference.py --codes-out``).
+        path: the ``.npy`` file (as written by ``inference.py --codes-out``), or the codes themselves.
         n_q_max: most codebooks allowed (a model's ``n_q``); ``None``: no limit.
         bins: codebook size; values must lie in ``[0, bins)`` (``None``: only ``>= 0``).
         n_q: exact number of codebooks required (e.g. from the manifest).
         frames: exact number of frames required (e.g. from the manifest).
+        where: what the messages name (default: ``path``).
 
     Raises:
         CodesFileError (a ``ValueError``) naming the file: unreadable, not integer, wrong
         shape, or values out of range.
     """
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise CodesFileError(f"{path}: not a readable .npy codes file ({reason})") from None
-    return checked_codes(codes, str(path), n_q_max, bins, n_q=n_q, frames=frames)
-
-
-def checked_codes(codes: np.ndarray, where: str, n_q_max: int | None = None, bins: int | None = 1024, *,
-                  n_q: int | None = None, frames: int | None = None) -> torch.Tensor:  # fmt: skip
-    """``codes`` as a ``LongTensor`` (n_q, frames) after the checks of :func:`load_codes` (``where`` names it)."""
+    where, codes = where or str(path), path
+    if not isinstance(path, np.ndarray):
+        try:
+            codes = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise CodesFileError(f"{path}: not a readable .npy codes file ({reason})") from None
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
         got = getattr(codes, "dtype", type(codes))
         raise CodesFileError(f"{where}: codes must be integers (int16), got dtype {got}")
@@ -86,15 +82,12 @@ def checked_codes(codes: np.ndarray, where: str, n_q_max: int | None = None, bin
     return torch.from_numpy(codes.astype(np.int64))
 
 
-def _entry_codes(codes: np.ndarray | Path, where: str, entry: dict, bins: int | None = None) -> torch.Tensor:
+def _entry_codes(codes: np.ndarray | Path, entry: dict, bins: int | None = None, where: str | None = None):
     """Codes checked against what their entry records (``n_q``, ``frames``, ``bins``)."""
-    checks = {"n_q": entry.get("n_q"), "frames": entry.get("frames")}
-    if isinstance(codes, Path):
-        return load_codes(codes, None, bins or entry.get("bins"), **checks)
-    return checked_codes(codes, where, None, bins or entry.get("bins"), **checks)
+    checks = {"n_q": entry.get("n_q"), "frames": entry.get("frames"), "where": where}
+    return load_codes(codes, None, bins or entry.get("bins"), **checks)
 
 
-# ---------------------------------------------------------------------------- manifests
 def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
     """``manifest.jsonl`` for one process, ``manifest.rank{R}.jsonl`` for rank R of several."""
     return Path(root) / (MANIFEST_NAME if world_size == 1 else f"manifest.rank{rank}.jsonl")
@@ -210,21 +203,20 @@ def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dic
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":
         entry = read_sidecar(path) or {"path": path.name}
-        yield entry, _entry_codes(path, "", entry, bins)
+        yield entry, _entry_codes(path, entry, bins)
         return
     if not path.is_file() and shard_format(path) is None:
         for entry in read_manifest(path):
-            yield entry, _entry_codes(path / entry["codes"], "", entry, bins)
+            yield entry, _entry_codes(path / entry["codes"], entry, bins)
         return
     try:
         for shard in [path] if path.is_file() else [path / line["shard"] for line in read_index(path)]:
             for entry, codes in iter_shard(shard):
-                yield entry, _entry_codes(codes, f"{shard.name}: {entry.get('path')}", entry, bins)
+                yield entry, _entry_codes(codes, entry, bins, f"{shard.name}: {entry.get('path')}")
     except ShardError as exc:
         raise CodesFileError(str(exc)) from None
 
 
-# ---------------------------------------------------------------------------- checking
 def check_corpus(root: str | Path) -> tuple[int, list[str]]:
     """Check a tokenized corpus: ``(files, problems)``. Problems: missing, unreadable or mis-shaped
     codes files or shards, a shard holding other files than its index line lists, files listed
@@ -240,7 +232,7 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
             try:
                 for entry, codes in iter_shard(root / line["shard"]):
                     names.append(entry["path"])
-                    _entry_codes(codes, f"{line['shard']}: {entry['path']}", entry)
+                    _entry_codes(codes, entry, where=f"{line['shard']}: {entry['path']}")
             except (ShardError, CodesFileError) as exc:
                 problems.append(str(exc))
                 continue  # its rows past the bad one are unknown: no count to compare
@@ -259,7 +251,7 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
                 problems.append(f"{name}: written for two inputs, {seen[name]} and {entry['path']}; one was lost")
             seen[name] = entry["path"]
             try:
-                _entry_codes(root / entry["codes"], "", entry)
+                _entry_codes(root / entry["codes"], entry)
             except (CodesFileError, FileNotFoundError) as exc:
                 problems.append(str(exc))
         listed, n = set(seen), len(entries)

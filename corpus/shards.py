@@ -71,7 +71,6 @@ def shard_format(root: str | Path) -> str | None:
     return _format_of(names[0]) if names else None
 
 
-# ---------------------------------------------------------------------------- index
 def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
     """``[(index file, its lines)]``, every line checked (the shard a file name in ``root``: an
     index never points outside its corpus)."""
@@ -139,7 +138,6 @@ def merge_index(root: str | Path) -> Path:
     return target
 
 
-# ---------------------------------------------------------------------------- writing
 def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
     columns = {name: [entry[name] for entry, _ in rows] for name in ROW_FIELDS}
     columns["codes"] = [codes.astype(np.int16).tolist() for _, codes in rows]
@@ -227,13 +225,13 @@ class ShardWriter:
     close = flush
 
 
-# ---------------------------------------------------------------------------- reading
 def iter_shard(path: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
     """``(entry, codes int16 (n_q, frames))`` of every file in one shard."""
     path = Path(path)
     try:
         if path.suffix == ".parquet":
-            for n, row in enumerate(r for b in pq.ParquetFile(path).iter_batches(batch_size=256) for r in b.to_pylist()):
+            rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=256) for row in batch.to_pylist())
+            for n, row in enumerate(rows):
                 check_record(row, SHARD_ROW, f"{path}: row {n + 1}", ShardError)
                 yield row, np.asarray(row.pop("codes"), dtype=np.int16).reshape(row["n_q"], row["frames"])
             return

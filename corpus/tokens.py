@@ -126,15 +126,15 @@ def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-m
                     info["n_q"], info["bins"] = codes.shape[0], file_bins
                     top = (info["n_q"] * info["bins"] if offsets else info["bins"]) - 1
                     if top >= 2**31:
-                        raise CodesFileError(f"{where}: {codes.shape[0]} codebooks of {file_bins} do not fit int32 tokens")
+                        raise CodesFileError(f"{where}: {info['n_q']} codebooks of {file_bins} do not fit int32 tokens")
                     info["dtype"] = "int16" if top < 2**15 else "int32"
                 if codes.shape[0] != info["n_q"] or file_bins != info["bins"]:
                     raise CodesFileError(f"{where}: {codes.shape[0]} codebooks of {file_bins}; the corpus has "
                                          f"{info['n_q']} of {info['bins']}")  # fmt: skip
                 if int(codes.max()) >= info["bins"]:
-                    raise CodesFileError(f"{where}: code {int(codes.max())} >= bins {info['bins']} (a token of the next "
-                                         "codebook with --offsets, wrapped in the stream's dtype); pass --bins for "
-                                         "files that record none")  # fmt: skip
+                    raise CodesFileError(f"{where}: code {int(codes.max())} >= bins {info['bins']} (a token of the "
+                                         "next codebook with --offsets, wrapped in the stream's dtype); pass --bins "
+                                         "for files that record none")  # fmt: skip
                 tokens = flatten(codes.numpy(), layout, info["bins"], offsets)
                 if len(tokens) >= 2**31:  # Megatron's sequence lengths are int32
                     raise CodesFileError(f"{where}: {len(tokens)} tokens, more than a Megatron sequence holds")
@@ -168,7 +168,7 @@ def _legacy_index(path: Path) -> np.ndarray:
         index = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CodesFileError(f"{path}: not a readable index ({str(exc).splitlines()[0][:120]})") from None
-    if index.ndim != 1 or index.dtype.kind not in "iu" or len(index) == 0 or index[0] != 0 or (np.diff(index) < 0).any():
+    if index.ndim != 1 or index.dtype.kind not in "iu" or not len(index) or index[0] != 0 or (np.diff(index) < 0).any():
         raise CodesFileError(f"{path}: not an increasing list of token offsets from 0")
     return index.astype(np.int64)
 
@@ -233,12 +233,13 @@ def parse_args(argv: list[str] | None = None):
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write PREFIX.bin / .idx (Megatron) / .json from a tokenized corpus",
                         formatter_class=p.formatter_class)  # fmt: skip
-    ex.add_argument("corpus", type=Path, help="a --codes-out directory (npy, parquet or webdataset), one shard or one .npy")
+    ex.add_argument("corpus", type=Path, help="a --codes-out directory (npy, parquet, webdataset), a shard or a .npy"),
     ex.add_argument("prefix", type=Path, help="output prefix")
     ex.add_argument("--layout", choices=LAYOUTS, default="frame-major", help="token order within a file")
     ex.add_argument("--offsets", action="store_true", help="token = k * bins + code (one vocabulary for all codebooks)")
-    ex.add_argument("--bins", type=int, default=None, help=f"codebook size of files that record none (default {DEFAULT_BINS})")
-    ck = sub.add_parser("check", help="open a stream and decode every file back to codes", formatter_class=p.formatter_class)
+    ex.add_argument("--bins", type=int, help=f"codebook size of files that record none (default {DEFAULT_BINS})")
+    ck = sub.add_parser("check", help="open a stream and decode every file back to codes",
+                        formatter_class=p.formatter_class)  # fmt: skip
     ck.add_argument("prefix", type=Path)
     args = p.parse_args(argv)
     if getattr(args, "bins", None) is not None and args.bins < 1:
@@ -249,7 +250,8 @@ def parse_args(argv: list[str] | None = None):
 def run(args) -> int:
     if args.command == "export":
         meta = export_stream(args.corpus, args.prefix, args.layout, args.offsets, args.bins)
-        print(f"wrote {args.prefix}.bin ({meta['tokens']} {meta['dtype']} tokens of {len(meta['files'])} file(s)), .idx, .json")
+        files = len(meta["files"])
+        print(f"wrote {args.prefix}.bin ({meta['tokens']} {meta['dtype']} tokens of {files} file(s)), .idx, .json")
     else:
         stream = TokenStream.open(args.prefix)
         for i in range(len(stream)):
