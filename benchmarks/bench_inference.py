@@ -120,45 +120,29 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakMemory:
-    """Peak memory growth during a block (``.peak``, bytes): CUDA allocator peak, or sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.top = _rss()
-        self.stop = False
-
-        def sample():
-            while not self.stop:
-                self.top = max(self.top, _rss())
-                time.sleep(0.002)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop = True
-            self.thread.join()
-            self.peak = max(self.top, _rss()) - self.base
-
-
 def measured(fn, device: torch.device) -> tuple[object, float, int]:
-    """``(fn(), seconds, peak memory growth in bytes)``."""
-    with PeakMemory(device) as mem:
+    """``(fn(), seconds, peak memory growth in bytes)``: the CUDA allocator's peak, or on CPU the
+    resident set sampled every 2 ms."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         out, seconds = timed(fn, device)
-    return out, seconds, mem.peak
+        return out, seconds, torch.cuda.max_memory_allocated() - base
+    base = top = _rss()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal top
+        while not done.wait(0.002):
+            top = max(top, _rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, seconds = timed(fn, device)
+    done.set()
+    thread.join()
+    return out, seconds, max(top, _rss()) - base
 
 
 def build_models(args, device: torch.device):

@@ -131,7 +131,7 @@ def check_exactness(run: Run) -> dict:
     hf_vs_cpu = gh.agreement(torch.cat(hf_codes, -1), torch.cat(ref, -1))
 
     # A batch of four different clips of one length (one batched pass everywhere) and a ragged
-    # batch (zero-gh.padded, with lengths), each against every gh.clip alone on the same device.
+    # batch (zero-padded, with lengths), each against every clip alone on the same device.
     equal = [gh.clip(40000, 10 + i) for i in range(4)]
     batched = gh.agreement(model.encode(torch.cat(equal)), torch.cat([model.encode(c) for c in equal]))
     ragged = gh.ragged_vs_alone(model, clips, alone, "fp32")
@@ -154,51 +154,42 @@ def check_bf16(run: Run) -> dict:
     clips = [gh.clip(160000, 20), gh.clip(97000, 21)]
     fp32 = [model.encode(c) for c in clips]
     bf16 = [model.encode(c, precision="bf16") for c in clips]
-    found = gh.mismatches_of(cpu_model, clips, fp32, bf16)
-    return {
-        "agreement_per_quantizer": gh.agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
-        "mismatches_vs_fp32": gh.summarize(found),  # margins of the fp32 reference residual (CPU model)
-        "bf16_ragged_batch_vs_alone": gh.ragged_vs_alone(model, clips, bf16, "bf16"),
-        "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0])),
-    }
+    found = gh.mismatches_of(cpu_model, clips, fp32, bf16)  # margins of the fp32 reference residual (CPU model)
+    return {"agreement_per_quantizer": gh.agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
+            "mismatches_vs_fp32": gh.summarize(found),
+            "bf16_ragged_batch_vs_alone": gh.ragged_vs_alone(model, clips, bf16, "bf16"),
+            "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0]))}  # fmt: skip
 
 
 def check_throughput(run: Run) -> dict:
     until, model, hf, work, quick = time.monotonic() + SECTIONS["throughput"][1], run.model, run.hf, run.work, run.quick
     paths, hours = gh.make_corpus(work / "corpus", 0.01 if quick else 1.0, quick)
     out: dict = {"files": len(paths), "audio_hours": round(hours, 4)}
-    batch = 4 if quick else 32
-    reps = 1 if quick else 3  # timed passes (median)
+    batch, reps = (4, 1) if quick else (32, 3)  # reps: timed passes (median)
     wavs = sorted((torch.from_numpy(sf.read(p, dtype="float32")[0]) * 0.95 for p in paths), key=len, reverse=True)
     dev = model.device
 
-    def ours(precision: str) -> Callable[[], None]:
-        def fn() -> None:
-            for i in range(0, len(wavs), batch):
-                group = wavs[i : i + batch]
-                model.encode(gh.padded(group).to(dev), lengths=[len(w) for w in group], precision=precision)
+    def ours(precision: str) -> None:
+        for i in range(0, len(wavs), batch):
+            group = wavs[i : i + batch]
+            model.encode(gh.padded(group).to(dev), lengths=[len(w) for w in group], precision=precision)
 
-        return fn
-
-    def theirs(precision: str, size: int) -> Callable[[], None]:
-        def fn() -> None:
-            with torch.inference_mode(), ieee_fp32(precision == "fp32", dev), autocast(dev, precision):
-                for i in range(0, len(wavs), size):
-                    hf.encode(gh.padded(wavs[i : i + size]).to(dev), return_dict=False)
-
-        return fn
+    def theirs(precision: str, size: int) -> None:
+        with torch.inference_mode(), ieee_fp32(precision == "fp32", dev), autocast(dev, precision):
+            for i in range(0, len(wavs), size):
+                hf.encode(gh.padded(wavs[i : i + size]).to(dev), return_dict=False)
 
     row = (until - time.monotonic()) / 8  # half the budget for the four in-process rows, half for the CLI
     for precision in ("fp32", "bf16"):
-        result = gh.repeated(ours(precision), dev, hours, time.monotonic() + row, reps)
+        result = gh.repeated(functools.partial(ours, precision), dev, hours, time.monotonic() + row, reps)
         out[f"xcodec_{precision}_model"] = {**result, "batch_size": batch}
         tried = {}
         for size in (8, 32) if quick else (16, 64):
             gh.reset_peak(dev)
-            theirs(precision, size)()  # warm-up at this batch size
-            tried[size] = timed(theirs(precision, size), dev)[1]
+            theirs(precision, size)  # warm-up at this batch size
+            tried[size] = timed(functools.partial(theirs, precision, size), dev)[1]
         best = min(tried, key=tried.get)
-        result = gh.repeated(theirs(precision, best), dev, hours, time.monotonic() + row, reps)
+        result = gh.repeated(functools.partial(theirs, precision, best), dev, hours, time.monotonic() + row, reps)
         out[f"xcodecmodel_{precision}" + ("_ieee" if precision == "fp32" else "")] = {**result, "batch_size": best}
     for precision in ("fp32", "bf16"):
         runs = []
@@ -214,12 +205,10 @@ def check_throughput(run: Run) -> dict:
                          "peak_gpu_gb": float(memory.group(1)) if memory else None})  # fmt: skip
         out[f"xcodec_{precision}_cli"] = {
             "hours_per_hour": statistics.median(r["hours_per_hour"] for r in runs), "runs": runs, "batch_size": batch,
-            "note": "inference.py's own figure: reading, encoding and writing, after the model is loaded",
-        }  # fmt: skip
+            "note": "inference.py's own figure: reading, encoding and writing, after the model is loaded"}  # fmt: skip
     base = out["xcodecmodel_fp32_ieee"]["hours_per_hour"]
-    out["speedup_vs_xcodecmodel_fp32_ieee"] = {
-        k: round(v["hours_per_hour"] / base, 3) for k, v in out.items() if isinstance(v, dict) and "hours_per_hour" in v
-    }
+    rows = {k: v["hours_per_hour"] for k, v in out.items() if isinstance(v, dict) and "hours_per_hour" in v}
+    out["speedup_vs_xcodecmodel_fp32_ieee"] = {k: round(v / base, 3) for k, v in rows.items()}
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from corpus.schema import INDEX_LINE, MANIFEST_LINE, SIDECAR, read_json, read_lines, write_json
-from corpus.shards import SHARD_RE, ShardError, iter_shard, lost_shards, merge_index, read_index, shard_format
+from corpus.shards import SHARD_RE, ShardError, iter_shard, lost_shards, read_index, shard_format
 from utils.cli import CliError, argument_parser, cli_main
 from utils.files import atomic_write, open_append, temporary_target, tree_in_use
 
@@ -181,9 +181,16 @@ class ManifestWriter:
 
 
 def merge_manifests(root: str | Path) -> Path:
-    """Write every rank's entries into one ``manifest.jsonl`` (the rank files are removed)."""
-    target = write_json(Path(root) / MANIFEST_NAME, read_manifest(root))
-    for path in Path(root).glob("manifest.rank*.jsonl"):
+    """Write every rank's entries into one ``manifest.jsonl`` (a sharded corpus: every rank's finished-shard
+    lines into one ``index.jsonl``); the rank files are removed.
+
+    Raises:
+        ShardError: a line names a lost shard (its line is never dropped).
+    """
+    root = Path(root)
+    kind = "index" if shard_format(root) is not None else "manifest"
+    target = write_json(root / f"{kind}.jsonl", read_index(root) if kind == "index" else read_manifest(root), durable=True)
+    for path in root.glob(f"{kind}.rank*.jsonl"):
         path.unlink()
     return target
 
@@ -307,7 +314,7 @@ def run(args) -> int:
             ranks = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
             raise CliError(f"{args.root}: rank(s) {ranks} of {world} have not run here (no per-rank file); run them "
                            "(the same command with their RANK) or pass --allow-missing")  # fmt: skip
-        print(f"wrote {merge_index(args.root) if shard_format(args.root) else merge_manifests(args.root)}")
+        print(f"wrote {merge_manifests(args.root)}")
     n, problems = check_corpus(args.root)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)

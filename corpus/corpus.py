@@ -1,15 +1,11 @@
-"""A tokenization run's bookkeeping: this rank's share, what an earlier run finished, where codes go.
+"""A tokenization run's bookkeeping (``inference.py --input DIR --codes-out OUT [--format F]``).
 
-``inference.py --input DIR --codes-out OUT [--format npy|parquet|webdataset]``:
-
-- sharding: rank R of W takes files R, R + W, ... of the sorted list;
-- resuming: a file is done when OUT lists it (npy: a manifest line and its ``.npy``;
-  shards: a finished shard, see ``corpus.shards``) with the same input root, relative path,
-  size and mtime. An npy file whose input changed is redone; shards are append-only, so a
-  changed input stops the run (tokenize into a new directory). Codes of another input root,
-  checkpoint, bandwidth, precision or format in OUT are refused with one line;
-- writing: npy: the codes file, then its manifest line; shards: rows queued per rank and
-  written ``--shard-size`` at a time.
+Rank R of W takes files R, R + W, ... of the sorted list. A file is done when OUT lists it (npy: a
+manifest line and its ``.npy``; shards: a finished shard) with the same input root, relative path,
+size and mtime. An npy file whose input changed is redone; shards are append-only, so a changed
+input stops the run. Codes of another input root, checkpoint, bandwidth, precision or format in
+OUT are refused with one line. npy writes the codes file, then its manifest line; shards queue
+rows per rank and write ``--shard-size`` at a time.
 """
 
 from __future__ import annotations

@@ -105,31 +105,25 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
         raise CliError(f"--output {jobs[0].audio_out}: audio is written as {' or '.join(OUTPUT_FORMATS)}")
     clash = output_collision((out, j.src) for j in jobs for out in j.outputs)
     if clash is not None:
-        raise CliError(
-            f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the input's "
-            "stem): rename one of them or run them separately"
-        )
+        raise CliError(f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the "
+                       "input's stem): rename one of them or run them separately")  # fmt: skip
     return jobs, many
-
-
-def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
-    """Write 16-bit WAV (or FLAC, by the extension) atomically (never a partial file under ``path``)."""
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower(), "WAV")
-    atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale, format=fmt))
 
 
 def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int,
                   rescale: bool, bins: int) -> bool:  # fmt: skip
-    """Write a job's codes and/or audio; a target that cannot be written (a directory, a
-    read-only or full filesystem, libsndfile's errors) fails this job with one line, what it
-    already wrote is removed (no codes file without its manifest line), and the run goes on."""
+    """Write a job's codes and/or audio (16-bit WAV, or FLAC by the extension), each atomically; a target
+    that cannot be written (a directory, a read-only or full filesystem, libsndfile's errors) fails this
+    job with one line, what it already wrote is removed (no codes file without its manifest line), and
+    the run goes on."""
     written: list[Path] = []
     for target in (t for t in (job.codes_out, job.audio_out) if t is not None):
         try:
             if target == job.codes_out:
                 save_codes(target, codes, bins)
             else:
-                save_wav(target, audio, rate, rescale)
+                fmt = OUTPUT_FORMATS.get(target.suffix.lower(), "WAV")
+                atomic_write(target, lambda tmp, fmt=fmt: save_audio(tmp, audio, rate, rescale, format=fmt))
             written.append(target)
         except OSError as exc:
             fail(f"{target}: cannot write ({exc.strerror or exc})")

@@ -10,10 +10,8 @@ A sharded corpus (``inference.py --input corpus/ --codes-out codes/ --format par
   so a file is done exactly when it is in a shard that exists; any other line naming a missing
   shard is a lost shard (:func:`lost_shards`), refused by readers.
 
-Parquet rows: ``path``, ``codes`` (``n_q`` lists of int16) and the fields of ``ROW_FIELDS``, as
-``datasets.load_dataset("parquet", ...)``, DuckDB and Spark read them. Webdataset shards:
-``{key}.codes.npy`` (int16 ``(n_q, frames)``) + ``{key}.json`` (the same fields) per file, ``key``
-a hash of the path (webdataset keys cannot hold dots).
+Rows (docs/tokenization.md): parquet ``path``, ``codes`` (``n_q`` lists of int16) and ``ROW_FIELDS``;
+webdataset ``{key}.codes.npy`` + ``{key}.json`` per file, ``key`` a hash of the path (keys cannot hold dots).
 """
 
 from __future__ import annotations
@@ -50,10 +48,6 @@ class ShardError(ValueError):
     """A shard or index that cannot be used; the message names the file."""
 
 
-def _format_of(name: str) -> str:
-    return "parquet" if name.endswith(".parquet") else "webdataset"
-
-
 def shard_format(root: str | Path) -> str | None:
     """``"parquet"`` / ``"webdataset"`` when ``root`` is a sharded corpus (even one whose first
     shard is not finished yet), else ``None``."""
@@ -68,7 +62,7 @@ def shard_format(root: str | Path) -> str | None:
         pass
     names = [p.name for p in sorted(root.iterdir()) if SHARD_RE.match(p.name)]
     names = names or [line["shard"] for line in _index_lines(root)]
-    return _format_of(names[0]) if names else None
+    return ("parquet" if names[0].endswith(".parquet") else "webdataset") if names else None
 
 
 def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
@@ -123,19 +117,6 @@ def finished_files(root: str | Path) -> dict[str, dict]:
     """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard
     (a resuming run's view: the files of a lost shard are not finished, it writes them again)."""
     return {f["path"]: {**f, "shard": e["shard"]} for e in read_index(root, lost_ok=True) for f in e["files"]}
-
-
-def merge_index(root: str | Path) -> Path:
-    """Write every rank's finished-shard lines into one ``index.jsonl`` (the rank files are removed).
-
-    Raises:
-        ShardError: a line names a lost shard (its line is never dropped).
-    """
-    root = Path(root)
-    target = write_json(root / "index.jsonl", read_index(root), durable=True)
-    for path in root.glob("index.rank*.jsonl"):
-        path.unlink()
-    return target
 
 
 def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
