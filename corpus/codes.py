@@ -189,7 +189,8 @@ def merge_manifests(root: str | Path) -> Path:
     """
     root = Path(root)
     kind = "index" if shard_format(root) is not None else "manifest"
-    target = write_json(root / f"{kind}.jsonl", read_index(root) if kind == "index" else read_manifest(root), durable=True)
+    lines = read_index(root) if kind == "index" else read_manifest(root)
+    target = write_json(root / f"{kind}.jsonl", lines, durable=True)
     for path in root.glob(f"{kind}.rank*.jsonl"):
         path.unlink()
     return target

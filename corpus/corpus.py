@@ -48,7 +48,7 @@ class RunStats:
         """Count a finished job; in a tokenization, record it (manifest line or shard row)."""
         self.written += 1
         self.audio_seconds += samples / rate
-        if codes is None:
+        if codes is None or (self.manifest is None and self.shards is None):
             return
         entry = {"path": job.rel.as_posix(), "duration": round(samples / rate, 6), "samples": int(samples),
                  "sample_rate": int(rate), "n_q": int(codes.shape[0]), "frames": int(codes.shape[1]),
