@@ -201,7 +201,9 @@ class Check:
         self.results[name] = out
         self.write()
         status = "skipped" if "skipped" in out else ("ok" if out["ok"] else "FAILED")
-        print(f"[{status}] {name} ({out['seconds']} s)" + ("" if out["ok"] else f": {out['error'][:300]}"), flush=True)
+        # A section that reports ok False itself (train: a failed run) has numbers, not an error.
+        why = "" if out["ok"] else f": {out.get('error', 'see its numbers in the JSON')[:300]}"
+        print(f"[{status}] {name} ({out['seconds']} s){why}", flush=True)
 
     def write(self) -> None:
         self.summary["all_ok"] = all(r["ok"] for r in self.results.values())
