@@ -2,41 +2,29 @@
 
     python yue_data.py songs/ yue/                 # yue/npy/*.npy, yue/jsonl/songs.jsonl
 
-``songs/`` holds, per song ``S`` (any audio format soundfile reads, in any subdirectory):
-``S.vocals.wav`` and ``S.instrumental.wav`` (the separated stems; ``Vocals``/``Instrumental``
-too), optionally the mix ``S.wav`` (without one the stems' sum is written to ``yue/mix/S.wav``)
-and optionally ``S.json`` with the song's text::
-
-    {"genres": "female, pop, bright" | ["female", ...],
-     "msa": [{"start": 0.0, "end": 13.9, "label": "intro"}, ...],
-     "lyrics": [{"start": 13.9, "end": 32.5, "text": "[verse]\\n..."}, ...]}
-
-Every stem and mix is tokenized with YuE's codec (``yue_xcodec_mini``) at 6 kbps: 12 codebooks,
-``(12, frames)`` int16 ``.npy`` at 50 frames/s, what YuE's ``CodecManipulator("xcodec", 0, 1)``
-(stage 1: rows of exactly 12) and stage 2 (rows 0-7) read. The tokenization is
-``inference.py``'s (``yue/npy`` is a resumable npy corpus, ``yue/stems.jsonl`` its input
-list): rerunning skips what is done. ``yue/jsonl/songs.jsonl`` gets one line per song with
-YuE's keys: ``id``, ``codec`` (the mix), ``vocals_codec``, ``instrumental_codec`` (absolute
-paths), ``audio_length_in_sec``, ``genres``, ``msa`` and ``splitted_lyrics.segmented_lyrics``
-(``offset``, ``duration``, ``codec_frame_start``/``end`` = ``int(seconds * 50)`` as YuE converts
-seconds, ``line_content``); text a song's ``S.json`` lacks is left empty and counted. A song
-whose stems (or mix) differ in sample rate or length, lacks a stem, or has an unusable
-``S.json`` is reported on one line and left out (exit 1).
+Per song ``S`` (docs/yue.md): ``S.vocals.*`` and ``S.instrumental.*`` (``Vocals``/``Instrumental``
+too), optionally the mix ``S.*`` (else the stems' sum, ``yue/mix/S.wav``) and ``S.json`` with
+``genres`` (str or list), ``msa`` ({start, end, label}) and ``lyrics`` ({start, end, text}).
+Every stem and mix is tokenized by ``inference.py`` with ``yue_xcodec_mini`` at 6 kbps (12
+codebooks at 50 frames/s, what YuE's stage 1 and 2 read) into the resumable npy corpus
+``yue/npy`` (input list ``yue/stems.jsonl``). ``yue/jsonl/NAME.jsonl`` gets one line per song
+with YuE's keys (``codec_frame_start``/``end`` = ``int(seconds * 50)`` as YuE converts them); a
+song whose stems differ in rate or length, lacks a stem or has an unusable ``S.json`` is
+reported on one line and left out (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
 import soundfile as sf
 
 import inference
-from corpus.codes import CodesFileError, read_manifest
+from corpus.codes import read_manifest
 from corpus.inputs import scan_directory
+from corpus.schema import Field, problem, read_json, write_json
 from utils import distributed as du
 from utils.audio import audio_extensions
 from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main
@@ -51,9 +39,7 @@ ROLES = {"vocals": "Vocals", "instrumental": "Instrumental"}  # stem suffix -> t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser("Turn songs (vocal + instrumental stems, optional mix and text) into YuE's fine-tuning input.")
-    p.add_argument(
-        "songs", type=Path, help="directory of S.vocals.*, S.instrumental.*, optional S.<audio> mix and S.json"
-    )
+    p.add_argument("songs", type=Path, help="directory of S.vocals.*, S.instrumental.*, optional S.<audio> mix, S.json")
     p.add_argument("out", type=Path, help="output directory: npy/ (codes), jsonl/NAME.jsonl, mix/, stems.jsonl")
     p.add_argument("--name", default="songs", help="the JSONL's name (YuE's preprocess_data.sh NAME_PREFIX)")
     p.add_argument("--checkpoint", default=YUE_CODEC, help="YuE's codec (a release name or a local copy of its files)")
@@ -83,19 +69,17 @@ def find_songs(songs: Path, out: Path) -> tuple[dict[str, dict[str, Path]], list
         found[song][role] = f
     for song, files in list(found.items()):
         missing = [r for r in ROLES if r not in files]
+        if missing:
+            stems = " and no ".join(missing)
+            problems.append(f"{songs / song}: no {stems} stem (S.vocals.* and S.instrumental.* needed)")
         if missing or "duplicate" in files:
-            if missing:
-                problems.append(
-                    f"{songs / song}: no {' and no '.join(missing)} stem (S.vocals.* and S.instrumental.* needed)"
-                )
             del found[song]
     return found, problems
 
 
 def check_lengths(song: str, files: dict[str, Path]) -> None:
     """The stems (and the mix) of one song: one sample rate, one length (YuE pairs them frame by frame)."""
-    info = {role: sf.info(str(f)) for role, f in files.items()}
-    shapes = {role: (i.samplerate, i.frames) for role, i in info.items()}
+    shapes = {role: (i.samplerate, i.frames) for role, i in ((r, sf.info(str(f))) for r, f in files.items())}
     if len(set(shapes.values())) > 1:
         said = ", ".join(f"{role} {n} samples at {rate} Hz" for role, (rate, n) in shapes.items())
         raise ValueError(f"{song}: stems differ in sample rate or length ({said})")
@@ -106,8 +90,7 @@ def write_mix(files: dict[str, Path], target: Path) -> Path:
     finds the same file and its codes already done)."""
     if target.is_file() and all(target.stat().st_mtime_ns >= f.stat().st_mtime_ns for f in files.values()):
         return target
-    vocals, rate = sf.read(str(files["vocals"]), dtype="float32", always_2d=True)
-    instrumental, _ = sf.read(str(files["instrumental"]), dtype="float32", always_2d=True)
+    (vocals, rate), (instrumental, _) = (sf.read(str(files[r]), dtype="float32", always_2d=True) for r in ROLES)
     mix = vocals.mean(axis=1) + instrumental.mean(axis=1)
     return atomic_write(target, lambda tmp: sf.write(tmp, mix, rate, subtype="FLOAT", format="WAV"))
 
@@ -117,12 +100,7 @@ def read_text(path: Path) -> dict:
     absent keys are empty. Raises ValueError (one line) on anything else."""
     if not path.is_file():
         return {}
-    try:
-        text = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not UTF-8 JSON ({str(exc)[:120]})") from None
-    if not isinstance(text, dict):
-        raise ValueError(f"{path}: expected an object with genres, msa, lyrics")
+    text = read_json(path, {})
     genres = text.get("genres", "")
     if isinstance(genres, list) and all(isinstance(g, str) for g in genres):
         genres = ", ".join(genres)
@@ -131,13 +109,8 @@ def read_text(path: Path) -> dict:
 
     def segments(key: str, label: str) -> list[dict]:
         rows = text.get(key, [])
-        ok = isinstance(rows, list) and all(
-            isinstance(r, dict) and isinstance(r.get(label), str)
-            and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) and math.isfinite(r[k]) for k in ("start", "end"))
-            and 0 <= r["start"] < r["end"]
-            for r in rows
-        )  # fmt: skip
-        if not ok:
+        schema = {"start": Field(float, True, ge=0), "end": Field(float, True), label: Field(str, True)}
+        if not isinstance(rows, list) or any(problem(r, schema) or r["start"] >= r["end"] for r in rows):
             raise ValueError(f"{path}: {key} must be a list of {{start, end, {label}}} with 0 <= start < end (seconds)")
         return rows
 
@@ -148,21 +121,15 @@ def yue_line(song: str, codes: dict[str, dict], root: Path, text: dict) -> dict:
     """One JSONL line in YuE's format from the manifest entries of a song's codes (``root``: the npy corpus)."""
     frames = codes["vocals"]["frames"]
     seconds = codes["vocals"]["samples"] / codes["vocals"]["sample_rate"]
-    lyrics = [
-        {"offset": r["start"], "duration": round(r["end"] - r["start"], 6), "codec_frame_start": min(int(r["start"] * YUE_FPS), frames),
-         "codec_frame_end": min(int(r["end"] * YUE_FPS), frames), "line_content": r["text"]}
-        for r in text.get("lyrics", [])
-    ]  # fmt: skip
-    return {
-        "id": song,
-        "codec": str((root / codes["mix"]["codes"]).resolve()),
-        "vocals_codec": str((root / codes["vocals"]["codes"]).resolve()),
-        "instrumental_codec": str((root / codes["instrumental"]["codes"]).resolve()),
-        "audio_length_in_sec": seconds,
-        "msa": [{"start": r["start"], "end": r["end"], "label": r["label"]} for r in text.get("msa", [])],
-        "genres": text.get("genres", ""),
-        "splitted_lyrics": {"segmented_lyrics": lyrics},
-    }
+    lyrics = [{"offset": r["start"], "duration": round(r["end"] - r["start"], 6),
+               "codec_frame_start": min(int(r["start"] * YUE_FPS), frames),
+               "codec_frame_end": min(int(r["end"] * YUE_FPS), frames), "line_content": r["text"]}
+              for r in text.get("lyrics", [])]  # fmt: skip
+    paths = {f"{role}_codec": str((root / e["codes"]).resolve()) for role, e in codes.items()}
+    return {"id": song, "codec": paths["mix_codec"], "vocals_codec": paths["vocals_codec"],
+            "instrumental_codec": paths["instrumental_codec"], "audio_length_in_sec": seconds,
+            "msa": [{"start": r["start"], "end": r["end"], "label": r["label"]} for r in text.get("msa", [])],
+            "genres": text.get("genres", ""), "splitted_lyrics": {"segmented_lyrics": lyrics}}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,38 +149,32 @@ def run(args: argparse.Namespace) -> int:
         for role, f in sorted(files.items()):
             stems.append({"path": str(f.resolve()), "id": song + (f".{ROLES[role]}" if role in ROLES else "")})
             names.setdefault(song, {})[role] = stems[-1]["id"] + f.suffix
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
     if not stems:
         raise CliError(f"{args.songs}: no song with both stems to tokenize")
-    listing = args.out / "stems.jsonl"  # the tokenization's input: its path is the corpus's input root
-    text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in stems)
-    atomic_write(listing, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    argv = ["--input", str(listing), "--codes-out", str(args.out / "npy"), "--checkpoint", args.checkpoint,
-            "-b", str(YUE_KBPS), "--batch-size", str(args.batch_size)] + (["--device", args.device] if args.device else [])  # fmt: skip
+    listing = write_json(args.out / "stems.jsonl", stems)  # the tokenization's input: its path is the input root
+    argv = ["--input", str(listing), "--codes-out", str(args.out / "npy"), "--checkpoint", args.checkpoint, "-b",
+            str(YUE_KBPS), "--batch-size", str(args.batch_size)] + (["--device", args.device] if args.device else [])
     code = inference.main(argv)
     if code == EXIT_ERROR:
         return code
     if du.rank_and_world_size()[0] != 0:
         return code  # rank 0 writes the JSONL (rerun with one process when every rank is done)
-    try:
-        by_name = {e["path"]: e for e in read_manifest(args.out / "npy")}
-    except CodesFileError as exc:
-        raise CliError(str(exc)) from None
+    by_name = {e["path"]: e for e in read_manifest(args.out / "npy")}  # a corrupt manifest: one line (a ValueError)
     lines, empty = [], {"lyrics": 0, "msa": 0, "genres": 0}
     for song in sorted(texts):
         entries = {role: by_name.get(name) for role, name in names[song].items()}
         if any(e is None for e in entries.values()):
             continue  # not tokenized: inference reported why
-        if {e["n_q"] for e in entries.values()} != {YUE_CODEBOOKS} or len({e["frames"] for e in entries.values()}) != 1:
-            raise CliError(f"{song}: codes of {sorted({e['n_q'] for e in entries.values()})} codebooks, frames "
-                           f"{sorted({e['frames'] for e in entries.values()})}; YuE needs {YUE_CODEBOOKS} codebooks, one length")  # fmt: skip
+        n_q, frames = ({e[key] for e in entries.values()} for key in ("n_q", "frames"))
+        if n_q != {YUE_CODEBOOKS} or len(frames) != 1:
+            raise CliError(f"{song}: codes of {sorted(n_q)} codebooks, frames {sorted(frames)}; YuE needs "
+                           f"{YUE_CODEBOOKS} codebooks, one length")  # fmt: skip
         lines.append(yue_line(song, entries, args.out / "npy", texts[song]))
         for key in empty:
             empty[key] += not texts[song].get(key)
-    target = args.out / "jsonl" / f"{args.name}.jsonl"
-    body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    atomic_write(target, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+    target = write_json(args.out / "jsonl" / f"{args.name}.jsonl", lines)
     print(f"wrote {target}: {len(lines)} song(s), {len(problems)} problem(s) above; without lyrics "
           f"{empty['lyrics']} (YuE's stage-1 preprocessing skips those), without msa {empty['msa']}, without genres "
           f"{empty['genres']}", file=sys.stderr)  # fmt: skip

@@ -7,15 +7,14 @@ here share one process, one config, one model state and the same pre-loaded batc
 and are timed in alternating rounds so that machine load hits both alike.
 
     python benchmarks/bench_train.py --config configs/tiny.yaml
-    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml pretrained_teacher=false batch_size=8
+    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml \\
+        pretrained_teacher=false batch_size=8
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main_launch_vqdp as trainer  # noqa: E402
+from benchmarks.bench_inference import timed  # noqa: E402
 from data import AudioSegmentDataset, collate, list_audio_files  # noqa: E402
 from training.config import load_train_config  # noqa: E402
-from utils.cli import DefaultsHelpFormatter  # noqa: E402
+from utils.cli import argument_parser  # noqa: E402
 
 
 def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:
@@ -44,13 +44,8 @@ def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:
         trainer.discriminator_step(state, real, out2.audio[..., :n].float().detach())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser = argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each: one step of each variant)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -59,42 +54,35 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_train_config(args.config, overrides=args.overrides)
-    cfg = loaded.cfg
-    device = torch.device(args.device)
+    cfg, device = loaded.cfg, torch.device(args.device)
     trainer.seed_everything(cfg.seed)
     state = trainer.build_state(cfg, loaded.raw, device)
     files = list_audio_files(ROOT / cfg.training_file if not Path(cfg.training_file).exists() else cfg.training_file)
     dataset = AudioSegmentDataset(files, cfg.segment_size, state.codec.sample_rate, cfg.audio_norm_scale, seed=cfg.seed)
     # The same real batches for both variants, loaded once: data loading is not timed.
-    batches = []
-    for i in range(4):
-        items = [dataset[((i * cfg.batch_size + j) % len(dataset), i)] for j in range(cfg.batch_size)]
-        batches.append(collate(items)["wav"].to(device))
-
-    variants = {"ours (1 codec forward)": lambda w: trainer.train_step(state, w), "original (2 codec forwards)": lambda w: original_style_step(state, w)}
+    n = cfg.batch_size
+    batches = [collate([dataset[((i * n + j) % len(dataset), i)] for j in range(n)])["wav"].to(device)
+               for i in range(4)]  # fmt: skip
+    variants = {"ours (1 codec forward)": lambda w: trainer.train_step(state, w),
+                "original (2 codec forwards)": lambda w: original_style_step(state, w)}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
         for name, fn in variants.items():
-            wav = batches[r % len(batches)]
-            sync(device)
-            t0 = time.perf_counter()
-            fn(wav)
-            sync(device)
+            seconds = timed(lambda fn=fn, wav=batches[r % len(batches)]: fn(wav), device)[1]
             if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
             state.step += 1
-
     ours, orig = (statistics.median(v) for v in times.values())
     n_g = sum(p.numel() for p in state.g_params()) / 1e6
     n_t = sum(p.numel() for p in state.codec.semantic_model.parameters()) / 1e6
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"config: {' + '.join(loaded.sources)}")
-    print(
-        f"  device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-        f"precision {cfg.precision}, batch {cfg.batch_size} x {cfg.segment_size} samples, d_list {cfg.d_list}, "
-        f"codec {n_g:.2f} M params, teacher {n_t:.2f} M, {args.rounds} rounds after {args.warmup} warm-up"
-    )
+    print(f"  device {device} ({where}), precision {cfg.precision}, batch {n} x {cfg.segment_size} samples, "
+          f"d_list {cfg.d_list}, codec {n_g:.2f} M params, teacher {n_t:.2f} M, {args.rounds} rounds after "
+          f"{args.warmup} warm-up")  # fmt: skip
     for name, v in times.items():
-        print(f"  {name:28s} median {1000 * statistics.median(v):8.1f} ms/step  (min {1000 * min(v):.1f}, max {1000 * max(v):.1f})")
+        ms = [1000 * statistics.median(v), 1000 * min(v), 1000 * max(v)]
+        print(f"  {name:28s} median {ms[0]:8.1f} ms/step  (min {ms[1]:.1f}, max {ms[2]:.1f})")
     print(f"  speed-up: {orig / ours:.2f}x (original / ours)")
 
 

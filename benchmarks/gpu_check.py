@@ -5,103 +5,99 @@
     python benchmarks/gpu_check.py --sections exactness bf16 # rerun a few (merged into the JSON)
     python benchmarks/gpu_check.py --device cpu --quick      # the script itself, on CPU (the test suite runs this)
 
-Sections, in order (each records ``ok``, its numbers and its seconds; a failing section does
-not stop the others; the JSON is rewritten after every section, so a run cut short still
-reports what it finished; a section whose budget no longer fits is skipped):
+Sections (each records ``ok``, its numbers and seconds; a failing one does not stop the others; the
+JSON is rewritten after each; one whose budget no longer fits is skipped):
 
-- ``device``: the model on the device, every input on the CPU: encode, decode,
-  encode_many/decode_many, encode_long, streaming decode;
-- ``exactness``: codes of device fp32 against CPU fp32 and against transformers'
-  XcodecModel (both in IEEE fp32), a batch of equal-length clips and a ragged batch against
-  each clip alone, codes used per quantizer, and at every mismatch the margin (second-best
-  minus best distance of the reference residual: rounding has a tiny margin, a bug a large
-  one); the TF32 settings restored and readable after exact mode;
+- ``device``: model on the device, inputs on the CPU: encode, decode, the batched, long and streaming APIs;
+- ``exactness``: device fp32 codes against CPU fp32 and transformers' XcodecModel (IEEE fp32), an
+  equal-length and a ragged batch against each clip alone, codes used per quantizer, the margin at
+  every mismatch (second-best minus best distance of the reference residual: rounding has a tiny
+  one, a bug a large one); TF32 settings restored and readable after exact mode;
 - ``bf16``: device bf16 codes against device fp32 per quantizer, with the same margins;
-- ``throughput``: at least an hour of audio (clips of 2-20 s cut from the bundled audio)
-  tokenized by ``inference.py`` end to end and by the model alone, fp32 and bf16, and by
-  XcodecModel fp32 (IEEE) and bf16 at its best batch size: audio hours per GPU-hour, after
-  a warm-up pass over every shape, median of 3, with peak GPU memory;
+- ``throughput``: an hour of 2-20 s clips tokenized by ``inference.py`` and by the model alone (fp32,
+  bf16) and by XcodecModel (fp32 IEEE, bf16) at its best batch size: audio hours per GPU-hour after
+  a warm-up pass over every shape, median of 3, peak GPU memory;
 - ``cli_long``: a long file through ``inference.py`` (windowed encoding, chunked decoding);
-- ``train``: single-device training of the tiny recipe in fp32 and bf16, stopped at step 2
-  and resumed to step 4; then two ranks on the one device (gloo) with identical state;
+- ``train``: the tiny recipe in fp32 and bf16 stopped at step 2 and resumed to 4; two ranks on one
+  device (gloo) with identical state;
 - ``compile``: torch.compile of the acoustic and semantic stacks (CUDA only).
 
-Weights are random (seeded), codebooks k-means-initialised on at least 10x as many frames of
-real audio as there are entries (so that every quantizer spreads over many codes); the
-teacher is built from its config and ``HF_HUB_OFFLINE=1``: no network. Every subprocess is
-capped at ``--cap`` seconds. The full-size architecture is used except with ``--quick``.
+Weights are random (seeded), codebooks k-means'd on at least 10x as many frames of real audio as
+entries (every quantizer spreads over many codes); the teacher is built from its config, offline.
+Every subprocess is capped at ``--cap`` seconds; ``--quick`` uses the tiny architecture.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import json
 import os
-import platform
 import re
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's packages first
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_inference import rel, speech, timed  # noqa: E402
-from benchmarks.gpu_helpers import (  # noqa: E402
-    RATE,
-    Check,
-    agreement,
-    clip,
-    codes_used,
-    kmeans_clips,
-    make_corpus,
-    mismatches,
-    padded,
-    ragged_vs_alone,
-    repeated,
-    reset_peak,
-    summarize,
-)
-from models import XCodec, build_codec, init_codebooks, load_generator_config  # noqa: E402
+import models.streaming as st  # noqa: E402
+from benchmarks import gpu_helpers as gh  # noqa: E402
+from benchmarks.bench_inference import machine, random_codec, rel, speech, timed  # noqa: E402
+from models import XCodec, init_codebooks  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
 from models.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
-from models.streaming import StreamingDecoder, chunk_codes, decode_long, decode_many, encode_long, encode_many  # noqa: E402
-from utils.cli import DefaultsHelpFormatter  # noqa: E402
+from utils.cli import argument_parser  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-# name: (budget in seconds on an H200, runs with --device cpu --quick too)
-SECTIONS = {"device": 20, "exactness": 40, "bf16": 20, "throughput": 240, "cli_long": 45, "train": 90, "compile": 90}
 
 
-# ---------------------------------------------------------------------------- sections
-def check_device(model: XCodec) -> dict:
-    x = clip(48000, 0)  # CPU input, model on the device
+@dataclass
+class Run:
+    """What every section may use: the models, the export, the device, scratch space, the runner."""
+
+    model: XCodec  # on the device
+    cpu_model: XCodec
+    hf: torch.nn.Module  # transformers' XcodecModel, on the device
+    export: Path
+    device: str
+    work: Path
+    quick: bool
+    check: gh.Check
+
+    def inference(self, *args: str) -> tuple[int, str, float]:
+        """``inference.py`` with the exported model on the device, capped (see :meth:`gh.Check.run`)."""
+        rc, log, t = self.check.run([sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(self.export),
+                                     "--device", self.device, *args])  # fmt: skip
+        assert rc == 0, log[-3000:]
+        return rc, log, t
+
+
+def check_device(run: Run) -> dict:
+    model = run.model
+    x = gh.clip(48000, 0)  # CPU input, model on the device
     codes = model.encode(x)
     audio = model.decode(codes.cpu())
-    many = encode_many(model, [x[0, 0], x[0, 0, :16000]], batch_size=2)
-    back = decode_many(model, [c.cpu() for c in many], batch_size=2)
-    long = encode_long(model, speech(12.0), window=4, context=1)
-    dec = StreamingDecoder(model, lookahead=4)
-    pieces = [dec.push(c.cpu()) for c in chunk_codes(codes, 3)] + [dec.flush()]
+    many = st.encode_many(model, [x[0, 0], x[0, 0, :16000]], batch_size=2)
+    back = st.decode_many(model, [c.cpu() for c in many], batch_size=2)
+    long = st.encode_long(model, speech(12.0), window=4, context=1)
+    dec = st.StreamingDecoder(model, lookahead=4)
+    pieces = [dec.push(c.cpu()) for c in st.chunk_codes(codes, 3)] + [dec.flush()]
     stream = torch.cat(pieces)
     devices = {t.device.type for t in (codes, audio, *many, *back, long, stream, *pieces)}
     assert devices == {model.device.type}, devices
-    return {
-        "devices": sorted(devices),
-        "encode_many_equals_encode": bool(torch.equal(many[0], codes[0])),
-        "chunked_decode_rel_err": rel(decode_long(model, codes, window=20), audio),
-        "stream_rel_err": rel(stream, audio[0, 0]),
-    }
+    return {"devices": sorted(devices), "encode_many_equals_encode": bool(torch.equal(many[0], codes[0])),
+            "chunked_decode_rel_err": rel(st.decode_long(model, codes, window=20), audio),
+            "stream_rel_err": rel(stream, audio[0, 0])}  # fmt: skip
 
 
 def tf32_defaults() -> Callable[[], bool]:
@@ -118,190 +114,144 @@ def tf32_defaults() -> Callable[[], bool]:
     return check
 
 
-def check_exactness(model: XCodec, cpu_model: XCodec, hf) -> dict:
-    device = model.device
+def check_exactness(run: Run) -> dict:
+    model, cpu_model, device = run.model, run.cpu_model, run.model.device
     precision = torch.get_float32_matmul_precision()
     restored = tf32_defaults()
     lengths = [48000, 40000, 30400, 16123]
-    clips = [clip(n, seed) for seed, n in enumerate(lengths)]
+    clips = [gh.clip(n, seed) for seed, n in enumerate(lengths)]
     ref = [cpu_model.encode(c) for c in clips]  # CPU fp32: the reference
     alone = [model.encode(c) for c in clips]
-    vs_cpu = agreement(torch.cat([a[..., : r.shape[-1]] for a, r in zip(alone, ref)], -1), torch.cat(ref, -1))
-    found = [
-        m | {"clip": i} for i, (c, r, a) in enumerate(zip(clips, ref, alone)) for m in mismatches(cpu_model, c, r, a)
-    ]
+    vs_cpu = gh.agreement(torch.cat([a[..., : r.shape[-1]] for a, r in zip(alone, ref)], -1), torch.cat(ref, -1))
+    found = gh.mismatches_of(cpu_model, clips, ref, alone)
 
     with ieee_fp32(device=device), torch.inference_mode():  # the reference model in IEEE fp32 as well
-        hf_codes = [hf.encode(c.to(device), return_dict=False) for c in clips]
-    vs_hf = agreement(torch.cat(alone, -1), torch.cat(hf_codes, -1))
-    hf_vs_cpu = agreement(torch.cat(hf_codes, -1), torch.cat(ref, -1))
+        hf_codes = [run.hf.encode(c.to(device), return_dict=False) for c in clips]
+    vs_hf = gh.agreement(torch.cat(alone, -1), torch.cat(hf_codes, -1))
+    hf_vs_cpu = gh.agreement(torch.cat(hf_codes, -1), torch.cat(ref, -1))
 
     # A batch of four different clips of one length (one batched pass everywhere) and a ragged
     # batch (zero-padded, with lengths), each against every clip alone on the same device.
-    equal = [clip(40000, 10 + i) for i in range(4)]
-    batched = model.encode(torch.cat(equal))
-    equal_alone = torch.cat([model.encode(c) for c in equal])
-    ragged = ragged_vs_alone(model, clips, alone, "fp32")
+    equal = [gh.clip(40000, 10 + i) for i in range(4)]
+    batched = gh.agreement(model.encode(torch.cat(equal)), torch.cat([model.encode(c) for c in equal]))
+    ragged = gh.ragged_vs_alone(model, clips, alone, "fp32")
 
     with ieee_fp32(device=device):  # as exact mode computes them (outside it, the user's TF32 defaults apply)
         latents_err = rel(model.latents(clips[0].to(device))[0], cpu_model.latents(clips[0])[0])
     audio_err = rel(model.decode(alone[0]), cpu_model.decode(alone[0].cpu()))
     flags_ok = restored()
     torch.set_float32_matmul_precision(precision)  # the process as it was, for the sections after
-    return {
-        "lengths": lengths,
-        "codes_used": codes_used(ref),
-        "device_vs_cpu_fp32": vs_cpu,
-        "device_vs_cpu_mismatches": summarize(found),
-        "device_vs_xcodecmodel": vs_hf,
-        "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu,
-        "batch_equal_lengths": agreement(batched, equal_alone),
-        "batch_ragged": ragged,
-        "latents_device_vs_cpu_rel_err": latents_err,
-        "decode_device_vs_cpu_rel_err": audio_err,
-        "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, agreement(batched, equal_alone), ragged) for v in row),
-        "tf32_flags_restored": flags_ok,
-    }
+    return {"lengths": lengths, "codes_used": gh.codes_used(ref), "device_vs_cpu_fp32": vs_cpu,
+            "device_vs_cpu_mismatches": gh.summarize(found), "device_vs_xcodecmodel": vs_hf,
+            "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu, "batch_equal_lengths": batched, "batch_ragged": ragged,
+            "latents_device_vs_cpu_rel_err": latents_err, "decode_device_vs_cpu_rel_err": audio_err,
+            "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, batched, ragged) for v in row),
+            "tf32_flags_restored": flags_ok}  # fmt: skip
 
 
-def check_bf16(model: XCodec, cpu_model: XCodec) -> dict:
-    clips = [clip(160000, 20), clip(97000, 21)]
+def check_bf16(run: Run) -> dict:
+    model, cpu_model = run.model, run.cpu_model
+    clips = [gh.clip(160000, 20), gh.clip(97000, 21)]
     fp32 = [model.encode(c) for c in clips]
     bf16 = [model.encode(c, precision="bf16") for c in clips]
-    found = [
-        m | {"clip": i} for i, (c, r, b) in enumerate(zip(clips, fp32, bf16)) for m in mismatches(cpu_model, c, r, b)
-    ]
-    return {
-        "agreement_per_quantizer": agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
-        "mismatches_vs_fp32": summarize(found),  # margins of the fp32 reference residual (CPU model)
-        "bf16_ragged_batch_vs_alone": ragged_vs_alone(model, clips, bf16, "bf16"),
-        "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0])),
-    }
+    found = gh.mismatches_of(cpu_model, clips, fp32, bf16)  # margins of the fp32 reference residual (CPU model)
+    return {"agreement_per_quantizer": gh.agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
+            "mismatches_vs_fp32": gh.summarize(found),
+            "bf16_ragged_batch_vs_alone": gh.ragged_vs_alone(model, clips, bf16, "bf16"),
+            "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0]))}  # fmt: skip
 
 
-def check_throughput(
-    check: Check, model: XCodec, hf, export: Path, device: str, work: Path, quick: bool, budget: float
-) -> dict:
-    until = time.monotonic() + budget
-    paths, hours = make_corpus(work / "corpus", 0.01 if quick else 1.0, quick)
+def check_throughput(run: Run) -> dict:
+    until, model, hf, work, quick = time.monotonic() + SECTIONS["throughput"][1], run.model, run.hf, run.work, run.quick
+    paths, hours = gh.make_corpus(work / "corpus", 0.01 if quick else 1.0, quick)
     out: dict = {"files": len(paths), "audio_hours": round(hours, 4)}
-    batch = 4 if quick else 32
-    reps = 1 if quick else 3  # timed passes (median)
+    batch, reps = (4, 1) if quick else (32, 3)  # reps: timed passes (median)
     wavs = sorted((torch.from_numpy(sf.read(p, dtype="float32")[0]) * 0.95 for p in paths), key=len, reverse=True)
     dev = model.device
 
-    def ours(precision: str) -> Callable[[], None]:
-        def fn() -> None:
-            for i in range(0, len(wavs), batch):
-                group = wavs[i : i + batch]
-                model.encode(padded(group).to(dev), lengths=[len(w) for w in group], precision=precision)
+    def ours(precision: str) -> None:
+        for i in range(0, len(wavs), batch):
+            group = wavs[i : i + batch]
+            model.encode(gh.padded(group).to(dev), lengths=[len(w) for w in group], precision=precision)
 
-        return fn
-
-    def theirs(precision: str, size: int) -> Callable[[], None]:
-        def fn() -> None:
-            with torch.inference_mode(), ieee_fp32(precision == "fp32", dev), autocast(dev, precision):
-                for i in range(0, len(wavs), size):
-                    hf.encode(padded(wavs[i : i + size]).to(dev), return_dict=False)
-
-        return fn
+    def theirs(precision: str, size: int) -> None:
+        with torch.inference_mode(), ieee_fp32(precision == "fp32", dev), autocast(dev, precision):
+            for i in range(0, len(wavs), size):
+                hf.encode(gh.padded(wavs[i : i + size]).to(dev), return_dict=False)
 
     row = (until - time.monotonic()) / 8  # half the budget for the four in-process rows, half for the CLI
     for precision in ("fp32", "bf16"):
-        out[f"xcodec_{precision}_model"] = {
-            **repeated(ours(precision), dev, hours, time.monotonic() + row, reps),
-            "batch_size": batch,
-        }
-        best: tuple[float, int] | None = None
+        result = gh.repeated(functools.partial(ours, precision), dev, hours, time.monotonic() + row, reps)
+        out[f"xcodec_{precision}_model"] = {**result, "batch_size": batch}
+        tried = {}
         for size in (8, 32) if quick else (16, 64):
-            reset_peak(dev)
-            fn = theirs(precision, size)
-            fn()  # warm-up at this batch size
-            t = timed(fn, dev)[1]
-            if best is None or t < best[0]:
-                best = (t, size)
-        result = repeated(theirs(precision, best[1]), dev, hours, time.monotonic() + row, reps)
-        out[f"xcodecmodel_{precision}" + ("_ieee" if precision == "fp32" else "")] = {**result, "batch_size": best[1]}
+            gh.reset_peak(dev)
+            theirs(precision, size)  # warm-up at this batch size
+            tried[size] = timed(functools.partial(theirs, precision, size), dev)[1]
+        best = min(tried, key=tried.get)
+        result = gh.repeated(functools.partial(theirs, precision, best), dev, hours, time.monotonic() + row, reps)
+        out[f"xcodecmodel_{precision}" + ("_ieee" if precision == "fp32" else "")] = {**result, "batch_size": best}
     for precision in ("fp32", "bf16"):
         runs = []
         for i in range(reps):
             if runs and time.monotonic() + runs[-1]["process_seconds"] > until:
                 break
-            cmd = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(export), "--input", str(work / "corpus"),
-                   "--codes-out", str(work / f"codes_{precision}_{i}"), "--device", device, "--batch-size", str(batch),
-                   "--precision", precision]  # fmt: skip
-            rc, log, t = check.run(cmd)
-            assert rc == 0, log[-3000:]
+            codes = str(work / f"codes_{precision}_{i}")
+            _, log, t = run.inference("--input", str(work / "corpus"), "--codes-out", codes, "--batch-size", str(batch),
+                                      "--precision", precision)  # fmt: skip
             speed = re.search(r"([\d.]+) audio hours per hour", log)
             memory = re.search(r"peak GPU memory ([\d.]+) GiB", log)
             runs.append({"hours_per_hour": float(speed.group(1)), "process_seconds": round(t, 1),
                          "peak_gpu_gb": float(memory.group(1)) if memory else None})  # fmt: skip
         out[f"xcodec_{precision}_cli"] = {
             "hours_per_hour": statistics.median(r["hours_per_hour"] for r in runs), "runs": runs, "batch_size": batch,
-            "note": "inference.py's own figure: reading, encoding and writing, after the model is loaded",
-        }  # fmt: skip
+            "note": "inference.py's own figure: reading, encoding and writing, after the model is loaded"}  # fmt: skip
     base = out["xcodecmodel_fp32_ieee"]["hours_per_hour"]
-    out["speedup_vs_xcodecmodel_fp32_ieee"] = {
-        k: round(v["hours_per_hour"] / base, 3) for k, v in out.items() if isinstance(v, dict) and "hours_per_hour" in v
-    }
+    rows = {k: v["hours_per_hour"] for k, v in out.items() if isinstance(v, dict) and "hours_per_hour" in v}
+    out["speedup_vs_xcodecmodel_fp32_ieee"] = {k: round(v / base, 3) for k, v in rows.items()}
     return out
 
 
-def check_cli_long(check: Check, export: Path, device: str, work: Path, quick: bool) -> dict:
-    seconds = 50 if quick else 600
-    long = work / "long.wav"
-    sf.write(long, speech(seconds)[0, 0].numpy() / 0.95, RATE)
-    cmd = [sys.executable, str(ROOT / "inference.py"), "--checkpoint", str(export), "--input", str(long), "--output", str(work / "long_rec.wav"),
-           "--codes-out", str(work / "long.npy"), "--device", device, "--window", "20", "--context", "5"]  # fmt: skip
-    rc, log, t = check.run(cmd)
-    assert rc == 0, log[-3000:]
+def check_cli_long(run: Run) -> dict:
+    seconds, work = 50 if run.quick else 600, run.work
+    sf.write(work / "long.wav", speech(seconds)[0, 0].numpy() / 0.95, gh.RATE)
+    rc, _, t = run.inference("--input", str(work / "long.wav"), "--output", str(work / "long_rec.wav"),
+                             "--codes-out", str(work / "long.npy"), "--window", "20", "--context", "5")  # fmt: skip
     codes = np.load(work / "long.npy")
     return {"audio_s": seconds, "rc": rc, "seconds": round(t, 1), "codes_shape": list(codes.shape),
             "output_samples": sf.info(str(work / "long_rec.wav")).frames}  # fmt: skip
 
 
-def check_train(check: Check, device: str, work: Path) -> dict:
-    tiny = str(ROOT / "configs" / "tiny.yaml")
-    base = [
-        sys.executable,
-        str(ROOT / "main_launch_vqdp.py"),
-        "--config",
-        tiny,
-        f"device={device}",
-        "validation_file=null",
-    ]
+def check_train(run: Run) -> dict:
+    check, device, work = run.check, run.device, run.work
+    base = [str(ROOT / "main_launch_vqdp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), f"device={device}",
+            "validation_file=null"]  # fmt: skip
     out: dict = {}
     for precision in ("fp32", "bf16"):
-        log_dir = work / f"train_{precision}"
-        rc1, log1, t1 = check.run(
-            [*base, f"log_dir={log_dir}", f"precision={precision}", "max_steps=2", "checkpoint_interval=2"]
-        )
-        rc2, log2, t2 = check.run(
-            [*base, f"log_dir={log_dir}", f"precision={precision}", "max_steps=4", "checkpoint_interval=2"]
-        )
+        cmd = [*base, f"log_dir={work / f'train_{precision}'}", f"precision={precision}", "checkpoint_interval=2"]
+        rc1, log1, t1 = check.run([sys.executable, *cmd, "max_steps=2"])
+        rc2, log2, t2 = check.run([sys.executable, *cmd, "max_steps=4"])
         out[precision] = {"rc": [rc1, rc2], "resumed": "resumed from" in log2 and "step 2" in log2,
-                          "finished": "finished at step 4" in log2, "seconds": [round(t1, 1), round(t2, 1)]}  # fmt: skip
+                          "finished": "finished at step 4" in log2,
+                          "seconds": [round(t1, 1), round(t2, 1)]}  # fmt: skip
         if rc1 or rc2:
             out[precision]["log_tail"] = (log1 + log2)[-3000:]
     hashes = work / "hashes"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "main_launch_vqdp.py"),
-           "--config", tiny, f"device={device}", "dist_backend=gloo", f"log_dir={work / 'two_ranks'}", "max_steps=3", "validation_file=null"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *base,
+           "dist_backend=gloo", f"log_dir={work / 'two_ranks'}", "max_steps=3"]  # fmt: skip
     rc, log, t = check.run(cmd, {"XCODEC_TEST_HASH_DIR": str(hashes), "OMP_NUM_THREADS": "1"})
     same = False
     if (hashes / "hash_rank1.json").exists():
         r0, r1 = (json.loads((hashes / f"hash_rank{r}.json").read_text()) for r in (0, 1))
         same = all(r0[k] == r1[k] for k in ("codec", "codebooks", "discriminators", "optimizer_g"))
-    out["two_ranks_one_device"] = {
-        "rc": rc,
-        "identical_ranks": same,
-        "seconds": round(t, 1),
-        **({"log_tail": log[-3000:]} if rc else {}),
-    }
+    out["two_ranks_one_device"] = {"rc": rc, "identical_ranks": same, "seconds": round(t, 1),
+                                   **({"log_tail": log[-3000:]} if rc else {})}  # fmt: skip
     out["ok"] = all(v["rc"] in ([0, 0], 0) for v in out.values())  # a failed run keeps its log_tail in the JSON
     return out
 
 
-def check_compile(model: XCodec) -> dict:
+def check_compile(run: Run) -> dict:
+    model = run.model
     if model.device.type != "cuda":
         return {"skipped": "torch.compile is checked on CUDA only"}
     x = speech(10.0)
@@ -315,58 +265,38 @@ def check_compile(model: XCodec) -> dict:
     finally:
         for module in modules:
             module._compiled_call_impl = None  # back to eager
-    return {
-        "agreement_per_quantizer": agreement(compiled, eager),
-        "eager_s": t_eager,
-        "compiled_s": t_compiled,
-        "compile_s": t_first,
-    }
+    return {"agreement_per_quantizer": gh.agreement(compiled, eager), "eager_s": t_eager, "compiled_s": t_compiled,
+            "compile_s": t_first}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- main
-def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}  # fmt: skip
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    return info
+# name: (the section, its budget in seconds on an H200); every one runs with --device cpu --quick too
+SECTIONS = {"device": (check_device, 20), "exactness": (check_exactness, 40), "bf16": (check_bf16, 20),
+            "throughput": (check_throughput, 240), "cli_long": (check_cli_long, 45), "train": (check_train, 90),
+            "compile": (check_compile, 90)}  # fmt: skip
 
 
 def build_models(quick: bool, device: torch.device) -> tuple[XCodec, XCodec, dict]:
     """The seeded random codec on the CPU and a copy on ``device``, codebooks k-means'd on
     the device; returns ``(cpu_model, model, facts about the k-means frames)``."""
-    gen, scale = load_generator_config(ROOT / "configs" / ("tiny.yaml" if quick else "xcodec_hubert_librispeech.yaml"))
-    torch.manual_seed(0)
-    cpu_model = build_codec(gen, scale, weight_norm=False).eval()
+    cpu_model = random_codec(ROOT / "configs" / ("tiny.yaml" if quick else "xcodec_hubert_librispeech.yaml"))
     model = copy.deepcopy(cpu_model).to(device)
-    clips = kmeans_clips(model)
+    clips = gh.kmeans_clips(model)
     frames = int(sum(int(model.num_frames(len(c))) for c in clips))
     init_codebooks(model, clips, "kmeans")
     cpu_model.load_state_dict(model.state_dict())
-    for m in (cpu_model, model):
-        for p in m.parameters():
-            p.requires_grad_(False)
-    return (
-        cpu_model,
-        model,
-        {"kmeans_frames": frames, "bins": model.bins, "frames_per_entry": round(frames / model.bins, 2)},
-    )
+    cpu_model.requires_grad_(False)
+    model.requires_grad_(False)
+    return cpu_model, model, {"kmeans_frames": frames, "bins": model.bins,
+                              "frames_per_entry": round(frames / model.bins, 2)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     p.add_argument("--quick", action="store_true", help="tiny model, few files: minutes on CPU")
-    p.add_argument(
-        "--sections", nargs="+", choices=list(SECTIONS), help="run only these (merged into an existing --json)"
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=450,
-        help="seconds for the whole check; a section that no longer fits is skipped",
-    )
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="run only these (merged into the --json)")
+    p.add_argument("--budget", type=float, default=450, help="seconds for the whole check; a section that no longer "
+                   "fits is skipped")  # fmt: skip
     p.add_argument("--cap", type=int, default=150, help="seconds any one subprocess may run")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the summary, gpu_check_<gpu>.json")
     p.add_argument("--json", type=Path, help="summary file (default: RESULTS/gpu_check_<gpu>.json)")
@@ -376,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(
-            "error: --device cuda but CUDA is not available here (use --device cpu for the smoke test)", file=sys.stderr
-        )
+        print("error: --device cuda but CUDA is not available here (--device cpu: the smoke test)", file=sys.stderr)
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="xcodec_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -386,33 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     name = re.sub(r"^nvidia_", "", info.get("gpu", "cpu").lower().replace(" ", "_"))
     path = args.json or args.results / f"gpu_check_{name}{'_quick' if args.quick else ''}.json"
     summary = json.loads(path.read_text()) if args.sections and path.exists() else {}
-    summary.update({"machine": info, "device": str(device), "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])})  # fmt: skip
+    command = " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
+    summary.update({"machine": info, "device": str(device), "quick": args.quick, "command": command,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
     print(f"machine: {json.dumps(info)}", flush=True)
     cpu_model, model, setup = build_models(args.quick, device)
     export = save_export(cpu_model, work / "export")
     hf = to_transformers(cpu_model).to(device).eval()
     summary["setup"] = {**setup, "seconds": round(time.monotonic() - start, 1)}
     print(f"setup: {json.dumps(summary['setup'])}", flush=True)
-    check = Check(summary, path, start + args.budget, args.cap)
-    sections: dict[str, Callable[[], dict]] = {
-        "device": lambda: check_device(model),
-        "exactness": lambda: check_exactness(model, cpu_model, hf),
-        "bf16": lambda: check_bf16(model, cpu_model),
-        "throughput": lambda: check_throughput(
-            check, model, hf, export, args.device, work, args.quick, SECTIONS["throughput"]
-        ),
-        "cli_long": lambda: check_cli_long(check, export, args.device, work, args.quick),
-        "train": lambda: check_train(check, args.device, work),
-        "compile": lambda: check_compile(model),
-    }
-    for section, fn in sections.items():
+    check = gh.Check(summary, path, start + args.budget, args.cap)
+    run = Run(model, cpu_model, hf, export, args.device, work, args.quick, check)
+    for section, (fn, budget) in SECTIONS.items():
         if args.sections is None or section in args.sections:
-            check.section(section, fn, SECTIONS[section])
+            check.section(section, functools.partial(fn, run), budget)
     check.write()
-    print(
-        f"wrote {path}: {'all sections ok' if summary['all_ok'] else 'some sections FAILED'} in {time.monotonic() - start:.0f} s"
-    )
+    verdict = "all sections ok" if summary["all_ok"] else "some sections FAILED"
+    print(f"wrote {path}: {verdict} in {time.monotonic() - start:.0f} s")
     return 0 if summary["all_ok"] else 1
 
 

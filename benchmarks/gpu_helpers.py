@@ -4,7 +4,6 @@ audio, code comparisons with margins, timing."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import subprocess
@@ -19,14 +18,13 @@ import soundfile as sf
 import torch
 
 from benchmarks.bench_inference import read, timed
+from corpus.schema import write_json
 from models import XCodec
-from utils.files import atomic_write
 
 RATE = 16000
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------------------- audio
 @functools.cache
 def pool() -> np.ndarray:
     """The bundled real audio (English and Mandarin speech, music), one 13 s float32 array."""
@@ -35,17 +33,14 @@ def pool() -> np.ndarray:
 
 def cut(n: int, rng: np.random.Generator, src: np.ndarray) -> np.ndarray:
     """``n`` samples of ``src`` looped from a random offset, at a random gain in [0.3, 1]."""
-    start = int(rng.integers(0, len(src)))
-    idx = (start + np.arange(n)) % len(src)
+    idx = (int(rng.integers(0, len(src))) + np.arange(n)) % len(src)
     return (src[idx] * rng.uniform(0.3, 1.0)).astype(np.float32)
 
 
 def kmeans_clips(model: XCodec, factor: int = 12, seconds: float = 4.0) -> list[torch.Tensor]:
     """Clips (scaled by 0.95) holding at least ``factor`` x ``bins`` frames: mixtures of two
     random cuts of the bundled audio, so that k-means sees far more frames than entries."""
-    rng = np.random.default_rng(1)
-    src = pool()
-    n = int(seconds * RATE)
+    rng, src, n = np.random.default_rng(1), pool(), int(seconds * RATE)
     count = -(-factor * model.bins // int(model.num_frames(n)))
     return [torch.from_numpy(cut(n, rng, src) + 0.5 * cut(n, rng, src)) * 0.95 for _ in range(count)]
 
@@ -55,12 +50,9 @@ def clip(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(cut(n, np.random.default_rng(seed), pool()))[None, None] * 0.95
 
 
-# ---------------------------------------------------------------------------- codes
 def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """Fraction of equal codes per quantizer of (B, n_q, F) or (n_q, F) codes."""
-    a, b = a.cpu(), b.cpu()
-    if a.dim() == 2:
-        a, b = a[None], b[None]
+    a, b = a.cpu().reshape(-1, *a.shape[-2:]), b.cpu().reshape(-1, *b.shape[-2:])
     n = min(a.shape[-1], b.shape[-1])
     return [round(float((a[:, q, :n] == b[:, q, :n]).float().mean()), 6) for q in range(a.shape[1])]
 
@@ -88,6 +80,11 @@ def codes_used(codes: list[torch.Tensor]) -> list[int]:
     return [int(flat[q].unique().numel()) for q in range(flat.shape[0])]
 
 
+def mismatches_of(cpu_model: XCodec, clips: list, refs: list, others: list) -> list[dict]:
+    """:func:`mismatches` of every clip (lists of tensors), each tagged with its clip's index."""
+    return [m | {"clip": i} for i, args in enumerate(zip(clips, refs, others)) for m in mismatches(cpu_model, *args)]
+
+
 @torch.inference_mode()
 def mismatches(cpu_model: XCodec, wav: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> list[dict]:
     """At each frame where ``other`` codes differ from the reference ``ref`` (both (1, n_q, F),
@@ -104,17 +101,14 @@ def mismatches(cpu_model: XCodec, wav: torch.Tensor, ref: torch.Tensor, other: t
     out = []
     for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
         here = [f for f in frames if first[f] == q]
-        if here:
-            r = residual[:, here].T  # (M, D)
-            book = layer.codebook.double()
-            dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]
-            best2 = dist.topk(2, dim=1, largest=False).values
-            norm = r.pow(2).sum(1)
-            for i, f in enumerate(here):
-                margin = float(best2[i, 1] - best2[i, 0])
-                out.append(
-                    {"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / max(float(norm[i]), 1e-30)}
-                )
+        r = residual[:, here].T  # (M, D)
+        book = layer.codebook.double()
+        dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]  # (M, bins)
+        best2 = dist.topk(2, dim=1, largest=False).values if here else None
+        for i, f in enumerate(here):
+            margin = float(best2[i, 1] - best2[i, 0])
+            norm = max(float(r[i].pow(2).sum()), 1e-30)
+            out.append({"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / norm})
         residual = residual - layer.decode(ref[0, q][None])[0].double()
     return sorted(out, key=lambda m: m["frame"])
 
@@ -127,7 +121,6 @@ def summarize(found: list[dict]) -> dict:
             "first": found[:20]}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- timing
 def make_corpus(folder: Path, hours: float, quick: bool) -> tuple[list[Path], float]:
     """Clips of 2-20 s (1-4 s with --quick) cut from the bundled audio, written as FLAC in
     parallel, until ``hours`` of audio; returns their paths and the hours written."""
@@ -140,17 +133,13 @@ def make_corpus(folder: Path, hours: float, quick: bool) -> tuple[list[Path], fl
         total += lengths[-1]
     paths = [folder / f"clip{i:05d}.flac" for i in range(len(lengths))]
     seeds = rng.integers(0, 2**31, len(lengths))
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool_:
-        list(
-            pool_.map(
-                lambda a: sf.write(a[0], cut(a[1], np.random.default_rng(a[2]), src), RATE), zip(paths, lengths, seeds)
-            )
-        )
+
+    def write(path: Path, n: int, seed: int) -> None:
+        sf.write(path, cut(n, np.random.default_rng(seed), src), RATE)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as threads:
+        list(threads.map(write, paths, lengths, seeds))
     return paths, total / RATE / 3600
-
-
-def peak_memory(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -168,11 +157,11 @@ def repeated(fn: Callable[[], None], device: torch.device, hours: float, until: 
     while len(times) < reps and (not times or time.monotonic() + times[-1] < until):
         times.append(timed(fn, device)[1])
     seconds = statistics.median(times)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
     return {"hours_per_hour": round(hours / (seconds / 3600), 1), "seconds": round(seconds, 3), "passes": len(times),
-            "first_pass_hours_per_hour": round(hours / (first / 3600), 1), "peak_gpu_gb": peak_memory(device)}  # fmt: skip
+            "first_pass_hours_per_hour": round(hours / (first / 3600), 1), "peak_gpu_gb": peak}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- running
 class Check:
     """Runs the sections into ``results``, each within its budget and the run's deadline,
     never letting one stop the rest, and rewrites the JSON after each."""
@@ -206,19 +195,16 @@ class Check:
             try:
                 out = {"ok": True, **fn()}  # a section may report ok False itself, with its numbers
             except Exception as exc:  # recorded in the JSON: the next section still runs
-                out = {
-                    "ok": False,
-                    "error": f"{type(exc).__name__}: {exc}"[:2000],
-                    "traceback": traceback.format_exc()[-4000:],
-                }
-        out["seconds"] = round(time.perf_counter() - t0, 2)
-        out["budget_s"] = budget
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                out = {"ok": False, "error": error, "traceback": traceback.format_exc()[-4000:]}
+        out.update(seconds=round(time.perf_counter() - t0, 2), budget_s=budget)
         self.results[name] = out
         self.write()
         status = "skipped" if "skipped" in out else ("ok" if out["ok"] else "FAILED")
-        print(f"[{status}] {name} ({out['seconds']} s)" + ("" if out["ok"] else f": {out['error'][:300]}"), flush=True)
+        # A section that reports ok False itself (train: a failed run) has numbers, not an error.
+        why = "" if out["ok"] else f": {out.get('error', 'see its numbers in the JSON')[:300]}"
+        print(f"[{status}] {name} ({out['seconds']} s){why}", flush=True)
 
     def write(self) -> None:
         self.summary["all_ok"] = all(r["ok"] for r in self.results.values())
-        text = json.dumps(self.summary, indent=1) + "\n"
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+        write_json(self.path, self.summary)

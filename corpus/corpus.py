@@ -1,15 +1,11 @@
-"""A tokenization run's bookkeeping: this rank's share, what an earlier run finished, where codes go.
+"""A tokenization run's bookkeeping (``inference.py --input DIR --codes-out OUT [--format F]``).
 
-``inference.py --input DIR --codes-out OUT [--format npy|parquet|webdataset]``:
-
-- sharding: rank R of W takes files R, R + W, ... of the sorted list;
-- resuming: a file is done when OUT lists it (npy: a manifest line and its ``.npy``;
-  shards: a finished shard, see ``corpus.shards``) with the same input root, relative path,
-  size and mtime. An npy file whose input changed is redone; shards are append-only, so a
-  changed input stops the run (tokenize into a new directory). Codes of another input root,
-  checkpoint, bandwidth, precision or format in OUT are refused with one line;
-- writing: npy: the codes file, then its manifest line; shards: rows queued per rank and
-  written ``--shard-size`` at a time.
+Rank R of W takes files R, R + W, ... of the sorted list. A file is done when OUT lists it (npy: a
+manifest line and its ``.npy``; shards: a finished shard) with the same input root, relative path,
+size and mtime. An npy file whose input changed is redone; shards are append-only, so a changed
+input stops the run. Codes of another input root, checkpoint, bandwidth, precision or format in
+OUT are refused with one line. npy writes the codes file, then its manifest line; shards queue
+rows per rank and write ``--shard-size`` at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ from utils.cli import CliError
 from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
 
 FORMATS = ("npy", "parquet", "webdataset")
+ANOTHER = "choose another --codes-out directory"
 
 
 class RunStats:
@@ -37,10 +34,7 @@ class RunStats:
     the writer its finished files go to."""
 
     def __init__(self) -> None:
-        self.written = 0
-        self.failed: list[str] = []
-        self.audio_seconds = 0.0
-        self.start = time.perf_counter()
+        self.written, self.audio_seconds, self.failed = 0, 0.0, []
         self.already_done = 0  # skipped: finished by an earlier run
         self.changed = 0  # finished earlier, but the input changed since: done again
         self.rank, self.world_size = 0, 1
@@ -48,6 +42,7 @@ class RunStats:
         self.shards: ShardWriter | None = None  # parquet / webdataset corpus
         self.fields: dict = {}
         self.codes_root: Path | None = None
+        self.start_clock()
 
     def wrote(self, job: Job, samples: int, rate: int, codes: np.ndarray | None = None) -> None:
         """Count a finished job; in a tokenization, record it (manifest line or shard row)."""
@@ -55,17 +50,10 @@ class RunStats:
         self.audio_seconds += samples / rate
         if codes is None or (self.manifest is None and self.shards is None):
             return
-        entry = {
-            "path": job.rel.as_posix(),
-            "duration": round(samples / rate, 6),
-            "samples": int(samples),
-            "sample_rate": int(rate),
-            "n_q": int(codes.shape[0]),
-            "frames": int(codes.shape[1]),
-            **({"source_size": job.source[0], "source_mtime_ns": job.source[1]} if job.source else {}),
-            **self.fields,
-            "written": round(time.time(), 3),
-        }
+        entry = {"path": job.rel.as_posix(), "duration": round(samples / rate, 6), "samples": int(samples),
+                 "sample_rate": int(rate), "n_q": int(codes.shape[0]), "frames": int(codes.shape[1]),
+                 **({"source_size": job.source[0], "source_mtime_ns": job.source[1]} if job.source else {}),
+                 **self.fields, "written": round(time.time(), 3)}  # fmt: skip
         if self.manifest is not None and job.codes_out is not None:
             self.manifest.add({"codes": job.codes_out.relative_to(self.codes_root).as_posix(), **entry})
         elif self.shards is not None:
@@ -82,10 +70,9 @@ class RunStats:
 
     def close(self) -> None:
         """Write what is queued (the last partial shard) and close the manifest."""
-        if self.shards is not None:
-            self.shards.close()
-        if self.manifest is not None:
-            self.manifest.close()
+        for writer in (self.shards, self.manifest):
+            if writer is not None:
+                writer.close()
 
     def summary(self) -> str:
         elapsed = time.perf_counter() - self.start
@@ -94,18 +81,16 @@ class RunStats:
         prefix = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
         done = f", {self.already_done} already done (skipped)" if self.already_done else ""
         done += f", {self.changed} changed since tokenized (redone)" if self.changed else ""
-        return (
-            f"{prefix}{self.written} file(s) written, {len(self.failed)} failed/skipped{done}, "
-            f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f}, "
-            f"{speed:.1f} audio hours per hour)"
-        )
+        return (f"{prefix}{self.written} file(s) written, {len(self.failed)} failed/skipped{done}, "
+                f"{self.audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f}, "
+                f"{speed:.1f} audio hours per hour)")  # fmt: skip
 
 
 def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
     """``(settings of every earlier entry, {path: entry})`` of what OUT already holds."""
     found = "npy" if has_manifest(root) else shard_format(root)
     if found is not None and found != fmt:
-        raise CliError(f"{root}: holds a {found} corpus; this run writes --format {fmt}: choose another --codes-out directory")
+        raise CliError(f"{root}: holds a {found} corpus; this run writes --format {fmt}: {ANOTHER}")
     try:
         if fmt == "npy":
             entries = read_manifest(root) if root.is_dir() else []
@@ -116,7 +101,8 @@ def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
         raise CliError(str(exc)) from None
 
 
-def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats: RunStats, shard_size: int) -> list[Job]:
+def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats: RunStats,
+           shard_size: int) -> list[Job]:  # fmt: skip
     """This rank's jobs less the finished ones; sets up the writer (see the module docstring).
 
     Args:
@@ -134,25 +120,24 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     clash = [e for e in earlier if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
     if clash:
         e = clash[0]
-        raise CliError(
-            f"{root}: already holds codes of {len(clash)} file(s) made by checkpoint {e.get('checkpoint')} at "
-            f"{e.get('bandwidth')} kbps in {e.get('precision', 'fp32')}; this run uses {fields['checkpoint']} at "
-            f"{fields['bandwidth']} kbps in {fields['precision']}: choose another --codes-out directory"
-        )
+        raise CliError(f"{root}: already holds codes of {len(clash)} file(s) made by checkpoint {e.get('checkpoint')} "
+                       f"at {e.get('bandwidth')} kbps in {e.get('precision', 'fp32')}; this run uses "
+                       f"{fields['checkpoint']} at {fields['bandwidth']} kbps in {fields['precision']}: {ANOTHER}")
     other = next((e for e in earlier if e.get("input_root", fields["input_root"]) != fields["input_root"]), None)
     if other is not None:
-        raise CliError(f"{root}: holds codes of files under {other['input_root']}, not {fields['input_root']}: choose another --codes-out directory")
-    for job in jobs:
-        job.source = source_key(job.src)
+        raise CliError(f"{root}: holds codes of files under {other['input_root']}, not {fields['input_root']}: "
+                       f"{ANOTHER}")  # fmt: skip
     todo = []
     for j in jobs:
+        j.source = source_key(j.src)
         entry = done.get(j.rel.as_posix())
         # Shards: the index alone says done (audio of a done file is not redone: that would add a row).
         if entry is not None and (fmt != "npy" or all(p.is_file() for p in j.outputs)):
             if unchanged(entry, j.source):
                 continue
             if fmt != "npy":
-                raise CliError(f"{j.src}: changed since it was tokenized into {root} ({entry['shard']}); shards are append-only: tokenize into a new directory")
+                raise CliError(f"{j.src}: changed since it was tokenized into {root} ({entry['shard']}); shards are "
+                               "append-only: tokenize into a new directory")  # fmt: skip
             stats.changed += 1
         todo.append(j)
     stats.already_done = len(jobs) - len(todo)
@@ -161,9 +146,8 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         stats.manifest = ManifestWriter(manifest_path(root, stats.rank, stats.world_size))
     else:
         kept = ("checkpoint", "bandwidth", "precision", "input_root", "bins", "world_size")
-        settings = {**{k: fields[k] for k in kept}, "n_q": n_q}
         remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)
-        stats.shards = ShardWriter(root, fmt, stats.rank, shard_size, settings)
+        stats.shards = ShardWriter(root, fmt, stats.rank, shard_size, {**{k: fields[k] for k in kept}, "n_q": n_q})
     return todo
 
 

@@ -37,7 +37,7 @@ def scan_directory(root: str | Path, suffixes: set[str], exclude: Iterable[str |
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def pair_by_relative_path(reference: Path, estimate: Path, suffixes: set[str]) -> tuple[list[tuple[str, Path, Path | None]], int]:
+def pair_by_relative_path(reference: Path, estimate: Path, suffixes: set[str]) -> tuple[list[tuple], int]:
     """``([(name, reference file, estimate file or None)], unmatched estimates)``: the files of two
     trees matched by relative path, the audio extension free to differ (same extension preferred)."""
     by_stem: dict[str, list[Path]] = {}
@@ -54,38 +54,28 @@ def pair_by_relative_path(reference: Path, estimate: Path, suffixes: set[str]) -
     return pairs, sum(len(v) for v in by_stem.values()) - len(used)
 
 
+def _listed(entry: str, listing: Path) -> Path:
+    """A listed path: a relative one from the working directory when it exists there, else from the listing's."""
+    p = Path(entry)
+    return listing.parent / p if not p.is_absolute() and not p.exists() and (listing.parent / p).exists() else p
+
+
 def read_file_list(path: str | Path) -> list[Path]:
     """Paths of a list file: one a line (its first tab-separated field), blank lines and
-    ``#`` comments skipped. A relative path is taken from the working directory when it
-    exists there, else from the list's own directory."""
-    path = Path(path)
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        entry = line.split("\t")[0].strip()
-        if not entry or entry.startswith("#"):
-            continue
-        p = Path(entry)
-        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
-            p = path.parent / p
-        out.append(p)
-    return out
+    ``#`` comments skipped; relative paths as :func:`_listed` takes them."""
+    lines = [line.split("\t")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [_listed(entry, Path(path)) for entry in lines if entry and not entry.startswith("#")]
 
 
 def is_file_list(path: str | Path) -> bool:
     """A list file (``.txt``, ``.lst``, ``.list``, ``.scp``, ``.tsv``) rather than an audio file."""
-    path = Path(path)
-    return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
+    return Path(path).suffix.lower() in LIST_SUFFIXES and Path(path).is_file()
 
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input of a run.
-
-    Attributes:
-        source: the file, or a :class:`utils.audio.DatasetAudio` row.
-        name: its relative name (outputs mirror it: ``name`` with the output's extension).
-        duration: seconds, when the input listing says (saves reading headers for the order).
-    """
+    """One input of a run: the file (or dataset row), its relative name (outputs mirror it), and
+    its seconds when the listing gives them (saves reading headers for the order)."""
 
     source: Path | DatasetAudio
     name: Path
@@ -108,8 +98,7 @@ def is_listing(path: str | Path) -> bool:
 
 def read_input_manifest(path: str | Path) -> list[InputItem]:
     """A JSONL (one object a line) or CSV (a header row) listing ``path`` and optionally ``id``
-    (the name outputs get; default: the path as listed) and ``duration`` (seconds). Relative
-    paths are taken as :func:`read_file_list` takes them.
+    (the name outputs get; default: the path as listed) and ``duration`` (seconds).
 
     Raises:
         ValueError: a row without ``path``, a bad duration, a file that is not UTF-8 (one line).
@@ -136,9 +125,7 @@ def read_input_manifest(path: str | Path) -> list[InputItem]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("path"):
             raise ValueError(f"{path}: row {i + 1} has no 'path'")
-        p = Path(str(row["path"]))
-        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
-            p = path.parent / p
+        p = _listed(str(row["path"]), path)
         duration = row.get("duration")
         try:
             duration = float(duration) if duration not in (None, "") else None
@@ -155,7 +142,8 @@ def dataset_items(path: str | Path) -> list[InputItem]:
     ds = open_audio_dataset(path)
     ids = ds["id"] if "id" in ds.column_names else None
     audio = ds.data.table.column("audio")  # Arrow, memory-mapped: the names without reading any audio
-    names = audio.combine_chunks().field("path").to_pylist() if pa.types.is_struct(audio.type) and audio.type.get_field_index("path") >= 0 else [None] * len(ds)
+    named = pa.types.is_struct(audio.type) and audio.type.get_field_index("path") >= 0
+    names = audio.combine_chunks().field("path").to_pylist() if named else [None] * len(ds)
     items = []
     for row, own in enumerate(names):
         own = Path(own or "").name
@@ -182,9 +170,5 @@ def collect_inputs(source: str | Path, suffixes: set[str], exclude: Iterable[str
 
 
 def collect_files(source: str | Path, suffixes: set[str]) -> list[tuple[Path, Path]]:
-    """:func:`collect_inputs` as ``[(file, name)]`` for a directory (scanned recursively;
-    ``name`` relative to it), a list file (``name`` as listed) or a single file (its name).
-
-    Existence of listed files is not checked here: a missing file is reported when read.
-    """
+    """:func:`collect_inputs` as ``[(file, name)]`` (a missing listed file is reported when read)."""
     return [(i.source, i.name) for i in collect_inputs(source, suffixes)]

@@ -1,10 +1,5 @@
-"""What a command-line run writes and where: jobs (input -> outputs), their checks, writers, locks.
-
-``inference.py`` plans a file or a directory tree into :class:`Job` objects; every check
-that needs no model happens here, before any work: a directory input with a file name as
-output, an output onto an input, an audio format the tools cannot write, two inputs that
-would write one output.
-"""
+"""What a command-line run writes and where: jobs (input -> outputs), their checks (all before
+any work, see :func:`plan`), writers, locks."""
 
 from __future__ import annotations
 
@@ -61,16 +56,14 @@ def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | N
 
 
 def _is_dir_target(path: Path | None, many: bool) -> bool:
-    if path is None:
-        return False
-    return many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == ""
+    return path is not None and (many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == "")
 
 
 def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
     """List the jobs for a file or a directory; returns ``(jobs, is_directory_run)``.
 
-    Refused here, before any work: a directory input with a file name as output, an audio
-    output the tools cannot write, and two inputs that would write the same output.
+    Refused here, before any work: a directory input with a file name as output, an output onto
+    an input, an audio format the tools cannot write, two inputs that would write one output.
     """
     if not src.exists():
         raise CliError(missing(src))
@@ -78,7 +71,8 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     if many:
         for root, flag in ((audio_root, "--output"), (codes_root, "--codes-out")):
             if root is not None and not root.is_dir() and root.suffix.lower() in audio_extensions() | {".npy"}:
-                raise CliError(f"{flag} {root}: the input is a directory or a list, so this must be a directory, not a file name")
+                raise CliError(f"{flag} {root}: the input is a directory or a list, so this must be a directory, "
+                               "not a file name")  # fmt: skip
         outputs = [r for r in (audio_root, codes_root) if r is not None]
         try:
             items = collect_inputs(src, suffixes, exclude=outputs)  # a rerun never reads its own outputs
@@ -88,15 +82,15 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
             raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
     else:
         items = [InputItem(src, Path(src.name))]
-    audio_dir = _is_dir_target(audio_root, many)
-    codes_dir = _is_dir_target(codes_root, many)
+    audio_dir, codes_dir = _is_dir_target(audio_root, many), _is_dir_target(codes_root, many)
     jobs, names = [], {}
     try:
         for item in items:
             f, rel = item.source, item.name.relative_to(item.name.anchor) if item.name.is_absolute() else item.name
-            if rel.as_posix() in names:  # one name, two inputs: a corpus row would stand for either
-                raise CliError(f"{names[rel.as_posix()]} and {f} have the same name {rel.as_posix()}: give them distinct ids")
-            names[rel.as_posix()] = f
+            name = rel.as_posix()
+            if name in names:  # one name, two inputs: a corpus row would stand for either
+                raise CliError(f"{names[name]} and {f} have the same name {name}: give them distinct ids")
+            names[name] = f
             audio_out = _target(audio_root, rel, ".wav", audio_dir)
             codes_out = _target(codes_root, rel, ".npy", codes_dir)
             if audio_out is not None and not audio_dir:
@@ -105,35 +99,31 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
     except ValueError as exc:  # e.g. a NUL byte in a listed path
         raise CliError(f"{src}: unusable input name ({exc})") from None
     onto = overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])
-    if onto is not None:  # no run may write onto its input
+    if onto is not None:
         raise CliError(f"{onto[0]}: an output would overwrite the input {onto[1]}; choose another output path")
     if not audio_dir and jobs[0].audio_out is not None and jobs[0].audio_out.suffix.lower() not in OUTPUT_FORMATS:
         raise CliError(f"--output {jobs[0].audio_out}: audio is written as {' or '.join(OUTPUT_FORMATS)}")
     clash = output_collision((out, j.src) for j in jobs for out in j.outputs)
     if clash is not None:
-        raise CliError(
-            f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the input's "
-            "stem): rename one of them or run them separately"
-        )
+        raise CliError(f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the "
+                       "input's stem): rename one of them or run them separately")  # fmt: skip
     return jobs, many
 
 
-def save_wav(path: Path, wav: np.ndarray, sample_rate: int, rescale: bool) -> None:
-    """Write 16-bit WAV (or FLAC, by the extension) atomically (never a partial file under ``path``)."""
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower(), "WAV")
-    atomic_write(path, lambda tmp: save_audio(tmp, wav, sample_rate, rescale, format=fmt))
-
-
-def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int, rescale: bool, bins: int) -> bool:
-    """Write a job's codes and/or audio; a target that cannot be written (a directory, a
-    read-only or full filesystem, libsndfile's errors) fails this job with one line, what it
-    already wrote is removed (no codes file without its manifest line), and the run goes on."""
+def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int,
+                  rescale: bool, bins: int) -> bool:  # fmt: skip
+    """Write a job's codes and/or audio (16-bit WAV, or FLAC by the extension), each atomically; a target
+    that cannot be written (a directory, a read-only or full filesystem, libsndfile's errors) fails this
+    job with one line, what it already wrote is removed (no codes file without its manifest line), and
+    the run goes on."""
     written: list[Path] = []
-    for target, save in ((job.codes_out, lambda: save_codes(job.codes_out, codes, bins)), (job.audio_out, lambda: save_wav(job.audio_out, audio, rate, rescale))):
-        if target is None:
-            continue
+    for target in (t for t in (job.codes_out, job.audio_out) if t is not None):
         try:
-            save()
+            if target == job.codes_out:
+                save_codes(target, codes, bins)
+            else:
+                fmt = OUTPUT_FORMATS.get(target.suffix.lower(), "WAV")
+                atomic_write(target, lambda tmp, fmt=fmt: save_audio(tmp, audio, rate, rescale, format=fmt))
             written.append(target)
         except OSError as exc:
             fail(f"{target}: cannot write ({exc.strerror or exc})")
@@ -144,14 +134,12 @@ def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | Non
 
 
 def refuse_replacing(paths: list[Path], overwrite: bool) -> None:
-    """Outputs that already exist are replaced only with ``--overwrite`` (every tool); refused before any work.
-
-    Raises:
-        CliError: naming the first existing output.
-    """
+    """Outputs that already exist are replaced only with ``--overwrite`` (every tool); otherwise a
+    :class:`CliError` naming the first, before any work."""
     existing = [p for p in paths if p.is_file()]
     if existing and not overwrite:
-        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); pass --overwrite to replace them")
+        raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); "
+                       "pass --overwrite to replace them")  # fmt: skip
 
 
 def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[TreeLock]:
@@ -192,7 +180,7 @@ class BackgroundWriter:
     def close(self) -> None:
         """Wait for every queued write (also when the loop stopped on an error)."""
         try:
-            while self._pending:
-                self._pending.popleft().result()
+            for future in self._pending:
+                future.result()
         finally:
             self._pool.shutdown(wait=True)

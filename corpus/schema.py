@@ -1,31 +1,26 @@
 """One schema for the metadata this project writes and reads back, checked wherever it is read.
 
-Manifest lines and codes sidecars (``corpus.codes``), shard rows and index lines
-(``corpus.shards``) and token-stream descriptions (``corpus.tokens``) are written by us, but a
-copy, an edit or a disk error can change them: every reader checks what it reads against the
-schema here (types, ranges, required keys) before using a value, so a corrupt file is one line
-naming it, never a traceback or a wrong result.
+Manifest lines and sidecars (``corpus.codes``), shard rows and index lines (``corpus.shards``)
+and token-stream descriptions (``corpus.tokens``) are ours, but a copy, an edit or a disk error
+can change them: every reader checks a record here (types, ranges, required keys) before using
+a value, so a corrupt file is one line naming it, never a traceback or a wrong result.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from utils.files import atomic_write, read_json_lines
 
 
 @dataclass(frozen=True)
 class Field:
-    """One key of a record.
-
-    Attributes:
-        kind: ``int``, ``float`` (an int is fine), ``str``, ``bool``, ``dict`` or ``list``.
-        required: the record is unusable without it (``None`` counts as absent).
-        ge, gt: the least value of a number.
-        items: for a list, the schema every item (an object) follows.
-    """
+    """One key of a record: its ``kind`` (``float`` accepts an int), whether it is ``required``
+    (``None`` counts as absent), the least value (``ge``/``gt``) and for a list the schema of its items."""
 
     kind: type
     required: bool = False
@@ -35,10 +30,10 @@ class Field:
 
 
 def _kind_ok(value: Any, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):
+        return False
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and math.isfinite(value)
     return isinstance(value, kind)
 
 
@@ -66,11 +61,7 @@ def problem(record: Any, schema: dict[str, Field]) -> str | None:
 
 
 def check_record(record: Any, schema: dict[str, Field], where: str, error: type[Exception] = ValueError) -> dict:
-    """``record``, after checking it against ``schema``.
-
-    Raises:
-        error: ``"{where}: {key}: {problem}"`` in one line.
-    """
+    """``record``, after checking it against ``schema``; ``error("{where}: {key}: {problem}")`` otherwise."""
     why = problem(record, schema)
     if why is not None:
         raise error(f"{where}: {why}")
@@ -90,7 +81,24 @@ def read_json(path: str | Path, schema: dict[str, Field], error: type[Exception]
     return check_record(record, schema, str(path), error)
 
 
-# ---------------------------------------------------------------------------- our metadata
+def read_lines(path: Path, schema: dict[str, Field], error: type[Exception]) -> list[tuple[int, dict]]:
+    """``[(line number, record)]`` of an append-only JSON-lines file (a torn last line is none), each checked."""
+    try:
+        rows = read_json_lines(path)
+    except ValueError as exc:
+        raise error(str(exc)) from None
+    return [(n, check_record(entry, schema, f"{path}:{n}", error)) for n, entry in rows]
+
+
+def write_json(path: str | Path, records: dict | list[dict], durable: bool = False) -> Path:
+    """Write one JSON object (indented), or a list of them as JSON lines, atomically."""
+    if isinstance(records, dict):
+        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=durable)
+
+
 # What one tokenized file is: a manifest line, a sidecar, a parquet row, a tar member's .json.
 CODES_ENTRY = {
     "path": Field(str),
@@ -111,7 +119,7 @@ CODES_ENTRY = {
 
 
 def _requiring(schema: dict[str, Field], *keys: str) -> dict[str, Field]:
-    return {k: Field(f.kind, True, f.ge, f.gt, f.items) if k in keys else f for k, f in schema.items()}
+    return {k: replace(f, required=True) if k in keys else f for k, f in schema.items()}
 
 
 MANIFEST_LINE = _requiring(CODES_ENTRY, "path", "codes", "n_q", "frames")

@@ -1,22 +1,17 @@
 """Sharded tokenized corpora: parquet and webdataset shards, and the per-rank index of finished shards.
 
-A sharded corpus (``inference.py --input corpus/ --codes-out codes/ --format parquet``)
-holds, in its root:
+A sharded corpus (``inference.py --input corpus/ --codes-out codes/ --format parquet``) holds:
 
 - ``shard-r{RRR}-{NNNNNN}.parquet`` (or ``.tar``): about ``--shard-size`` files each, written
   by rank R under a temporary name and renamed when complete;
-- ``index.rank{R}.jsonl``: one line per finished shard of rank R, appended *before* the
-  rename: ``{"shard": name, "rows": n, "files": [{"path", "source_size", "source_mtime_ns"}],
-  "settings": {...}}``. The last line of a rank's file whose shard does not exist (killed between
-  the two) does not count, so a file is done exactly when it is in a shard that exists; any
-  other line naming a missing shard is a lost shard (:func:`lost_shards`), refused by readers.
+- ``index.rank{R}.jsonl``: one line per finished shard of rank R, appended *before* the rename:
+  ``{"shard", "rows", "files": [{"path", "source_size", "source_mtime_ns"}], "settings"}``. The
+  last line of a rank's file whose shard does not exist (killed between the two) does not count,
+  so a file is done exactly when it is in a shard that exists; any other line naming a missing
+  shard is a lost shard (:func:`lost_shards`), refused by readers.
 
-Parquet rows: ``path``, ``codes`` (list of ``n_q`` lists of int16), ``n_q``, ``frames``,
-``samples``, ``sample_rate``, ``duration``, ``bandwidth``, ``bins``, ``checkpoint``,
-``precision``: ``datasets.load_dataset("parquet", data_files="codes/*.parquet")``, DuckDB
-and Spark read them as they are. Webdataset shards: ``{key}.codes.npy`` (int16,
-``(n_q, frames)``) + ``{key}.json`` (the same fields but ``codes``) per file, ``key`` a hash
-of the path (webdataset keys cannot hold dots): ``webdataset.WebDataset("codes/shard-{...}.tar")``.
+Rows (docs/tokenization.md): parquet ``path``, ``codes`` (``n_q`` lists of int16) and ``ROW_FIELDS``;
+webdataset ``{key}.codes.npy`` + ``{key}.json`` per file, ``key`` a hash of the path (keys cannot hold dots).
 """
 
 from __future__ import annotations
@@ -35,30 +30,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus.schema import INDEX_LINE, SHARD_ROW, check_record
-from utils.files import atomic_write, drop_torn_line, open_append, read_json_lines
+from corpus.schema import INDEX_LINE, SHARD_ROW, check_record, read_lines, write_json
+from utils.files import atomic_write, drop_torn_line, open_append
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
-INDEX_GLOB = "index*.jsonl"  # index.rank{R}.jsonl per rank; index.jsonl once merged
-ROW_FIELDS = ("path", "n_q", "frames", "samples", "sample_rate", "duration", "bandwidth", "bins", "checkpoint", "precision")
+CORPUS_FILE = "corpus.json"  # {"format": ...}, written before the first shard
 SCHEMA = pa.schema([
     ("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()), ("frames", pa.int32()),
     ("samples", pa.int64()), ("sample_rate", pa.int32()), ("duration", pa.float64()), ("bandwidth", pa.float64()),
     ("bins", pa.int32()), ("checkpoint", pa.string()), ("precision", pa.string()),
 ])  # fmt: skip
+ROW_FIELDS = [name for name in SCHEMA.names if name != "codes"]
 
 
 class ShardError(ValueError):
     """A shard or index that cannot be used; the message names the file."""
-
-
-def sample_key(path: str) -> str:
-    """The webdataset key of a file: a hash of its path (keys end at the first dot)."""
-    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:20]
-
-
-CORPUS_FILE = "corpus.json"  # {"format": ...}, written before the first shard
 
 
 def shard_format(root: str | Path) -> str | None:
@@ -73,27 +60,18 @@ def shard_format(root: str | Path) -> str | None:
             return fmt
     except (OSError, ValueError, AttributeError):
         pass
-    for p in sorted(root.iterdir()):
-        m = SHARD_RE.match(p.name)
-        if m:
-            return "parquet" if m.group(3) == "parquet" else "webdataset"
-    for line in _index_lines(root):
-        return "parquet" if line["shard"].endswith(".parquet") else "webdataset"
-    return None
+    names = [p.name for p in sorted(root.iterdir()) if SHARD_RE.match(p.name)]
+    names = names or [line["shard"] for line in _index_lines(root)]
+    return ("parquet" if names[0].endswith(".parquet") else "webdataset") if names else None
 
 
-# ---------------------------------------------------------------------------- index
 def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
-    """``[(index file, its lines)]``, every line checked (``corpus.schema.INDEX_LINE``; the shard a file
-    name in ``root``: an index never points outside its corpus)."""
+    """``[(index file, its lines)]``, every line checked (the shard a file name in ``root``: an
+    index never points outside its corpus)."""
     out = []
-    for path in sorted(root.glob(INDEX_GLOB)):
-        try:
-            rows = read_json_lines(path)
-        except ValueError as exc:
-            raise ShardError(str(exc)) from None
+    for path in sorted(root.glob("index*.jsonl")):  # index.rank{R}.jsonl per rank; index.jsonl once merged
+        rows = read_lines(path, INDEX_LINE, ShardError)
         for n, entry in rows:
-            check_record(entry, INDEX_LINE, f"{path}:{n}", ShardError)
             if not SHARD_RE.match(entry["shard"]):
                 raise ShardError(f"{path}:{n}: shard {entry['shard']!r} is not a shard file name of this directory")
         out.append((path, [entry for _, entry in rows]))
@@ -104,16 +82,10 @@ def _index_lines(root: Path) -> list[dict]:
     return [entry for _, entries in index_files(root) for entry in entries]
 
 
-def _unfinished(path: Path, entries: list[dict], i: int) -> bool:
-    """Line ``i`` of a rank's index file is the write in progress (or killed) between the line and the
-    shard's rename (see the module docstring): its last line, of a per-rank file."""
-    return path.name != "index.jsonl" and i == len(entries) - 1
-
-
 def lost_shards(root: str | Path) -> list[str]:
-    """One line per index line naming a shard that is not there (deleted or lost, not an unfinished
-    write) and whose files are not all in shards that are: files missing from the corpus until a
-    rerun of the tokenization writes them again."""
+    """One line per index line naming a shard that is not there (deleted or lost; not the
+    unfinished last line of a rank's file) and whose files are not all in shards that are:
+    files missing from the corpus until a rerun of the tokenization writes them again."""
     root = Path(root)
     files = index_files(root)
     present = {f["path"] for _, entries in files for e in entries if (root / e["shard"]).is_file() for f in e["files"]}
@@ -122,7 +94,7 @@ def lost_shards(root: str | Path) -> list[str]:
         for path, entries in files
         for i, e in enumerate(entries)
         if not (root / e["shard"]).is_file()
-        and not _unfinished(path, entries, i)
+        and (path.name == "index.jsonl" or i < len(entries) - 1)
         and not all(f["path"] in present for f in e["files"])
     ]
 
@@ -144,66 +116,19 @@ def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
 def finished_files(root: str | Path) -> dict[str, dict]:
     """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard
     (a resuming run's view: the files of a lost shard are not finished, it writes them again)."""
-    out = {}
-    for entry in read_index(root, lost_ok=True):
-        for f in entry["files"]:
-            out[f["path"]] = {**f, "shard": entry["shard"]}
-    return out
+    return {f["path"]: {**f, "shard": e["shard"]} for e in read_index(root, lost_ok=True) for f in e["files"]}
 
 
-def drop_unfinished_line(index: Path, root: Path) -> None:
-    """Cut this rank's unfinished last line (killed between the line and the rename) before appending:
-    once another line follows it, it would read as a lost shard."""
-    if not index.is_file():
-        return
-    data = index.read_bytes()
-    start = data.rstrip(b"\n").rfind(b"\n") + 1
-    try:
-        shard = json.loads(data[start:]).get("shard")
-    except (ValueError, AttributeError, RecursionError):
-        return  # not an index line: the readers report it
-    if isinstance(shard, str) and SHARD_RE.match(shard) and not (root / shard).exists():
-        with open(index, "r+b") as fh:
-            fh.truncate(start)
-            os.fsync(fh.fileno())
-
-
-def next_sequence(root: Path, rank: int) -> int:
-    """The next free shard number of ``rank`` (after every shard and index line it has)."""
-    seqs = [int(m.group(2)) for p in root.iterdir() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
-    seqs += [int(m.group(2)) for e in _index_lines(root) if (m := SHARD_RE.match(e["shard"])) and int(m.group(1)) == rank]
-    return max(seqs, default=0) + 1
-
-
-def merge_index(root: str | Path) -> Path:
-    """Write every rank's finished-shard lines into one ``index.jsonl`` (the rank files are removed).
-
-    Raises:
-        ShardError: a line names a lost shard (its line is never dropped).
-    """
-    root = Path(root)
-    lines = read_index(root)
-    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    target = atomic_write(root / "index.jsonl", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=True)
-    for path in root.glob("index.rank*.jsonl"):
-        path.unlink()
-    return target
-
-
-# ---------------------------------------------------------------------------- writing
 def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for entry, codes in rows:
-        for name in ROW_FIELDS:
-            columns[name].append(entry[name])
-        columns["codes"].append(codes.astype(np.int16).tolist())
+    columns = {name: [entry[name] for entry, _ in rows] for name in ROW_FIELDS}
+    columns["codes"] = [codes.astype(np.int16).tolist() for _, codes in rows]
     pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), path, compression="zstd")
 
 
 def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for entry, codes in rows:
-            key = sample_key(entry["path"])
+            key = hashlib.sha1(entry["path"].encode("utf-8")).hexdigest()[:20]
             buf = io.BytesIO()
             np.save(buf, codes.astype(np.int16), allow_pickle=False)
             meta = json.dumps({k: entry[k] for k in ROW_FIELDS}, ensure_ascii=False).encode("utf-8")
@@ -230,12 +155,29 @@ class ShardWriter:
         self.rows: list[tuple[dict, np.ndarray, dict]] = []
         self.index = self.root / f"index.rank{rank}.jsonl"
         drop_torn_line(self.index)  # a link there is refused now, not after the first shard's work
-        drop_unfinished_line(self.index, self.root)
+        self._drop_unfinished_line()
         self.index.touch()  # this rank ran, even with no file to write: --merge checks that every rank did
-        self.seq = next_sequence(self.root, rank)
+        mine = [p.name for p in self.root.iterdir()] + [e["shard"] for e in _index_lines(self.root)]
+        seqs = [int(m.group(2)) for name in mine if (m := SHARD_RE.match(name)) and int(m.group(1)) == rank]
+        self.seq = max(seqs, default=0) + 1
         if not (self.root / CORPUS_FILE).is_file():
-            text = json.dumps({"format": fmt}) + "\n"
-            atomic_write(self.root / CORPUS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            write_json(self.root / CORPUS_FILE, {"format": fmt})
+
+    def _drop_unfinished_line(self) -> None:
+        """Cut this rank's unfinished last line (killed between the line and the rename) before
+        appending: once another line follows it, it would read as a lost shard."""
+        if not self.index.is_file():
+            return
+        data = self.index.read_bytes()
+        start = data.rstrip(b"\n").rfind(b"\n") + 1
+        try:
+            shard = json.loads(data[start:]).get("shard")
+        except (ValueError, AttributeError, RecursionError):
+            return  # not an index line: the readers report it
+        if isinstance(shard, str) and SHARD_RE.match(shard) and not (self.root / shard).exists():
+            with open(self.index, "r+b") as fh:
+                fh.truncate(start)
+                os.fsync(fh.fileno())
 
     def add(self, entry: dict, codes: np.ndarray, source: dict) -> None:
         """Queue one file (``source``: its path, size and mtime for the index); full shards are written."""
@@ -248,11 +190,10 @@ class ShardWriter:
         if not self.rows:
             return
         name = f"shard-r{self.rank:03d}-{self.seq:06d}{SHARD_FORMATS[self.fmt]}"
-        rows = [(e, c) for e, c, _ in self.rows]
-        line = {"shard": name, "rows": len(rows), "files": [s for _, _, s in self.rows], "settings": self.settings}
+        line = {"shard": name, "rows": len(self.rows), "files": [s for _, _, s in self.rows], "settings": self.settings}
 
         def write(tmp: str) -> None:
-            (_write_parquet if self.fmt == "parquet" else _write_tar)(tmp, rows)
+            (_write_parquet if self.fmt == "parquet" else _write_tar)(tmp, [(e, c) for e, c, _ in self.rows])
             with open_append(self.index) as fh:  # before the rename: see the module docstring
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 fh.flush()
@@ -262,32 +203,26 @@ class ShardWriter:
         self.seq += 1
         self.rows.clear()
 
-    def close(self) -> None:
-        self.flush()
+    close = flush
 
 
-# ---------------------------------------------------------------------------- reading
 def iter_shard(path: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
     """``(entry, codes int16 (n_q, frames))`` of every file in one shard."""
     path = Path(path)
     try:
         if path.suffix == ".parquet":
-            n = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-                for row in batch.to_pylist():
-                    n += 1
-                    check_record(row, SHARD_ROW, f"{path}: row {n}", ShardError)
-                    codes = np.asarray(row.pop("codes"), dtype=np.int16).reshape(row["n_q"], row["frames"])
-                    yield row, codes
+            rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=256) for row in batch.to_pylist())
+            for n, row in enumerate(rows):
+                check_record(row, SHARD_ROW, f"{path}: row {n + 1}", ShardError)
+                yield row, np.asarray(row.pop("codes"), dtype=np.int16).reshape(row["n_q"], row["frames"])
             return
         with tarfile.open(path, "r") as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             for name in sorted(n for n in members if n.endswith(".json")):
-                key = name[: -len(".json")]
                 entry = json.loads(tar.extractfile(members[name]).read().decode("utf-8"))
                 check_record(entry, SHARD_ROW, f"{path}: {name}", ShardError)
-                codes = np.load(io.BytesIO(tar.extractfile(members[f"{key}.codes.npy"]).read()), allow_pickle=False)
-                yield entry, codes
+                data = tar.extractfile(members[name.removesuffix(".json") + ".codes.npy"]).read()
+                yield entry, np.load(io.BytesIO(data), allow_pickle=False)
     except ShardError:
         raise
     except (OSError, KeyError, ValueError, pa.ArrowException, tarfile.TarError, RecursionError) as exc:

@@ -3,31 +3,22 @@
     python -m corpus.tokens export codes/ stream/train --layout frame-major --offsets
     python -m corpus.tokens check stream/train
 
-writes, for a prefix ``P``, Megatron-LM's indexed dataset (what Megatron-LM, NeMo and YuE's
-fine-tuning open as ``P``) plus our description of it:
+write and check, for a prefix ``P``, Megatron-LM's indexed dataset (what Megatron-LM, NeMo and
+YuE's fine-tuning open as ``P``) and our description of it (docs/tokenization.md):
 
-- ``P.bin``: every file's tokens back to back, little-endian ``int16`` (``int32`` when a
-  token does not fit);
-- ``P.idx``: Megatron's binary index: ``MMIDIDX\\x00\\x00``, version 1 (``<Q``), the dtype code
-  (``<B``: 3 int16, 4 int32), the sequence count N and document count N + 1 (``<Q``), the N
-  sequence lengths (int32), the N byte offsets (int64) and the document indices ``0..N``
-  (int64): one document of one sequence per file;
-- ``P.json``: the layout (``frame-major`` or ``codebook-major``), ``n_q``, ``bins``, ``offsets``
-  (whether codebook ``k`` adds ``k * bins``), the dtype, and per file its ``path`` and ``frames``.
+- ``P.bin``: every file's tokens back to back, little-endian int16 (int32 when one does not fit);
+- ``P.idx``: ``MMIDIDX\\x00\\x00``, version 1 (``<Q``), the dtype code (``<B``: 3 int16, 4 int32),
+  the sequence count N and document count N + 1 (``<Q``), the N sequence lengths (int32), their
+  N byte offsets (int64) and the document indices ``0..N`` (int64): one sequence per file;
+- ``P.json``: ``layout``, ``n_q``, ``bins``, ``offsets``, ``dtype`` and per file ``path``, ``frames``
+  (``P.idx.npy`` of earlier versions, ``N + 1`` int64 token offsets, is still read).
 
-Streams of earlier versions (``P.idx.npy``: ``N + 1`` int64 token offsets) are still read.
-
-Layouts of a file's ``(n_q, frames)`` codes: ``frame-major`` is ``codes.T.reshape(-1)``
-(all codebooks of frame 0, then frame 1, ...: what YuE and VALL-E-style trainers read),
-``codebook-major`` is ``codes.reshape(-1)`` (codebook 0 of every frame, then codebook 1, ...).
-With ``offsets`` each token is ``k * bins + code`` (one vocabulary for all codebooks; YuE adds
-its own global offset, 45334, on top).
+``frame-major`` is ``codes.T.reshape(-1)`` (what YuE and VALL-E-style trainers read),
+``codebook-major`` ``codes.reshape(-1)``; with ``offsets`` a token is ``k * bins + code``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import struct
 import sys
 from dataclasses import dataclass
@@ -37,8 +28,8 @@ import numpy as np
 import torch
 
 from corpus.codes import CodesFileError, iter_corpus
-from corpus.schema import TOKEN_STREAM, read_json
-from utils.cli import DefaultsHelpFormatter, cli_main
+from corpus.schema import TOKEN_STREAM, read_json, write_json
+from utils.cli import argument_parser, cli_main
 from utils.files import atomic_write
 
 LAYOUTS = ("frame-major", "codebook-major")
@@ -86,13 +77,11 @@ def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
     version, code, n, docs = MEGATRON_HEAD.unpack_from(raw, len(MEGATRON_MAGIC))
     names = {c: name for name, c in TOKEN_DTYPES.items()}
     if version != 1 or code not in names:
-        raise CodesFileError(
-            f"{path}: Megatron index version {version}, dtype code {code}; expected version 1, dtype int16 or int32"
-        )
+        raise CodesFileError(f"{path}: Megatron index version {version}, dtype code {code}; "
+                             "expected version 1, dtype int16 or int32")  # fmt: skip
     if len(raw) != head + 12 * n + 8 * docs:
-        raise CodesFileError(
-            f"{path}: {len(raw)} bytes, not the {head + 12 * n + 8 * docs} of {n} sequences and {docs} documents"
-        )
+        size = head + 12 * n + 8 * docs
+        raise CodesFileError(f"{path}: {len(raw)} bytes, not the {size} of {n} sequences and {docs} documents")
     lengths = np.frombuffer(raw, "<i4", n, head).astype(np.int64)
     pointers = np.frombuffer(raw, "<i8", n, head + 4 * n)
     documents = np.frombuffer(raw, "<i8", docs, head + 12 * n)
@@ -104,9 +93,8 @@ def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
     return names[code], offsets
 
 
-def export_stream(
-    corpus: str | Path, prefix: str | Path, layout: str = "frame-major", offsets: bool = False, bins: int | None = None
-) -> dict:
+def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-major", offsets: bool = False,
+                  bins: int | None = None) -> dict:  # fmt: skip
     """Write ``prefix.bin``, ``prefix.idx`` (Megatron) and ``prefix.json`` from any corpus ``iter_corpus`` reads.
 
     Args:
@@ -138,19 +126,15 @@ def export_stream(
                     info["n_q"], info["bins"] = codes.shape[0], file_bins
                     top = (info["n_q"] * info["bins"] if offsets else info["bins"]) - 1
                     if top >= 2**31:
-                        raise CodesFileError(
-                            f"{where}: {info['n_q']} codebooks of {info['bins']} do not fit int32 tokens"
-                        )
+                        raise CodesFileError(f"{where}: {info['n_q']} codebooks of {file_bins} do not fit int32 tokens")
                     info["dtype"] = "int16" if top < 2**15 else "int32"
                 if codes.shape[0] != info["n_q"] or file_bins != info["bins"]:
-                    raise CodesFileError(
-                        f"{where}: {codes.shape[0]} codebooks of {file_bins}; the corpus has {info['n_q']} of {info['bins']}"
-                    )
+                    raise CodesFileError(f"{where}: {codes.shape[0]} codebooks of {file_bins}; the corpus has "
+                                         f"{info['n_q']} of {info['bins']}")  # fmt: skip
                 if int(codes.max()) >= info["bins"]:
-                    raise CodesFileError(
-                        f"{where}: code {int(codes.max())} >= bins {info['bins']} (a token of the next codebook with --offsets,"
-                        " wrapped in the stream's dtype); pass --bins for files that record none"
-                    )
+                    raise CodesFileError(f"{where}: code {int(codes.max())} >= bins {info['bins']} (a token of the "
+                                         "next codebook with --offsets, wrapped in the stream's dtype); pass --bins "
+                                         "for files that record none")  # fmt: skip
                 tokens = flatten(codes.numpy(), layout, info["bins"], offsets)
                 if len(tokens) >= 2**31:  # Megatron's sequence lengths are int32
                     raise CodesFileError(f"{where}: {len(tokens)} tokens, more than a Megatron sequence holds")
@@ -164,20 +148,29 @@ def export_stream(
     meta = {"layout": layout, "n_q": info["n_q"], "bins": info["bins"], "offsets": offsets, "dtype": info["dtype"],
             "files": files, "tokens": sum(lengths), "source": str(corpus)}  # fmt: skip
     atomic_write(_path(prefix, ".idx"), lambda tmp: Path(tmp).write_bytes(megatron_index(lengths, info["dtype"])))
-    atomic_write(_path(prefix, ".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, ensure_ascii=False) + "\n"))
+    write_json(_path(prefix, ".json"), meta)
     _path(prefix, ".idx.npy").unlink(missing_ok=True)  # an earlier export's index would describe another .bin
     return meta
 
 
 def _checked_meta(path: Path) -> dict:
-    """``P.json`` checked against the one metadata schema, its layout and dtype too (an odd
-    dtype would memory-map garbage)."""
+    """``P.json`` checked against the schema, its layout and dtype too (an odd dtype would memory-map garbage)."""
     meta = read_json(path, TOKEN_STREAM, CodesFileError)
-    if meta["layout"] not in LAYOUTS:
-        raise CodesFileError(f"{path}: layout {meta['layout']!r} is not one of {', '.join(LAYOUTS)}")
-    if meta["dtype"] not in TOKEN_DTYPES:
-        raise CodesFileError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    for key, allowed in (("layout", LAYOUTS), ("dtype", TOKEN_DTYPES)):
+        if meta[key] not in allowed:
+            raise CodesFileError(f"{path}: {key} {meta[key]!r} is not one of {', '.join(allowed)}")
     return meta
+
+
+def _legacy_index(path: Path) -> np.ndarray:
+    """An ``P.idx.npy`` of earlier versions: (N + 1,) token offsets from 0."""
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CodesFileError(f"{path}: not a readable index ({str(exc).splitlines()[0][:120]})") from None
+    if index.ndim != 1 or index.dtype.kind not in "iu" or not len(index) or index[0] != 0 or (np.diff(index) < 0).any():
+        raise CodesFileError(f"{path}: not an increasing list of token offsets from 0")
+    return index.astype(np.int64)
 
 
 @dataclass
@@ -209,32 +202,17 @@ class TokenStream:
                 raise CodesFileError(f"{idx_path}: dtype {dtype}, {_path(prefix, '.json').name} says {meta['dtype']}")
         else:
             idx_path = _path(prefix, ".idx.npy")
-            try:
-                index = np.load(idx_path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise CodesFileError(f"{idx_path}: not a readable index ({str(exc).splitlines()[0][:120]})") from None
-            if (
-                index.ndim != 1
-                or index.dtype.kind not in "iu"
-                or len(index) == 0
-                or index[0] != 0
-                or (np.diff(index) < 0).any()
-            ):
-                raise CodesFileError(f"{idx_path}: not an increasing list of token offsets from 0")
-            index = index.astype(np.int64)
+            index = _legacy_index(idx_path)
         expected = [meta["n_q"] * f["frames"] for f in meta["files"]]
         if len(index) != len(expected) + 1 or np.diff(index).tolist() != expected:
-            raise CodesFileError(
-                f"{idx_path}: {len(index) - 1} sequences that are not the {len(expected)} files of n_q x frames tokens the .json lists"
-            )
+            raise CodesFileError(f"{idx_path}: {len(index) - 1} sequences that are not the {len(expected)} files of "
+                                 "n_q x frames tokens the .json lists")  # fmt: skip
         bin_path, dtype = _path(prefix, ".bin"), np.dtype(meta["dtype"]).newbyteorder("<")
         if bin_path.stat().st_size != int(index[-1]) * dtype.itemsize:
-            raise CodesFileError(
-                f"{bin_path}: {bin_path.stat().st_size} bytes, not the {int(index[-1])} {meta['dtype']} tokens of its index"
-            )
-        tokens = (
-            np.memmap(bin_path, dtype=dtype, mode="r") if index[-1] else np.zeros(0, dtype)
-        )  # an empty file cannot be mapped
+            raise CodesFileError(f"{bin_path}: {bin_path.stat().st_size} bytes, not the {int(index[-1])} "
+                                 f"{meta['dtype']} tokens of its index")  # fmt: skip
+        # An empty file cannot be mapped.
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if index[-1] else np.zeros(0, dtype)
         return TokenStream(tokens, index, meta)
 
     def __len__(self) -> int:
@@ -249,28 +227,19 @@ class TokenStream:
         return torch.from_numpy(unflatten(self[i], m["layout"], m["n_q"], m["bins"], m["offsets"]))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m corpus.tokens", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
-    )
+def parse_args(argv: list[str] | None = None):
+    p = argument_parser(__doc__.split("\n")[0])
+    p.prog = "python -m corpus.tokens"
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser(
-        "export",
-        help="write PREFIX.bin / .idx (Megatron) / .json from a tokenized corpus",
-        formatter_class=DefaultsHelpFormatter,
-    )
-    ex.add_argument(
-        "corpus", type=Path, help="a --codes-out directory (npy, parquet or webdataset), one shard or one .npy"
-    )
+    ex = sub.add_parser("export", help="write PREFIX.bin / .idx (Megatron) / .json from a tokenized corpus",
+                        formatter_class=p.formatter_class)  # fmt: skip
+    ex.add_argument("corpus", type=Path, help="a --codes-out directory (npy, parquet, webdataset), a shard or a .npy"),
     ex.add_argument("prefix", type=Path, help="output prefix")
     ex.add_argument("--layout", choices=LAYOUTS, default="frame-major", help="token order within a file")
     ex.add_argument("--offsets", action="store_true", help="token = k * bins + code (one vocabulary for all codebooks)")
-    ex.add_argument(
-        "--bins", type=int, default=None, help=f"codebook size of files that record none (default {DEFAULT_BINS})"
-    )
-    ck = sub.add_parser(
-        "check", help="open a stream and decode every file back to codes", formatter_class=DefaultsHelpFormatter
-    )
+    ex.add_argument("--bins", type=int, help=f"codebook size of files that record none (default {DEFAULT_BINS})")
+    ck = sub.add_parser("check", help="open a stream and decode every file back to codes",
+                        formatter_class=p.formatter_class)  # fmt: skip
     ck.add_argument("prefix", type=Path)
     args = p.parse_args(argv)
     if getattr(args, "bins", None) is not None and args.bins < 1:
@@ -278,12 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args) -> int:
     if args.command == "export":
         meta = export_stream(args.corpus, args.prefix, args.layout, args.offsets, args.bins)
-        print(
-            f"wrote {args.prefix}.bin ({meta['tokens']} {meta['dtype']} tokens of {len(meta['files'])} file(s)), .idx, .json"
-        )
+        files = len(meta["files"])
+        print(f"wrote {args.prefix}.bin ({meta['tokens']} {meta['dtype']} tokens of {files} file(s)), .idx, .json")
     else:
         stream = TokenStream.open(args.prefix)
         for i in range(len(stream)):
