@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from modules.teacher import fixed_group_norm_stats, group_norm_stats
 from modules.tiled import ConvSpec, Residual, plan_segments
 
 from .precision import check_precision
@@ -76,12 +75,11 @@ def encode_long(
     if n_frames <= win + 2 * ctx:
         return model.encode(wav, bandwidth, precision=precision)
     rem = total % hop
-    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []  # chunks go to the model
-    with fixed_group_norm_stats(model.semantic_model, stats):
-        return _encode_windows(model, wav, bandwidth, win, ctx, rem, n_frames, precision)
+    stats = model.semantic_model.norm_stats(wav) if global_norm else None  # chunks go to the model
+    return _encode_windows(model, wav, bandwidth, win, ctx, rem, n_frames, precision, stats)
 
 
-def _encode_windows(model, wav, bandwidth, win: int, ctx: int, rem: int, n_frames: int, precision: str) -> torch.Tensor:
+def _encode_windows(model, wav, bandwidth, win: int, ctx: int, rem: int, n_frames: int, precision: str, stats) -> torch.Tensor:
     hop, total = model.hop_length, wav.shape[-1]
     pieces = []
     for f0 in range(0, n_frames, win):
@@ -89,7 +87,7 @@ def _encode_windows(model, wav, bandwidth, win: int, ctx: int, rem: int, n_frame
         first = max(0, f0 - ctx)  # first frame of the chunk
         a = first * hop
         b = min(total, (f1 + ctx) * hop + rem)  # keeps (b - a) % hop == total % hop
-        codes = model.encode(wav[..., a:b], bandwidth, precision=precision)
+        codes = model.encode(wav[..., a:b], bandwidth, precision=precision, norm_stats=stats)
         if codes.shape[-1] < f1 - first:
             raise RuntimeError(f"window [{a}, {b}) gave {codes.shape[-1]} frames, needed {f1 - first}")
         pieces.append(codes[..., f0 - first : f1 - first])

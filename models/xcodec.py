@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticEncoder
-from modules.teacher import build_teacher, teacher_features, teacher_frames
+from modules.teacher import build_teacher
 from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
 
@@ -129,7 +129,7 @@ class XCodec(nn.Module):
     def num_frames(self, lengths: torch.Tensor | int) -> torch.Tensor:
         """Code frames for inputs of ``lengths`` samples: the teacher's frame count."""
         lengths = torch.as_tensor(lengths)
-        return teacher_frames(self.semantic_model, lengths + 2 * (self.hop_length // 2))
+        return self.semantic_model.num_frames(lengths)
 
     def _acoustic_padding(self, lengths: torch.Tensor) -> torch.Tensor:
         # The original encodes again with hop/2 zeros on each side when the acoustic and semantic
@@ -177,10 +177,11 @@ class XCodec(nn.Module):
         with autocast(x.device, precision):
             return module(x, lengths).float()
 
-    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32"):
+    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32", norm_stats=None):
         """The quantizer's input for (B, 1, T) audio.
 
         ``precision``: ``"fp32"``, ``"bf16"`` or ``None`` (the caller's autocast: training).
+        ``norm_stats``: the teacher's first GroupNorm statistics to use (:meth:`Teacher.norm_stats`).
 
         Returns ``(latents (B, D+H, F), teacher features (B, H, F), frames (B,))``: the fused
         acoustic + semantic latents after ``fc_prior``, the semantic target, and each item's
@@ -198,7 +199,7 @@ class XCodec(nn.Module):
         dev_lengths = lengths.to(wav.device) if ragged else None
 
         with autocast(wav.device, precision):
-            semantic_target = teacher_features(self.semantic_model, wav, self.hop_length // 2, dev_lengths).transpose(1, 2)
+            semantic_target = self.semantic_model(wav, dev_lengths, norm_stats).transpose(1, 2)
             e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
         semantic_target, e_semantic = semantic_target.float(), e_semantic.float()
 
@@ -251,6 +252,7 @@ class XCodec(nn.Module):
         bandwidth: float | None = None,
         lengths: torch.Tensor | Sequence[int] | None = None,
         precision: str = "fp32",
+        norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Encode audio to codes.
 
@@ -264,6 +266,8 @@ class XCodec(nn.Module):
             precision: ``"fp32"`` (exact: the codes of the eager float32 model; the
                 latents differ from it in the last bits only) or ``"bf16"`` (fast mode: the teacher, semantic and
                 acoustic encoders in bfloat16; codes agree with fp32 for most frames).
+            norm_stats: the teacher's first GroupNorm statistics, ``model.semantic_model.norm_stats(whole)``
+                (windowed encoding of a long file), instead of the input's own.
 
         Returns:
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
@@ -274,23 +278,23 @@ class XCodec(nn.Module):
         n_q = self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
         with ieee_fp32(precision == "fp32", wav.device):
             if wav.shape[0] == 1:
-                return self._encode_pass(wav, bandwidth, lengths, precision)
+                return self._encode_pass(wav, bandwidth, lengths, precision, norm_stats)
             lengths = self._valid_lengths(wav, lengths)
             groups = self._item_groups(lengths, wav.device, precision)
             if groups is None:
-                return self._encode_pass(wav, bandwidth, lengths, precision)
+                return self._encode_pass(wav, bandwidth, lengths, precision, norm_stats)
             frames = self.num_frames(lengths)
             if bool((frames < 1).any()):
                 self.latents(wav[:1, :, : int(lengths.min())], None)  # raises the too-short error
             out = torch.zeros(wav.shape[0], n_q, int(frames.max()), dtype=torch.long, device=wav.device)
             for idx in groups:
                 n = int(lengths[idx[0]])
-                codes = self._encode_pass(wav[idx, :, :n], bandwidth, None, precision)
+                codes = self._encode_pass(wav[idx, :, :n], bandwidth, None, precision, norm_stats)
                 out[idx, :, : codes.shape[-1]] = codes
             return out
 
-    def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str) -> torch.Tensor:
-        e, _, frames = self.latents(wav, lengths, precision)
+    def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str, norm_stats=None) -> torch.Tensor:
+        e, _, frames = self.latents(wav, lengths, precision, norm_stats)
         codes = self.quantizer.encode(e, bandwidth)
         if lengths is not None and bool((frames != codes.shape[-1]).any()):
             codes = codes.masked_fill(~self._frame_mask(frames, codes.shape[-1], codes.device)[:, None, :], 0)
@@ -432,7 +436,7 @@ def build_codec(
             from the codec checkpoint); ``True`` or a repo id / directory loads a
             pretrained teacher (training from scratch).
     """
-    teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher)
+    teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher, cfg.hop_length // 2)
     hidden = teacher.config.hidden_size
     quantizer = ResidualVectorQuantizer.for_bandwidths(cfg.D + hidden, cfg.bins, cfg.frame_rate, cfg.target_bandwidths)
     model = XCodec(

@@ -1,18 +1,16 @@
 from .acoustic import AcousticDecoder, AcousticEncoder, Snake1d, conv_out_length, length_mask
 from .semantic import SemanticDecoder, SemanticEncoder
-from .teacher import TEACHERS, MaskedGroupNorm, build_teacher, teacher_features, teacher_frames
+from .teacher import TEACHERS, Teacher, build_teacher
 
 __all__ = [
     "TEACHERS",
     "AcousticDecoder",
     "AcousticEncoder",
-    "MaskedGroupNorm",
     "SemanticDecoder",
     "SemanticEncoder",
     "Snake1d",
+    "Teacher",
     "build_teacher",
     "conv_out_length",
     "length_mask",
-    "teacher_features",
-    "teacher_frames",
 ]
