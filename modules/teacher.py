@@ -282,8 +282,11 @@ class Teacher(nn.Module):
             return self._tiled_features(x, norm_stats)
         h = layers[0].conv(x[:, None])
         if norm_stats is not None:
-            scale, shift = _affine(norm, *norm_stats)
-            h = h * scale.to(h)[..., None] + shift.to(h)[..., None]
+            b, c, t = h.shape
+            mean, var = (v.to(h.dtype)[:, :, None, None] for v in norm_stats)
+            h = ((h.reshape(b, norm.num_groups, -1, t) - mean) / torch.sqrt(var + norm.eps)).reshape(b, c, t)
+            if norm.affine:
+                h = h * norm.weight[:, None] + norm.bias[:, None]
         elif lengths is None:
             h = norm(h)
         else:
