@@ -68,31 +68,12 @@ class ConvSpec:
 
 
 @dataclass
-class Snake:
-    module: nn.Module  # Snake1d
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        return self.module.alpha
-
-
-@dataclass
 class Residual:
-    unit: nn.Module  # ResidualUnit: Snake1d, conv k, Snake1d, conv 1
+    """A ResidualUnit (Snake1d, conv k, Snake1d, conv 1) computed as one op."""
+
+    unit: nn.Module
     conv1: ConvSpec
     conv2: ConvSpec
-
-    @property
-    def snake1(self) -> torch.Tensor:
-        return self.unit.block[0].alpha
-
-    @property
-    def snake2(self) -> torch.Tensor:
-        return self.unit.block[2].alpha
-
-    def in_range(self, o0: int, o1: int) -> tuple[int, int]:
-        a, b = self.conv1.in_range(o0, o1)
-        return a, b
 
 
 @dataclass
@@ -111,21 +92,9 @@ class Pointwise:
 
 
 def _in_range(op, o0: int, o1: int) -> tuple[int, int]:
-    if isinstance(op, (Snake, Pointwise)):
-        return o0, o1
-    return op.in_range(o0, o1)
-
-
-def _out_len(op, n):
-    if isinstance(op, (Snake, Residual, Pointwise)):
-        return n
-    return op.out_len(n)
-
-
-def _channels(op, c_in: int) -> int:
     if isinstance(op, ConvSpec):
-        return op.module.out_channels
-    return c_in
+        return op.in_range(o0, o1)
+    return op.conv1.in_range(o0, o1) if isinstance(op, Residual) else (o0, o1)
 
 
 class TiledRunner:
@@ -144,26 +113,20 @@ class TiledRunner:
         self._run_weights: dict = {}
         self.parallel_tiles = True
 
-    # ------------------------------------------------------------------ weights
-    def _resolve(self, spec: ConvSpec):
-        m = spec.module
-        if parametrize.is_parametrized(m):  # weight norm (training layout): evaluate once per run
-            w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
-            b = None if m.bias is None else m.bias.detach().to(w.dtype)
-            return w, b
-        key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
-        cache = m.__dict__.get("_cl_cache")
-        if cache is None or cache[0] != key:
-            w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
-            b = None if m.bias is None else m.bias.detach().to(self.dtype)
-            cache = (key, w, b)
-            m.__dict__["_cl_cache"] = cache
-        return cache[1], cache[2]
-
     def _weights(self, spec: ConvSpec):
-        found = self._run_weights.get(id(spec.module))
+        m = spec.module
+        found = self._run_weights.get(id(m))
         if found is None:
-            found = self._run_weights[id(spec.module)] = self._resolve(spec)
+            # Plain convs keep their channels-last copy across runs until the weight changes;
+            # weight-normed ones (training layout) are evaluated once per run.
+            key = None if parametrize.is_parametrized(m) else (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
+            cache = m.__dict__.get("_cl_cache")
+            if key is None or cache is None or cache[0] != key:
+                w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
+                cache = (key, w, None if m.bias is None else m.bias.detach().to(self.dtype))
+                if key is not None:
+                    m.__dict__["_cl_cache"] = cache
+            found = self._run_weights[id(m)] = cache[1:]
         return found
 
     # ------------------------------------------------------------------ primitives
@@ -231,23 +194,18 @@ class TiledRunner:
 
     def _run_segment(self, seg: Segment, x: torch.Tensor, lengths: torch.Tensor | None):
         ops = seg.ops
-        lens = [x.shape[-1]]
-        for op in ops:
-            lens.append(int(_out_len(op, lens[-1])))
-        item_lens = [lengths]
-        for op in ops:
-            item_lens.append(None if item_lens[-1] is None else _out_len(op, item_lens[-1]))
-        chans = [x.shape[1]]
-        for op in ops:
-            chans.append(_channels(op, chans[-1]))
-
+        lens, item_lens, chans = [x.shape[-1]], [lengths], [x.shape[1]]
+        for op in ops:  # only convs change the length and the channels
+            conv = op if isinstance(op, ConvSpec) else None
+            lens.append(lens[-1] if conv is None else conv.out_len(lens[-1]))
+            item_lens.append(item_lens[-1] if conv is None or lengths is None else conv.out_len(item_lens[-1]))
+            chans.append(chans[-1] if conv is None else conv.module.out_channels)
         total = lens[-1]
         # Output tile: the largest intermediate stays within self.tile elements.
         rates = [lens[i] / max(1, total) for i in range(len(ops) + 1)]
         widest = x.shape[0] * max(chans[i] * rates[i] for i in range(len(ops) + 1))
         step = max(self.min_tile, int(self.tile / max(widest, 1e-9)))
-        if step >= total:
-            step = total
+        step = min(step, total)
         first = self._tile(ops, x, 0, step, lens, item_lens)
         if step == total:
             return first, item_lens[-1]
@@ -306,7 +264,7 @@ class TiledRunner:
         padded = False  # t already carries the zero padding of the conv that follows
         for i, op in enumerate(ops):
             (ia, ib), (oa, ob) = ranges[i], ranges[i + 1]
-            if isinstance(op, Snake):
+            if isinstance(op, Snake1d):
                 nxt = ops[i + 1] if i + 1 < n else None
                 if isinstance(nxt, ConvSpec) and not nxt.transposed:
                     ua, ub = nxt.in_range(*ranges[i + 2])
@@ -327,10 +285,10 @@ class TiledRunner:
                 t = self._conv(op, t if padded else self._pad(t, ia - ua, ub - ib))
                 t = self._mask_(t, item_lens[i + 1], oa)
             else:  # Residual
-                ua, ub = op.in_range(oa, ob)
-                h = self._conv(op.conv1, self._padded_snake(t, op.snake1, ia - ua, ub - ib))
+                ua, ub = op.conv1.in_range(oa, ob)
+                h = self._conv(op.conv1, self._padded_snake(t, op.unit.block[0].alpha, ia - ua, ub - ib))
                 self._mask_(h, item_lens[i + 1], oa)
-                snake(h, op.snake2, out=h)
+                snake(h, op.unit.block[2].alpha, out=h)
                 h = self._conv(op.conv2, h)
                 self._mask_(h, item_lens[i + 1], oa)
                 t = h.add_(t[..., oa - ia : ob - ia])
@@ -359,19 +317,15 @@ class TiledStacks:
         return runner.from_layout(y).float()
 
 
-def _residual(unit) -> Residual:
-    return Residual(unit, ConvSpec.of(unit.block[1]), ConvSpec.of(unit.block[3]))
-
-
 def _flatten(layers) -> list:
     ops = []
     for layer in layers:
         if isinstance(layer, ResidualUnit):
-            ops.append(_residual(layer))
+            ops.append(Residual(layer, ConvSpec.of(layer.block[1]), ConvSpec.of(layer.block[3])))
         elif isinstance(layer, (EncoderBlock, DecoderBlock)):
             ops.extend(_flatten(layer.block))
         elif isinstance(layer, Snake1d):
-            ops.append(Snake(layer))
+            ops.append(layer)
         elif isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
             ops.append(ConvSpec.of(layer))
         else:
@@ -392,7 +346,7 @@ def plan_segments(layers) -> list[Segment]:
         if resampling and op.transposed and segments[-1].ops:
             # Decoder: [snake, convT, residual x3] form a segment; the snake before the
             # convT belongs with it (it runs at the lower rate, on the convT's input).
-            carry = [segments[-1].ops.pop()] if isinstance(segments[-1].ops[-1], Snake) else []
+            carry = [segments[-1].ops.pop()] if isinstance(segments[-1].ops[-1], Snake1d) else []
             if segments[-1].ops:
                 segments.append(Segment())
             segments[-1].ops.extend(carry)
