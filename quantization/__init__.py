@@ -1,14 +1,4 @@
-from .core_vq import EuclideanCodebook, ResidualVectorQuantization, VectorQuantization, kmeans
-from .usage import CodebookUsage, codebook_stats
-from .vq import QuantizedResult, ResidualVectorQuantizer
+from .usage import CodebookUsage
+from .vq import EuclideanCodebook, QuantizedResult, ResidualVectorQuantizer, kmeans
 
-__all__ = [
-    "CodebookUsage",
-    "EuclideanCodebook",
-    "QuantizedResult",
-    "ResidualVectorQuantization",
-    "ResidualVectorQuantizer",
-    "VectorQuantization",
-    "codebook_stats",
-    "kmeans",
-]
+__all__ = ["CodebookUsage", "EuclideanCodebook", "QuantizedResult", "ResidualVectorQuantizer", "kmeans"]

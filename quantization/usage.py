@@ -9,27 +9,6 @@ import torch
 from utils.distributed import all_reduce
 
 
-def codebook_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Usage and perplexity from code counts.
-
-    Args:
-        counts: (n_q, bins) how often each entry was chosen.
-
-    Returns:
-        ``(usage (n_q,), perplexity (n_q,))``: the fraction of entries chosen at least
-        once, and ``exp(entropy)`` of the code distribution (``bins`` when uniform, 1
-        when one entry takes everything; 0 for a stage that saw no frames).
-    """
-    counts = counts.double()
-    total = counts.sum(dim=1, keepdim=True)
-    p = counts / total.clamp(min=1)
-    entropy = -(p * p.clamp(min=1e-30).log()).sum(dim=1)
-    seen = total[:, 0] > 0
-    usage = (counts > 0).double().mean(dim=1)
-    perplexity = torch.where(seen, entropy.exp(), torch.zeros_like(entropy))
-    return usage.float(), perplexity.float()
-
-
 class CodebookUsage:
     """Counts of every code of every quantizer stage, with the statistics built on them.
 
@@ -57,20 +36,28 @@ class CodebookUsage:
             codes = codes[None]
         n_used = codes.shape[1]
         # One index_add_ over (stage, code) pairs: bincount would sync with the host per stage.
-        flat = (codes.to(self.counts.device).transpose(0, 1).reshape(n_used, -1) + self.bins * torch.arange(n_used, device=self.counts.device)[:, None]).reshape(-1)
+        offsets = self.bins * torch.arange(n_used, device=self.counts.device)[:, None]
+        flat = (codes.to(self.counts.device).transpose(0, 1).reshape(n_used, -1) + offsets).reshape(-1)
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         self.frames += codes.shape[0] * codes.shape[-1]
         self.seconds += seconds
 
     def compute(self, reset: bool = True, sync: bool = True) -> dict[str, float]:
-        """``{"usage_q{i}": ..., "perplexity_q{i}": ...}`` over every rank (``sync``; a collective)."""
+        """``{"usage_q{i}": ..., "perplexity_q{i}": ...}`` over every rank (``sync``; a collective).
+
+        Usage: the fraction of entries chosen at least once; perplexity: ``exp(entropy)`` of
+        the code distribution (``bins`` when uniform, 1 when one entry takes everything).
+        Stages that saw no frames are left out."""
         counts = self.counts.clone()
         if sync:
             all_reduce(counts)
-        usage, perplexity = codebook_stats(counts)
         if reset:
             self.counts.zero_()
             self.frames, self.seconds = 0, 0.0
+        counts = counts.double()
+        p = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        perplexity = (-(p * p.clamp(min=1e-30).log()).sum(dim=1)).exp().float()
+        usage = (counts > 0).double().mean(dim=1).float()
         out = {}
         for i in range(self.n_q):
             if counts[i].sum() > 0:

@@ -1,4 +1,9 @@
-"""Residual vector quantizer with bandwidth arithmetic (EnCodec ``quantization/vq.py`` style)."""
+"""EMA residual vector quantization (VQ-VAE-2 / EnCodec style) that keeps every rank in
+sync, with the bandwidth arithmetic of EnCodec's ``quantization/vq.py``.
+
+State layout matches the released X-Codec checkpoints:
+``quantizer.vq.layers.{i}._codebook.{inited,cluster_size,embed,embed_avg}``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,202 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from utils.distributed import broadcast_object
+from utils.distributed import all_gather_rows, all_reduce, broadcast_object, broadcast_tensors, is_distributed
 
-from .core_vq import ResidualVectorQuantization
+
+def _sample_rows(samples: torch.Tensor, num: int) -> torch.Tensor:
+    n = samples.shape[0]
+    if n >= num:
+        return samples[torch.randperm(n, device=samples.device)[:num]]
+    return samples[torch.randint(0, n, (num,), device=samples.device)]
+
+
+def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, max_samples: int = 10_000):
+    """Lloyd's k-means on (N, D) samples, at most ``max_samples`` of them (never fewer than
+    10 per cluster: with about one sample per cluster the residual of every later stage
+    collapses onto a few codes). Returns ``(means (K, D), counts (K,))``."""
+    samples = samples.contiguous()  # cdist on a strided view is ~40x slower
+    max_samples = max(max_samples, 10 * num_clusters)
+    if samples.shape[0] > max_samples:
+        samples = _sample_rows(samples, max_samples)
+    means = _sample_rows(samples, num_clusters)
+    counts = torch.zeros(num_clusters, device=samples.device)
+    for _ in range(num_iters):
+        assign = torch.cdist(samples, means).argmin(dim=-1)
+        counts = torch.bincount(assign, minlength=num_clusters).to(samples.dtype)
+        sums = torch.zeros_like(means).index_add_(0, assign, samples)
+        means = torch.where(counts[:, None] == 0, means, sums / counts.clamp(min=1)[:, None])
+    return means, counts
+
+
+class EuclideanCodebook(nn.Module):
+    """One codebook with nearest-neighbour (Euclidean) lookup and EMA updates.
+
+    Args:
+        dim: vector dimension D.
+        codebook_size: number of entries K.
+        kmeans_init: initialise from k-means on the first training batch (gathered across ranks).
+        kmeans_iters: k-means iterations.
+        decay: EMA decay of cluster sizes and sums.
+        epsilon: Laplace smoothing of cluster sizes.
+        threshold_ema_dead_code: entries whose EMA size falls below this are replaced by
+            random vectors of the current batch (rank 0's, broadcast).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, kmeans_init: bool = True, kmeans_iters: int = 50,
+                 decay: float = 0.99, epsilon: float = 1e-5, threshold_ema_dead_code: float = 2.0):  # fmt: skip
+        super().__init__()
+        self.codebook_size, self.kmeans_iters, self.decay, self.epsilon = codebook_size, kmeans_iters, decay, epsilon
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        embed = torch.zeros(codebook_size, dim)
+        if not kmeans_init:
+            embed = nn.init.kaiming_uniform_(torch.empty(codebook_size, dim))
+        self.register_buffer("inited", torch.tensor([float(not kmeans_init)]))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+        self._known_inited = False  # a Python copy of ``inited`` once it is 1: no host sync per forward
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._known_inited = False  # the loaded ``inited`` decides
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (...) nearest-entry indices.
+
+        The distance keeps the original's exact expression (including the row-constant
+        ``|x|^2`` term) so that float rounding, and thus tie-breaking, matches it.
+        """
+        flat, embed = x.reshape(-1, x.shape[-1]), self.embed.t()
+        dist = -(flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed + embed.pow(2).sum(0, keepdim=True))
+        return dist.max(dim=-1).indices.view(*x.shape[:-1])
+
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        embed, counts = kmeans(all_gather_rows(flat), self.codebook_size, self.kmeans_iters)
+        self.embed.copy_(embed)
+        self.embed_avg.copy_(embed)
+        self.cluster_size.copy_(counts)
+        self.inited.fill_(1.0)
+        broadcast_tensors(self.buffers())  # k-means sampled at random on each rank: rank 0's result wins
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        # index_add_, not one_hot/bincount: those check the index range on the host (a sync).
+        counts = flat.new_zeros(self.codebook_size).index_add_(0, codes, flat.new_ones(codes.shape[0]))
+        if flat.is_cuda and torch.are_deterministic_algorithms_enabled():
+            sums = F.one_hot(codes, self.codebook_size).to(flat.dtype).t() @ flat  # index_add_ is atomic on CUDA
+        else:
+            sums = flat.new_zeros(self.codebook_size, flat.shape[1]).index_add_(0, codes, flat)
+        all_reduce(counts)
+        all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
+        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
+        # Dead codes: cluster_size is the same on every rank (all-reduced), so all take the same
+        # branch; replacements come from this rank's batch and rank 0's win (as EnCodec does).
+        if self.threshold_ema_dead_code <= 0:
+            return
+        dead = self.cluster_size < self.threshold_ema_dead_code
+        if bool(dead.any()):
+            self.embed.copy_(torch.where(dead[:, None], _sample_rows(flat, self.codebook_size), self.embed))
+            if is_distributed():
+                broadcast_tensors([self.embed])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> quantized (B, T, D), codes (B, T). Updates the EMA state in training."""
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and not self._known_inited:
+            self._known_inited = bool(self.inited.item())
+            if not self._known_inited:
+                self._init_from(flat.detach().float())
+                self._known_inited = True
+        codes = self.quantize(flat)
+        quantized = F.embedding(codes, self.embed).view_as(x)
+        if self.training:
+            self._ema_update(flat.detach().float(), codes)
+        return quantized, codes.view(*x.shape[:-1])
+
+
+class VectorQuantization(nn.Module):
+    """One VQ stage on channel-first tensors (B, D, T), with straight-through gradients."""
+
+    def __init__(self, dim: int, codebook_size: int, **codebook_kwargs):
+        super().__init__()
+        self._codebook = EuclideanCodebook(dim, codebook_size, **codebook_kwargs)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self._codebook.embed
+
+    @torch.no_grad()
+    def set_codebook(self, embed: torch.Tensor) -> None:
+        """Use ``embed`` (bins, D) as the codebook, marked initialised (EMA statistics restart from it)."""
+        book = self._codebook
+        book.embed.copy_(embed)
+        book.embed_avg.copy_(embed)
+        book.cluster_size.fill_(1.0)
+        book.inited.fill_(1.0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, T) -> (B, T)."""
+        return self._codebook.quantize(x.transpose(1, 2))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, D, T)."""
+        return F.embedding(codes, self._codebook.embed).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D, T) -> quantized (B, D, T), codes (B, T), commitment loss ()."""
+        xt = x.transpose(1, 2)
+        quantized, codes = self._codebook(xt)
+        commit = x.new_zeros(())
+        if self.training:
+            commit = F.mse_loss(quantized.detach(), xt)
+            quantized = xt + (quantized - xt).detach()
+        return quantized.transpose(1, 2), codes, commit
+
+
+class ResidualVectorQuantization(nn.Module):
+    """A stack of VQ stages, each quantizing the residual of the previous ones."""
+
+    def __init__(self, num_quantizers: int, dim: int, codebook_size: int, **codebook_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            VectorQuantization(dim, codebook_size, **codebook_kwargs) for _ in range(num_quantizers)
+        )
+
+    def forward(self, x: torch.Tensor, n_q: int):
+        """(B, D, T) -> quantized (B, D, T), codes (n_q, B, T), commit losses (n_q,)."""
+        quantized_out, residual = torch.zeros_like(x), x
+        codes, losses = [], []
+        for layer in self.layers[:n_q]:
+            quantized, idx, loss = layer(residual)
+            residual = residual - quantized
+            quantized_out = quantized_out + quantized
+            codes.append(idx)
+            losses.append(loss)
+        return quantized_out, torch.stack(codes), torch.stack(losses)
+
+    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
+        """(B, D, T) -> (n_q, B, T)."""
+        residual, codes = x, []
+        for layer in self.layers[:n_q]:
+            codes.append(layer.encode(residual))
+            residual = residual - layer.decode(codes[-1])
+        return torch.stack(codes)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(n_q, B, T) -> (B, D, T)."""
+        out = self.layers[0].decode(codes[0])
+        for layer, idx in zip(self.layers[1:], codes[1:]):
+            out = out + layer.decode(idx)
+        return out
 
 
 @dataclass
@@ -43,39 +239,19 @@ class ResidualVectorQuantizer(nn.Module):
         bins: codebook size.
         frame_rate: latent frames per second (for kbps <-> n_q).
         target_bandwidths: the bandwidths (kbps) the codec was trained for.
-        decay, kmeans_init, kmeans_iters, threshold_ema_dead_code: codebook training options.
+        codebook_kwargs: :class:`EuclideanCodebook` training options (decay, kmeans_init, ...).
     """
 
-    def __init__(
-        self,
-        dimension: int,
-        n_q: int,
-        bins: int,
-        frame_rate: float,
-        target_bandwidths: Sequence[float],
-        decay: float = 0.99,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 50,
-        threshold_ema_dead_code: float = 2.0,
-    ):
+    def __init__(self, dimension: int, n_q: int, bins: int, frame_rate: float, target_bandwidths: Sequence[float],
+                 **codebook_kwargs):  # fmt: skip
         super().__init__()
-        self.dimension = dimension
-        self.n_q = n_q
-        self.bins = bins
-        self.frame_rate = frame_rate
+        self.dimension, self.n_q, self.bins, self.frame_rate = dimension, n_q, bins, frame_rate
         self.target_bandwidths = [float(b) for b in target_bandwidths]
-        self.vq = ResidualVectorQuantization(
-            n_q,
-            dimension,
-            bins,
-            decay=decay,
-            kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters,
-            threshold_ema_dead_code=threshold_ema_dead_code,
-        )
+        self.vq = ResidualVectorQuantization(n_q, dimension, bins, **codebook_kwargs)
 
     @classmethod
-    def for_bandwidths(cls, dimension: int, bins: int, frame_rate: float, target_bandwidths: Sequence[float], **kwargs) -> ResidualVectorQuantizer:
+    def for_bandwidths(cls, dimension: int, bins: int, frame_rate: float, target_bandwidths: Sequence[float],
+                       **kwargs) -> ResidualVectorQuantizer:  # fmt: skip
         """As many stages as the largest target bandwidth needs (the original's arithmetic:
         ``1000 * max_bw // (frame_rate * log2(bins))``)."""
         n_q = int(1000 * target_bandwidths[-1] // (frame_rate * math.log2(bins)))
@@ -91,9 +267,7 @@ class ResidualVectorQuantizer(nn.Module):
         if bandwidth is None:
             return self.n_q
         if float(bandwidth) not in self.target_bandwidths:
-            raise ValueError(
-                f"unsupported bandwidth {bandwidth} kbps; this model supports {self.target_bandwidths}"
-            )
+            raise ValueError(f"unsupported bandwidth {bandwidth} kbps; this model supports {self.target_bandwidths}")
         return min(self.n_q, max(1, math.floor(float(bandwidth) / self.bandwidth_per_quantizer)))
 
     def save_state(self) -> list[torch.Tensor]:
@@ -106,7 +280,7 @@ class ResidualVectorQuantizer(nn.Module):
         for buf, value in zip(self.buffers(), saved):
             buf.copy_(value)
         for layer in self.vq.layers:
-            layer.state_restored()
+            layer._codebook._known_inited = False  # ``inited`` may have been rolled back: read it again
 
     def sample_bandwidth(self, rng: random.Random | None = None, sync: bool = True) -> float:
         """A random target bandwidth, the same on every rank: chosen on rank 0 and shared
