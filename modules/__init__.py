@@ -1,16 +1,6 @@
-from .acoustic import AcousticDecoder, AcousticEncoder, Snake1d, conv_out_length, length_mask
+from .acoustic import AcousticDecoder, AcousticEncoder
 from .semantic import SemanticDecoder, SemanticEncoder
 from .teacher import TEACHERS, Teacher, build_teacher
 
-__all__ = [
-    "TEACHERS",
-    "AcousticDecoder",
-    "AcousticEncoder",
-    "SemanticDecoder",
-    "SemanticEncoder",
-    "Snake1d",
-    "Teacher",
-    "build_teacher",
-    "conv_out_length",
-    "length_mask",
-]
+__all__ = ["TEACHERS", "AcousticDecoder", "AcousticEncoder", "SemanticDecoder", "SemanticEncoder", "Teacher"]
+__all__ += ["build_teacher"]

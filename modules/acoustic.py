@@ -22,16 +22,11 @@ from torch.nn.utils.parametrizations import weight_norm
 from .snake import snake
 
 
-def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,) valid lengths -> (B, 1, size) float mask."""
-    return (torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]).unsqueeze(1)
-
-
 def masked(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """(B, C, T) ``x`` with positions past each item's valid length zeroed (``None``: all valid)."""
     if lengths is None:
         return x
-    return x * length_mask(lengths, x.shape[-1]).to(x.dtype)
+    return x * (torch.arange(x.shape[-1], device=lengths.device)[None, None, :] < lengths[:, None, None]).to(x.dtype)
 
 
 def _conv(*args, wn: bool = True, transpose: bool = False, **kwargs) -> nn.Module:
@@ -92,7 +87,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
     for layer in layers:
         if isinstance(layer, ResidualUnit):
             x = layer(x, lengths)
-        elif isinstance(layer, (EncoderBlock, DecoderBlock)):
+        elif isinstance(layer, Block):
             x, lengths = _run(layer.block, x, lengths)
         elif isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
             x = layer(x)
@@ -103,44 +98,13 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
     return x, lengths
 
 
-class EncoderBlock(nn.Module):
-    """Three residual units on ``dim // 2`` channels, then a strided conv to ``dim``."""
+class Block(nn.Module):
+    """An encoder stage (three residual units, Snake, strided conv) or a decoder stage
+    (Snake, transposed conv, three residual units), under ``block``."""
 
-    def __init__(self, dim: int, stride: int, wn: bool = True):
+    def __init__(self, *layers: nn.Module):
         super().__init__()
-        self.block = nn.Sequential(
-            ResidualUnit(dim // 2, 1, wn),
-            ResidualUnit(dim // 2, 3, wn),
-            ResidualUnit(dim // 2, 9, wn),
-            Snake1d(dim // 2),
-            _conv(dim // 2, dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2), wn=wn),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
-class DecoderBlock(nn.Module):
-    """Snake, transposed conv upsampling by ``stride``, three residual units."""
-
-    def __init__(self, in_dim: int, out_dim: int, stride: int, wn: bool = True):
-        super().__init__()
-        self.block = nn.Sequential(
-            Snake1d(in_dim),
-            _conv(
-                in_dim,
-                out_dim,
-                kernel_size=2 * stride,
-                stride=stride,
-                padding=math.ceil(stride / 2),
-                output_padding=stride % 2,
-                transpose=True,
-                wn=wn,
-            ),
-            ResidualUnit(out_dim, 1, wn),
-            ResidualUnit(out_dim, 3, wn),
-            ResidualUnit(out_dim, 9, wn),
-        )
+        self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -162,8 +126,10 @@ class AcousticEncoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [_conv(1, width, kernel_size=7, padding=3, wn=wn)]
         for stride in ratios:
+            units = [ResidualUnit(width, dilation, wn) for dilation in (1, 3, 9)]
+            down = _conv(width, 2 * width, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2), wn=wn)
+            layers.append(Block(*units, Snake1d(width), down))
             width *= 2
-            layers.append(EncoderBlock(width, stride, wn))
         layers += [Snake1d(width), _conv(width, latent_dim, kernel_size=3, padding=1, wn=wn)]
         self.block = nn.Sequential(*layers)
 
@@ -196,7 +162,10 @@ class AcousticDecoder(nn.Module):
         out_dim = channels
         for i, stride in enumerate(ratios):
             in_dim, out_dim = channels // 2**i, channels // 2 ** (i + 1)
-            layers.append(DecoderBlock(in_dim, out_dim, stride, wn))
+            # output_padding = stride % 2: an X-Codec quirk the released weights depend on
+            up = _conv(in_dim, out_dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                       output_padding=stride % 2, transpose=True, wn=wn)  # fmt: skip
+            layers.append(Block(Snake1d(in_dim), up, *(ResidualUnit(out_dim, dilation, wn) for dilation in (1, 3, 9))))
         layers += [Snake1d(out_dim), _conv(out_dim, 1, kernel_size=7, padding=3, wn=wn)]
         self.model = nn.Sequential(*layers)
 

@@ -17,11 +17,10 @@ from .acoustic import masked
 class SameConv1d(nn.Module):
     """Conv1d with "same" padding for odd kernels; parameters live in ``.conv``."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, dilation: int = 1, bias: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, dilation: int = 1, bias: bool = True):
         super().__init__()
-        self.conv = nn.Conv1d(
-            in_ch, out_ch, kernel_size, stride=stride, padding=(kernel_size - 1) // 2 * dilation, dilation=dilation, bias=bias
-        )
+        padding = (kernel_size - 1) // 2 * dilation
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel_size, padding=padding, dilation=dilation, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -89,10 +88,8 @@ class SemanticEncoder(nn.Module):
 
 
 class SemanticDecoder(nn.Module):
-    """Quantized semantic latents back to teacher features (training target only).
-
-    Args: as :class:`SemanticEncoder`. Shapes: (B, H, F) -> (B, H, F).
-    """
+    """Quantized semantic latents back to teacher features (training target only); as
+    :class:`SemanticEncoder`."""
 
     def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
         super().__init__()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .acoustic import DecoderBlock, EncoderBlock, ResidualUnit, Snake1d
+from .acoustic import Block, ResidualUnit, Snake1d
 from .snake import snake
 
 # Largest intermediate tile (channels x samples) and smallest output tile (samples, so
@@ -119,7 +119,8 @@ class TiledRunner:
         if found is None:
             # Plain convs keep their channels-last copy across runs until the weight changes;
             # weight-normed ones (training layout) are evaluated once per run.
-            key = None if parametrize.is_parametrized(m) else (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
+            key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
+            key = None if parametrize.is_parametrized(m) else key
             cache = m.__dict__.get("_cl_cache")
             if key is None or cache is None or cache[0] != key:
                 w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
@@ -322,7 +323,7 @@ def _flatten(layers) -> list:
     for layer in layers:
         if isinstance(layer, ResidualUnit):
             ops.append(Residual(layer, ConvSpec.of(layer.block[1]), ConvSpec.of(layer.block[3])))
-        elif isinstance(layer, (EncoderBlock, DecoderBlock)):
+        elif isinstance(layer, Block):
             ops.extend(_flatten(layer.block))
         elif isinstance(layer, Snake1d):
             ops.append(layer)
