@@ -1,8 +1,8 @@
 """The frozen self-supervised teacher (HuBERT or WavLM from transformers).
 
-X-Codec's semantic target is the mean of *all* hidden states of the teacher (the
-embedding output and every layer), computed on the input padded by hop/2 on both
-sides. Both are quirks that the released checkpoints depend on.
+X-Codec's semantic target is the mean of *all* hidden states of the teacher (the embedding
+output and every layer) on the input padded by hop/2 on both sides: two quirks that the
+released checkpoints depend on.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def fetch_teacher(name: str, pretrained: str | bool) -> str | bool:
     except HubError:
         raise
     except Exception as exc:  # a malformed id, a repository that does not exist, ...
-        raise HubError(f"teacher {source!r}: not a local directory nor a downloadable repository ({type(exc).__name__}: {str(exc)[:160]})") from None
+        why = f"{type(exc).__name__}: {str(exc)[:160]}"
+        raise HubError(f"teacher {source!r}: not a local directory nor a downloadable repository ({why})") from None
 
 
 def build_teacher(name: str, overrides: dict | None = None, pretrained: str | bool = False, pad: int = 0) -> Teacher:
@@ -118,7 +119,7 @@ def build_teacher(name: str, overrides: dict | None = None, pretrained: str | bo
 
 
 @torch.no_grad()
-def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk: int = 1 << 16):
     """Per-item, per-group (mean, var) of ``conv(x)`` over time, without computing it.
 
     The conv has one input channel, so each output channel is a dot product of its
@@ -132,11 +133,9 @@ def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk
     Returns:
         (mean, var), each (B, G) float64.
     """
-    k, s = conv.kernel_size[0], conv.stride[0]
+    k, s, batch, device = conv.kernel_size[0], conv.stride[0], x.shape[0], conv.weight.device
     frames = (x.shape[-1] - k) // s + 1
-    batch = x.shape[0]
     # On the conv's device, a chunk at a time: a long file may stay on the CPU.
-    device = conv.weight.device
     first = torch.zeros(batch, k, dtype=torch.float64, device=device)
     gram = torch.zeros(batch, k, k, dtype=torch.float64, device=device)
     for f0 in range(0, frames, chunk):
@@ -236,11 +235,9 @@ class Teacher(nn.Module):
             return torch.stack(list(states), dim=1).mean(dim=1)
         # On CPU a running sum gives the stacked mean's bits without holding every state.
         total = next(states).clone()
-        count = 1
         for state in states:
             total.add_(state)
-            count += 1
-        return total.div_(count)
+        return total.div_(len(self.encoder.layers) + 1)
 
     def _hidden_states(self, h: torch.Tensor, mask: torch.Tensor | None):
         """Yields the hidden states of transformers' encoder (eval mode: no dropout, no
@@ -306,8 +303,13 @@ class Teacher(nn.Module):
         """The conv features with the first layers cache-blocked (float32 CPU inference)."""
         layers = self.feature_extractor.conv_layers
         conv, norm = layers[0].conv, layers[0].layer_norm
-        mean, var = norm_stats if norm_stats is not None else first_conv_stats(conv, norm, x)
-        scale, shift = (v[:, :, None, None] for v in _affine(norm, mean, var))
+        mean, var = (v.double() for v in norm_stats) if norm_stats is not None else first_conv_stats(conv, norm, x)
+        # GroupNorm as one multiply-add per element, its coefficients in float64.
+        per_group = norm.num_channels // norm.num_groups
+        inv = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
+        scale = inv * (norm.weight.double() if norm.affine else 1.0)
+        shift = (norm.bias.double() if norm.affine else 0.0) - mean.repeat_interleave(per_group, dim=1) * scale
+        scale, shift = scale.float()[:, :, None, None], shift.float()[:, :, None, None]
         ops = [ConvSpec.of(conv), Pointwise(lambda t: torch.addcmul(shift, t, scale)), Pointwise(layers[0].activation)]
         n = min(TILED_FEATURE_LAYERS, len(layers))
         for layer in layers[1:n]:
@@ -318,11 +320,3 @@ class Teacher(nn.Module):
             h = layer(h)
         return h
 
-
-def _affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), (B, C) float32, of ``norm`` with group statistics ``mean``, ``var`` (B, G)."""
-    per_group = norm.num_channels // norm.num_groups
-    inv = (var.double() + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
-    scale = inv * (norm.weight.double() if norm.affine else 1.0)
-    shift = (norm.bias.double() if norm.affine else 0.0) - mean.double().repeat_interleave(per_group, dim=1) * scale
-    return scale.float(), shift.float()
