@@ -22,10 +22,8 @@ class CodebookUsage:
     """
 
     def __init__(self, n_q: int, bins: int, device: torch.device | str = "cpu"):
-        self.n_q, self.bins = n_q, bins
+        self.n_q, self.bins, self.frames, self.seconds = n_q, bins, 0, 0.0
         self.counts = torch.zeros(n_q, bins, dtype=torch.float64, device=device)
-        self.frames = 0
-        self.seconds = 0.0
 
     @torch.no_grad()
     def update(self, codes: torch.Tensor, seconds: float = 0.0) -> None:
@@ -61,8 +59,7 @@ class CodebookUsage:
         out = {}
         for i in range(self.n_q):
             if counts[i].sum() > 0:
-                out[f"usage_q{i}"] = float(usage[i])
-                out[f"perplexity_q{i}"] = float(perplexity[i])
+                out |= {f"usage_q{i}": float(usage[i]), f"perplexity_q{i}": float(perplexity[i])}
         return out
 
     def summary(self) -> dict:
@@ -75,24 +72,13 @@ class CodebookUsage:
         with each codebook's entropy, the rate an ideal entropy coder would reach.
         """
         books = []
-        for i in range(self.n_q):
-            counts = self.counts[i].double().cpu()
+        for i, counts in enumerate(self.counts.double().cpu()):
             p = counts[counts > 0] / counts.sum().clamp(min=1)
-            books.append(
-                {
-                    "index": i,
-                    "used": int((counts > 0).sum()),
-                    "usage": float((counts > 0).double().mean()),
-                    "entropy_bits": float(-(p * p.log2()).sum()) + 0.0 if p.numel() else 0.0,  # + 0.0: no -0.0
-                }
-            )
+            h = float(-(p * p.log2()).sum()) + 0.0 if p.numel() else 0.0  # + 0.0: no -0.0
+            used = counts > 0
+            books.append({"index": i, "used": int(used.sum()), "usage": float(used.double().mean()), "entropy_bits": h})
         seconds = self.seconds or math.nan
         bits = self.n_q * math.log2(self.bins) * self.frames
         entropy_bits = sum(b["entropy_bits"] for b in books) * self.frames
-        return {
-            "codebooks": books,
-            "frames": self.frames,
-            "seconds": self.seconds,
-            "bitrate_kbps": bits / seconds / 1000,
-            "entropy_bitrate_kbps": entropy_bits / seconds / 1000,
-        }
+        rates = {"bitrate_kbps": bits / seconds / 1000, "entropy_bitrate_kbps": entropy_bits / seconds / 1000}
+        return {"codebooks": books, "frames": self.frames, "seconds": self.seconds, **rates}
