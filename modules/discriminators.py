@@ -36,7 +36,6 @@ def _run_stack(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor, slope: fl
     return post(x).flatten(1), fmaps
 
 
-# ------------------------------------------------------------------ multi-frequency ("mfd", the released recipe's)
 class SpectrogramFeatures(nn.Module):
     """Magnitude STFT front-end of :class:`MultiFrequencyDiscriminator`: centred,
     reflect-padded, ``normalized=True`` (x n_fft^-0.5) STFT, as the original.
@@ -124,13 +123,10 @@ class FrequencyDiscriminator(nn.Module):
 
 
 class MultiFrequencyDiscriminator(nn.Module):
-    """Multi-resolution spectrogram discriminator ("mfd"): resolution i is an STFT with
-    hop ``hop_lengths[i]`` and FFT/window size ``4 * hop_lengths[i]``.
-
-    Args:
-        hop_lengths: STFT hops, one sub-discriminator each.
-        hidden_channels: last hidden width of each sub-discriminator.
-        domain, mel_scale, sample_rate: as :class:`SpectrogramFeatures`.
+    """Multi-resolution spectrogram discriminator ("mfd", the released recipe's): resolution
+    i is an STFT with hop ``hop_lengths[i]`` and FFT/window size ``4 * hop_lengths[i]``, its
+    sub-discriminator's last hidden width ``hidden_channels[i]``; ``domain``, ``mel_scale``,
+    ``sample_rate``: as :class:`SpectrogramFeatures`.
 
     Forward: (B, 1, T) (or (B, T)) waveform, T > ``2 * max(hop_lengths)`` (reflect padding);
     ``fmaps[i]`` holds 6 feature maps (B, C, F, N).
@@ -159,14 +155,9 @@ class MultiFrequencyDiscriminator(nn.Module):
         return logits, fmaps
 
 
-# ------------------------------------------------------------------ HiFi-GAN ("mpd", "msd")
 class PeriodDiscriminator(nn.Module):
-    """Discriminator on the waveform folded into a (T / period, period) image.
-
-    Args:
-        period: folding period p in samples.
-        kernel_size: kernel length along the folded time axis.
-        stride: stride along the folded time axis for the first four convs.
+    """Discriminator on the waveform folded into a (T / period, period) image, with kernels
+    of ``kernel_size`` and ``stride`` along the folded time axis (first four convs).
 
     Shapes: (B, 1, T) -> logits (B, N) and 5 feature maps (B, C, T_i, p).
     """
@@ -244,7 +235,6 @@ class MultiScaleDiscriminator(nn.Module):
         return logits, fmaps
 
 
-# ------------------------------------------------------------------ EnCodec STFT ("msstftd")
 def _same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
     return (kernel_size[0] - 1) * dilation[0] // 2, (kernel_size[1] - 1) * dilation[1] // 2
 
@@ -319,7 +309,6 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         return _per_sub(self.discriminators, x.unsqueeze(1) if x.dim() == 2 else x)
 
 
-# ------------------------------------------------------------------ construction
 DISCRIMINATORS: dict[str, type[nn.Module]] = {
     "mfd": MultiFrequencyDiscriminator,
     "mpd": MultiPeriodDiscriminator,

@@ -1,18 +1,12 @@
-"""Cache-blocked CPU inference for the acoustic encoder and decoder.
+"""Cache-blocked CPU inference for the acoustic encoder and decoder (and the teacher's first convs).
 
-The DAC-style stages run at up to 16 kHz with 64-128 channels: every op over a whole
-10 s clip reads and writes ~40 MB, and every fresh tensor of that size costs ~10k page
-faults. Here each stage (residual units, Snakes and the resampling conv around them) is
-computed tile by tile along time, with the halo each conv needs, so intermediates stay
-in cache and only the stage output is written to memory.
-
-Tensors are (B, C, 1, T) channels-last, the layout oneDNN's fastest conv kernels use
-(float32: a different summation order than eager PyTorch's, ~1e-7 relative; or bf16).
-Each output position is computed from the same inputs as in the eager modules, so
-tiles only change the last bits, never which samples a conv sees.
-
-Ragged batches: per-item valid lengths are tracked through every op and positions past
-an item's length are zeroed after every conv, exactly as the eager modules do.
+Every op over a whole 10 s clip at 16 kHz with 64-128 channels reads and writes ~40 MB
+(and each fresh tensor of that size costs ~10k page faults). Here each stage is computed
+tile by tile along time, with the halo each conv needs, so intermediates stay in cache and
+only the stage output is written. Tensors are (B, C, 1, T) channels-last, the layout of
+oneDNN's fastest conv kernels (float32: another summation order than eager PyTorch, ~1e-7
+relative; or bf16); each output position sees the same inputs as in the eager modules.
+Ragged batches: positions past an item's length are zeroed after every conv, as there.
 """
 
 from __future__ import annotations
@@ -35,7 +29,6 @@ TILE_ELEMENTS = 1 << 20
 MIN_TILE_OUT = 4096
 
 
-# ------------------------------------------------------------------------------ convs
 @dataclass
 class ConvSpec:
     """A Conv1d / ConvTranspose1d seen as a map between sequence positions."""
@@ -119,8 +112,9 @@ class TiledRunner:
         if found is None:
             # Plain convs keep their channels-last copy across runs until the weight changes;
             # weight-normed ones (training layout) are evaluated once per run.
-            key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
-            key = None if parametrize.is_parametrized(m) else key
+            key = None
+            if not parametrize.is_parametrized(m):
+                key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
             cache = m.__dict__.get("_cl_cache")
             if key is None or cache is None or cache[0] != key:
                 w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
@@ -130,7 +124,6 @@ class TiledRunner:
             found = self._run_weights[id(m)] = cache[1:]
         return found
 
-    # ------------------------------------------------------------------ primitives
     def _conv(self, spec: ConvSpec, x: torch.Tensor) -> torch.Tensor:
         """Conv with no padding (halos and zeros are already in ``x``)."""
         w, b = self._weights(spec)
@@ -171,7 +164,6 @@ class TiledRunner:
         keep = (torch.arange(start, start + n, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
         return x.mul_(keep.view(x.shape[0], 1, 1, n))
 
-    # ------------------------------------------------------------------ running
     def to_layout(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, 1, T) channels-last in this runner's dtype."""
         return x.to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
@@ -299,7 +291,6 @@ class TiledRunner:
         return t
 
 
-# ------------------------------------------------------------------------------ plans
 class TiledStacks:
     """Runners per dtype and segment plans per acoustic stack, each built on first use."""
 

@@ -174,64 +174,20 @@ class VectorQuantization(nn.Module):
         return quantized.transpose(1, 2), codes, commit
 
 
-class ResidualVectorQuantization(nn.Module):
-    """A stack of VQ stages, each quantizing the residual of the previous ones."""
-
-    def __init__(self, num_quantizers: int, dim: int, codebook_size: int, **codebook_kwargs):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            VectorQuantization(dim, codebook_size, **codebook_kwargs) for _ in range(num_quantizers)
-        )
-
-    def forward(self, x: torch.Tensor, n_q: int):
-        """(B, D, T) -> quantized (B, D, T), codes (n_q, B, T), commit losses (n_q,)."""
-        quantized_out, residual = torch.zeros_like(x), x
-        codes, losses = [], []
-        for layer in self.layers[:n_q]:
-            quantized, idx, loss = layer(residual)
-            residual = residual - quantized
-            quantized_out = quantized_out + quantized
-            codes.append(idx)
-            losses.append(loss)
-        return quantized_out, torch.stack(codes), torch.stack(losses)
-
-    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
-        """(B, D, T) -> (n_q, B, T)."""
-        residual, codes = x, []
-        for layer in self.layers[:n_q]:
-            codes.append(layer.encode(residual))
-            residual = residual - layer.decode(codes[-1])
-        return torch.stack(codes)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(n_q, B, T) -> (B, D, T)."""
-        out = self.layers[0].decode(codes[0])
-        for layer, idx in zip(self.layers[1:], codes[1:]):
-            out = out + layer.decode(idx)
-        return out
-
-
 @dataclass
 class QuantizedResult:
-    """Output of :class:`ResidualVectorQuantizer`.
+    """Output of :class:`ResidualVectorQuantizer`."""
 
-    Attributes:
-        quantized: (B, D, T) quantized latents (straight-through in training).
-        codes: (B, n_q, T) integer codes.
-        commit_loss: () mean commitment loss over the stages used (0 in eval).
-        n_q: number of quantizer stages used.
-        bandwidth: kbps that ``n_q`` stages represent.
-    """
-
-    quantized: torch.Tensor
-    codes: torch.Tensor
-    commit_loss: torch.Tensor
-    n_q: int
-    bandwidth: float
+    quantized: torch.Tensor  # (B, D, T) quantized latents (straight-through in training)
+    codes: torch.Tensor  # (B, n_q, T) integer codes
+    commit_loss: torch.Tensor  # () mean commitment loss over the stages used (0 in eval)
+    n_q: int  # quantizer stages used
+    bandwidth: float  # kbps that n_q stages represent
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """Residual VQ whose depth is chosen by a target bandwidth.
+    """Residual VQ (each stage quantizes the residual of the previous ones) whose depth is
+    chosen by a target bandwidth.
 
     Args:
         dimension: latent size D.
@@ -247,7 +203,9 @@ class ResidualVectorQuantizer(nn.Module):
         super().__init__()
         self.dimension, self.n_q, self.bins, self.frame_rate = dimension, n_q, bins, frame_rate
         self.target_bandwidths = [float(b) for b in target_bandwidths]
-        self.vq = ResidualVectorQuantization(n_q, dimension, bins, **codebook_kwargs)
+        # ``vq.layers.{i}``: the released checkpoints' layout.
+        layers = nn.ModuleList(VectorQuantization(dimension, bins, **codebook_kwargs) for _ in range(n_q))
+        self.vq = nn.ModuleDict({"layers": layers})
 
     @classmethod
     def for_bandwidths(cls, dimension: int, bins: int, frame_rate: float, target_bandwidths: Sequence[float],
@@ -297,15 +255,31 @@ class ResidualVectorQuantizer(nn.Module):
         """
         n_q = self.n_q_for_bandwidth(bandwidth)
         with torch.autocast(x.device.type, enabled=False):
-            quantized, codes, losses = self.vq(x.float(), n_q)
-        return QuantizedResult(quantized, codes.transpose(0, 1), losses.mean(), n_q, n_q * self.bandwidth_per_quantizer)
+            residual = x.float()
+            quantized_out = torch.zeros_like(residual)
+            codes, losses = [], []
+            for layer in self.vq.layers[:n_q]:
+                quantized, idx, loss = layer(residual)
+                residual = residual - quantized
+                quantized_out = quantized_out + quantized
+                codes.append(idx)
+                losses.append(loss)
+        bandwidth = n_q * self.bandwidth_per_quantizer
+        return QuantizedResult(quantized_out, torch.stack(codes, 1), torch.stack(losses).mean(), n_q, bandwidth)
 
     def encode(self, x: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
         """(B, D, T) latents -> (B, n_q, T) codes."""
-        return self.vq.encode(x, self.n_q_for_bandwidth(bandwidth)).transpose(0, 1)
+        residual, codes = x, []
+        for layer in self.vq.layers[: self.n_q_for_bandwidth(bandwidth)]:
+            codes.append(layer.encode(residual))
+            residual = residual - layer.decode(codes[-1])
+        return torch.stack(codes, 1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, n_q, T) codes -> (B, D, T) latents. Codes must already be range-checked."""
         if codes.shape[1] > self.n_q:
             raise ValueError(f"codes have {codes.shape[1]} quantizers; this model has at most {self.n_q}")
-        return self.vq.decode(codes.transpose(0, 1))
+        out = self.vq.layers[0].decode(codes[:, 0])
+        for i in range(1, codes.shape[1]):
+            out = out + self.vq.layers[i].decode(codes[:, i])
+        return out
