@@ -1,13 +1,12 @@
 """DAC-style acoustic encoder and decoder (weight-normed convs, Snake, dilations 1/3/9).
 
-The module tree reproduces the released X-Codec state-dict layout
-(``encoder.block.*``, ``decoder_2.model.*``). Two X-Codec quirks are kept because the
-released weights depend on them: transposed convs use ``output_padding = stride % 2``
-and the decoder has no final tanh.
+The module tree reproduces the released state-dict layout (``encoder.block.*``,
+``decoder_2.model.*``), with two X-Codec quirks the released weights depend on:
+transposed convs use ``output_padding = stride % 2`` and the decoder has no final tanh.
 
-Every forward takes optional per-item ``lengths`` (valid samples or frames). Positions
-past an item's length are zeroed after each conv, so a padded batch computes, for each
-item, exactly what that item computes alone (zero padding at its end).
+Every forward takes optional per-item ``lengths`` (valid samples or frames): positions
+past an item's length are zeroed after each conv, so each item of a padded batch gets
+exactly what it gets alone.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .snake import snake
+from .snake import snake, snake_reference
 
 
 def masked(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -35,22 +34,17 @@ def _conv(*args, wn: bool = True, transpose: bool = False, **kwargs) -> nn.Modul
 
 
 class Snake1d(nn.Module):
-    """Snake activation ``x + sin^2(alpha x) / alpha`` with a learned alpha per channel.
-
-    Args:
-        channels: C; input (B, C, T).
-    """
+    """Snake activation ``x + sin^2(alpha x) / alpha`` with a learned alpha per channel (B, C, T)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same expression and order as DAC / transformers, so outputs match them bitwise;
-        # without autograd the same ops run in place on cache-sized slices (bitwise equal).
+        # Without autograd the same ops run in place on cache-sized slices (bitwise equal).
         if not torch.is_grad_enabled() or not (x.requires_grad or self.alpha.requires_grad):
             return snake(x, self.alpha)
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        return snake_reference(x, self.alpha)
 
 
 def conv_out_length(lengths: torch.Tensor, conv: nn.Module) -> torch.Tensor:
@@ -162,7 +156,6 @@ class AcousticDecoder(nn.Module):
         out_dim = channels
         for i, stride in enumerate(ratios):
             in_dim, out_dim = channels // 2**i, channels // 2 ** (i + 1)
-            # output_padding = stride % 2: an X-Codec quirk the released weights depend on
             up = _conv(in_dim, out_dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2),
                        output_padding=stride % 2, transpose=True, wn=wn)  # fmt: skip
             layers.append(Block(Snake1d(in_dim), up, *(ResidualUnit(out_dim, dilation, wn) for dilation in (1, 3, 9))))

@@ -49,14 +49,11 @@ def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None,
     buf = None
     for start in range(0, total, step):
         xs, os = x[..., start : start + step], out[..., start : start + step]
-        if exact:
-            if os.data_ptr() == xs.data_ptr():  # in place: x is read after the output is written
-                buf = torch.empty_like(xs) if buf is None or buf.shape != xs.shape else buf
-                os.copy_(_snake_tile(xs, alpha, recip, buf))
-            else:
-                _snake_tile(xs, alpha, recip, os)
-        else:
-            xf = xs.float()
-            buf = torch.empty_like(xf) if buf is None or buf.shape != xf.shape else buf
-            os.copy_(_snake_tile(xf, alpha, recip, buf))
+        if exact and os.data_ptr() != xs.data_ptr():
+            _snake_tile(xs, alpha, recip, os)
+            continue
+        # In place (x is read after the output is written) or below float32: through a buffer.
+        xs = xs.float()
+        buf = torch.empty_like(xs) if buf is None or buf.shape != xs.shape else buf
+        os.copy_(_snake_tile(xs, alpha, recip, buf))
     return out
