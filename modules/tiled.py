@@ -91,20 +91,14 @@ def _in_range(op, o0: int, o1: int) -> tuple[int, int]:
 
 
 class TiledRunner:
-    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input.
+    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input in ``dtype``
+    (float32 or bfloat16), ``tile``: largest intermediate tile in elements, ``min_tile``:
+    smallest output tile in samples."""
 
-    Args:
-        dtype: compute dtype (float32 or bfloat16).
-        tile: largest intermediate tile in elements.
-        min_tile: smallest output tile in samples.
-    """
-
-    def __init__(self, dtype: torch.dtype = torch.float32, tile: int | None = None, min_tile: int | None = None):
-        self.dtype = dtype
-        self.tile = TILE_ELEMENTS if tile is None else tile
-        self.min_tile = MIN_TILE_OUT if min_tile is None else min_tile
+    def __init__(self, dtype: torch.dtype = torch.float32, tile: int = TILE_ELEMENTS, min_tile: int = MIN_TILE_OUT):
+        self.dtype, self.tile, self.min_tile = dtype, tile, min_tile
         self._run_weights: dict = {}
-        self.parallel_tiles = True
+        self._workers: tuple[int, ThreadPoolExecutor] | None = None
 
     def _weights(self, spec: ConvSpec):
         m = spec.module
@@ -148,7 +142,7 @@ class TiledRunner:
         if left == 0 and right == 0:
             return snake(x, alpha)
         b, c, h, n = x.shape
-        buf = torch.empty((b, c, h, left + n + right), dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+        buf = x.new_empty((b, c, h, left + n + right)).contiguous(memory_format=torch.channels_last)
         buf[..., :left].zero_()
         buf[..., left + n :].zero_()
         snake(x, alpha, out=buf[..., left : left + n])  # a time slice of channels-last is dense
@@ -202,10 +196,8 @@ class TiledRunner:
         first = self._tile(ops, x, 0, step, lens, item_lens)
         if step == total:
             return first, item_lens[-1]
-        out = torch.empty((*first.shape[:-1], total), dtype=first.dtype, device=first.device)
-        out = out.contiguous(memory_format=torch.channels_last)
+        out = first.new_empty((*first.shape[:-1], total)).contiguous(memory_format=torch.channels_last)
         out[..., :step].copy_(first)
-
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def one(o0: int) -> None:
@@ -228,21 +220,16 @@ class TiledRunner:
         return out, item_lens[-1]
 
     def _pool(self):
-        """Worker threads, one per torch thread, each running its tiles on one thread.
-
-        Tiles are independent, so running whole tiles in parallel needs no barrier per
-        op (many small ops each with an OpenMP barrier degrade badly on a busy machine).
-        oneDNN's kernels compute an output position the same way on one thread or
-        several, so results are unchanged.
-        """
+        """Worker threads, one per torch thread, each running whole tiles on one thread: tiles
+        are independent, so no barrier per op (many small ops each with an OpenMP barrier
+        degrade badly on a busy machine); oneDNN computes a position alike on any thread count."""
         threads = torch.get_num_threads()
-        if not self.parallel_tiles or threads < 2:
+        if threads < 2:
             return None
-        pool = self.__dict__.get("_workers")
-        if pool is None or pool[0] != threads:
-            pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="xcodec-tile", initializer=torch.set_num_threads, initargs=(1,)))
-            self.__dict__["_workers"] = pool
-        return pool[1]
+        if self._workers is None or self._workers[0] != threads:
+            pool = ThreadPoolExecutor(threads, "xcodec-tile", initializer=torch.set_num_threads, initargs=(1,))
+            self._workers = (threads, pool)
+        return self._workers[1]
 
     def _tile(self, ops, x, o0: int, o1: int, lens, item_lens) -> torch.Tensor:
         n = len(ops)
@@ -298,7 +285,7 @@ class TiledStacks:
         self._runners: dict[torch.dtype, TiledRunner] = {}
         self._plans: dict[int, list[Segment]] = {}
 
-    def run(self, layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def run(self, layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype):
         """(B, C, T) ``x`` through the encoder's or decoder's Sequential; float32 (B, C', T') out."""
         if dtype not in self._runners:
             self._runners[dtype] = TiledRunner(dtype)
