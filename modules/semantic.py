@@ -1,8 +1,6 @@
-"""Convolutional semantic encoder and decoder around the teacher features.
-
-Module tree matches the released checkpoints (``encoder_semantic.*``,
-``decoder_semantic.*``): plain (not weight-normed) convs with ELU residual units.
-"""
+"""Convolutional semantic encoder and decoder around the teacher features: plain (not
+weight-normed) convs with ELU residual units, in the released checkpoints' layout
+(``encoder_semantic.*``, ``decoder_semantic.*``)."""
 
 from __future__ import annotations
 
@@ -44,12 +42,11 @@ class SemanticResidualUnit(nn.Module):
 class SemanticBlock(nn.Module):
     """Residual units and a length-preserving conv (stride 1, as in every release)."""
 
-    def __init__(self, in_ch: int, out_ch: int, dilations: Sequence[int], kernel_size: int, decoder: bool):
+    def __init__(self, channels: int, dilations: Sequence[int], kernel_size: int, decoder: bool):
         super().__init__()
-        unit_ch = out_ch if decoder else in_ch
-        self.decoder = decoder
-        self.res_units = nn.ModuleList([SemanticResidualUnit(unit_ch, kernel_size, d) for d in dilations])
-        self.conv = SameConv1d(in_ch, out_ch, 3)
+        self.decoder = decoder  # the conv before the units (decoder) or after them (encoder)
+        self.res_units = nn.ModuleList([SemanticResidualUnit(channels, kernel_size, d) for d in dilations])
+        self.conv = SameConv1d(channels, channels, 3)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if self.decoder:
@@ -62,23 +59,19 @@ class SemanticBlock(nn.Module):
 
 
 class SemanticEncoder(nn.Module):
-    """Teacher features to semantic latents.
+    """Teacher features to semantic latents, (B, H, F) -> (B, H, F).
 
     Args:
         channels: teacher hidden size H (768 for base models).
         num_blocks: conv blocks (2 in the releases).
-        dilations: dilations of the residual units in each block.
-        kernel_size: kernel of the residual units' first conv.
-
-    Shapes: (B, H, F) -> (B, H, F).
+        dilations, kernel_size: of the residual units in each block (their first conv).
     """
 
     def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
         super().__init__()
         self.conv = SameConv1d(channels, channels, 3, bias=False)
-        self.conv_blocks = nn.ModuleList(
-            [SemanticBlock(channels, channels, dilations, kernel_size, decoder=False) for _ in range(num_blocks)]
-        )
+        blocks = [SemanticBlock(channels, dilations, kernel_size, decoder=False) for _ in range(num_blocks)]
+        self.conv_blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = masked(self.conv(masked(x, lengths)), lengths)
@@ -94,9 +87,8 @@ class SemanticDecoder(nn.Module):
     def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
         super().__init__()
         self.conv1 = SameConv1d(channels, channels, 3, bias=False)
-        self.conv_blocks = nn.ModuleList(
-            [SemanticBlock(channels, channels, dilations, kernel_size, decoder=True) for _ in range(num_blocks)]
-        )
+        blocks = [SemanticBlock(channels, dilations, kernel_size, decoder=True) for _ in range(num_blocks)]
+        self.conv_blocks = nn.ModuleList(blocks)
         self.conv2 = SameConv1d(channels, channels, 3, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
