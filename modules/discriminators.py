@@ -38,16 +38,10 @@ def _run_stack(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor, slope: fl
 
 class SpectrogramFeatures(nn.Module):
     """Magnitude STFT front-end of :class:`MultiFrequencyDiscriminator`: centred,
-    reflect-padded, ``normalized=True`` (x n_fft^-0.5) STFT, as the original.
-
-    Args:
-        n_fft: FFT size (= window length).
-        hop_length: STFT hop.
-        domain: "linear" (magnitude), "log" (dB mapped to [0, 1]) or "double" (both, as 2 channels).
-        mel_scale: warp the frequency axis with a square HTK mel matrix.
-        sample_rate: sampling rate of the input, for the mel matrix.
-        ref_level_db: dB reference subtracted before normalisation.
-        min_level_db: dB floor mapped to 0.
+    reflect-padded, ``normalized=True`` (x n_fft^-0.5) STFT of ``n_fft`` (= window) and
+    ``hop_length``, as the original; ``mel_scale`` warps the frequency axis with a square
+    HTK mel matrix for ``sample_rate``. ``domain``: "linear" (magnitude), "log" (dB less
+    ``ref_level_db``, ``min_level_db`` mapped to 0, clamped to [0, 1]) or "double" (both).
 
     Shapes: (B, T) -> (B, C, n_fft // 2 + 1, T // hop_length + 1), C = 2 for "double" else 1.
     """
@@ -245,10 +239,7 @@ class STFTDiscriminator(nn.Module):
 
     Args:
         filters: base channel count, growing by ``filters_scale`` per layer up to ``max_filters``.
-        in_channels, out_channels: audio channels, logit channels.
-        n_fft, hop_length, win_length: the STFT (Hann window).
-        kernel_size: (time, freq) kernel.
-        dilations: time dilations of the strided convs, whose stride is ``stride`` (time, freq).
+        kernel_size: (time, freq); ``dilations``: in time, of the convs strided by ``stride``.
 
     Shapes: (B, in_channels, T) -> logits (B, N) and 5 feature maps (B, C, frames, F_i).
     """

@@ -240,9 +240,8 @@ class Teacher(nn.Module):
         return total.div_(len(self.encoder.layers) + 1)
 
     def _hidden_states(self, h: torch.Tensor, mask: torch.Tensor | None):
-        """Yields the hidden states of transformers' encoder (eval mode: no dropout, no
-        LayerDrop) on projected features ``h`` (B, F, H): its embedding output, each layer's
-        output and the last hidden state."""
+        """Yields the hidden states of transformers' encoder (eval: no dropout, no LayerDrop) on
+        projected features ``h`` (B, F, H): the embedding output, each layer's, the last."""
         enc, stable = self.encoder, self.config.do_stable_layer_norm
         h = h + enc.pos_conv_embed(h)
         if not stable:
@@ -268,14 +267,8 @@ class Teacher(nn.Module):
         norm = self._group_norm()
         if norm is None:  # LayerNorm per frame: nothing global
             return self.feature_extractor(x)
-        tiled = (
-            lengths is None
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and all(not isinstance(getattr(layer, "layer_norm", None), nn.Module) for layer in layers[1:])
-        )
-        if tiled:
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        if lengths is None and cpu_fp32:  # HuBERT/WavLM have no norm after the first conv
             return self._tiled_features(x, norm_stats)
         h = layers[0].conv(x[:, None])
         if norm_stats is not None:
