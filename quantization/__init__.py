@@ -1,4 +1,3 @@
-from .usage import CodebookUsage
-from .vq import EuclideanCodebook, QuantizedResult, ResidualVectorQuantizer, kmeans
+from .vq import CodebookUsage, EuclideanCodebook, QuantizedResult, ResidualVectorQuantizer, kmeans
 
 __all__ = ["CodebookUsage", "EuclideanCodebook", "QuantizedResult", "ResidualVectorQuantizer", "kmeans"]
