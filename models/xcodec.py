@@ -128,7 +128,6 @@ class XCodec(nn.Module):
     # ------------------------------------------------------------------ lengths
     def num_frames(self, lengths: torch.Tensor | int) -> torch.Tensor:
         """Code frames for inputs of ``lengths`` samples: the teacher's frame count."""
-        lengths = torch.as_tensor(lengths)
         return self.semantic_model.num_frames(lengths)
 
     def _acoustic_padding(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -181,7 +180,6 @@ class XCodec(nn.Module):
         """The quantizer's input for (B, 1, T) audio.
 
         ``precision``: ``"fp32"``, ``"bf16"`` or ``None`` (the caller's autocast: training).
-        ``norm_stats``: the teacher's first GroupNorm statistics to use (:meth:`Teacher.norm_stats`).
 
         Returns ``(latents (B, D+H, F), teacher features (B, H, F), frames (B,))``: the fused
         acoustic + semantic latents after ``fc_prior``, the semantic target, and each item's
@@ -263,11 +261,9 @@ class XCodec(nn.Module):
             lengths: (B,) valid samples per item for a zero-padded batch of clips of
                 different lengths. Each item then gets exactly the codes it gets alone,
                 ``num_frames(lengths[i])`` frames; frames after those are padding.
-            precision: ``"fp32"`` (exact: the codes of the eager float32 model; the
-                latents differ from it in the last bits only) or ``"bf16"`` (fast mode: the teacher, semantic and
-                acoustic encoders in bfloat16; codes agree with fp32 for most frames).
-            norm_stats: the teacher's first GroupNorm statistics, ``model.semantic_model.norm_stats(whole)``
-                (windowed encoding of a long file), instead of the input's own.
+            precision: ``"fp32"`` (exact: the eager float32 model's codes; latents differ in the last bits only)
+                or ``"bf16"`` (fast: teacher, semantic and acoustic encoders in bfloat16; most codes agree).
+            norm_stats: the teacher's first GroupNorm statistics (``semantic_model.norm_stats``; long files).
 
         Returns:
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
