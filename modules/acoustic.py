@@ -105,15 +105,13 @@ class Block(nn.Module):
 
 
 class AcousticEncoder(nn.Module):
-    """Waveform to latent frames.
+    """Waveform to latent frames, (B, 1, T) -> (B, D, T // hop).
 
     Args:
         width: channels after the first conv (64 in the releases); doubled per stage.
         ratios: downsampling strides, e.g. [8, 5, 4, 2] (hop 320).
         latent_dim: output channels D.
         wn: weight-norm parametrization (training); ``False`` builds plain convs (inference).
-
-    Shapes: (B, 1, T) -> (B, D, T // hop).
     """
 
     def __init__(self, width: int, ratios: Sequence[int], latent_dim: int, wn: bool = True):
@@ -139,15 +137,13 @@ class AcousticEncoder(nn.Module):
 
 
 class AcousticDecoder(nn.Module):
-    """Latent frames to waveform.
+    """Latent frames to waveform, (B, D, F) -> (B, 1, F * hop).
 
     Args:
         latent_dim: input channels D.
         channels: channels after the first conv (1024 in the releases); halved per stage.
         ratios: upsampling strides, in the same order as the encoder's (an X-Codec quirk).
         wn: weight-norm parametrization (training) or plain convs (inference).
-
-    Shapes: (B, D, F) -> (B, 1, F * hop).
     """
 
     def __init__(self, latent_dim: int, channels: int, ratios: Sequence[int], wn: bool = True):

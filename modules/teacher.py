@@ -65,7 +65,7 @@ def teacher_parameters(c: Mapping[str, Any]) -> float:
 
 
 def teacher_size(name: str, overrides: dict | None) -> tuple[dict, dict]:
-    """``(sizes, defaults)``: the :data:`TEACHER_SIZE_KEYS` of teacher ``name`` with ``overrides``, and of its default."""
+    """``(sizes, defaults)``: the :data:`TEACHER_SIZE_KEYS` of teacher ``name`` with ``overrides``, and by default."""
     full, default = teacher_config(name, overrides).to_dict(), teacher_config(name, None).to_dict()
     return {k: full.get(k) for k in TEACHER_SIZE_KEYS}, {k: default.get(k) for k in TEACHER_SIZE_KEYS}
 

@@ -1,9 +1,7 @@
 """Vocos (Siuzdak 2023): a ConvNeXt backbone and an ISTFT head, as YuE's 44.1 kHz vocoders use them.
 
-Written here because the ``vocos`` package requires torchaudio. The parameter names are
-those of ``vocos.models.VocosBackbone`` and ``vocos.heads.ISTFTHead`` (without AdaLayerNorm),
-so a state dict saved from Vocos (``backbone.*``, ``head.out.*``, ``head.istft.window``)
-loads as it is.
+Written here because the ``vocos`` package requires torchaudio. The parameter names are those of
+Vocos' ``VocosBackbone`` and ``ISTFTHead`` (without AdaLayerNorm): its state dicts load as they are.
 """
 
 from __future__ import annotations
