@@ -17,8 +17,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from modules.teacher import fixed_group_norm_stats, group_norm_stats
-
 from .engine import batched
 from .vocoder import Vocoder, merge_low_band
 
@@ -48,17 +46,16 @@ def encode_long(model, wav: torch.Tensor, bandwidth: float | None = None, window
     win, ctx = window_frames(model, window, context)
     if n_frames <= win + 2 * ctx:
         return model.encode(wav, bandwidth, precision=precision)
-    stats = group_norm_stats(model.semantic_model, wav, hop // 2) if global_norm else []
+    stats = model.semantic_model.norm_stats(wav) if global_norm else None
     pieces = []
-    with fixed_group_norm_stats(model.semantic_model, stats):
-        for f0 in range(0, n_frames, win):
-            f1 = min(n_frames, f0 + win)
-            first = max(0, f0 - ctx)  # first frame of the chunk
-            a, b = first * hop, min(total, (f1 + ctx) * hop + total % hop)  # keeps (b - a) % hop == total % hop
-            codes = model.encode(wav[..., a:b], bandwidth, precision=precision)
-            if codes.shape[-1] < f1 - first:
-                raise RuntimeError(f"window [{a}, {b}) gave {codes.shape[-1]} frames, needed {f1 - first}")
-            pieces.append(codes[..., f0 - first : f1 - first])
+    for f0 in range(0, n_frames, win):
+        f1 = min(n_frames, f0 + win)
+        first = max(0, f0 - ctx)  # first frame of the chunk
+        a, b = first * hop, min(total, (f1 + ctx) * hop + total % hop)  # keeps (b - a) % hop == total % hop
+        codes = model.encode(wav[..., a:b], bandwidth, precision=precision, norm_stats=stats)
+        if codes.shape[-1] < f1 - first:
+            raise RuntimeError(f"window [{a}, {b}) gave {codes.shape[-1]} frames, needed {f1 - first}")
+        pieces.append(codes[..., f0 - first : f1 - first])
     return torch.cat(pieces, dim=-1)
 
 

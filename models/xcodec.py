@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from modules import AcousticDecoder, AcousticEncoder, SemanticDecoder, SemanticEncoder
-from modules.teacher import build_teacher, teacher_features, teacher_frames
+from modules.teacher import build_teacher
 from modules.tiled import TiledStacks
 from quantization import ResidualVectorQuantizer
 
@@ -114,8 +114,7 @@ class XCodec(nn.Module):
 
     def num_frames(self, lengths: torch.Tensor | int) -> torch.Tensor:
         """Code frames for inputs of ``lengths`` samples: the teacher's frame count."""
-        lengths = torch.as_tensor(lengths)
-        return teacher_frames(self.semantic_model, lengths + 2 * (self.hop_length // 2))
+        return self.semantic_model.num_frames(lengths)
 
     def _check_audio(self, wav: torch.Tensor) -> None:
         if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
@@ -125,7 +124,7 @@ class XCodec(nn.Module):
         if not bool(torch.isfinite(wav).all()):
             raise ValueError("audio contains NaN or Inf samples")
 
-    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32"):
+    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32", norm_stats=None):
         """The quantizer's input for (B, 1, T) audio.
 
         ``precision``: ``"fp32"``, ``"bf16"`` or ``None`` (the caller's autocast: training).
@@ -146,7 +145,7 @@ class XCodec(nn.Module):
         dev_lengths = lengths.to(wav.device) if ragged else None
 
         with autocast(wav.device, precision):
-            semantic_target = teacher_features(self.semantic_model, wav, self.hop_length // 2, dev_lengths).transpose(1, 2)
+            semantic_target = self.semantic_model(wav, dev_lengths, norm_stats).transpose(1, 2)
             e_semantic = self.encoder_semantic(semantic_target, frames.to(wav.device) if ragged else None)
         semantic_target, e_semantic = semantic_target.float(), e_semantic.float()
 
@@ -190,7 +189,8 @@ class XCodec(nn.Module):
 
     @torch.inference_mode()
     def encode(self, wav: torch.Tensor, bandwidth: float | None = None,
-               lengths: torch.Tensor | Sequence[int] | None = None, precision: str = "fp32") -> torch.Tensor:  # fmt: skip
+               lengths: torch.Tensor | Sequence[int] | None = None, precision: str = "fp32",
+               norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
         """Encode audio to codes.
 
         Args:
@@ -201,6 +201,7 @@ class XCodec(nn.Module):
                 ``num_frames(lengths[i])`` frames; frames after those are padding.
             precision: ``"fp32"`` (exact: the codes of the eager float32 model) or ``"bf16"`` (fast mode:
                 the encoders in bfloat16; codes agree with fp32 for most frames).
+            norm_stats: the teacher's first GroupNorm statistics (``semantic_model.norm_stats``; long files).
 
         Returns:
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
@@ -212,11 +213,11 @@ class XCodec(nn.Module):
         lengths = self._sizes(lengths, wav.shape[0], wav.shape[-1], "lengths")
         items = [wav[i, :, :n] for i, n in enumerate(lengths.tolist())]
         with ieee_fp32(precision == "fp32", wav.device):
-            rows = batched(items, lambda x, n: self._encode_pass(x, bandwidth, n, precision), wav.device, precision)
+            rows = batched(items, lambda x, n: self._encode_pass(x, bandwidth, n, precision, norm_stats), wav.device, precision)
         return pad_rows(rows)
 
-    def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str) -> torch.Tensor:
-        e, _, frames = self.latents(wav, lengths, precision)
+    def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str, norm_stats=None) -> torch.Tensor:
+        e, _, frames = self.latents(wav, lengths, precision, norm_stats)
         codes = self.quantizer.encode(e, bandwidth)
         if lengths is not None and bool((frames != codes.shape[-1]).any()):
             codes = codes.masked_fill(~self._frame_mask(frames, codes.shape[-1], codes.device)[:, None, :], 0)
@@ -342,7 +343,7 @@ def build_codec(
             from the codec checkpoint); ``True`` or a repo id / directory loads a
             pretrained teacher (training from scratch).
     """
-    teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher)
+    teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher, cfg.hop_length // 2)
     for module in teacher.modules() if not weight_norm else ():  # the positional conv: the loader folds its state
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight")

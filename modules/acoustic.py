@@ -1,13 +1,12 @@
 """DAC-style acoustic encoder and decoder (weight-normed convs, Snake, dilations 1/3/9).
 
-The module tree reproduces the released X-Codec state-dict layout
-(``encoder.block.*``, ``decoder_2.model.*``). Two X-Codec quirks are kept because the
-released weights depend on them: transposed convs use ``output_padding = stride % 2``
-and the decoder has no final tanh.
+The module tree reproduces the released state-dict layout (``encoder.block.*``,
+``decoder_2.model.*``), with two X-Codec quirks the released weights depend on:
+transposed convs use ``output_padding = stride % 2`` and the decoder has no final tanh.
 
-Every forward takes optional per-item ``lengths`` (valid samples or frames). Positions
-past an item's length are zeroed after each conv, so a padded batch computes, for each
-item, exactly what that item computes alone (zero padding at its end).
+Every forward takes optional per-item ``lengths`` (valid samples or frames): positions
+past an item's length are zeroed after each conv, so each item of a padded batch gets
+exactly what it gets alone.
 """
 
 from __future__ import annotations
@@ -19,19 +18,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .snake import snake
-
-
-def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,) valid lengths -> (B, 1, size) float mask."""
-    return (torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]).unsqueeze(1)
+from .snake import snake, snake_reference
 
 
 def masked(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """(B, C, T) ``x`` with positions past each item's valid length zeroed (``None``: all valid)."""
     if lengths is None:
         return x
-    return x * length_mask(lengths, x.shape[-1]).to(x.dtype)
+    return x * (torch.arange(x.shape[-1], device=lengths.device)[None, None, :] < lengths[:, None, None]).to(x.dtype)
 
 
 def _conv(*args, wn: bool = True, transpose: bool = False, **kwargs) -> nn.Module:
@@ -40,22 +34,17 @@ def _conv(*args, wn: bool = True, transpose: bool = False, **kwargs) -> nn.Modul
 
 
 class Snake1d(nn.Module):
-    """Snake activation ``x + sin^2(alpha x) / alpha`` with a learned alpha per channel.
-
-    Args:
-        channels: C; input (B, C, T).
-    """
+    """Snake activation ``x + sin^2(alpha x) / alpha`` with a learned alpha per channel (B, C, T)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same expression and order as DAC / transformers, so outputs match them bitwise;
-        # without autograd the same ops run in place on cache-sized slices (bitwise equal).
+        # Without autograd the same ops run in place on cache-sized slices (bitwise equal).
         if not torch.is_grad_enabled() or not (x.requires_grad or self.alpha.requires_grad):
             return snake(x, self.alpha)
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        return snake_reference(x, self.alpha)
 
 
 def conv_out_length(lengths: torch.Tensor, conv: nn.Module) -> torch.Tensor:
@@ -92,7 +81,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
     for layer in layers:
         if isinstance(layer, ResidualUnit):
             x = layer(x, lengths)
-        elif isinstance(layer, (EncoderBlock, DecoderBlock)):
+        elif isinstance(layer, Block):
             x, lengths = _run(layer.block, x, lengths)
         elif isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
             x = layer(x)
@@ -103,67 +92,36 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
     return x, lengths
 
 
-class EncoderBlock(nn.Module):
-    """Three residual units on ``dim // 2`` channels, then a strided conv to ``dim``."""
+class Block(nn.Module):
+    """An encoder stage (three residual units, Snake, strided conv) or a decoder stage
+    (Snake, transposed conv, three residual units), under ``block``."""
 
-    def __init__(self, dim: int, stride: int, wn: bool = True):
+    def __init__(self, *layers: nn.Module):
         super().__init__()
-        self.block = nn.Sequential(
-            ResidualUnit(dim // 2, 1, wn),
-            ResidualUnit(dim // 2, 3, wn),
-            ResidualUnit(dim // 2, 9, wn),
-            Snake1d(dim // 2),
-            _conv(dim // 2, dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2), wn=wn),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
-class DecoderBlock(nn.Module):
-    """Snake, transposed conv upsampling by ``stride``, three residual units."""
-
-    def __init__(self, in_dim: int, out_dim: int, stride: int, wn: bool = True):
-        super().__init__()
-        self.block = nn.Sequential(
-            Snake1d(in_dim),
-            _conv(
-                in_dim,
-                out_dim,
-                kernel_size=2 * stride,
-                stride=stride,
-                padding=math.ceil(stride / 2),
-                output_padding=stride % 2,
-                transpose=True,
-                wn=wn,
-            ),
-            ResidualUnit(out_dim, 1, wn),
-            ResidualUnit(out_dim, 3, wn),
-            ResidualUnit(out_dim, 9, wn),
-        )
+        self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
 
 class AcousticEncoder(nn.Module):
-    """Waveform to latent frames.
+    """Waveform to latent frames, (B, 1, T) -> (B, D, T // hop).
 
     Args:
         width: channels after the first conv (64 in the releases); doubled per stage.
         ratios: downsampling strides, e.g. [8, 5, 4, 2] (hop 320).
         latent_dim: output channels D.
         wn: weight-norm parametrization (training); ``False`` builds plain convs (inference).
-
-    Shapes: (B, 1, T) -> (B, D, T // hop).
     """
 
     def __init__(self, width: int, ratios: Sequence[int], latent_dim: int, wn: bool = True):
         super().__init__()
         layers: list[nn.Module] = [_conv(1, width, kernel_size=7, padding=3, wn=wn)]
         for stride in ratios:
+            units = [ResidualUnit(width, dilation, wn) for dilation in (1, 3, 9)]
+            down = _conv(width, 2 * width, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2), wn=wn)
+            layers.append(Block(*units, Snake1d(width), down))
             width *= 2
-            layers.append(EncoderBlock(width, stride, wn))
         layers += [Snake1d(width), _conv(width, latent_dim, kernel_size=3, padding=1, wn=wn)]
         self.block = nn.Sequential(*layers)
 
@@ -179,15 +137,13 @@ class AcousticEncoder(nn.Module):
 
 
 class AcousticDecoder(nn.Module):
-    """Latent frames to waveform.
+    """Latent frames to waveform, (B, D, F) -> (B, 1, F * hop).
 
     Args:
         latent_dim: input channels D.
         channels: channels after the first conv (1024 in the releases); halved per stage.
         ratios: upsampling strides, in the same order as the encoder's (an X-Codec quirk).
         wn: weight-norm parametrization (training) or plain convs (inference).
-
-    Shapes: (B, D, F) -> (B, 1, F * hop).
     """
 
     def __init__(self, latent_dim: int, channels: int, ratios: Sequence[int], wn: bool = True):
@@ -196,7 +152,9 @@ class AcousticDecoder(nn.Module):
         out_dim = channels
         for i, stride in enumerate(ratios):
             in_dim, out_dim = channels // 2**i, channels // 2 ** (i + 1)
-            layers.append(DecoderBlock(in_dim, out_dim, stride, wn))
+            up = _conv(in_dim, out_dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                       output_padding=stride % 2, transpose=True, wn=wn)  # fmt: skip
+            layers.append(Block(Snake1d(in_dim), up, *(ResidualUnit(out_dim, dilation, wn) for dilation in (1, 3, 9))))
         layers += [Snake1d(out_dim), _conv(out_dim, 1, kernel_size=7, padding=3, wn=wn)]
         self.model = nn.Sequential(*layers)
 

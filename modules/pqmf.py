@@ -1,9 +1,6 @@
-"""Pseudo-QMF (PQMF) analysis / synthesis filter bank.
-
-Cosine-modulated near-perfect-reconstruction filter bank (Nguyen 1994) with a
-Kaiser-windowed sinc prototype (Lin & Vaidyanathan 1998), as used by the
-original X-Codec sub-band STFT loss.
-"""
+"""Pseudo-QMF (PQMF) analysis / synthesis filter bank of the original X-Codec sub-band
+STFT loss: cosine-modulated near-perfect-reconstruction bank (Nguyen 1994) with a
+Kaiser-windowed sinc prototype (Lin & Vaidyanathan 1998)."""
 
 from __future__ import annotations
 
@@ -12,33 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Cut-off ratios tuned (by the original authors) so that the prototype satisfies
-# the near-PR condition for these band counts; other counts fall back to 0.142.
+# Cut-off ratios tuned (by the original authors) so that the prototype satisfies the
+# near-PR condition for these band counts; other counts fall back to 0.142.
 _TUNED_CUTOFF = {2: 0.25, 4: 0.13, 6: 0.10032791, 8: 0.07949452}
-_DEFAULT_CUTOFF = 0.142
-
-
-def design_prototype_filter(
-    taps: int = 62, cutoff_ratio: float = 0.142, beta: float = 9.0
-) -> np.ndarray:
-    """Kaiser-windowed ideal low-pass prototype.
-
-    Args:
-        taps: filter order (even); the filter has ``taps + 1`` coefficients.
-        cutoff_ratio: cut-off frequency as a fraction of Nyquist, in (0, 1).
-        beta: Kaiser window shape parameter.
-
-    Returns:
-        Impulse response of shape (taps + 1,).
-    """
-    if taps % 2 != 0:
-        raise ValueError(f"taps must be even, got {taps}")
-    if not 0.0 < cutoff_ratio < 1.0:
-        raise ValueError(f"cutoff_ratio must be in (0, 1), got {cutoff_ratio}")
-    n = np.arange(taps + 1) - taps / 2
-    # np.sinc(x) = sin(pi x) / (pi x) handles the n = 0 singularity exactly.
-    h = cutoff_ratio * np.sinc(cutoff_ratio * n)
-    return h * np.kaiser(taps + 1, beta)
 
 
 class PQMF(nn.Module):
@@ -46,43 +19,33 @@ class PQMF(nn.Module):
 
     Args:
         num_bands: number of sub-bands K.
-        taps: prototype filter order (even).
-        cutoff_ratio: prototype cut-off (fraction of Nyquist). ``None`` picks the
-            original's per-K value for K in {2, 4, 6, 8}, else 0.142. Note the
-            original's K=2 (0.25) and K=4 (0.13) values only reconstruct at
-            ~10-13 dB SNR; K=6/8 (the recipe uses 6) reach ~40 dB, as does
-            K=4 with ``cutoff_ratio=0.142``.
+        taps: prototype filter order (even): ``taps + 1`` coefficients.
+        cutoff_ratio: prototype cut-off as a fraction of Nyquist, in (0, 1). ``None`` picks
+            the original's per-K value for K in {2, 4, 6, 8}, else 0.142. The original's
+            K=2 (0.25) and K=4 (0.13) values only reconstruct at ~10-13 dB SNR; K=6/8 (the
+            recipe uses 6) reach ~40 dB, as does K=4 with ``cutoff_ratio=0.142``.
         beta: Kaiser window beta.
 
-    Shapes:
-        analysis: (B, 1, T) -> (B, K, T // K)
-        synthesis: (B, K, L) -> (B, 1, L * K)
+    Shapes: analysis (B, 1, T) -> (B, K, T // K); synthesis (B, K, L) -> (B, 1, L * K).
     """
 
-    def __init__(
-        self,
-        num_bands: int = 4,
-        taps: int = 62,
-        cutoff_ratio: float | None = None,
-        beta: float = 9.0,
-    ):
+    def __init__(self, num_bands: int = 4, taps: int = 62, cutoff_ratio: float | None = None, beta: float = 9.0):
         super().__init__()
         if cutoff_ratio is None:
-            cutoff_ratio = _TUNED_CUTOFF.get(num_bands, _DEFAULT_CUTOFF)
-        self.num_bands = num_bands
-        self.taps = taps
-
-        proto = design_prototype_filter(taps, cutoff_ratio, beta)
-        k = np.arange(num_bands)[:, None]
+            cutoff_ratio = _TUNED_CUTOFF.get(num_bands, 0.142)
+        if taps % 2 != 0:
+            raise ValueError(f"taps must be even, got {taps}")
+        if not 0.0 < cutoff_ratio < 1.0:
+            raise ValueError(f"cutoff_ratio must be in (0, 1), got {cutoff_ratio}")
+        self.num_bands, self.taps = num_bands, taps
         n = np.arange(taps + 1)[None, :] - taps / 2
+        # Ideal low-pass (np.sinc handles n = 0 exactly) times a Kaiser window.
+        proto = cutoff_ratio * np.sinc(cutoff_ratio * n[0]) * np.kaiser(taps + 1, beta)
+        k = np.arange(num_bands)[:, None]
         arg = (2 * k + 1) * np.pi / (2 * num_bands) * n
         phase = (-1.0) ** k * np.pi / 4
-        analysis = 2 * proto * np.cos(arg + phase)
-        synthesis = 2 * proto * np.cos(arg - phase)
-        analysis_filter = torch.from_numpy(analysis).float().unsqueeze(1)
-        synthesis_filter = torch.from_numpy(synthesis).float().unsqueeze(0)
-        self.register_buffer("analysis_filter", analysis_filter)
-        self.register_buffer("synthesis_filter", synthesis_filter)
+        self.register_buffer("analysis_filter", torch.from_numpy(2 * proto * np.cos(arg + phase)).float().unsqueeze(1))
+        self.register_buffer("synthesis_filter", torch.from_numpy(2 * proto * np.cos(arg - phase)).float().unsqueeze(0))
 
     def analysis(self, x: torch.Tensor) -> torch.Tensor:
         """Split (B, 1, T) into (B, K, T // K) sub-bands."""
@@ -99,5 +62,5 @@ class PQMF(nn.Module):
         return F.conv1d(up, self.synthesis_filter, padding=self.taps // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Alias of :meth:`analysis`: (B, 1, T) -> (B, K, T // K)."""
+        """:meth:`analysis`."""
         return self.analysis(x)

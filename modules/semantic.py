@@ -1,8 +1,6 @@
-"""Convolutional semantic encoder and decoder around the teacher features.
-
-Module tree matches the released checkpoints (``encoder_semantic.*``,
-``decoder_semantic.*``): plain (not weight-normed) convs with ELU residual units.
-"""
+"""Convolutional semantic encoder and decoder around the teacher features: plain (not
+weight-normed) convs with ELU residual units, in the released checkpoints' layout
+(``encoder_semantic.*``, ``decoder_semantic.*``)."""
 
 from __future__ import annotations
 
@@ -17,11 +15,10 @@ from .acoustic import masked
 class SameConv1d(nn.Module):
     """Conv1d with "same" padding for odd kernels; parameters live in ``.conv``."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, dilation: int = 1, bias: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, dilation: int = 1, bias: bool = True):
         super().__init__()
-        self.conv = nn.Conv1d(
-            in_ch, out_ch, kernel_size, stride=stride, padding=(kernel_size - 1) // 2 * dilation, dilation=dilation, bias=bias
-        )
+        padding = (kernel_size - 1) // 2 * dilation
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel_size, padding=padding, dilation=dilation, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -45,12 +42,11 @@ class SemanticResidualUnit(nn.Module):
 class SemanticBlock(nn.Module):
     """Residual units and a length-preserving conv (stride 1, as in every release)."""
 
-    def __init__(self, in_ch: int, out_ch: int, dilations: Sequence[int], kernel_size: int, decoder: bool):
+    def __init__(self, channels: int, dilations: Sequence[int], kernel_size: int, decoder: bool):
         super().__init__()
-        unit_ch = out_ch if decoder else in_ch
-        self.decoder = decoder
-        self.res_units = nn.ModuleList([SemanticResidualUnit(unit_ch, kernel_size, d) for d in dilations])
-        self.conv = SameConv1d(in_ch, out_ch, 3)
+        self.decoder = decoder  # the conv before the units (decoder) or after them (encoder)
+        self.res_units = nn.ModuleList([SemanticResidualUnit(channels, kernel_size, d) for d in dilations])
+        self.conv = SameConv1d(channels, channels, 3)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if self.decoder:
@@ -63,23 +59,19 @@ class SemanticBlock(nn.Module):
 
 
 class SemanticEncoder(nn.Module):
-    """Teacher features to semantic latents.
+    """Teacher features to semantic latents, (B, H, F) -> (B, H, F).
 
     Args:
         channels: teacher hidden size H (768 for base models).
         num_blocks: conv blocks (2 in the releases).
-        dilations: dilations of the residual units in each block.
-        kernel_size: kernel of the residual units' first conv.
-
-    Shapes: (B, H, F) -> (B, H, F).
+        dilations, kernel_size: of the residual units in each block (their first conv).
     """
 
     def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
         super().__init__()
         self.conv = SameConv1d(channels, channels, 3, bias=False)
-        self.conv_blocks = nn.ModuleList(
-            [SemanticBlock(channels, channels, dilations, kernel_size, decoder=False) for _ in range(num_blocks)]
-        )
+        blocks = [SemanticBlock(channels, dilations, kernel_size, decoder=False) for _ in range(num_blocks)]
+        self.conv_blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = masked(self.conv(masked(x, lengths)), lengths)
@@ -89,17 +81,14 @@ class SemanticEncoder(nn.Module):
 
 
 class SemanticDecoder(nn.Module):
-    """Quantized semantic latents back to teacher features (training target only).
-
-    Args: as :class:`SemanticEncoder`. Shapes: (B, H, F) -> (B, H, F).
-    """
+    """Quantized semantic latents back to teacher features (training target only); as
+    :class:`SemanticEncoder`."""
 
     def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
         super().__init__()
         self.conv1 = SameConv1d(channels, channels, 3, bias=False)
-        self.conv_blocks = nn.ModuleList(
-            [SemanticBlock(channels, channels, dilations, kernel_size, decoder=True) for _ in range(num_blocks)]
-        )
+        blocks = [SemanticBlock(channels, dilations, kernel_size, decoder=True) for _ in range(num_blocks)]
+        self.conv_blocks = nn.ModuleList(blocks)
         self.conv2 = SameConv1d(channels, channels, 3, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,14 +1,9 @@
-"""The Snake activation's kernel without autograd: ``x + sin^2(alpha x) / alpha``.
-
-Shared by the eager :class:`modules.acoustic.Snake1d` (inference, no grad) and the
-cache-blocked runner in :mod:`modules.tiled`.
-"""
+"""The Snake activation's kernel without autograd, ``x + sin^2(alpha x) / alpha``: for the
+eager :class:`modules.acoustic.Snake1d` (no grad) and the cache-blocked runner (:mod:`modules.tiled`)."""
 
 from __future__ import annotations
 
 import torch
-
-SNAKE_TILE = 1 << 18
 
 
 def snake_reference(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -26,7 +21,7 @@ def _snake_tile(x: torch.Tensor, alpha: torch.Tensor, recip: torch.Tensor, out: 
     return out
 
 
-def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None, tile: int = SNAKE_TILE) -> torch.Tensor:
+def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None, tile: int = 1 << 18) -> torch.Tensor:
     """Snake without autograd, bitwise equal to :func:`snake_reference` for float32.
 
     Works on (B, C, T) and channels-last (B, C, 1, T) tensors (``alpha``: (1, C, 1)),
@@ -42,21 +37,15 @@ def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None,
         return out.copy_(snake_reference(x.float(), alpha.float()))
     alpha = alpha.float()
     recip = (alpha + 1e-9).reciprocal()
-    per_step = max(1, x.numel() // max(1, x.shape[-1]))
-    step = max(256, tile // per_step)
-    total = x.shape[-1]
-    exact = x.dtype == torch.float32
-    buf = None
-    for start in range(0, total, step):
+    step = max(256, tile // max(1, x.numel() // max(1, x.shape[-1])))  # ``tile`` elements per slice
+    exact, buf = x.dtype == torch.float32, None
+    for start in range(0, x.shape[-1], step):
         xs, os = x[..., start : start + step], out[..., start : start + step]
-        if exact:
-            if os.data_ptr() == xs.data_ptr():  # in place: x is read after the output is written
-                buf = torch.empty_like(xs) if buf is None or buf.shape != xs.shape else buf
-                os.copy_(_snake_tile(xs, alpha, recip, buf))
-            else:
-                _snake_tile(xs, alpha, recip, os)
-        else:
-            xf = xs.float()
-            buf = torch.empty_like(xf) if buf is None or buf.shape != xf.shape else buf
-            os.copy_(_snake_tile(xf, alpha, recip, buf))
+        if exact and os.data_ptr() != xs.data_ptr():
+            _snake_tile(xs, alpha, recip, os)
+            continue
+        # In place (x is read after the output is written) or below float32: through a buffer.
+        xs = xs.float()
+        buf = torch.empty_like(xs) if buf is None or buf.shape != xs.shape else buf
+        os.copy_(_snake_tile(xs, alpha, recip, buf))
     return out

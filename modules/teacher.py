@@ -1,8 +1,8 @@
 """The frozen self-supervised teacher (HuBERT or WavLM from transformers).
 
-X-Codec's semantic target is the mean of *all* hidden states of the teacher (the
-embedding output and every layer), computed on the input padded by hop/2 on both
-sides. Both are quirks that the released checkpoints depend on.
+X-Codec's semantic target is the mean of *all* hidden states of the teacher (the embedding
+output and every layer) on the input padded by hop/2 on both sides: two quirks that the
+released checkpoints depend on.
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, HubertConfig, WavLMConfig
+from transformers.masking_utils import create_bidirectional_mask
 
 from utils.budget import check_budget
 from utils.hub import HubError, hub_snapshot
 
 from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
+
+# The first layers of the feature extractor run on large tensors (512 channels at 3.2 kHz
+# for the first conv's output: 64 MB for 10 s); computed together tile by tile they stay
+# in cache. Later layers are small and run whole.
+TILED_FEATURE_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -34,41 +40,6 @@ TEACHERS: dict[str, TeacherSpec] = {
     "wavlm_base_plus": TeacherSpec("wavlm", "microsoft/wavlm-base-plus"),
     "hubert_base_general": TeacherSpec("hubert", "ZhenYe234/hubert_base_general_audio"),
 }
-
-
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm over time that can ignore padded frames.
-
-    Used in place of the GroupNorm of the teacher's first conv layer, which normalises
-    each channel over the whole clip: padding a clip in a batch would otherwise change
-    its statistics. With ``valid_lengths`` unset it is exactly ``nn.GroupNorm``.
-    """
-
-    valid_lengths: torch.Tensor | None = None
-    # (mean, var) per group, (G,) each: normalise with these instead of the input's own
-    # statistics (windowed long-file encoding uses the whole file's).
-    fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fixed_stats is not None:
-            b, c, t = x.shape
-            mean, var = (v.to(x.dtype)[None, :, None, None] for v in self.fixed_stats)
-            y = ((x.reshape(b, self.num_groups, -1, t) - mean) / torch.sqrt(var + self.eps)).reshape(b, c, t)
-            if self.affine:
-                y = y * self.weight[None, :, None] + self.bias[None, :, None]
-            return y
-        if self.valid_lengths is None:
-            return super().forward(x)
-        # Each item normalised over its own valid frames by the native kernel: bitwise
-        # what the item gets alone from the eager module (the CPU inference path runs
-        # items alone through the tiled extractor instead). Frames past an item's
-        # length are set to zero.
-        out = torch.zeros_like(x)
-        for i, n in enumerate(self.valid_lengths.tolist()):
-            n = max(0, min(int(n), x.shape[-1]))
-            if n > 0:
-                out[i : i + 1, :, :n] = F.group_norm(x[i : i + 1, :, :n], self.num_groups, self.weight, self.bias, self.eps)
-        return out
 
 
 def teacher_config(name: str, overrides: dict | None):
@@ -94,7 +65,7 @@ def teacher_parameters(c: Mapping[str, Any]) -> float:
 
 
 def teacher_size(name: str, overrides: dict | None) -> tuple[dict, dict]:
-    """``(sizes, defaults)``: the :data:`TEACHER_SIZE_KEYS` of teacher ``name`` with ``overrides``, and of its default."""
+    """``(sizes, defaults)``: the :data:`TEACHER_SIZE_KEYS` of teacher ``name`` with ``overrides``, and by default."""
     full, default = teacher_config(name, overrides).to_dict(), teacher_config(name, None).to_dict()
     return {k: full.get(k) for k in TEACHER_SIZE_KEYS}, {k: default.get(k) for k in TEACHER_SIZE_KEYS}
 
@@ -121,132 +92,34 @@ def fetch_teacher(name: str, pretrained: str | bool) -> str | bool:
     except HubError:
         raise
     except Exception as exc:  # a malformed id, a repository that does not exist, ...
-        raise HubError(f"teacher {source!r}: not a local directory nor a downloadable repository ({type(exc).__name__}: {str(exc)[:160]})") from None
+        why = f"{type(exc).__name__}: {str(exc)[:160]}"
+        raise HubError(f"teacher {source!r}: not a local directory nor a downloadable repository ({why})") from None
 
 
-def build_teacher(name: str, config_overrides: dict | None = None, pretrained: str | bool = False) -> nn.Module:
-    """Build the teacher model.
+def build_teacher(name: str, overrides: dict | None = None, pretrained: str | bool = False, pad: int = 0) -> Teacher:
+    """Build the frozen teacher (eval mode, no gradients).
 
     Args:
         name: one of :data:`TEACHERS` (the ``semantic_techer`` key of the configs).
-        config_overrides: transformers config fields, e.g. a tiny architecture for tests.
+        overrides: transformers config fields, e.g. a tiny architecture for tests.
         pretrained: ``False`` builds from the config with no network (the codec checkpoint
             carries the teacher's weights); ``True`` downloads the standard teacher and a
             string loads that repository id or local directory (training).
+        pad: zero samples added on each side of the teacher's input (hop / 2).
     """
     if name not in TEACHERS:
         raise ValueError(f"unknown semantic teacher {name!r}; expected one of {sorted(TEACHERS)}")
     if pretrained:
-        model = AutoModel.from_pretrained(fetch_teacher(name, pretrained), **(config_overrides or {}))
+        model = AutoModel.from_pretrained(fetch_teacher(name, pretrained), **(overrides or {}))
     else:
-        model = AutoModel.from_config(teacher_config(name, config_overrides))
-    _install_masked_group_norm(model)
-    install_tiled_feature_encoder(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def _install_masked_group_norm(model: nn.Module) -> None:
-    for layer in model.feature_extractor.conv_layers:
-        norm = getattr(layer, "layer_norm", None)
-        if isinstance(norm, nn.GroupNorm) and not isinstance(norm, MaskedGroupNorm):
-            masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
-            masked.load_state_dict(norm.state_dict())
-            layer.layer_norm = masked
-
-
-def _first_conv_lengths(model: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
-    k, s = model.config.conv_kernel[0], model.config.conv_stride[0]
-    return torch.div(lengths - k, s, rounding_mode="floor") + 1
-
-
-def teacher_frames(model: nn.Module, num_samples: torch.Tensor) -> torch.Tensor:
-    """Frames the teacher produces for ``num_samples`` (already padded) input samples."""
-    lengths = num_samples
-    for k, s in zip(model.config.conv_kernel, model.config.conv_stride):
-        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
-    return lengths
-
-
-def _hidden_state_mean(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Mean of all hidden states, bitwise what the reference computes
-    (``torch.stack(hidden_states, dim=1).mean(dim=1)``).
-
-    On CPU the states are summed as they are produced and the sum divided: the same bits
-    as the stacked mean, without holding the 1 + num_layers copies. CUDA's mean kernel
-    sums in another order and multiplies by 1/N, so there the states are stacked.
-    """
-    layers = list(model.encoder.layers)
-    stack = x.device.type != "cpu"
-    states: list[torch.Tensor] = []
-
-    def accumulate(module, args, kw):
-        h = args[0] if args else kw["hidden_states"]
-        if stack:
-            states.append(h)
-        elif states:
-            states[0].add_(h)
-        else:
-            states.append(h.clone())
-
-    handles = [layer.register_forward_pre_hook(accumulate, with_kwargs=True) for layer in layers]
-    try:
-        out = model(x, output_hidden_states=False, **kwargs).last_hidden_state
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not states:  # a teacher without layers
-        return out.clone()
-    if stack:
-        return torch.stack([*states, out], dim=1).mean(dim=1)
-    return states[0].add_(out).div_(len(layers) + 1)
+        model = AutoModel.from_config(teacher_config(name, overrides))
+    teacher = Teacher(model, pad).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 @torch.no_grad()
-def teacher_features(model: nn.Module, wav: torch.Tensor, pad: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of all teacher hidden states.
-
-    Args:
-        model: the teacher.
-        wav: (B, 1, T) waveform; samples past ``lengths`` must be zero.
-        pad: samples of zero padding on each side (hop // 2).
-        lengths: (B,) valid samples per item, or ``None`` when all are ``T``.
-
-    Returns:
-        (B, F, H) features; frames past an item's own count are undefined.
-    """
-    x = F.pad(wav[:, 0], (pad, pad))
-    ragged = lengths is not None and bool((lengths != wav.shape[-1]).any())
-    if not ragged:
-        return _hidden_state_mean(model, x)
-    padded = lengths + 2 * pad
-    attention_mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < padded[:, None]).long()
-    norms = [m for m in model.feature_extractor.modules() if isinstance(m, MaskedGroupNorm)]
-    for norm in norms:
-        norm.valid_lengths = _first_conv_lengths(model, padded)
-    try:
-        return _hidden_state_mean(model, x, attention_mask=attention_mask)
-    finally:
-        for norm in norms:
-            norm.valid_lengths = None
-
-
-def _first_norm(model: nn.Module) -> MaskedGroupNorm | None:
-    """The GroupNorm of the teacher's first conv layer (HuBERT / WavLM base), if any;
-    a GroupNorm anywhere else is not supported by the statistics below."""
-    norms = [getattr(layer, "layer_norm", None) for layer in model.feature_extractor.conv_layers]
-    found = [i for i, n in enumerate(norms) if isinstance(n, MaskedGroupNorm)]
-    if not found:
-        return None
-    if found != [0]:
-        raise NotImplementedError("global GroupNorm statistics need the GroupNorm on the first conv only")
-    return norms[0]
-
-
-@torch.no_grad()
-def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk: int = 1 << 16):
     """Per-item, per-group (mean, var) of ``conv(x)`` over time, without computing it.
 
     The conv has one input channel, so each output channel is a dot product of its
@@ -260,11 +133,9 @@ def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk
     Returns:
         (mean, var), each (B, G) float64.
     """
-    k, s = conv.kernel_size[0], conv.stride[0]
+    k, s, batch, device = conv.kernel_size[0], conv.stride[0], x.shape[0], conv.weight.device
     frames = (x.shape[-1] - k) // s + 1
-    batch = x.shape[0]
     # On the conv's device, a chunk at a time: a long file may stay on the CPU.
-    device = conv.weight.device
     first = torch.zeros(batch, k, dtype=torch.float64, device=device)
     gram = torch.zeros(batch, k, k, dtype=torch.float64, device=device)
     for f0 in range(0, frames, chunk):
@@ -287,86 +158,158 @@ def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk
     return mean_g, var_g
 
 
-@torch.no_grad()
-def group_norm_stats(model: nn.Module, wav: torch.Tensor, pad: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(mean, var) per group, (G,) each, of the GroupNorm after the teacher's first conv
-    over a whole (1, 1, T) clip padded by ``pad`` (windowed long-file encoding normalises
-    every window with these). Returns [] when the teacher has no such GroupNorm."""
-    norm = _first_norm(model)
-    if norm is None:
-        return []
-    mean, var = first_conv_stats(model.feature_extractor.conv_layers[0].conv, norm, F.pad(wav[:, 0], (pad, pad)))
-    return [(mean[0].float(), var[0].float())]
+class Teacher(nn.Module):
+    """The frozen HuBERT/WavLM teacher with an explicit forward.
 
+    Holds the transformers model's submodules under their own names (the state dict is
+    ``<HF keys>``, as in the released checkpoints) and computes the features itself: the
+    first conv's GroupNorm is applied per item (ragged batches), with given statistics
+    (windowed long files) or, on the CPU in float32, cache-blocked with the next convs.
 
-# The first layers of the feature extractor run on large tensors (512 channels at 3.2 kHz
-# for the first conv's output: 64 MB for 10 s); computed together tile by tile they stay
-# in cache. Later layers are small and run whole.
-TILED_FEATURE_LAYERS = 4
+    Args:
+        model: a transformers ``HubertModel`` or ``WavLMModel``; its submodules are taken.
+        pad: zero samples added on each side of the input (hop / 2).
+    """
 
+    def __init__(self, model: nn.Module, pad: int):
+        super().__init__()
+        self.config = model.config
+        self.pad = pad
+        if hasattr(model, "masked_spec_embed"):  # unused (no SpecAugment), but in the checkpoints
+            self.masked_spec_embed = model.masked_spec_embed
+        self.feature_extractor = model.feature_extractor
+        self.feature_projection = model.feature_projection
+        self.encoder = model.encoder
+        self._runner = TiledRunner(torch.float32, min_tile=256)
 
-def _tiled_feature_encoder(encoder: nn.Module, input_values: torch.Tensor) -> torch.Tensor:
-    """The feature extractor's forward with its first layers cache-blocked (float32 CPU
-    inference); anything it does not cover runs the module's own forward."""
-    layers = encoder.conv_layers
-    norm = getattr(layers[0], "layer_norm", None)
-    covered = (
-        input_values.device.type == "cpu"
-        and input_values.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and isinstance(norm, MaskedGroupNorm)
-        and norm.valid_lengths is None
-        and all(not isinstance(getattr(layer, "layer_norm", None), nn.Module) for layer in layers[1:])
-        and all(isinstance(layer.activation, nn.Module) for layer in layers)
-    )
-    if not covered:
-        return type(encoder).forward(encoder, input_values)
-    conv0 = layers[0].conv
-    if norm.fixed_stats is not None:
-        mean, var = (v.double()[None] for v in norm.fixed_stats)
-    else:
-        mean, var = first_conv_stats(conv0, norm, input_values)
-    per_group = norm.num_channels // norm.num_groups
-    inv = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)  # (B, C)
-    scale = inv * (norm.weight.double() if norm.affine else 1.0)
-    shift = (norm.bias.double() if norm.affine else 0.0) - mean.repeat_interleave(per_group, dim=1) * scale
-    scale = scale.float()[:, :, None, None]
-    shift = shift.float()[:, :, None, None]
+    def num_frames(self, samples: torch.Tensor | int) -> torch.Tensor:
+        """Frames for inputs of ``samples`` samples (the pad is added here)."""
+        n = torch.as_tensor(samples) + 2 * self.pad
+        for k, s in zip(self.config.conv_kernel, self.config.conv_stride):
+            n = torch.div(n - k, s, rounding_mode="floor") + 1
+        return n
 
-    ops: list = [ConvSpec.of(conv0), Pointwise(lambda t: torch.addcmul(shift, t, scale)), Pointwise(layers[0].activation)]
-    n = min(TILED_FEATURE_LAYERS, len(layers))
-    for layer in layers[1:n]:
-        ops += [ConvSpec.of(layer.conv), Pointwise(layer.activation)]
-    runner = encoder.__dict__.get("_runner")
-    if runner is None:
-        runner = encoder.__dict__["_runner"] = TiledRunner(torch.float32, min_tile=256)
-    y, _ = runner.run([Segment(ops)], runner.to_layout(input_values[:, None]))
-    hidden = runner.from_layout(y)
-    for layer in layers[n:]:
-        hidden = layer(hidden)
-    return hidden
+    def _group_norm(self) -> nn.GroupNorm | None:
+        """The GroupNorm of the first conv layer (HuBERT / WavLM base), if the teacher has one."""
+        norm = getattr(self.feature_extractor.conv_layers[0], "layer_norm", None)
+        return norm if isinstance(norm, nn.GroupNorm) else None
 
+    @torch.no_grad()
+    def norm_stats(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, var), (B, G) each, of the first conv's GroupNorm over whole (B, 1, T) clips
+        (computed in chunks: windowed long-file encoding normalises every window with
+        these); ``None`` when the teacher has no such GroupNorm."""
+        norm = self._group_norm()
+        if norm is None:
+            return None
+        x = F.pad(wav[:, 0], (self.pad, self.pad))
+        mean, var = first_conv_stats(self.feature_extractor.conv_layers[0].conv, norm, x)
+        return mean.float(), var.float()
 
-def install_tiled_feature_encoder(model: nn.Module) -> None:
-    """Route the teacher's feature extractor through :func:`_tiled_feature_encoder`
-    (an instance attribute: the state dict and training are unaffected)."""
-    encoder = model.feature_extractor
-    encoder.forward = _tiled_feature_encoder.__get__(encoder)
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, norm_stats=None) -> torch.Tensor:
+        """Mean of all hidden states (the embedding output and every layer's).
 
+        Args:
+            wav: (B, 1, T) waveform; samples past ``lengths`` must be zero.
+            lengths: (B,) valid samples per item, or ``None`` when all are ``T``. Each item
+                is normalised over its own frames and padded frames are masked in attention.
+            norm_stats: (mean, var), (B or 1, G) each, from :meth:`norm_stats`: the first
+                GroupNorm uses these instead of the input's own statistics.
 
-class fixed_group_norm_stats:
-    """Context manager: the teacher's GroupNorm uses ``stats`` (from :func:`group_norm_stats`)."""
+        Returns:
+            (B, F, H) features; frames past an item's own count are undefined.
+        """
+        if lengths is not None and bool((lengths == wav.shape[-1]).all()):
+            lengths = None
+        h = self._conv_features(F.pad(wav[:, 0], (self.pad, self.pad)), lengths, norm_stats).transpose(1, 2)
+        h = self.feature_projection(h)
+        if isinstance(h, tuple):  # WavLM's also returns the normalised conv features
+            h = h[0]
+        mask = None
+        if lengths is not None:
+            mask = torch.arange(h.shape[1], device=h.device)[None, :] < self.num_frames(lengths)[:, None]
+            h = h.masked_fill(~mask[..., None], 0)  # as transformers' encoder does
+        states = self._hidden_states(h, mask)
+        if h.device.type != "cpu":  # CUDA's mean kernel sums in another order than a running sum
+            return torch.stack(list(states), dim=1).mean(dim=1)
+        # On CPU a running sum gives the stacked mean's bits without holding every state.
+        total = next(states).clone()
+        for state in states:
+            total.add_(state)
+        return total.div_(len(self.encoder.layers) + 1)
 
-    def __init__(self, model: nn.Module, stats: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.norms = [m for m in model.feature_extractor.modules() if isinstance(m, MaskedGroupNorm)] if stats else []
-        self.stats = stats
+    def _hidden_states(self, h: torch.Tensor, mask: torch.Tensor | None):
+        """Yields the hidden states of transformers' encoder (eval: no dropout, no LayerDrop) on
+        projected features ``h`` (B, F, H): the embedding output, each layer's, the last."""
+        enc, stable = self.encoder, self.config.do_stable_layer_norm
+        h = h + enc.pos_conv_embed(h)
+        if not stable:
+            h = enc.layer_norm(h)
+        wavlm = self.config.model_type == "wavlm"
+        if not wavlm:  # HuBERT's layers take the 4-d mask transformers builds; WavLM's the (B, F) one
+            mask = create_bidirectional_mask(config=enc.config, inputs_embeds=h, attention_mask=mask)
+        yield h
+        bias = None  # WavLM: the relative position bias the first layer computes
+        for i, layer in enumerate(enc.layers):
+            if wavlm:
+                h, bias = layer(h, attention_mask=mask, position_bias=bias)
+            else:
+                h = layer(h, attention_mask=mask)
+            if not stable or i + 1 < len(enc.layers):
+                yield h
+        if stable:
+            yield enc.layer_norm(h)
 
-    def __enter__(self):
-        for norm, st in zip(self.norms, self.stats):
-            norm.fixed_stats = tuple(v.to(norm.weight.device) for v in st)
-        return self
+    def _conv_features(self, x: torch.Tensor, lengths: torch.Tensor | None, norm_stats) -> torch.Tensor:
+        """(B, C, F) conv features of the padded (B, T) input; ``lengths`` unpadded."""
+        layers = self.feature_extractor.conv_layers
+        norm = self._group_norm()
+        if norm is None:  # LayerNorm per frame: nothing global
+            return self.feature_extractor(x)
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        if lengths is None and cpu_fp32:  # HuBERT/WavLM have no norm after the first conv
+            return self._tiled_features(x, norm_stats)
+        h = layers[0].conv(x[:, None])
+        if norm_stats is not None:
+            b, c, t = h.shape
+            mean, var = (v.to(h.dtype)[:, :, None, None] for v in norm_stats)
+            h = ((h.reshape(b, norm.num_groups, -1, t) - mean) / torch.sqrt(var + norm.eps)).reshape(b, c, t)
+            if norm.affine:
+                h = h * norm.weight[:, None] + norm.bias[:, None]
+        elif lengths is None:
+            h = norm(h)
+        else:
+            # Each item normalised over its own valid frames by the native kernel: bitwise
+            # what the item gets alone. Frames past its length are zero.
+            out = torch.zeros_like(h)
+            k, s = self.config.conv_kernel[0], self.config.conv_stride[0]
+            for i, n in enumerate(((lengths + 2 * self.pad - k) // s + 1).tolist()):
+                out[i : i + 1, :, :n] = norm(h[i : i + 1, :, :n])
+            h = out
+        h = layers[0].activation(h)
+        for layer in layers[1:]:
+            h = layer(h)
+        return h
 
-    def __exit__(self, *exc):
-        for norm in self.norms:
-            norm.fixed_stats = None
+    def _tiled_features(self, x: torch.Tensor, norm_stats) -> torch.Tensor:
+        """The conv features with the first layers cache-blocked (float32 CPU inference)."""
+        layers = self.feature_extractor.conv_layers
+        conv, norm = layers[0].conv, layers[0].layer_norm
+        mean, var = (v.double() for v in norm_stats) if norm_stats is not None else first_conv_stats(conv, norm, x)
+        # GroupNorm as one multiply-add per element, its coefficients in float64.
+        per_group = norm.num_channels // norm.num_groups
+        inv = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
+        scale = inv * (norm.weight.double() if norm.affine else 1.0)
+        shift = (norm.bias.double() if norm.affine else 0.0) - mean.repeat_interleave(per_group, dim=1) * scale
+        scale, shift = scale.float()[:, :, None, None], shift.float()[:, :, None, None]
+        ops = [ConvSpec.of(conv), Pointwise(lambda t: torch.addcmul(shift, t, scale)), Pointwise(layers[0].activation)]
+        n = min(TILED_FEATURE_LAYERS, len(layers))
+        for layer in layers[1:n]:
+            ops += [ConvSpec.of(layer.conv), Pointwise(layer.activation)]
+        y, _ = self._runner.run([Segment(ops)], self._runner.to_layout(x[:, None]))
+        h = self._runner.from_layout(y)
+        for layer in layers[n:]:
+            h = layer(h)
+        return h
+

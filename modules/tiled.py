@@ -1,18 +1,12 @@
-"""Cache-blocked CPU inference for the acoustic encoder and decoder.
+"""Cache-blocked CPU inference for the acoustic encoder and decoder (and the teacher's first convs).
 
-The DAC-style stages run at up to 16 kHz with 64-128 channels: every op over a whole
-10 s clip reads and writes ~40 MB, and every fresh tensor of that size costs ~10k page
-faults. Here each stage (residual units, Snakes and the resampling conv around them) is
-computed tile by tile along time, with the halo each conv needs, so intermediates stay
-in cache and only the stage output is written to memory.
-
-Tensors are (B, C, 1, T) channels-last, the layout oneDNN's fastest conv kernels use
-(float32: a different summation order than eager PyTorch's, ~1e-7 relative; or bf16).
-Each output position is computed from the same inputs as in the eager modules, so
-tiles only change the last bits, never which samples a conv sees.
-
-Ragged batches: per-item valid lengths are tracked through every op and positions past
-an item's length are zeroed after every conv, exactly as the eager modules do.
+Every op over a whole 10 s clip at 16 kHz with 64-128 channels reads and writes ~40 MB
+(and each fresh tensor of that size costs ~10k page faults). Here each stage is computed
+tile by tile along time, with the halo each conv needs, so intermediates stay in cache and
+only the stage output is written. Tensors are (B, C, 1, T) channels-last, the layout of
+oneDNN's fastest conv kernels (float32: another summation order than eager PyTorch, ~1e-7
+relative; or bf16); each output position sees the same inputs as in the eager modules.
+Ragged batches: positions past an item's length are zeroed after every conv, as there.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .acoustic import DecoderBlock, EncoderBlock, ResidualUnit, Snake1d
+from .acoustic import Block, ResidualUnit, Snake1d
 from .snake import snake
 
 # Largest intermediate tile (channels x samples) and smallest output tile (samples, so
@@ -35,7 +29,6 @@ TILE_ELEMENTS = 1 << 20
 MIN_TILE_OUT = 4096
 
 
-# ------------------------------------------------------------------------------ convs
 @dataclass
 class ConvSpec:
     """A Conv1d / ConvTranspose1d seen as a map between sequence positions."""
@@ -68,31 +61,12 @@ class ConvSpec:
 
 
 @dataclass
-class Snake:
-    module: nn.Module  # Snake1d
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        return self.module.alpha
-
-
-@dataclass
 class Residual:
-    unit: nn.Module  # ResidualUnit: Snake1d, conv k, Snake1d, conv 1
+    """A ResidualUnit (Snake1d, conv k, Snake1d, conv 1) computed as one op."""
+
+    unit: nn.Module
     conv1: ConvSpec
     conv2: ConvSpec
-
-    @property
-    def snake1(self) -> torch.Tensor:
-        return self.unit.block[0].alpha
-
-    @property
-    def snake2(self) -> torch.Tensor:
-        return self.unit.block[2].alpha
-
-    def in_range(self, o0: int, o1: int) -> tuple[int, int]:
-        a, b = self.conv1.in_range(o0, o1)
-        return a, b
 
 
 @dataclass
@@ -111,62 +85,39 @@ class Pointwise:
 
 
 def _in_range(op, o0: int, o1: int) -> tuple[int, int]:
-    if isinstance(op, (Snake, Pointwise)):
-        return o0, o1
-    return op.in_range(o0, o1)
-
-
-def _out_len(op, n):
-    if isinstance(op, (Snake, Residual, Pointwise)):
-        return n
-    return op.out_len(n)
-
-
-def _channels(op, c_in: int) -> int:
     if isinstance(op, ConvSpec):
-        return op.module.out_channels
-    return c_in
+        return op.in_range(o0, o1)
+    return op.conv1.in_range(o0, o1) if isinstance(op, Residual) else (o0, o1)
 
 
 class TiledRunner:
-    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input.
+    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input in ``dtype``
+    (float32 or bfloat16), ``tile``: largest intermediate tile in elements, ``min_tile``:
+    smallest output tile in samples."""
 
-    Args:
-        dtype: compute dtype (float32 or bfloat16).
-        tile: largest intermediate tile in elements.
-        min_tile: smallest output tile in samples.
-    """
-
-    def __init__(self, dtype: torch.dtype = torch.float32, tile: int | None = None, min_tile: int | None = None):
-        self.dtype = dtype
-        self.tile = TILE_ELEMENTS if tile is None else tile
-        self.min_tile = MIN_TILE_OUT if min_tile is None else min_tile
+    def __init__(self, dtype: torch.dtype = torch.float32, tile: int = TILE_ELEMENTS, min_tile: int = MIN_TILE_OUT):
+        self.dtype, self.tile, self.min_tile = dtype, tile, min_tile
         self._run_weights: dict = {}
-        self.parallel_tiles = True
-
-    # ------------------------------------------------------------------ weights
-    def _resolve(self, spec: ConvSpec):
-        m = spec.module
-        if parametrize.is_parametrized(m):  # weight norm (training layout): evaluate once per run
-            w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
-            b = None if m.bias is None else m.bias.detach().to(w.dtype)
-            return w, b
-        key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
-        cache = m.__dict__.get("_cl_cache")
-        if cache is None or cache[0] != key:
-            w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
-            b = None if m.bias is None else m.bias.detach().to(self.dtype)
-            cache = (key, w, b)
-            m.__dict__["_cl_cache"] = cache
-        return cache[1], cache[2]
+        self._workers: tuple[int, ThreadPoolExecutor] | None = None
 
     def _weights(self, spec: ConvSpec):
-        found = self._run_weights.get(id(spec.module))
+        m = spec.module
+        found = self._run_weights.get(id(m))
         if found is None:
-            found = self._run_weights[id(spec.module)] = self._resolve(spec)
+            # Plain convs keep their channels-last copy across runs until the weight changes;
+            # weight-normed ones (training layout) are evaluated once per run.
+            key = None
+            if not parametrize.is_parametrized(m):
+                key = (self.dtype, m.weight.device, m.weight.data_ptr(), m.weight._version)
+            cache = m.__dict__.get("_cl_cache")
+            if key is None or cache is None or cache[0] != key:
+                w = m.weight.detach().to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
+                cache = (key, w, None if m.bias is None else m.bias.detach().to(self.dtype))
+                if key is not None:
+                    m.__dict__["_cl_cache"] = cache
+            found = self._run_weights[id(m)] = cache[1:]
         return found
 
-    # ------------------------------------------------------------------ primitives
     def _conv(self, spec: ConvSpec, x: torch.Tensor) -> torch.Tensor:
         """Conv with no padding (halos and zeros are already in ``x``)."""
         w, b = self._weights(spec)
@@ -191,7 +142,7 @@ class TiledRunner:
         if left == 0 and right == 0:
             return snake(x, alpha)
         b, c, h, n = x.shape
-        buf = torch.empty((b, c, h, left + n + right), dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+        buf = x.new_empty((b, c, h, left + n + right)).contiguous(memory_format=torch.channels_last)
         buf[..., :left].zero_()
         buf[..., left + n :].zero_()
         snake(x, alpha, out=buf[..., left : left + n])  # a time slice of channels-last is dense
@@ -207,7 +158,6 @@ class TiledRunner:
         keep = (torch.arange(start, start + n, device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
         return x.mul_(keep.view(x.shape[0], 1, 1, n))
 
-    # ------------------------------------------------------------------ running
     def to_layout(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, 1, T) channels-last in this runner's dtype."""
         return x.to(self.dtype)[:, :, None, :].contiguous(memory_format=torch.channels_last)
@@ -231,30 +181,23 @@ class TiledRunner:
 
     def _run_segment(self, seg: Segment, x: torch.Tensor, lengths: torch.Tensor | None):
         ops = seg.ops
-        lens = [x.shape[-1]]
-        for op in ops:
-            lens.append(int(_out_len(op, lens[-1])))
-        item_lens = [lengths]
-        for op in ops:
-            item_lens.append(None if item_lens[-1] is None else _out_len(op, item_lens[-1]))
-        chans = [x.shape[1]]
-        for op in ops:
-            chans.append(_channels(op, chans[-1]))
-
+        lens, item_lens, chans = [x.shape[-1]], [lengths], [x.shape[1]]
+        for op in ops:  # only convs change the length and the channels
+            conv = op if isinstance(op, ConvSpec) else None
+            lens.append(lens[-1] if conv is None else conv.out_len(lens[-1]))
+            item_lens.append(item_lens[-1] if conv is None or lengths is None else conv.out_len(item_lens[-1]))
+            chans.append(chans[-1] if conv is None else conv.module.out_channels)
         total = lens[-1]
         # Output tile: the largest intermediate stays within self.tile elements.
         rates = [lens[i] / max(1, total) for i in range(len(ops) + 1)]
         widest = x.shape[0] * max(chans[i] * rates[i] for i in range(len(ops) + 1))
         step = max(self.min_tile, int(self.tile / max(widest, 1e-9)))
-        if step >= total:
-            step = total
+        step = min(step, total)
         first = self._tile(ops, x, 0, step, lens, item_lens)
         if step == total:
             return first, item_lens[-1]
-        out = torch.empty((*first.shape[:-1], total), dtype=first.dtype, device=first.device)
-        out = out.contiguous(memory_format=torch.channels_last)
+        out = first.new_empty((*first.shape[:-1], total)).contiguous(memory_format=torch.channels_last)
         out[..., :step].copy_(first)
-
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def one(o0: int) -> None:
@@ -277,21 +220,16 @@ class TiledRunner:
         return out, item_lens[-1]
 
     def _pool(self):
-        """Worker threads, one per torch thread, each running its tiles on one thread.
-
-        Tiles are independent, so running whole tiles in parallel needs no barrier per
-        op (many small ops each with an OpenMP barrier degrade badly on a busy machine).
-        oneDNN's kernels compute an output position the same way on one thread or
-        several, so results are unchanged.
-        """
+        """Worker threads, one per torch thread, each running whole tiles on one thread: tiles
+        are independent, so no barrier per op (many small ops each with an OpenMP barrier
+        degrade badly on a busy machine); oneDNN computes a position alike on any thread count."""
         threads = torch.get_num_threads()
-        if not self.parallel_tiles or threads < 2:
+        if threads < 2:
             return None
-        pool = self.__dict__.get("_workers")
-        if pool is None or pool[0] != threads:
-            pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="xcodec-tile", initializer=torch.set_num_threads, initargs=(1,)))
-            self.__dict__["_workers"] = pool
-        return pool[1]
+        if self._workers is None or self._workers[0] != threads:
+            pool = ThreadPoolExecutor(threads, "xcodec-tile", initializer=torch.set_num_threads, initargs=(1,))
+            self._workers = (threads, pool)
+        return self._workers[1]
 
     def _tile(self, ops, x, o0: int, o1: int, lens, item_lens) -> torch.Tensor:
         n = len(ops)
@@ -306,7 +244,7 @@ class TiledRunner:
         padded = False  # t already carries the zero padding of the conv that follows
         for i, op in enumerate(ops):
             (ia, ib), (oa, ob) = ranges[i], ranges[i + 1]
-            if isinstance(op, Snake):
+            if isinstance(op, Snake1d):
                 nxt = ops[i + 1] if i + 1 < n else None
                 if isinstance(nxt, ConvSpec) and not nxt.transposed:
                     ua, ub = nxt.in_range(*ranges[i + 2])
@@ -327,10 +265,10 @@ class TiledRunner:
                 t = self._conv(op, t if padded else self._pad(t, ia - ua, ub - ib))
                 t = self._mask_(t, item_lens[i + 1], oa)
             else:  # Residual
-                ua, ub = op.in_range(oa, ob)
-                h = self._conv(op.conv1, self._padded_snake(t, op.snake1, ia - ua, ub - ib))
+                ua, ub = op.conv1.in_range(oa, ob)
+                h = self._conv(op.conv1, self._padded_snake(t, op.unit.block[0].alpha, ia - ua, ub - ib))
                 self._mask_(h, item_lens[i + 1], oa)
-                snake(h, op.snake2, out=h)
+                snake(h, op.unit.block[2].alpha, out=h)
                 h = self._conv(op.conv2, h)
                 self._mask_(h, item_lens[i + 1], oa)
                 t = h.add_(t[..., oa - ia : ob - ia])
@@ -340,7 +278,6 @@ class TiledRunner:
         return t
 
 
-# ------------------------------------------------------------------------------ plans
 class TiledStacks:
     """Runners per dtype and segment plans per acoustic stack, each built on first use."""
 
@@ -348,7 +285,7 @@ class TiledStacks:
         self._runners: dict[torch.dtype, TiledRunner] = {}
         self._plans: dict[int, list[Segment]] = {}
 
-    def run(self, layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def run(self, layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype):
         """(B, C, T) ``x`` through the encoder's or decoder's Sequential; float32 (B, C', T') out."""
         if dtype not in self._runners:
             self._runners[dtype] = TiledRunner(dtype)
@@ -359,19 +296,15 @@ class TiledStacks:
         return runner.from_layout(y).float()
 
 
-def _residual(unit) -> Residual:
-    return Residual(unit, ConvSpec.of(unit.block[1]), ConvSpec.of(unit.block[3]))
-
-
 def _flatten(layers) -> list:
     ops = []
     for layer in layers:
         if isinstance(layer, ResidualUnit):
-            ops.append(_residual(layer))
-        elif isinstance(layer, (EncoderBlock, DecoderBlock)):
+            ops.append(Residual(layer, ConvSpec.of(layer.block[1]), ConvSpec.of(layer.block[3])))
+        elif isinstance(layer, Block):
             ops.extend(_flatten(layer.block))
         elif isinstance(layer, Snake1d):
-            ops.append(Snake(layer))
+            ops.append(layer)
         elif isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
             ops.append(ConvSpec.of(layer))
         else:
@@ -392,7 +325,7 @@ def plan_segments(layers) -> list[Segment]:
         if resampling and op.transposed and segments[-1].ops:
             # Decoder: [snake, convT, residual x3] form a segment; the snake before the
             # convT belongs with it (it runs at the lower rate, on the convT's input).
-            carry = [segments[-1].ops.pop()] if isinstance(segments[-1].ops[-1], Snake) else []
+            carry = [segments[-1].ops.pop()] if isinstance(segments[-1].ops[-1], Snake1d) else []
             if segments[-1].ops:
                 segments.append(Segment())
             segments[-1].ops.extend(carry)

@@ -1,9 +1,7 @@
 """Vocos (Siuzdak 2023): a ConvNeXt backbone and an ISTFT head, as YuE's 44.1 kHz vocoders use them.
 
-Written here because the ``vocos`` package requires torchaudio. The parameter names are
-those of ``vocos.models.VocosBackbone`` and ``vocos.heads.ISTFTHead`` (without AdaLayerNorm),
-so a state dict saved from Vocos (``backbone.*``, ``head.out.*``, ``head.istft.window``)
-loads as it is.
+Written here because the ``vocos`` package requires torchaudio. The parameter names are those of
+Vocos' ``VocosBackbone`` and ``ISTFTHead`` (without AdaLayerNorm): its state dicts load as they are.
 """
 
 from __future__ import annotations
@@ -14,13 +12,9 @@ from torch import nn
 
 
 class ConvNeXtBlock(nn.Module):
-    """Depthwise conv (k=7) -> LayerNorm -> Linear -> GELU -> Linear -> layer scale, residual.
-
-    Args:
-        dim: channels.
-        intermediate_dim: width of the pointwise MLP.
-        layer_scale_init_value: initial ``gamma`` (no layer scale when <= 0).
-    """
+    """Depthwise conv (k=7) -> LayerNorm -> Linear -> GELU -> Linear -> layer scale, residual,
+    on ``dim`` channels with an MLP of ``intermediate_dim``; initial ``gamma``
+    ``layer_scale_init_value`` (no layer scale when <= 0)."""
 
     def __init__(self, dim: int, intermediate_dim: int, layer_scale_init_value: float):
         super().__init__()
@@ -29,7 +23,9 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, intermediate_dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(intermediate_dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init_value))) if layer_scale_init_value > 0 else None
+        self.gamma = None
+        if layer_scale_init_value > 0:
+            self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, T)."""
@@ -51,7 +47,8 @@ class VocosBackbone(nn.Module):
         layer_scale_init_value: initial layer scale (``None`` or 0: ``1 / num_layers``, as Vocos).
     """
 
-    def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int, layer_scale_init_value: float | None = None):
+    def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int,
+                 layer_scale_init_value: float | None = None):  # fmt: skip
         super().__init__()
         self.embed = nn.Conv1d(input_channels, dim, kernel_size=7, padding=3)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -71,12 +68,8 @@ class ISTFT(nn.Module):
     """Inverse STFT with "same" padding: ``T`` frames give exactly ``T * hop_length`` samples.
 
     ``torch.istft`` only trims centred frames; here the frames are inverse-FFT'd, windowed
-    (periodic Hann), overlap-added and divided by the summed squared window, and
-    ``(win_length - hop_length) // 2`` samples are cut from each end.
-
-    Args:
-        n_fft: FFT size (= window length).
-        hop_length: samples between frames.
+    (periodic Hann, ``n_fft`` long), overlap-added and divided by the summed squared window,
+    and ``(n_fft - hop_length) // 2`` samples are cut from each end.
     """
 
     def __init__(self, n_fft: int, hop_length: int):
@@ -99,14 +92,8 @@ class ISTFT(nn.Module):
 
 
 class ISTFTHead(nn.Module):
-    """Linear projection to log-magnitude and phase, then :class:`ISTFT`.
-
-    Args:
-        dim: backbone channels.
-        n_fft: FFT size; the projection has ``n_fft + 2`` outputs (magnitude and phase bins).
-        hop_length: samples per frame.
-        padding: only ``"same"`` (what YuE's vocoders use).
-    """
+    """Linear projection of ``dim`` channels to ``n_fft + 2`` log-magnitude and phase bins,
+    then :class:`ISTFT`; ``padding``: only ``"same"`` (what YuE's vocoders use)."""
 
     def __init__(self, dim: int, n_fft: int, hop_length: int, padding: str = "same"):
         super().__init__()

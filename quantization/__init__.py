@@ -1,14 +1,3 @@
-from .core_vq import EuclideanCodebook, ResidualVectorQuantization, VectorQuantization, kmeans
-from .usage import CodebookUsage, codebook_stats
-from .vq import QuantizedResult, ResidualVectorQuantizer
+from .vq import CodebookUsage, EuclideanCodebook, QuantizedResult, ResidualVectorQuantizer, kmeans
 
-__all__ = [
-    "CodebookUsage",
-    "EuclideanCodebook",
-    "QuantizedResult",
-    "ResidualVectorQuantization",
-    "ResidualVectorQuantizer",
-    "VectorQuantization",
-    "codebook_stats",
-    "kmeans",
-]
+__all__ = ["CodebookUsage", "EuclideanCodebook", "QuantizedResult", "ResidualVectorQuantizer", "kmeans"]

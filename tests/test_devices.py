@@ -13,7 +13,7 @@ import torch
 from conftest import make_tiny_codec, read_asset
 from models.precision import tf32_switches
 from models.streaming import StreamingDecoder, decode_long, decode_many, encode_long, encode_many
-from modules.teacher import first_conv_stats, group_norm_stats
+from modules.teacher import first_conv_stats
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_first_conv_statistics_stay_on_the_input_device(meta_codec, clip):
     norm = meta_codec.semantic_model.feature_extractor.conv_layers[0].layer_norm
     mean, var = first_conv_stats(conv, norm, clip[:, 0].to("meta"))
     assert mean.device.type == var.device.type == "meta"
-    assert all(t.device.type == "meta" for pair in group_norm_stats(meta_codec.semantic_model, clip.to("meta"), 160) for t in pair)
+    assert all(t.device.type == "meta" for t in meta_codec.semantic_model.norm_stats(clip.to("meta")))
 
 
 def test_exact_mode_turns_tf32_off_inside_and_restores_it(inference_codec, clip):

@@ -4,6 +4,7 @@ long-file encoding and chunked / streaming decoding, on real speech with the tin
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from models.streaming import (
     receptive_frames,
 )
 from modules.snake import snake, snake_reference
-from modules.teacher import fixed_group_norm_stats, install_tiled_feature_encoder, teacher_features
+from modules.teacher import Teacher, first_conv_stats
 from modules.tiled import TiledRunner, plan_segments
 
 
@@ -101,28 +102,32 @@ def test_runner_matches_eager_with_many_tiles(inference_codec, speech):
         assert _rel(whole.from_layout(whole.run(dec, whole.to_layout(z))[0]), inference_codec.decoder(z)) < 1e-5
 
 
-def test_teacher_running_mean_is_the_stacked_mean(inference_codec, speech):
+def test_teacher_running_mean_is_the_stacked_mean(inference_codec, hf_model, speech):
+    """The teacher's own forward against transformers' model with the same weights: in
+    float64 (the eager feature extractor in both) bitwise the stacked mean of its hidden
+    states; in float32 (the cache-blocked feature extractor) up to its rounding."""
     x = _clip(speech, 30000)
+    xp = torch.nn.functional.pad(x[:, 0], (160, 160))
     with torch.inference_mode():
-        xp = torch.nn.functional.pad(x[:, 0], (160, 160))
-        hidden = inference_codec.semantic_model(xp, output_hidden_states=True).hidden_states
-        assert torch.equal(teacher_features(inference_codec.semantic_model, x, 160), torch.stack(hidden, 1).mean(1))
+        ref = torch.stack(hf_model.semantic_model(xp, output_hidden_states=True).hidden_states, 1).mean(1)
+        assert _rel(inference_codec.semantic_model(x), ref) < 1e-5
+        hf64 = copy.deepcopy(hf_model.semantic_model).double()
+        hidden = hf64(xp.double(), output_hidden_states=True).hidden_states
+        assert torch.equal(Teacher(hf64, 160)(x.double()), torch.stack(hidden, 1).mean(1))
 
 
-def test_teacher_feature_extractor_tiles_match_eager(inference_codec, speech):
+def test_teacher_feature_extractor_tiles_match_eager(inference_codec, hf_model, speech):
     """The cache-blocked feature extractor (GroupNorm from analytic statistics) against
     the module's own forward, for one clip, a batch (per-item statistics), and with the
     whole-file statistics of windowed encoding."""
-    from modules.teacher import first_conv_stats, group_norm_stats
-
-    fe = inference_codec.semantic_model.feature_extractor
-    assert "forward" in fe.__dict__  # installed by build_teacher
+    teacher = inference_codec.semantic_model
+    fe = teacher.feature_extractor
     x = _clip(speech, 52000)[:, 0]
     batch = torch.cat([x, x.flip(-1) * 0.3], 0)
     with torch.inference_mode():
         for inp in (x, batch):
-            ref = type(fe).forward(fe, inp)
-            out = fe(inp)
+            ref = fe(inp)  # transformers' module: eager GroupNorm
+            out = teacher._conv_features(inp, None, None)
             assert out.shape == ref.shape
             assert _rel(out, ref) < 1e-5
         # the statistics equal those GroupNorm computes from the conv's output
@@ -133,16 +138,13 @@ def test_teacher_feature_extractor_tiles_match_eager(inference_codec, speech):
         yg = y.reshape(2, g, -1)
         assert torch.allclose(mean, yg.mean(-1), rtol=1e-9, atol=1e-9)
         assert torch.allclose(var, yg.var(-1, unbiased=False), rtol=1e-9, atol=1e-9)
-        stats = group_norm_stats(inference_codec.semantic_model, x[:, None], 160)
-        assert torch.allclose(stats[0][0].double(), first_conv_stats(layer.conv, layer.layer_norm, torch.nn.functional.pad(x, (160, 160)))[0][0])
-        with fixed_group_norm_stats(inference_codec.semantic_model, stats):
-            tiled_fixed = fe(x[:, 4000:20000])
-            fe.forward = type(fe).forward.__get__(fe)  # the module's own path, same stats
-            try:
-                eager_fixed = fe(x[:, 4000:20000])
-            finally:
-                install_tiled_feature_encoder(inference_codec.semantic_model)
-        assert _rel(tiled_fixed, eager_fixed) < 1e-5
+        stats = teacher.norm_stats(x[:, None])
+        padded = torch.nn.functional.pad(x, (160, 160))
+        assert torch.allclose(stats[0].double(), first_conv_stats(layer.conv, layer.layer_norm, padded)[0])
+        tiled_fixed = teacher._conv_features(x[:, 4000:20000], None, stats)
+        eager = Teacher(copy.deepcopy(hf_model.semantic_model).double(), 160)  # float64: the eager path, same stats
+        eager_fixed = eager._conv_features(x[:, 4000:20000].double(), None, stats)
+        assert _rel(tiled_fixed, eager_fixed.float()) < 1e-5
 
 
 # ---------------------------------------------------------------------------- batches

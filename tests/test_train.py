@@ -218,7 +218,7 @@ def test_bf16_autocast_keeps_the_quantizer_in_fp32():
     loaded = load_train_config(TINY, overrides=["precision=bf16"])
     state = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
     seen = []
-    state.codec.quantizer.vq.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    state.codec.quantizer.vq.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     # The teacher, both encoders and the decoder compute in bf16 (the caller's autocast).
     computed = {}
     for name in ("semantic_model", "encoder", "encoder_semantic", "decoder_2"):
