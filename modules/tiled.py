@@ -27,6 +27,9 @@ from .snake import snake
 # that halos cost a few % at most); measured best on a 2-core AVX-512 CPU.
 TILE_ELEMENTS = 1 << 20
 MIN_TILE_OUT = 4096
+# oneDNN has bf16 convolutions only with AVX512BW/VL/DQ, AVX-NE-CONVERT or AMX (and refuses bf16 input
+# elsewhere, e.g. AMD Zen 3): without them bf16 convs go to torch's own kernel (slow; precision warns).
+BF16_ONEDNN = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass
@@ -123,7 +126,7 @@ class TiledRunner:
         w, b = self._weights(spec)
         if spec.transposed:
             return F.conv_transpose2d(x, w, b, stride=(1, spec.s), dilation=(1, spec.d))
-        if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and (x.dtype == torch.float32 or BF16_ONEDNN):
             # oneDNN's channels-last kernels for every conv (eager would send 1x1
             # convs to its native kernel on one thread, converting layouts).
             return torch.ops.aten.mkldnn_convolution(x, w, b, [0, 0], [1, spec.s], [1, spec.d], 1)
