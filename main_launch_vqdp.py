@@ -68,7 +68,7 @@ from training.faults import FaultHooks, write_state_hashes
 from training.parallel import unwrap_ddp, wrap_ddp
 from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
 from training.signals import StopSignals
-from training.state import State, build_state
+from training.state import LossPlan, State, build_state, loss_plan
 from training.validation import validate
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
@@ -78,8 +78,18 @@ from utils.hub import HubError
 
 
 # ---------------------------------------------------------------------------- steps
-def _finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
+def _update(state: State, total: torch.Tensor, opt: torch.optim.Optimizer, params) -> tuple[torch.Tensor, bool]:
+    """Backward, clip and step; a non-finite loss or gradient on any rank skips the step on
+    every rank. Returns the gradient norm and whether the step was skipped."""
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, state.cfg.grad_clip)
+    skip = du.any_rank(not (bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))), state.device)
+    if skip:
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+    return grad_norm.detach(), skip
 
 
 def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor | float]:
@@ -98,50 +108,31 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
     with state.autocast():
         # Real and fake in one call: one DDP forward per backward.
         outs = state.disc_ddp(torch.cat([real, fake.detach()]))
-    total = real.new_zeros((), dtype=torch.float32)
     logged = {}
     for name, (logits, _) in outs.items():
-        loss = state.losses.gan.discriminator([lg[:batch] for lg in logits], [lg[batch:] for lg in logits])
-        logged[f"loss/discriminator_{name}"] = loss.detach()
-        total = total + loss
-    state.opt_d.zero_grad(set_to_none=True)
-    total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.discriminators.parameters(), state.cfg.grad_clip)
-    skip = du.any_rank(not (_finite(total) and _finite(grad_norm)), state.device)
-    if skip:
-        state.opt_d.zero_grad(set_to_none=True)
-    else:
-        state.opt_d.step()
-    logged["loss/discriminator"] = total.detach()
-    logged["grad_norm/d"] = grad_norm.detach()
-    logged["skipped/d"] = float(skip)
-    return logged
+        logged[f"loss/discriminator_{name}"] = state.losses.gan.discriminator([lg[:batch] for lg in logits], [lg[batch:] for lg in logits])
+    total = sum(logged.values(), real.new_zeros((), dtype=torch.float32))
+    grad_norm, skip = _update(state, total, state.opt_d, state.discriminators.parameters())
+    logged = {k: v.detach() for k, v in logged.items()}
+    return {**logged, "loss/discriminator": total.detach(), "grad_norm/d": grad_norm, "skipped/d": float(skip)}
 
 
-def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, adversarial: bool, inject_nan: bool = False) -> dict[str, torch.Tensor | float]:
-    """One codec update: weighted sum of the loss terms of ``state.weights``.
+def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, plan: LossPlan) -> dict[str, torch.Tensor | float]:
+    """One codec update: the weighted sum of the terms ``plan`` switches on.
 
     Args:
         state: training state (updated in place).
         real: (B, 1, T) target audio.
         fake: (B, 1, T) reconstruction, attached to the codec graph.
         out: the ``CodecOutput`` of the step (semantic and commitment losses).
-        adversarial: include the adversarial and feature-matching terms.
-        inject_nan: test hook, makes the loss NaN.
+        plan: the step's :class:`LossPlan`.
 
     Returns:
         ``loss/<name>`` (unweighted) for every term used, ``loss/generator`` (weighted
         total), ``grad_norm/g`` and ``skipped/g``.
     """
-    w = state.weights
-    terms: dict[str, torch.Tensor] = {}
-    if w["full_stft"] > 0:
-        terms["full_stft"] = state.losses.full_stft(fake, real)
-    if w["sub_stft"] > 0:
-        terms["sub_stft"] = state.losses.sub_stft(fake, real)
-    if w["mel"] > 0:
-        terms["mel"] = state.losses.mel(fake, real)
-    if adversarial:
+    terms = {name: getattr(state.losses, name)(fake, real) for name in plan.spectral}
+    if plan.adversarial:
         discs = state.discriminators
         # The plain modules, frozen: no D gradients are computed here and DDP's
         # gradient hooks on D never fire outside the discriminator step.
@@ -157,46 +148,31 @@ def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: An
         terms["feature_matching"] = sum(state.losses.feature_matching(real_out[n][1], fake_out[n][1]) for n in discs)
     terms["semantic"] = out.semantic_loss.float()
     terms["commit"] = out.commit_loss.float()
-    total = sum(w[k] * v for k, v in terms.items() if w[k] > 0)
-    if inject_nan:
-        total = total * float("nan")
-    state.opt_g.zero_grad(set_to_none=True)
-    total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.g_params(), state.cfg.grad_clip)
-    skip = du.any_rank(not (_finite(total) and _finite(grad_norm)), state.device)
-    if skip:
-        state.opt_g.zero_grad(set_to_none=True)
-    else:
-        state.opt_g.step()
+    w = state.weights
+    total = state.hooks.corrupt_loss(state.step + 1, sum(w[k] * v for k, v in terms.items() if w[k] > 0))
+    grad_norm, skip = _update(state, total, state.opt_g, state.g_params())
     logged: dict[str, torch.Tensor | float] = {f"loss/{k}": v.detach() for k, v in terms.items()}
-    logged["loss/generator"] = total.detach()
-    logged["grad_norm/g"] = grad_norm.detach()
-    logged["skipped/g"] = float(skip)
-    return logged
+    return {**logged, "loss/generator": total.detach(), "grad_norm/g": grad_norm, "skipped/g": float(skip)}
 
 
-def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None) -> dict[str, torch.Tensor | float]:
+def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | float]:
     """One training step on a (B, 1, T) batch: one codec forward, a D update, a G update.
 
     A non-finite loss or gradient skips that update on every rank; a skipped generator
     update also rolls the EMA codebooks back to their state before the step.
     """
-    cfg = state.cfg
-    step = state.step + 1
+    plan = loss_plan(state.cfg, state.step)
     # Every rank holds the same bandwidth RNG (seeded and restored alike): no collective needed.
     bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng, sync=False)
     codebooks = state.codec.quantizer.save_state()
-    adversarial = state.uses_discriminators and state.step >= cfg.discriminator_iter_start
-    waveform_loss = adversarial or any(state.weights[k] > 0 for k in ("full_stft", "sub_stft", "mel"))
     with state.autocast():
-        out = state.codec_ddp(wav, bandwidth, audio_grad=waveform_loss)
+        out = state.codec_ddp(wav, bandwidth, audio_grad=plan.audio_grad)
     n = min(wav.shape[-1], out.audio.shape[-1])
     real, fake = wav[..., :n], out.audio[..., :n].float()
     metrics: dict[str, torch.Tensor | float] = {"train/bandwidth": float(out.bandwidth)}
-    if state.uses_discriminators:
+    if plan.discriminator:
         metrics.update(discriminator_step(state, real, fake.detach()))
-    inject = hooks is not None and step in hooks.nan_steps
-    metrics.update(generator_step(state, real, fake, out, adversarial, inject))
+    metrics.update(generator_step(state, real, fake, out, plan))
     if metrics["skipped/g"]:
         state.codec.quantizer.restore_state(codebooks)
     else:
@@ -214,7 +190,7 @@ def step_schedulers(state: State) -> None:
         state.sched_d.step()
 
 
-def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals) -> None:
+def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
     """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint."""
     cfg = state.cfg
     logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(train_sampler, cfg.batch_size), state.step)
@@ -223,7 +199,7 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
     while not done and (cfg.max_steps > 0 or state.epoch < cfg.num_epoches):
         train_sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
-        done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, hooks, stop, means)
+        done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, stop, means)
         if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
                 step_schedulers(state)
@@ -232,11 +208,11 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
     if state.stopped_by:
         logger.info(f"stopping on {state.stopped_by} at step {state.step}; rerun the same command to resume")
     if state.step != state.last_saved:
-        save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
+        save_checkpoint(state, ckpt_dir, logger)
     logger.info(f"finished at step {state.step} (epoch {state.epoch})")
 
 
-def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals, means: RunningMeans) -> bool:
+def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_dir: Path, stop: StopSignals, means: RunningMeans) -> bool:
     """The rest of the current epoch; True when the run is done (``max_steps``, or a stop signal)."""
     cfg = state.cfg
     batches = iter(train_loader)
@@ -256,7 +232,7 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
         if wav is None:
             logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks ({state.skipped_batches} so far)")
             continue
-        metrics = train_step(state, wav, hooks)
+        metrics = train_step(state, wav)
         state.step += 1
         if cfg.lr_scheduler.interval == "step":
             step_schedulers(state)
@@ -285,9 +261,9 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
             measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()) if result["valid/clips"] else "no usable clips"
             logger.info(f"validation at step {state.step}: {measured}")
         if state.step % cfg.checkpoint_interval == 0:
-            save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
+            save_checkpoint(state, ckpt_dir, logger)
             state.last_saved = state.step
-        hooks.maybe_kill(state.step, logger)
+        state.hooks.maybe_kill(state.step, logger)
         if stop.requested_on_any_rank(state.device):  # every rank stops after the same step
             state.stopped_by = stop.name or "a signal on another rank"
             return True
@@ -354,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> State:
         # The same seed everywhere while building: every rank starts from identical models.
         seed_everything(cfg.seed)
         state = build_state(cfg, raw, device, teacher_dir)
+        state.hooks = hooks
         logger = RunLogger(str(log_dir), cfg.tensorboard, purge_step=(resume[1]["step"] + 1) if resume else None)
         logger.info(f"config: {' + '.join(loaded.sources)}")
         backend = dist.get_backend() if dist.is_initialized() else "none"
@@ -367,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> State:
             load_codec_state(state.codec, init_state, f"init_from {cfg.init_from}")
             logger.info(f"codec initialised from {cfg.init_from}; discriminators and optimizers start fresh")
         del init_state
-        wrap_ddp(state)
+        wrap_ddp(state, loss_plan(cfg, 0))
         train_loader, train_sampler, valid_loader = make_loaders(cfg, state.codec.sample_rate, device)
         logger.info(f"data: {len(train_loader.dataset)} training clips, {len(valid_loader.dataset) if valid_loader else 0} validation clips, "
                     f"{batches_per_epoch(train_sampler, cfg.batch_size)} batches of {cfg.batch_size} per epoch and process")
@@ -378,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> State:
             seed_everything(cfg.seed + du.rank())
         del resume
         with StopSignals() as stop:
-            train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, hooks, stop)
+            train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, stop)
         if hooks.hash_dir:
             write_state_hashes(state, hooks.hash_dir)
         finished = True

@@ -38,11 +38,13 @@ class FaultHooks:
         env = os.environ
         nan = {int(s) for s in env.get("XCODEC_TEST_NAN_STEPS", "").split(",") if s.strip()}
         kill = tuple(int(x) for x in env["XCODEC_TEST_KILL"].split(":")) if env.get("XCODEC_TEST_KILL") else None
-        pause = None
-        if env.get("XCODEC_TEST_SAVE_PAUSE"):
-            s, sec = env["XCODEC_TEST_SAVE_PAUSE"].split(":")
-            pause = (int(s), float(sec))
-        return cls(nan, kill, pause, env.get("XCODEC_TEST_HASH_DIR") or None)
+        pause = env.get("XCODEC_TEST_SAVE_PAUSE", "").partition(":")
+        save_pause = (int(pause[0]), float(pause[2])) if pause[1] else None
+        return cls(nan, kill, save_pause, env.get("XCODEC_TEST_HASH_DIR") or None)
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """``loss``, made NaN when ``step`` is one of ``nan_steps``."""
+        return loss * float("nan") if step in self.nan_steps else loss
 
     def maybe_kill(self, step: int, logger: Any) -> None:
         """SIGKILL this process after ``step`` when the kill hook names this rank and step."""

@@ -9,39 +9,33 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from utils import distributed as du
 
+from .state import LossPlan
 
-def _no_buffer_sync() -> dict:
-    """DDP kwargs that sync buffers once at start-up but not before every forward."""
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.12
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
+# Buffers are synced once at start-up, not before every forward: the EMA codebooks keep
+# themselves in sync (all-reduced statistics, broadcast re-inits), every other buffer is a constant.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}  # torch >= 2.12
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
-def wrap_ddp(state: Any) -> None:
+def wrap_ddp(state: Any, first: LossPlan) -> None:
     """Wrap the ``State``'s codec and discriminators in DDP (no-op without a process group).
 
-    The frozen teacher is listed in ``_ddp_params_and_buffers_to_ignore``: DDP neither
-    broadcasts nor all-reduces it. Buffers are not re-broadcast every forward: the EMA
-    codebooks keep themselves in sync (all-reduced statistics, broadcast re-inits) and
-    every other buffer is a constant.
+    ``first``: the plan of the run's first step, its sparsest (terms only switch on later):
+    when it leaves codec parameters without a gradient, DDP has to look for unused ones.
+    The frozen teacher is in ``_ddp_params_and_buffers_to_ignore``: never broadcast nor all-reduced.
     """
     if not du.is_distributed():
         return
     codec = state.codec
-    ignore = [f"semantic_model.{n}" for n, _ in codec.semantic_model.named_parameters()]
-    ignore += [f"semantic_model.{n}" for n, _ in codec.semantic_model.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(codec, ignore)
+    teacher = [*codec.semantic_model.named_parameters(), *codec.semantic_model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(codec, [f"semantic_model.{n}" for n, _ in teacher])
     ids = [state.device.index] if state.device.type == "cuda" else None
-    # A zero semantic weight leaves the semantic decoder out of the graph. The acoustic
-    # decoder gets a gradient at every step only from a spectral term: the adversarial
-    # terms alone start at discriminator_iter_start, and the steps before leave it out.
-    w = state.weights
-    spectral = any(w[k] > 0 for k in ("full_stft", "sub_stft", "mel"))
-    adversarial = any(w[k] > 0 for k in ("adversarial", "feature_matching"))
-    decoder_every_step = spectral or (adversarial and state.cfg.discriminator_iter_start == 0)
-    unused = w["semantic"] == 0 or not decoder_every_step
-    state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=unused, **_no_buffer_sync())
-    state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, **_no_buffer_sync())
+    unused = not first.every_parameter
+    state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=unused, **_NO_BUFFER_SYNC)
+    state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, **_NO_BUFFER_SYNC)
 
 
 def unwrap_ddp(state: Any) -> None:

@@ -1,5 +1,5 @@
-"""The training state: everything the GAN loop mutates and a checkpoint restores, built
-identically on every rank."""
+"""The training state (everything the GAN loop mutates and a checkpoint restores, built
+identically on every rank) and the loss plan of a step."""
 
 from __future__ import annotations
 
@@ -18,6 +18,49 @@ from quantization import CodebookUsage
 from utils import distributed as du
 
 from .config import TrainConfig
+from .faults import FaultHooks
+
+SPECTRAL_TERMS = ("full_stft", "sub_stft", "mel")
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What one step computes, decided once from the config and the step number.
+
+    Attributes:
+        spectral: the spectral terms with a weight, in ``SPECTRAL_TERMS`` order.
+        adversarial: the generator's adversarial and feature-matching terms are on.
+        discriminator: the discriminators are updated (from step 0, even before ``adversarial``).
+        semantic: the semantic term has a weight (the semantic decoder is in the graph).
+    """
+
+    spectral: tuple[str, ...]
+    adversarial: bool
+    discriminator: bool
+    semantic: bool
+
+    @property
+    def audio_grad(self) -> bool:
+        """Some loss uses the reconstructed waveform: the decoder output needs a graph."""
+        return self.adversarial or bool(self.spectral)
+
+    @property
+    def every_parameter(self) -> bool:
+        """Every codec parameter gets a gradient (else DDP must look for unused ones)."""
+        return self.audio_grad and self.semantic
+
+
+def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
+    """The plan of the step after ``step`` completed steps. Terms only switch on as steps
+    pass (``discriminator_iter_start``), so step 0's plan is the sparsest of a run."""
+    w = cfg.loss_weights
+    discriminator = w.adversarial > 0 or w.feature_matching > 0
+    return LossPlan(
+        spectral=tuple(k for k in SPECTRAL_TERMS if getattr(w, k) > 0),
+        adversarial=discriminator and step >= cfg.discriminator_iter_start,
+        discriminator=discriminator,
+        semantic=w.semantic > 0,
+    )
 
 
 @dataclass
@@ -44,6 +87,7 @@ class State:
     weights: dict[str, float]
     usage: CodebookUsage
     bandwidth_rng: random.Random
+    hooks: FaultHooks = field(default_factory=FaultHooks)
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -54,10 +98,6 @@ class State:
     last_saved: int = 0  # step of the newest checkpoint (of this run)
     originals_logged: bool = False  # validation audio logged once
     stopped_by: str = ""  # the signal that ended the run early
-
-    @property
-    def uses_discriminators(self) -> bool:
-        return self.weights["adversarial"] > 0 or self.weights["feature_matching"] > 0
 
     def g_params(self) -> list[nn.Parameter]:
         return [p for p in self.codec.parameters() if p.requires_grad]
@@ -83,18 +123,17 @@ def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool
         # A randomly initialised teacher is excluded from DDP's start-up sync; make it rank 0's.
         du.broadcast_tensors(list(codec.semantic_model.parameters()) + list(codec.semantic_model.buffers()))
     g_params = [p for p in codec.parameters() if p.requires_grad]
-    teacher_ids = {id(p) for p in codec.semantic_model.parameters()}
-    assert not any(id(p) in teacher_ids for p in g_params), "the teacher must not be optimised"
     og, od = cfg.optimizer.g, cfg.optimizer.d
     opt_g = torch.optim.AdamW(g_params, lr=og.lr, betas=tuple(og.betas), eps=og.eps, weight_decay=og.weight_decay)
     opt_d = torch.optim.AdamW(discs.parameters(), lr=od.lr, betas=tuple(od.betas), eps=od.eps, weight_decay=od.weight_decay)
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.lr_scheduler.g.gamma)
-    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.lr_scheduler.d.gamma)
-    losses = LossBundle(*(dataclasses.asdict(sec) for sec in (cfg.full_multi_scale_stft_loss, cfg.sub_multi_scale_stft_loss, cfg.mel_scale_loss)))
+    sections = (cfg.full_multi_scale_stft_loss, cfg.sub_multi_scale_stft_loss, cfg.mel_scale_loss)
     return State(
         cfg=cfg, raw_config=raw, device=device,
         codec=codec, codec_ddp=codec, discriminators=discs, disc_ddp=DiscriminatorBank(discs),
-        opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d,
-        losses=losses.to(device), weights=dataclasses.asdict(cfg.loss_weights),
+        opt_g=opt_g, opt_d=opt_d,
+        sched_g=torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.lr_scheduler.g.gamma),
+        sched_d=torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.lr_scheduler.d.gamma),
+        losses=LossBundle(*(dataclasses.asdict(sec) for sec in sections)).to(device),
+        weights=dataclasses.asdict(cfg.loss_weights),
         usage=CodebookUsage(codec.n_q, codec.bins, device), bandwidth_rng=random.Random(cfg.seed),
     )  # fmt: skip
