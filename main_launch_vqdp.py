@@ -48,7 +48,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data import DataError, batches_per_epoch
+from data import DataError
+from data.dataset import batches_per_epoch
 from models import CheckpointError
 from models.pretrained import load_codec_state, read_state
 from modules.teacher import fetch_teacher

@@ -36,11 +36,7 @@ def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequen
 
 
 class AudioFiles(Dataset):
-    """Mono float32 audio of whole files at ``sample_rate``.
-
-    Args:
-        paths: the files.
-        sample_rate: every file is resampled (soxr) to this rate.
+    """Mono float32 audio of whole files (``paths``) resampled (soxr) to ``sample_rate``.
 
     Items: ``(index, wav (T,) float32 tensor or None, error message or None)``; a file that
     cannot be used never raises, its item carries the one-line reason instead.
