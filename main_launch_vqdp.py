@@ -1,36 +1,20 @@
 """X-Codec training: one GPU, many GPUs or many nodes; resumable; logged to tensorboard.
 
-Single process (CPU or one GPU)::
-
     python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4
-    python main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
-
-One node, 8 GPUs (DDP over NCCL; gloo on CPU)::
-
     torchrun --nnodes=1 --nproc-per-node=8 main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
-
-Two nodes, 8 GPUs each (run on both; log_dir must be on a shared filesystem to resume)::
-
     torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 \\
-        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
-    torchrun --nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.1 --master-port=29500 \\
-        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
+        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml   # and --node-rank=1 on the other
 
-Overrides: ``key.sub=value`` arguments (YAML values) and an experiment file merged over
-the base (``--exp_config``, the original's ``--exp_model_config``)::
+DDP over NCCL (gloo on CPU); with several nodes log_dir must be on a shared filesystem to resume.
+Overrides are ``key.sub=value`` arguments (YAML values, e.g. ``batch_size=16 d_list=[mfd,mpd]``), merged
+over an experiment file (``--exp_config``, the original's ``--exp_model_config``) merged over ``--config``.
+Restarting the same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth``
+(``--restart``: from step 0, old checkpoints moved aside). SIGTERM or SIGINT saves a checkpoint and
+exits with 128 + the signal number. Fine-tuning: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
 
-    python main_launch_vqdp.py --config configs/xcodec_wavlm_mls.yaml batch_size=16 \\
-        optimizer.g.lr=1e-4 d_list=[mfd,mpd] precision=bf16
-
-Restarting the same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth``;
-``--restart`` starts again from step 0 (the old checkpoints are moved aside). SIGTERM or
-SIGINT saves a checkpoint at the current step and exits (128 + signal number).
-Fine-tuning from released weights: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
-Tensorboard: ``tensorboard --logdir <log_dir>/logs``.
-
-The step: one codec forward (one teacher pass); the discriminators are updated on the
-detached reconstruction, then the generator on the same reconstruction against the
-updated discriminators (the original ran the codec a second time for the D update).
+The step: one codec forward (one teacher pass); the discriminators are updated on the detached
+reconstruction, then the generator on the same reconstruction against the updated discriminators
+(the original ran the codec a second time for the D update).
 """
 
 from __future__ import annotations
@@ -53,7 +37,7 @@ from data.dataset import batches_per_epoch
 from models import CheckpointError
 from models.pretrained import load_codec_state, read_state
 from modules.teacher import fetch_teacher
-from training.batches import make_loaders, screen_batch
+from training.batches import make_loaders, screen_batch, validate
 from training.checkpoint import (
     TrainingError,
     check_resumable,
@@ -67,10 +51,9 @@ from training.checkpoint import (
 from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
 from training.parallel import unwrap_ddp, wrap_ddp
-from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
+from training.run_logger import RunLogger, RunningMeans
 from training.signals import StopSignals
 from training.state import LossPlan, State, build_state, loss_plan
-from training.validation import validate
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
@@ -191,16 +174,17 @@ def step_schedulers(state: State) -> None:
         state.sched_d.step()
 
 
-def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
-    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint."""
-    cfg = state.cfg
-    logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(train_sampler, cfg.batch_size), state.step)
+def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
+    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint.
+    ``loaders``: what :func:`training.batches.make_loaders` returns."""
+    cfg, (_, sampler, _) = state.cfg, loaders
+    logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(sampler, cfg.batch_size), state.step)
     means = RunningMeans()  # device-side sums: no host sync per step
     state.last_saved = state.step
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
     while not done and (cfg.max_steps > 0 or state.epoch < cfg.num_epoches):
-        train_sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
-        done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, stop, means)
+        sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
+        done = run_epoch(state, loaders, logger, ckpt_dir, stop, means)
         if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
                 step_schedulers(state)
@@ -213,9 +197,9 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
     logger.info(f"finished at step {state.step} (epoch {state.epoch})")
 
 
-def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_dir: Path, stop: StopSignals, means: RunningMeans) -> bool:
+def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals, means: RunningMeans) -> bool:
     """The rest of the current epoch; True when the run is done (``max_steps``, or a stop signal)."""
-    cfg = state.cfg
+    cfg, (train_loader, _, valid_loader) = state.cfg, loaders
     batches = iter(train_loader)
     while True:
         try:
@@ -231,7 +215,8 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
         state.batch_in_epoch += 1
         wav = screen_batch(state, batch, logger)
         if wav is None:
-            logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks ({state.skipped_batches} so far)")
+            logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks "
+                        f"({state.skipped_batches} so far)")  # fmt: skip
             continue
         metrics = train_step(state, wav)
         state.step += 1
@@ -240,12 +225,13 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
         if metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0):
             state.nonfinite_total += 1
             state.nonfinite_consecutive += 1
-            logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_consecutive} in a row)")
+            logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped "
+                        f"({state.nonfinite_consecutive} in a row)")  # fmt: skip
             if state.nonfinite_consecutive >= cfg.max_nonfinite_steps:
                 raise TrainingError(
-                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients (max_nonfinite_steps="
-                    f"{cfg.max_nonfinite_steps}); stopping. The last checkpoint (step {state.last_saved}) holds no NaN: lower the "
-                    "learning rate, check the data, or resume from it."
+                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients "
+                    f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The last checkpoint (step "
+                    f"{state.last_saved}) holds no NaN: lower the learning rate, check the data, or resume from it."
                 )
         else:
             state.nonfinite_consecutive = 0
@@ -256,11 +242,10 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
         if state.step % cfg.summary_interval == 0:
             logger.summary(state, means.pop())  # a collective (codebook usage): same step on every rank
         if valid_loader is not None and state.step % cfg.validation_interval == 0:
-            result = validate(state, valid_loader, logger, not state.originals_logged)
-            state.originals_logged = True
+            result = validate(state, valid_loader, logger)
             logger.scalars(result, state.step)
-            measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()) if result["valid/clips"] else "no usable clips"
-            logger.info(f"validation at step {state.step}: {measured}")
+            measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items())
+            logger.info(f"validation at step {state.step}: {measured if result['valid/clips'] else 'no usable clips'}")
         if state.step % cfg.checkpoint_interval == 0:
             save_checkpoint(state, ckpt_dir, logger)
             state.last_saved = state.step
@@ -276,18 +261,32 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line: ``--config`` and friends, then ``key.sub=value`` overrides."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--config", "--basic_model_config", dest="config", default="configs/xcodec_hubert_librispeech.yaml",
-                        help="recipe YAML (may name a 'base:' file)")
-    parser.add_argument("--exp_config", "--exp_model_config", dest="exp_config", default=None,
-                        help="experiment YAML merged over --config")
-    parser.add_argument("--training_file", default=None, help="same as training_file=...")
-    parser.add_argument("--validation_file", default=None, help="same as validation_file=...")
-    parser.add_argument("--log_dir", default=None, help="same as log_dir=...")
+    parser.add_argument("--config", "--basic_model_config", dest="config", help="recipe YAML (may name a 'base:' file)",
+                        default="configs/xcodec_hubert_librispeech.yaml")  # fmt: skip
+    parser.add_argument("--exp_config", "--exp_model_config", help="experiment YAML merged over --config")
+    for key in ("training_file", "validation_file", "log_dir"):
+        parser.add_argument(f"--{key}", help=f"same as {key}=...")
     parser.add_argument("--restart", action="store_true", help="start again from step 0 even though log_dir holds "
-                        "checkpoints (they are moved to model_ckpts/previous_<time>/, not deleted)")
+                        "checkpoints (they are moved to model_ckpts/previous_<time>/, not deleted)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     return parser.parse_args(argv)
+
+
+def _prepare_log_dir(log_dir: Path, ckpt_dir: Path, raw: dict) -> None:
+    """On rank 0: the checkpoint directory without an interrupted save's leftovers, and the merged
+    config; an ``OSError`` (e.g. an unwritable ``log_dir``) stops every rank."""
+    failed = None
+    if du.is_main_process():
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for p in remove_stale_checkpoint_temporaries(ckpt_dir):
+                print(f"removed {p.name} left by an interrupted save", flush=True)
+            text = yaml.safe_dump(raw, sort_keys=False)
+            atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
+        except OSError as exc:
+            failed = exc
+    du.raise_on_every_rank(failed)
 
 
 def main(argv: Sequence[str] | None = None) -> State:
@@ -297,58 +296,48 @@ def main(argv: Sequence[str] | None = None) -> State:
     ``init_from``) is checked before anything is written into ``log_dir``.
     """
     args = parse_args(argv)
-    flags = [f"{k}={getattr(args, k)}" for k in ("training_file", "validation_file", "log_dir") if getattr(args, k) is not None]
+    flags = [f"{k}={vars(args)[k]}" for k in ("training_file", "validation_file", "log_dir") if vars(args)[k] is not None]
     loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])
     cfg, raw = loaded.cfg, loaded.raw
-    hooks = FaultHooks.from_env()
     device = du.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout_minutes)
     logger, state, finished = None, None, False
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # restored at the end
     try:
         log_dir = Path(cfg.log_dir)
         ckpt_dir = log_dir / "model_ckpts"
-        resume = find_resume_checkpoint(ckpt_dir, ConsoleLogger(), restart=args.restart)
+        resume = find_resume_checkpoint(ckpt_dir, RunLogger(), restart=args.restart)
         if resume is not None:
             check_resumable(resume[1], raw, str(resume[0]))
         # Resuming or fine-tuning: the teacher's weights come with the codec's (no download).
         teacher = False if resume is not None else cfg.teacher_source()
         init_state = read_state(cfg.init_from) if resume is None and cfg.init_from is not None else None
         teacher_dir = fetch_teacher(cfg.codec.semantic_techer, teacher)  # offline: one line in seconds
-        failed = None
-        if du.is_main_process():
-            try:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                for p in remove_stale_checkpoint_temporaries(ckpt_dir):
-                    print(f"removed {p.name} left by an interrupted save", flush=True)
-                text = yaml.safe_dump(raw, sort_keys=False)
-                atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
-            except OSError as exc:  # e.g. an unwritable log_dir: every rank stops with it
-                failed = exc
-        du.raise_on_every_rank(failed)
+        _prepare_log_dir(log_dir, ckpt_dir, raw)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
         # The same seed everywhere while building: every rank starts from identical models.
         seed_everything(cfg.seed)
         state = build_state(cfg, raw, device, teacher_dir)
-        state.hooks = hooks
+        state.hooks = FaultHooks.from_env()
         logger = RunLogger(str(log_dir), cfg.tensorboard, purge_step=(resume[1]["step"] + 1) if resume else None)
         logger.info(f"config: {' + '.join(loaded.sources)}")
         backend = dist.get_backend() if dist.is_initialized() else "none"
         logger.info(f"processes: {du.world_size()} (backend {backend}), device {device}, precision {cfg.precision}")
         logger.models(state, teacher)
         if resume is not None:
-            path, ckpt = resume
-            restore(state, ckpt, str(path), logger)
-            logger.info(f"resumed from {path} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch} of the epoch)")
+            restore(state, resume[1], str(resume[0]), logger)
+            logger.info(f"resumed from {resume[0]} (step {state.step}, epoch {state.epoch}, "
+                        f"batch {state.batch_in_epoch} of the epoch)")  # fmt: skip
         elif init_state is not None:
             load_codec_state(state.codec, init_state, f"init_from {cfg.init_from}")
             logger.info(f"codec initialised from {cfg.init_from}; discriminators and optimizers start fresh")
         del init_state
         wrap_ddp(state, loss_plan(cfg, 0))
-        train_loader, train_sampler, valid_loader = make_loaders(cfg, state.codec.sample_rate, device)
-        logger.info(f"data: {len(train_loader.dataset)} training clips, {len(valid_loader.dataset) if valid_loader else 0} validation clips, "
-                    f"{batches_per_epoch(train_sampler, cfg.batch_size)} batches of {cfg.batch_size} per epoch and process")
+        loaders = make_loaders(cfg, state.codec.sample_rate, device)
+        n_valid = len(loaders[2].dataset) if loaders[2] else 0
+        logger.info(f"data: {len(loaders[0].dataset)} training clips, {n_valid} validation clips, "
+                    f"{batches_per_epoch(loaders[1], cfg.batch_size)} batches of {cfg.batch_size} per epoch and process")
         # RNG last, right before the loop: nothing above may shift the restored streams.
         if resume is not None and resume[1].get("world_size") == du.world_size():
             set_rng_state(resume[1]["rng"][du.rank()])
@@ -356,9 +345,9 @@ def main(argv: Sequence[str] | None = None) -> State:
             seed_everything(cfg.seed + du.rank())
         del resume
         with StopSignals() as stop:
-            train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, stop)
-        if hooks.hash_dir:
-            write_state_hashes(state, hooks.hash_dir)
+            train(state, loaders, logger, ckpt_dir, stop)
+        if state.hooks.hash_dir:
+            write_state_hashes(state, state.hooks.hash_dir)
         finished = True
         return state
     finally:
@@ -386,9 +375,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)
         return 130
-    if state.stopped_by.startswith("SIG"):
-        return 128 + int(getattr(signal, state.stopped_by))
-    return 0
+    return 128 + int(getattr(signal, state.stopped_by)) if state.stopped_by.startswith("SIG") else 0
 
 
 if __name__ == "__main__":

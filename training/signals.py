@@ -1,21 +1,17 @@
 """A graceful stop on SIGTERM (schedulers, preemption) and SIGINT (Ctrl-C).
 
 The training loop asks :meth:`StopSignals.requested_on_any_rank` after every step; once a
-signal arrived on any rank, every rank leaves the loop at the same step, the final
-checkpoint is saved and the script exits with 128 + the signal number. A second SIGINT
-interrupts at once.
+signal arrived on any rank, every rank leaves the loop at the same step, the final checkpoint
+is saved and the script exits with 128 + the signal number. A second SIGINT interrupts at once.
 """
 
 from __future__ import annotations
 
 import signal
-from types import FrameType
 
 import torch
 
 from utils import distributed as du
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
@@ -29,7 +25,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _handle(self, signum: int, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
@@ -47,13 +43,12 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         try:
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         except ValueError:  # not the main thread: leave the defaults
-            self._previous.clear()
+            self._previous = {}
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
+        self._previous = {}
