@@ -30,24 +30,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from data import DataError
 from data.dataset import batches_per_epoch
 from models import CheckpointError
 from models.pretrained import load_codec_state, read_state
 from modules.teacher import fetch_teacher
+from training import checkpoint
 from training.batches import make_loaders, screen_batch, validate
-from training.checkpoint import (
-    TrainingError,
-    check_resumable,
-    find_resume_checkpoint,
-    remove_stale_checkpoint_temporaries,
-    restore,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from training.checkpoint import TrainingError, save_checkpoint, seed_everything
 from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
 from training.parallel import unwrap_ddp, wrap_ddp
@@ -57,7 +48,6 @@ from training.state import LossPlan, State, build_state, loss_plan
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
-from utils.files import atomic_write
 from utils.hub import HubError
 
 
@@ -92,16 +82,16 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
     with state.autocast():
         # Real and fake in one call: one DDP forward per backward.
         outs = state.disc_ddp(torch.cat([real, fake.detach()]))
-    logged = {}
-    for name, (logits, _) in outs.items():
-        logged[f"loss/discriminator_{name}"] = state.losses.gan.discriminator([lg[:batch] for lg in logits], [lg[batch:] for lg in logits])
+    gan = state.losses.gan
+    logged = {f"loss/discriminator_{n}": gan.discriminator([lg[:batch] for lg in logits], [lg[batch:] for lg in logits])
+              for n, (logits, _) in outs.items()}  # fmt: skip
     total = sum(logged.values(), real.new_zeros((), dtype=torch.float32))
     grad_norm, skip = _update(state, total, state.opt_d, state.discriminators.parameters())
     logged = {k: v.detach() for k, v in logged.items()}
     return {**logged, "loss/discriminator": total.detach(), "grad_norm/d": grad_norm, "skipped/d": float(skip)}
 
 
-def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, plan: LossPlan) -> dict[str, torch.Tensor | float]:
+def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, plan: LossPlan) -> dict[str, Any]:
     """One codec update: the weighted sum of the terms ``plan`` switches on.
 
     Args:
@@ -197,7 +187,8 @@ def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop:
     logger.info(f"finished at step {state.step} (epoch {state.epoch})")
 
 
-def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals, means: RunningMeans) -> bool:
+def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals,
+              means: RunningMeans) -> bool:  # fmt: skip
     """The rest of the current epoch; True when the run is done (``max_steps``, or a stop signal)."""
     cfg, (train_loader, _, valid_loader) = state.cfg, loaders
     batches = iter(train_loader)
@@ -273,22 +264,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _prepare_log_dir(log_dir: Path, ckpt_dir: Path, raw: dict) -> None:
-    """On rank 0: the checkpoint directory without an interrupted save's leftovers, and the merged
-    config; an ``OSError`` (e.g. an unwritable ``log_dir``) stops every rank."""
-    failed = None
-    if du.is_main_process():
-        try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            for p in remove_stale_checkpoint_temporaries(ckpt_dir):
-                print(f"removed {p.name} left by an interrupted save", flush=True)
-            text = yaml.safe_dump(raw, sort_keys=False)
-            atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
-        except OSError as exc:
-            failed = exc
-    du.raise_on_every_rank(failed)
-
-
 def main(argv: Sequence[str] | None = None) -> State:
     """Run training; returns the final state (tests inspect it). Raises on errors.
 
@@ -296,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> State:
     ``init_from``) is checked before anything is written into ``log_dir``.
     """
     args = parse_args(argv)
-    flags = [f"{k}={vars(args)[k]}" for k in ("training_file", "validation_file", "log_dir") if vars(args)[k] is not None]
+    flags = [f"{k}={v}" for k in ("training_file", "validation_file", "log_dir") if (v := vars(args)[k]) is not None]
     loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])
     cfg, raw = loaded.cfg, loaded.raw
     device = du.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout_minutes)
@@ -305,14 +280,14 @@ def main(argv: Sequence[str] | None = None) -> State:
     try:
         log_dir = Path(cfg.log_dir)
         ckpt_dir = log_dir / "model_ckpts"
-        resume = find_resume_checkpoint(ckpt_dir, RunLogger(), restart=args.restart)
+        resume = checkpoint.find_resume_checkpoint(ckpt_dir, RunLogger(), restart=args.restart)
         if resume is not None:
-            check_resumable(resume[1], raw, str(resume[0]))
+            checkpoint.check_resumable(resume[1], raw, str(resume[0]))
         # Resuming or fine-tuning: the teacher's weights come with the codec's (no download).
         teacher = False if resume is not None else cfg.teacher_source()
         init_state = read_state(cfg.init_from) if resume is None and cfg.init_from is not None else None
         teacher_dir = fetch_teacher(cfg.codec.semantic_techer, teacher)  # offline: one line in seconds
-        _prepare_log_dir(log_dir, ckpt_dir, raw)
+        checkpoint.prepare_log_dir(log_dir, raw)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
@@ -326,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> State:
         logger.info(f"processes: {du.world_size()} (backend {backend}), device {device}, precision {cfg.precision}")
         logger.models(state, teacher)
         if resume is not None:
-            restore(state, resume[1], str(resume[0]), logger)
+            checkpoint.restore(state, resume[1], str(resume[0]), logger)
             logger.info(f"resumed from {resume[0]} (step {state.step}, epoch {state.epoch}, "
                         f"batch {state.batch_in_epoch} of the epoch)")  # fmt: skip
         elif init_state is not None:
@@ -335,12 +310,12 @@ def main(argv: Sequence[str] | None = None) -> State:
         del init_state
         wrap_ddp(state, loss_plan(cfg, 0))
         loaders = make_loaders(cfg, state.codec.sample_rate, device)
-        n_valid = len(loaders[2].dataset) if loaders[2] else 0
+        n_valid, n_batches = len(loaders[2].dataset) if loaders[2] else 0, batches_per_epoch(loaders[1], cfg.batch_size)
         logger.info(f"data: {len(loaders[0].dataset)} training clips, {n_valid} validation clips, "
-                    f"{batches_per_epoch(loaders[1], cfg.batch_size)} batches of {cfg.batch_size} per epoch and process")
+                    f"{n_batches} batches of {cfg.batch_size} per epoch and process")
         # RNG last, right before the loop: nothing above may shift the restored streams.
         if resume is not None and resume[1].get("world_size") == du.world_size():
-            set_rng_state(resume[1]["rng"][du.rank()])
+            checkpoint.set_rng_state(resume[1]["rng"][du.rank()])
         elif resume is None:
             seed_everything(cfg.seed + du.rank())
         del resume

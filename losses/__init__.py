@@ -3,10 +3,9 @@ built on them (``losses.metrics``). Reconstruction losses take ``(estimate, targ
 (B, 1, T) and return a scalar; adversarial losses take discriminator outputs (``modules.discriminators``)."""
 
 from .adversarial import FeatureMatchingLoss, GANLoss
-from .bundle import LossBundle
 from .spectral import MelSpectrogramLoss, MultiResolutionSTFTLoss, SubbandMultiResolutionSTFTLoss, mel_spectrogram
 
 __all__ = [
-    "FeatureMatchingLoss", "GANLoss", "LossBundle", "MelSpectrogramLoss", "MultiResolutionSTFTLoss",
+    "FeatureMatchingLoss", "GANLoss", "MelSpectrogramLoss", "MultiResolutionSTFTLoss",
     "SubbandMultiResolutionSTFTLoss", "mel_spectrogram",
 ]  # fmt: skip

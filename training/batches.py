@@ -16,14 +16,14 @@ from .config import TrainConfig
 def make_loaders(cfg: TrainConfig, sample_rate: int, device: torch.device):
     """``(train_loader, train_sampler, valid_loader or None)`` over this rank's shards."""
     pin, rank, world = device.type == "cuda", du.rank(), du.world_size()
-    files = list_audio_files(cfg.training_file)
-    train = AudioSegmentDataset(files, cfg.segment_size, sample_rate, cfg.audio_norm_scale, random_crop=True, seed=cfg.seed)
+    crops = (cfg.segment_size, sample_rate, cfg.audio_norm_scale)
+    train = AudioSegmentDataset(list_audio_files(cfg.training_file), *crops, random_crop=True, seed=cfg.seed)
     train_loader, train_sampler = build_loader(train, cfg.batch_size, cfg.num_workers, rank, world, shuffle=True,
                                                seed=cfg.seed, drop_last=True, pin_memory=pin)  # fmt: skip
     if not cfg.validation_file:
         return train_loader, train_sampler, None
     files = list_audio_files(cfg.validation_file)[: cfg.validation_max_clips or None]
-    valid = AudioSegmentDataset(files, cfg.segment_size, sample_rate, cfg.audio_norm_scale, random_crop=False, seed=cfg.seed)
+    valid = AudioSegmentDataset(files, *crops, random_crop=False, seed=cfg.seed)
     valid_loader, _ = build_loader(valid, cfg.batch_size, min(cfg.num_workers, 2), rank, world, shuffle=False,
                                    seed=cfg.seed, drop_last=False, pin_memory=pin)  # fmt: skip
     return train_loader, train_sampler, valid_loader
@@ -88,10 +88,10 @@ def validate(state: Any, loader, logger: Any) -> dict[str, float]:
                 sums[0] += float(state.losses.mel(fake[i : i + 1], real[i : i + 1]))
                 sums[1] += float(state.losses.full_stft(fake[i : i + 1], real[i : i + 1]))
             sums[2:] += torch.tensor([float(out.semantic_loss) * b, b], dtype=torch.float64, device=sums.device)
+            shown = {"reconstruction": fake} if state.originals_logged else {"original": real, "reconstruction": fake}
             for i in range(min(b, cfg.num_plots - plotted) if logger.writer is not None else 0):
-                if not state.originals_logged:
-                    logger.clip(f"valid/clip{plotted}", "original", real[i, 0].cpu().numpy(), state.step, codec.sample_rate)
-                logger.clip(f"valid/clip{plotted}", "reconstruction", fake[i, 0].cpu().numpy(), state.step, codec.sample_rate)
+                for name, audio in shown.items():
+                    logger.clip(f"valid/clip{plotted}", name, audio[i, 0].cpu().numpy(), state.step, codec.sample_rate)
                 plotted += 1
     finally:
         codec.train()

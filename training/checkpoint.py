@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from models.config import generator_config_from_dict
 from models.export import save_export
@@ -64,6 +65,22 @@ class _PausingWriter:
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def prepare_log_dir(log_dir: Path, raw: dict) -> None:
+    """On rank 0: ``model_ckpts/`` without an interrupted save's leftovers, and the merged config
+    as ``config.yaml``; an ``OSError`` (e.g. an unwritable ``log_dir``) stops every rank."""
+    failed = None
+    if du.is_main_process():
+        try:
+            (log_dir / "model_ckpts").mkdir(parents=True, exist_ok=True)
+            for p in remove_stale_checkpoint_temporaries(log_dir / "model_ckpts"):
+                print(f"removed {p.name} left by an interrupted save", flush=True)
+            text = yaml.safe_dump(raw, sort_keys=False)
+            atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
+        except OSError as exc:
+            failed = exc
+    du.raise_on_every_rank(failed)
 
 
 def remove_stale_checkpoint_temporaries(directory: str | Path) -> list[Path]:
@@ -142,33 +159,24 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 # ---------------------------------------------------------------------------- the training state
+_COUNTERS = ("nonfinite_total", "nonfinite_consecutive", "skipped_batches")
+
+
 def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     """Write ``ckpt_{step}.pth`` (+ ``export_{step}/``) of the script's ``State`` on rank 0;
     a collective on every rank. Refuses, on every rank, to write a state holding NaN/Inf.
     The ``save_pause`` test hook pauses mid-write (a ``paused_<step>`` marker says when)."""
     payload = {
-        "format": CHECKPOINT_FORMAT,
-        "codec": state.codec.state_dict(),
-        "config": state.raw_config,
+        "format": CHECKPOINT_FORMAT, "codec": state.codec.state_dict(), "config": state.raw_config,
         "discriminators": {n: d.state_dict() for n, d in state.discriminators.items()},
-        "optimizer_g": state.opt_g.state_dict(),
-        "optimizer_d": state.opt_d.state_dict(),
-        "scheduler_g": state.sched_g.state_dict(),
-        "scheduler_d": state.sched_d.state_dict(),
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "world_size": du.world_size(),
-        "batch_size": state.cfg.batch_size,
+        "optimizer_g": state.opt_g.state_dict(), "optimizer_d": state.opt_d.state_dict(),
+        "scheduler_g": state.sched_g.state_dict(), "scheduler_d": state.sched_d.state_dict(),
+        "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+        "world_size": du.world_size(), "batch_size": state.cfg.batch_size,
         "rng": du.gather_objects(rng_state()),  # every rank's RNG, so each resumes its own stream
         "bandwidth_rng": state.bandwidth_rng.getstate(),
-        "counters": {
-            "nonfinite_total": state.nonfinite_total,
-            "nonfinite_consecutive": state.nonfinite_consecutive,
-            "skipped_batches": state.skipped_batches,
-            "bad_files": dict(state.bad_files),
-        },
-    }
+        "counters": {**{k: getattr(state, k) for k in _COUNTERS}, "bad_files": dict(state.bad_files)},
+    }  # fmt: skip
     bad = nonfinite_entries({k: payload[k] for k in ("codec", "discriminators", "optimizer_g", "optimizer_d")})
     if bad:
         raise TrainingError(f"refusing to write a checkpoint at step {state.step}: NaN/Inf in {', '.join(bad[:5])}")
@@ -219,12 +227,10 @@ def checkpoint_problem(obj: dict) -> str | None:
 def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -> tuple[Path, dict] | None:
     """The newest usable checkpoint (rank 0 picks, every rank reads the same file).
 
-    Policy: a checkpoint that cannot be used (unreadable, truncated, incomplete, another
-    format) is moved to ``model_ckpts/unusable/`` once an older one is chosen, so that
-    rotation never deletes the new checkpoints because of it. With checkpoints present and
-    none usable the run stops (it never starts again from step 0 over an existing run);
-    ``restart=True`` moves every checkpoint and export to ``model_ckpts/previous_<time>/``
-    and starts from step 0 (nothing is deleted).
+    An unusable checkpoint (unreadable, truncated, incomplete, another format) is moved to
+    ``unusable/`` once an older one is chosen: rotation never deletes the new checkpoints because
+    of it. With checkpoints present and none usable the run stops (never a silent restart from
+    step 0); ``restart=True`` moves every checkpoint and export to ``previous_<time>/`` (nothing is deleted).
 
     Raises:
         TrainingError: checkpoints exist, none is usable and ``restart`` is false.
@@ -335,18 +341,19 @@ def restore(state: Any, ckpt: dict, source: str, logger: Any) -> None:
         state.sched_d.load_state_dict(ckpt["scheduler_d"])
         changes += _apply_settings(state.opt_d, state.sched_d, cfg.optimizer.d, cfg.lr_scheduler.d.gamma, "d")
     if changes:
-        logger.warn(f"settings changed since the checkpoint, applied from step {int(ckpt['step'])}: {'; '.join(changes)}")
+        logger.warn(f"settings changed since the checkpoint, applied from step {int(ckpt['step'])}: "
+                    f"{'; '.join(changes)}")  # fmt: skip
     state.step, state.epoch, state.batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
     counters = ckpt.get("counters", {})
-    state.nonfinite_total = int(counters.get("nonfinite_total", 0))
-    state.nonfinite_consecutive = int(counters.get("nonfinite_consecutive", 0))
-    state.skipped_batches = int(counters.get("skipped_batches", 0))
+    for key in _COUNTERS:
+        setattr(state, key, int(counters.get(key, 0)))
     state.bad_files = dict(counters.get("bad_files", {}))
     bw = ckpt["bandwidth_rng"]
     state.bandwidth_rng.setstate((bw[0], tuple(bw[1]), bw[2]))
     if ckpt.get("world_size") != du.world_size() or ckpt.get("batch_size") != cfg.batch_size:
         logger.warn(
-            f"the checkpoint was written by {ckpt.get('world_size')} process(es) with batch_size {ckpt.get('batch_size')}; "
+            f"the checkpoint was written by {ckpt.get('world_size')} process(es) with batch_size "
+            f"{ckpt.get('batch_size')}; "
             "the data order of the current epoch and the RNG streams are not those of an uninterrupted run"
         )
         if ckpt.get("batch_size") != cfg.batch_size:

@@ -282,7 +282,7 @@ def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
     problems = {
         "d_list": len(set(cfg.d_list)) != len(cfg.d_list) and f"names repeat: {cfg.d_list}",
         "max_steps": cfg.max_steps == cfg.num_epoches == 0 and "max_steps and num_epoches are both 0: nothing to train",
-        "optimizer.*.betas": (len(cfg.optimizer.g.betas), len(cfg.optimizer.d.betas)) != (2, 2) and "expected two numbers",
+        "optimizer.*.betas": {len(cfg.optimizer.g.betas), len(cfg.optimizer.d.betas)} != {2} and "expected two numbers",
         "segment_size": cfg.segment_size < cfg.codec.hop_length
         and f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)",
         "pretrained_teacher": cfg.pretrained_teacher == "" and "empty string",

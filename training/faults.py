@@ -56,14 +56,11 @@ class FaultHooks:
 
 def write_state_hashes(state: Any, directory: str) -> None:
     """Hashes of this rank's codec, codebooks, discriminators and optimizer (the script's ``State``)."""
-    opt = {f"{i}.{k}": v for i, s in state.opt_g.state_dict()["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
-    hashes = {
-        "step": state.step,
-        "codec": state_hash(state.codec.state_dict()),
-        "codebooks": state_hash(state.codec.quantizer.state_dict()),
-        "discriminators": state_hash(state.discriminators.state_dict()),
-        "optimizer_g": state_hash(opt),
-    }
+    opt = state.opt_g.state_dict()["state"]
+    opt = {f"{i}.{k}": v for i, s in opt.items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    hashes = {"step": state.step, "codec": state_hash(state.codec.state_dict()),
+              "codebooks": state_hash(state.codec.quantizer.state_dict()),
+              "discriminators": state_hash(state.discriminators.state_dict()), "optimizer_g": state_hash(opt)}  # fmt: skip
     if isinstance(state.codec_ddp, DDP):
         teacher = {id(p) for p in state.codec.semantic_model.parameters()}
         synced = state.codec_ddp._module_parameters

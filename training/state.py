@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from losses import LossBundle
+from losses import adversarial, spectral
 from models import XCodec, build_codec
 from modules.discriminators import DiscriminatorBank, build_discriminators
 from quantization import CodebookUsage
@@ -25,19 +25,12 @@ SPECTRAL_TERMS = ("full_stft", "sub_stft", "mel")
 
 @dataclass(frozen=True)
 class LossPlan:
-    """What one step computes, decided once from the config and the step number.
+    """What one step computes, decided once (:func:`loss_plan`) and passed to every place that needs it."""
 
-    Attributes:
-        spectral: the spectral terms with a weight, in ``SPECTRAL_TERMS`` order.
-        adversarial: the generator's adversarial and feature-matching terms are on.
-        discriminator: the discriminators are updated (from step 0, even before ``adversarial``).
-        semantic: the semantic term has a weight (the semantic decoder is in the graph).
-    """
-
-    spectral: tuple[str, ...]
-    adversarial: bool
-    discriminator: bool
-    semantic: bool
+    spectral: tuple[str, ...]  # the spectral terms with a weight, in SPECTRAL_TERMS order
+    adversarial: bool  # the generator's adversarial and feature-matching terms
+    discriminator: bool  # the discriminators are updated (from step 0, even before `adversarial`)
+    semantic: bool  # the semantic term has a weight (the semantic decoder is in the graph)
 
     @property
     def audio_grad(self) -> bool:
@@ -55,12 +48,8 @@ def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
     pass (``discriminator_iter_start``), so step 0's plan is the sparsest of a run."""
     w = cfg.loss_weights
     discriminator = w.adversarial > 0 or w.feature_matching > 0
-    return LossPlan(
-        spectral=tuple(k for k in SPECTRAL_TERMS if getattr(w, k) > 0),
-        adversarial=discriminator and step >= cfg.discriminator_iter_start,
-        discriminator=discriminator,
-        semantic=w.semantic > 0,
-    )
+    spectral = tuple(k for k in SPECTRAL_TERMS if getattr(w, k) > 0)
+    return LossPlan(spectral, discriminator and step >= cfg.discriminator_iter_start, discriminator, w.semantic > 0)
 
 
 @dataclass
@@ -70,6 +59,7 @@ class State:
     ``codec`` / ``discriminators`` are the plain modules (checkpoints, validation, the
     generator step's discriminator pass); ``codec_ddp`` / ``disc_ddp`` are what the
     training forward passes go through (the same modules without a process group).
+    ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``, ``feature_matching`` (``losses`` modules).
     """
 
     cfg: TrainConfig
@@ -83,7 +73,7 @@ class State:
     opt_d: torch.optim.Optimizer
     sched_g: torch.optim.lr_scheduler.LRScheduler
     sched_d: torch.optim.lr_scheduler.LRScheduler
-    losses: LossBundle
+    losses: nn.ModuleDict
     weights: dict[str, float]
     usage: CodebookUsage
     bandwidth_rng: random.Random
@@ -123,17 +113,22 @@ def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool
         # A randomly initialised teacher is excluded from DDP's start-up sync; make it rank 0's.
         du.broadcast_tensors(list(codec.semantic_model.parameters()) + list(codec.semantic_model.buffers()))
     g_params = [p for p in codec.parameters() if p.requires_grad]
-    og, od = cfg.optimizer.g, cfg.optimizer.d
-    opt_g = torch.optim.AdamW(g_params, lr=og.lr, betas=tuple(og.betas), eps=og.eps, weight_decay=og.weight_decay)
-    opt_d = torch.optim.AdamW(discs.parameters(), lr=od.lr, betas=tuple(od.betas), eps=od.eps, weight_decay=od.weight_decay)
-    sections = (cfg.full_multi_scale_stft_loss, cfg.sub_multi_scale_stft_loss, cfg.mel_scale_loss)
+    opt_g, opt_d = (
+        torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        for params, o in ((g_params, cfg.optimizer.g), (discs.parameters(), cfg.optimizer.d))
+    )
+    losses = nn.ModuleDict({
+        "full_stft": spectral.MultiResolutionSTFTLoss(**dataclasses.asdict(cfg.full_multi_scale_stft_loss)),
+        "sub_stft": spectral.SubbandMultiResolutionSTFTLoss(**dataclasses.asdict(cfg.sub_multi_scale_stft_loss)),
+        "mel": spectral.MelSpectrogramLoss(**dataclasses.asdict(cfg.mel_scale_loss)),
+        "gan": adversarial.GANLoss(), "feature_matching": adversarial.FeatureMatchingLoss(),
+    })  # fmt: skip
     return State(
         cfg=cfg, raw_config=raw, device=device,
         codec=codec, codec_ddp=codec, discriminators=discs, disc_ddp=DiscriminatorBank(discs),
         opt_g=opt_g, opt_d=opt_d,
         sched_g=torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.lr_scheduler.g.gamma),
         sched_d=torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=cfg.lr_scheduler.d.gamma),
-        losses=LossBundle(*(dataclasses.asdict(sec) for sec in sections)).to(device),
-        weights=dataclasses.asdict(cfg.loss_weights),
+        losses=losses.to(device), weights=dataclasses.asdict(cfg.loss_weights),
         usage=CodebookUsage(codec.n_q, codec.bins, device), bandwidth_rng=random.Random(cfg.seed),
     )  # fmt: skip
