@@ -41,10 +41,9 @@ from training.batches import make_loaders, screen_batch, validate
 from training.checkpoint import TrainingError, save_checkpoint, seed_everything
 from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
-from training.parallel import unwrap_ddp, wrap_ddp
 from training.run_logger import RunLogger, RunningMeans
 from training.signals import StopSignals
-from training.state import LossPlan, State, build_state, loss_plan
+from training.state import LossPlan, State, build_state, loss_plan, unwrap_ddp, wrap_ddp
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
 from utils.config import ConfigError

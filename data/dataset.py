@@ -22,41 +22,31 @@ class DataError(RuntimeError):
 
 
 def list_audio_files(source: str | Path) -> list[str]:
-    """Audio paths, in a deterministic order, from a file list or a directory.
-
-    Args:
-        source: a text file with one path per line (blank lines and ``#`` comments
-            ignored; a relative path is taken from the working directory when it exists
-            there, else from the list's own directory), or a directory, scanned
-            recursively for every extension libsndfile reads, sorted by path.
-            Readability is checked when a clip is loaded (a bad clip is skipped then).
-    """
+    """Audio paths, in a deterministic order, from ``source``: a text file with one path per line
+    (``corpus.inputs.read_file_list``) or a directory scanned recursively for every extension
+    libsndfile reads. Readability is checked when a clip is loaded (a bad clip is skipped then)."""
     source = Path(source)
     if source.is_dir():
         exts = audio_extensions()
         files = [str(p) for p in scan_directory(source, exts)]
-        if not files:
-            raise DataError(f"{source}: no audio files found (looked for {', '.join(sorted(exts))})")
-        return files
-    if not source.is_file():
-        raise DataError(f"{source}: no such file list or directory")
-    files = [str(p) for p in read_file_list(source)]
+        empty = f"no audio files found (looked for {', '.join(sorted(exts))})"
+    elif source.is_file():
+        files, empty = [str(p) for p in read_file_list(source)], "the file list is empty"
+    else:
+        files, empty = [], "no such file list or directory"
     if not files:
-        raise DataError(f"{source}: the file list is empty")
+        raise DataError(f"{source}: {empty}")
     return files
 
 
 class AudioSegmentDataset(Dataset):
-    """Fixed-length mono crops of audio files, ready for the codec.
+    """Fixed-length mono crops of audio files at ``sample_rate``, times ``audio_norm_scale``
+    (shorter clips zero-padded at the end).
 
-    Each clip is read, mixed to mono, resampled to ``sample_rate`` and multiplied by
-    ``audio_norm_scale``; a crop of ``segment_size`` samples is taken (shorter clips are
-    zero-padded at the end). Random crops are drawn from a generator seeded by ``(seed,
-    epoch, index)``: independent of worker processes, so a resumed run sees exactly the crops
-    an uninterrupted one would. Fixed crops (validation) take the centre.
-
-    A clip that cannot be used (missing, unreadable, empty, NaN/Inf, ...) never raises: the
-    item comes back with ``ok = False`` and the reason; the training loop drops and counts it.
+    Random crops are seeded by ``(seed, epoch, index)``: independent of worker processes, so a
+    resumed run sees exactly the crops an uninterrupted one would; fixed crops (validation) take
+    the centre. A clip that cannot be used (missing, unreadable, NaN/Inf, ...) never raises: its
+    item has ``ok = False`` and the reason; the training loop drops and counts it.
 
     Args:
         files: audio paths.
@@ -106,13 +96,9 @@ class AudioSegmentDataset(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start mid-epoch and tags each index with its epoch.
-
-    Yields ``(index, epoch)`` so the dataset can seed its crops from the epoch without sharing
-    state with worker processes. ``set_position(epoch, skip)`` makes the next iteration start
-    ``skip`` samples into ``epoch`` (resume) of ``DistributedSampler``'s permutation for that
-    epoch and seed: every rank's shard and order are those of an uninterrupted run.
-    Works without a process group: pass ``num_replicas`` and ``rank``.
+    """``DistributedSampler`` yielding ``(index, epoch)`` (the dataset seeds its crops from the
+    epoch) that can start ``skip`` samples into an epoch (``set_position``, resume): every rank's
+    shard and order are those of an uninterrupted run. No process group needed (``num_replicas``, ``rank``).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0,

@@ -102,13 +102,9 @@ class MelSpectrogramLoss(nn.Module):
     """L1 distance between HiFi-GAN log-mel spectrograms: ``log(clamp(mel @ |STFT|, 1e-5))``.
 
     Args:
-        sampling_rate: sampling rate in Hz.
-        n_fft: FFT size.
+        sampling_rate, n_fft, hop_size, win_size: in samples (Hann window).
         num_mels: mel bands (Slaney scale and normalisation, like librosa).
-        hop_size: hop in samples.
-        win_size: Hann window length.
         fmin, fmax: mel frequency range in Hz (``fmax=None``: Nyquist).
-        center: centre frames with torch.stft instead of HiFi-GAN's (n_fft - hop) / 2 reflect pad.
 
     Forward:
         estimate: generated waveform (B, 1, T).
@@ -117,24 +113,20 @@ class MelSpectrogramLoss(nn.Module):
     """
 
     def __init__(self, sampling_rate: int = 16000, n_fft: int = 1024, num_mels: int = 80, hop_size: int = 160,
-                 win_size: int = 800, fmin: float = 0.0, fmax: float | None = None, center: bool = False):  # fmt: skip
+                 win_size: int = 800, fmin: float = 0.0, fmax: float | None = None):  # fmt: skip
         super().__init__()
-        self.n_fft, self.hop_size, self.win_size, self.center = n_fft, hop_size, win_size, center
+        self.n_fft, self.hop_size, self.win_size = n_fft, hop_size, win_size
         # Clone: the cached array must not alias a buffer that .to()/in-place ops could touch.
         basis = torch.from_numpy(_slaney_mel_basis(sampling_rate, n_fft, num_mels, fmin, fmax)).clone()
         self.register_buffer("mel_basis", basis, persistent=False)
         self.register_buffer("window", torch.hann_window(win_size), persistent=False)
 
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T), (B, T) or (T,) -> (N, num_mels, frames) natural-log mel spectrogram
-        (frames = T // hop_size when ``center`` is False)."""
-        x = wav.reshape(-1, wav.shape[-1]).float()
-        if not self.center:
-            # HiFi-GAN pads (n_fft - hop) / 2 per side so that frames = T // hop.
-            pad = (self.n_fft - self.hop_size) // 2
-            x = F.pad(x.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
-        spec = torch.stft(x, self.n_fft, self.hop_size, self.win_size, self.window, center=self.center,
-                          pad_mode="reflect", return_complex=True)  # fmt: skip
+        """(B, 1, T), (B, T) or (T,) -> (N, num_mels, T // hop_size) natural-log mel spectrogram."""
+        # HiFi-GAN pads (n_fft - hop) / 2 per side (not torch.stft's centring) so that frames = T // hop.
+        pad = (self.n_fft - self.hop_size) // 2
+        x = F.pad(wav.reshape(-1, 1, wav.shape[-1]).float(), (pad, pad), mode="reflect").squeeze(1)
+        spec = torch.stft(x, self.n_fft, self.hop_size, self.win_size, self.window, center=False, return_complex=True)
         mag = (torch.view_as_real(spec).pow(2).sum(-1) + 1e-9).sqrt()
         return torch.matmul(self.mel_basis, mag).clamp(min=1e-5).log()
 

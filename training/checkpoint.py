@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import random
 import re
@@ -46,25 +47,6 @@ def _entries(directory: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.match(p.name)))
-
-
-class _PausingWriter:
-    """File wrapper that stops for ``pause`` seconds after the first write (crash tests)."""
-
-    def __init__(self, f, pause: float, on_pause):
-        self.f, self.pause, self.on_pause, self.paused = f, pause, on_pause, False
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        if not self.paused:
-            self.paused = True
-            self.f.flush()
-            self.on_pause()
-            time.sleep(self.pause)
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 def prepare_log_dir(log_dir: Path, raw: dict) -> None:
@@ -185,14 +167,19 @@ def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     path, export = ckpt_dir / f"ckpt_{state.step:08d}.pth", ckpt_dir / f"export_{state.step:08d}"
     pause = state.hooks.save_pause
 
-    def on_pause() -> None:
-        (ckpt_dir / f"paused_{state.step:08d}").touch()
-        logger.info(f"test hook: paused while writing {path}")
-
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            paused = pause is not None and pause[0] == state.step
-            torch.save(payload, _PausingWriter(f, pause[1], on_pause) if paused else f)
+            if pause is None or pause[0] != state.step:
+                torch.save(payload, f)
+                return
+            data = io.BytesIO()  # test hook: part of the file on disk, then a pause for the test's SIGKILL
+            torch.save(payload, data)
+            f.write(data.getbuffer()[:4096])
+            f.flush()
+            (ckpt_dir / f"paused_{state.step:08d}").touch()
+            logger.info(f"test hook: paused while writing {path}")
+            time.sleep(pause[1])
+            f.write(data.getbuffer()[4096:])
 
     atomic_write(path, write, durable=True)
     atomic_directory(export, lambda d: save_export(state.codec, d), durable=True)
