@@ -1,20 +1,17 @@
 """X-Codec training: one GPU, many GPUs or many nodes; resumable; logged to tensorboard.
 
-    python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4
-    torchrun --nnodes=1 --nproc-per-node=8 main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
+    python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4 batch_size=2
     torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 \\
-        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml   # and --node-rank=1 on the other
+        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml   # --node-rank=1 on the other
 
-DDP over NCCL (gloo on CPU); with several nodes log_dir must be on a shared filesystem to resume.
-Overrides are ``key.sub=value`` arguments (YAML values, e.g. ``batch_size=16 d_list=[mfd,mpd]``), merged
-over an experiment file (``--exp_config``, the original's ``--exp_model_config``) merged over ``--config``.
-Restarting the same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth``
-(``--restart``: from step 0, old checkpoints moved aside). SIGTERM or SIGINT saves a checkpoint and
-exits with 128 + the signal number. Fine-tuning: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
+DDP over NCCL (gloo on CPU); several nodes need log_dir on a shared filesystem to resume. ``key.sub=value``
+overrides (YAML values) go over ``--exp_config`` (the original's ``--exp_model_config``), over ``--config``.
+The same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth`` (``--restart``: from
+step 0, old checkpoints moved aside). SIGTERM or SIGINT saves a checkpoint and exits with 128 + the signal
+number. Fine-tuning: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
 
-The step: one codec forward (one teacher pass); the discriminators are updated on the detached
-reconstruction, then the generator on the same reconstruction against the updated discriminators
-(the original ran the codec a second time for the D update).
+A step runs the codec (and its teacher) once: the discriminators are updated on the detached reconstruction,
+then the generator on the same one (the original ran the codec a second time for the D update).
 """
 
 from __future__ import annotations
@@ -73,9 +70,7 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
         real: (B, 1, T) target audio.
         fake: (B, 1, T) reconstruction, detached from the codec graph.
 
-    Returns:
-        Logged values: ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d``
-        and ``skipped/d`` (1.0 when the update was skipped for a NaN/Inf).
+    Returns ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d`` and ``skipped/d`` (1.0: skipped).
     """
     batch = real.shape[0]
     with state.autocast():
@@ -100,9 +95,7 @@ def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: An
         out: the ``CodecOutput`` of the step (semantic and commitment losses).
         plan: the step's :class:`LossPlan`.
 
-    Returns:
-        ``loss/<name>`` (unweighted) for every term used, ``loss/generator`` (weighted
-        total), ``grad_norm/g`` and ``skipped/g``.
+    Returns ``loss/<name>`` (unweighted) of every term, ``loss/generator`` (the total), ``grad_norm/g``, ``skipped/g``.
     """
     terms = {name: getattr(state.losses, name)(fake, real) for name in plan.spectral}
     if plan.adversarial:
@@ -164,8 +157,8 @@ def step_schedulers(state: State) -> None:
 
 
 def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
-    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint.
-    ``loaders``: what :func:`training.batches.make_loaders` returns."""
+    """Epochs (``loaders``: from ``make_loaders``) until ``max_steps``/``num_epoches`` or a stop signal;
+    always ends with a checkpoint."""
     cfg, (_, sampler, _) = state.cfg, loaders
     logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(sampler, cfg.batch_size), state.step)
     means = RunningMeans()  # device-side sums: no host sync per step
@@ -251,8 +244,8 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line: ``--config`` and friends, then ``key.sub=value`` overrides."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--config", "--basic_model_config", dest="config", help="recipe YAML (may name a 'base:' file)",
-                        default="configs/xcodec_hubert_librispeech.yaml")  # fmt: skip
+    parser.add_argument("--config", "--basic_model_config", default="configs/xcodec_hubert_librispeech.yaml",
+                        help="recipe YAML (may name a 'base:' file)")  # fmt: skip
     parser.add_argument("--exp_config", "--exp_model_config", help="experiment YAML merged over --config")
     for key in ("training_file", "validation_file", "log_dir"):
         parser.add_argument(f"--{key}", help=f"same as {key}=...")

@@ -37,10 +37,9 @@ class FaultHooks:
     def from_env(cls) -> FaultHooks:
         env = os.environ
         nan = {int(s) for s in env.get("XCODEC_TEST_NAN_STEPS", "").split(",") if s.strip()}
-        kill = tuple(int(x) for x in env["XCODEC_TEST_KILL"].split(":")) if env.get("XCODEC_TEST_KILL") else None
-        pause = env.get("XCODEC_TEST_SAVE_PAUSE", "").partition(":")
-        save_pause = (int(pause[0]), float(pause[2])) if pause[1] else None
-        return cls(nan, kill, save_pause, env.get("XCODEC_TEST_HASH_DIR") or None)
+        kill, pause = (env.get(f"XCODEC_TEST_{k}", "").partition(":") for k in ("KILL", "SAVE_PAUSE"))
+        return cls(nan, (int(kill[0]), int(kill[2])) if kill[1] else None,
+                   (int(pause[0]), float(pause[2])) if pause[1] else None, env.get("XCODEC_TEST_HASH_DIR") or None)  # fmt: skip
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """``loss``, made NaN when ``step`` is one of ``nan_steps``."""
@@ -48,8 +47,7 @@ class FaultHooks:
 
     def maybe_kill(self, step: int, logger: Any) -> None:
         """SIGKILL this process after ``step`` when the kill hook names this rank and step."""
-        restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if self.kill is not None and self.kill == (du.rank(), step) and restart_count == 0:
+        if self.kill == (du.rank(), step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             logger.info("test hook: killing this process")
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -64,7 +62,6 @@ def write_state_hashes(state: Any, directory: str) -> None:
     if isinstance(state.codec_ddp, DDP):
         teacher = {id(p) for p in state.codec.semantic_model.parameters()}
         synced = state.codec_ddp._module_parameters
-        hashes["ddp_synced_params"] = len(synced)
-        hashes["ddp_syncs_teacher"] = any(id(p) in teacher for p in synced)
+        hashes.update(ddp_synced_params=len(synced), ddp_syncs_teacher=any(id(p) in teacher for p in synced))
     Path(directory).mkdir(parents=True, exist_ok=True)
     (Path(directory) / f"hash_rank{du.rank()}.json").write_text(json.dumps(hashes, indent=1))
