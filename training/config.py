@@ -13,6 +13,7 @@ verbatim (``raw``): checkpoints store it and ``XCodec.from_pretrained`` reads it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,13 +153,8 @@ class MelConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole training recipe (see configs/xcodec_hubert_librispeech.yaml for every key).
-
-    Original key names are kept (``training_file``, ``num_epoches``, ``checkpoint_interval`` ...).
-    New here: ``max_steps``, ``grad_clip``, ``precision``, ``loss_weights``, ``init_from``,
-    ``pretrained_teacher``, ``max_nonfinite_steps``, ``max_bad_fraction``, ``validation_max_clips``
-    and ``lr_scheduler.interval``.
-    """
+    """The whole training recipe (configs/xcodec_hubert_librispeech.yaml has every key), with the
+    original's key names (``training_file``, ``num_epoches``, ``checkpoint_interval`` ...)."""
 
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     audio_norm_scale: float = setting(0.95, gt=0)
@@ -318,11 +314,7 @@ _RECIPE_SIZE_KEYS = (
 
 def _recipe_sizes(cfg: TrainConfig) -> dict:
     """The recipe keys that size a training step (dotted names as in the YAML)."""
-    out = {}
-    for key in _RECIPE_SIZE_KEYS:
-        section, _, name = key.rpartition(".")
-        out[key] = getattr(getattr(cfg, section) if section else cfg, name)
-    return out
+    return {key: functools.reduce(getattr, key.split("."), cfg) for key in _RECIPE_SIZE_KEYS}
 
 
 def _step_elements(v: dict, widest: float) -> float:
