@@ -39,7 +39,6 @@ from training.checkpoint import TrainingError, save_checkpoint, seed_everything
 from training.config import load_train_config
 from training.faults import FaultHooks, write_state_hashes
 from training.run_logger import RunLogger, RunningMeans
-from training.signals import StopSignals
 from training.state import LossPlan, State, build_state, loss_plan, unwrap_ddp, wrap_ddp
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
@@ -147,6 +146,47 @@ def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | floa
 
 
 # ---------------------------------------------------------------------------- loop
+class StopSignals:
+    """A graceful stop on SIGTERM (schedulers, preemption) and SIGINT (Ctrl-C), installed for a
+    ``with`` block (main thread only). After every step the loop asks :meth:`requested_on_any_rank`:
+    every rank leaves at the same step, the final checkpoint is saved and the script exits with
+    128 + the signal number. A second SIGINT interrupts at once.
+
+    Attributes:
+        received: the first signal number received (``None``: none).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def requested_on_any_rank(self, device: torch.device) -> bool:
+        """True on every rank once any rank received a signal (a collective with several ranks)."""
+        return du.any_rank(self.received is not None, device)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def __enter__(self) -> StopSignals:
+        try:
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread: leave the defaults
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def step_schedulers(state: State) -> None:
     with warnings.catch_warnings():
         # With the adversarial terms off the discriminator optimizer never steps; its

@@ -119,7 +119,7 @@ class ResumableSampler(DistributedSampler):
 
 def _worker_init(worker_id: int) -> None:
     # A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group: the workers leave the
-    # stop to the main process, which finishes its step and saves (training.signals).
+    # stop to the main process, which finishes its step and saves (main_launch_vqdp.StopSignals).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Crops carry their own seeds; this only keeps numpy in workers distinct for anything else.

@@ -250,9 +250,7 @@ def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -
             )
         elif unusable:
             _set_aside(ckpt_dir, "unusable", [p for p, _ in unusable], logger)
-    error = du.broadcast_object(error)
-    if error is not None:
-        raise TrainingError(error)
+    du.raise_on_every_rank(TrainingError(error) if error else None)
     choice = du.broadcast_object(choice)
     if choice is None:
         return None
