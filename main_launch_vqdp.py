@@ -66,8 +66,7 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
 
     Args:
         state: training state (updated in place).
-        real: (B, 1, T) target audio.
-        fake: (B, 1, T) reconstruction, detached from the codec graph.
+        real: (B, 1, T) target audio; fake: (B, 1, T) reconstruction, detached from the codec graph.
 
     Returns ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d`` and ``skipped/d`` (1.0: skipped).
     """
@@ -89,10 +88,8 @@ def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: An
 
     Args:
         state: training state (updated in place).
-        real: (B, 1, T) target audio.
-        fake: (B, 1, T) reconstruction, attached to the codec graph.
-        out: the ``CodecOutput`` of the step (semantic and commitment losses).
-        plan: the step's :class:`LossPlan`.
+        real: (B, 1, T) target audio; fake: (B, 1, T) reconstruction, attached to the codec graph.
+        out: the step's ``CodecOutput`` (semantic and commitment losses); plan: the step's :class:`LossPlan`.
 
     Returns ``loss/<name>`` (unweighted) of every term, ``loss/generator`` (the total), ``grad_norm/g``, ``skipped/g``.
     """

@@ -47,16 +47,9 @@ class AudioSegmentDataset(Dataset):
     resumed run sees exactly the crops an uninterrupted one would; fixed crops (validation) take
     the centre. A clip that cannot be used (missing, unreadable, NaN/Inf, ...) never raises: its
     item has ``ok = False`` and the reason; the training loop drops and counts it.
+    ``segment_size`` is in samples at ``sample_rate``; ``seed`` seeds the random crops.
 
-    Args:
-        files: audio paths.
-        segment_size: crop length in samples at ``sample_rate``.
-        sample_rate: model rate in Hz.
-        audio_norm_scale: gain applied after resampling.
-        random_crop: random crops (training) or centre crops (validation).
-        seed: base seed of the random crops.
-
-    Items (for ``key`` an index or an ``(index, epoch)`` pair from :class:`ResumableSampler`):
+    Items (``key``: an index or an ``(index, epoch)`` pair from :class:`ResumableSampler`):
         ``{"wav": (1, segment_size) float32, "index": int, "ok": bool, "path": str, "error": str}``
     """
 
@@ -127,7 +120,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_loader(dataset: AudioSegmentDataset, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 shuffle: bool, seed: int, drop_last: bool, pin_memory: bool = False) -> tuple[DataLoader, ResumableSampler]:  # fmt: skip
+                 shuffle: bool, seed: int, drop_last: bool, pin_memory: bool = False,
+                 ) -> tuple[DataLoader, ResumableSampler]:  # fmt: skip
     """A DataLoader over this rank's shard.
 
     Training shards with ``drop_last=True`` (every rank gets as many batches, which DDP
@@ -136,7 +130,7 @@ def build_loader(dataset: AudioSegmentDataset, batch_size: int, num_workers: int
     """
     if drop_last and len(dataset) < world_size:
         raise DataError(f"{len(dataset)} training clip(s) cannot be split over {world_size} processes")
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = ResumableSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers > 0 else None,

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from utils.audio import AudioError, DatasetAudio, load_audio
 
 
-def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequence[float | None] | None = None) -> list[int]:
+def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequence[float | None] | None = None,
+                   ) -> list[int]:  # fmt: skip
     """Indices of ``paths``, longest file first (``durations`` where known, else the headers;
     an unreadable header or a dataset row without a duration sorts last)."""
 
@@ -61,7 +62,8 @@ def _keep(item):
     return item
 
 
-def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool, ahead: int = 8) -> DataLoader:
+def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool,
+                ahead: int = 8) -> DataLoader:  # fmt: skip
     """The files of ``dataset`` in ``order``, read ahead by ``workers`` processes (0: in this
     one), at least ``ahead`` files ahead of the consumer (two batches keep the GPU fed)."""
     prefetch = max(2, -(-ahead // workers)) if workers > 0 else None

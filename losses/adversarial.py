@@ -46,17 +46,9 @@ def _flatten(fmaps: Sequence) -> list[torch.Tensor]:
 
 
 class FeatureMatchingLoss(nn.Module):
-    """Mean L1 distance between discriminator feature maps of real and generated audio.
-
-    The mean is over every (sub-discriminator, layer) pair, each pair contributing its own
-    element-wise mean L1; real features are detached.
-
-    Forward:
-        real_fmaps: nested list ``[[(B, C, ...), ...], ...]`` (per sub-discriminator,
-            per layer), or a flat list of tensors.
-        fake_fmaps: same structure and shapes as ``real_fmaps``.
-        Returns a scalar tensor.
-    """
+    """Mean L1 distance between discriminator feature maps of real and generated audio: the mean over
+    every (sub-discriminator, layer) pair of its element-wise mean L1; real features are detached.
+    ``forward(real_fmaps, fake_fmaps)``: nested lists ``[[(B, C, ...), ...], ...]`` (or flat), same structure."""
 
     def forward(self, real_fmaps: Sequence, fake_fmaps: Sequence) -> torch.Tensor:
         pairs = list(zip(_flatten(real_fmaps), _flatten(fake_fmaps), strict=True))

@@ -24,18 +24,10 @@ def stft_magnitude(x: torch.Tensor, fft_size: int, hop_size: int, win_size: int,
 class MultiResolutionSTFTLoss(nn.Module):
     """Spectral convergence + log-magnitude L1, averaged over STFT resolutions (Parallel WaveGAN).
 
-    Per resolution: ``sc = ||S_t - S_e||_F / ||S_t||_F`` over the whole batch and
-    ``mag = mean |log S_e - log S_t|``. ``forward`` returns ``mean(sc) + mean(mag)``, the
-    quantity the original adds to the generator loss; :meth:`components` returns both terms.
-
-    Args:
-        fft_sizes, hop_sizes, win_sizes: FFT size, hop and Hann window length per resolution
-            (equal lengths; the training config checks them).
-
-    Forward:
-        estimate: generated waveform (B, 1, T) (any shape whose last dim is time).
-        target: reference waveform, same shape.
-        Returns a scalar tensor.
+    Per resolution: ``sc = ||S_t - S_e||_F / ||S_t||_F`` over the whole batch and ``mag = mean |log S_e - log S_t|``;
+    ``forward(estimate, target)`` ((B, 1, T) or any shape whose last dim is time) returns the scalar
+    ``mean(sc) + mean(mag)``, :meth:`components` both terms. Args: ``fft_sizes``, ``hop_sizes``, ``win_sizes``
+    (Hann) per resolution, of equal lengths (the training config checks them).
     """
 
     def __init__(self, fft_sizes: Sequence[int] = (512, 1024, 2048), hop_sizes: Sequence[int] = (120, 240, 300),
@@ -47,7 +39,7 @@ class MultiResolutionSTFTLoss(nn.Module):
 
     def components(self, estimate: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(spectral convergence, log-magnitude L1), each averaged over resolutions."""
-        estimate, target = estimate.reshape(-1, estimate.shape[-1]).float(), target.reshape(-1, target.shape[-1]).float()
+        estimate, target = (x.reshape(-1, x.shape[-1]).float() for x in (estimate, target))
         sc_total, mag_total = 0.0, 0.0
         for i, (fft, hop, win) in enumerate(self.resolutions):
             window = getattr(self, f"window_{i}")
@@ -64,17 +56,8 @@ class MultiResolutionSTFTLoss(nn.Module):
 
 
 class SubbandMultiResolutionSTFTLoss(MultiResolutionSTFTLoss):
-    """Multi-resolution STFT loss on PQMF sub-bands (the original's "sub stft" loss).
-
-    Both signals are split into ``num_bands`` critically sampled bands and every band is
-    treated as a separate signal of length T // num_bands.
-
-    Args:
-        num_bands: PQMF band count.
-        fft_sizes, hop_sizes, win_sizes: per resolution, in sub-band samples.
-
-    Forward: (B, 1, T) estimate and target; returns the scalar ``mean(sc) + mean(mag)``.
-    """
+    """The multi-resolution STFT loss on ``num_bands`` PQMF sub-bands (the original's "sub stft" loss), each band
+    a separate signal of length T // num_bands (sizes in sub-band samples); (B, 1, T) inputs."""
 
     def __init__(self, num_bands: int = 6, fft_sizes: Sequence[int] = (128, 256, 256),
                  hop_sizes: Sequence[int] = (20, 40, 50), win_sizes: Sequence[int] = (80, 120, 200)):  # fmt: skip
@@ -99,17 +82,13 @@ def _slaney_mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float
 
 
 class MelSpectrogramLoss(nn.Module):
-    """L1 distance between HiFi-GAN log-mel spectrograms: ``log(clamp(mel @ |STFT|, 1e-5))``.
+    """L1 distance between HiFi-GAN log-mel spectrograms ``log(clamp(mel @ |STFT|, 1e-5))`` of (B, 1, T)
+    estimate and target (not differentiated through); a scalar.
 
     Args:
         sampling_rate, n_fft, hop_size, win_size: in samples (Hann window).
         num_mels: mel bands (Slaney scale and normalisation, like librosa).
         fmin, fmax: mel frequency range in Hz (``fmax=None``: Nyquist).
-
-    Forward:
-        estimate: generated waveform (B, 1, T).
-        target: reference waveform (B, 1, T); not differentiated through.
-        Returns a scalar tensor.
     """
 
     def __init__(self, sampling_rate: int = 16000, n_fft: int = 1024, num_mels: int = 80, hop_size: int = 160,

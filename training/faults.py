@@ -38,8 +38,9 @@ class FaultHooks:
         env = os.environ
         nan = {int(s) for s in env.get("XCODEC_TEST_NAN_STEPS", "").split(",") if s.strip()}
         kill, pause = (env.get(f"XCODEC_TEST_{k}", "").partition(":") for k in ("KILL", "SAVE_PAUSE"))
-        return cls(nan, (int(kill[0]), int(kill[2])) if kill[1] else None,
-                   (int(pause[0]), float(pause[2])) if pause[1] else None, env.get("XCODEC_TEST_HASH_DIR") or None)  # fmt: skip
+        kill = (int(kill[0]), int(kill[2])) if kill[1] else None
+        pause = (int(pause[0]), float(pause[2])) if pause[1] else None
+        return cls(nan, kill, pause, env.get("XCODEC_TEST_HASH_DIR") or None)
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """``loss``, made NaN when ``step`` is one of ``nan_steps``."""
@@ -58,7 +59,8 @@ def write_state_hashes(state: Any, directory: str) -> None:
     opt = {f"{i}.{k}": v for i, s in opt.items() for k, v in s.items() if isinstance(v, torch.Tensor)}
     hashes = {"step": state.step, "codec": state_hash(state.codec.state_dict()),
               "codebooks": state_hash(state.codec.quantizer.state_dict()),
-              "discriminators": state_hash(state.discriminators.state_dict()), "optimizer_g": state_hash(opt)}  # fmt: skip
+              "discriminators": state_hash(state.discriminators.state_dict()),
+              "optimizer_g": state_hash(opt)}  # fmt: skip
     if isinstance(state.codec_ddp, DDP):
         teacher = {id(p) for p in state.codec.semantic_model.parameters()}
         synced = state.codec_ddp._module_parameters
