@@ -144,14 +144,9 @@ def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | floa
 
 # ---------------------------------------------------------------------------- loop
 class StopSignals:
-    """A graceful stop on SIGTERM (schedulers, preemption) and SIGINT (Ctrl-C), installed for a
-    ``with`` block (main thread only). After every step the loop asks :meth:`requested_on_any_rank`:
-    every rank leaves at the same step, the final checkpoint is saved and the script exits with
-    128 + the signal number. A second SIGINT interrupts at once.
-
-    Attributes:
-        received: the first signal number received (``None``: none).
-    """
+    """A graceful stop on SIGTERM (schedulers, preemption) or SIGINT (Ctrl-C) during a ``with`` block (main
+    thread only): after every step every rank asks :meth:`requested_on_any_rank` and all leave at the same step;
+    the final checkpoint is saved, the exit code is 128 + the signal number. A second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None

@@ -122,12 +122,8 @@ def _worker_init(worker_id: int) -> None:
 def build_loader(dataset: AudioSegmentDataset, batch_size: int, num_workers: int, rank: int, world_size: int,
                  shuffle: bool, seed: int, drop_last: bool, pin_memory: bool = False,
                  ) -> tuple[DataLoader, ResumableSampler]:  # fmt: skip
-    """A DataLoader over this rank's shard.
-
-    Training shards with ``drop_last=True`` (every rank gets as many batches, which DDP
-    needs); validation keeps every clip (``drop_last=False`` pads the last shard by
-    repeating clips, as ``DistributedSampler`` does).
-    """
+    """A DataLoader over this rank's shard: ``drop_last=True`` for training (DDP needs as many batches on
+    every rank), ``False`` for validation (the last shard padded by repeating clips, as ``DistributedSampler`` does)."""
     if drop_last and len(dataset) < world_size:
         raise DataError(f"{len(dataset)} training clip(s) cannot be split over {world_size} processes")
     sampler = ResumableSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)

@@ -1,9 +1,5 @@
-"""Whole audio files for inference and tokenization, read and resampled in DataLoader workers.
-
-The GPU should never wait for soundfile and soxr: workers decode and resample the next
-files while the model encodes the current batch, in an order that puts files of similar
-length together (batches with little padding).
-"""
+"""Whole audio files for inference and tokenization, decoded and resampled in DataLoader workers while the
+model encodes the current batch (the GPU never waits for soundfile and soxr), files of similar length together."""
 
 from __future__ import annotations
 

@@ -20,12 +20,9 @@ def _mse_to(x: torch.Tensor, target: float) -> torch.Tensor:
 
 
 class GANLoss(nn.Module):
-    """Least-squares (LSGAN / MSE) adversarial loss with separate generator and discriminator terms.
-
-    Real target is 1 and fake target 0. Each term is averaged over the sub-discriminators
-    (list entries), matching the original's MSEGLoss and MSEDiscriminatorLoss. ``forward``
-    is :meth:`generator`. Logits: a list of tensors (B, ...) (one per sub-discriminator) or one tensor.
-    """
+    """Least-squares (LSGAN) adversarial loss, real target 1 and fake 0, each term averaged over the
+    sub-discriminators (the original's MSEGLoss and MSEDiscriminatorLoss); ``forward`` is :meth:`generator`.
+    Logits: one tensor (B, ...) or a list of them (one per sub-discriminator)."""
 
     def generator(self, fake_logits: LogitsLike) -> torch.Tensor:
         """``mean_i mean((1 - D_i(fake))^2)``; gradients flow into the generator through the logits."""

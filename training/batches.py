@@ -30,12 +30,9 @@ def make_loaders(cfg: TrainConfig, sample_rate: int, device: torch.device):
 
 
 def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
-    """Drop unusable clips from a batch of the script's ``State``; returns the (B', 1, T) good audio or None to skip.
-
-    Each bad file is logged once and counted. When more than ``max_bad_fraction`` of the
-    batch (over all ranks) is bad, the run stops naming the files: that is a broken
-    data list, not a few corrupt clips. Decisions are identical on every rank.
-    """
+    """Drop unusable clips from a batch; returns the (B', 1, T) good audio or None to skip it. Each bad file
+    is logged once and counted; more than ``max_bad_fraction`` bad over all ranks stops the run naming the files
+    (a broken data list, not a few corrupt clips). Decisions are identical on every rank."""
     ok = batch["ok"]
     n_bad, n = int((~ok).sum()), ok.numel()
     counts = torch.tensor([n_bad, n, int(n_bad == n)], dtype=torch.float64, device=state.device)
@@ -63,12 +60,9 @@ def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
 
 @torch.no_grad()
 def validate(state: Any, loader, logger: Any) -> dict[str, float]:
-    """Mel and STFT distances (and the semantic loss) on fixed validation crops at the top bandwidth.
-
-    Every rank evaluates its shard; sums are all-reduced. Rank 0 logs audio and mel images of
-    its first ``num_plots`` clips (the originals once per run). With no usable clip there are no
-    distances: only ``valid/clips`` (0) is returned, never a distance of 0 that reads as a perfect model.
-    """
+    """Mel and STFT distances and the semantic loss on fixed validation crops at the top bandwidth, over
+    every rank's shard. Rank 0 logs audio and mel images of its first ``num_plots`` clips. With no usable
+    clip, only ``valid/clips`` (0): never a distance of 0 that reads as a perfect model."""
     cfg, codec = state.cfg, state.codec
     codec.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=state.device)

@@ -1,10 +1,8 @@
 """Training checkpoints of the script's ``State``: save, find, restore; RNG state.
 
-``<log_dir>/model_ckpts/ckpt_{step:08d}.pth`` holds tensors and plain values only (it loads
-with ``weights_only=True``, as ``XCodec.from_pretrained`` reads its ``codec`` and ``config``);
-``export_{step:08d}/`` beside it is the slim inference export. Writes are atomic and durable
-(``utils.files``): a process killed at any moment leaves the complete new checkpoint or none,
-the previous ones untouched; its temporaries are removed at the next start.
+``model_ckpts/ckpt_{step:08d}.pth`` holds tensors and plain values only (``weights_only`` loading, as
+``XCodec.from_pretrained`` reads it), ``export_{step:08d}/`` the inference export. Writes are atomic and
+durable (``utils.files``): a kill leaves the complete new checkpoint or none, the previous ones untouched.
 """
 
 from __future__ import annotations
@@ -214,10 +212,9 @@ def checkpoint_problem(obj: dict) -> str | None:
 def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -> tuple[Path, dict] | None:
     """The newest usable checkpoint (rank 0 picks, every rank reads the same file).
 
-    An unusable checkpoint (unreadable, truncated, incomplete, another format) is moved to
-    ``unusable/`` once an older one is chosen: rotation never deletes the new checkpoints because
-    of it. With checkpoints present and none usable the run stops (never a silent restart from
-    step 0); ``restart=True`` moves every checkpoint and export to ``previous_<time>/`` (nothing is deleted).
+    An unusable one (unreadable, truncated, incomplete, another format) is moved to ``unusable/`` once an older
+    one is chosen, so that rotation never deletes the new ones because of it. With checkpoints and none usable
+    the run stops (no silent restart from step 0); ``restart=True`` moves them and the exports to ``previous_<time>/``.
 
     Raises:
         TrainingError: checkpoints exist, none is usable and ``restart`` is false.
@@ -269,12 +266,8 @@ def _set_aside(ckpt_dir: Path, name: str, paths: list[Path], logger: Any) -> Non
 
 
 def check_resumable(ckpt: dict, raw: dict, source: str) -> None:
-    """Refuse to resume a run whose codec architecture the new config changes (checked
-    before anything is written into the run's directory).
-
-    Raises:
-        TrainingError: naming the first key that differs.
-    """
+    """Refuse (``TrainingError`` naming the first key that differs) to resume a run whose codec
+    architecture the new config changes; checked before anything is written into the run's directory."""
     try:
         old = dataclasses.asdict(generator_config_from_dict(ckpt["config"], source)[0])
     except ConfigError as exc:

@@ -1,13 +1,11 @@
 """The typed training configuration: every section of the recipe YAML as a dataclass.
 
-A run's config is a stack of layers merged in order: the ``--config`` file and the chain of
-``base:`` files it names (base first), an optional experiment file (``--exp_config``), and
-command-line overrides ``key.sub=value`` (YAML values: ``max_steps=4``, ``d_list=[mfd,mpd]``).
-Relative input paths in a YAML layer (``training_file``, ``validation_file``; ``init_from`` and
-``pretrained_teacher`` when that path exists) are taken from its file's directory; command-line
-paths and ``log_dir`` (an output) from the working directory. Every layer is checked on its own,
-so an error names the key *and the file* (or argument) it came from. The merged dict is kept
-verbatim (``raw``): checkpoints store it and ``XCodec.from_pretrained`` reads it back.
+A run's config merges, in order: the ``--config`` file after the chain of ``base:`` files it names, an
+optional experiment file (``--exp_config``) and ``key.sub=value`` overrides (YAML values). Relative input
+paths in a YAML layer (``training_file``, ``validation_file``; ``init_from`` and ``pretrained_teacher`` when
+that path exists) are taken from its file's directory, others from the working directory. Every layer is
+checked on its own: an error names the key and its file or argument. The merged dict (``raw``) is kept
+verbatim: checkpoints store it and ``XCodec.from_pretrained`` reads it back.
 """
 
 from __future__ import annotations

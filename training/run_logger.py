@@ -24,14 +24,9 @@ _SHORT = {
 
 
 class RunLogger:
-    """Console, ``log.txt`` and tensorboard of a training run; without ``log_dir``, the console
-    alone (before the run's directory may be written).
-
-    Args:
-        log_dir: run directory; text and events go to ``log_dir/logs``.
-        tensorboard: write tensorboard events.
-        purge_step: events at or after this step left by a crashed run are dropped.
-    """
+    """Console, ``log.txt`` and tensorboard (``log_dir/logs``; ``purge_step``: events a crashed run left at or
+    after it are dropped) of a training run; without ``log_dir`` the console alone, before the run's directory
+    may be written."""
 
     def __init__(self, log_dir: str | None = None, tensorboard: bool = True, purge_step: int | None = None):
         self.main = du.is_main_process()

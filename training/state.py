@@ -58,11 +58,9 @@ def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
 class State:
     """Everything the GAN training loop mutates, and everything a checkpoint restores.
 
-    ``codec`` / ``discriminators`` are the plain modules (checkpoints, validation, the
-    generator step's discriminator pass); ``codec_ddp`` / ``disc_ddp`` are what the
-    training forward passes go through (the same modules without a process group).
-    ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``, ``feature_matching`` (``losses`` modules).
-    """
+    ``codec_ddp`` / ``disc_ddp``: what the training forwards go through (the plain ``codec`` /
+    ``discriminators`` without a process group). ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``,
+    ``feature_matching``."""
 
     cfg: TrainConfig
     raw_config: dict
@@ -146,12 +144,9 @@ _NO_BUFFER_SYNC = (
 
 
 def wrap_ddp(state: State, first: LossPlan) -> None:
-    """Wrap the ``State``'s codec and discriminators in DDP (no-op without a process group).
-
-    ``first``: the plan of the run's first step, its sparsest (terms only switch on later):
-    when it leaves codec parameters without a gradient, DDP has to look for unused ones.
-    The frozen teacher is in ``_ddp_params_and_buffers_to_ignore``: never broadcast nor all-reduced.
-    """
+    """Wrap the ``State``'s codec and discriminators in DDP (no-op without a process group), leaving out the
+    frozen teacher. ``first``: the plan of the run's first step, its sparsest (terms only switch on later):
+    when it leaves codec parameters without a gradient, DDP has to look for unused ones."""
     if not du.is_distributed():
         return
     codec = state.codec
