@@ -28,8 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data import DataError
-from data.dataset import batches_per_epoch
+from data.dataset import DataError, batches_per_epoch
 from models import CheckpointError
 from models.pretrained import load_codec_state, read_state
 from modules.teacher import fetch_teacher
@@ -37,16 +36,14 @@ from training import checkpoint
 from training.batches import make_loaders, screen_batch, validate
 from training.checkpoint import TrainingError, save_checkpoint, seed_everything
 from training.config import load_train_config
-from training.faults import FaultHooks, write_state_hashes
 from training.run_logger import RunLogger, RunningMeans
-from training.state import LossPlan, State, build_state, loss_plan, unwrap_ddp, wrap_ddp
+from training.state import FaultHooks, LossPlan, State, build_state, loss_plan, unwrap_ddp, wrap_ddp, write_state_hashes
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
 from utils.hub import HubError
 
 
-# ---------------------------------------------------------------------------- steps
 def _update(state: State, total: torch.Tensor, opt: torch.optim.Optimizer, params) -> tuple[torch.Tensor, bool]:
     """Backward, clip and step; a non-finite loss or gradient on any rank skips the step on
     every rank. Returns the gradient norm and whether the step was skipped."""
@@ -54,9 +51,7 @@ def _update(state: State, total: torch.Tensor, opt: torch.optim.Optimizer, param
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, state.cfg.grad_clip)
     skip = du.any_rank(not (bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))), state.device)
-    if skip:
-        opt.zero_grad(set_to_none=True)
-    else:
+    if not skip:  # a skipped step's gradients are dropped by the next update's zero_grad
         opt.step()
     return grad_norm.detach(), skip
 
@@ -142,7 +137,6 @@ def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | floa
     return metrics
 
 
-# ---------------------------------------------------------------------------- loop
 class StopSignals:
     """A graceful stop on SIGTERM (schedulers, preemption) or SIGINT (Ctrl-C) during a ``with`` block (main
     thread only): after every step every rank asks :meth:`requested_on_any_rank` and all leave at the same step;
@@ -272,7 +266,6 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
             return True
 
 
-# ---------------------------------------------------------------------------- entry point
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line: ``--config`` and friends, then ``key.sub=value`` overrides."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)

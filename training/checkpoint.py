@@ -84,7 +84,6 @@ def rotate_checkpoints(directory: Path, keep: int) -> list[Path]:
     return removed
 
 
-# ---------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
@@ -116,7 +115,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# ---------------------------------------------------------------------------- checks
 def nonfinite_entries(tree: Any, prefix: str = "") -> list[str]:
     """Names of floating-point tensors in a nested dict/list that hold NaN or Inf."""
     if isinstance(tree, torch.Tensor):
@@ -138,7 +136,6 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------- the training state
 _COUNTERS = ("nonfinite_total", "nonfinite_consecutive", "skipped_batches")
 
 

@@ -27,7 +27,6 @@ from utils.config import ConfigError, config_dir, config_layers, from_dict, merg
 DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
 
 
-# ---------------------------------------------------------------------------- sections
 @dataclass
 class GeneratorSection:
     """``generator:`` — the codec architecture (``name`` kept for original-config compatibility)."""
@@ -216,7 +215,6 @@ class TrainConfig:
         return self.init_from is None and self.codec.semantic_model_config is None
 
 
-# ---------------------------------------------------------------------------- loading
 @dataclass
 class LoadedConfig:
     """A parsed run config: the typed view, the merged raw dict it came from, its layers' names."""

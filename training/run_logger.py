@@ -87,13 +87,12 @@ class RunLogger:
 
     def models(self, state: Any, teacher: bool | str) -> None:
         """Parameter counts of the ``State``'s codec, discriminators and teacher, and where the teacher came from."""
-        cfg = state.cfg
-        n_g, n_d = (sum(p.numel() for p in ps) for ps in (state.g_params(), state.discriminators.parameters()))
-        n_t = sum(p.numel() for p in state.codec.semantic_model.parameters())
-        self.info(f"codec {n_g / 1e6:.2f} M trainable parameters, discriminators {cfg.d_list} {n_d / 1e6:.2f} M")
+        g, d, t = state.g_params(), state.discriminators.parameters(), state.codec.semantic_model.parameters()
+        n_g, n_d, n_t = (sum(p.numel() for p in ps) / 1e6 for ps in (g, d, t))
+        self.info(f"codec {n_g:.2f} M trainable parameters, discriminators {state.cfg.d_list} {n_d:.2f} M")
         built = "built from the config (weights from the checkpoint, init_from or random)"
-        source = {True: f"pretrained {cfg.codec.semantic_techer}", False: built}.get(teacher, teacher)
-        self.info(f"frozen teacher {n_t / 1e6:.2f} M parameters: {source}")
+        source = {True: f"pretrained {state.cfg.codec.semantic_techer}", False: built}.get(teacher, teacher)
+        self.info(f"frozen teacher {n_t:.2f} M parameters: {source}")
 
     def progress(self, total: int, initial: int) -> None:
         if self.main:
