@@ -113,11 +113,8 @@ def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: An
 
 
 def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | float]:
-    """One training step on a (B, 1, T) batch: one codec forward, a D update, a G update.
-
-    A non-finite loss or gradient skips that update on every rank; a skipped generator
-    update also rolls the EMA codebooks back to their state before the step.
-    """
+    """One training step on a (B, 1, T) batch: one codec forward, a D update, a G update. A non-finite loss or
+    gradient skips that update on every rank; a skipped G update also rolls the EMA codebooks back."""
     plan = loss_plan(state.cfg, state.step)
     # Every rank holds the same bandwidth RNG (seeded and restored alike): no collective needed.
     bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng, sync=False)
@@ -282,11 +279,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> State:
-    """Run training; returns the final state (tests inspect it). Raises on errors.
-
-    Everything that can refuse the run (config, checkpoints, the teacher's download,
-    ``init_from``) is checked before anything is written into ``log_dir``.
-    """
+    """Run training; returns the final state (tests inspect it). Raises on errors. Everything that can refuse the
+    run (config, checkpoints, the teacher's download, ``init_from``) is checked before ``log_dir`` is written."""
     args = parse_args(argv)
     flags = [f"{k}={v}" for k in ("training_file", "validation_file", "log_dir") if (v := vars(args)[k]) is not None]
     loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])

@@ -140,9 +140,8 @@ _COUNTERS = ("nonfinite_total", "nonfinite_consecutive", "skipped_batches")
 
 
 def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
-    """Write ``ckpt_{step}.pth`` (+ ``export_{step}/``) of the script's ``State`` on rank 0;
-    a collective on every rank. Refuses, on every rank, to write a state holding NaN/Inf.
-    The ``save_pause`` test hook pauses mid-write (a ``paused_<step>`` marker says when)."""
+    """Write ``ckpt_{step}.pth`` (+ ``export_{step}/``) of the script's ``State`` on rank 0; a collective on every
+    rank, which all refuse a state holding NaN/Inf. The ``save_pause`` hook pauses mid-write (``paused_<step>``)."""
     payload = {
         "format": CHECKPOINT_FORMAT, "codec": state.codec.state_dict(), "config": state.raw_config,
         "discriminators": {n: d.state_dict() for n, d in state.discriminators.items()},
@@ -326,10 +325,8 @@ def restore(state: Any, ckpt: dict, source: str, logger: Any) -> None:
     bw = ckpt["bandwidth_rng"]
     state.bandwidth_rng.setstate((bw[0], tuple(bw[1]), bw[2]))
     if ckpt.get("world_size") != du.world_size() or ckpt.get("batch_size") != cfg.batch_size:
-        logger.warn(
-            f"the checkpoint was written by {ckpt.get('world_size')} process(es) with batch_size "
-            f"{ckpt.get('batch_size')}; "
-            "the data order of the current epoch and the RNG streams are not those of an uninterrupted run"
-        )
+        logger.warn(f"the checkpoint was written by {ckpt.get('world_size')} process(es) with batch_size "
+                    f"{ckpt.get('batch_size')}; the data order of the current epoch and the RNG streams are not "
+                    "those of an uninterrupted run")  # fmt: skip
         if ckpt.get("batch_size") != cfg.batch_size:
             state.batch_in_epoch = 0

@@ -206,10 +206,8 @@ class TrainConfig:
         return self.generator.config
 
     def teacher_source(self) -> bool | str:
-        """What ``build_codec(pretrained_teacher=...)`` gets: an explicit ``pretrained_teacher``;
-        else ``False`` (built without a download) for a config that describes its own teacher
-        (``semantic_model_config``, the tiny test configs) or starts from released weights
-        (``init_from``, whose checkpoint carries the teacher); else ``True`` (the pretrained one)."""
+        """``build_codec``'s ``pretrained_teacher``: an explicit ``pretrained_teacher``, else ``False`` (no download)
+        when the config describes its teacher (``semantic_model_config``) or ``init_from`` carries it, else ``True``."""
         if self.pretrained_teacher is not None:
             return self.pretrained_teacher
         return self.init_from is None and self.codec.semantic_model_config is None

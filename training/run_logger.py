@@ -16,11 +16,9 @@ from utils import distributed as du
 from utils.files import open_own
 from utils.plotting import spectrogram_figure
 
-_SHORT = {
-    "loss/generator": "g", "loss/discriminator": "d", "loss/full_stft": "stft", "loss/sub_stft": "sub",
-    "loss/mel": "mel", "loss/adversarial": "adv", "loss/feature_matching": "fm", "loss/semantic": "sem",
-    "loss/commit": "commit",
-}  # fmt: skip
+_SHORT = {"loss/generator": "g", "loss/discriminator": "d", "loss/full_stft": "stft", "loss/sub_stft": "sub",
+          "loss/mel": "mel", "loss/adversarial": "adv", "loss/feature_matching": "fm", "loss/semantic": "sem",
+          "loss/commit": "commit"}  # fmt: skip
 
 
 class RunLogger:
