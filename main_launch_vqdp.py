@@ -167,7 +167,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}
 
 
 def step_schedulers(state: State) -> None:
@@ -248,10 +247,7 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
         if state.step % cfg.summary_interval == 0:
             logger.summary(state, means.pop())  # a collective (codebook usage): same step on every rank
         if valid_loader is not None and state.step % cfg.validation_interval == 0:
-            result = validate(state, valid_loader, logger)
-            logger.scalars(result, state.step)
-            measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items())
-            logger.info(f"validation at step {state.step}: {measured if result['valid/clips'] else 'no usable clips'}")
+            validate(state, valid_loader, logger)
         if state.step % cfg.checkpoint_interval == 0:
             save_checkpoint(state, ckpt_dir, logger)
             state.last_saved = state.step

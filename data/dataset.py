@@ -66,10 +66,8 @@ class AudioSegmentDataset(Dataset):
     def crop_start(self, length: int, index: int, epoch: int) -> int:
         """First sample of the crop for a clip of ``length`` samples."""
         room = length - self.segment_size
-        if room <= 0:
-            return 0
-        if not self.random_crop:
-            return room // 2
+        if room <= 0 or not self.random_crop:
+            return max(room, 0) // 2
         return int(np.random.default_rng([self.seed, epoch, index]).integers(0, room + 1))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
@@ -94,10 +92,7 @@ class ResumableSampler(DistributedSampler):
     shard and order are those of an uninterrupted run. No process group needed (``num_replicas``, ``rank``).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True):  # fmt: skip
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.skip = 0
+    skip = 0
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
         self.set_epoch(epoch)

@@ -59,10 +59,10 @@ def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def validate(state: Any, loader, logger: Any) -> dict[str, float]:
-    """Mel and STFT distances and the semantic loss on fixed validation crops at the top bandwidth, over
-    every rank's shard. Rank 0 logs audio and mel images of its first ``num_plots`` clips. With no usable
-    clip, only ``valid/clips`` (0): never a distance of 0 that reads as a perfect model."""
+def validate(state: Any, loader, logger: Any) -> None:
+    """Logs mel and STFT distances and the semantic loss on fixed validation crops at the top bandwidth, over
+    every rank's shard, and audio and mel images of rank 0's first ``num_plots`` clips. With no usable clip,
+    only ``valid/clips`` (0): never a distance of 0 that reads as a perfect model."""
     cfg, codec = state.cfg, state.codec
     codec.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=state.device)
@@ -92,7 +92,10 @@ def validate(state: Any, loader, logger: Any) -> dict[str, float]:
     state.originals_logged = True
     du.all_reduce(sums)
     mel, stft, semantic, count = sums.tolist()
-    if count == 0:
-        return {"valid/clips": 0.0}
-    return {"valid/mel_distance": mel / count, "valid/stft_distance": stft / count,
-            "valid/semantic_loss": semantic / count, "valid/clips": count}  # fmt: skip
+    result = {"valid/clips": count}
+    if count:
+        result = {"valid/mel_distance": mel / count, "valid/stft_distance": stft / count,
+                  "valid/semantic_loss": semantic / count, **result}  # fmt: skip
+    logger.scalars(result, state.step)
+    measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()) if count else "no usable clips"
+    logger.info(f"validation at step {state.step}: {measured}")

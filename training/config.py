@@ -24,8 +24,6 @@ from models.config import GeneratorConfig, generator_config_from_dict
 from utils.budget import MAX_STEP_ELEMENTS, check_budget
 from utils.config import ConfigError, config_dir, config_layers, from_dict, merge, setting
 
-DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
-
 
 @dataclass
 class GeneratorSection:
@@ -156,7 +154,7 @@ class TrainConfig:
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     audio_norm_scale: float = setting(0.95, gt=0)
     # discriminators
-    d_list: list[str] = setting(factory=lambda: ["mfd"], choices=DISCRIMINATOR_NAMES, nonempty=True)
+    d_list: list[str] = setting(factory=lambda: ["mfd"], choices=("mfd", "mpd", "msd", "msstftd"), nonempty=True)
     mfd: MFDConfig = field(default_factory=MFDConfig)
     mpd: MPDConfig = field(default_factory=MPDConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
