@@ -33,11 +33,8 @@ def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequen
 
 
 class AudioFiles(Dataset):
-    """Mono float32 audio of whole files (``paths``) resampled (soxr) to ``sample_rate``.
-
-    Items: ``(index, wav (T,) float32 tensor or None, error message or None)``; a file that
-    cannot be used never raises, its item carries the one-line reason instead.
-    """
+    """Mono float32 audio of whole files (``paths``) resampled (soxr) to ``sample_rate``. Items: ``(index,
+    wav (T,) float32 tensor or None, error message or None)``: a file that cannot be used never raises."""
 
     def __init__(self, paths: Sequence[str | Path], sample_rate: int):
         self.paths = list(paths)

@@ -1,6 +1,5 @@
-"""Training losses for the X-Codec generator and discriminators, and the evaluation metrics
-built on them (``losses.metrics``). Reconstruction losses take ``(estimate, target)`` waveforms
-(B, 1, T) and return a scalar; adversarial losses take discriminator outputs (``modules.discriminators``)."""
+"""Training losses (reconstruction: ``(estimate, target)`` (B, 1, T) waveforms -> a scalar; adversarial: on
+discriminator outputs) and the evaluation metrics built on them (``losses.metrics``)."""
 
 from .adversarial import FeatureMatchingLoss, GANLoss
 from .spectral import MelSpectrogramLoss, MultiResolutionSTFTLoss, SubbandMultiResolutionSTFTLoss, mel_spectrogram

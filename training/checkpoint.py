@@ -24,7 +24,7 @@ import yaml
 
 from models.config import generator_config_from_dict
 from models.export import save_export
-from models.pretrained import load_codec_state, read_state, read_torch_file
+from models.pretrained import load_codec_state, read_torch_file
 from utils import distributed as du
 from utils.config import ConfigError
 from utils.files import atomic_directory, atomic_write, remove_stale_temporaries
@@ -94,11 +94,8 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """This process's python / numpy / torch (and CUDA) RNG states, weights_only-loadable."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -181,12 +178,6 @@ def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
         logger.info(f"removed old {old.name}")
     logger.info(f"saved {path} and {export.name}/")
     return path
-
-
-def init_codec_from(codec: Any, source: str) -> None:
-    """Load released or previously trained codec weights (fine-tuning) from anything
-    ``XCodec.from_pretrained`` reads (a release name or ``.pth``, a training checkpoint, an export)."""
-    load_codec_state(codec, read_state(source), f"init_from {source}")
 
 
 REQUIRED_KEYS = (

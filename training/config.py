@@ -232,11 +232,8 @@ def _accepts_str(keys: list[str]) -> bool:
 
 
 def parse_override(arg: str) -> dict:
-    """``"a.b=value"`` -> ``{"a": {"b": value}}``, the value read as YAML.
-
-    For a string-typed key the text is kept as written (``log_dir=123`` stays ``"123"``),
-    except ``null``/``~`` which mean None.
-    """
+    """``"a.b=value"`` -> ``{"a": {"b": value}}``, the value read as YAML; for a string-typed key the text
+    as written (``log_dir=123`` stays ``"123"``), except ``null``/``~`` (None)."""
     if "=" not in arg:
         raise ConfigError(f"command line: {arg!r}: overrides look like key.sub=value")
     key, text = arg.split("=", 1)

@@ -115,11 +115,9 @@ def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
 
 @dataclass
 class State:
-    """Everything the GAN training loop mutates, and everything a checkpoint restores.
-
-    ``codec_ddp`` / ``disc_ddp``: what the training forwards go through (the plain ``codec`` /
-    ``discriminators`` without a process group). ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``,
-    ``feature_matching``."""
+    """Everything the GAN training loop mutates, and everything a checkpoint restores. ``codec_ddp`` /
+    ``disc_ddp``: what the training forwards go through (the plain ``codec`` / ``discriminators`` without a
+    process group). ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``, ``feature_matching``."""
 
     cfg: TrainConfig
     raw_config: dict
@@ -158,11 +156,8 @@ class State:
 
 
 def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool | str | None = None) -> State:
-    """Models, optimizers, schedulers and losses, identical on every rank.
-
-    ``teacher``: what ``build_codec`` gets as ``pretrained_teacher`` (default
-    ``cfg.teacher_source()``); ``False`` when the weights come from a checkpoint.
-    """
+    """Models, optimizers, schedulers and losses, identical on every rank. ``teacher``: ``build_codec``'s
+    ``pretrained_teacher`` (default ``cfg.teacher_source()``; ``False`` when the weights come from a checkpoint)."""
     teacher = cfg.teacher_source() if teacher is None else teacher
     codec = build_codec(cfg.codec, cfg.audio_norm_scale, weight_norm=True, pretrained_teacher=teacher)
     discs = build_discriminators(cfg.d_list, {name: dataclasses.asdict(getattr(cfg, name)) for name in cfg.d_list})
