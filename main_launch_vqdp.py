@@ -1,36 +1,17 @@
 """X-Codec training: one GPU, many GPUs or many nodes; resumable; logged to tensorboard.
 
-Single process (CPU or one GPU)::
-
-    python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4
-    python main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
-
-One node, 8 GPUs (DDP over NCCL; gloo on CPU)::
-
-    torchrun --nnodes=1 --nproc-per-node=8 main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
-
-Two nodes, 8 GPUs each (run on both; log_dir must be on a shared filesystem to resume)::
-
+    python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4 batch_size=2
     torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 \\
-        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
-    torchrun --nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.1 --master-port=29500 \\
-        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml
+        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml   # --node-rank=1 on the other
 
-Overrides: ``key.sub=value`` arguments (YAML values) and an experiment file merged over
-the base (``--exp_config``, the original's ``--exp_model_config``)::
+DDP over NCCL (gloo on CPU); several nodes need log_dir on a shared filesystem to resume. ``key.sub=value``
+overrides (YAML values) go over ``--exp_config`` (the original's ``--exp_model_config``), over ``--config``.
+The same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth`` (``--restart``: from
+step 0, old checkpoints moved aside). SIGTERM or SIGINT saves a checkpoint and exits with 128 + the signal
+number. Fine-tuning: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
 
-    python main_launch_vqdp.py --config configs/xcodec_wavlm_mls.yaml batch_size=16 \\
-        optimizer.g.lr=1e-4 d_list=[mfd,mpd] precision=bf16
-
-Restarting the same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth``;
-``--restart`` starts again from step 0 (the old checkpoints are moved aside). SIGTERM or
-SIGINT saves a checkpoint at the current step and exits (128 + signal number).
-Fine-tuning from released weights: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
-Tensorboard: ``tensorboard --logdir <log_dir>/logs``.
-
-The step: one codec forward (one teacher pass); the discriminators are updated on the
-detached reconstruction, then the generator on the same reconstruction against the
-updated discriminators (the original ran the codec a second time for the D update).
+A step runs the codec (and its teacher) once: the discriminators are updated on the detached reconstruction,
+then the generator on the same one (the original ran the codec a second time for the D update).
 """
 
 from __future__ import annotations
@@ -46,40 +27,33 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from data import DataError, batches_per_epoch
+from data.dataset import DataError, batches_per_epoch
 from models import CheckpointError
 from models.pretrained import load_codec_state, read_state
 from modules.teacher import fetch_teacher
-from training.batches import make_loaders, screen_batch
-from training.checkpoint import (
-    TrainingError,
-    check_resumable,
-    find_resume_checkpoint,
-    remove_stale_checkpoint_temporaries,
-    restore,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from training import checkpoint
+from training.batches import make_loaders, screen_batch, validate
+from training.checkpoint import TrainingError, save_checkpoint, seed_everything
 from training.config import load_train_config
-from training.faults import FaultHooks, write_state_hashes
-from training.parallel import unwrap_ddp, wrap_ddp
-from training.run_logger import ConsoleLogger, RunLogger, RunningMeans
-from training.signals import StopSignals
-from training.state import State, build_state
-from training.validation import validate
+from training.run_logger import RunLogger, RunningMeans
+from training.state import FaultHooks, LossPlan, State, build_state, loss_plan, unwrap_ddp, wrap_ddp, write_state_hashes
 from utils import distributed as du
 from utils.cli import EXIT_ERROR, DefaultsHelpFormatter, report_error
 from utils.config import ConfigError
-from utils.files import atomic_write
 from utils.hub import HubError
 
 
-# ---------------------------------------------------------------------------- steps
-def _finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
+def _update(state: State, total: torch.Tensor, opt: torch.optim.Optimizer, params) -> tuple[torch.Tensor, bool]:
+    """Backward, clip and step; a non-finite loss or gradient on any rank skips the step on
+    every rank. Returns the gradient norm and whether the step was skipped."""
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, state.cfg.grad_clip)
+    skip = du.any_rank(not (bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))), state.device)
+    if not skip:  # a skipped step's gradients are dropped by the next update's zero_grad
+        opt.step()
+    return grad_norm.detach(), skip
 
 
 def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor | float]:
@@ -87,61 +61,35 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
 
     Args:
         state: training state (updated in place).
-        real: (B, 1, T) target audio.
-        fake: (B, 1, T) reconstruction, detached from the codec graph.
+        real: (B, 1, T) target audio; fake: (B, 1, T) reconstruction, detached from the codec graph.
 
-    Returns:
-        Logged values: ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d``
-        and ``skipped/d`` (1.0 when the update was skipped for a NaN/Inf).
+    Returns ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d`` and ``skipped/d`` (1.0: skipped).
     """
     batch = real.shape[0]
     with state.autocast():
         # Real and fake in one call: one DDP forward per backward.
         outs = state.disc_ddp(torch.cat([real, fake.detach()]))
-    total = real.new_zeros((), dtype=torch.float32)
-    logged = {}
-    for name, (logits, _) in outs.items():
-        loss = state.losses.gan.discriminator([lg[:batch] for lg in logits], [lg[batch:] for lg in logits])
-        logged[f"loss/discriminator_{name}"] = loss.detach()
-        total = total + loss
-    state.opt_d.zero_grad(set_to_none=True)
-    total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.discriminators.parameters(), state.cfg.grad_clip)
-    skip = du.any_rank(not (_finite(total) and _finite(grad_norm)), state.device)
-    if skip:
-        state.opt_d.zero_grad(set_to_none=True)
-    else:
-        state.opt_d.step()
-    logged["loss/discriminator"] = total.detach()
-    logged["grad_norm/d"] = grad_norm.detach()
-    logged["skipped/d"] = float(skip)
-    return logged
+    gan = state.losses.gan
+    logged = {f"loss/discriminator_{n}": gan.discriminator([lg[:batch] for lg in logits], [lg[batch:] for lg in logits])
+              for n, (logits, _) in outs.items()}  # fmt: skip
+    total = sum(logged.values(), real.new_zeros((), dtype=torch.float32))
+    grad_norm, skip = _update(state, total, state.opt_d, state.discriminators.parameters())
+    logged = {k: v.detach() for k, v in logged.items()}
+    return {**logged, "loss/discriminator": total.detach(), "grad_norm/d": grad_norm, "skipped/d": float(skip)}
 
 
-def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, adversarial: bool, inject_nan: bool = False) -> dict[str, torch.Tensor | float]:
-    """One codec update: weighted sum of the loss terms of ``state.weights``.
+def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, plan: LossPlan) -> dict[str, Any]:
+    """One codec update: the weighted sum of the terms ``plan`` switches on.
 
     Args:
         state: training state (updated in place).
-        real: (B, 1, T) target audio.
-        fake: (B, 1, T) reconstruction, attached to the codec graph.
-        out: the ``CodecOutput`` of the step (semantic and commitment losses).
-        adversarial: include the adversarial and feature-matching terms.
-        inject_nan: test hook, makes the loss NaN.
+        real: (B, 1, T) target audio; fake: (B, 1, T) reconstruction, attached to the codec graph.
+        out: the step's ``CodecOutput`` (semantic and commitment losses); plan: the step's :class:`LossPlan`.
 
-    Returns:
-        ``loss/<name>`` (unweighted) for every term used, ``loss/generator`` (weighted
-        total), ``grad_norm/g`` and ``skipped/g``.
+    Returns ``loss/<name>`` (unweighted) of every term, ``loss/generator`` (the total), ``grad_norm/g``, ``skipped/g``.
     """
-    w = state.weights
-    terms: dict[str, torch.Tensor] = {}
-    if w["full_stft"] > 0:
-        terms["full_stft"] = state.losses.full_stft(fake, real)
-    if w["sub_stft"] > 0:
-        terms["sub_stft"] = state.losses.sub_stft(fake, real)
-    if w["mel"] > 0:
-        terms["mel"] = state.losses.mel(fake, real)
-    if adversarial:
+    terms = {name: getattr(state.losses, name)(fake, real) for name in plan.spectral}
+    if plan.adversarial:
         discs = state.discriminators
         # The plain modules, frozen: no D gradients are computed here and DDP's
         # gradient hooks on D never fire outside the discriminator step.
@@ -157,46 +105,28 @@ def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: An
         terms["feature_matching"] = sum(state.losses.feature_matching(real_out[n][1], fake_out[n][1]) for n in discs)
     terms["semantic"] = out.semantic_loss.float()
     terms["commit"] = out.commit_loss.float()
-    total = sum(w[k] * v for k, v in terms.items() if w[k] > 0)
-    if inject_nan:
-        total = total * float("nan")
-    state.opt_g.zero_grad(set_to_none=True)
-    total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.g_params(), state.cfg.grad_clip)
-    skip = du.any_rank(not (_finite(total) and _finite(grad_norm)), state.device)
-    if skip:
-        state.opt_g.zero_grad(set_to_none=True)
-    else:
-        state.opt_g.step()
+    w = state.weights
+    total = state.hooks.corrupt_loss(state.step + 1, sum(w[k] * v for k, v in terms.items() if w[k] > 0))
+    grad_norm, skip = _update(state, total, state.opt_g, state.g_params())
     logged: dict[str, torch.Tensor | float] = {f"loss/{k}": v.detach() for k, v in terms.items()}
-    logged["loss/generator"] = total.detach()
-    logged["grad_norm/g"] = grad_norm.detach()
-    logged["skipped/g"] = float(skip)
-    return logged
+    return {**logged, "loss/generator": total.detach(), "grad_norm/g": grad_norm, "skipped/g": float(skip)}
 
 
-def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None) -> dict[str, torch.Tensor | float]:
-    """One training step on a (B, 1, T) batch: one codec forward, a D update, a G update.
-
-    A non-finite loss or gradient skips that update on every rank; a skipped generator
-    update also rolls the EMA codebooks back to their state before the step.
-    """
-    cfg = state.cfg
-    step = state.step + 1
+def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """One training step on a (B, 1, T) batch: one codec forward, a D update, a G update. A non-finite loss or
+    gradient skips that update on every rank; a skipped G update also rolls the EMA codebooks back."""
+    plan = loss_plan(state.cfg, state.step)
     # Every rank holds the same bandwidth RNG (seeded and restored alike): no collective needed.
     bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng, sync=False)
     codebooks = state.codec.quantizer.save_state()
-    adversarial = state.uses_discriminators and state.step >= cfg.discriminator_iter_start
-    waveform_loss = adversarial or any(state.weights[k] > 0 for k in ("full_stft", "sub_stft", "mel"))
     with state.autocast():
-        out = state.codec_ddp(wav, bandwidth, audio_grad=waveform_loss)
+        out = state.codec_ddp(wav, bandwidth, audio_grad=plan.audio_grad)
     n = min(wav.shape[-1], out.audio.shape[-1])
     real, fake = wav[..., :n], out.audio[..., :n].float()
     metrics: dict[str, torch.Tensor | float] = {"train/bandwidth": float(out.bandwidth)}
-    if state.uses_discriminators:
+    if plan.discriminator:
         metrics.update(discriminator_step(state, real, fake.detach()))
-    inject = hooks is not None and step in hooks.nan_steps
-    metrics.update(generator_step(state, real, fake, out, adversarial, inject))
+    metrics.update(generator_step(state, real, fake, out, plan))
     if metrics["skipped/g"]:
         state.codec.quantizer.restore_state(codebooks)
     else:
@@ -204,7 +134,41 @@ def train_step(state: State, wav: torch.Tensor, hooks: FaultHooks | None = None)
     return metrics
 
 
-# ---------------------------------------------------------------------------- loop
+class StopSignals:
+    """A graceful stop on SIGTERM (schedulers, preemption) or SIGINT (Ctrl-C) during a ``with`` block (main
+    thread only): after every step every rank asks :meth:`requested_on_any_rank` and all leave at the same step;
+    the final checkpoint is saved, the exit code is 128 + the signal number. A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def requested_on_any_rank(self, device: torch.device) -> bool:
+        """True on every rank once any rank received a signal (a collective with several ranks)."""
+        return du.any_rank(self.received is not None, device)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def __enter__(self) -> StopSignals:
+        try:
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread: leave the defaults
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def step_schedulers(state: State) -> None:
     with warnings.catch_warnings():
         # With the adversarial terms off the discriminator optimizer never steps; its
@@ -214,16 +178,17 @@ def step_schedulers(state: State) -> None:
         state.sched_d.step()
 
 
-def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals) -> None:
-    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint."""
-    cfg = state.cfg
-    logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(train_sampler, cfg.batch_size), state.step)
+def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
+    """Epochs (``loaders``: from ``make_loaders``) until ``max_steps``/``num_epoches`` or a stop signal;
+    always ends with a checkpoint."""
+    cfg, (_, sampler, _) = state.cfg, loaders
+    logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(sampler, cfg.batch_size), state.step)
     means = RunningMeans()  # device-side sums: no host sync per step
     state.last_saved = state.step
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
     while not done and (cfg.max_steps > 0 or state.epoch < cfg.num_epoches):
-        train_sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
-        done = run_epoch(state, train_loader, valid_loader, logger, ckpt_dir, hooks, stop, means)
+        sampler.set_position(state.epoch, state.batch_in_epoch * cfg.batch_size)
+        done = run_epoch(state, loaders, logger, ckpt_dir, stop, means)
         if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
                 step_schedulers(state)
@@ -232,13 +197,14 @@ def train(state: State, train_loader, train_sampler, valid_loader, logger: RunLo
     if state.stopped_by:
         logger.info(f"stopping on {state.stopped_by} at step {state.step}; rerun the same command to resume")
     if state.step != state.last_saved:
-        save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
+        save_checkpoint(state, ckpt_dir, logger)
     logger.info(f"finished at step {state.step} (epoch {state.epoch})")
 
 
-def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_dir: Path, hooks: FaultHooks, stop: StopSignals, means: RunningMeans) -> bool:
+def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals,
+              means: RunningMeans) -> bool:  # fmt: skip
     """The rest of the current epoch; True when the run is done (``max_steps``, or a stop signal)."""
-    cfg = state.cfg
+    cfg, (train_loader, _, valid_loader) = state.cfg, loaders
     batches = iter(train_loader)
     while True:
         try:
@@ -254,21 +220,23 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
         state.batch_in_epoch += 1
         wav = screen_batch(state, batch, logger)
         if wav is None:
-            logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks ({state.skipped_batches} so far)")
+            logger.warn(f"every clip of a rank's batch was unusable; batch skipped on all ranks "
+                        f"({state.skipped_batches} so far)")  # fmt: skip
             continue
-        metrics = train_step(state, wav, hooks)
+        metrics = train_step(state, wav)
         state.step += 1
         if cfg.lr_scheduler.interval == "step":
             step_schedulers(state)
         if metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0):
             state.nonfinite_total += 1
             state.nonfinite_consecutive += 1
-            logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_consecutive} in a row)")
+            logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped "
+                        f"({state.nonfinite_consecutive} in a row)")  # fmt: skip
             if state.nonfinite_consecutive >= cfg.max_nonfinite_steps:
                 raise TrainingError(
-                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients (max_nonfinite_steps="
-                    f"{cfg.max_nonfinite_steps}); stopping. The last checkpoint (step {state.last_saved}) holds no NaN: lower the "
-                    "learning rate, check the data, or resume from it."
+                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients "
+                    f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The last checkpoint (step "
+                    f"{state.last_saved}) holds no NaN: lower the learning rate, check the data, or resume from it."
                 )
         else:
             state.nonfinite_consecutive = 0
@@ -279,15 +247,11 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
         if state.step % cfg.summary_interval == 0:
             logger.summary(state, means.pop())  # a collective (codebook usage): same step on every rank
         if valid_loader is not None and state.step % cfg.validation_interval == 0:
-            result = validate(state, valid_loader, logger, not state.originals_logged)
-            state.originals_logged = True
-            logger.scalars(result, state.step)
-            measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()) if result["valid/clips"] else "no usable clips"
-            logger.info(f"validation at step {state.step}: {measured}")
+            validate(state, valid_loader, logger)
         if state.step % cfg.checkpoint_interval == 0:
-            save_checkpoint(state, ckpt_dir, logger, hooks.save_pause)
+            save_checkpoint(state, ckpt_dir, logger)
             state.last_saved = state.step
-        hooks.maybe_kill(state.step, logger)
+        state.hooks.maybe_kill(state.step, logger)
         if stop.requested_on_any_rank(state.device):  # every rank stops after the same step
             state.stopped_by = stop.name or "a signal on another rank"
             return True
@@ -295,92 +259,77 @@ def run_epoch(state: State, train_loader, valid_loader, logger: RunLogger, ckpt_
             return True
 
 
-# ---------------------------------------------------------------------------- entry point
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line: ``--config`` and friends, then ``key.sub=value`` overrides."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--config", "--basic_model_config", dest="config", default="configs/xcodec_hubert_librispeech.yaml",
-                        help="recipe YAML (may name a 'base:' file)")
-    parser.add_argument("--exp_config", "--exp_model_config", dest="exp_config", default=None,
-                        help="experiment YAML merged over --config")
-    parser.add_argument("--training_file", default=None, help="same as training_file=...")
-    parser.add_argument("--validation_file", default=None, help="same as validation_file=...")
-    parser.add_argument("--log_dir", default=None, help="same as log_dir=...")
+    parser.add_argument("--config", "--basic_model_config", default="configs/xcodec_hubert_librispeech.yaml",
+                        help="recipe YAML (may name a 'base:' file)")  # fmt: skip
+    parser.add_argument("--exp_config", "--exp_model_config", help="experiment YAML merged over --config")
+    for key in ("training_file", "validation_file", "log_dir"):
+        parser.add_argument(f"--{key}", help=f"same as {key}=...")
     parser.add_argument("--restart", action="store_true", help="start again from step 0 even though log_dir holds "
-                        "checkpoints (they are moved to model_ckpts/previous_<time>/, not deleted)")
+                        "checkpoints (they are moved to model_ckpts/previous_<time>/, not deleted)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> State:
-    """Run training; returns the final state (tests inspect it). Raises on errors.
-
-    Everything that can refuse the run (config, checkpoints, the teacher's download,
-    ``init_from``) is checked before anything is written into ``log_dir``.
-    """
+    """Run training; returns the final state (tests inspect it). Raises on errors. Everything that can refuse the
+    run (config, checkpoints, the teacher's download, ``init_from``) is checked before ``log_dir`` is written."""
     args = parse_args(argv)
-    flags = [f"{k}={getattr(args, k)}" for k in ("training_file", "validation_file", "log_dir") if getattr(args, k) is not None]
+    flags = [f"{k}={v}" for k in ("training_file", "validation_file", "log_dir") if (v := vars(args)[k]) is not None]
     loaded = load_train_config(args.config, args.exp_config, [*args.overrides, *flags])
     cfg, raw = loaded.cfg, loaded.raw
-    hooks = FaultHooks.from_env()
     device = du.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout_minutes)
     logger, state, finished = None, None, False
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)  # restored at the end
     try:
         log_dir = Path(cfg.log_dir)
         ckpt_dir = log_dir / "model_ckpts"
-        resume = find_resume_checkpoint(ckpt_dir, ConsoleLogger(), restart=args.restart)
+        resume = checkpoint.find_resume_checkpoint(ckpt_dir, RunLogger(), restart=args.restart)
         if resume is not None:
-            check_resumable(resume[1], raw, str(resume[0]))
+            checkpoint.check_resumable(resume[1], raw, str(resume[0]))
         # Resuming or fine-tuning: the teacher's weights come with the codec's (no download).
         teacher = False if resume is not None else cfg.teacher_source()
         init_state = read_state(cfg.init_from) if resume is None and cfg.init_from is not None else None
         teacher_dir = fetch_teacher(cfg.codec.semantic_techer, teacher)  # offline: one line in seconds
-        failed = None
-        if du.is_main_process():
-            try:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                for p in remove_stale_checkpoint_temporaries(ckpt_dir):
-                    print(f"removed {p.name} left by an interrupted save", flush=True)
-                text = yaml.safe_dump(raw, sort_keys=False)
-                atomic_write(log_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))  # never through a link
-            except OSError as exc:  # e.g. an unwritable log_dir: every rank stops with it
-                failed = exc
-        du.raise_on_every_rank(failed)
+        checkpoint.prepare_log_dir(log_dir, raw)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
             torch.backends.cudnn.benchmark = not cfg.cudnn_deterministic
         # The same seed everywhere while building: every rank starts from identical models.
         seed_everything(cfg.seed)
         state = build_state(cfg, raw, device, teacher_dir)
+        state.hooks = FaultHooks.from_env()
         logger = RunLogger(str(log_dir), cfg.tensorboard, purge_step=(resume[1]["step"] + 1) if resume else None)
         logger.info(f"config: {' + '.join(loaded.sources)}")
         backend = dist.get_backend() if dist.is_initialized() else "none"
         logger.info(f"processes: {du.world_size()} (backend {backend}), device {device}, precision {cfg.precision}")
         logger.models(state, teacher)
         if resume is not None:
-            path, ckpt = resume
-            restore(state, ckpt, str(path), logger)
-            logger.info(f"resumed from {path} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch} of the epoch)")
+            checkpoint.restore(state, resume[1], str(resume[0]), logger)
+            logger.info(f"resumed from {resume[0]} (step {state.step}, epoch {state.epoch}, "
+                        f"batch {state.batch_in_epoch} of the epoch)")  # fmt: skip
         elif init_state is not None:
             load_codec_state(state.codec, init_state, f"init_from {cfg.init_from}")
             logger.info(f"codec initialised from {cfg.init_from}; discriminators and optimizers start fresh")
         del init_state
-        wrap_ddp(state)
-        train_loader, train_sampler, valid_loader = make_loaders(cfg, state.codec.sample_rate, device)
-        logger.info(f"data: {len(train_loader.dataset)} training clips, {len(valid_loader.dataset) if valid_loader else 0} validation clips, "
-                    f"{batches_per_epoch(train_sampler, cfg.batch_size)} batches of {cfg.batch_size} per epoch and process")
+        wrap_ddp(state, loss_plan(cfg, 0))
+        loaders = make_loaders(cfg, state.codec.sample_rate, device)
+        n_valid, n_batches = len(loaders[2].dataset) if loaders[2] else 0, batches_per_epoch(loaders[1], cfg.batch_size)
+        logger.info(f"data: {len(loaders[0].dataset)} training clips, {n_valid} validation clips, "
+                    f"{n_batches} batches of {cfg.batch_size} per epoch and process")
         # RNG last, right before the loop: nothing above may shift the restored streams.
         if resume is not None and resume[1].get("world_size") == du.world_size():
-            set_rng_state(resume[1]["rng"][du.rank()])
+            checkpoint.set_rng_state(resume[1]["rng"][du.rank()])
         elif resume is None:
             seed_everything(cfg.seed + du.rank())
         del resume
         with StopSignals() as stop:
-            train(state, train_loader, train_sampler, valid_loader, logger, ckpt_dir, hooks, stop)
-        if hooks.hash_dir:
-            write_state_hashes(state, hooks.hash_dir)
+            train(state, loaders, logger, ckpt_dir, stop)
+        if state.hooks.hash_dir:
+            write_state_hashes(state, state.hooks.hash_dir)
         finished = True
         return state
     finally:
@@ -408,9 +357,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): no checkpoint saved since the last one", file=sys.stderr, flush=True)
         return 130
-    if state.stopped_by.startswith("SIG"):
-        return 128 + int(getattr(signal, state.stopped_by))
-    return 0
+    return 128 + int(getattr(signal, state.stopped_by)) if state.stopped_by.startswith("SIG") else 0
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:
         out = state.codec_ddp(wav, bandwidth)
     n = min(wav.shape[-1], out.audio.shape[-1])
     real, fake = wav[..., :n], out.audio[..., :n].float()
-    adversarial = state.uses_discriminators and state.step >= state.cfg.discriminator_iter_start
-    trainer.generator_step(state, real, fake, out, adversarial)
-    if state.uses_discriminators:
+    plan = trainer.loss_plan(state.cfg, state.step)
+    trainer.generator_step(state, real, fake, out, plan)
+    if plan.discriminator:
         with state.autocast():
             out2 = state.codec_ddp(wav, bandwidth)  # "update y_hat": a second full codec pass
         trainer.discriminator_step(state, real, out2.audio[..., :n].float().detach())

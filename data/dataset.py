@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from corpus.inputs import read_file_list, scan_directory
 from utils.audio import audio_extensions, load_audio
+
+# Items stacked into {"wav": (B, 1, T), "index": (B,), "ok": (B,) bool, "path": [str], "error": [str]}.
+collate = default_collate
 
 
 class DataError(RuntimeError):
@@ -19,75 +22,43 @@ class DataError(RuntimeError):
 
 
 def list_audio_files(source: str | Path) -> list[str]:
-    """Audio paths from a file list or a directory.
-
-    Args:
-        source: a text file with one path per line (blank lines and ``#`` comments
-            ignored; a relative path is taken from the working directory when it exists
-            there, else from the list's own directory), or a directory, scanned
-            recursively for every extension libsndfile reads, sorted by path.
-
-    Returns:
-        The paths, in a deterministic order. Existence and readability are checked
-        when a clip is loaded (a bad clip is skipped then, not here).
-    """
+    """Audio paths, in a deterministic order, from ``source``: a text file with one path per line
+    (``corpus.inputs.read_file_list``) or a directory scanned recursively for every extension
+    libsndfile reads. Readability is checked when a clip is loaded (a bad clip is skipped then)."""
     source = Path(source)
     if source.is_dir():
         exts = audio_extensions()
         files = [str(p) for p in scan_directory(source, exts)]
-        if not files:
-            raise DataError(f"{source}: no audio files found (looked for {', '.join(sorted(exts))})")
-        return files
-    if not source.is_file():
-        raise DataError(f"{source}: no such file list or directory")
-    files = [str(p) for p in read_file_list(source)]
+        empty = f"no audio files found (looked for {', '.join(sorted(exts))})"
+    elif source.is_file():
+        files, empty = [str(p) for p in read_file_list(source)], "the file list is empty"
+    else:
+        files, empty = [], "no such file list or directory"
     if not files:
-        raise DataError(f"{source}: the file list is empty")
+        raise DataError(f"{source}: {empty}")
     return files
 
 
 class AudioSegmentDataset(Dataset):
-    """Fixed-length mono crops of audio files, ready for the codec.
+    """Fixed-length mono crops of audio files at ``sample_rate``, times ``audio_norm_scale``
+    (shorter clips zero-padded at the end).
 
-    Each clip is read with soundfile, mixed to mono, resampled to ``sample_rate`` with
-    soxr and multiplied by ``audio_norm_scale``; a crop of ``segment_size`` samples is
-    taken (clips that are shorter are zero-padded at the end).
+    Random crops are seeded by ``(seed, epoch, index)``: independent of worker processes, so a
+    resumed run sees exactly the crops an uninterrupted one would; fixed crops (validation) take
+    the centre. A clip that cannot be used (missing, unreadable, NaN/Inf, ...) never raises: its
+    item has ``ok = False`` and the reason; the training loop drops and counts it.
+    ``segment_size`` is in samples at ``sample_rate``; ``seed`` seeds the random crops.
 
-    Random crops are drawn from a generator seeded by ``(seed, epoch, index)``: they
-    do not depend on worker processes or their order, so a resumed run sees exactly
-    the crops an uninterrupted one would. Fixed crops (validation) take the centre.
-
-    A clip that cannot be used (missing, unreadable, empty, NaN/Inf, ...) never raises:
-    the item comes back with ``ok = False`` and the reason, and the training loop
-    drops it from the batch and counts it.
-
-    Args:
-        files: audio paths.
-        segment_size: crop length in samples at ``sample_rate``.
-        sample_rate: model rate in Hz.
-        audio_norm_scale: gain applied after resampling.
-        random_crop: random crops (training) or centre crops (validation).
-        seed: base seed of the random crops.
-
-    Items (for ``key`` an index or an ``(index, epoch)`` pair from :class:`ResumableSampler`):
+    Items (``key``: an index or an ``(index, epoch)`` pair from :class:`ResumableSampler`):
         ``{"wav": (1, segment_size) float32, "index": int, "ok": bool, "path": str, "error": str}``
     """
 
-    def __init__(
-        self,
-        files: list[str],
-        segment_size: int,
-        sample_rate: int,
-        audio_norm_scale: float = 1.0,
-        random_crop: bool = True,
-        seed: int = 0,
-    ):
+    def __init__(self, files: list[str], segment_size: int, sample_rate: int, audio_norm_scale: float = 1.0,
+                 random_crop: bool = True, seed: int = 0):  # fmt: skip
         self.files = list(files)
-        self.segment_size = int(segment_size)
-        self.sample_rate = int(sample_rate)
+        self.segment_size, self.sample_rate, self.seed = int(segment_size), int(sample_rate), int(seed)
         self.audio_norm_scale = float(audio_norm_scale)
         self.random_crop = random_crop
-        self.seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -95,118 +66,71 @@ class AudioSegmentDataset(Dataset):
     def crop_start(self, length: int, index: int, epoch: int) -> int:
         """First sample of the crop for a clip of ``length`` samples."""
         room = length - self.segment_size
-        if room <= 0:
-            return 0
-        if not self.random_crop:
-            return room // 2
-        rng = np.random.default_rng([self.seed, epoch, index])
-        return int(rng.integers(0, room + 1))
+        if room <= 0 or not self.random_crop:
+            return max(room, 0) // 2
+        return int(np.random.default_rng([self.seed, epoch, index]).integers(0, room + 1))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         path = self.files[index]
+        out = np.zeros(self.segment_size, dtype=np.float32)
         try:
             wav, _ = load_audio(path, self.sample_rate)
             start = self.crop_start(wav.shape[0], index, epoch)
             seg = wav[start : start + self.segment_size] * self.audio_norm_scale
-            out = np.zeros(self.segment_size, dtype=np.float32)
             out[: seg.shape[0]] = seg
             ok, error = True, ""
         except Exception as exc:  # any failure is one bad clip, never a crashed run
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if path not in reason:
-                reason = f"{path}: {reason}"
-            out = np.zeros(self.segment_size, dtype=np.float32)
-            ok, error = False, reason[:300]
+            ok, error = False, (reason if path in reason else f"{path}: {reason}")[:300]
         return {"wav": torch.from_numpy(out)[None], "index": index, "ok": ok, "path": path, "error": error}
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start mid-epoch and tags each index with its epoch.
-
-    Yields ``(index, epoch)`` so the dataset can seed its crops from the epoch without
-    sharing state with worker processes. ``set_position(epoch, skip)`` makes the next
-    iteration start ``skip`` samples into ``epoch`` (resume); the permutation is the
-    one ``DistributedSampler`` gives for that epoch and seed, so every rank's shard
-    and order are exactly those of an uninterrupted run.
-
-    Works without a process group: pass ``num_replicas`` and ``rank``.
+    """``DistributedSampler`` yielding ``(index, epoch)`` (the dataset seeds its crops from the
+    epoch) that can start ``skip`` samples into an epoch (``set_position``, resume): every rank's
+    shard and order are those of an uninterrupted run. No process group needed (``num_replicas``, ``rank``).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.skip = 0
+    skip = 0
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
         self.set_epoch(epoch)
         self.skip = max(0, int(skip))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip :]
-        return iter([(i, self.epoch) for i in indices])
+        return iter([(i, self.epoch) for i in list(super().__iter__())[self.skip :]])
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack items into ``{"wav": (B, 1, T), "index": (B,), "ok": (B,) bool, "path": [str], "error": [str]}``."""
-    return {
-        "wav": torch.stack([it["wav"] for it in items]),
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        "ok": torch.tensor([it["ok"] for it in items], dtype=torch.bool),
-        "path": [it["path"] for it in items],
-        "error": [it["error"] for it in items],
-    }
-
-
 def _worker_init(worker_id: int) -> None:
     # A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group: the workers leave the
-    # stop to the main process, which finishes its step and saves (training.signals).
+    # stop to the main process, which finishes its step and saves (main_launch_vqdp.StopSignals).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Crops carry their own seeds; this only keeps numpy/random in workers distinct
-    # for anything else that may draw from them.
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32 if info is not None else worker_id
-    np.random.seed(seed)
+    # Crops carry their own seeds; this only keeps numpy in workers distinct for anything else.
+    np.random.seed(torch.utils.data.get_worker_info().seed % 2**32)
 
 
-def build_loader(
-    dataset: AudioSegmentDataset,
-    batch_size: int,
-    num_workers: int,
-    rank: int,
-    world_size: int,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool,
-    pin_memory: bool = False,
-) -> tuple[DataLoader, ResumableSampler]:
-    """A DataLoader over this rank's shard.
-
-    Training shards with ``drop_last=True`` (every rank gets as many batches, which DDP
-    needs); validation keeps every clip (``drop_last=False`` pads the last shard by
-    repeating clips, as ``DistributedSampler`` does).
-    """
+def build_loader(dataset: AudioSegmentDataset, batch_size: int, num_workers: int, rank: int, world_size: int,
+                 shuffle: bool, seed: int, drop_last: bool, pin_memory: bool = False,
+                 ) -> tuple[DataLoader, ResumableSampler]:  # fmt: skip
+    """A DataLoader over this rank's shard: ``drop_last=True`` for training (DDP needs as many batches on
+    every rank), ``False`` for validation (the last shard padded by repeating clips, as ``DistributedSampler`` does)."""
     if drop_last and len(dataset) < world_size:
         raise DataError(f"{len(dataset)} training clip(s) cannot be split over {world_size} processes")
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = ResumableSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=False,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers > 0 else None,
         # Fresh workers per epoch: a resumed epoch must not reuse a prefetching iterator.
         persistent_workers=False,
         # Its own generator: starting an epoch's iterator must not draw from the global
         # RNG, or a resumed run's random stream would be shifted by one draw.
         generator=torch.Generator().manual_seed(seed),
-    )
+    )  # fmt: skip
     return loader, sampler
 
 

@@ -1,9 +1,5 @@
-"""Whole audio files for inference and tokenization, read and resampled in DataLoader workers.
-
-The GPU should never wait for soundfile and soxr: workers decode and resample the next
-files while the model encodes the current batch, in an order that puts files of similar
-length together (batches with little padding).
-"""
+"""Whole audio files for inference and tokenization, decoded and resampled in DataLoader workers while the
+model encodes the current batch (the GPU never waits for soundfile and soxr), files of similar length together."""
 
 from __future__ import annotations
 
@@ -17,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from utils.audio import AudioError, DatasetAudio, load_audio
 
 
-def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequence[float | None] | None = None) -> list[int]:
+def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequence[float | None] | None = None,
+                   ) -> list[int]:  # fmt: skip
     """Indices of ``paths``, longest file first (``durations`` where known, else the headers;
     an unreadable header or a dataset row without a duration sorts last)."""
 
@@ -36,15 +33,8 @@ def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequen
 
 
 class AudioFiles(Dataset):
-    """Mono float32 audio of whole files at ``sample_rate``.
-
-    Args:
-        paths: the files.
-        sample_rate: every file is resampled (soxr) to this rate.
-
-    Items: ``(index, wav (T,) float32 tensor or None, error message or None)``; a file that
-    cannot be used never raises, its item carries the one-line reason instead.
-    """
+    """Mono float32 audio of whole files (``paths``) resampled (soxr) to ``sample_rate``. Items: ``(index,
+    wav (T,) float32 tensor or None, error message or None)``: a file that cannot be used never raises."""
 
     def __init__(self, paths: Sequence[str | Path], sample_rate: int):
         self.paths = list(paths)
@@ -65,7 +55,8 @@ def _keep(item):
     return item
 
 
-def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool, ahead: int = 8) -> DataLoader:
+def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool,
+                ahead: int = 8) -> DataLoader:  # fmt: skip
     """The files of ``dataset`` in ``order``, read ahead by ``workers`` processes (0: in this
     one), at least ``ahead`` files ahead of the consumer (two batches keep the GPU fed)."""
     prefetch = max(2, -(-ahead // workers)) if workers > 0 else None

@@ -1,28 +1,10 @@
-"""Training losses for the X-Codec generator and discriminators, and the evaluation metrics
-built on them (``losses.metrics``).
-
-Reconstruction losses take ``(estimate, target)`` waveforms of shape (B, 1, T)
-and return a scalar; adversarial losses take discriminator outputs (see
-``modules.discriminators``).
-"""
+"""Training losses (reconstruction: ``(estimate, target)`` (B, 1, T) waveforms -> a scalar; adversarial: on
+discriminator outputs) and the evaluation metrics built on them (``losses.metrics``)."""
 
 from .adversarial import FeatureMatchingLoss, GANLoss
-from .bundle import LossBundle
-from .spectral import (
-    MelSpectrogramLoss,
-    MultiResolutionSTFTLoss,
-    SubbandMultiResolutionSTFTLoss,
-    mel_spectrogram,
-    stft_magnitude,
-)
+from .spectral import MelSpectrogramLoss, MultiResolutionSTFTLoss, SubbandMultiResolutionSTFTLoss, mel_spectrogram
 
 __all__ = [
-    "FeatureMatchingLoss",
-    "GANLoss",
-    "LossBundle",
-    "MelSpectrogramLoss",
-    "MultiResolutionSTFTLoss",
-    "SubbandMultiResolutionSTFTLoss",
-    "mel_spectrogram",
-    "stft_magnitude",
-]
+    "FeatureMatchingLoss", "GANLoss", "MelSpectrogramLoss", "MultiResolutionSTFTLoss",
+    "SubbandMultiResolutionSTFTLoss", "mel_spectrogram",
+]  # fmt: skip

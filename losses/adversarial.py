@@ -15,78 +15,38 @@ def _as_list(logits: LogitsLike) -> list[torch.Tensor]:
     return [logits] if isinstance(logits, torch.Tensor) else list(logits)
 
 
+def _mse_to(x: torch.Tensor, target: float) -> torch.Tensor:
+    return F.mse_loss(x.float(), torch.full_like(x, target, dtype=torch.float32))
+
+
 class GANLoss(nn.Module):
-    """Least-squares (LSGAN / MSE) adversarial loss with separate generator and discriminator terms.
-
-    Real target is 1 and fake target 0. Each term is averaged over the
-    sub-discriminators (list entries), matching the original's MSEGLoss and
-    MSEDiscriminatorLoss. ``forward`` is :meth:`generator`.
-
-    Args:
-        none.
-
-    Shapes:
-        logits: a list of tensors (B, ...) (one per sub-discriminator) or one tensor.
-    """
+    """Least-squares (LSGAN) adversarial loss, real target 1 and fake 0, each term averaged over the
+    sub-discriminators (the original's MSEGLoss and MSEDiscriminatorLoss); ``forward`` is :meth:`generator`.
+    Logits: one tensor (B, ...) or a list of them (one per sub-discriminator)."""
 
     def generator(self, fake_logits: LogitsLike) -> torch.Tensor:
         """``mean_i mean((1 - D_i(fake))^2)``; gradients flow into the generator through the logits."""
         fakes = _as_list(fake_logits)
-        return sum(
-            F.mse_loss(f.float(), torch.ones_like(f, dtype=torch.float32))
-            for f in fakes
-        ) / len(fakes)
+        return sum(_mse_to(f, 1.0) for f in fakes) / len(fakes)
 
-    def discriminator(
-        self, real_logits: LogitsLike, fake_logits: LogitsLike
-    ) -> torch.Tensor:
+    def discriminator(self, real_logits: LogitsLike, fake_logits: LogitsLike) -> torch.Tensor:
         """``mean_i [mean((1 - D_i(real))^2) + mean(D_i(fake)^2)]``; the caller detaches the fake audio."""
         reals, fakes = _as_list(real_logits), _as_list(fake_logits)
-        if len(reals) != len(fakes):
-            raise ValueError(f"got {len(reals)} real and {len(fakes)} fake logits")
-        total = sum(
-            F.mse_loss(r.float(), torch.ones_like(r, dtype=torch.float32))
-            + F.mse_loss(f.float(), torch.zeros_like(f, dtype=torch.float32))
-            for r, f in zip(reals, fakes)
-        )
-        return total / len(reals)
+        return sum(_mse_to(r, 1.0) + _mse_to(f, 0.0) for r, f in zip(reals, fakes, strict=True)) / len(reals)
 
     def forward(self, fake_logits: LogitsLike) -> torch.Tensor:
         return self.generator(fake_logits)
 
 
+def _flatten(fmaps: Sequence) -> list[torch.Tensor]:
+    return [t for f in fmaps for t in ([f] if isinstance(f, torch.Tensor) else _flatten(f))]
+
+
 class FeatureMatchingLoss(nn.Module):
-    """Mean L1 distance between discriminator feature maps of real and generated audio.
-
-    The mean is over every (sub-discriminator, layer) pair, each pair contributing
-    its own element-wise mean L1; real features are detached.
-
-    Args:
-        none.
-
-    Forward:
-        real_fmaps: nested list ``[[(B, C, ...), ...], ...]`` (per sub-discriminator,
-            per layer), or a flat list of tensors.
-        fake_fmaps: same structure and shapes as ``real_fmaps``.
-        Returns a scalar tensor.
-    """
+    """Mean L1 distance between discriminator feature maps of real and generated audio: the mean over
+    every (sub-discriminator, layer) pair of its element-wise mean L1; real features are detached.
+    ``forward(real_fmaps, fake_fmaps)``: nested lists ``[[(B, C, ...), ...], ...]`` (or flat), same structure."""
 
     def forward(self, real_fmaps: Sequence, fake_fmaps: Sequence) -> torch.Tensor:
-        pairs = list(_flatten_pairs(real_fmaps, fake_fmaps))
-        if not pairs:
-            raise ValueError("no feature maps given")
-        return sum(
-            F.l1_loss(fake.float(), real.float().detach()) for real, fake in pairs
-        ) / len(pairs)
-
-
-def _flatten_pairs(real: Sequence, fake: Sequence):
-    if len(real) != len(fake):
-        raise ValueError(
-            f"feature map lists differ in length: {len(real)} vs {len(fake)}"
-        )
-    for r, f in zip(real, fake):
-        if isinstance(r, torch.Tensor):
-            yield r, f
-        else:
-            yield from _flatten_pairs(r, f)
+        pairs = list(zip(_flatten(real_fmaps), _flatten(fake_fmaps), strict=True))
+        return sum(F.l1_loss(fake.float(), real.float().detach()) for real, fake in pairs) / len(pairs)

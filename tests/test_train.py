@@ -16,8 +16,8 @@ from conftest import TINY_CONFIG as TINY
 from conftest import train_tiny as run
 from data import DataError
 from models import XCodec
-from models.pretrained import read_torch_file
-from training.checkpoint import init_codec_from, nonfinite_entries, remove_stale_checkpoint_temporaries
+from models.pretrained import load_codec_state, read_state, read_torch_file
+from training.checkpoint import nonfinite_entries, remove_stale_checkpoint_temporaries
 from training.config import load_train_config
 from utils.audio import load_audio
 
@@ -175,13 +175,13 @@ def test_init_from_released_style_weights(tmp_path):
 
     loaded = load_train_config(TINY, overrides=[f"init_from={ckpt}"])
     state = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
-    init_codec_from(state.codec, str(ckpt))
+    load_codec_state(state.codec, read_state(str(ckpt)), "init_from")  # what main() does with init_from
     for key, value in state.codec.state_dict().items():
         assert torch.equal(value, saved[key]), key
 
     # From the slim export (folded weight norm): same codec function.
     fresh = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
-    init_codec_from(fresh.codec, str(src / "model_ckpts" / "export_00000002"))
+    load_codec_state(fresh.codec, read_state(str(src / "model_ckpts" / "export_00000002")), "init_from")
     x = torch.randn(1, 1, 6400) * 0.1
     torch.testing.assert_close(fresh.codec.eval().encode(x), state.codec.eval().encode(x))
 
@@ -191,7 +191,7 @@ def test_init_from_released_style_weights(tmp_path):
     release.parent.mkdir()
     torch.save(to_release_state(saved), release)
     third = trainer.build_state(loaded.cfg, loaded.raw, torch.device("cpu"))
-    init_codec_from(third.codec, str(release))
+    load_codec_state(third.codec, read_state(str(release)), "init_from")
     for key, value in third.codec.state_dict().items():
         assert torch.equal(value, saved[key]), key
 

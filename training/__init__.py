@@ -1,3 +1,2 @@
-"""What the training script (``main_launch_vqdp.py``) uses besides the model, losses and data:
-the typed recipe (``config``), checkpoints of the whole training state (``checkpoint``),
-run logging (``run_logger``) and the test hooks (``faults``)."""
+"""What the training script (``main_launch_vqdp.py``) uses besides the models, losses and data: the typed
+recipe (``config``), the state with its loss plan and test hooks (``state``), checkpoints, batches, logging."""

@@ -1,4 +1,5 @@
-"""Training and validation batches: the loaders, and screening out unusable clips on every rank alike."""
+"""Training and validation batches: the loaders, screening out unusable clips on every rank
+alike, and validation (mel and STFT distances, the semantic loss, audio for tensorboard)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,26 @@ from utils import distributed as du
 from .config import TrainConfig
 
 
-def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
-    """Drop unusable clips from a batch of the script's ``State``; returns the (B', 1, T) good audio or None to skip.
+def make_loaders(cfg: TrainConfig, sample_rate: int, device: torch.device):
+    """``(train_loader, train_sampler, valid_loader or None)`` over this rank's shards."""
+    pin, rank, world = device.type == "cuda", du.rank(), du.world_size()
+    crops = (cfg.segment_size, sample_rate, cfg.audio_norm_scale)
+    train = AudioSegmentDataset(list_audio_files(cfg.training_file), *crops, random_crop=True, seed=cfg.seed)
+    train_loader, train_sampler = build_loader(train, cfg.batch_size, cfg.num_workers, rank, world, shuffle=True,
+                                               seed=cfg.seed, drop_last=True, pin_memory=pin)  # fmt: skip
+    if not cfg.validation_file:
+        return train_loader, train_sampler, None
+    files = list_audio_files(cfg.validation_file)[: cfg.validation_max_clips or None]
+    valid = AudioSegmentDataset(files, *crops, random_crop=False, seed=cfg.seed)
+    valid_loader, _ = build_loader(valid, cfg.batch_size, min(cfg.num_workers, 2), rank, world, shuffle=False,
+                                   seed=cfg.seed, drop_last=False, pin_memory=pin)  # fmt: skip
+    return train_loader, train_sampler, valid_loader
 
-    Each bad file is logged once and counted. When more than ``max_bad_fraction`` of the
-    batch (over all ranks) is bad, the run stops naming the files: that is a broken
-    data list, not a few corrupt clips. Decisions are identical on every rank.
-    """
+
+def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
+    """Drop unusable clips from a batch; returns the (B', 1, T) good audio or None to skip it. Each bad file
+    is logged once and counted; more than ``max_bad_fraction`` bad over all ranks stops the run naming the files
+    (a broken data list, not a few corrupt clips). Decisions are identical on every rank."""
     ok = batch["ok"]
     n_bad, n = int((~ok).sum()), ok.numel()
     counts = torch.tensor([n_bad, n, int(n_bad == n)], dtype=torch.float64, device=state.device)
@@ -44,18 +58,44 @@ def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
     return wav.to(state.device, non_blocking=True)
 
 
-def make_loaders(cfg: TrainConfig, sample_rate: int, device: torch.device):
-    train_files = list_audio_files(cfg.training_file)
-    train_ds = AudioSegmentDataset(train_files, cfg.segment_size, sample_rate, cfg.audio_norm_scale, random_crop=True, seed=cfg.seed)
-    pin = device.type == "cuda"
-    train_loader, train_sampler = build_loader(
-        train_ds, cfg.batch_size, cfg.num_workers, du.rank(), du.world_size(), shuffle=True, seed=cfg.seed, drop_last=True, pin_memory=pin
-    )
-    valid = None
-    if cfg.validation_file:
-        files = list_audio_files(cfg.validation_file)
-        if cfg.validation_max_clips:
-            files = files[: cfg.validation_max_clips]
-        valid_ds = AudioSegmentDataset(files, cfg.segment_size, sample_rate, cfg.audio_norm_scale, random_crop=False, seed=cfg.seed)
-        valid = build_loader(valid_ds, cfg.batch_size, min(cfg.num_workers, 2), du.rank(), du.world_size(), shuffle=False, seed=cfg.seed, drop_last=False, pin_memory=pin)[0]
-    return train_loader, train_sampler, valid
+@torch.no_grad()
+def validate(state: Any, loader, logger: Any) -> None:
+    """Logs mel and STFT distances and the semantic loss on fixed validation crops at the top bandwidth, over
+    every rank's shard, and audio and mel images of rank 0's first ``num_plots`` clips. With no usable clip,
+    only ``valid/clips`` (0): never a distance of 0 that reads as a perfect model."""
+    cfg, codec = state.cfg, state.codec
+    codec.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=state.device)
+    plotted = 0
+    try:
+        for batch in loader:
+            ok = batch["ok"]
+            if not bool(ok.any()):
+                continue
+            wav = batch["wav"][ok].to(state.device)
+            with state.autocast():
+                out = codec(wav, codec.target_bandwidths[-1])
+            n = min(wav.shape[-1], out.audio.shape[-1])
+            real, fake = wav[..., :n], out.audio[..., :n].float()
+            b = real.shape[0]
+            for i in range(b):
+                sums[0] += float(state.losses.mel(fake[i : i + 1], real[i : i + 1]))
+                sums[1] += float(state.losses.full_stft(fake[i : i + 1], real[i : i + 1]))
+            sums[2:] += torch.tensor([float(out.semantic_loss) * b, b], dtype=torch.float64, device=sums.device)
+            shown = {"reconstruction": fake} if state.originals_logged else {"original": real, "reconstruction": fake}
+            for i in range(min(b, cfg.num_plots - plotted) if logger.writer is not None else 0):
+                for name, audio in shown.items():
+                    logger.clip(f"valid/clip{plotted}", name, audio[i, 0].cpu().numpy(), state.step, codec.sample_rate)
+                plotted += 1
+    finally:
+        codec.train()
+    state.originals_logged = True
+    du.all_reduce(sums)
+    mel, stft, semantic, count = sums.tolist()
+    result = {"valid/clips": count}
+    if count:
+        result = {"valid/mel_distance": mel / count, "valid/stft_distance": stft / count,
+                  "valid/semantic_loss": semantic / count, **result}  # fmt: skip
+    logger.scalars(result, state.step)
+    measured = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.items()) if count else "no usable clips"
+    logger.info(f"validation at step {state.step}: {measured}")

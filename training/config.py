@@ -1,25 +1,17 @@
 """The typed training configuration: every section of the recipe YAML as a dataclass.
 
-A run's config is a stack of layers merged in order:
-
-1. the ``--config`` file and the chain of ``base:`` files it names (base first),
-2. an optional experiment file (``--exp_config``, the original's ``--exp_model_config``),
-3. command-line overrides ``key.sub=value`` (values are YAML: ``max_steps=4``,
-   ``d_list=[mfd,mpd]``, ``init_from=null``).
-
-Relative input paths in a YAML layer (``training_file``, ``validation_file``; ``init_from`` and
-``pretrained_teacher`` when that path exists) are taken from its file's directory, so a config works
-from any cwd; command-line paths and ``log_dir`` (an output) are taken from the working directory.
-
-Every layer is checked on its own against :class:`TrainConfig` before merging, so an
-unknown key or a wrong type fails at start-up naming the key *and the file* (or the
-command-line argument) it came from. The merged dict is kept verbatim (``raw``): it is
-what checkpoints store and what ``XCodec.from_pretrained`` reads back.
+A run's config merges, in order: the ``--config`` file after the chain of ``base:`` files it names, an
+optional experiment file (``--exp_config``) and ``key.sub=value`` overrides (YAML values). Relative input
+paths in a YAML layer (``training_file``, ``validation_file``; ``init_from`` and ``pretrained_teacher`` when
+that path exists) are taken from its file's directory, others from the working directory. Every layer is
+checked on its own: an error names the key and its file or argument. The merged dict (``raw``) is kept
+verbatim: checkpoints store it and ``XCodec.from_pretrained`` reads it back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,10 +24,7 @@ from models.config import GeneratorConfig, generator_config_from_dict
 from utils.budget import MAX_STEP_ELEMENTS, check_budget
 from utils.config import ConfigError, config_dir, config_layers, from_dict, merge, setting
 
-DISCRIMINATOR_NAMES = ("mfd", "mpd", "msd", "msstftd")
 
-
-# ---------------------------------------------------------------------------- sections
 @dataclass
 class GeneratorSection:
     """``generator:`` — the codec architecture (``name`` kept for original-config compatibility)."""
@@ -159,18 +148,13 @@ class MelConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole training recipe (see configs/xcodec_hubert_librispeech.yaml for every key).
-
-    Original key names are kept (``training_file``, ``num_epoches``, ``checkpoint_interval`` ...).
-    Keys that are new here: ``max_steps``, ``grad_clip``, ``precision``, ``loss_weights``,
-    ``init_from``, ``pretrained_teacher``, ``max_nonfinite_steps``, ``max_bad_fraction``,
-    ``validation_max_clips`` and ``lr_scheduler.interval``.
-    """
+    """The whole training recipe (configs/xcodec_hubert_librispeech.yaml has every key), with the
+    original's key names (``training_file``, ``num_epoches``, ``checkpoint_interval`` ...)."""
 
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     audio_norm_scale: float = setting(0.95, gt=0)
     # discriminators
-    d_list: list[str] = setting(factory=lambda: ["mfd"], choices=DISCRIMINATOR_NAMES, nonempty=True)
+    d_list: list[str] = setting(factory=lambda: ["mfd"], choices=("mfd", "mpd", "msd", "msstftd"), nonempty=True)
     mfd: MFDConfig = field(default_factory=MFDConfig)
     mpd: MPDConfig = field(default_factory=MPDConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
@@ -220,57 +204,36 @@ class TrainConfig:
         return self.generator.config
 
     def teacher_source(self) -> bool | str:
-        """What ``build_codec(pretrained_teacher=...)`` gets.
-
-        Explicit ``pretrained_teacher`` wins. Otherwise a config that describes its own
-        teacher architecture (``semantic_model_config``, the tiny test configs) or a run
-        that starts from released weights (``init_from``, whose checkpoint carries the
-        teacher) builds it without downloading; a real run loads the pretrained teacher.
-        """
+        """``build_codec``'s ``pretrained_teacher``: an explicit ``pretrained_teacher``, else ``False`` (no download)
+        when the config describes its teacher (``semantic_model_config``) or ``init_from`` carries it, else ``True``."""
         if self.pretrained_teacher is not None:
             return self.pretrained_teacher
-        if self.init_from is not None or self.codec.semantic_model_config is not None:
-            return False
-        return True
+        return self.init_from is None and self.codec.semantic_model_config is None
 
 
-# ---------------------------------------------------------------------------- loading
 @dataclass
 class LoadedConfig:
-    """A parsed run config: the typed view and the merged raw dict it came from."""
+    """A parsed run config: the typed view, the merged raw dict it came from, its layers' names."""
 
     cfg: TrainConfig
     raw: dict
     sources: list[str]
 
 
-def _field_type(cls: Any, keys: list[str]) -> Any:
-    """The annotated type at ``keys`` inside dataclass ``cls`` (``Any`` past a plain dict)."""
-    tp = cls
+def _accepts_str(keys: list[str]) -> bool:
+    """Whether the ``TrainConfig`` key at ``keys`` is typed ``str`` (alone or in a union)."""
+    tp: Any = TrainConfig
     for key in keys:
-        if not dataclasses.is_dataclass(tp):
-            return Any
-        hints = typing.get_type_hints(tp)
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
         if key not in hints:
-            return None
+            return False
         tp = hints[key]
-    return tp
-
-
-def _accepts_str(tp: Any) -> bool:
-    if tp is str:
-        return True
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_accepts_str(a) for a in typing.get_args(tp))
-    return False
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 
 def parse_override(arg: str) -> dict:
-    """``"a.b=value"`` -> ``{"a": {"b": value}}``, the value read as YAML.
-
-    For a string-typed key the text is kept as written (``log_dir=123`` stays ``"123"``),
-    except ``null``/``~`` which mean None.
-    """
+    """``"a.b=value"`` -> ``{"a": {"b": value}}``, the value read as YAML; for a string-typed key the text
+    as written (``log_dir=123`` stays ``"123"``), except ``null``/``~`` (None)."""
     if "=" not in arg:
         raise ConfigError(f"command line: {arg!r}: overrides look like key.sub=value")
     key, text = arg.split("=", 1)
@@ -283,20 +246,11 @@ def parse_override(arg: str) -> dict:
         value = text
     except RecursionError:  # e.g. 100k nested "[": the parser recurses once per level
         raise ConfigError(f"command line: {key}: not valid YAML (nested too deeply)") from None
-    tp = _field_type(TrainConfig, keys)
-    if (
-        tp is not None
-        and tp is not Any
-        and _accepts_str(tp)
-        and not isinstance(value, str)
-        and text.strip() not in ("null", "~", "Null", "NULL")
-        and not isinstance(value, bool)
-    ):
+    if value is not None and not isinstance(value, (str, bool)) and _accepts_str(keys):
         value = text
-    out: dict = value
     for k in reversed(keys):
-        out = {k: out}
-    return out
+        value = {k: value}
+    return value
 
 
 def _from_dict(data: dict, where: str) -> TrainConfig:
@@ -307,53 +261,36 @@ def _from_dict(data: dict, where: str) -> TrainConfig:
         raise ConfigError(f"{where}: {str(exc).lstrip('.: ')}") from None
 
 
-def _check_layer(data: dict, where: str) -> None:
-    """Type-check one layer (partial: every field has a default)."""
-    _from_dict(data, where)
-    gen = data.get("generator")
-    if isinstance(gen, dict) and "config" not in gen and gen:
-        raise ConfigError(f"{where}: generator: expected the architecture under generator.config")
-
-
 def _validate(cfg: TrainConfig, raw: dict, where: str) -> None:
     """Checks across keys that the dataclass types cannot express."""
-
-    def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{where}: {key}: {msg}")
-
     generator_config_from_dict(raw, where)  # the generator name and section, as inference reads them
-    if len(set(cfg.d_list)) != len(cfg.d_list):
-        raise bad("d_list", f"names repeat: {cfg.d_list}")
-    if cfg.max_steps == 0 and cfg.num_epoches == 0:
-        raise bad("max_steps", "max_steps and num_epoches are both 0: nothing to train")
-    if len(cfg.optimizer.g.betas) != 2 or len(cfg.optimizer.d.betas) != 2:
-        raise bad("optimizer.*.betas", "expected two numbers")
-    for name, sec in (
-        ("full_multi_scale_stft_loss", cfg.full_multi_scale_stft_loss),
-        ("sub_multi_scale_stft_loss", cfg.sub_multi_scale_stft_loss),
-    ):
+    problems = {
+        "d_list": len(set(cfg.d_list)) != len(cfg.d_list) and f"names repeat: {cfg.d_list}",
+        "max_steps": cfg.max_steps == cfg.num_epoches == 0 and "max_steps and num_epoches are both 0: nothing to train",
+        "optimizer.*.betas": {len(cfg.optimizer.g.betas), len(cfg.optimizer.d.betas)} != {2} and "expected two numbers",
+        "segment_size": cfg.segment_size < cfg.codec.hop_length
+        and f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)",
+        "pretrained_teacher": cfg.pretrained_teacher == "" and "empty string",
+    }
+    for name in ("full_multi_scale_stft_loss", "sub_multi_scale_stft_loss"):
+        sec = getattr(cfg, name)
         if not len(sec.fft_sizes) == len(sec.win_sizes) == len(sec.hop_sizes):
-            raise bad(name, "fft_sizes, win_sizes and hop_sizes must have the same length")
-    if len(cfg.mfd.hop_lengths) != len(cfg.mfd.hidden_channels) and "mfd" in cfg.d_list:
-        raise bad("mfd", "hop_lengths and hidden_channels must have the same length")
-    if cfg.segment_size < cfg.codec.hop_length:
-        raise bad(
-            "segment_size",
-            f"{cfg.segment_size} samples is shorter than one code frame ({cfg.codec.hop_length} samples)",
-        )
+            problems[name] = "fft_sizes, win_sizes and hop_sizes must have the same length"
+    if "mfd" in cfg.d_list:
+        problems["mfd"] = len(cfg.mfd.hop_lengths) != len(cfg.mfd.hidden_channels) and (
+            "hop_lengths and hidden_channels must have the same length")
+        problems["mfd.hidden_channels"] = any(c % 32 for c in cfg.mfd.hidden_channels) and (
+            f"every width must be a multiple of 32, got {cfg.mfd.hidden_channels}")
+    mel = cfg.mel_scale_loss
+    problems["mel_scale_loss.fmax"] = mel.fmax is not None and mel.fmax <= mel.fmin and (
+        f"must be above fmin ({mel.fmin}), got {mel.fmax}")
+    for key, problem in problems.items():
+        if problem:
+            raise ConfigError(f"{where}: {key}: {problem}")
     # Before log_dir is touched: what one training step allocates, from the recipe alone.
     widest = max(cfg.codec.encoder_dim, cfg.codec.decoder_dim / 2 ** len(cfg.codec.ratios))
-    sizes, defaults = _recipe_sizes(cfg), _recipe_sizes(TrainConfig())
-    step = "elements in one training step"
-    check_budget(lambda v: _step_elements(v, widest), sizes, defaults, f"{where}: ", step, MAX_STEP_ELEMENTS)
-    if cfg.mel_scale_loss.fmax is not None and cfg.mel_scale_loss.fmax <= cfg.mel_scale_loss.fmin:
-        raise bad(
-            "mel_scale_loss.fmax", f"must be above fmin ({cfg.mel_scale_loss.fmin}), got {cfg.mel_scale_loss.fmax}"
-        )
-    if "mfd" in cfg.d_list and any(c % 32 for c in cfg.mfd.hidden_channels):
-        raise bad("mfd.hidden_channels", f"every width must be a multiple of 32, got {cfg.mfd.hidden_channels}")
-    if isinstance(cfg.pretrained_teacher, str) and not cfg.pretrained_teacher:
-        raise bad("pretrained_teacher", "empty string")
+    check_budget(lambda v: _step_elements(v, widest), _recipe_sizes(cfg), _recipe_sizes(TrainConfig()),
+                 f"{where}: ", "elements in one training step", MAX_STEP_ELEMENTS)  # fmt: skip
 
 
 _RECIPE_SIZE_KEYS = (
@@ -366,13 +303,7 @@ _RECIPE_SIZE_KEYS = (
 
 def _recipe_sizes(cfg: TrainConfig) -> dict:
     """The recipe keys that size a training step (dotted names as in the YAML)."""
-    out = {}
-    for key in _RECIPE_SIZE_KEYS:
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        out[key] = value
-    return out
+    return {key: functools.reduce(getattr, key.split("."), cfg) for key in _RECIPE_SIZE_KEYS}
 
 
 def _step_elements(v: dict, widest: float) -> float:
@@ -389,9 +320,8 @@ def _step_elements(v: dict, widest: float) -> float:
     total += spectrograms([v["mel_scale_loss.n_fft"]], [v["mel_scale_loss.hop_size"]])
     total += float(v["mel_scale_loss.n_fft"]) * float(v["mel_scale_loss.num_mels"])
     hops, hidden = v["mfd.hop_lengths"], v["mfd.hidden_channels"]  # each: an STFT of 4 * hop, 2-D convs up to `hidden`
-    total += spectrograms([4 * float(h) for h in hops], hops) + sum(
-        12 * float(c) ** 2 + audio * float(c) / 16 for c in hidden
-    )
+    total += spectrograms([4 * float(h) for h in hops], hops)
+    total += sum(12 * float(c) ** 2 + audio * float(c) / 16 for c in hidden)
     total += spectrograms(v["msstftd.n_ffts"], v["msstftd.hop_lengths"]) * (1 + float(v["msstftd.filters"]))
     return total
 
@@ -410,7 +340,7 @@ def _file_layers(path: str | Path) -> list[tuple[str, dict]]:
         for key in _FILE_PATH_KEYS + _NAME_OR_PATH_KEYS:
             value = data.get(key)
             if not isinstance(value, str) or not value or Path(value).is_absolute():
-                continue  # null, a flag, or a type error that _check_layer reports with the file's name
+                continue  # null, a flag, or a type error that the layer's check reports with the file's name
             rebased = here / value
             if key in _FILE_PATH_KEYS or rebased.exists():
                 data[key] = str(rebased)
@@ -418,33 +348,23 @@ def _file_layers(path: str | Path) -> list[tuple[str, dict]]:
     return out
 
 
-def load_train_config(
-    config: str | Path,
-    exp_config: str | Path | None = None,
-    overrides: typing.Sequence[str] = (),
-) -> LoadedConfig:
+def load_train_config(config: str | Path, exp_config: str | Path | None = None,
+                      overrides: typing.Sequence[str] = ()) -> LoadedConfig:  # fmt: skip
     """Read, check and merge the config layers (see the module docstring).
 
     Raises:
         ConfigError: naming the offending key and the file or argument it came from.
     """
-    layers = _file_layers(config)
-    if exp_config is not None:
-        layers += _file_layers(exp_config)
-    for arg in overrides:
-        layers.append((f"command line {arg!r}", parse_override(arg)))
+    layers = _file_layers(config) + (_file_layers(exp_config) if exp_config is not None else [])
+    layers += [(f"command line {arg!r}", parse_override(arg)) for arg in overrides]
     raw: dict = {}
     for where, data in layers:
-        _check_layer(data, where)
+        _from_dict(data, where)  # each layer on its own (partial: every field has a default)
+        gen = data.get("generator")
+        if isinstance(gen, dict) and gen and "config" not in gen:
+            raise ConfigError(f"{where}: generator: expected the architecture under generator.config")
         raw = merge(raw, data)
     where = str(config) if len(layers) == 1 else f"{config} (merged with its base, experiment file and overrides)"
     cfg = _from_dict(raw, where)
     _validate(cfg, raw, where)
     return LoadedConfig(cfg, raw, [w for w, _ in layers])
-
-
-def train_config_from_dict(raw: dict, where: str = "config") -> TrainConfig:
-    """Typed view of an already merged dict (e.g. a checkpoint's ``config``)."""
-    cfg = _from_dict(raw, where)
-    _validate(cfg, raw, where)
-    return cfg

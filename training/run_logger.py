@@ -16,25 +16,20 @@ from utils import distributed as du
 from utils.files import open_own
 from utils.plotting import spectrogram_figure
 
-_SHORT = {"loss/generator": "g", "loss/discriminator": "d", "loss/full_stft": "stft", "loss/sub_stft": "sub", "loss/mel": "mel",
-          "loss/adversarial": "adv", "loss/feature_matching": "fm", "loss/semantic": "sem", "loss/commit": "commit"}  # fmt: skip
+_SHORT = {"loss/generator": "g", "loss/discriminator": "d", "loss/full_stft": "stft", "loss/sub_stft": "sub",
+          "loss/mel": "mel", "loss/adversarial": "adv", "loss/feature_matching": "fm", "loss/semantic": "sem",
+          "loss/commit": "commit"}  # fmt: skip
 
 
 class RunLogger:
-    """Console, ``log.txt`` and tensorboard of a training run.
+    """Console, ``log.txt`` and tensorboard (``log_dir/logs``; ``purge_step``: events a crashed run left at or
+    after it are dropped) of a training run; without ``log_dir`` the console alone, before the run's directory
+    may be written."""
 
-    Args:
-        log_dir: run directory; text and events go to ``log_dir/logs``.
-        tensorboard: write tensorboard events.
-        purge_step: events at or after this step left by a crashed run are dropped.
-    """
-
-    def __init__(self, log_dir: str, tensorboard: bool = True, purge_step: int | None = None):
+    def __init__(self, log_dir: str | None = None, tensorboard: bool = True, purge_step: int | None = None):
         self.main = du.is_main_process()
-        self.writer = None
-        self.text = None
-        self.bar = None
-        if not self.main:
+        self.writer, self.text, self.bar = None, None, None
+        if not self.main or log_dir is None:
             return
         logs = Path(log_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -50,16 +45,15 @@ class RunLogger:
             return
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        self.text.write(f"{stamp} {msg}\n")
+        if self.text is not None:
+            self.text.write(f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def warn(self, msg: str) -> None:
         self.info(f"WARNING: {msg}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
+        for k, v in values.items() if self.writer is not None else ():
+            self.writer.add_scalar(k, v, step)
 
     def clip(self, prefix: str, name: str, wav: np.ndarray, step: int, sample_rate: int) -> None:
         """A clip as audio (``{prefix}/{name}``) and its spectrogram figure (``{prefix}/spectrogram_{name}``)."""
@@ -76,32 +70,27 @@ class RunLogger:
             self.bar.update(step - self.bar.n)
             g, d = metrics.get("loss/generator", float("nan")), metrics.get("loss/discriminator", float("nan"))
             self.bar.set_postfix(g=f"{g:.3g}", d=f"{d:.3g}", refresh=False)
-        parts = [f"{name} {metrics[key]:.4g}" for key, name in _SHORT.items() if key in metrics]
-        self.info(f"step {step} ep {epoch} | " + " ".join(parts) + f" | bw {metrics.get('train/bandwidth', 0):g} | {seconds:.3f} s/step")
+        parts = " ".join(f"{name} {metrics[key]:.4g}" for key, name in _SHORT.items() if key in metrics)
+        self.info(f"step {step} ep {epoch} | {parts} | bw {metrics.get('train/bandwidth', 0):g} | {seconds:.3f} s/step")
 
     def summary(self, state: Any, means: dict[str, float]) -> None:
         """Tensorboard scalars of the script's ``State``: ``means`` since the last summary,
         codebook usage (all ranks: a collective), learning rates, data counters."""
-        values = dict(means)
-        values.update({f"codebook/{k}": v for k, v in state.usage.compute().items()})
-        values["lr/g"] = state.sched_g.get_last_lr()[0]
-        values["lr/d"] = state.sched_d.get_last_lr()[0]
-        values["data/bad_files"] = float(len(state.bad_files))
-        values["data/skipped_batches"] = float(state.skipped_batches)
-        values["train/nonfinite_skipped"] = float(state.nonfinite_total)
-        values["train/epoch"] = float(state.epoch)
-        self.scalars(values, state.step)
+        self.scalars({
+            **means, **{f"codebook/{k}": v for k, v in state.usage.compute().items()},
+            "lr/g": state.sched_g.get_last_lr()[0], "lr/d": state.sched_d.get_last_lr()[0],
+            "data/bad_files": float(len(state.bad_files)), "data/skipped_batches": float(state.skipped_batches),
+            "train/nonfinite_skipped": float(state.nonfinite_total), "train/epoch": float(state.epoch),
+        }, state.step)  # fmt: skip
 
     def models(self, state: Any, teacher: bool | str) -> None:
         """Parameter counts of the ``State``'s codec, discriminators and teacher, and where the teacher came from."""
-        cfg = state.cfg
-        n_g = sum(p.numel() for p in state.g_params())
-        n_t = sum(p.numel() for p in state.codec.semantic_model.parameters())
-        n_d = sum(p.numel() for p in state.discriminators.parameters())
-        self.info(f"codec {n_g / 1e6:.2f} M trainable parameters, discriminators {cfg.d_list} {n_d / 1e6:.2f} M")
+        g, d, t = state.g_params(), state.discriminators.parameters(), state.codec.semantic_model.parameters()
+        n_g, n_d, n_t = (sum(p.numel() for p in ps) / 1e6 for ps in (g, d, t))
+        self.info(f"codec {n_g:.2f} M trainable parameters, discriminators {state.cfg.d_list} {n_d:.2f} M")
         built = "built from the config (weights from the checkpoint, init_from or random)"
-        source = {True: f"pretrained {cfg.codec.semantic_techer}", False: built}.get(teacher, teacher)
-        self.info(f"frozen teacher {n_t / 1e6:.2f} M parameters: {source}")
+        source = {True: f"pretrained {state.cfg.codec.semantic_techer}", False: built}.get(teacher, teacher)
+        self.info(f"frozen teacher {n_t:.2f} M parameters: {source}")
 
     def progress(self, total: int, initial: int) -> None:
         if self.main:
@@ -109,12 +98,9 @@ class RunLogger:
             self.bar = tqdm(total=total or None, initial=initial, unit="step", dynamic_ncols=True, disable=None)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.text is not None:
-            self.text.close()
+        for handle in (self.bar, self.writer, self.text):
+            if handle is not None:
+                handle.close()
 
 
 class RunningMeans:
@@ -127,7 +113,7 @@ class RunningMeans:
 
     def add(self, values: dict[str, torch.Tensor | float]) -> None:
         for key, value in values.items():
-            v = value.detach().double() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+            v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
             ok = torch.isfinite(v)
             self.sums[key] = self.sums.get(key, 0) + torch.where(ok, v, torch.zeros_like(v))
             self.counts[key] = self.counts.get(key, 0) + ok.double()
@@ -137,14 +123,3 @@ class RunningMeans:
         out = {k: float(self.sums[k] / self.counts[k]) for k in self.sums if float(self.counts[k]) > 0}
         self.sums, self.counts = {}, {}
         return out
-
-
-class ConsoleLogger:
-    """The logger's interface before the run logger exists: rank 0 prints, others stay quiet."""
-
-    def info(self, msg: str) -> None:
-        if du.is_main_process():
-            print(msg, flush=True)
-
-    def warn(self, msg: str) -> None:
-        self.info(f"WARNING: {msg}")
