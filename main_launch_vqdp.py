@@ -121,8 +121,7 @@ def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | floa
     codebooks = state.codec.quantizer.save_state()
     with state.autocast():
         out = state.codec_ddp(wav, bandwidth, audio_grad=plan.audio_grad)
-    n = min(wav.shape[-1], out.audio.shape[-1])
-    real, fake = wav[..., :n], out.audio[..., :n].float()
+    real, fake = wav, out.audio.float()  # forward returns the input's length
     metrics: dict[str, torch.Tensor | float] = {"train/bandwidth": float(out.bandwidth)}
     if plan.discriminator:
         metrics.update(discriminator_step(state, real, fake.detach()))
