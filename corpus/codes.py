@@ -1,15 +1,8 @@
-"""Codes files and npy corpora (manifests), the one corpus reader and ``python -m corpus.codes``.
-
-An npy corpus (``inference.py --input corpus/ --codes-out codes/``, see docs/tokenization.md) is a
-tree of int16 ``(n_q, frames)`` ``.npy`` files mirroring the inputs plus ``manifest.jsonl``
-(``manifest.rank{R}.jsonl`` per rank of several): one line per finished file (``corpus.schema.
-CODES_ENTRY``), appended only after its codes file is completely written, so every entry names a
-complete file and a killed run is finished by running the same command again.
-"""
+"""Codes files and npy corpora (manifests), the one corpus reader and ``python -m corpus.codes``
+(docs/tokenization.md). A manifest line is appended only after its codes file is complete."""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Iterator
@@ -21,9 +14,8 @@ import torch
 from corpus.schema import INDEX_LINE, MANIFEST_LINE, SIDECAR, read_json, read_lines, write_json
 from corpus.shards import SHARD_RE, ShardError, iter_shard, lost_shards, read_index, shard_format
 from utils.cli import CliError, argument_parser, cli_main
-from utils.files import atomic_write, open_append, temporary_target, tree_in_use
+from utils.files import atomic_write, temporary_target, tree_in_use
 
-MANIFEST_NAME = "manifest.jsonl"
 MANIFEST_GLOB = "manifest*.jsonl"
 
 
@@ -46,6 +38,8 @@ def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: 
                n_q: int | None = None, frames: int | None = None, where: str | None = None) -> torch.Tensor:
     """Read a codes ``.npy`` file (or take an array) and check it; returns a ``LongTensor`` (n_q, frames).
 
+    Raises CodesFileError (a ``ValueError``) naming the file: unreadable, not integer, wrong shape, out of range.
+
     Args:
         path: the ``.npy`` file (as written by ``inference.py --codes-out``), or the codes themselves.
         n_q_max: most codebooks allowed (a model's ``n_q``); ``None``: no limit.
@@ -53,10 +47,6 @@ def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: 
         n_q: exact number of codebooks required (e.g. from the manifest).
         frames: exact number of frames required (e.g. from the manifest).
         where: what the messages name (default: ``path``).
-
-    Raises:
-        CodesFileError (a ``ValueError``) naming the file: unreadable, not integer, wrong
-        shape, or values out of range.
     """
     where, codes = where or str(path), path
     if not isinstance(path, np.ndarray):
@@ -88,17 +78,9 @@ def _entry_codes(codes: np.ndarray | Path, entry: dict, bins: int | None = None,
     return load_codes(codes, None, bins or entry.get("bins"), **checks)
 
 
-def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
-    """``manifest.jsonl`` for one process, ``manifest.rank{R}.jsonl`` for rank R of several."""
-    return Path(root) / (MANIFEST_NAME if world_size == 1 else f"manifest.rank{rank}.jsonl")
-
-
 def read_manifest(root: str | Path) -> list[dict]:
-    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path.
-
-    A path listed twice (its input changed and was tokenized again) keeps its latest entry
-    (``written``, the time it was written; without one, the later line).
-    """
+    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path; a path listed
+    twice (its input changed and was tokenized again) keeps its latest ``written`` (else the later line)."""
     by_path: dict[str, dict] = {}
     for path in sorted(Path(root).glob(MANIFEST_GLOB)):
         for _, entry in read_lines(path, MANIFEST_LINE, CodesFileError):
@@ -135,14 +117,9 @@ def read_sidecar(codes_path: str | Path) -> dict | None:
 
 
 def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict[Path, tuple[int, int] | Exception]:
-    """``{codes file (resolved): (samples of its source, frames)}`` from the sidecar of a single codes
-    file or the manifest of the corpus that holds ``codes`` (a codes directory, or a file inside one,
-    up to 4 levels deep), for entries made at ``sample_rate``; ``{}`` when neither exists.
-
-    An entry whose ``samples`` is not ``frames * hop_length`` within one hop (it would stretch or
-    cut the decoded audio) maps to a :class:`CodesFileError` naming the sidecar or corpus: that
-    file's failure, not the run's.
-    """
+    """``{codes file (resolved): (source samples, frames)}`` of entries made at ``sample_rate``, from the
+    sidecar of ``codes`` or the manifest of the corpus holding it (up to 4 levels up); ``{}`` without one.
+    An entry whose samples are not ``frames * hop_length`` within a hop maps to a CodesFileError (that file fails)."""
     codes = Path(codes)
     side = read_sidecar(codes) if codes.suffix == ".npy" else None
     found, where = ({codes.resolve(): side}, codes.with_suffix(".json")) if side is not None else ({}, None)
@@ -164,29 +141,9 @@ def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict
     return out
 
 
-class ManifestWriter:
-    """Appends entries to one manifest file, one JSON line each, flushed at once (a torn last
-    line left by a killed run is removed before the first append)."""
-
-    def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open_append(path)
-
-    def add(self, entry: dict) -> None:
-        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-
 def merge_manifests(root: str | Path) -> Path:
-    """Write every rank's entries into one ``manifest.jsonl`` (a sharded corpus: every rank's finished-shard
-    lines into one ``index.jsonl``); the rank files are removed.
-
-    Raises:
-        ShardError: a line names a lost shard (its line is never dropped).
-    """
+    """Write every rank's entries into one ``manifest.jsonl`` (shards: finished-shard lines into one
+    ``index.jsonl``) and remove the rank files. Raises ShardError when a line names a lost shard."""
     root = Path(root)
     kind = "index" if shard_format(root) is not None else "manifest"
     lines = read_index(root) if kind == "index" else read_manifest(root)
@@ -197,16 +154,12 @@ def merge_manifests(root: str | Path) -> Path:
 
 
 def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The one reader of tokenized corpora: ``(entry, LongTensor (n_q, frames))`` for every file.
+    """The one reader of tokenized corpora: ``(entry, LongTensor (n_q, frames))`` for every file, each
+    checked against its entry (``n_q``, ``frames``, ``[0, bins)``; CodesFileError names the file otherwise).
 
     Args:
-        path: an npy corpus (``.npy`` files + manifests), a sharded one (parquet or webdataset
-            shards + index, see ``corpus.shards``), one shard (``.parquet``/``.tar``) or one
-            ``.npy`` (with its ``.json`` when there is one).
+        path: an npy or sharded corpus, one shard (``.parquet``/``.tar``) or one ``.npy`` (+ its ``.json``).
         bins: codebook size to check codes against (default: what each entry records).
-
-    Every codes array is checked against its entry (``n_q``, ``frames``) and ``[0, bins)``;
-    :class:`CodesFileError` names the file otherwise.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":

@@ -1,18 +1,6 @@
-"""Sharded tokenized corpora: parquet and webdataset shards, and the per-rank index of finished shards.
-
-A sharded corpus (``inference.py --input corpus/ --codes-out codes/ --format parquet``) holds:
-
-- ``shard-r{RRR}-{NNNNNN}.parquet`` (or ``.tar``): about ``--shard-size`` files each, written
-  by rank R under a temporary name and renamed when complete;
-- ``index.rank{R}.jsonl``: one line per finished shard of rank R, appended *before* the rename:
-  ``{"shard", "rows", "files": [{"path", "source_size", "source_mtime_ns"}], "settings"}``. The
-  last line of a rank's file whose shard does not exist (killed between the two) does not count,
-  so a file is done exactly when it is in a shard that exists; any other line naming a missing
-  shard is a lost shard (:func:`lost_shards`), refused by readers.
-
-Rows (docs/tokenization.md): parquet ``path``, ``codes`` (``n_q`` lists of int16) and ``ROW_FIELDS``;
-webdataset ``{key}.codes.npy`` + ``{key}.json`` per file, ``key`` a hash of the path (keys cannot hold dots).
-"""
+"""Sharded tokenized corpora: parquet and webdataset shards, and the per-rank index of finished shards
+(layout and rows: docs/tokenization.md). A shard's index line is appended before its rename, so a file
+is done exactly when it is in a shard that exists; a rank's last line without its shard does not count."""
 
 from __future__ import annotations
 
@@ -66,8 +54,7 @@ def shard_format(root: str | Path) -> str | None:
 
 
 def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
-    """``[(index file, its lines)]``, every line checked (the shard a file name in ``root``: an
-    index never points outside its corpus)."""
+    """``[(index file, its lines)]``, every line checked (its shard a file name in ``root``, never outside)."""
     out = []
     for path in sorted(root.glob("index*.jsonl")):  # index.rank{R}.jsonl per rank; index.jsonl once merged
         rows = read_lines(path, INDEX_LINE, ShardError)
@@ -83,9 +70,8 @@ def _index_lines(root: Path) -> list[dict]:
 
 
 def lost_shards(root: str | Path) -> list[str]:
-    """One line per index line naming a shard that is not there (deleted or lost; not the
-    unfinished last line of a rank's file) and whose files are not all in shards that are:
-    files missing from the corpus until a rerun of the tokenization writes them again."""
+    """One line per index line (not a rank's unfinished last one) naming a shard that is not there, whose
+    files are not all in shards that are: missing from the corpus until a rerun writes them again."""
     root = Path(root)
     files = index_files(root)
     present = {f["path"] for _, entries in files for e in entries if (root / e["shard"]).is_file() for f in e["files"]}
@@ -100,11 +86,8 @@ def lost_shards(root: str | Path) -> list[str]:
 
 
 def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
-    """The index lines of every rank whose shard exists (finished shards), sorted by shard name.
-
-    Raises:
-        ShardError: a line names a lost shard (:func:`lost_shards`), unless ``lost_ok``.
-    """
+    """The index lines of every rank whose shard exists, sorted by shard name; ShardError when a line
+    names a lost shard (:func:`lost_shards`), unless ``lost_ok``."""
     root = Path(root)
     lost = [] if lost_ok else lost_shards(root)
     if lost:
@@ -114,8 +97,7 @@ def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
 
 
 def finished_files(root: str | Path) -> dict[str, dict]:
-    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard
-    (a resuming run's view: the files of a lost shard are not finished, it writes them again)."""
+    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard."""
     return {f["path"]: {**f, "shard": e["shard"]} for e in read_index(root, lost_ok=True) for f in e["files"]}
 
 
@@ -139,15 +121,8 @@ def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
 
 
 class ShardWriter:
-    """Collects (entry, codes) rows of one rank and writes them as shards of ``shard_size``.
-
-    Args:
-        root: the corpus directory.
-        fmt: ``"parquet"`` or ``"webdataset"``.
-        rank: this process's rank (shard names and index file are per rank).
-        shard_size: files per shard.
-        settings: what made the codes (checkpoint, bandwidth, precision, input root), per index line.
-    """
+    """Collects (entry, codes) rows of rank ``rank`` and writes them into ``root`` as ``fmt`` shards of
+    ``shard_size`` files; ``settings`` (what made the codes) goes into every index line."""
 
     def __init__(self, root: str | Path, fmt: str, rank: int, shard_size: int, settings: dict):
         self.root, self.fmt, self.rank, self.shard_size, self.settings = Path(root), fmt, rank, shard_size, settings
@@ -164,8 +139,7 @@ class ShardWriter:
             write_json(self.root / CORPUS_FILE, {"format": fmt})
 
     def _drop_unfinished_line(self) -> None:
-        """Cut this rank's unfinished last line (killed between the line and the rename) before
-        appending: once another line follows it, it would read as a lost shard."""
+        """Cut this rank's unfinished last line before appending (followed by another, it reads as lost)."""
         if not self.index.is_file():
             return
         data = self.index.read_bytes()
