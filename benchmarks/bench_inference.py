@@ -1,18 +1,10 @@
 """Inference benchmark: XCodec against transformers' XcodecModel with the same weights.
 
-Both models run in this one process on the same real speech (tests/assets/speech_en.flac tiled
-to each duration), alternating call by call so that a busy machine slows both alike. Per
-duration and row (``transformers`` fp32, ``xcodec`` fp32 exact mode, ``xcodec`` bf16): encode and
-decode time (median of --repeats), real-time factor, peak memory (RSS growth sampled every 2 ms;
-on CUDA the allocator's peak), codes agreement with XcodecModel's and the relative error of the
-decoded audio (all decoding XcodecModel's codes). Extras: ``--batch`` (32 clips of 1-10 s, batch
-8 vs 1), ``--long`` (windowed vs single-pass encoding of 60 s, chunked decoding, peak memory of
-``--long-minutes``), ``--stream`` (streaming decode error and latency); on CUDA torch.compile too.
-Weights: random (seeded), codebooks k-means'd on other real audio, or ``--checkpoint``.
+Both run in this process on the same real speech, alternating call by call (a busy machine slows both
+alike): time, real-time factor, peak memory, codes agreement and decoded-audio error per duration and
+row, plus ``--batch``, ``--long``, ``--stream`` (docs/performance.md). Also what every benchmark shares.
 
     python benchmarks/bench_inference.py --threads 2 --durations 10 60 --json bench.json
-
-This module also holds what every benchmark shares: the bundled audio, timing, errors, the machine.
 """
 
 from __future__ import annotations
@@ -105,8 +97,7 @@ def machine(device: torch.device | None = None) -> dict:
 
 
 def no_mmap() -> bool:
-    """mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 1 GB): large tensors come from
-    the heap and freed ones stay mapped, so a new tensor mostly reuses touched pages."""
+    """mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 1 GB): a new tensor mostly reuses touched heap pages."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -121,8 +112,7 @@ def _rss() -> int:
 
 
 def measured(fn, device: torch.device) -> tuple[object, float, int]:
-    """``(fn(), seconds, peak memory growth in bytes)``: the CUDA allocator's peak, or on CPU the
-    resident set sampled every 2 ms."""
+    """``(fn(), seconds, peak memory growth in bytes)``: CUDA's allocator peak, or the RSS sampled every 2 ms."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

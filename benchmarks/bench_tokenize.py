@@ -1,9 +1,6 @@
-"""Tokenization throughput and output size of ``--format npy`` vs ``parquet`` vs ``webdataset``.
-
-The same 40-clip directory (1-12 s: real speech and music, tones, chirps, noise) is tokenized
-by ``inference.py`` in this process into each format, in alternating rounds so that machine
-load hits every format alike; throughput is audio hours per hour (best round), and the files
-and bytes written are scaled to 1,000 clips.
+"""Tokenization throughput and output size of ``--format npy`` vs ``parquet`` vs ``webdataset``: one 40-clip
+directory (1-12 s) through ``inference.py`` in alternating rounds; audio hours per hour (best round), files
+and bytes scaled to 1,000 clips.
 
     python benchmarks/bench_tokenize.py                                  # full-size architecture, random weights
     python benchmarks/bench_tokenize.py --config configs/tiny.yaml       # the tiny test codec (writing dominates)

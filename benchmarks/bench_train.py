@@ -1,10 +1,5 @@
-"""Time one training step of our loop against the original's two-forward step.
-
-The original main_launch_vqdp.py runs the codec forward twice per step: once for the
-generator update and once more (with a fresh graph) to get ``y_hat`` for the
-discriminator update. Ours runs it once and reuses the detached output. Both variants
-here share one process, one config, one model state and the same pre-loaded batches,
-and are timed in alternating rounds so that machine load hits both alike.
+"""Time one training step of our loop (one codec forward, its output detached for the discriminators)
+against the original's (a second forward for them); one process, state and batches, alternating rounds.
 
     python benchmarks/bench_train.py --config configs/tiny.yaml
     python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml \\

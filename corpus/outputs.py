@@ -14,17 +14,10 @@ import numpy as np
 
 from corpus.codes import save_codes
 from corpus.inputs import InputItem, collect_inputs, is_listing
+from utils import files
 from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
-from utils.files import (
-    LinkedFileError,
-    TreeLock,
-    TreeLockedError,
-    atomic_write,
-    missing,
-    output_collision,
-    overwritten_input,
-)
+from utils.files import atomic_write, missing, output_collision, overwritten_input
 
 
 @dataclass
@@ -60,11 +53,8 @@ def _is_dir_target(path: Path | None, many: bool) -> bool:
 
 
 def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
-    """List the jobs for a file or a directory; returns ``(jobs, is_directory_run)``.
-
-    Refused here, before any work: a directory input with a file name as output, an output onto
-    an input, an audio format the tools cannot write, two inputs that would write one output.
-    """
+    """The jobs for a file or a directory: ``(jobs, is_directory_run)``. Refused here, before any work: a file name
+    as a directory run's output, an output onto an input, an unwritable format, two inputs onto one output."""
     if not src.exists():
         raise CliError(missing(src))
     many = src.is_dir() or is_listing(src)
@@ -112,10 +102,8 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
 
 def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int,
                   rescale: bool, bins: int) -> bool:  # fmt: skip
-    """Write a job's codes and/or audio (16-bit WAV, or FLAC by the extension), each atomically; a target
-    that cannot be written (a directory, a read-only or full filesystem, libsndfile's errors) fails this
-    job with one line, what it already wrote is removed (no codes file without its manifest line), and
-    the run goes on."""
+    """Write a job's codes and/or audio (16-bit WAV, or FLAC by the extension), each atomically; a target that
+    cannot be written fails this job with one line (what it wrote is removed) and the run goes on."""
     written: list[Path] = []
     for target in (t for t in (job.codes_out, job.audio_out) if t is not None):
         try:
@@ -134,38 +122,32 @@ def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | Non
 
 
 def refuse_replacing(paths: list[Path], overwrite: bool) -> None:
-    """Outputs that already exist are replaced only with ``--overwrite`` (every tool); otherwise a
-    :class:`CliError` naming the first, before any work."""
+    """Existing outputs are replaced only with ``--overwrite`` (every tool); else a CliError naming the first."""
     existing = [p for p in paths if p.is_file()]
     if existing and not overwrite:
         raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); "
                        "pass --overwrite to replace them")  # fmt: skip
 
 
-def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[TreeLock]:
-    """An advisory lock per output directory of a directory run: a second run on the same
-    output stops with one line instead of racing the first."""
+def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[files.TreeLock]:
+    """An advisory lock per output directory of a directory run: a second run there stops with one line."""
     if not many:
         return []
-    locks: list[TreeLock] = []
+    locks: list[files.TreeLock] = []
     try:
         for root in dict.fromkeys(r for r in roots if r is not None):
-            locks.append(TreeLock(root, rank, world))
-    except (TreeLockedError, OSError) as exc:
+            locks.append(files.TreeLock(root, rank, world))
+    except OSError as exc:  # a TreeLockedError too
         for lock in locks:
             lock.release()
-        known = isinstance(exc, (TreeLockedError, LinkedFileError))
+        known = isinstance(exc, (files.TreeLockedError, files.LinkedFileError))
         raise CliError(str(exc) if known else f"{exc.filename}: cannot write ({exc.strerror})") from None
     return locks
 
 
 class BackgroundWriter:
-    """Runs the writes of finished jobs on one thread behind the model, in order, so that the
-    encoding loop never waits on the disk; at most ``depth`` jobs wait to be written.
-
-    A write that raises (not a failed file: :func:`write_outputs` reports those in one line)
-    raises again in the caller's thread, at the next :meth:`submit` or at :meth:`close`.
-    """
+    """Runs the writes of finished jobs in order on one thread behind the model (at most ``depth`` queued); a
+    write that raises raises again in the caller's thread, at the next :meth:`submit` or at :meth:`close`."""
 
     def __init__(self, depth: int = 64) -> None:
         self.depth = depth
