@@ -47,11 +47,6 @@ def make_corpus(root: Path, clips: int) -> float:
     return total
 
 
-def tree_size(root: Path) -> tuple[int, int]:
-    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".xcodec")]
-    return len(files), sum(p.stat().st_size for p in files)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "xcodec_hubert_librispeech.yaml",
@@ -77,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             code, t = timed(lambda cmd=cmd: inference.main(cmd), torch.device("cpu"))
             assert code == 0, f"{fmt}: exit {code}"
             times[fmt].append(t)
-            sizes[fmt] = tree_size(out)
+            files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".xcodec")]
+            sizes[fmt] = len(files), sum(p.stat().st_size for p in files)
     best = {fmt: min(t) for fmt, t in times.items()}
     # files_per_1000_clips: npy, a file per clip + the manifest; shards, ceil(1000 / 10,000) shard + the index
     formats = {fmt: {"best_seconds": round(best[fmt], 3), "audio_hours_per_hour": round(seconds / best[fmt], 1),

@@ -116,12 +116,12 @@ def check_exactness(run: Run) -> dict:
     # After exact mode: the flags as they were, and the getter (Inductor calls it) answers (raises if APIs mixed).
     flags_ok = torch.get_float32_matmul_precision() == "high" and [getattr(o, n) for o, n in tf32_switches()] == flags
     torch.set_float32_matmul_precision(precision)  # the process as it was, for the sections after
-    return {"lengths": lengths, "codes_used": gh.codes_used(ref), "device_vs_cpu_fp32": vs_cpu,
-            "device_vs_cpu_mismatches": found, "device_vs_xcodecmodel": vs_hf,
-            "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu, "batch_equal_lengths": batched, "batch_ragged": ragged,
-            "latents_device_vs_cpu_rel_err": latents_err, "decode_device_vs_cpu_rel_err": audio_err,
-            "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, batched, ragged) for v in row),
-            "tf32_flags_restored": flags_ok}  # fmt: skip
+    used = [int(q.unique().numel()) for q in torch.cat(ref, -1)[0].cpu()]  # distinct codes per quantizer
+    return {"lengths": lengths, "codes_used": used, "device_vs_cpu_fp32": vs_cpu, "device_vs_cpu_mismatches": found,
+            "device_vs_xcodecmodel": vs_hf, "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu, "batch_equal_lengths": batched,
+            "batch_ragged": ragged, "latents_device_vs_cpu_rel_err": latents_err, "tf32_flags_restored": flags_ok,
+            "decode_device_vs_cpu_rel_err": audio_err,
+            "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, batched, ragged) for v in row)}  # fmt: skip
 
 
 def check_bf16(run: Run) -> dict:

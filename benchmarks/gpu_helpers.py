@@ -72,12 +72,6 @@ def ragged_vs_alone(model: XCodec, clips: list[torch.Tensor], alone: list[torch.
     return agreement(torch.cat([codes[i : i + 1, :, : int(f)] for i, f in enumerate(frames)], -1), torch.cat(alone, -1))
 
 
-def codes_used(codes: list[torch.Tensor]) -> list[int]:
-    """Distinct codes per quantizer over (1, n_q, F) code tensors."""
-    flat = torch.cat([c[0].cpu() for c in codes], dim=-1)
-    return [int(flat[q].unique().numel()) for q in range(flat.shape[0])]
-
-
 def mismatches(cpu_model: XCodec, clips: list, refs: list, others: list) -> dict:
     """:func:`clip_mismatches` of every clip (lists of tensors), tagged with its index: counts, the largest
     relative margins and the first 20."""

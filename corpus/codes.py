@@ -95,14 +95,6 @@ def has_manifest(root: str | Path) -> bool:
     return Path(root).is_dir() and any(Path(root).glob(MANIFEST_GLOB))
 
 
-def unchanged(entry: dict, source: tuple[int, int] | None) -> bool:
-    """The input an entry describes is still the file ``source`` = (size, mtime_ns) describes.
-    Entries written before sources were recorded count as unchanged."""
-    if "source_size" not in entry:
-        return True
-    return source is not None and (entry["source_size"], entry.get("source_mtime_ns")) == tuple(source)
-
-
 def write_sidecar(codes_path: str | Path, fields: dict, codes: np.ndarray) -> Path:
     """Describe a single ``--codes-out x.npy`` in ``x.json`` (the fields of a manifest line)."""
     entry = {**fields, "codes": Path(codes_path).name, "n_q": int(codes.shape[0]), "frames": int(codes.shape[1])}

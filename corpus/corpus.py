@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from corpus.codes import CodesFileError, has_manifest, read_manifest, unchanged
+from corpus.codes import CodesFileError, has_manifest, read_manifest
 from corpus.outputs import Job, refuse_replacing
-from corpus.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
+from corpus.shards import ShardError, ShardWriter, read_index, shard_format
 from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
 from utils.files import open_append, remove_stale_temporaries, remove_stale_temporaries_of
@@ -91,8 +91,9 @@ def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
         if fmt == "npy":
             entries = read_manifest(root) if root.is_dir() else []
             return entries, {e["path"]: e for e in entries}
-        settings = [e.get("settings", {}) for e in read_index(root, lost_ok=True)] if root.is_dir() else []
-        return settings, finished_files(root) if root.is_dir() else {}
+        lines = read_index(root, lost_ok=True) if root.is_dir() else []  # a lost shard's files are not done
+        files = {f["path"]: {**f, "shard": e["shard"]} for e in lines for f in e["files"]}
+        return [e.get("settings", {}) for e in lines], files
     except (CodesFileError, ShardError, OSError) as exc:
         raise CliError(str(exc)) from None
 
@@ -122,7 +123,8 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         entry = done.get(j.rel.as_posix())
         # Shards: the index alone says done (audio of a done file is not redone: that would add a row).
         if entry is not None and (fmt != "npy" or all(p.is_file() for p in j.outputs)):
-            if unchanged(entry, j.source):
+            # Entries written before sources were recorded count as unchanged.
+            if "source_size" not in entry or (entry["source_size"], entry.get("source_mtime_ns")) == j.source:
                 continue
             if fmt != "npy":
                 raise CliError(f"{j.src}: changed since it was tokenized into {root} ({entry['shard']}); shards are "

@@ -48,10 +48,6 @@ def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | N
     return out
 
 
-def _is_dir_target(path: Path | None, many: bool) -> bool:
-    return path is not None and (many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == "")
-
-
 def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
     """The jobs for a file or a directory: ``(jobs, is_directory_run)``. Refused here, before any work: a file name
     as a directory run's output, an output onto an input, an unwritable format, two inputs onto one output."""
@@ -72,7 +68,8 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
             raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
     else:
         items = [InputItem(src, Path(src.name))]
-    audio_dir, codes_dir = _is_dir_target(audio_root, many), _is_dir_target(codes_root, many)
+    audio_dir, codes_dir = (r is not None and (many or r.is_dir() or str(r).endswith(os.sep) or r.suffix == "")
+                            for r in (audio_root, codes_root))  # fmt: skip
     jobs, names = [], {}
     try:
         for item in items:

@@ -96,11 +96,6 @@ def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
     return [lines[name] for name in sorted(lines)]
 
 
-def finished_files(root: str | Path) -> dict[str, dict]:
-    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard."""
-    return {f["path"]: {**f, "shard": e["shard"]} for e in read_index(root, lost_ok=True) for f in e["files"]}
-
-
 def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
     columns = {name: [entry[name] for entry, _ in rows] for name in ROW_FIELDS}
     columns["codes"] = [codes.astype(np.int16).tolist() for _, codes in rows]
