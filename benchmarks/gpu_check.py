@@ -250,21 +250,6 @@ SECTIONS = {"device": (check_device, 20), "exactness": (check_exactness, 40), "b
             "compile": (check_compile, 90)}  # fmt: skip
 
 
-def build_models(quick: bool, device: torch.device) -> tuple[XCodec, XCodec, dict]:
-    """The seeded random codec on the CPU and a copy on ``device``, codebooks k-means'd on
-    the device; returns ``(cpu_model, model, facts about the k-means frames)``."""
-    cpu_model = random_codec(ROOT / "configs" / ("tiny.yaml" if quick else "xcodec_hubert_librispeech.yaml"))
-    model = copy.deepcopy(cpu_model).to(device)
-    clips = gh.kmeans_clips(model)
-    frames = int(sum(int(model.num_frames(len(c))) for c in clips))
-    init_codebooks(model, clips, "kmeans")
-    cpu_model.load_state_dict(model.state_dict())
-    cpu_model.requires_grad_(False)
-    model.requires_grad_(False)
-    return cpu_model, model, {"kmeans_frames": frames, "bins": model.bins,
-                              "frames_per_entry": round(frames / model.bins, 2)}  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
@@ -293,10 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     summary.update({"machine": info, "device": str(device), "quick": args.quick, "command": command,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
     print(f"machine: {json.dumps(info)}", flush=True)
-    cpu_model, model, setup = build_models(args.quick, device)
+    # The seeded random codec on the CPU and a copy on the device, codebooks k-means'd there and copied back.
+    cpu_model = random_codec(ROOT / "configs" / ("tiny.yaml" if args.quick else "xcodec_hubert_librispeech.yaml"))
+    model = copy.deepcopy(cpu_model).to(device)
+    clips = gh.kmeans_clips(model)
+    init_codebooks(model, clips, "kmeans")
+    cpu_model.load_state_dict(model.state_dict())
+    cpu_model.requires_grad_(False)
+    model.requires_grad_(False)
     export = save_export(cpu_model, work / "export")
     hf = to_transformers(cpu_model).to(device).eval()
-    summary["setup"] = {**setup, "seconds": round(time.monotonic() - start, 1)}
+    frames = int(sum(int(model.num_frames(len(c))) for c in clips))
+    summary["setup"] = {"kmeans_frames": frames, "bins": model.bins, "frames_per_entry": round(frames / model.bins, 2),
+                        "seconds": round(time.monotonic() - start, 1)}  # fmt: skip
     print(f"setup: {json.dumps(summary['setup'])}", flush=True)
     check = gh.Check(summary, path, start + args.budget, args.cap)
     run = Run(model, cpu_model, hf, export, args.device, work, args.quick, check)

@@ -58,10 +58,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 def padded(waves: list[torch.Tensor]) -> torch.Tensor:
     """Audio tensors of any shape ending in T_i, zero-padded into one (B, 1, max T_i) batch."""
-    batch = torch.zeros(len(waves), 1, max(w.shape[-1] for w in waves))
-    for i, w in enumerate(waves):
-        batch[i, 0, : w.shape[-1]] = w.reshape(-1)
-    return batch
+    return torch.nn.utils.rnn.pad_sequence([w.reshape(-1) for w in waves], batch_first=True)[:, None]
 
 
 def ragged_vs_alone(model: XCodec, clips: list[torch.Tensor], alone: list[torch.Tensor], precision: str) -> list[float]:

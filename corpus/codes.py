@@ -36,18 +36,10 @@ def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
 
 def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: int | None = 1024, *,
                n_q: int | None = None, frames: int | None = None, where: str | None = None) -> torch.Tensor:
-    """Read a codes ``.npy`` file (or take an array) and check it; returns a ``LongTensor`` (n_q, frames).
-
-    Raises CodesFileError (a ``ValueError``) naming the file: unreadable, not integer, wrong shape, out of range.
-
-    Args:
-        path: the ``.npy`` file (as written by ``inference.py --codes-out``), or the codes themselves.
-        n_q_max: most codebooks allowed (a model's ``n_q``); ``None``: no limit.
-        bins: codebook size; values must lie in ``[0, bins)`` (``None``: only ``>= 0``).
-        n_q: exact number of codebooks required (e.g. from the manifest).
-        frames: exact number of frames required (e.g. from the manifest).
-        where: what the messages name (default: ``path``).
-    """
+    """Read a codes ``.npy`` file (or take an array) and check it: a ``LongTensor`` (n_q, frames), or a
+    CodesFileError (a ``ValueError``) naming ``where`` (default ``path``): unreadable, not integer, not 2-D,
+    more than ``n_q_max`` codebooks, values outside ``[0, bins)`` (``bins`` None: only ``>= 0``), or other
+    than ``n_q`` codebooks / ``frames`` frames when given (e.g. from the manifest)."""
     where, codes = where or str(path), path
     if not isinstance(path, np.ndarray):
         try:
@@ -126,10 +118,8 @@ def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict
             continue
         out[path] = (samples, frames)
         if abs(samples - frames * hop_length) > hop_length:
-            out[path] = CodesFileError(
-                f"{where}: samples {samples} disagrees with {frames} frames of {hop_length} samples "
-                f"({entry.get('path', path.name)}); the description is corrupt"
-            )
+            out[path] = CodesFileError(f"{where}: samples {samples} disagrees with {frames} frames of {hop_length} "
+                                       f"samples ({entry.get('path', path.name)}); the description is corrupt")
     return out
 
 
@@ -146,13 +136,9 @@ def merge_manifests(root: str | Path) -> Path:
 
 
 def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The one reader of tokenized corpora: ``(entry, LongTensor (n_q, frames))`` for every file, each
-    checked against its entry (``n_q``, ``frames``, ``[0, bins)``; CodesFileError names the file otherwise).
-
-    Args:
-        path: an npy or sharded corpus, one shard (``.parquet``/``.tar``) or one ``.npy`` (+ its ``.json``).
-        bins: codebook size to check codes against (default: what each entry records).
-    """
+    """The one reader of tokenized corpora (npy or sharded, one shard, or one ``.npy`` + its ``.json``):
+    ``(entry, LongTensor (n_q, frames))`` for every file, checked against its entry's ``n_q``, ``frames`` and
+    ``bins`` (or ``bins`` when given); CodesFileError names the file otherwise."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":
         entry = read_sidecar(path) or {"path": path.name}
@@ -227,10 +213,9 @@ def missing_ranks(root: Path) -> tuple[list[int], int]:
     files = {int(m.group(1)): p for m, p in named if m}
     if not files:
         return [], 0
-    if kind == "index":  # only the rank files: a merged index.jsonl holds earlier runs, of other world sizes
-        lines = [e.get("settings") or {} for p in files.values() for _, e in read_lines(p, INDEX_LINE, ShardError)]
-    else:
-        lines = [e for path in files.values() for _, e in read_lines(path, MANIFEST_LINE, CodesFileError)]
+    # Only the rank files (a merged file holds earlier runs, of other world sizes); index lines: their settings.
+    schema, error = (INDEX_LINE, ShardError) if kind == "index" else (MANIFEST_LINE, CodesFileError)
+    lines = [e.get("settings") or e for p in files.values() for _, e in read_lines(p, schema, error)]
     worlds = [w for e in lines if isinstance(w := e.get("world_size"), int) and not isinstance(w, bool)]
     world = max([max(files) + 1, *worlds])
     return sorted(set(range(world)) - set(files)), world

@@ -24,11 +24,10 @@ from utils.files import atomic_write, drop_torn_line, open_append
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
 CORPUS_FILE = "corpus.json"  # {"format": ...}, written before the first shard
-SCHEMA = pa.schema([
-    ("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()), ("frames", pa.int32()),
-    ("samples", pa.int64()), ("sample_rate", pa.int32()), ("duration", pa.float64()), ("bandwidth", pa.float64()),
-    ("bins", pa.int32()), ("checkpoint", pa.string()), ("precision", pa.string()),
-])  # fmt: skip
+SCHEMA = pa.schema([("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()),
+                    ("frames", pa.int32()), ("samples", pa.int64()), ("sample_rate", pa.int32()),
+                    ("duration", pa.float64()), ("bandwidth", pa.float64()), ("bins", pa.int32()),
+                    ("checkpoint", pa.string()), ("precision", pa.string())])  # fmt: skip
 ROW_FIELDS = [name for name in SCHEMA.names if name != "codes"]
 
 
@@ -75,14 +74,10 @@ def lost_shards(root: str | Path) -> list[str]:
     root = Path(root)
     files = index_files(root)
     present = {f["path"] for _, entries in files for e in entries if (root / e["shard"]).is_file() for f in e["files"]}
-    return [
-        f"{path.name}: lists {e['shard']} ({len(e['files'])} file(s)), which does not exist: deleted or lost"
-        for path, entries in files
-        for i, e in enumerate(entries)
-        if not (root / e["shard"]).is_file()
-        and (path.name == "index.jsonl" or i < len(entries) - 1)
-        and not all(f["path"] in present for f in e["files"])
-    ]
+    return [f"{path.name}: lists {e['shard']} ({len(e['files'])} file(s)), which does not exist: deleted or lost"
+            for path, entries in files for i, e in enumerate(entries)
+            if not (root / e["shard"]).is_file() and (path.name == "index.jsonl" or i < len(entries) - 1)
+            and not all(f["path"] in present for f in e["files"])]  # fmt: skip
 
 
 def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:

@@ -86,15 +86,10 @@ def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
 
 def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-major", offsets: bool = False,
                   bins: int | None = None) -> dict:  # fmt: skip
-    """Write ``prefix.bin``, ``.idx`` (Megatron) and ``.json`` from any corpus ``iter_corpus`` reads, all of one
-    ``n_q`` and ``bins``; returns the metadata. A code ``>= bins`` is refused (CodesFileError naming the file):
-    with ``offsets`` it would be a token of the next codebook.
-
-    Args:
-        layout: one of :data:`LAYOUTS`.
-        offsets: token = ``k * bins + code``.
-        bins: codebook size of files that record none (default 1024); every code must be below it.
-    """
+    """Write ``prefix.bin``, ``.idx`` (Megatron) and ``.json`` from any corpus ``iter_corpus`` reads (one ``n_q``
+    and ``bins``) in ``layout`` (:data:`LAYOUTS`), a token ``k * bins + code`` with ``offsets``; returns the
+    metadata. ``bins``: of files that record none (default 1024). A code ``>= bins`` is refused (CodesFileError
+    naming the file): with ``offsets`` it would be a token of the next codebook."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     prefix = Path(prefix)
