@@ -68,14 +68,6 @@ def find_songs(songs: Path, out: Path) -> tuple[dict[str, dict[str, Path]], list
     return found, problems
 
 
-def check_lengths(song: str, files: dict[str, Path]) -> None:
-    """The stems (and the mix) of one song: one sample rate, one length (YuE pairs them frame by frame)."""
-    shapes = {role: (i.samplerate, i.frames) for role, i in ((r, sf.info(str(f))) for r, f in files.items())}
-    if len(set(shapes.values())) > 1:
-        said = ", ".join(f"{role} {n} samples at {rate} Hz" for role, (rate, n) in shapes.items())
-        raise ValueError(f"{song}: stems differ in sample rate or length ({said})")
-
-
 def write_mix(files: dict[str, Path], target: Path) -> Path:
     """The stems' sum as a float WAV (no clipping), rewritten only when a stem is newer (a rerun resumes)."""
     if target.is_file() and all(target.stat().st_mtime_ns >= f.stat().st_mtime_ns for f in files.values()):
@@ -128,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
     texts, stems, names = {}, [], {}  # names: song -> role -> the file's name in the corpus (its id + extension)
     for song, files in sorted(songs.items()):
         try:
-            check_lengths(song, files)
+            shapes = {role: (i.samplerate, i.frames) for role, i in ((r, sf.info(str(f))) for r, f in files.items())}
+            if len(set(shapes.values())) > 1:  # YuE pairs the stems (and the mix) frame by frame
+                said = ", ".join(f"{role} {n} samples at {rate} Hz" for role, (rate, n) in shapes.items())
+                raise ValueError(f"{song}: stems differ in sample rate or length ({said})")
             texts[song] = read_text(args.songs / f"{song}.json")
         except (ValueError, RuntimeError) as exc:  # RuntimeError: soundfile cannot read a header
             problems.append(str(exc))

@@ -37,10 +37,10 @@ def cut(n: int, rng: np.random.Generator, src: np.ndarray) -> np.ndarray:
     return (src[idx] * rng.uniform(0.3, 1.0)).astype(np.float32)
 
 
-def kmeans_clips(model: XCodec, factor: int = 12, seconds: float = 4.0) -> list[torch.Tensor]:
-    """Clips (x 0.95) of at least ``factor`` x ``bins`` frames: mixtures of two random cuts of the bundled audio."""
-    rng, src, n = np.random.default_rng(1), pool(), int(seconds * RATE)
-    count = -(-factor * model.bins // int(model.num_frames(n)))
+def kmeans_clips(model: XCodec) -> list[torch.Tensor]:
+    """4 s clips (x 0.95) of at least 12 x ``bins`` frames: mixtures of two random cuts of the bundled audio."""
+    rng, src, n = np.random.default_rng(1), pool(), 4 * RATE
+    count = -(-12 * model.bins // int(model.num_frames(n)))
     return [torch.from_numpy(cut(n, rng, src) + 0.5 * cut(n, rng, src)) * 0.95 for _ in range(count)]
 
 
@@ -69,40 +69,36 @@ def ragged_vs_alone(model: XCodec, clips: list[torch.Tensor], alone: list[torch.
     return agreement(torch.cat([codes[i : i + 1, :, : int(f)] for i, f in enumerate(frames)], -1), torch.cat(alone, -1))
 
 
+@torch.inference_mode()
 def mismatches(cpu_model: XCodec, clips: list, refs: list, others: list) -> dict:
-    """:func:`clip_mismatches` of every clip (lists of tensors), tagged with its index: counts, the largest
-    relative margins and the first 20."""
-    found = [m | {"clip": i} for i, a in enumerate(zip(clips, refs, others)) for m in clip_mismatches(cpu_model, *a)]
+    """Where ``others`` codes differ from the reference ``refs`` of ``clips`` (lists of (1, n_q, F) codes, ``refs``
+    from ``cpu_model``): per frame the first differing quantizer and its margin, second-best minus best squared
+    distance of the reference residual (float64; rounding has a tiny one, a bug a large one), also relative to
+    the residual's norm; returns counts, the largest relative margins and the first 20."""
+    found = []
+    for i, (wav, ref, other) in enumerate(zip(clips, refs, others)):
+        ref = ref.cpu()
+        diff = ref[0] != other[0].cpu()  # (n_q, F)
+        frames = diff.any(0).nonzero().flatten().tolist()
+        if not frames:
+            continue
+        residual = cpu_model.latents(wav.cpu(), None)[0][0].double()  # (D, F)
+        first = {f: int(diff[:, f].nonzero()[0]) for f in frames}
+        for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
+            here = [f for f in frames if first[f] == q]
+            r = residual[:, here].T  # (M, D)
+            book = layer.codebook.double()
+            dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]  # (M, bins)
+            best2 = dist.topk(2, dim=1, largest=False).values if here else None
+            for j, f in enumerate(here):
+                margin = float(best2[j, 1] - best2[j, 0])
+                norm = max(float(r[j].pow(2).sum()), 1e-30)
+                found.append({"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / norm, "clip": i})
+            residual = residual - layer.decode(ref[0, q][None])[0].double()
+    found.sort(key=lambda m: (m["clip"], m["frame"]))
     margins = sorted((m["margin_rel"] for m in found), reverse=True)
     return {"frames": len(found), "max_margin_rel": margins[0] if found else None,
             "median_margin_rel": statistics.median(margins) if found else None, "first": found[:20]}  # fmt: skip
-
-
-@torch.inference_mode()
-def clip_mismatches(cpu_model: XCodec, wav: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> list[dict]:
-    """At each frame where ``other`` codes differ from ``ref`` (both (1, n_q, F), ``ref`` from ``cpu_model``),
-    the first differing quantizer and its margin: second-best minus best squared distance of the reference
-    residual (float64; rounding has a tiny one, a bug a large one), also relative to the residual's norm."""
-    ref, other = ref.cpu(), other.cpu()
-    diff = ref[0] != other[0]  # (n_q, F)
-    frames = diff.any(0).nonzero().flatten().tolist()
-    if not frames:
-        return []
-    residual = cpu_model.latents(wav.cpu(), None)[0][0].double()  # (D, F)
-    first = {f: int(diff[:, f].nonzero()[0]) for f in frames}
-    out = []
-    for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
-        here = [f for f in frames if first[f] == q]
-        r = residual[:, here].T  # (M, D)
-        book = layer.codebook.double()
-        dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]  # (M, bins)
-        best2 = dist.topk(2, dim=1, largest=False).values if here else None
-        for i, f in enumerate(here):
-            margin = float(best2[i, 1] - best2[i, 0])
-            norm = max(float(r[i].pow(2).sum()), 1e-30)
-            out.append({"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / norm})
-        residual = residual - layer.decode(ref[0, q][None])[0].double()
-    return sorted(out, key=lambda m: m["frame"])
 
 
 def make_corpus(folder: Path, hours: float, quick: bool) -> tuple[list[Path], float]:

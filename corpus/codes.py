@@ -64,10 +64,9 @@ def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: 
     return torch.from_numpy(codes.astype(np.int64))
 
 
-def _entry_codes(codes: np.ndarray | Path, entry: dict, bins: int | None = None, where: str | None = None):
+def _entry_codes(codes: np.ndarray | Path, entry: dict, where: str | None = None) -> torch.Tensor:
     """Codes checked against what their entry records (``n_q``, ``frames``, ``bins``)."""
-    checks = {"n_q": entry.get("n_q"), "frames": entry.get("frames"), "where": where}
-    return load_codes(codes, None, bins or entry.get("bins"), **checks)
+    return load_codes(codes, None, entry.get("bins"), n_q=entry.get("n_q"), frames=entry.get("frames"), where=where)
 
 
 def read_manifest(root: str | Path) -> list[dict]:
@@ -135,23 +134,23 @@ def merge_manifests(root: str | Path) -> Path:
     return target
 
 
-def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
+def iter_corpus(path: str | Path) -> Iterator[tuple[dict, torch.Tensor]]:
     """The one reader of tokenized corpora (npy or sharded, one shard, or one ``.npy`` + its ``.json``):
     ``(entry, LongTensor (n_q, frames))`` for every file, checked against its entry's ``n_q``, ``frames`` and
-    ``bins`` (or ``bins`` when given); CodesFileError names the file otherwise."""
+    ``bins``; CodesFileError names the file otherwise."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":
         entry = read_sidecar(path) or {"path": path.name}
-        yield entry, _entry_codes(path, entry, bins)
+        yield entry, _entry_codes(path, entry)
         return
     if not path.is_file() and shard_format(path) is None:
         for entry in read_manifest(path):
-            yield entry, _entry_codes(path / entry["codes"], entry, bins)
+            yield entry, _entry_codes(path / entry["codes"], entry)
         return
     try:
         for shard in [path] if path.is_file() else [path / line["shard"] for line in read_index(path)]:
             for entry, codes in iter_shard(shard):
-                yield entry, _entry_codes(codes, entry, bins, f"{shard.name}: {entry.get('path')}")
+                yield entry, _entry_codes(codes, entry, f"{shard.name}: {entry.get('path')}")
     except ShardError as exc:
         raise CodesFileError(str(exc)) from None
 
@@ -171,7 +170,7 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
             try:
                 for entry, codes in iter_shard(root / line["shard"]):
                     names.append(entry["path"])
-                    _entry_codes(codes, entry, where=f"{line['shard']}: {entry['path']}")
+                    _entry_codes(codes, entry, f"{line['shard']}: {entry['path']}")
             except (ShardError, CodesFileError) as exc:
                 problems.append(str(exc))
                 continue  # its rows past the bad one are unknown: no count to compare
