@@ -190,14 +190,6 @@ def bench_duration(model, hf, seconds: float, args, device) -> list[dict]:
     return rows
 
 
-def bench_compile(model, hf, seconds, args, device) -> list[dict]:
-    """CUDA: both models with torch.compile on their conv stacks (fp32 and bf16)."""
-    for mod in (model.encoder, model.decoder_2, model.encoder_semantic, hf.acoustic_encoder, hf.acoustic_decoder,
-                hf.encoder_semantic):  # fmt: skip
-        mod.compile(dynamic=True)
-    return [{**r, "compiled": True} for r in bench_duration(model, hf, seconds, args, device)]
-
-
 @torch.inference_mode()
 def bench_batch(model, args) -> dict:
     src = speech(60)[0, 0]
@@ -288,9 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--stream", action="store_true", help="streaming decode error and latency")
     p.add_argument("--no-compile", action="store_true", help="on CUDA, skip the torch.compile rows")
     p.add_argument("--json", type=Path, help="write all results here")
-    p.add_argument("--no-mmap", action="store_true",
-                   help="glibc serves every block from the heap and keeps freed memory (mallopt), for both "
-                        "models: shows how much of each model's CPU time is page faults of fresh tensors")
+    p.add_argument("--no-mmap", action="store_true", help="glibc serves every block from the heap and keeps freed "
+                   "memory (mallopt): how much of each model's CPU time is page faults of fresh tensors")
     args = p.parse_args(argv)
     if args.no_mmap and not no_mmap():
         p.error("--no-mmap needs Linux with glibc")
@@ -306,8 +297,11 @@ def main(argv=None) -> int:
         result["rows"].extend(rows)
         print_table(rows)
         print(flush=True)
-    if device.type == "cuda" and not args.no_compile:
-        rows = bench_compile(model, hf, args.durations[0], args, device)
+    if device.type == "cuda" and not args.no_compile:  # both models with torch.compile on their conv stacks
+        for mod in (model.encoder, model.decoder_2, model.encoder_semantic, hf.acoustic_encoder, hf.acoustic_decoder,
+                    hf.encoder_semantic):  # fmt: skip
+            mod.compile(dynamic=True)
+        rows = [{**r, "compiled": True} for r in bench_duration(model, hf, args.durations[0], args, device)]
         result["rows"].extend(rows)
         print_table(rows)
     for name, fn in (("batch", bench_batch), ("long", bench_long), ("stream", bench_stream)):

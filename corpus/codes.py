@@ -236,8 +236,7 @@ def run(args) -> int:
     if not args.root.is_dir():
         raise CliError(f"{args.root}: not a directory")
     if args.merge:
-        live = tree_in_use(args.root)
-        if live is not None:
+        if (live := tree_in_use(args.root)) is not None:
             raise CliError(f"{args.root}: a run is still writing into it ({live}); merge when it is done")
         missing, world = missing_ranks(args.root)
         if missing and not args.allow_missing:

@@ -37,9 +37,7 @@ class Job:
 
 
 def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | None:
-    if root is None:
-        return None
-    if not is_dir:
+    if root is None or not is_dir:
         return root
     out = (root / rel).with_suffix(suffix)
     # Never write outside the output root, whatever the input names hold.
@@ -78,20 +76,15 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
             if name in names:  # one name, two inputs: a corpus row would stand for either
                 raise CliError(f"{names[name]} and {f} have the same name {name}: give them distinct ids")
             names[name] = f
-            audio_out = _target(audio_root, rel, ".wav", audio_dir)
-            codes_out = _target(codes_root, rel, ".npy", codes_dir)
-            if audio_out is not None and not audio_dir:
-                audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
-            jobs.append(Job(f, rel, audio_out, codes_out, duration=item.duration))
+            outs = _target(audio_root, rel, ".wav", audio_dir), _target(codes_root, rel, ".npy", codes_dir)
+            jobs.append(Job(f, rel, *outs, duration=item.duration))
     except ValueError as exc:  # e.g. a NUL byte in a listed path
         raise CliError(f"{src}: unusable input name ({exc})") from None
-    onto = overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])
-    if onto is not None:
+    if (onto := overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])) is not None:
         raise CliError(f"{onto[0]}: an output would overwrite the input {onto[1]}; choose another output path")
     if not audio_dir and jobs[0].audio_out is not None and jobs[0].audio_out.suffix.lower() not in OUTPUT_FORMATS:
         raise CliError(f"--output {jobs[0].audio_out}: audio is written as {' or '.join(OUTPUT_FORMATS)}")
-    clash = output_collision((out, j.src) for j in jobs for out in j.outputs)
-    if clash is not None:
+    if (clash := output_collision((out, j.src) for j in jobs for out in j.outputs)) is not None:
         raise CliError(f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the "
                        "input's stem): rename one of them or run them separately")  # fmt: skip
     return jobs, many

@@ -50,16 +50,14 @@ def problem(record: Any, schema: dict[str, Field]) -> str | None:
             bound = f">= {field.ge}" if field.ge is not None else f"> {field.gt}"
             return f"{key}: must be {bound}, got {value!r}"
         for i, item in enumerate(value if field.items is not None else []):
-            inner = problem(item, field.items)
-            if inner is not None:
+            if (inner := problem(item, field.items)) is not None:
                 return f"{key}[{i}]: {inner}"
     return None
 
 
 def check_record(record: Any, schema: dict[str, Field], where: str, error: type[Exception] = ValueError) -> dict:
     """``record``, after checking it against ``schema``; ``error("{where}: {key}: {problem}")`` otherwise."""
-    why = problem(record, schema)
-    if why is not None:
+    if (why := problem(record, schema)) is not None:
         raise error(f"{where}: {why}")
     return record
 

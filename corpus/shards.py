@@ -84,8 +84,7 @@ def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
     """The index lines of every rank whose shard exists, sorted by shard name; ShardError when a line
     names a lost shard (:func:`lost_shards`), unless ``lost_ok``."""
     root = Path(root)
-    lost = [] if lost_ok else lost_shards(root)
-    if lost:
+    if not lost_ok and (lost := lost_shards(root)):
         raise ShardError(f"{root}: {lost[0]}; restore it, or rerun the tokenization to write its files again")
     lines = {e["shard"]: e for e in _index_lines(root) if (root / e["shard"]).is_file()}  # once, even if merged twice
     return [lines[name] for name in sorted(lines)]

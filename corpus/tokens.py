@@ -94,9 +94,7 @@ def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-m
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    files: list[dict] = []
-    lengths: list[int] = []
-    info: dict = {}  # n_q, bins and dtype, from the first file
+    files, lengths, info = [], [], {}  # info: n_q, bins and dtype, from the first file
 
     def write_bin(tmp: str) -> None:  # streamed: one file's tokens in memory at a time
         with open(tmp, "wb") as fh:
