@@ -45,8 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def find_songs(songs: Path, out: Path) -> tuple[dict[str, dict[str, Path]], list[str]]:
-    """``({song id: {"vocals"|"instrumental"|"mix": audio file}}, problems)``; the id is the path under ``songs``
-    without the role and extension."""
+    """``({song: {"vocals"|"instrumental"|"mix": file}}, problems)``, a song the path without role and extension."""
     found: dict[str, dict[str, Path]] = {}
     problems = []
     for f in scan_directory(songs, audio_extensions(), exclude=[out]):

@@ -123,8 +123,8 @@ def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict
 
 
 def merge_manifests(root: str | Path) -> Path:
-    """Write every rank's entries into one ``manifest.jsonl`` (shards: finished-shard lines into one
-    ``index.jsonl``) and remove the rank files. Raises ShardError when a line names a lost shard."""
+    """Every rank's lines into one ``manifest.jsonl`` (shards: ``index.jsonl``), rank files removed; ShardError
+    when a line names a lost shard (its line is never dropped)."""
     root = Path(root)
     kind = "index" if shard_format(root) is not None else "manifest"
     lines = read_index(root) if kind == "index" else read_manifest(root)

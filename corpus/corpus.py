@@ -24,8 +24,7 @@ ANOTHER = "choose another --codes-out directory"
 
 
 class RunStats:
-    """What a run did (files written, failed, skipped, seconds of audio) and, in a tokenization,
-    the writer its finished files go to."""
+    """What a run did (written, failed, skipped, seconds of audio) and, tokenizing, where finished files go."""
 
     def __init__(self) -> None:
         self.written, self.audio_seconds, self.failed = 0, 0.0, []
@@ -145,8 +144,7 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
 
 
 def source_key(src: Path | DatasetAudio) -> tuple[int, int] | None:
-    """What identifies an input's content for resuming: (size, mtime_ns) of a file; for a
-    dataset row (row, the dataset's fingerprint), which changes when the dataset does."""
+    """An input's resume key: (size, mtime_ns) of a file; (row, the dataset's fingerprint) of a dataset row."""
     if isinstance(src, DatasetAudio):
         fingerprint = getattr(open_audio_dataset(src.dataset), "_fingerprint", "") or "0"
         return src.row, int(zlib.crc32(fingerprint.encode()))

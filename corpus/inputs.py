@@ -57,8 +57,7 @@ def _listed(entry: str, listing: Path) -> Path:
 
 
 def read_file_list(path: str | Path) -> list[Path]:
-    """Paths of a list file: one a line (its first tab-separated field), blank lines and
-    ``#`` comments skipped; relative paths as :func:`_listed` takes them."""
+    """A list file's paths (a line's first tab-separated field; blank lines and ``#`` comments skipped)."""
     lines = [line.split("\t")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     return [_listed(entry, Path(path)) for entry in lines if entry and not entry.startswith("#")]
 
@@ -75,9 +74,8 @@ class InputItem:
 def is_dataset(path: str | Path) -> bool:
     """A Hugging Face ``save_to_disk`` directory, or a parquet file (with an ``audio`` column)."""
     path = Path(path)
-    return (path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
-        path.is_file() and path.suffix == ".parquet"
-    )
+    saved = path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    return saved or path.is_file() and path.suffix == ".parquet"
 
 
 def is_listing(path: str | Path) -> bool:
@@ -123,8 +121,7 @@ def read_input_manifest(path: str | Path) -> list[InputItem]:
 
 
 def dataset_items(path: str | Path) -> list[InputItem]:
-    """The rows of a dataset's ``audio`` column (see :func:`is_dataset`): named by an ``id``
-    column when there is one, else by the audio's own file name, else by the row number."""
+    """The rows of a dataset's ``audio`` column, named by an ``id`` column, else their file name, else the row."""
     ds = open_audio_dataset(path)
     ids = ds["id"] if "id" in ds.column_names else None
     audio = ds.data.table.column("audio")  # Arrow, memory-mapped: the names without reading any audio

@@ -36,8 +36,7 @@ class ShardError(ValueError):
 
 
 def shard_format(root: str | Path) -> str | None:
-    """``"parquet"`` / ``"webdataset"`` when ``root`` is a sharded corpus (even one whose first
-    shard is not finished yet), else ``None``."""
+    """``"parquet"``/``"webdataset"`` for a sharded corpus (even before its first shard is finished), else None."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -81,8 +80,7 @@ def lost_shards(root: str | Path) -> list[str]:
 
 
 def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
-    """The index lines of every rank whose shard exists, sorted by shard name; ShardError when a line
-    names a lost shard (:func:`lost_shards`), unless ``lost_ok``."""
+    """The index lines whose shard exists, by shard name; ShardError on a lost shard unless ``lost_ok``."""
     root = Path(root)
     if not lost_ok and (lost := lost_shards(root)):
         raise ShardError(f"{root}: {lost[0]}; restore it, or rerun the tokenization to write its files again")

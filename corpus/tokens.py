@@ -59,8 +59,7 @@ def megatron_index(lengths: list[int], dtype: str) -> bytes:
 
 
 def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
-    """``(dtype name, (N + 1,) int64 token offsets)`` from a Megatron ``.idx`` of one sequence per
-    document, every field checked: a file another tool wrote differently is refused, never misread."""
+    """``(dtype name, (N + 1,) int64 token offsets)`` of a Megatron ``.idx``, every field checked (never misread)."""
     raw = path.read_bytes()
     head = len(MEGATRON_MAGIC) + MEGATRON_HEAD.size
     if len(raw) < head or not raw.startswith(MEGATRON_MAGIC):
@@ -143,8 +142,7 @@ class TokenStream:
 
     @staticmethod
     def open(prefix: str | Path) -> TokenStream:
-        """Open ``prefix.bin`` with ``prefix.idx`` (Megatron) or an older ``prefix.idx.npy``; CodesFileError
-        (one line) when the three files do not describe one stream."""
+        """Open ``prefix.bin`` with ``.idx`` (or an older ``.idx.npy``); CodesFileError unless they make one stream."""
         prefix = Path(prefix)
         json_path = _path(prefix, ".json")
         meta = read_json(json_path, TOKEN_STREAM, CodesFileError)
