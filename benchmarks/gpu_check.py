@@ -1,9 +1,5 @@
 """The GPU check: everything that only a CUDA run can show, in one script and one JSON summary.
-
-    bash benchmarks/gpu_check.sh                             # on the lent GPU machine (wheels, versions, log)
-    python benchmarks/gpu_check.py                           # one GPU; about 8 minutes on an H200
-    python benchmarks/gpu_check.py --sections exactness bf16 # rerun a few (merged into the JSON)
-    python benchmarks/gpu_check.py --device cpu --quick      # the script itself, on CPU (the test suite runs this)
+Run it with ``bash benchmarks/gpu_check.sh`` on the GPU machine, ``--device cpu --quick`` on CPU (docs/performance.md).
 
 Sections (each records ``ok``, its numbers and seconds; a failing one does not stop the others; the JSON is
 rewritten after each; one whose budget no longer fits is skipped): ``device`` (every API, model on the device),

@@ -221,8 +221,7 @@ def missing_ranks(root: Path) -> tuple[list[int], int]:
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argument_parser("Check a tokenized corpus (npy + manifests, or parquet/webdataset shards + index) and "
-                        "optionally merge the per-rank files.")  # fmt: skip
+    p = argument_parser("Check a tokenized corpus (npy, parquet or webdataset); optionally merge the per-rank files.")
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
     p.add_argument("--check", action="store_true", help="check every file or shard (what the command always does)")
     p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl (shards: "

@@ -45,10 +45,6 @@ def unflatten(tokens: np.ndarray, layout: str, n_q: int, bins: int, offsets: boo
     return codes - bins * np.arange(n_q)[:, None] if offsets else codes
 
 
-def _path(prefix: Path, suffix: str) -> Path:
-    return prefix.with_name(prefix.name + suffix)
-
-
 def megatron_index(lengths: list[int], dtype: str) -> bytes:
     """Megatron-LM's ``.idx`` for sequences of ``lengths`` tokens of ``dtype``, one document each."""
     lengths_arr = np.asarray(lengths, dtype="<i4")
@@ -123,12 +119,12 @@ def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-m
         if not files:
             raise CodesFileError(f"{corpus}: no tokenized files")
 
-    atomic_write(_path(prefix, ".bin"), write_bin, durable=True)
+    atomic_write(Path(f"{prefix}.bin"), write_bin, durable=True)
     meta = {"layout": layout, "n_q": info["n_q"], "bins": info["bins"], "offsets": offsets, "dtype": info["dtype"],
             "files": files, "tokens": sum(lengths), "source": str(corpus)}  # fmt: skip
-    atomic_write(_path(prefix, ".idx"), lambda tmp: Path(tmp).write_bytes(megatron_index(lengths, info["dtype"])))
-    write_json(_path(prefix, ".json"), meta)
-    _path(prefix, ".idx.npy").unlink(missing_ok=True)  # an earlier export's index would describe another .bin
+    atomic_write(Path(f"{prefix}.idx"), lambda tmp: Path(tmp).write_bytes(megatron_index(lengths, info["dtype"])))
+    write_json(Path(f"{prefix}.json"), meta)
+    Path(f"{prefix}.idx.npy").unlink(missing_ok=True)  # an earlier export's index would describe another .bin
     return meta
 
 
@@ -144,18 +140,18 @@ class TokenStream:
     def open(prefix: str | Path) -> TokenStream:
         """Open ``prefix.bin`` with ``.idx`` (or an older ``.idx.npy``); CodesFileError unless they make one stream."""
         prefix = Path(prefix)
-        json_path = _path(prefix, ".json")
+        json_path = Path(f"{prefix}.json")
         meta = read_json(json_path, TOKEN_STREAM, CodesFileError)
         for key, allowed in (("layout", LAYOUTS), ("dtype", TOKEN_DTYPES)):  # an odd dtype would map garbage
             if meta[key] not in allowed:
                 raise CodesFileError(f"{json_path}: {key} {meta[key]!r} is not one of {', '.join(allowed)}")
-        idx_path = _path(prefix, ".idx")
+        idx_path = Path(f"{prefix}.idx")
         if idx_path.is_file():
             dtype, index = read_megatron_index(idx_path)
             if dtype != meta["dtype"]:
                 raise CodesFileError(f"{idx_path}: dtype {dtype}, {json_path.name} says {meta['dtype']}")
         else:
-            idx_path = _path(prefix, ".idx.npy")  # earlier versions: (N + 1,) token offsets from 0
+            idx_path = Path(f"{prefix}.idx.npy")  # earlier versions: (N + 1,) token offsets from 0
             try:
                 index = np.load(idx_path, allow_pickle=False)
             except (OSError, ValueError) as exc:
@@ -168,7 +164,7 @@ class TokenStream:
         if len(index) != len(expected) + 1 or np.diff(index).tolist() != expected:
             raise CodesFileError(f"{idx_path}: {len(index) - 1} sequences that are not the {len(expected)} files of "
                                  "n_q x frames tokens the .json lists")  # fmt: skip
-        bin_path, dtype = _path(prefix, ".bin"), np.dtype(meta["dtype"]).newbyteorder("<")
+        bin_path, dtype = Path(f"{prefix}.bin"), np.dtype(meta["dtype"]).newbyteorder("<")
         if bin_path.stat().st_size != int(index[-1]) * dtype.itemsize:
             raise CodesFileError(f"{bin_path}: {bin_path.stat().st_size} bytes, not the {int(index[-1])} "
                                  f"{meta['dtype']} tokens of its index")  # fmt: skip
