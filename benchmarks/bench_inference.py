@@ -33,12 +33,10 @@ from models.export import to_transformers  # noqa: E402
 from models.precision import cpu_has_amx  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
 
-ASSETS = ROOT / "tests" / "assets"
-
 
 def read(name: str) -> torch.Tensor:
     """A bundled 16 kHz asset as a float32 (T,) tensor."""
-    wav, rate = sf.read(str(ASSETS / name), dtype="float32")
+    wav, rate = sf.read(str(ROOT / "tests" / "assets" / name), dtype="float32")
     assert rate == 16000, rate
     return torch.from_numpy(wav)
 

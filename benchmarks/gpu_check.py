@@ -41,8 +41,6 @@ from models.export import save_export, to_transformers  # noqa: E402
 from models.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-
 
 @dataclass
 class Run:
@@ -254,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole check; a section that no longer "
                    "fits is skipped")  # fmt: skip
     p.add_argument("--cap", type=int, default=150, help="seconds any one subprocess may run")
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the summary, gpu_check_<gpu>.json")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="folder of the summary, gpu_check_<gpu>.json")
     p.add_argument("--json", type=Path, help="summary file (default: RESULTS/gpu_check_<gpu>.json)")
     p.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)

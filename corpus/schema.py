@@ -25,14 +25,6 @@ class Field:
     items: dict[str, Field] | None = None
 
 
-def _kind_ok(value: Any, kind: type) -> bool:
-    if kind in (int, float) and isinstance(value, bool):
-        return False
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
 def problem(record: Any, schema: dict[str, Field]) -> str | None:
     """Why ``record`` does not follow ``schema`` (``"key: ..."``), or ``None``. Unknown keys are allowed."""
     if not isinstance(record, dict):
@@ -43,7 +35,9 @@ def problem(record: Any, schema: dict[str, Field]) -> str | None:
             if field.required:
                 return f"{key}: missing"
             continue
-        if not _kind_ok(value, field.kind):
+        kinds = (int, float) if field.kind is float else field.kind  # a float field takes an int, never a bool
+        bad = not isinstance(value, kinds) or field.kind in (int, float) and isinstance(value, bool)
+        if bad or field.kind is float and not math.isfinite(value):
             kind = "a finite number" if field.kind is float else field.kind.__name__
             return f"{key}: expected {kind}, got {value!r}"[:200]
         if field.ge is not None and value < field.ge or field.gt is not None and value <= field.gt:
