@@ -1,8 +1,5 @@
 """YuE fine-tuning input from songs (docs/yue.md): stems and mix tokenized with YuE's codec by ``inference.py``
-into the resumable npy corpus ``yue/npy``, and the JSONL YuE reads, ``yue/jsonl/NAME.jsonl``.
-
-    python yue_data.py songs/ yue/                 # yue/npy/*.npy, yue/jsonl/songs.jsonl
-"""
+into the resumable npy corpus ``yue/npy``, and the JSONL YuE reads, ``yue/jsonl/NAME.jsonl``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """Inference benchmark: XCodec against transformers' XcodecModel with the same weights.
-
-Both run in this process on the same real speech, alternating call by call (a busy machine slows both
-alike): time, real-time factor, peak memory, codes agreement and decoded-audio error per duration and
-row, plus ``--batch``, ``--long``, ``--stream`` (docs/performance.md). Also what every benchmark shares.
-
-    python benchmarks/bench_inference.py --threads 2 --durations 10 60 --json bench.json
-"""
+Both run in this process on the same real speech, alternating call by call: time, real-time factor, peak memory,
+codes agreement, audio error (usage: docs/performance.md). Also what every benchmark shares."""
 
 from __future__ import annotations
 
@@ -260,7 +255,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argument_parser(__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0], help="seconds of speech")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; one more warms up)")

@@ -22,11 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 import inference  # noqa: E402
 from benchmarks.bench_inference import machine, random_codec, read, timed  # noqa: E402
+from corpus.corpus import FORMATS  # noqa: E402
 from models import init_codebooks  # noqa: E402
 from models.export import save_export  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
-
-FORMATS = ("npy", "parquet", "webdataset")
 
 
 def make_corpus(root: Path, clips: int) -> float:
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         init_codebooks(model, [read("speech_cn_4s.flac") * model.audio_norm_scale], "gaussian")
         export = save_export(model, tmp / "export")
         seconds = make_corpus(tmp / "corpus", args.clips)
-        times: dict[str, list[float]] = {f: [] for f in FORMATS}
-        sizes: dict[str, tuple[int, int]] = {}
+        times, sizes = {f: [] for f in FORMATS}, {}  # seconds per round, (files, bytes) written
         for r, fmt in ((r, fmt) for r in range(args.rounds) for fmt in FORMATS):
             out = tmp / f"{fmt}_{r}"
             cmd = ["--input", str(tmp / "corpus"), "--codes-out", str(out), "--checkpoint", str(export),

@@ -1,11 +1,6 @@
 """Token streams for LM trainers: a tokenized corpus as one flat token file and an index.
-
-    python -m corpus.tokens export codes/ stream/train --layout frame-major --offsets
-    python -m corpus.tokens check stream/train
-
-write and check, for a prefix ``P``, Megatron-LM's indexed dataset (``P.bin``, ``P.idx``) and our
-description of it, ``P.json`` (docs/tokenization.md; ``P.idx.npy`` of earlier versions is still read).
-"""
+``python -m corpus.tokens export|check`` write and check, for a prefix ``P``, Megatron-LM's indexed dataset
+(``P.bin``, ``P.idx``) and our ``P.json`` (docs/tokenization.md; an older ``P.idx.npy`` is still read)."""
 
 from __future__ import annotations
 
