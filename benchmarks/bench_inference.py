@@ -50,17 +50,14 @@ def random_codec(config: str | Path, seed: int = 0) -> XCodec:
     return build_codec(gen, scale, weight_norm=False).eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device):
     """``(fn(), seconds)``, the device's queued work included."""
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
     out = fn()
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out, time.perf_counter() - t
 
 

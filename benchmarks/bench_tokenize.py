@@ -1,9 +1,6 @@
-"""Tokenization throughput and output size of ``--format npy`` vs ``parquet`` vs ``webdataset``: one 40-clip
-directory (1-12 s) through ``inference.py`` in alternating rounds; audio hours per hour (best round), files
-and bytes scaled to 1,000 clips.
-
-    python benchmarks/bench_tokenize.py                                  # full-size architecture, random weights
-    python benchmarks/bench_tokenize.py --config configs/tiny.yaml       # the tiny test codec (writing dominates)
+"""Tokenization throughput and output size of ``--format npy`` vs ``parquet`` vs ``webdataset``.
+One 40-clip directory (1-12 s) through ``inference.py`` in alternating rounds: audio hours per hour (best round),
+files and bytes per 1,000 clips; random weights (``--config configs/tiny.yaml``: the tiny codec, writing dominates).
 """
 
 from __future__ import annotations

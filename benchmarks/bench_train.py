@@ -1,9 +1,7 @@
-"""Time one training step of our loop (one codec forward, its output detached for the discriminators)
-against the original's (a second forward for them); one process, state and batches, alternating rounds.
+"""Time one training step of our loop against the original's, in alternating rounds (one process, state, batches).
+Ours runs the codec forward once and detaches its output for the discriminators; the original runs it twice.
 
-    python benchmarks/bench_train.py --config configs/tiny.yaml
-    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml \\
-        pretrained_teacher=false batch_size=8
+    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml pretrained_teacher=false
 """
 
 from __future__ import annotations

@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available here (--device cpu: the smoke test)", file=sys.stderr)
-        return 2
+        p.error("--device cuda but CUDA is not available here (--device cpu: the smoke test)")
     work = args.work or Path(tempfile.mkdtemp(prefix="xcodec_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine(device)
