@@ -133,9 +133,9 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     stats.already_done = len(jobs) - len(todo)
     stats.codes_root, stats.fields = root, fields
     if fmt == "npy":
-        root.mkdir(parents=True, exist_ok=True)  # a torn last line of a killed run is cut before appending
+        root.mkdir(parents=True, exist_ok=True)
         name = "manifest.jsonl" if stats.world_size == 1 else f"manifest.rank{stats.rank}.jsonl"
-        stats.manifest = open_append(root / name)
+        stats.manifest = open_append(root / name)  # a killed run's torn last line is cut first
     else:
         kept = ("checkpoint", "bandwidth", "precision", "input_root", "bins", "world_size")
         remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)

@@ -97,7 +97,7 @@ def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
 def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for entry, codes in rows:
-            key = hashlib.sha1(entry["path"].encode("utf-8")).hexdigest()[:20]
+            key = hashlib.sha1(entry["path"].encode("utf-8")).hexdigest()[:20]  # webdataset keys hold no dots
             buf = io.BytesIO()
             np.save(buf, codes.astype(np.int16), allow_pickle=False)
             meta = json.dumps({k: entry[k] for k in ROW_FIELDS}, ensure_ascii=False).encode("utf-8")
