@@ -1,17 +1,5 @@
-"""YuE fine-tuning input from songs: stems tokenized with YuE's codec, and the JSONL YuE reads.
-
-    python yue_data.py songs/ yue/                 # yue/npy/*.npy, yue/jsonl/songs.jsonl
-
-Per song ``S`` (docs/yue.md): ``S.vocals.*`` and ``S.instrumental.*`` (``Vocals``/``Instrumental``
-too), optionally the mix ``S.*`` (else the stems' sum, ``yue/mix/S.wav``) and ``S.json`` with
-``genres`` (str or list), ``msa`` ({start, end, label}) and ``lyrics`` ({start, end, text}).
-Every stem and mix is tokenized by ``inference.py`` with ``yue_xcodec_mini`` at 6 kbps (12
-codebooks at 50 frames/s, what YuE's stage 1 and 2 read) into the resumable npy corpus
-``yue/npy`` (input list ``yue/stems.jsonl``). ``yue/jsonl/NAME.jsonl`` gets one line per song
-with YuE's keys (``codec_frame_start``/``end`` = ``int(seconds * 50)`` as YuE converts them); a
-song whose stems differ in rate or length, lacks a stem or has an unusable ``S.json`` is
-reported on one line and left out (exit 1).
-"""
+"""YuE fine-tuning input from songs (docs/yue.md): stems and mix tokenized with YuE's codec by ``inference.py``
+into the resumable npy corpus ``yue/npy``, and the JSONL YuE reads, ``yue/jsonl/NAME.jsonl``."""
 
 from __future__ import annotations
 
@@ -54,8 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def find_songs(songs: Path, out: Path) -> tuple[dict[str, dict[str, Path]], list[str]]:
-    """``({song id: {"vocals"|"instrumental"|"mix": audio file}}, problems)``: files paired by name
-    (the id is the path relative to ``songs`` without the role and extension)."""
+    """``({song: {"vocals"|"instrumental"|"mix": file}}, problems)``, a song the path without role and extension."""
     found: dict[str, dict[str, Path]] = {}
     problems = []
     for f in scan_directory(songs, audio_extensions(), exclude=[out]):
@@ -77,17 +64,8 @@ def find_songs(songs: Path, out: Path) -> tuple[dict[str, dict[str, Path]], list
     return found, problems
 
 
-def check_lengths(song: str, files: dict[str, Path]) -> None:
-    """The stems (and the mix) of one song: one sample rate, one length (YuE pairs them frame by frame)."""
-    shapes = {role: (i.samplerate, i.frames) for role, i in ((r, sf.info(str(f))) for r, f in files.items())}
-    if len(set(shapes.values())) > 1:
-        said = ", ".join(f"{role} {n} samples at {rate} Hz" for role, (rate, n) in shapes.items())
-        raise ValueError(f"{song}: stems differ in sample rate or length ({said})")
-
-
 def write_mix(files: dict[str, Path], target: Path) -> Path:
-    """The stems' sum as a float WAV (no clipping), rewritten only when a stem is newer (a rerun
-    finds the same file and its codes already done)."""
+    """The stems' sum as a float WAV (no clipping), rewritten only when a stem is newer (a rerun resumes)."""
     if target.is_file() and all(target.stat().st_mtime_ns >= f.stat().st_mtime_ns for f in files.values()):
         return target
     (vocals, rate), (instrumental, _) = (sf.read(str(files[r]), dtype="float32", always_2d=True) for r in ROLES)
@@ -96,8 +74,7 @@ def write_mix(files: dict[str, Path], target: Path) -> Path:
 
 
 def read_text(path: Path) -> dict:
-    """``S.json``: ``genres`` (str or list of str), ``msa`` and ``lyrics`` (lists of segments in seconds);
-    absent keys are empty. Raises ValueError (one line) on anything else."""
+    """``S.json``: ``genres`` (str or list), ``msa`` and ``lyrics`` (segments in seconds); ValueError otherwise."""
     if not path.is_file():
         return {}
     text = read_json(path, {})
@@ -139,7 +116,10 @@ def run(args: argparse.Namespace) -> int:
     texts, stems, names = {}, [], {}  # names: song -> role -> the file's name in the corpus (its id + extension)
     for song, files in sorted(songs.items()):
         try:
-            check_lengths(song, files)
+            shapes = {role: (i.samplerate, i.frames) for role, i in ((r, sf.info(str(f))) for r, f in files.items())}
+            if len(set(shapes.values())) > 1:  # YuE pairs the stems (and the mix) frame by frame
+                said = ", ".join(f"{role} {n} samples at {rate} Hz" for role, (rate, n) in shapes.items())
+                raise ValueError(f"{song}: stems differ in sample rate or length ({said})")
             texts[song] = read_text(args.songs / f"{song}.json")
         except (ValueError, RuntimeError) as exc:  # RuntimeError: soundfile cannot read a header
             problems.append(str(exc))

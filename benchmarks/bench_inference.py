@@ -1,19 +1,6 @@
 """Inference benchmark: XCodec against transformers' XcodecModel with the same weights.
-
-Both models run in this one process on the same real speech (tests/assets/speech_en.flac tiled
-to each duration), alternating call by call so that a busy machine slows both alike. Per
-duration and row (``transformers`` fp32, ``xcodec`` fp32 exact mode, ``xcodec`` bf16): encode and
-decode time (median of --repeats), real-time factor, peak memory (RSS growth sampled every 2 ms;
-on CUDA the allocator's peak), codes agreement with XcodecModel's and the relative error of the
-decoded audio (all decoding XcodecModel's codes). Extras: ``--batch`` (32 clips of 1-10 s, batch
-8 vs 1), ``--long`` (windowed vs single-pass encoding of 60 s, chunked decoding, peak memory of
-``--long-minutes``), ``--stream`` (streaming decode error and latency); on CUDA torch.compile too.
-Weights: random (seeded), codebooks k-means'd on other real audio, or ``--checkpoint``.
-
-    python benchmarks/bench_inference.py --threads 2 --durations 10 60 --json bench.json
-
-This module also holds what every benchmark shares: the bundled audio, timing, errors, the machine.
-"""
+Both run in this process on the same real speech, alternating call by call: time, real-time factor, peak memory,
+codes agreement, audio error (usage: docs/performance.md). Also what every benchmark shares."""
 
 from __future__ import annotations
 
@@ -41,12 +28,10 @@ from models.export import to_transformers  # noqa: E402
 from models.precision import cpu_has_amx  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
 
-ASSETS = ROOT / "tests" / "assets"
-
 
 def read(name: str) -> torch.Tensor:
     """A bundled 16 kHz asset as a float32 (T,) tensor."""
-    wav, rate = sf.read(str(ASSETS / name), dtype="float32")
+    wav, rate = sf.read(str(ROOT / "tests" / "assets" / name), dtype="float32")
     assert rate == 16000, rate
     return torch.from_numpy(wav)
 
@@ -65,17 +50,14 @@ def random_codec(config: str | Path, seed: int = 0) -> XCodec:
     return build_codec(gen, scale, weight_norm=False).eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device):
     """``(fn(), seconds)``, the device's queued work included."""
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
     out = fn()
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out, time.perf_counter() - t
 
 
@@ -105,8 +87,7 @@ def machine(device: torch.device | None = None) -> dict:
 
 
 def no_mmap() -> bool:
-    """mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 1 GB): large tensors come from
-    the heap and freed ones stay mapped, so a new tensor mostly reuses touched pages."""
+    """mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 1 GB): a new tensor mostly reuses touched heap pages."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -121,8 +102,7 @@ def _rss() -> int:
 
 
 def measured(fn, device: torch.device) -> tuple[object, float, int]:
-    """``(fn(), seconds, peak memory growth in bytes)``: the CUDA allocator's peak, or on CPU the
-    resident set sampled every 2 ms."""
+    """``(fn(), seconds, peak memory growth in bytes)``: CUDA's allocator peak, or the RSS sampled every 2 ms."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -200,14 +180,6 @@ def bench_duration(model, hf, seconds: float, args, device) -> list[dict]:
     return rows
 
 
-def bench_compile(model, hf, seconds, args, device) -> list[dict]:
-    """CUDA: both models with torch.compile on their conv stacks (fp32 and bf16)."""
-    for mod in (model.encoder, model.decoder_2, model.encoder_semantic, hf.acoustic_encoder, hf.acoustic_decoder,
-                hf.encoder_semantic):  # fmt: skip
-        mod.compile(dynamic=True)
-    return [{**r, "compiled": True} for r in bench_duration(model, hf, seconds, args, device)]
-
-
 @torch.inference_mode()
 def bench_batch(model, args) -> dict:
     src = speech(60)[0, 0]
@@ -280,7 +252,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argument_parser(__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--durations", type=float, nargs="+", default=[10.0, 60.0], help="seconds of speech")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; one more warms up)")
@@ -298,9 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--stream", action="store_true", help="streaming decode error and latency")
     p.add_argument("--no-compile", action="store_true", help="on CUDA, skip the torch.compile rows")
     p.add_argument("--json", type=Path, help="write all results here")
-    p.add_argument("--no-mmap", action="store_true",
-                   help="glibc serves every block from the heap and keeps freed memory (mallopt), for both "
-                        "models: shows how much of each model's CPU time is page faults of fresh tensors")
+    p.add_argument("--no-mmap", action="store_true", help="glibc serves every block from the heap and keeps freed "
+                   "memory (mallopt): how much of each model's CPU time is page faults of fresh tensors")
     args = p.parse_args(argv)
     if args.no_mmap and not no_mmap():
         p.error("--no-mmap needs Linux with glibc")
@@ -316,8 +287,11 @@ def main(argv=None) -> int:
         result["rows"].extend(rows)
         print_table(rows)
         print(flush=True)
-    if device.type == "cuda" and not args.no_compile:
-        rows = bench_compile(model, hf, args.durations[0], args, device)
+    if device.type == "cuda" and not args.no_compile:  # both models with torch.compile on their conv stacks
+        for mod in (model.encoder, model.decoder_2, model.encoder_semantic, hf.acoustic_encoder, hf.acoustic_decoder,
+                    hf.encoder_semantic):  # fmt: skip
+            mod.compile(dynamic=True)
+        rows = [{**r, "compiled": True} for r in bench_duration(model, hf, args.durations[0], args, device)]
         result["rows"].extend(rows)
         print_table(rows)
     for name, fn in (("batch", bench_batch), ("long", bench_long), ("stream", bench_stream)):

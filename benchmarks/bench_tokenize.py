@@ -1,12 +1,6 @@
 """Tokenization throughput and output size of ``--format npy`` vs ``parquet`` vs ``webdataset``.
-
-The same 40-clip directory (1-12 s: real speech and music, tones, chirps, noise) is tokenized
-by ``inference.py`` in this process into each format, in alternating rounds so that machine
-load hits every format alike; throughput is audio hours per hour (best round), and the files
-and bytes written are scaled to 1,000 clips.
-
-    python benchmarks/bench_tokenize.py                                  # full-size architecture, random weights
-    python benchmarks/bench_tokenize.py --config configs/tiny.yaml       # the tiny test codec (writing dominates)
+One 40-clip directory (1-12 s) through ``inference.py`` in alternating rounds: audio hours per hour (best round),
+files and bytes per 1,000 clips; random weights (``--config configs/tiny.yaml``: the tiny codec, writing dominates).
 """
 
 from __future__ import annotations
@@ -25,11 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 import inference  # noqa: E402
 from benchmarks.bench_inference import machine, random_codec, read, timed  # noqa: E402
+from corpus.corpus import FORMATS  # noqa: E402
 from models import init_codebooks  # noqa: E402
 from models.export import save_export  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
-
-FORMATS = ("npy", "parquet", "webdataset")
 
 
 def make_corpus(root: Path, clips: int) -> float:
@@ -50,11 +43,6 @@ def make_corpus(root: Path, clips: int) -> float:
     return total
 
 
-def tree_size(root: Path) -> tuple[int, int]:
-    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".xcodec")]
-    return len(files), sum(p.stat().st_size for p in files)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "xcodec_hubert_librispeech.yaml",
@@ -71,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         init_codebooks(model, [read("speech_cn_4s.flac") * model.audio_norm_scale], "gaussian")
         export = save_export(model, tmp / "export")
         seconds = make_corpus(tmp / "corpus", args.clips)
-        times: dict[str, list[float]] = {f: [] for f in FORMATS}
-        sizes: dict[str, tuple[int, int]] = {}
+        times, sizes = {f: [] for f in FORMATS}, {}  # seconds per round, (files, bytes) written
         for r, fmt in ((r, fmt) for r in range(args.rounds) for fmt in FORMATS):
             out = tmp / f"{fmt}_{r}"
             cmd = ["--input", str(tmp / "corpus"), "--codes-out", str(out), "--checkpoint", str(export),
@@ -80,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             code, t = timed(lambda cmd=cmd: inference.main(cmd), torch.device("cpu"))
             assert code == 0, f"{fmt}: exit {code}"
             times[fmt].append(t)
-            sizes[fmt] = tree_size(out)
+            files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".xcodec")]
+            sizes[fmt] = len(files), sum(p.stat().st_size for p in files)
     best = {fmt: min(t) for fmt, t in times.items()}
     # files_per_1000_clips: npy, a file per clip + the manifest; shards, ceil(1000 / 10,000) shard + the index
     formats = {fmt: {"best_seconds": round(best[fmt], 3), "audio_hours_per_hour": round(seconds / best[fmt], 1),

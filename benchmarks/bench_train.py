@@ -1,14 +1,7 @@
-"""Time one training step of our loop against the original's two-forward step.
+"""Time one training step of our loop against the original's, in alternating rounds (one process, state, batches).
+Ours runs the codec forward once and detaches its output for the discriminators; the original runs it twice.
 
-The original main_launch_vqdp.py runs the codec forward twice per step: once for the
-generator update and once more (with a fresh graph) to get ``y_hat`` for the
-discriminator update. Ours runs it once and reuses the detached output. Both variants
-here share one process, one config, one model state and the same pre-loaded batches,
-and are timed in alternating rounds so that machine load hits both alike.
-
-    python benchmarks/bench_train.py --config configs/tiny.yaml
-    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml \\
-        pretrained_teacher=false batch_size=8
+    python benchmarks/bench_train.py --config configs/xcodec_hubert_librispeech.yaml pretrained_teacher=false
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
 """The GPU check: everything that only a CUDA run can show, in one script and one JSON summary.
+Run it with ``bash benchmarks/gpu_check.sh`` on the GPU machine, ``--device cpu --quick`` on CPU (docs/performance.md).
 
-    bash benchmarks/gpu_check.sh                             # on the lent GPU machine (wheels, versions, log)
-    python benchmarks/gpu_check.py                           # one GPU; about 8 minutes on an H200
-    python benchmarks/gpu_check.py --sections exactness bf16 # rerun a few (merged into the JSON)
-    python benchmarks/gpu_check.py --device cpu --quick      # the script itself, on CPU (the test suite runs this)
-
-Sections (each records ``ok``, its numbers and seconds; a failing one does not stop the others; the
-JSON is rewritten after each; one whose budget no longer fits is skipped):
-
-- ``device``: model on the device, inputs on the CPU: encode, decode, the batched, long and streaming APIs;
-- ``exactness``: device fp32 codes against CPU fp32 and transformers' XcodecModel (IEEE fp32), an
-  equal-length and a ragged batch against each clip alone, codes used per quantizer, the margin at
-  every mismatch (second-best minus best distance of the reference residual: rounding has a tiny
-  one, a bug a large one); TF32 settings restored and readable after exact mode;
-- ``bf16``: device bf16 codes against device fp32 per quantizer, with the same margins;
-- ``throughput``: an hour of 2-20 s clips tokenized by ``inference.py`` and by the model alone (fp32,
-  bf16) and by XcodecModel (fp32 IEEE, bf16) at its best batch size: audio hours per GPU-hour after
-  a warm-up pass over every shape, median of 3, peak GPU memory;
-- ``cli_long``: a long file through ``inference.py`` (windowed encoding, chunked decoding);
-- ``train``: the tiny recipe in fp32 and bf16 stopped at step 2 and resumed to 4; two ranks on one
-  device (gloo) with identical state;
-- ``compile``: torch.compile of the acoustic and semantic stacks (CUDA only).
-
-Weights are random (seeded), codebooks k-means'd on at least 10x as many frames of real audio as
-entries (every quantizer spreads over many codes); the teacher is built from its config, offline.
-Every subprocess is capped at ``--cap`` seconds; ``--quick`` uses the tiny architecture.
+Sections (each records ``ok``, its numbers and seconds; a failing one does not stop the others; the JSON is
+rewritten after each; one whose budget no longer fits is skipped): ``device`` (every API, model on the device),
+``exactness`` (device fp32 codes against CPU fp32 and XcodecModel in IEEE fp32, batches against each clip alone,
+the margin at every mismatch, TF32 settings restored), ``bf16`` (against fp32, with margins), ``throughput``
+(an hour of 2-20 s clips: audio hours per GPU-hour of inference.py, the model and XcodecModel), ``cli_long``
+(windowed encoding, chunked decoding), ``train`` (stop at 2, resume to 4; two ranks on one device), ``compile``.
+Weights are random (seeded), codebooks k-means'd on >= 10x as many real frames as entries, the teacher built
+offline; subprocesses are capped at ``--cap`` seconds; ``--quick`` uses the tiny architecture.
 """
 
 from __future__ import annotations
@@ -38,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +40,6 @@ from models import XCodec, init_codebooks  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
 from models.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclass
@@ -100,30 +81,17 @@ def check_device(run: Run) -> dict:
             "stream_rel_err": rel(stream, audio[0, 0])}  # fmt: skip
 
 
-def tf32_defaults() -> Callable[[], bool]:
-    """A user's usual TF32 opt-in on Ampere+ (cuDNN convolutions default to TF32); returns a
-    check that after exact mode the settings are as they were and the matmul-precision
-    getter (Inductor calls it) still answers."""
-    torch.set_float32_matmul_precision("high")
-    before = [getattr(obj, name) for obj, name in tf32_switches()]
-
-    def check() -> bool:
-        ok = torch.get_float32_matmul_precision() == "high"  # raises where two APIs were mixed
-        return ok and [getattr(obj, name) for obj, name in tf32_switches()] == before
-
-    return check
-
-
 def check_exactness(run: Run) -> dict:
     model, cpu_model, device = run.model, run.cpu_model, run.model.device
     precision = torch.get_float32_matmul_precision()
-    restored = tf32_defaults()
+    torch.set_float32_matmul_precision("high")  # a user's usual TF32 opt-in (cuDNN convolutions default to TF32)
+    flags = [getattr(obj, name) for obj, name in tf32_switches()]
     lengths = [48000, 40000, 30400, 16123]
     clips = [gh.clip(n, seed) for seed, n in enumerate(lengths)]
     ref = [cpu_model.encode(c) for c in clips]  # CPU fp32: the reference
     alone = [model.encode(c) for c in clips]
     vs_cpu = gh.agreement(torch.cat([a[..., : r.shape[-1]] for a, r in zip(alone, ref)], -1), torch.cat(ref, -1))
-    found = gh.mismatches_of(cpu_model, clips, ref, alone)
+    found = gh.mismatches(cpu_model, clips, ref, alone)
 
     with ieee_fp32(device=device), torch.inference_mode():  # the reference model in IEEE fp32 as well
         hf_codes = [run.hf.encode(c.to(device), return_dict=False) for c in clips]
@@ -139,14 +107,15 @@ def check_exactness(run: Run) -> dict:
     with ieee_fp32(device=device):  # as exact mode computes them (outside it, the user's TF32 defaults apply)
         latents_err = rel(model.latents(clips[0].to(device))[0], cpu_model.latents(clips[0])[0])
     audio_err = rel(model.decode(alone[0]), cpu_model.decode(alone[0].cpu()))
-    flags_ok = restored()
+    # After exact mode: the flags as they were, and the getter (Inductor calls it) answers (raises if APIs mixed).
+    flags_ok = torch.get_float32_matmul_precision() == "high" and [getattr(o, n) for o, n in tf32_switches()] == flags
     torch.set_float32_matmul_precision(precision)  # the process as it was, for the sections after
-    return {"lengths": lengths, "codes_used": gh.codes_used(ref), "device_vs_cpu_fp32": vs_cpu,
-            "device_vs_cpu_mismatches": gh.summarize(found), "device_vs_xcodecmodel": vs_hf,
-            "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu, "batch_equal_lengths": batched, "batch_ragged": ragged,
-            "latents_device_vs_cpu_rel_err": latents_err, "decode_device_vs_cpu_rel_err": audio_err,
-            "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, batched, ragged) for v in row),
-            "tf32_flags_restored": flags_ok}  # fmt: skip
+    used = [int(q.unique().numel()) for q in torch.cat(ref, -1)[0].cpu()]  # distinct codes per quantizer
+    return {"lengths": lengths, "codes_used": used, "device_vs_cpu_fp32": vs_cpu, "device_vs_cpu_mismatches": found,
+            "device_vs_xcodecmodel": vs_hf, "xcodecmodel_device_vs_cpu_fp32": hf_vs_cpu, "batch_equal_lengths": batched,
+            "batch_ragged": ragged, "latents_device_vs_cpu_rel_err": latents_err, "tf32_flags_restored": flags_ok,
+            "decode_device_vs_cpu_rel_err": audio_err,
+            "all_identical": all(v == 1.0 for row in (vs_cpu, vs_hf, batched, ragged) for v in row)}  # fmt: skip
 
 
 def check_bf16(run: Run) -> dict:
@@ -154,9 +123,9 @@ def check_bf16(run: Run) -> dict:
     clips = [gh.clip(160000, 20), gh.clip(97000, 21)]
     fp32 = [model.encode(c) for c in clips]
     bf16 = [model.encode(c, precision="bf16") for c in clips]
-    found = gh.mismatches_of(cpu_model, clips, fp32, bf16)  # margins of the fp32 reference residual (CPU model)
+    found = gh.mismatches(cpu_model, clips, fp32, bf16)  # margins of the fp32 reference residual (CPU model)
     return {"agreement_per_quantizer": gh.agreement(torch.cat(bf16, -1), torch.cat(fp32, -1)),
-            "mismatches_vs_fp32": gh.summarize(found),
+            "mismatches_vs_fp32": found,
             "bf16_ragged_batch_vs_alone": gh.ragged_vs_alone(model, clips, bf16, "bf16"),
             "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0]))}  # fmt: skip
 
@@ -275,21 +244,6 @@ SECTIONS = {"device": (check_device, 20), "exactness": (check_exactness, 40), "b
             "compile": (check_compile, 90)}  # fmt: skip
 
 
-def build_models(quick: bool, device: torch.device) -> tuple[XCodec, XCodec, dict]:
-    """The seeded random codec on the CPU and a copy on ``device``, codebooks k-means'd on
-    the device; returns ``(cpu_model, model, facts about the k-means frames)``."""
-    cpu_model = random_codec(ROOT / "configs" / ("tiny.yaml" if quick else "xcodec_hubert_librispeech.yaml"))
-    model = copy.deepcopy(cpu_model).to(device)
-    clips = gh.kmeans_clips(model)
-    frames = int(sum(int(model.num_frames(len(c))) for c in clips))
-    init_codebooks(model, clips, "kmeans")
-    cpu_model.load_state_dict(model.state_dict())
-    cpu_model.requires_grad_(False)
-    model.requires_grad_(False)
-    return cpu_model, model, {"kmeans_frames": frames, "bins": model.bins,
-                              "frames_per_entry": round(frames / model.bins, 2)}  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
@@ -298,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole check; a section that no longer "
                    "fits is skipped")  # fmt: skip
     p.add_argument("--cap", type=int, default=150, help="seconds any one subprocess may run")
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the summary, gpu_check_<gpu>.json")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="folder of the summary, gpu_check_<gpu>.json")
     p.add_argument("--json", type=Path, help="summary file (default: RESULTS/gpu_check_<gpu>.json)")
     p.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
@@ -306,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available here (--device cpu: the smoke test)", file=sys.stderr)
-        return 2
+        p.error("--device cuda but CUDA is not available here (--device cpu: the smoke test)")
     work = args.work or Path(tempfile.mkdtemp(prefix="xcodec_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine(device)
@@ -318,10 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     summary.update({"machine": info, "device": str(device), "quick": args.quick, "command": command,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
     print(f"machine: {json.dumps(info)}", flush=True)
-    cpu_model, model, setup = build_models(args.quick, device)
+    # The seeded random codec on the CPU and a copy on the device, codebooks k-means'd there and copied back.
+    cpu_model = random_codec(ROOT / "configs" / ("tiny.yaml" if args.quick else "xcodec_hubert_librispeech.yaml"))
+    model = copy.deepcopy(cpu_model).to(device)
+    clips = gh.kmeans_clips(model)
+    init_codebooks(model, clips, "kmeans")
+    cpu_model.load_state_dict(model.state_dict())
+    cpu_model.requires_grad_(False)
+    model.requires_grad_(False)
     export = save_export(cpu_model, work / "export")
     hf = to_transformers(cpu_model).to(device).eval()
-    summary["setup"] = {**setup, "seconds": round(time.monotonic() - start, 1)}
+    frames = int(sum(int(model.num_frames(len(c))) for c in clips))
+    summary["setup"] = {"kmeans_frames": frames, "bins": model.bins, "frames_per_entry": round(frames / model.bins, 2),
+                        "seconds": round(time.monotonic() - start, 1)}  # fmt: skip
     print(f"setup: {json.dumps(summary['setup'])}", flush=True)
     check = gh.Check(summary, path, start + args.budget, args.cap)
     run = Run(model, cpu_model, hf, export, args.device, work, args.quick, check)

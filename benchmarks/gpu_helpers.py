@@ -37,11 +37,10 @@ def cut(n: int, rng: np.random.Generator, src: np.ndarray) -> np.ndarray:
     return (src[idx] * rng.uniform(0.3, 1.0)).astype(np.float32)
 
 
-def kmeans_clips(model: XCodec, factor: int = 12, seconds: float = 4.0) -> list[torch.Tensor]:
-    """Clips (scaled by 0.95) holding at least ``factor`` x ``bins`` frames: mixtures of two
-    random cuts of the bundled audio, so that k-means sees far more frames than entries."""
-    rng, src, n = np.random.default_rng(1), pool(), int(seconds * RATE)
-    count = -(-factor * model.bins // int(model.num_frames(n)))
+def kmeans_clips(model: XCodec) -> list[torch.Tensor]:
+    """4 s clips (x 0.95) of at least 12 x ``bins`` frames: mixtures of two random cuts of the bundled audio."""
+    rng, src, n = np.random.default_rng(1), pool(), 4 * RATE
+    count = -(-12 * model.bins // int(model.num_frames(n)))
     return [torch.from_numpy(cut(n, rng, src) + 0.5 * cut(n, rng, src)) * 0.95 for _ in range(count)]
 
 
@@ -59,71 +58,51 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 def padded(waves: list[torch.Tensor]) -> torch.Tensor:
     """Audio tensors of any shape ending in T_i, zero-padded into one (B, 1, max T_i) batch."""
-    batch = torch.zeros(len(waves), 1, max(w.shape[-1] for w in waves))
-    for i, w in enumerate(waves):
-        batch[i, 0, : w.shape[-1]] = w.reshape(-1)
-    return batch
+    return torch.nn.utils.rnn.pad_sequence([w.reshape(-1) for w in waves], batch_first=True)[:, None]
 
 
 def ragged_vs_alone(model: XCodec, clips: list[torch.Tensor], alone: list[torch.Tensor], precision: str) -> list[float]:
-    """Agreement per quantizer of (1, 1, T_i) ``clips`` encoded as one zero-padded batch with
-    their lengths against ``alone``, their (1, n_q, F_i) codes encoded one by one."""
+    """Agreement per quantizer of (1, 1, T_i) ``clips`` as one padded batch against ``alone``, (1, n_q, F_i) each."""
     lengths = [c.shape[-1] for c in clips]
     codes = model.encode(padded(clips), lengths=lengths, precision=precision)
     frames = model.num_frames(torch.tensor(lengths))
     return agreement(torch.cat([codes[i : i + 1, :, : int(f)] for i, f in enumerate(frames)], -1), torch.cat(alone, -1))
 
 
-def codes_used(codes: list[torch.Tensor]) -> list[int]:
-    """Distinct codes per quantizer over (1, n_q, F) code tensors."""
-    flat = torch.cat([c[0].cpu() for c in codes], dim=-1)
-    return [int(flat[q].unique().numel()) for q in range(flat.shape[0])]
-
-
-def mismatches_of(cpu_model: XCodec, clips: list, refs: list, others: list) -> list[dict]:
-    """:func:`mismatches` of every clip (lists of tensors), each tagged with its clip's index."""
-    return [m | {"clip": i} for i, args in enumerate(zip(clips, refs, others)) for m in mismatches(cpu_model, *args)]
-
-
 @torch.inference_mode()
-def mismatches(cpu_model: XCodec, wav: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> list[dict]:
-    """At each frame where ``other`` codes differ from the reference ``ref`` (both (1, n_q, F),
-    ``ref`` from ``cpu_model``), the first differing quantizer and its margin: second-best
-    minus best squared distance of the reference residual (float64), also relative to the
-    residual's squared norm. Later quantizers of that frame follow from the first."""
-    ref, other = ref.cpu(), other.cpu()
-    diff = ref[0] != other[0]  # (n_q, F)
-    frames = diff.any(0).nonzero().flatten().tolist()
-    if not frames:
-        return []
-    residual = cpu_model.latents(wav.cpu(), None)[0][0].double()  # (D, F)
-    first = {f: int(diff[:, f].nonzero()[0]) for f in frames}
-    out = []
-    for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
-        here = [f for f in frames if first[f] == q]
-        r = residual[:, here].T  # (M, D)
-        book = layer.codebook.double()
-        dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]  # (M, bins)
-        best2 = dist.topk(2, dim=1, largest=False).values if here else None
-        for i, f in enumerate(here):
-            margin = float(best2[i, 1] - best2[i, 0])
-            norm = max(float(r[i].pow(2).sum()), 1e-30)
-            out.append({"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / norm})
-        residual = residual - layer.decode(ref[0, q][None])[0].double()
-    return sorted(out, key=lambda m: m["frame"])
-
-
-def summarize(found: list[dict]) -> dict:
-    """Counts and the largest relative margins of :func:`mismatches`."""
-    rel_margins = sorted((m["margin_rel"] for m in found), reverse=True)
-    return {"frames": len(found), "max_margin_rel": rel_margins[0] if found else None,
-            "median_margin_rel": statistics.median(rel_margins) if found else None,
-            "first": found[:20]}  # fmt: skip
+def mismatches(cpu_model: XCodec, clips: list, refs: list, others: list) -> dict:
+    """Where ``others`` codes differ from the reference ``refs`` of ``clips`` (lists of (1, n_q, F) codes, ``refs``
+    from ``cpu_model``): per frame the first differing quantizer and its margin, second-best minus best squared
+    distance of the reference residual (float64; rounding has a tiny one, a bug a large one), also relative to
+    the residual's norm; returns counts, the largest relative margins and the first 20."""
+    found = []
+    for i, (wav, ref, other) in enumerate(zip(clips, refs, others)):
+        ref = ref.cpu()
+        diff = ref[0] != other[0].cpu()  # (n_q, F)
+        frames = diff.any(0).nonzero().flatten().tolist()
+        if not frames:
+            continue
+        residual = cpu_model.latents(wav.cpu(), None)[0][0].double()  # (D, F)
+        first = {f: int(diff[:, f].nonzero()[0]) for f in frames}
+        for q, layer in enumerate(cpu_model.quantizer.vq.layers[: ref.shape[1]]):
+            here = [f for f in frames if first[f] == q]
+            r = residual[:, here].T  # (M, D)
+            book = layer.codebook.double()
+            dist = r.pow(2).sum(1, keepdim=True) - 2 * r @ book.T + book.pow(2).sum(1)[None]  # (M, bins)
+            best2 = dist.topk(2, dim=1, largest=False).values if here else None
+            for j, f in enumerate(here):
+                margin = float(best2[j, 1] - best2[j, 0])
+                norm = max(float(r[j].pow(2).sum()), 1e-30)
+                found.append({"frame": f, "quantizer": q, "margin": margin, "margin_rel": margin / norm, "clip": i})
+            residual = residual - layer.decode(ref[0, q][None])[0].double()
+    found.sort(key=lambda m: (m["clip"], m["frame"]))
+    margins = sorted((m["margin_rel"] for m in found), reverse=True)
+    return {"frames": len(found), "max_margin_rel": margins[0] if found else None,
+            "median_margin_rel": statistics.median(margins) if found else None, "first": found[:20]}  # fmt: skip
 
 
 def make_corpus(folder: Path, hours: float, quick: bool) -> tuple[list[Path], float]:
-    """Clips of 2-20 s (1-4 s with --quick) cut from the bundled audio, written as FLAC in
-    parallel, until ``hours`` of audio; returns their paths and the hours written."""
+    """FLAC clips of 2-20 s (1-4 s with --quick) of the bundled audio, until ``hours``: (paths, hours written)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng, src = np.random.default_rng(0), pool() / 0.95
     lo, hi = (1, 4) if quick else (2, 20)
@@ -148,9 +127,8 @@ def reset_peak(device: torch.device) -> None:
 
 
 def repeated(fn: Callable[[], None], device: torch.device, hours: float, until: float, reps: int = 3) -> dict:
-    """One warm-up pass (every shape seen once; timed too: a corpus of unique lengths pays the
-    kernels' per-shape set-up like this pass), then up to ``reps`` timed passes while the clock
-    allows: median audio hours per GPU-hour and peak GPU memory."""
+    """A timed warm-up pass (a corpus of unique lengths pays per-shape set-up like it), then up to ``reps``
+    timed passes while the clock allows: median audio hours per GPU-hour and peak GPU memory."""
     first = timed(fn, device)[1]
     reset_peak(device)
     times = []
@@ -163,8 +141,7 @@ def repeated(fn: Callable[[], None], device: torch.device, hours: float, until: 
 
 
 class Check:
-    """Runs the sections into ``results``, each within its budget and the run's deadline,
-    never letting one stop the rest, and rewrites the JSON after each."""
+    """Runs the sections within their budgets and the deadline, none stopping the rest; the JSON after each."""
 
     def __init__(self, summary: dict, path: Path, deadline: float, cap: int) -> None:
         self.summary, self.path, self.deadline, self.cap = summary, path, deadline, cap

@@ -1,3 +1,1 @@
-"""Tokenized corpora: codes files and manifests, shards, resume, what a CLI run writes, token
-streams, the input collector and the metadata schema (``python -m corpus.codes``,
-``python -m corpus.tokens``)."""
+"""Tokenized corpora: codes, manifests, shards, resume, run outputs, token streams, inputs, metadata schema."""

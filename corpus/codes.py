@@ -1,15 +1,8 @@
-"""Codes files and npy corpora (manifests), the one corpus reader and ``python -m corpus.codes``.
-
-An npy corpus (``inference.py --input corpus/ --codes-out codes/``, see docs/tokenization.md) is a
-tree of int16 ``(n_q, frames)`` ``.npy`` files mirroring the inputs plus ``manifest.jsonl``
-(``manifest.rank{R}.jsonl`` per rank of several): one line per finished file (``corpus.schema.
-CODES_ENTRY``), appended only after its codes file is completely written, so every entry names a
-complete file and a killed run is finished by running the same command again.
-"""
+"""Codes files and npy corpora (manifests), the one corpus reader and ``python -m corpus.codes``
+(docs/tokenization.md). A manifest line is appended only after its codes file is complete."""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Iterator
@@ -21,9 +14,8 @@ import torch
 from corpus.schema import INDEX_LINE, MANIFEST_LINE, SIDECAR, read_json, read_lines, write_json
 from corpus.shards import SHARD_RE, ShardError, iter_shard, lost_shards, read_index, shard_format
 from utils.cli import CliError, argument_parser, cli_main
-from utils.files import atomic_write, open_append, temporary_target, tree_in_use
+from utils.files import atomic_write, temporary_target, tree_in_use
 
-MANIFEST_NAME = "manifest.jsonl"
 MANIFEST_GLOB = "manifest*.jsonl"
 
 
@@ -44,20 +36,10 @@ def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
 
 def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: int | None = 1024, *,
                n_q: int | None = None, frames: int | None = None, where: str | None = None) -> torch.Tensor:
-    """Read a codes ``.npy`` file (or take an array) and check it; returns a ``LongTensor`` (n_q, frames).
-
-    Args:
-        path: the ``.npy`` file (as written by ``inference.py --codes-out``), or the codes themselves.
-        n_q_max: most codebooks allowed (a model's ``n_q``); ``None``: no limit.
-        bins: codebook size; values must lie in ``[0, bins)`` (``None``: only ``>= 0``).
-        n_q: exact number of codebooks required (e.g. from the manifest).
-        frames: exact number of frames required (e.g. from the manifest).
-        where: what the messages name (default: ``path``).
-
-    Raises:
-        CodesFileError (a ``ValueError``) naming the file: unreadable, not integer, wrong
-        shape, or values out of range.
-    """
+    """Read a codes ``.npy`` file (or take an array) and check it: a ``LongTensor`` (n_q, frames), or a
+    CodesFileError (a ``ValueError``) naming ``where`` (default ``path``): unreadable, not integer, not 2-D,
+    more than ``n_q_max`` codebooks, values outside ``[0, bins)`` (``bins`` None: only ``>= 0``), or other
+    than ``n_q`` codebooks / ``frames`` frames when given (e.g. from the manifest)."""
     where, codes = where or str(path), path
     if not isinstance(path, np.ndarray):
         try:
@@ -82,23 +64,14 @@ def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: 
     return torch.from_numpy(codes.astype(np.int64))
 
 
-def _entry_codes(codes: np.ndarray | Path, entry: dict, bins: int | None = None, where: str | None = None):
+def _entry_codes(codes: np.ndarray | Path, entry: dict, where: str | None = None) -> torch.Tensor:
     """Codes checked against what their entry records (``n_q``, ``frames``, ``bins``)."""
-    checks = {"n_q": entry.get("n_q"), "frames": entry.get("frames"), "where": where}
-    return load_codes(codes, None, bins or entry.get("bins"), **checks)
-
-
-def manifest_path(root: str | Path, rank: int = 0, world_size: int = 1) -> Path:
-    """``manifest.jsonl`` for one process, ``manifest.rank{R}.jsonl`` for rank R of several."""
-    return Path(root) / (MANIFEST_NAME if world_size == 1 else f"manifest.rank{rank}.jsonl")
+    return load_codes(codes, None, entry.get("bins"), n_q=entry.get("n_q"), frames=entry.get("frames"), where=where)
 
 
 def read_manifest(root: str | Path) -> list[dict]:
-    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path.
-
-    A path listed twice (its input changed and was tokenized again) keeps its latest entry
-    (``written``, the time it was written; without one, the later line).
-    """
+    """Every entry of every manifest in ``root`` (all ranks), one per path, sorted by path; a path listed
+    twice (its input changed and was tokenized again) keeps its latest ``written`` (else the later line)."""
     by_path: dict[str, dict] = {}
     for path in sorted(Path(root).glob(MANIFEST_GLOB)):
         for _, entry in read_lines(path, MANIFEST_LINE, CodesFileError):
@@ -111,14 +84,6 @@ def read_manifest(root: str | Path) -> list[dict]:
 def has_manifest(root: str | Path) -> bool:
     """``root`` is a tokenized corpus (holds at least one manifest file)."""
     return Path(root).is_dir() and any(Path(root).glob(MANIFEST_GLOB))
-
-
-def unchanged(entry: dict, source: tuple[int, int] | None) -> bool:
-    """The input an entry describes is still the file ``source`` = (size, mtime_ns) describes.
-    Entries written before sources were recorded count as unchanged."""
-    if "source_size" not in entry:
-        return True
-    return source is not None and (entry["source_size"], entry.get("source_mtime_ns")) == tuple(source)
 
 
 def write_sidecar(codes_path: str | Path, fields: dict, codes: np.ndarray) -> Path:
@@ -135,14 +100,9 @@ def read_sidecar(codes_path: str | Path) -> dict | None:
 
 
 def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict[Path, tuple[int, int] | Exception]:
-    """``{codes file (resolved): (samples of its source, frames)}`` from the sidecar of a single codes
-    file or the manifest of the corpus that holds ``codes`` (a codes directory, or a file inside one,
-    up to 4 levels deep), for entries made at ``sample_rate``; ``{}`` when neither exists.
-
-    An entry whose ``samples`` is not ``frames * hop_length`` within one hop (it would stretch or
-    cut the decoded audio) maps to a :class:`CodesFileError` naming the sidecar or corpus: that
-    file's failure, not the run's.
-    """
+    """``{codes file (resolved): (source samples, frames)}`` of entries made at ``sample_rate``, from the
+    sidecar of ``codes`` or the manifest of the corpus holding it (up to 4 levels up); ``{}`` without one.
+    An entry whose samples are not ``frames * hop_length`` within a hop maps to a CodesFileError (that file fails)."""
     codes = Path(codes)
     side = read_sidecar(codes) if codes.suffix == ".npy" else None
     found, where = ({codes.resolve(): side}, codes.with_suffix(".json")) if side is not None else ({}, None)
@@ -157,36 +117,14 @@ def source_lengths(codes: str | Path, sample_rate: int, hop_length: int) -> dict
             continue
         out[path] = (samples, frames)
         if abs(samples - frames * hop_length) > hop_length:
-            out[path] = CodesFileError(
-                f"{where}: samples {samples} disagrees with {frames} frames of {hop_length} samples "
-                f"({entry.get('path', path.name)}); the description is corrupt"
-            )
+            out[path] = CodesFileError(f"{where}: samples {samples} disagrees with {frames} frames of {hop_length} "
+                                       f"samples ({entry.get('path', path.name)}); the description is corrupt")
     return out
 
 
-class ManifestWriter:
-    """Appends entries to one manifest file, one JSON line each, flushed at once (a torn last
-    line left by a killed run is removed before the first append)."""
-
-    def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open_append(path)
-
-    def add(self, entry: dict) -> None:
-        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-
 def merge_manifests(root: str | Path) -> Path:
-    """Write every rank's entries into one ``manifest.jsonl`` (a sharded corpus: every rank's finished-shard
-    lines into one ``index.jsonl``); the rank files are removed.
-
-    Raises:
-        ShardError: a line names a lost shard (its line is never dropped).
-    """
+    """Every rank's lines into one ``manifest.jsonl`` (shards: ``index.jsonl``), rank files removed; ShardError
+    when a line names a lost shard (its line is never dropped)."""
     root = Path(root)
     kind = "index" if shard_format(root) is not None else "manifest"
     lines = read_index(root) if kind == "index" else read_manifest(root)
@@ -196,31 +134,23 @@ def merge_manifests(root: str | Path) -> Path:
     return target
 
 
-def iter_corpus(path: str | Path, bins: int | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
-    """The one reader of tokenized corpora: ``(entry, LongTensor (n_q, frames))`` for every file.
-
-    Args:
-        path: an npy corpus (``.npy`` files + manifests), a sharded one (parquet or webdataset
-            shards + index, see ``corpus.shards``), one shard (``.parquet``/``.tar``) or one
-            ``.npy`` (with its ``.json`` when there is one).
-        bins: codebook size to check codes against (default: what each entry records).
-
-    Every codes array is checked against its entry (``n_q``, ``frames``) and ``[0, bins)``;
-    :class:`CodesFileError` names the file otherwise.
-    """
+def iter_corpus(path: str | Path) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The one reader of tokenized corpora (npy or sharded, one shard, or one ``.npy`` + its ``.json``):
+    ``(entry, LongTensor (n_q, frames))`` for every file, checked against its entry's ``n_q``, ``frames`` and
+    ``bins``; CodesFileError names the file otherwise."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":
         entry = read_sidecar(path) or {"path": path.name}
-        yield entry, _entry_codes(path, entry, bins)
+        yield entry, _entry_codes(path, entry)
         return
     if not path.is_file() and shard_format(path) is None:
         for entry in read_manifest(path):
-            yield entry, _entry_codes(path / entry["codes"], entry, bins)
+            yield entry, _entry_codes(path / entry["codes"], entry)
         return
     try:
         for shard in [path] if path.is_file() else [path / line["shard"] for line in read_index(path)]:
             for entry, codes in iter_shard(shard):
-                yield entry, _entry_codes(codes, entry, bins, f"{shard.name}: {entry.get('path')}")
+                yield entry, _entry_codes(codes, entry, f"{shard.name}: {entry.get('path')}")
     except ShardError as exc:
         raise CodesFileError(str(exc)) from None
 
@@ -240,7 +170,7 @@ def check_corpus(root: str | Path) -> tuple[int, list[str]]:
             try:
                 for entry, codes in iter_shard(root / line["shard"]):
                     names.append(entry["path"])
-                    _entry_codes(codes, entry, where=f"{line['shard']}: {entry['path']}")
+                    _entry_codes(codes, entry, f"{line['shard']}: {entry['path']}")
             except (ShardError, CodesFileError) as exc:
                 problems.append(str(exc))
                 continue  # its rows past the bad one are unknown: no count to compare
@@ -282,18 +212,16 @@ def missing_ranks(root: Path) -> tuple[list[int], int]:
     files = {int(m.group(1)): p for m, p in named if m}
     if not files:
         return [], 0
-    if kind == "index":  # only the rank files: a merged index.jsonl holds earlier runs, of other world sizes
-        lines = [e.get("settings") or {} for p in files.values() for _, e in read_lines(p, INDEX_LINE, ShardError)]
-    else:
-        lines = [e for path in files.values() for _, e in read_lines(path, MANIFEST_LINE, CodesFileError)]
+    # Only the rank files (a merged file holds earlier runs, of other world sizes); index lines: their settings.
+    schema, error = (INDEX_LINE, ShardError) if kind == "index" else (MANIFEST_LINE, CodesFileError)
+    lines = [e.get("settings") or e for p in files.values() for _, e in read_lines(p, schema, error)]
     worlds = [w for e in lines if isinstance(w := e.get("world_size"), int) and not isinstance(w, bool)]
     world = max([max(files) + 1, *worlds])
     return sorted(set(range(world)) - set(files)), world
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argument_parser("Check a tokenized corpus (npy + manifests, or parquet/webdataset shards + index) and "
-                        "optionally merge the per-rank files.")  # fmt: skip
+    p = argument_parser("Check a tokenized corpus (npy, parquet or webdataset); optionally merge the per-rank files.")
     p.add_argument("root", type=Path, help="the --codes-out directory of inference.py")
     p.add_argument("--check", action="store_true", help="check every file or shard (what the command always does)")
     p.add_argument("--merge", action="store_true", help="merge manifest.rank*.jsonl into manifest.jsonl (shards: "
@@ -307,8 +235,7 @@ def run(args) -> int:
     if not args.root.is_dir():
         raise CliError(f"{args.root}: not a directory")
     if args.merge:
-        live = tree_in_use(args.root)
-        if live is not None:
+        if (live := tree_in_use(args.root)) is not None:
             raise CliError(f"{args.root}: a run is still writing into it ({live}); merge when it is done")
         missing, world = missing_ranks(args.root)
         if missing and not args.allow_missing:

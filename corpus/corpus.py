@@ -1,15 +1,9 @@
-"""A tokenization run's bookkeeping (``inference.py --input DIR --codes-out OUT [--format F]``).
-
-Rank R of W takes files R, R + W, ... of the sorted list. A file is done when OUT lists it (npy: a
-manifest line and its ``.npy``; shards: a finished shard) with the same input root, relative path,
-size and mtime. An npy file whose input changed is redone; shards are append-only, so a changed
-input stops the run. Codes of another input root, checkpoint, bandwidth, precision or format in
-OUT are refused with one line. npy writes the codes file, then its manifest line; shards queue
-rows per rank and write ``--shard-size`` at a time.
-"""
+"""A tokenization run's bookkeeping: what is done, what to resume, where finished files are recorded
+(``inference.py --input DIR --codes-out OUT [--format F]``; sharding and resuming: docs/tokenization.md)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import zlib
@@ -18,27 +12,26 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from corpus.codes import CodesFileError, ManifestWriter, has_manifest, manifest_path, read_manifest, unchanged
+from corpus.codes import CodesFileError, has_manifest, read_manifest
 from corpus.outputs import Job, refuse_replacing
-from corpus.shards import ShardError, ShardWriter, finished_files, read_index, shard_format
+from corpus.shards import ShardError, ShardWriter, read_index, shard_format
 from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
-from utils.files import remove_stale_temporaries, remove_stale_temporaries_of
+from utils.files import open_append, remove_stale_temporaries, remove_stale_temporaries_of
 
 FORMATS = ("npy", "parquet", "webdataset")
 ANOTHER = "choose another --codes-out directory"
 
 
 class RunStats:
-    """What a run did (files written, failed, skipped, seconds of audio) and, in a tokenization,
-    the writer its finished files go to."""
+    """What a run did (written, failed, skipped, seconds of audio) and, tokenizing, where finished files go."""
 
     def __init__(self) -> None:
         self.written, self.audio_seconds, self.failed = 0, 0.0, []
         self.already_done = 0  # skipped: finished by an earlier run
         self.changed = 0  # finished earlier, but the input changed since: done again
         self.rank, self.world_size = 0, 1
-        self.manifest: ManifestWriter | None = None  # npy corpus
+        self.manifest = None  # npy corpus: the rank's manifest, appended one flushed line per file
         self.shards: ShardWriter | None = None  # parquet / webdataset corpus
         self.fields: dict = {}
         self.codes_root: Path | None = None
@@ -55,7 +48,9 @@ class RunStats:
                  **({"source_size": job.source[0], "source_mtime_ns": job.source[1]} if job.source else {}),
                  **self.fields, "written": round(time.time(), 3)}  # fmt: skip
         if self.manifest is not None and job.codes_out is not None:
-            self.manifest.add({"codes": job.codes_out.relative_to(self.codes_root).as_posix(), **entry})
+            codes_name = job.codes_out.relative_to(self.codes_root).as_posix()
+            self.manifest.write(json.dumps({"codes": codes_name, **entry}, ensure_ascii=False) + "\n")
+            self.manifest.flush()
         elif self.shards is not None:
             source = {k: entry[k] for k in ("path", "source_size", "source_mtime_ns") if k in entry}
             self.shards.add(entry, codes, source)
@@ -95,24 +90,18 @@ def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
         if fmt == "npy":
             entries = read_manifest(root) if root.is_dir() else []
             return entries, {e["path"]: e for e in entries}
-        settings = [e.get("settings", {}) for e in read_index(root, lost_ok=True)] if root.is_dir() else []
-        return settings, finished_files(root) if root.is_dir() else {}
+        lines = read_index(root, lost_ok=True) if root.is_dir() else []  # a lost shard's files are not done
+        files = {f["path"]: {**f, "shard": e["shard"]} for e in lines for f in e["files"]}
+        return [e.get("settings", {}) for e in lines], files
     except (CodesFileError, ShardError, OSError) as exc:
         raise CliError(str(exc)) from None
 
 
 def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats: RunStats,
            shard_size: int) -> list[Job]:  # fmt: skip
-    """This rank's jobs less the finished ones; sets up the writer (see the module docstring).
-
-    Args:
-        jobs: this rank's jobs.
-        root: ``--codes-out``.
-        fmt: ``npy``, ``parquet`` or ``webdataset``.
-        fields: what made the codes: ``bins``, ``bandwidth``, ``checkpoint``, ``precision``,
-            ``device``, ``input_root`` (recorded with every file).
-        n_q: codebooks at this bandwidth.
-    """
+    """This rank's jobs less the finished ones (``root``: ``--codes-out``); sets up the writer of ``fmt``.
+    ``fields`` (what made the codes: ``bins``, ``bandwidth``, ``checkpoint``, ``precision``, ``device``,
+    ``input_root``) are recorded with every file."""
     earlier, done = _earlier(root, fmt)
     fields = {**fields, "world_size": stats.world_size}  # --merge checks that every rank of the run ran
     mine = (fields["checkpoint"], n_q, fields["precision"])
@@ -133,7 +122,8 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         entry = done.get(j.rel.as_posix())
         # Shards: the index alone says done (audio of a done file is not redone: that would add a row).
         if entry is not None and (fmt != "npy" or all(p.is_file() for p in j.outputs)):
-            if unchanged(entry, j.source):
+            # Entries written before sources were recorded count as unchanged.
+            if "source_size" not in entry or (entry["source_size"], entry.get("source_mtime_ns")) == j.source:
                 continue
             if fmt != "npy":
                 raise CliError(f"{j.src}: changed since it was tokenized into {root} ({entry['shard']}); shards are "
@@ -143,7 +133,9 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     stats.already_done = len(jobs) - len(todo)
     stats.codes_root, stats.fields = root, fields
     if fmt == "npy":
-        stats.manifest = ManifestWriter(manifest_path(root, stats.rank, stats.world_size))
+        root.mkdir(parents=True, exist_ok=True)
+        name = "manifest.jsonl" if stats.world_size == 1 else f"manifest.rank{stats.rank}.jsonl"
+        stats.manifest = open_append(root / name)  # a killed run's torn last line is cut first
     else:
         kept = ("checkpoint", "bandwidth", "precision", "input_root", "bins", "world_size")
         remove_stale_temporaries(root)  # shards of a killed writer (a live one's are locked)
@@ -152,8 +144,7 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
 
 
 def source_key(src: Path | DatasetAudio) -> tuple[int, int] | None:
-    """What identifies an input's content for resuming: (size, mtime_ns) of a file; for a
-    dataset row (row, the dataset's fingerprint), which changes when the dataset does."""
+    """An input's resume key: (size, mtime_ns) of a file; (row, the dataset's fingerprint) of a dataset row."""
     if isinstance(src, DatasetAudio):
         fingerprint = getattr(open_audio_dataset(src.dataset), "_fingerprint", "") or "0"
         return src.row, int(zlib.crc32(fingerprint.encode()))

@@ -20,13 +20,9 @@ MANIFEST_SUFFIXES = {".jsonl", ".csv"}  # rows of path[, id, duration]
 
 
 def scan_directory(root: str | Path, suffixes: set[str], exclude: Iterable[str | Path] = ()) -> list[Path]:
-    """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path.
-
-    Directory symlinks are not followed (a link loop cannot recurse forever); a dangling
-    file link is listed, so that reading it reports it instead of dropping it silently.
-    Directories in ``exclude`` (a run's own output directories inside its input tree) are
-    not entered: a rerun never reads its outputs as inputs.
-    """
+    """Files under ``root`` whose lower-case extension is in ``suffixes``, sorted by path. Directory links are
+    not followed (no loops); a dangling file link is listed (reading reports it); ``exclude`` (a run's
+    own output directories) is not entered: a rerun never reads its outputs as inputs."""
     root = Path(root)
     skip = {Path(p).resolve() for p in exclude}
     found = []
@@ -61,21 +57,14 @@ def _listed(entry: str, listing: Path) -> Path:
 
 
 def read_file_list(path: str | Path) -> list[Path]:
-    """Paths of a list file: one a line (its first tab-separated field), blank lines and
-    ``#`` comments skipped; relative paths as :func:`_listed` takes them."""
+    """A list file's paths (a line's first tab-separated field; blank lines and ``#`` comments skipped)."""
     lines = [line.split("\t")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     return [_listed(entry, Path(path)) for entry in lines if entry and not entry.startswith("#")]
 
 
-def is_file_list(path: str | Path) -> bool:
-    """A list file (``.txt``, ``.lst``, ``.list``, ``.scp``, ``.tsv``) rather than an audio file."""
-    return Path(path).suffix.lower() in LIST_SUFFIXES and Path(path).is_file()
-
-
 @dataclass(frozen=True)
 class InputItem:
-    """One input of a run: the file (or dataset row), its relative name (outputs mirror it), and
-    its seconds when the listing gives them (saves reading headers for the order)."""
+    """One input: the file (or dataset row), its relative name (outputs mirror it), its seconds if listed."""
 
     source: Path | DatasetAudio
     name: Path
@@ -85,24 +74,19 @@ class InputItem:
 def is_dataset(path: str | Path) -> bool:
     """A Hugging Face ``save_to_disk`` directory, or a parquet file (with an ``audio`` column)."""
     path = Path(path)
-    return (path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()) or (
-        path.is_file() and path.suffix == ".parquet"
-    )
+    saved = path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    return saved or path.is_file() and path.suffix == ".parquet"
 
 
 def is_listing(path: str | Path) -> bool:
     """An input that lists other inputs: a list file, a JSONL/CSV manifest or a dataset (not a directory tree)."""
     path = Path(path)
-    return is_file_list(path) or is_dataset(path) or path.suffix.lower() in MANIFEST_SUFFIXES
+    return path.suffix.lower() in LIST_SUFFIXES | MANIFEST_SUFFIXES and path.is_file() or is_dataset(path)
 
 
 def read_input_manifest(path: str | Path) -> list[InputItem]:
-    """A JSONL (one object a line) or CSV (a header row) listing ``path`` and optionally ``id``
-    (the name outputs get; default: the path as listed) and ``duration`` (seconds).
-
-    Raises:
-        ValueError: a row without ``path``, a bad duration, a file that is not UTF-8 (one line).
-    """
+    """A JSONL or CSV (a header row) listing ``path`` and optionally ``id`` (the name outputs get; default: the
+    path as listed) and ``duration`` (seconds). ValueError (one line): no ``path``, a bad duration, not UTF-8."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -137,8 +121,7 @@ def read_input_manifest(path: str | Path) -> list[InputItem]:
 
 
 def dataset_items(path: str | Path) -> list[InputItem]:
-    """The rows of a dataset's ``audio`` column (see :func:`is_dataset`): named by an ``id``
-    column when there is one, else by the audio's own file name, else by the row number."""
+    """The rows of a dataset's ``audio`` column, named by an ``id`` column, else their file name, else the row."""
     ds = open_audio_dataset(path)
     ids = ds["id"] if "id" in ds.column_names else None
     audio = ds.data.table.column("audio")  # Arrow, memory-mapped: the names without reading any audio
@@ -164,7 +147,7 @@ def collect_inputs(source: str | Path, suffixes: set[str], exclude: Iterable[str
         return [InputItem(f, f.relative_to(source)) for f in scan_directory(source, suffixes, exclude)]
     if source.suffix.lower() in MANIFEST_SUFFIXES and source.is_file():
         return read_input_manifest(source)
-    if is_file_list(source):
+    if source.suffix.lower() in LIST_SUFFIXES and source.is_file():
         return [InputItem(f, f) for f in read_file_list(source)]
     return [InputItem(source, Path(source.name))]
 

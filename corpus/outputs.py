@@ -14,17 +14,10 @@ import numpy as np
 
 from corpus.codes import save_codes
 from corpus.inputs import InputItem, collect_inputs, is_listing
+from utils import files
 from utils.audio import OUTPUT_FORMATS, DatasetAudio, audio_extensions, save_audio
 from utils.cli import CliError
-from utils.files import (
-    LinkedFileError,
-    TreeLock,
-    TreeLockedError,
-    atomic_write,
-    missing,
-    output_collision,
-    overwritten_input,
-)
+from utils.files import atomic_write, missing, output_collision, overwritten_input
 
 
 @dataclass
@@ -44,9 +37,7 @@ class Job:
 
 
 def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | None:
-    if root is None:
-        return None
-    if not is_dir:
+    if root is None or not is_dir:
         return root
     out = (root / rel).with_suffix(suffix)
     # Never write outside the output root, whatever the input names hold.
@@ -55,16 +46,9 @@ def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | N
     return out
 
 
-def _is_dir_target(path: Path | None, many: bool) -> bool:
-    return path is not None and (many or path.is_dir() or str(path).endswith(os.sep) or path.suffix == "")
-
-
 def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
-    """List the jobs for a file or a directory; returns ``(jobs, is_directory_run)``.
-
-    Refused here, before any work: a directory input with a file name as output, an output onto
-    an input, an audio format the tools cannot write, two inputs that would write one output.
-    """
+    """The jobs for a file or a directory: ``(jobs, is_directory_run)``. Refused here, before any work: a file name
+    as a directory run's output, an output onto an input, an unwritable format, two inputs onto one output."""
     if not src.exists():
         raise CliError(missing(src))
     many = src.is_dir() or is_listing(src)
@@ -82,7 +66,8 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
             raise CliError(f"{src}: no files with extensions {', '.join(sorted(suffixes))} found")
     else:
         items = [InputItem(src, Path(src.name))]
-    audio_dir, codes_dir = _is_dir_target(audio_root, many), _is_dir_target(codes_root, many)
+    audio_dir, codes_dir = (r is not None and (many or r.is_dir() or str(r).endswith(os.sep) or r.suffix == "")
+                            for r in (audio_root, codes_root))  # fmt: skip
     jobs, names = [], {}
     try:
         for item in items:
@@ -91,20 +76,15 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
             if name in names:  # one name, two inputs: a corpus row would stand for either
                 raise CliError(f"{names[name]} and {f} have the same name {name}: give them distinct ids")
             names[name] = f
-            audio_out = _target(audio_root, rel, ".wav", audio_dir)
-            codes_out = _target(codes_root, rel, ".npy", codes_dir)
-            if audio_out is not None and not audio_dir:
-                audio_out = audio_out if audio_out.suffix else audio_out.with_suffix(".wav")
-            jobs.append(Job(f, rel, audio_out, codes_out, duration=item.duration))
+            outs = _target(audio_root, rel, ".wav", audio_dir), _target(codes_root, rel, ".npy", codes_dir)
+            jobs.append(Job(f, rel, *outs, duration=item.duration))
     except ValueError as exc:  # e.g. a NUL byte in a listed path
         raise CliError(f"{src}: unusable input name ({exc})") from None
-    onto = overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])
-    if onto is not None:
+    if (onto := overwritten_input([p for j in jobs for p in j.outputs], [j.src for j in jobs])) is not None:
         raise CliError(f"{onto[0]}: an output would overwrite the input {onto[1]}; choose another output path")
     if not audio_dir and jobs[0].audio_out is not None and jobs[0].audio_out.suffix.lower() not in OUTPUT_FORMATS:
         raise CliError(f"--output {jobs[0].audio_out}: audio is written as {' or '.join(OUTPUT_FORMATS)}")
-    clash = output_collision((out, j.src) for j in jobs for out in j.outputs)
-    if clash is not None:
+    if (clash := output_collision((out, j.src) for j in jobs for out in j.outputs)) is not None:
         raise CliError(f"{clash[1]} and {clash[2]} would both be written to {clash[0]} (outputs are named by the "
                        "input's stem): rename one of them or run them separately")  # fmt: skip
     return jobs, many
@@ -112,10 +92,8 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
 
 def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | None, audio: np.ndarray | None, rate: int,
                   rescale: bool, bins: int) -> bool:  # fmt: skip
-    """Write a job's codes and/or audio (16-bit WAV, or FLAC by the extension), each atomically; a target
-    that cannot be written (a directory, a read-only or full filesystem, libsndfile's errors) fails this
-    job with one line, what it already wrote is removed (no codes file without its manifest line), and
-    the run goes on."""
+    """Write a job's codes and/or audio (16-bit WAV, or FLAC by the extension), each atomically; a target that
+    cannot be written fails this job with one line (what it wrote is removed) and the run goes on."""
     written: list[Path] = []
     for target in (t for t in (job.codes_out, job.audio_out) if t is not None):
         try:
@@ -134,38 +112,32 @@ def write_outputs(job: Job, fail: Callable[[str], None], codes: np.ndarray | Non
 
 
 def refuse_replacing(paths: list[Path], overwrite: bool) -> None:
-    """Outputs that already exist are replaced only with ``--overwrite`` (every tool); otherwise a
-    :class:`CliError` naming the first, before any work."""
+    """Existing outputs are replaced only with ``--overwrite`` (every tool); else a CliError naming the first."""
     existing = [p for p in paths if p.is_file()]
     if existing and not overwrite:
         raise CliError(f"{existing[0]}: exists ({len(existing)} output file(s) would be replaced); "
                        "pass --overwrite to replace them")  # fmt: skip
 
 
-def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[TreeLock]:
-    """An advisory lock per output directory of a directory run: a second run on the same
-    output stops with one line instead of racing the first."""
+def lock_output_trees(roots: list[Path | None], many: bool, rank: int, world: int) -> list[files.TreeLock]:
+    """An advisory lock per output directory of a directory run: a second run there stops with one line."""
     if not many:
         return []
-    locks: list[TreeLock] = []
+    locks: list[files.TreeLock] = []
     try:
         for root in dict.fromkeys(r for r in roots if r is not None):
-            locks.append(TreeLock(root, rank, world))
-    except (TreeLockedError, OSError) as exc:
+            locks.append(files.TreeLock(root, rank, world))
+    except OSError as exc:  # a TreeLockedError too
         for lock in locks:
             lock.release()
-        known = isinstance(exc, (TreeLockedError, LinkedFileError))
+        known = isinstance(exc, (files.TreeLockedError, files.LinkedFileError))
         raise CliError(str(exc) if known else f"{exc.filename}: cannot write ({exc.strerror})") from None
     return locks
 
 
 class BackgroundWriter:
-    """Runs the writes of finished jobs on one thread behind the model, in order, so that the
-    encoding loop never waits on the disk; at most ``depth`` jobs wait to be written.
-
-    A write that raises (not a failed file: :func:`write_outputs` reports those in one line)
-    raises again in the caller's thread, at the next :meth:`submit` or at :meth:`close`.
-    """
+    """Runs the writes of finished jobs in order on one thread behind the model (at most ``depth`` queued); a
+    write that raises raises again in the caller's thread, at the next :meth:`submit` or at :meth:`close`."""
 
     def __init__(self, depth: int = 64) -> None:
         self.depth = depth

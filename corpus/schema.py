@@ -1,10 +1,6 @@
-"""One schema for the metadata this project writes and reads back, checked wherever it is read.
-
-Manifest lines and sidecars (``corpus.codes``), shard rows and index lines (``corpus.shards``)
-and token-stream descriptions (``corpus.tokens``) are ours, but a copy, an edit or a disk error
-can change them: every reader checks a record here (types, ranges, required keys) before using
-a value, so a corrupt file is one line naming it, never a traceback or a wrong result.
-"""
+"""One schema for the metadata this project writes and reads back (manifests, sidecars, shard rows, index
+lines, token streams): a copy, an edit or a disk error can change them, so every reader checks a record
+here first and a corrupt file is one line naming it, never a traceback or a wrong result."""
 
 from __future__ import annotations
 
@@ -29,14 +25,6 @@ class Field:
     items: dict[str, Field] | None = None
 
 
-def _kind_ok(value: Any, kind: type) -> bool:
-    if kind in (int, float) and isinstance(value, bool):
-        return False
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
 def problem(record: Any, schema: dict[str, Field]) -> str | None:
     """Why ``record`` does not follow ``schema`` (``"key: ..."``), or ``None``. Unknown keys are allowed."""
     if not isinstance(record, dict):
@@ -47,23 +35,23 @@ def problem(record: Any, schema: dict[str, Field]) -> str | None:
             if field.required:
                 return f"{key}: missing"
             continue
-        if not _kind_ok(value, field.kind):
+        kinds = (int, float) if field.kind is float else field.kind  # a float field takes an int, never a bool
+        bad = not isinstance(value, kinds) or field.kind in (int, float) and isinstance(value, bool)
+        if bad or field.kind is float and not math.isfinite(value):
             kind = "a finite number" if field.kind is float else field.kind.__name__
             return f"{key}: expected {kind}, got {value!r}"[:200]
         if field.ge is not None and value < field.ge or field.gt is not None and value <= field.gt:
             bound = f">= {field.ge}" if field.ge is not None else f"> {field.gt}"
             return f"{key}: must be {bound}, got {value!r}"
         for i, item in enumerate(value if field.items is not None else []):
-            inner = problem(item, field.items)
-            if inner is not None:
+            if (inner := problem(item, field.items)) is not None:
                 return f"{key}[{i}]: {inner}"
     return None
 
 
 def check_record(record: Any, schema: dict[str, Field], where: str, error: type[Exception] = ValueError) -> dict:
     """``record``, after checking it against ``schema``; ``error("{where}: {key}: {problem}")`` otherwise."""
-    why = problem(record, schema)
-    if why is not None:
+    if (why := problem(record, schema)) is not None:
         raise error(f"{where}: {why}")
     return record
 
@@ -101,21 +89,11 @@ def write_json(path: str | Path, records: dict | list[dict], durable: bool = Fal
 
 # What one tokenized file is: a manifest line, a sidecar, a parquet row, a tar member's .json.
 CODES_ENTRY = {
-    "path": Field(str),
-    "codes": Field(str),
-    "n_q": Field(int, ge=1),
-    "frames": Field(int, ge=1),
-    "samples": Field(int, ge=1),
-    "sample_rate": Field(int, ge=1),
-    "duration": Field(float, ge=0),
-    "bandwidth": Field(float, gt=0),
-    "bins": Field(int, ge=2),
-    "checkpoint": Field(str),
-    "precision": Field(str),
-    "source_size": Field(int, ge=0),
-    "source_mtime_ns": Field(int),
-    "world_size": Field(int, ge=1),
-}
+    "path": Field(str), "codes": Field(str), "n_q": Field(int, ge=1), "frames": Field(int, ge=1),
+    "samples": Field(int, ge=1), "sample_rate": Field(int, ge=1), "duration": Field(float, ge=0),
+    "bandwidth": Field(float, gt=0), "bins": Field(int, ge=2), "checkpoint": Field(str), "precision": Field(str),
+    "source_size": Field(int, ge=0), "source_mtime_ns": Field(int), "world_size": Field(int, ge=1),
+}  # fmt: skip
 
 
 def _requiring(schema: dict[str, Field], *keys: str) -> dict[str, Field]:
@@ -128,18 +106,8 @@ SIDECAR = CODES_ENTRY
 SHARD_ROW = _requiring({k: f for k, f in CODES_ENTRY.items() if k != "codes"}, "path", "n_q", "frames")
 INDEXED_FILE = _requiring({k: CODES_ENTRY[k] for k in ("path", "source_size", "source_mtime_ns")}, "path")
 STREAM_FILE = _requiring({k: CODES_ENTRY[k] for k in ("path", "frames")}, "path", "frames")
-INDEX_LINE = {
-    "shard": Field(str, required=True),
-    "rows": Field(int, ge=0),
-    "files": Field(list, required=True, items=INDEXED_FILE),
-    "settings": Field(dict),
-}
-TOKEN_STREAM = {
-    "layout": Field(str, required=True),
-    "n_q": Field(int, required=True, ge=1),
-    "bins": Field(int, required=True, ge=2),
-    "offsets": Field(bool, required=True),
-    "dtype": Field(str, required=True),
-    "files": Field(list, required=True, items=STREAM_FILE),
-    "tokens": Field(int, ge=0),
-}
+INDEX_LINE = {"shard": Field(str, True), "rows": Field(int, ge=0), "files": Field(list, True, items=INDEXED_FILE),
+              "settings": Field(dict)}  # fmt: skip
+TOKEN_STREAM = {"layout": Field(str, True), "n_q": Field(int, True, ge=1), "bins": Field(int, True, ge=2),
+                "offsets": Field(bool, True), "dtype": Field(str, True), "files": Field(list, True, items=STREAM_FILE),
+                "tokens": Field(int, ge=0)}  # fmt: skip

@@ -1,18 +1,6 @@
-"""Sharded tokenized corpora: parquet and webdataset shards, and the per-rank index of finished shards.
-
-A sharded corpus (``inference.py --input corpus/ --codes-out codes/ --format parquet``) holds:
-
-- ``shard-r{RRR}-{NNNNNN}.parquet`` (or ``.tar``): about ``--shard-size`` files each, written
-  by rank R under a temporary name and renamed when complete;
-- ``index.rank{R}.jsonl``: one line per finished shard of rank R, appended *before* the rename:
-  ``{"shard", "rows", "files": [{"path", "source_size", "source_mtime_ns"}], "settings"}``. The
-  last line of a rank's file whose shard does not exist (killed between the two) does not count,
-  so a file is done exactly when it is in a shard that exists; any other line naming a missing
-  shard is a lost shard (:func:`lost_shards`), refused by readers.
-
-Rows (docs/tokenization.md): parquet ``path``, ``codes`` (``n_q`` lists of int16) and ``ROW_FIELDS``;
-webdataset ``{key}.codes.npy`` + ``{key}.json`` per file, ``key`` a hash of the path (keys cannot hold dots).
-"""
+"""Sharded tokenized corpora: parquet and webdataset shards, and the per-rank index of finished shards
+(layout and rows: docs/tokenization.md). A shard's index line is appended before its rename, so a file
+is done exactly when it is in a shard that exists; a rank's last line without its shard does not count."""
 
 from __future__ import annotations
 
@@ -36,11 +24,10 @@ from utils.files import atomic_write, drop_torn_line, open_append
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
 CORPUS_FILE = "corpus.json"  # {"format": ...}, written before the first shard
-SCHEMA = pa.schema([
-    ("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()), ("frames", pa.int32()),
-    ("samples", pa.int64()), ("sample_rate", pa.int32()), ("duration", pa.float64()), ("bandwidth", pa.float64()),
-    ("bins", pa.int32()), ("checkpoint", pa.string()), ("precision", pa.string()),
-])  # fmt: skip
+SCHEMA = pa.schema([("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()),
+                    ("frames", pa.int32()), ("samples", pa.int64()), ("sample_rate", pa.int32()),
+                    ("duration", pa.float64()), ("bandwidth", pa.float64()), ("bins", pa.int32()),
+                    ("checkpoint", pa.string()), ("precision", pa.string())])  # fmt: skip
 ROW_FIELDS = [name for name in SCHEMA.names if name != "codes"]
 
 
@@ -49,8 +36,7 @@ class ShardError(ValueError):
 
 
 def shard_format(root: str | Path) -> str | None:
-    """``"parquet"`` / ``"webdataset"`` when ``root`` is a sharded corpus (even one whose first
-    shard is not finished yet), else ``None``."""
+    """``"parquet"``/``"webdataset"`` for a sharded corpus (even before its first shard is finished), else None."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -66,8 +52,7 @@ def shard_format(root: str | Path) -> str | None:
 
 
 def index_files(root: Path) -> list[tuple[Path, list[dict]]]:
-    """``[(index file, its lines)]``, every line checked (the shard a file name in ``root``: an
-    index never points outside its corpus)."""
+    """``[(index file, its lines)]``, every line checked (its shard a file name in ``root``, never outside)."""
     out = []
     for path in sorted(root.glob("index*.jsonl")):  # index.rank{R}.jsonl per rank; index.jsonl once merged
         rows = read_lines(path, INDEX_LINE, ShardError)
@@ -83,40 +68,24 @@ def _index_lines(root: Path) -> list[dict]:
 
 
 def lost_shards(root: str | Path) -> list[str]:
-    """One line per index line naming a shard that is not there (deleted or lost; not the
-    unfinished last line of a rank's file) and whose files are not all in shards that are:
-    files missing from the corpus until a rerun of the tokenization writes them again."""
+    """One line per index line (not a rank's unfinished last one) naming a shard that is not there, whose
+    files are not all in shards that are: missing from the corpus until a rerun writes them again."""
     root = Path(root)
     files = index_files(root)
     present = {f["path"] for _, entries in files for e in entries if (root / e["shard"]).is_file() for f in e["files"]}
-    return [
-        f"{path.name}: lists {e['shard']} ({len(e['files'])} file(s)), which does not exist: deleted or lost"
-        for path, entries in files
-        for i, e in enumerate(entries)
-        if not (root / e["shard"]).is_file()
-        and (path.name == "index.jsonl" or i < len(entries) - 1)
-        and not all(f["path"] in present for f in e["files"])
-    ]
+    return [f"{path.name}: lists {e['shard']} ({len(e['files'])} file(s)), which does not exist: deleted or lost"
+            for path, entries in files for i, e in enumerate(entries)
+            if not (root / e["shard"]).is_file() and (path.name == "index.jsonl" or i < len(entries) - 1)
+            and not all(f["path"] in present for f in e["files"])]  # fmt: skip
 
 
 def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
-    """The index lines of every rank whose shard exists (finished shards), sorted by shard name.
-
-    Raises:
-        ShardError: a line names a lost shard (:func:`lost_shards`), unless ``lost_ok``.
-    """
+    """The index lines whose shard exists, by shard name; ShardError on a lost shard unless ``lost_ok``."""
     root = Path(root)
-    lost = [] if lost_ok else lost_shards(root)
-    if lost:
+    if not lost_ok and (lost := lost_shards(root)):
         raise ShardError(f"{root}: {lost[0]}; restore it, or rerun the tokenization to write its files again")
     lines = {e["shard"]: e for e in _index_lines(root) if (root / e["shard"]).is_file()}  # once, even if merged twice
     return [lines[name] for name in sorted(lines)]
-
-
-def finished_files(root: str | Path) -> dict[str, dict]:
-    """``{path: {"path", "source_size", "source_mtime_ns", "shard"}}`` of every file in a finished shard
-    (a resuming run's view: the files of a lost shard are not finished, it writes them again)."""
-    return {f["path"]: {**f, "shard": e["shard"]} for e in read_index(root, lost_ok=True) for f in e["files"]}
 
 
 def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
@@ -128,7 +97,7 @@ def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
 def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for entry, codes in rows:
-            key = hashlib.sha1(entry["path"].encode("utf-8")).hexdigest()[:20]
+            key = hashlib.sha1(entry["path"].encode("utf-8")).hexdigest()[:20]  # webdataset keys hold no dots
             buf = io.BytesIO()
             np.save(buf, codes.astype(np.int16), allow_pickle=False)
             meta = json.dumps({k: entry[k] for k in ROW_FIELDS}, ensure_ascii=False).encode("utf-8")
@@ -139,15 +108,8 @@ def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
 
 
 class ShardWriter:
-    """Collects (entry, codes) rows of one rank and writes them as shards of ``shard_size``.
-
-    Args:
-        root: the corpus directory.
-        fmt: ``"parquet"`` or ``"webdataset"``.
-        rank: this process's rank (shard names and index file are per rank).
-        shard_size: files per shard.
-        settings: what made the codes (checkpoint, bandwidth, precision, input root), per index line.
-    """
+    """Collects (entry, codes) rows of rank ``rank`` and writes them into ``root`` as ``fmt`` shards of
+    ``shard_size`` files; ``settings`` (what made the codes) goes into every index line."""
 
     def __init__(self, root: str | Path, fmt: str, rank: int, shard_size: int, settings: dict):
         self.root, self.fmt, self.rank, self.shard_size, self.settings = Path(root), fmt, rank, shard_size, settings
@@ -164,8 +126,7 @@ class ShardWriter:
             write_json(self.root / CORPUS_FILE, {"format": fmt})
 
     def _drop_unfinished_line(self) -> None:
-        """Cut this rank's unfinished last line (killed between the line and the rename) before
-        appending: once another line follows it, it would read as a lost shard."""
+        """Cut this rank's unfinished last line before appending (followed by another, it reads as lost)."""
         if not self.index.is_file():
             return
         data = self.index.read_bytes()

@@ -1,21 +1,6 @@
 """Token streams for LM trainers: a tokenized corpus as one flat token file and an index.
-
-    python -m corpus.tokens export codes/ stream/train --layout frame-major --offsets
-    python -m corpus.tokens check stream/train
-
-write and check, for a prefix ``P``, Megatron-LM's indexed dataset (what Megatron-LM, NeMo and
-YuE's fine-tuning open as ``P``) and our description of it (docs/tokenization.md):
-
-- ``P.bin``: every file's tokens back to back, little-endian int16 (int32 when one does not fit);
-- ``P.idx``: ``MMIDIDX\\x00\\x00``, version 1 (``<Q``), the dtype code (``<B``: 3 int16, 4 int32),
-  the sequence count N and document count N + 1 (``<Q``), the N sequence lengths (int32), their
-  N byte offsets (int64) and the document indices ``0..N`` (int64): one sequence per file;
-- ``P.json``: ``layout``, ``n_q``, ``bins``, ``offsets``, ``dtype`` and per file ``path``, ``frames``
-  (``P.idx.npy`` of earlier versions, ``N + 1`` int64 token offsets, is still read).
-
-``frame-major`` is ``codes.T.reshape(-1)`` (what YuE and VALL-E-style trainers read),
-``codebook-major`` ``codes.reshape(-1)``; with ``offsets`` a token is ``k * bins + code``.
-"""
+``python -m corpus.tokens export|check`` write and check, for a prefix ``P``, Megatron-LM's indexed dataset
+(``P.bin``, ``P.idx``) and our ``P.json`` (docs/tokenization.md; an older ``P.idx.npy`` is still read)."""
 
 from __future__ import annotations
 
@@ -35,6 +20,7 @@ from utils.files import atomic_write
 LAYOUTS = ("frame-major", "codebook-major")
 DEFAULT_BINS = 1024  # the codebook size of a file that records none (a .npy without its .json)
 MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+# .idx: magic, this head, N int32 sequence lengths, N int64 byte offsets, N + 1 int64 document indices
 MEGATRON_HEAD = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
 TOKEN_DTYPES = {"int16": 3, "int32": 4}  # the dtypes a stream may hold, with Megatron's codes for them
 
@@ -54,10 +40,6 @@ def unflatten(tokens: np.ndarray, layout: str, n_q: int, bins: int, offsets: boo
     return codes - bins * np.arange(n_q)[:, None] if offsets else codes
 
 
-def _path(prefix: Path, suffix: str) -> Path:
-    return prefix.with_name(prefix.name + suffix)
-
-
 def megatron_index(lengths: list[int], dtype: str) -> bytes:
     """Megatron-LM's ``.idx`` for sequences of ``lengths`` tokens of ``dtype``, one document each."""
     lengths_arr = np.asarray(lengths, dtype="<i4")
@@ -68,8 +50,7 @@ def megatron_index(lengths: list[int], dtype: str) -> bytes:
 
 
 def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
-    """``(dtype name, (N + 1,) int64 token offsets)`` from a Megatron ``.idx`` of one sequence per
-    document, every field checked: a file another tool wrote differently is refused, never misread."""
+    """``(dtype name, (N + 1,) int64 token offsets)`` of a Megatron ``.idx``, every field checked (never misread)."""
     raw = path.read_bytes()
     head = len(MEGATRON_MAGIC) + MEGATRON_HEAD.size
     if len(raw) < head or not raw.startswith(MEGATRON_MAGIC):
@@ -95,26 +76,15 @@ def read_megatron_index(path: Path) -> tuple[str, np.ndarray]:
 
 def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-major", offsets: bool = False,
                   bins: int | None = None) -> dict:  # fmt: skip
-    """Write ``prefix.bin``, ``prefix.idx`` (Megatron) and ``prefix.json`` from any corpus ``iter_corpus`` reads.
-
-    Args:
-        corpus: a tokenized corpus, one shard or one ``.npy``.
-        prefix: output prefix.
-        layout: one of :data:`LAYOUTS`.
-        offsets: token = ``k * bins + code``.
-        bins: codebook size of files that record none (default 1024); every code must be below it.
-
-    Every file must have the same ``n_q`` and ``bins`` (one tokenization). Returns the metadata.
-    Refuses (``CodesFileError`` naming the file) a code ``>= bins``: with ``offsets`` it would
-    be a token of the next codebook, and a dtype chosen from ``bins`` could not hold it.
-    """
+    """Write ``prefix.bin``, ``.idx`` (Megatron) and ``.json`` from any corpus ``iter_corpus`` reads (one ``n_q``
+    and ``bins``) in ``layout`` (:data:`LAYOUTS`), a token ``k * bins + code`` with ``offsets``; returns the
+    metadata. ``bins``: of files that record none (default 1024). A code ``>= bins`` is refused (CodesFileError
+    naming the file): with ``offsets`` it would be a token of the next codebook."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    files: list[dict] = []
-    lengths: list[int] = []
-    info: dict = {}  # n_q, bins and dtype, from the first file
+    files, lengths, info = [], [], {}  # info: n_q, bins and dtype, from the first file
 
     def write_bin(tmp: str) -> None:  # streamed: one file's tokens in memory at a time
         with open(tmp, "wb") as fh:
@@ -144,75 +114,56 @@ def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-m
         if not files:
             raise CodesFileError(f"{corpus}: no tokenized files")
 
-    atomic_write(_path(prefix, ".bin"), write_bin, durable=True)
+    atomic_write(Path(f"{prefix}.bin"), write_bin, durable=True)
     meta = {"layout": layout, "n_q": info["n_q"], "bins": info["bins"], "offsets": offsets, "dtype": info["dtype"],
             "files": files, "tokens": sum(lengths), "source": str(corpus)}  # fmt: skip
-    atomic_write(_path(prefix, ".idx"), lambda tmp: Path(tmp).write_bytes(megatron_index(lengths, info["dtype"])))
-    write_json(_path(prefix, ".json"), meta)
-    _path(prefix, ".idx.npy").unlink(missing_ok=True)  # an earlier export's index would describe another .bin
+    atomic_write(Path(f"{prefix}.idx"), lambda tmp: Path(tmp).write_bytes(megatron_index(lengths, info["dtype"])))
+    write_json(Path(f"{prefix}.json"), meta)
+    Path(f"{prefix}.idx.npy").unlink(missing_ok=True)  # an earlier export's index would describe another .bin
     return meta
-
-
-def _checked_meta(path: Path) -> dict:
-    """``P.json`` checked against the schema, its layout and dtype too (an odd dtype would memory-map garbage)."""
-    meta = read_json(path, TOKEN_STREAM, CodesFileError)
-    for key, allowed in (("layout", LAYOUTS), ("dtype", TOKEN_DTYPES)):
-        if meta[key] not in allowed:
-            raise CodesFileError(f"{path}: {key} {meta[key]!r} is not one of {', '.join(allowed)}")
-    return meta
-
-
-def _legacy_index(path: Path) -> np.ndarray:
-    """An ``P.idx.npy`` of earlier versions: (N + 1,) token offsets from 0."""
-    try:
-        index = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CodesFileError(f"{path}: not a readable index ({str(exc).splitlines()[0][:120]})") from None
-    if index.ndim != 1 or index.dtype.kind not in "iu" or not len(index) or index[0] != 0 or (np.diff(index) < 0).any():
-        raise CodesFileError(f"{path}: not an increasing list of token offsets from 0")
-    return index.astype(np.int64)
 
 
 @dataclass
 class TokenStream:
-    """A token stream read back (memory-mapped): ``stream[i]`` is file ``i``'s tokens.
+    """A token stream read back (memory-mapped): ``stream[i]`` is file ``i``'s tokens."""
 
-    Attributes:
-        tokens: the flat ``numpy.memmap``, shape ``(total tokens,)``.
-        index: ``(N + 1,)`` int64 token offsets: file ``i`` is ``tokens[index[i]:index[i + 1]]``.
-        meta: the ``prefix.json`` contents.
-    """
-
-    tokens: np.ndarray
-    index: np.ndarray
-    meta: dict
+    tokens: np.ndarray  # the flat memmap, (total tokens,)
+    index: np.ndarray  # (N + 1,) int64 token offsets: file i is tokens[index[i]:index[i + 1]]
+    meta: dict  # prefix.json
 
     @staticmethod
     def open(prefix: str | Path) -> TokenStream:
-        """Open ``prefix.bin`` with ``prefix.idx`` (Megatron) or an older ``prefix.idx.npy``.
-
-        Raises ``CodesFileError`` (one line) when the three files do not describe one stream.
-        """
+        """Open ``prefix.bin`` with ``.idx`` (or an older ``.idx.npy``); CodesFileError unless they make one stream."""
         prefix = Path(prefix)
-        meta = _checked_meta(_path(prefix, ".json"))
-        idx_path = _path(prefix, ".idx")
+        json_path = Path(f"{prefix}.json")
+        meta = read_json(json_path, TOKEN_STREAM, CodesFileError)
+        for key, allowed in (("layout", LAYOUTS), ("dtype", TOKEN_DTYPES)):  # an odd dtype would map garbage
+            if meta[key] not in allowed:
+                raise CodesFileError(f"{json_path}: {key} {meta[key]!r} is not one of {', '.join(allowed)}")
+        idx_path = Path(f"{prefix}.idx")
         if idx_path.is_file():
             dtype, index = read_megatron_index(idx_path)
             if dtype != meta["dtype"]:
-                raise CodesFileError(f"{idx_path}: dtype {dtype}, {_path(prefix, '.json').name} says {meta['dtype']}")
+                raise CodesFileError(f"{idx_path}: dtype {dtype}, {json_path.name} says {meta['dtype']}")
         else:
-            idx_path = _path(prefix, ".idx.npy")
-            index = _legacy_index(idx_path)
+            idx_path = Path(f"{prefix}.idx.npy")  # earlier versions: (N + 1,) token offsets from 0
+            try:
+                index = np.load(idx_path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise CodesFileError(f"{idx_path}: not a readable index ({str(exc).splitlines()[0][:120]})") from None
+            bad = index.ndim != 1 or index.dtype.kind not in "iu" or index[:1].tolist() != [0]
+            if bad or (np.diff(index) < 0).any():
+                raise CodesFileError(f"{idx_path}: not an increasing list of token offsets from 0")
+            index = index.astype(np.int64)
         expected = [meta["n_q"] * f["frames"] for f in meta["files"]]
         if len(index) != len(expected) + 1 or np.diff(index).tolist() != expected:
             raise CodesFileError(f"{idx_path}: {len(index) - 1} sequences that are not the {len(expected)} files of "
                                  "n_q x frames tokens the .json lists")  # fmt: skip
-        bin_path, dtype = _path(prefix, ".bin"), np.dtype(meta["dtype"]).newbyteorder("<")
+        bin_path, dtype = Path(f"{prefix}.bin"), np.dtype(meta["dtype"]).newbyteorder("<")
         if bin_path.stat().st_size != int(index[-1]) * dtype.itemsize:
             raise CodesFileError(f"{bin_path}: {bin_path.stat().st_size} bytes, not the {int(index[-1])} "
                                  f"{meta['dtype']} tokens of its index")  # fmt: skip
-        # An empty file cannot be mapped.
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if index[-1] else np.zeros(0, dtype)
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r") if index[-1] else np.zeros(0, dtype)  # empty: no map
         return TokenStream(tokens, index, meta)
 
     def __len__(self) -> int:
