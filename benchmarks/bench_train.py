@@ -27,14 +27,13 @@ def original_style_step(state: trainer.State, wav: torch.Tensor) -> None:
     bandwidth = state.codec.quantizer.sample_bandwidth(state.bandwidth_rng)
     with state.autocast():
         out = state.codec_ddp(wav, bandwidth)
-    n = min(wav.shape[-1], out.audio.shape[-1])
-    real, fake = wav[..., :n], out.audio[..., :n].float()
+    real, fake = wav, out.audio.float()
     plan = trainer.loss_plan(state.cfg, state.step)
     trainer.generator_step(state, real, fake, out, plan)
     if plan.discriminator:
         with state.autocast():
             out2 = state.codec_ddp(wav, bandwidth)  # "update y_hat": a second full codec pass
-        trainer.discriminator_step(state, real, out2.audio[..., :n].float().detach())
+        trainer.discriminator_step(state, real, out2.audio.float().detach())
 
 
 def main() -> None:

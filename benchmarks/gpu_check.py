@@ -39,6 +39,7 @@ from benchmarks.bench_inference import machine, random_codec, rel, speech, timed
 from models import XCodec, init_codebooks  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
 from models.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
+from modules.tiled import BF16_ONEDNN  # noqa: E402
 from utils.cli import argument_parser  # noqa: E402
 
 
@@ -54,6 +55,11 @@ class Run:
     work: Path
     quick: bool
     check: gh.Check
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """bf16 only where it has kernels: on an AVX2-only CPU bf16 convs run ~100x slower (torch's own loop)."""
+        return ("fp32", "bf16") if self.model.device.type != "cpu" or BF16_ONEDNN else ("fp32",)
 
     def inference(self, *args: str) -> tuple[int, str, float]:
         """``inference.py`` with the exported model on the device, capped (see :meth:`gh.Check.run`)."""
@@ -119,6 +125,8 @@ def check_exactness(run: Run) -> dict:
 
 
 def check_bf16(run: Run) -> dict:
+    if "bf16" not in run.precisions:
+        return {"skipped": "no bf16 kernels on this CPU (oneDNN needs AVX512BW, AVX-NE-CONVERT or AMX)"}
     model, cpu_model = run.model, run.cpu_model
     clips = [gh.clip(160000, 20), gh.clip(97000, 21)]
     fp32 = [model.encode(c) for c in clips]
@@ -149,7 +157,7 @@ def check_throughput(run: Run) -> dict:
                 hf.encode(gh.padded(wavs[i : i + size]).to(dev), return_dict=False)
 
     row = (until - time.monotonic()) / 8  # half the budget for the four in-process rows, half for the CLI
-    for precision in ("fp32", "bf16"):
+    for precision in run.precisions:
         result = gh.repeated(functools.partial(ours, precision), dev, hours, time.monotonic() + row, reps)
         out[f"xcodec_{precision}_model"] = {**result, "batch_size": batch}
         tried = {}
@@ -160,7 +168,7 @@ def check_throughput(run: Run) -> dict:
         best = min(tried, key=tried.get)
         result = gh.repeated(functools.partial(theirs, precision, best), dev, hours, time.monotonic() + row, reps)
         out[f"xcodecmodel_{precision}" + ("_ieee" if precision == "fp32" else "")] = {**result, "batch_size": best}
-    for precision in ("fp32", "bf16"):
+    for precision in run.precisions:
         runs = []
         for i in range(reps):
             if runs and time.monotonic() + runs[-1]["process_seconds"] > until:
@@ -196,7 +204,7 @@ def check_train(run: Run) -> dict:
     base = [str(ROOT / "main_launch_vqdp.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), f"device={device}",
             "validation_file=null"]  # fmt: skip
     out: dict = {}
-    for precision in ("fp32", "bf16"):
+    for precision in run.precisions:
         cmd = [*base, f"log_dir={work / f'train_{precision}'}", f"precision={precision}", "checkpoint_interval=2"]
         rc1, log1, t1 = check.run([sys.executable, *cmd, "max_steps=2"])
         rc2, log2, t2 = check.run([sys.executable, *cmd, "max_steps=4"])

@@ -17,6 +17,7 @@ from benchmarks.gpu_helpers import kmeans_clips
 from conftest import ROOT
 from models import build_codec, init_codebooks, load_generator_config
 from models.precision import ieee_fp32, tf32_switches
+from modules.tiled import BF16_ONEDNN
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
@@ -37,15 +38,19 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     rows = ("device_vs_cpu_fp32", "device_vs_xcodecmodel", "batch_equal_lengths", "batch_ragged")
     assert all(v == 1.0 for row in rows for v in exact[row]) and exact["device_vs_cpu_mismatches"]["frames"] == 0
     assert exact["tf32_flags_restored"]
-    bf16 = sections["bf16"]
-    differ = sum(a < 1.0 for a in bf16["agreement_per_quantizer"])
-    assert (bf16["mismatches_vs_fp32"]["frames"] > 0) == (differ > 0)  # every mismatch has its margin
-    train = sections["train"]
-    assert train["fp32"]["resumed"] and train["bf16"]["finished"] and train["two_ranks_one_device"]["identical_ranks"]
+    train, through = sections["train"], sections["throughput"]
+    assert train["fp32"]["resumed"] and train["two_ranks_one_device"]["identical_ranks"]
+    if BF16_ONEDNN:
+        bf16 = sections["bf16"]
+        differ = sum(a < 1.0 for a in bf16["agreement_per_quantizer"])
+        assert (bf16["mismatches_vs_fp32"]["frames"] > 0) == (differ > 0)  # every mismatch has its margin
+        assert train["bf16"]["finished"]
+        assert {"xcodec_bf16_model", "xcodec_bf16_cli", "xcodecmodel_bf16"} <= set(through)
+    else:  # an AVX2-only CPU: bf16 would run ~100x slower, the check says so and leaves it out
+        assert "no bf16 kernels" in sections["bf16"]["skipped"] and not any("bf16" in k for k in [*through, *train])
     assert sections["cli_long"]["codes_shape"][1] == 2500  # 50 s at 50 Hz, windowed
-    through = sections["throughput"]
     assert through["xcodec_fp32_cli"]["hours_per_hour"] > 0 and through["xcodecmodel_fp32_ieee"]["hours_per_hour"] > 0
-    assert {"xcodec_fp32_model", "xcodec_bf16_model", "xcodec_bf16_cli", "xcodecmodel_bf16"} <= set(through)
+    assert "xcodec_fp32_model" in through
 
 
 @pytest.mark.parametrize("user", ["default", "setter", "legacy"])
@@ -55,6 +60,7 @@ def test_exact_mode_restores_tf32_settings_and_the_getter_still_answers(user):
     code = f"""
 import torch
 from models.precision import ieee_fp32, tf32_switches
+from modules.tiled import BF16_ONEDNN
 if {user!r} == "setter":
     torch.set_float32_matmul_precision("high")
 elif {user!r} == "legacy":
