@@ -84,14 +84,13 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
             found = collect_files(src, suffixes)
         except (ValueError, OSError, ImportError) as exc:
             raise CliError(str(exc)) from None
-        if src.is_dir() and not is_dataset(src):
-            if not found:
-                raise CliError(f"{src}: no audio files found")
+        directory = src.is_dir() and not is_dataset(src)
+        if (directory or is_list) and not found:
+            raise CliError(f"{src}: no audio files found" if directory else f"{src}: the list names no files")
+        if directory:
             prefix = Path(src.name) if several_dirs else Path()
             items += [(f, (prefix / name).as_posix()) for f, name in found]
         elif is_list:  # a list, a JSONL/CSV manifest or a dataset: named as it names them
-            if not found:
-                raise CliError(f"{src}: the list names no files")
             items += [(f, name.as_posix()) for f, name in found]
         else:
             items.append((src, src.as_posix() if len(inputs) > 1 else src.name))
@@ -143,10 +142,9 @@ def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quie
     name_width = min(max([len(n) for n in names] + [len("mean"), 4]), 48)
     header = "file".ljust(name_width) + "".join(h.rjust(w + 1) for _, h, w, _ in cols)
     lines = [title, header, "-" * len(header)]
-    for row in [] if quiet else rows:
+    for row in ([] if quiet else rows) + [{**mean, "path": "mean"}]:
         name = row["path"] if len(row["path"]) <= name_width else "..." + row["path"][-(name_width - 3) :]
         lines.append(name.ljust(name_width) + _cells(row, cols))
-    lines.append("mean".ljust(name_width) + _cells(mean, cols))
     return "\n".join(lines)
 
 
@@ -170,9 +168,8 @@ def write_reports(report: dict, json_path: Path, csv_path: Path, keys: list[str]
     writer.writerow((["bandwidth"] if with_bw else []) + ["path"] + keys)
     for section in sections:
         lead = [section["bandwidth"]] if with_bw else []
-        for row in section["files"]:
+        for row in section["files"] + [{**section["mean"], "path": "mean"}]:
             writer.writerow(lead + [row["path"]] + [_fmt(row.get(k), ".6g") for k in keys])
-        writer.writerow(lead + ["mean"] + [_fmt(section["mean"].get(k), ".6g") for k in keys])
     atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
@@ -185,9 +182,9 @@ def _codebooks(n: int) -> str:
     return f"{n} codebook{'s' if n != 1 else ''}"
 
 
-def _label(title: str, metrics: dict | None) -> str:
+def _label(title: str, scores: dict) -> str:
     """A panel title with the PESQ and STOI that could be computed."""
-    values = [(name, (metrics or {}).get(key)) for key, name in (("pesq_wb", "PESQ"), ("stoi", "STOI"))]
+    values = [(name, scores.get(key)) for key, name in (("pesq_wb", "PESQ"), ("stoi", "STOI"))]
     return "   ".join([title] + [f"{name} {v:.2f}" for name, v in values if v is not None and math.isfinite(v)])
 
 
@@ -307,8 +304,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{flag} {path}: is a directory; it names the report file (e.g. {path / 'report.json'})")
     if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
         raise CliError(f"--plot {args.plot}: is a file; it names a directory for the spectrogram PNGs")
-    clash = overwritten_input([args.output, csv_path], inputs)
-    if clash is not None:  # the report must not replace audio it reads
+    if (clash := overwritten_input([args.output, csv_path], inputs)) is not None:  # the report must not replace its input
         raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
     plots = [plot_path(args.plot, name) for name in names] if args.plot is not None else []
     refuse_replacing([args.output, csv_path, *plots], args.overwrite)  # as inference.py: before any work

@@ -2,11 +2,10 @@
 
     python inference.py --input speech.flac --output rec.wav
     python inference.py --input corpus/ --output rec/ --codes-out codes/ --batch-size 8
-    python inference.py --codes-in codes/ --output rec/
-    python inference.py --checkpoint model.pth --config config.yaml --input a.wav --output b.wav
+    python inference.py --codes-in codes/ --output rec/ --checkpoint model.pth --config config.yaml
 
-Bad input exits non-zero with one line on stderr. In a directory run a bad file is
-reported and skipped, everything else is written, and the exit code is 1.
+Bad input exits non-zero with one line on stderr; in a directory run a bad file is reported and skipped, the rest
+written, exit code 1.
 
 Tokenizing a corpus (``--input DIR --codes-out DIR``, docs/tokenization.md): under ``torchrun`` each rank takes
 every WORLD_SIZE-th file and appends a manifest line per finished file; a rerun skips what a manifest holds.
@@ -81,8 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.workers is not None and args.workers < 0, "--workers must be >= 0"),
         (not (0 <= args.window < float("inf") and 0 <= args.context < float("inf")),
          "--window and --context must be finite numbers >= 0"),
-        (0 < args.window < 1,
-         f"--window {args.window}: a window must be at least 1 second (0: never window); "
+        (0 < args.window < 1, f"--window {args.window}: a window must be at least 1 second (0: never window); "
          "tiny windows make long files take hours"),
     )
     if refused := next((message for applies, message in refusals if applies), None):

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import re
 import signal
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -62,11 +61,9 @@ def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> tuple[np
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> float:
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), zero-mean."""
-    ref = reference.astype(np.float64) - reference.mean()
-    est = estimate.astype(np.float64) - estimate.mean()
+    ref, est = (x.astype(np.float64) - x.mean() for x in (reference, estimate))
     target = np.dot(est, ref) / (np.dot(ref, ref) + eps) * ref
-    noise = est - target
-    return float(10 * np.log10((np.dot(target, target) + eps) / (np.dot(noise, noise) + eps)))
+    return float(10 * np.log10((np.dot(target, target) + eps) / (np.dot(est - target, est - target) + eps)))
 
 
 def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
@@ -116,7 +113,7 @@ def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int
     silence to its length). Returns ``(metrics, notes)``: a metric that cannot be computed is NaN, with a note."""
     reference = np.asarray(reference)
     estimate = fit_length(np.asarray(estimate), len(reference))
-    functions: dict[str, Callable[[], float]] = {
+    functions = {
         "pesq_wb": lambda: pesq_wb(reference, estimate, sample_rate),
         "stoi": lambda: float(EVAL_PACKAGES["pystoi"].stoi(reference, estimate, sample_rate, extended=False)),
         "mel_distance": lambda: mel_distance(reference, estimate, sample_rate),
@@ -205,23 +202,18 @@ class ModelMetrics:
         self._utmos = self._load("utmos", utmos, lambda path: torch.hub.load(
             path, "utmos22_strong", source="local", trust_repo=True).eval().to(device))  # fmt: skip
         self._ref_text: dict[str, str] = {}
-
-    @property
-    def names(self) -> list[str]:
-        """The metrics that will be computed."""
-        return [n for n, m in (("speaker_similarity", self._speaker), ("wer", self._asr), ("utmos", self._utmos)) if m]
+        loaded = (("speaker_similarity", self._speaker), ("wer", self._asr), ("utmos", self._utmos))
+        self.names = [name for name, model in loaded if model is not None]  # the metrics that will be computed
 
     def _load(self, name: str, path, loader):
-        if path is None:
-            return None
-        if not Path(path).exists():
+        if path is not None and not Path(path).exists():
             self.notes.append(f"{name}: skipped: {path} does not exist (the model must be available locally)")
-            return None
-        try:
-            return loader(str(path))
-        except Exception as exc:
-            self.notes.append(f"{name}: skipped: could not load {path} ({_reason(exc, 160)})")
-            return None
+        elif path is not None:
+            try:
+                return loader(str(path))
+            except Exception as exc:
+                self.notes.append(f"{name}: skipped: could not load {path} ({_reason(exc, 160)})")
+        return None
 
     def _embed(self, wav: np.ndarray) -> torch.Tensor:
         extractor, model = self._speaker

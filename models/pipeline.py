@@ -33,11 +33,9 @@ def window_frames(model, window: float, context: float) -> tuple[int, int]:
 def encode_long(model, wav: torch.Tensor, bandwidth: float | None = None, window: float = 30.0, context: float = 5.0,
                 precision: str = "fp32", global_norm: bool = True) -> torch.Tensor:  # fmt: skip
     """Encode one clip, (T,) or (1, 1, T), in windows of ``window`` s with ``context`` s on each side (peak memory
-    depends on the window, not the file); a clip of at most ``window + 2 * context`` is one pass.
-
-    Returns (1, n_q, F) codes with F = ``model.num_frames(T)``, as a single pass would. ``global_norm``: the
-    teacher's GroupNorm uses the whole file's statistics (computed first in chunks), as in a single pass.
-    """
+    depends on the window, not the file) into (1, n_q, F) codes, F = ``model.num_frames(T)`` as a single pass;
+    a clip of at most ``window + 2 * context`` is one pass. ``global_norm``: the teacher's GroupNorm uses the
+    whole file's statistics (computed first in chunks), as in a single pass."""
     wav = wav.reshape(1, 1, -1)  # stays where it is (a long file on CPU); each window goes to the model's device
     hop, total = model.hop_length, wav.shape[-1]
     n_frames = int(model.num_frames(total))
@@ -81,13 +79,12 @@ class Pipeline:
     """Lists of clips to codes and codes to audio, each output trimmed to its source's length.
 
     Args:
-        model: the codec (eval mode).
-        bandwidth: kbps (default: the model's largest); a bandwidth it lacks raises ``ValueError``.
+        bandwidth: kbps (default: the model's largest); a bandwidth the model lacks raises ``ValueError``.
         precision: ``"fp32"`` (exact codes) or ``"bf16"``.
-        window, context: seconds; a clip of more than ``window + 2 * context`` seconds of frames
-            is encoded and decoded in windows (``window=0``: never).
-        vocoder: decode to the vocoder's rate with it (YuE's 44.1 kHz vocoders);
-            ``low_freq_merge``: YuE's merge of the codec's own audio below 5.5 kHz.
+        window, context: seconds; a clip of more than ``window + 2 * context`` seconds of frames is encoded and
+            decoded in windows (``window=0``: never).
+        vocoder: decode to its rate with it (YuE's 44.1 kHz vocoders); ``low_freq_merge``: YuE's merge of the
+            codec's own audio below 5.5 kHz.
         gain: applied to audio before encoding (default: the model's ``audio_norm_scale``).
     """
 
@@ -109,9 +106,8 @@ class Pipeline:
 
     def too_short(self, samples: int) -> str | None:
         """Why a clip of ``samples`` cannot be encoded, or ``None``."""
-        if samples >= self.min_length:
-            return None
-        return f"audio too short ({samples} samples at {self.model.sample_rate} Hz; at least {self.min_length} needed)"
+        why = f"audio too short ({samples} samples at {self.model.sample_rate} Hz; at least {self.min_length} needed)"
+        return why if samples < self.min_length else None
 
     def is_long(self, frames: int) -> bool:
         """The one long/short decision, for encoding and decoding alike."""
@@ -123,9 +119,9 @@ class Pipeline:
         wavs = [w.reshape(1, -1) * self.gain for w in wavs]
         frames = model.num_frames(torch.tensor([w.shape[-1] for w in wavs], dtype=torch.long)).tolist()
         long = [self.is_long(f) for f in frames]
-        short = [i for i, is_long in enumerate(long) if not is_long]
-        rows = iter(batched([wavs[i] for i in short], lambda x, n: model.encode(x, self.bandwidth, n, self.precision),
-                            model.device, self.precision))  # fmt: skip
+        short = [w for w, is_long in zip(wavs, long) if not is_long]
+        rows = iter(batched(short, lambda x, n: model.encode(x, self.bandwidth, n, self.precision), model.device,
+                            self.precision))  # fmt: skip
         return [encode_long(model, w, self.bandwidth, self.window, self.context, self.precision)[0] if is_long
                 else next(rows)[:, :f] for w, f, is_long in zip(wavs, frames, long)]  # fmt: skip
 

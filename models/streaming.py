@@ -40,8 +40,7 @@ class StreamingDecoder:
         self._emitted = 0  # frames whose audio has been returned
 
     def push(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.dim() == 2:
-            codes = codes[None]
+        codes = codes[None] if codes.dim() == 2 else codes
         self.model.check_codes(codes)
         if codes.shape[0] != 1:
             raise ValueError("StreamingDecoder takes one stream: codes of shape (1, n_q, n)")
@@ -103,16 +102,12 @@ def chunk_codes(codes: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def receptive_frames(model: XCodec) -> int:
     """An upper bound on the decoder's receptive field, in frames on each side."""
-    reach = 0.0  # in samples at the current rate, converted as rates change
-    rate = 1.0  # current rate relative to the frame rate
-    for seg in plan_segments(model.decoder_2.model):
-        for op in seg.ops:
-            if isinstance(op, Residual):
-                reach += op.conv1.d * (op.conv1.k - 1) / 2 / rate
-            elif isinstance(op, ConvSpec):
-                if op.transposed:
-                    reach += math.ceil(op.k / op.s) / rate
-                    rate *= op.s
-                else:
-                    reach += op.d * (op.k - 1) / 2 / rate
+    reach, rate = 0.0, 1.0  # frames each side; the current rate relative to the frame rate
+    for op in (op for seg in plan_segments(model.decoder_2.model) for op in seg.ops):
+        conv = op.conv1 if isinstance(op, Residual) else op  # a residual unit's second conv is 1 wide
+        if isinstance(conv, ConvSpec) and conv.transposed:
+            reach += math.ceil(conv.k / conv.s) / rate
+            rate *= conv.s
+        elif isinstance(conv, ConvSpec):
+            reach += conv.d * (conv.k - 1) / 2 / rate
     return math.ceil(reach)

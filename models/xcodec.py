@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,7 @@ class XCodec(nn.Module):
 
     def min_length(self) -> int:
         """Shortest input (samples) that yields one frame."""
-        lo = 1
-        while int(self.num_frames(lo)) < 1:
-            lo += 1
-        return lo
+        return next(n for n in itertools.count(1) if int(self.num_frames(n)) >= 1)
 
     @torch.inference_mode()
     def encode(self, wav: torch.Tensor, bandwidth: float | None = None,
@@ -263,15 +261,13 @@ class XCodec(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
-        """An inference model: eval mode, weight norm folded, no gradients, :attr:`checkpoint_id` set.
+        """An inference model: eval mode, weight norm folded, no gradients, :attr:`checkpoint_id` set; a checkpoint
+        that cannot be used raises ``models.pretrained.CheckpointError`` with a one-line reason.
 
         Args:
             path: a release name or ``owner/name`` (downloaded once into the Hugging Face cache), a release
                 .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our training or YuE's,
                 a transformers ``XcodecModel`` directory or our export.
-
-        Raises:
-            models.pretrained.CheckpointError: with a one-line reason.
         """
         ckpt = read_checkpoint(path, config)
         model = build_codec(ckpt.generator, ckpt.audio_norm_scale, weight_norm=False)
