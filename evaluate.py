@@ -1,13 +1,7 @@
-"""Evaluate X-Codec reconstructions: PESQ, STOI, mel and STFT distances, SI-SDR, codebook usage.
+"""Evaluate X-Codec reconstructions: PESQ, STOI, mel and STFT distances, SI-SDR, codebook usage (docs/evaluation.md).
 
-    # encode + decode every file at each bandwidth with a checkpoint:
     python evaluate.py --checkpoint model.pth --input corpus/ --bandwidths 0.5 1 2 4 --output report.json
-    # reconstructions made elsewhere, matched by relative path:
-    python evaluate.py --reference corpus/ --estimate rec/ --output report.json
-
-Writes ``report.json`` and ``report.csv`` (per file and mean), prints a table per bandwidth;
-``--plot DIR`` a PNG of stacked, labelled spectrograms per file. Bad input exits non-zero with
-one line; with several files a bad file is reported and skipped, the rest written, exit code 1.
+    python evaluate.py --reference corpus/ --estimate rec/ --output report.json   # made elsewhere, by relative path
 """
 
 from __future__ import annotations
@@ -20,30 +14,18 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from corpus.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
 from corpus.outputs import refuse_replacing
-from losses.metrics import (
-    EVAL_EXTRA,
-    SIGNAL_METRICS,
-    ModelMetrics,
-    TranscriptError,
-    compensate_delay,
-    estimate_delay,
-    mean_metrics,
-    missing_packages,
-    read_transcripts,
-    signal_metrics,
-)
-from models import CheckpointError, XCodec, checkpoint_id
+from losses import metrics
+from models import CheckpointError, XCodec
 from models.pipeline import Pipeline
 from models.vocoder import Vocoder
 from quantization import CodebookUsage
 from utils.audio import AudioError, audio_extensions, load_audio, prepare_output, resample
-from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, DefaultsHelpFormatter, cli_main, resolve_device
+from utils.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError, argument_parser, cli_main, resolve_device
 from utils.files import atomic_write, overwritten_input
 from utils.plotting import save_figure, spectrogram_figure
 
@@ -51,11 +33,8 @@ MAX_DELAY_MS = 1000.0  # a codec's delay is a few ms; longer searches only find 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
-        description="Evaluate codec reconstructions (PESQ, STOI, mel/STFT distance, SI-SDR, codebook usage).",
-        epilog="Modes: --checkpoint + --input (encode and decode here), or --reference + --estimate.",
-    )
+    p = argument_parser("Evaluate codec reconstructions (PESQ, STOI, mel/STFT distance, SI-SDR, codebook usage).")
+    p.epilog = "Modes: --checkpoint + --input (encode and decode here), or --reference + --estimate."
     p.add_argument("--checkpoint", help="release name or checkpoint path: encode and decode --input with it")
     p.add_argument("--config", type=Path, help="YAML config for a .pth checkpoint (default: config.yaml beside it)")
     p.add_argument("--input", type=Path, nargs="+", help="audio files, directories (recursive) or list files (.txt: one path a line)")
@@ -89,9 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (not 0 <= args.max_delay_ms <= MAX_DELAY_MS,
          f"--max-delay-ms must be a number in [0, {MAX_DELAY_MS}], got {args.max_delay_ms}"),
     )
-    for refused, message in refusals:
-        if refused:
-            p.error(message)
+    if refused := next((message for applies, message in refusals if applies), None):
+        p.error(refused)
     return args
 
 
@@ -106,14 +84,13 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
             found = collect_files(src, suffixes)
         except (ValueError, OSError, ImportError) as exc:
             raise CliError(str(exc)) from None
-        if src.is_dir() and not is_dataset(src):
-            if not found:
-                raise CliError(f"{src}: no audio files found")
+        directory = src.is_dir() and not is_dataset(src)
+        if (directory or is_list) and not found:
+            raise CliError(f"{src}: no audio files found" if directory else f"{src}: the list names no files")
+        if directory:
             prefix = Path(src.name) if several_dirs else Path()
             items += [(f, (prefix / name).as_posix()) for f, name in found]
         elif is_list:  # a list, a JSONL/CSV manifest or a dataset: named as it names them
-            if not found:
-                raise CliError(f"{src}: the list names no files")
             items += [(f, name.as_posix()) for f, name in found]
         else:
             items.append((src, src.as_posix() if len(inputs) > 1 else src.name))
@@ -122,14 +99,11 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
 
 
 def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, Path | None]], bool, list[str]]:
-    """Match estimates to references by relative path (the audio extension may differ).
-
-    Returns ``([(name, reference, estimate or None)], single, notes)``.
-    """
-    if not reference.exists():
-        raise CliError(f"{reference}: no such file or directory")
-    if not estimate.exists():
-        raise CliError(f"{estimate}: no such file or directory")
+    """``([(name, reference, estimate or None)], single, notes)``: estimates matched to references by relative
+    path (the audio extension may differ)."""
+    for path in (reference, estimate):
+        if not path.exists():
+            raise CliError(f"{path}: no such file or directory")
     if reference.is_dir() != estimate.is_dir():
         raise CliError(f"--reference {reference} and --estimate {estimate} must both be files or both directories")
     if not reference.is_dir():
@@ -140,28 +114,10 @@ def pair_files(reference: Path, estimate: Path) -> tuple[list[tuple[str, Path, P
     return pairs, False, [f"{extra} estimate file(s) without a reference were ignored"] if extra else []
 
 
-class Failures:
-    """Bad files: reported on stderr at once (one line each) and listed in the report."""
-
-    def __init__(self) -> None:
-        self.items: list[dict] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append({"path": path, "error": message})
-        tqdm.write(f"error: {message}", file=sys.stderr)
-
-
-def _clean(value):
-    """JSON-safe: NaN/inf -> null, numpy scalars -> Python numbers."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+def _fail(failed: list[dict], path: str, message: str) -> None:
+    """A bad file: reported on stderr at once (one line) and listed in the report."""
+    failed.append({"path": path, "error": message})
+    tqdm.write(f"error: {message}", file=sys.stderr)
 
 
 def _fmt(value, spec: str, missing: str = "") -> str:
@@ -186,10 +142,9 @@ def format_table(title: str, rows: list[dict], mean: dict, keys: list[str], quie
     name_width = min(max([len(n) for n in names] + [len("mean"), 4]), 48)
     header = "file".ljust(name_width) + "".join(h.rjust(w + 1) for _, h, w, _ in cols)
     lines = [title, header, "-" * len(header)]
-    for row in [] if quiet else rows:
+    for row in ([] if quiet else rows) + [{**mean, "path": "mean"}]:
         name = row["path"] if len(row["path"]) <= name_width else "..." + row["path"][-(name_width - 3) :]
         lines.append(name.ljust(name_width) + _cells(row, cols))
-    lines.append("mean".ljust(name_width) + _cells(mean, cols))
     return "\n".join(lines)
 
 
@@ -202,35 +157,34 @@ def format_codebooks(summary: dict) -> str:
 
 
 def write_reports(report: dict, json_path: Path, csv_path: Path, keys: list[str]) -> None:
-    text = json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
+    # A metric not computed (NaN) and a rate over no audio are null; numpy scalars are numbers.
+    clean = json.loads(json.dumps(report, default=lambda value: value.item()), parse_constant=lambda name: None)
+    text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    sections = report.get("bandwidths") or [{"bandwidth": None, "files": report["files"], "mean": report["mean"]}]
     with_bw = "bandwidths" in report
+    sections = report["bandwidths"] if with_bw else [report]
     writer.writerow((["bandwidth"] if with_bw else []) + ["path"] + keys)
     for section in sections:
         lead = [section["bandwidth"]] if with_bw else []
-        for row in section["files"]:
+        for row in section["files"] + [{**section["mean"], "path": "mean"}]:
             writer.writerow(lead + [row["path"]] + [_fmt(row.get(k), ".6g") for k in keys])
-        writer.writerow(lead + ["mean"] + [_fmt(section["mean"].get(k), ".6g") for k in keys])
     atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
 def plot_path(plot_dir: Path, name: str) -> Path:
     out = plot_dir / Path(name).with_suffix(".png")
-    if not out.resolve().is_relative_to(plot_dir.resolve()):  # a list may name files outside
-        out = plot_dir / Path(name).with_suffix(".png").name
-    return out
+    return out if out.resolve().is_relative_to(plot_dir.resolve()) else plot_dir / out.name  # a list may name any file
 
 
 def _codebooks(n: int) -> str:
     return f"{n} codebook{'s' if n != 1 else ''}"
 
 
-def _label(title: str, metrics: dict | None) -> str:
+def _label(title: str, scores: dict) -> str:
     """A panel title with the PESQ and STOI that could be computed."""
-    values = [(name, (metrics or {}).get(key)) for key, name in (("pesq_wb", "PESQ"), ("stoi", "STOI"))]
+    values = [(name, scores.get(key)) for key, name in (("pesq_wb", "PESQ"), ("stoi", "STOI"))]
     return "   ".join([title] + [f"{name} {v:.2f}" for name, v in values if v is not None and math.isfinite(v)])
 
 
@@ -238,31 +192,20 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, dynamic_ncols=True, disable=not enabled)
 
 
-def _model_metrics(args, device: str) -> tuple[ModelMetrics, list[str], list[str]]:
+def _model_metrics(args, device: str) -> tuple[metrics.ModelMetrics, list[str], list[str]]:
     """The optional model-based metrics, the report's metric keys, and notes on what is not computed."""
-    extra = ModelMetrics(args.speaker_model, args.asr_model, args.utmos, read_transcripts(args.transcripts), device)
+    transcripts = metrics.read_transcripts(args.transcripts)
+    extra = metrics.ModelMetrics(args.speaker_model, args.asr_model, args.utmos, transcripts, device)
     for note in extra.notes:
         print(f"note: {note}", file=sys.stderr)
-    keys = list(SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
+    keys = list(metrics.SIGNAL_METRICS) + extra.names + (["delay_ms"] if args.max_delay_ms > 0 else [])
     flags = (("speaker-model", "speaker similarity"), ("asr-model", "WER"), ("utmos", "UTMOS"))
     absent = [f"{name}: not computed (pass --{flag} with a local model)" for flag, name in flags
               if getattr(args, flag.replace("-", "_")) is None]  # fmt: skip
     return extra, keys, extra.notes + absent
 
 
-def _measure(args, name: str, ref: np.ndarray, est: np.ndarray, rate: int, extra) -> tuple[dict, list[str]]:
-    """Signal and model metrics of one estimate, after the optional delay compensation."""
-    delay = {}
-    if args.max_delay_ms > 0:
-        lag = estimate_delay(ref, est, int(round(args.max_delay_ms * rate / 1000)))
-        ref, est = compensate_delay(ref, est, lag)
-        delay = {"delay_ms": 1000 * lag / rate}
-    metrics, why = signal_metrics(ref, est, rate)
-    metrics.update(extra(name, ref, est, rate))
-    return {**metrics, **delay}, why
-
-
-def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failures: Failures) -> tuple[dict, bool, list[str]]:
+def evaluate_checkpoint(args, items: list[tuple[Path, str]], failed: list) -> tuple[dict, list[str]]:
     model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
     bandwidths = sorted(set(args.bandwidths or model.target_bandwidths))
     try:
@@ -288,7 +231,7 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
             if pipe.too_short(len(wav)):
                 raise AudioError(f"{path}: {pipe.too_short(len(wav))}")
         except AudioError as exc:
-            failures.add(name, str(exc))
+            _fail(failed, name, str(exc))
             continue
         # Residual VQ: the codes of a lower bandwidth are the first codebooks of a higher one.
         codes = pipe.encode([torch.from_numpy(wav)])[0]
@@ -296,84 +239,81 @@ def evaluate_checkpoint(args, items: list[tuple[Path, str]], single: bool, failu
         for bw in bandwidths:
             rec = pipe.decode([codes[: n_qs[bw]]], [len(wav)])[0].float().cpu().numpy()
             rec = prepare_output(resample(rec, pipe.out_rate, ref_rate)[: len(ref)])  # as inference.py writes it
-            metrics, why = _measure(args, name, ref, rec, ref_rate, extra)
+            scores, why = metrics.measure(ref, rec, ref_rate, extra, name, args.max_delay_ms)
             notes += [f"{name} at {bw:g} kbps: {w}" for w in why]
-            rows[bw].append({"path": name, **metrics})
+            rows[bw].append({"path": name, **scores})
             books[bw].update(codes[: n_qs[bw]], len(wav) / rate)
-            panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", metrics), rec))
+            panels.append((_label(f"{bw:g} kbps ({_codebooks(n_qs[bw])})", scores), rec))
         if args.plot is not None:
             save_figure(spectrogram_figure(panels, ref_rate, title=name), plot_path(args.plot, name))
-    sections = [{"bandwidth": bw, "n_q": n_qs[bw], "files": rows[bw], "mean": mean_metrics(rows[bw], keys),
+    sections = [{"bandwidth": bw, "n_q": n_qs[bw], "files": rows[bw], "mean": metrics.mean_metrics(rows[bw], keys),
                  **books[bw].summary()} for bw in bandwidths]  # fmt: skip
-    report = {"checkpoint": str(args.checkpoint), "checkpoint_id": checkpoint_id(args.checkpoint, args.config),
-              "sample_rate": pipe.out_rate, "vocoder": args.vocoder, "metrics": keys, "bandwidths": sections,
-              "failed": failures.items, "notes": notes}  # fmt: skip
-    return report, single, keys
+    report = {"checkpoint": str(args.checkpoint), "checkpoint_id": model.checkpoint_id, "sample_rate": pipe.out_rate,
+              "vocoder": args.vocoder, "metrics": keys, "bandwidths": sections, "failed": failed, "notes": notes}
+    return report, keys
 
 
-def evaluate_pairs(args, paired: tuple[list, bool, list[str]], failures: Failures) -> tuple[dict, bool, list[str]]:
-    pairs, single, notes = paired
+def evaluate_pairs(args, pairs: list, notes: list[str], failed: list) -> tuple[dict, list[str]]:
     extra, keys, model_notes = _model_metrics(args, args.device or "cpu")
     notes = notes + model_notes
     rows = []
     for name, ref_path, est_path in _progress(pairs, len(pairs) > 1, "evaluating"):
         if est_path is None:
-            failures.add(name, f"{ref_path}: no estimate for it in {args.estimate}")
+            _fail(failed, name, f"{ref_path}: no estimate for it in {args.estimate}")
             continue
         try:
             ref, ref_rate = load_audio(ref_path)
             est, est_rate = load_audio(est_path)
         except AudioError as exc:
-            failures.add(name, str(exc))
+            _fail(failed, name, str(exc))
             continue
         rate = args.sample_rate or min(ref_rate, est_rate)
         try:  # --sample-rate 10^9 would allocate without bound
             ref, est = resample(ref, ref_rate, rate), resample(est, est_rate, rate)
         except AudioError as exc:
-            failures.add(name, f"{name}: {exc}")
+            _fail(failed, name, f"{name}: {exc}")
             continue
         if abs(len(ref) - len(est)) > 0.1 * rate:  # scored against the whole reference (losses.metrics)
             short = "shorter: the missing audio is scored as silence" if len(est) < len(ref) else "longer: cut to the reference"
             notes.append(f"{name}: the estimate is {abs(len(ref) - len(est)) / rate:.2f} s {short}")
-        metrics, why = _measure(args, name, ref, est, rate, extra)
+        scores, why = metrics.measure(ref, est, rate, extra, name, args.max_delay_ms)
         notes += [f"{name}: {w}" for w in why]
-        rows.append({"path": name, **metrics})
+        rows.append({"path": name, **scores})
         if args.plot is not None:
-            panels = [("reference", ref), (_label(f"estimate  {est_path.name}", metrics), est)]
+            panels = [("reference", ref), (_label(f"estimate  {est_path.name}", scores), est)]
             save_figure(spectrogram_figure(panels, rate, title=name), plot_path(args.plot, name))
     report = {"reference": str(args.reference), "estimate": str(args.estimate), "metrics": keys, "files": rows,
-              "mean": mean_metrics(rows, keys), "failed": failures.items, "notes": notes}  # fmt: skip
-    return report, single, keys
+              "mean": metrics.mean_metrics(rows, keys), "failed": failed, "notes": notes}  # fmt: skip
+    return report, keys
 
 
 def run(args: argparse.Namespace) -> int:
-    if missing := missing_packages():  # an extra of the package (README: Install), checked before any work
-        raise CliError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: {EVAL_EXTRA}")
+    if missing := metrics.missing_packages():  # an extra of the package (README: Install), checked before any work
+        raise CliError(missing)
     # The inputs, collected once: checked against the outputs before any work, then evaluated.
     if args.checkpoint is not None:
         items, single = collect_inputs(args.input)
-        inputs = [f for f, _ in items] + list(args.input)
+        names, inputs = [name for _, name in items], [f for f, _ in items] + list(args.input)
     else:
-        paired = pair_files(args.reference, args.estimate)
-        inputs = [f for _, ref, est in paired[0] for f in (ref, est) if f is not None] + [args.reference, args.estimate]
+        pairs, single, notes = pair_files(args.reference, args.estimate)
+        names = [name for name, _, _ in pairs]
+        inputs = [f for _, ref, est in pairs for f in (ref, est) if f is not None] + [args.reference, args.estimate]
     csv_path = args.csv or args.output.with_suffix(".csv")
     for flag, path in (("--output", args.output), ("--csv", csv_path)):
         if path.is_dir():
             raise CliError(f"{flag} {path}: is a directory; it names the report file (e.g. {path / 'report.json'})")
     if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
         raise CliError(f"--plot {args.plot}: is a file; it names a directory for the spectrogram PNGs")
-    clash = overwritten_input([args.output, csv_path], inputs)
-    if clash is not None:  # the report must not replace audio it reads
+    if (clash := overwritten_input([args.output, csv_path], inputs)) is not None:  # the report must not replace its input
         raise CliError(f"{clash[0]}: the report would overwrite the input {clash[1]}; choose another --output")
-    names = [name for _, name in items] if args.checkpoint is not None else [name for name, _, _ in paired[0]]
     plots = [plot_path(args.plot, name) for name in names] if args.plot is not None else []
     refuse_replacing([args.output, csv_path, *plots], args.overwrite)  # as inference.py: before any work
-    failures = Failures()
+    failed: list[dict] = []
     if args.checkpoint is not None:
-        report, single, keys = evaluate_checkpoint(args, items, single, failures)
+        report, keys = evaluate_checkpoint(args, items, failed)
     else:
-        report, single, keys = evaluate_pairs(args, paired, failures)
-    if single and failures.items:
+        report, keys = evaluate_pairs(args, pairs, notes, failed)
+    if single and failed:
         return EXIT_ERROR  # the one line is already on stderr; nothing to report
     write_reports(report, args.output, csv_path, keys)
     if "bandwidths" in report:
@@ -383,12 +323,12 @@ def run(args: argparse.Namespace) -> int:
             print(format_codebooks(section))
     else:
         print(format_table(f"\n== {len(report['files'])} file(s)", report["files"], report["mean"], keys, args.quiet))
-    print(f"\nwrote {args.output} and {csv_path}" + (f"; {len(failures.items)} file(s) failed" if failures.items else ""))
-    return EXIT_SOME_FAILED if failures.items else EXIT_OK
+    print(f"\nwrote {args.output} and {csv_path}" + (f"; {len(failed)} file(s) failed" if failed else ""))
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(parse_args, run, argv, one_line=(CheckpointError, TranscriptError))
+    return cli_main(parse_args, run, argv, one_line=(CheckpointError, metrics.TranscriptError))
 
 
 if __name__ == "__main__":

@@ -2,24 +2,22 @@
 
     python inference.py --input speech.flac --output rec.wav
     python inference.py --input corpus/ --output rec/ --codes-out codes/ --batch-size 8
-    python inference.py --codes-in codes/ --output rec/
-    python inference.py --checkpoint model.pth --config config.yaml --input a.wav --output b.wav
+    python inference.py --codes-in codes/ --output rec/ --checkpoint model.pth --config config.yaml
 
-Bad input exits non-zero with one line on stderr. In a directory run a bad file is
-reported and skipped, everything else is written, and the exit code is 1.
+Bad input exits non-zero with one line on stderr; in a directory run a bad file is reported and skipped, the rest
+written, exit code 1.
 
-Tokenizing a corpus (``--input DIR --codes-out DIR``): under ``torchrun`` (or with the
-RANK/WORLD_SIZE variables set) each rank takes every WORLD_SIZE-th file; a manifest line is
-appended per finished file (``manifest.jsonl``, ``manifest.rank{R}.jsonl`` per rank); files
-already in a manifest are skipped, so rerunning a killed run finishes it. See corpus/codes.py.
-Only rank 0 draws a progress bar and prints its summary; every rank prints its own failures.
+Tokenizing a corpus (``--input DIR --codes-out DIR``, docs/tokenization.md): under ``torchrun`` each rank takes
+every WORLD_SIZE-th file and appends a manifest line per finished file; a rerun skips what a manifest holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from corpus.corpus import FORMATS, RunStats, refuse_existing, resume
 from corpus.outputs import BackgroundWriter, Job, lock_output_trees, plan, write_outputs
 from corpus.shards import shard_format
 from data import AudioFiles, duration_order, file_loader
-from models import CheckpointError, XCodec, checkpoint_id
+from models import CheckpointError, XCodec
 from models.pipeline import Pipeline
 from models.vocoder import Vocoder
 from utils import distributed as du
@@ -82,13 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.workers is not None and args.workers < 0, "--workers must be >= 0"),
         (not (0 <= args.window < float("inf") and 0 <= args.context < float("inf")),
          "--window and --context must be finite numbers >= 0"),
-        (0 < args.window < 1,
-         f"--window {args.window}: a window must be at least 1 second (0: never window); "
+        (0 < args.window < 1, f"--window {args.window}: a window must be at least 1 second (0: never window); "
          "tiny windows make long files take hours"),
     )
-    for refused, message in refusals:
-        if refused:
-            p.error(message)
+    if refused := next((message for applies, message in refusals if applies), None):
+        p.error(refused)
     return args
 
 
@@ -99,27 +95,14 @@ def _progress(items, enabled: bool, desc: str):
 
 def _batches(items, size: int, key=None):
     """Lists of up to ``size`` consecutive items; a change of ``key(item)`` starts a new list."""
-    batch: list = []
-    for item in items:
-        if batch and key is not None and key(item) != key(batch[0]):
+    for _, group in itertools.groupby(items, key or (lambda item: None)):
+        while batch := list(itertools.islice(group, size)):
             yield batch
-            batch = []
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> None:
-    """Encode (and decode) every job, ``--batch-size`` clips at a time.
-
-    ``--workers`` processes read and resample the files at least two batches ahead of the
-    model, longest first, so that a batch holds files of similar length (little padding); on
-    CUDA the audio comes in pinned memory and is copied without blocking. A background
-    thread writes the results: the model never waits on the disk.
-    """
+    """Encode (and decode) every job, ``--batch-size`` clips at a time: ``--workers`` processes read the files
+    two batches ahead, longest first (little padding; pinned memory on CUDA); a thread writes the results."""
     model, rate, device = pipe.model, pipe.model.sample_rate, pipe.model.device
     order = duration_order([j.src for j in jobs], [j.duration for j in jobs]) if many else list(range(len(jobs)))
     workers = args.workers if args.workers is not None else (min(16, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0)
@@ -140,16 +123,13 @@ def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many:
             if not many and job.codes_out is not None:  # a single codes file describes itself
                 write_sidecar(job.codes_out, {"path": job.src.name, "samples": samples, "sample_rate": rate, **codes_fields(model, args)}, item)
 
-    writer = BackgroundWriter(depth=2 * args.batch_size)
-    try:
+    with closing(BackgroundWriter(depth=2 * args.batch_size)) as writer:
         for batch in _batches(readable(), args.batch_size):
             wavs = [w.to(device, non_blocking=True) for _, w in batch]
             codes, audio = pipe.encode_decode(wavs, decode=any(job.audio_out is not None for job, _ in batch))
             for i, (job, w) in enumerate(batch):
                 wav = audio[i].float().cpu().numpy() if audio else None
                 writer.submit(finish, job, len(w), codes[i].cpu().numpy(), wav)
-    finally:
-        writer.close()
 
 
 def decode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> None:
@@ -180,29 +160,15 @@ def decode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many:
             stats.written += 1
             stats.audio_seconds += len(wav) / pipe.out_rate
 
-    writer = BackgroundWriter(depth=2 * args.batch_size)
-    try:
+    with closing(BackgroundWriter(depth=2 * args.batch_size)) as writer:
         for batch in _batches(readable(), args.batch_size, key=lambda item: item[1].shape[0]):
             for (job, _, _), wav in zip(batch, pipe.decode([c for _, c, _ in batch], [n for _, _, n in batch])):
                 writer.submit(finish, job, wav.float().cpu().numpy())
-    finally:
-        writer.close()
-
-
-def _rank_and_world() -> tuple[int, int]:
-    try:
-        return du.rank_and_world_size()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
 
 
 def shard_and_resume(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many: bool, stats: RunStats) -> list:
-    """This rank's share of ``jobs``, less the files an earlier run finished (see corpus.corpus).
-
-    Any output that already exists is replaced only with ``--overwrite``, or by a
-    tokenization resuming in its own ``--codes-out``.
-    """
-    stats.rank, stats.world_size = _rank_and_world()
+    """This rank's share of ``jobs``, less the files an earlier run finished (see corpus.corpus). An existing
+    output is replaced only with ``--overwrite``, or by a tokenization resuming in its own ``--codes-out``."""
     jobs = du.shard(jobs, stats.rank, stats.world_size)
     tokenizing = many and args.codes_in is None and args.codes_out is not None
     tracked = tokenizing and (has_manifest(args.codes_out) or shard_format(args.codes_out) is not None)
@@ -213,23 +179,11 @@ def shard_and_resume(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, 
 
 
 def codes_fields(model, args: argparse.Namespace) -> dict:
-    """What made the codes, recorded with every tokenized file."""
-    return {
-        "bins": int(model.bins),
-        "bandwidth": float(args.bandwidth) if args.bandwidth is not None else float(max(model.target_bandwidths)),
-        "checkpoint": checkpoint_id(args.checkpoint, args.config),
-        "precision": args.precision,
-        "device": model.device.type,  # exact codes agree across devices; recorded for the record
-        "input_root": str(args.input.resolve()) if args.input is not None else None,
-    }
-
-
-def _device_for_rank(args: argparse.Namespace) -> None:
-    """Several processes (torchrun, or RANK/WORLD_SIZE set by hand): each uses its own GPU
-    (LOCAL_RANK, else RANK, modulo the GPUs visible) unless --device says otherwise."""
-    index = os.environ.get("LOCAL_RANK", os.environ.get("RANK"))
-    if args.device is None and index is not None and index.isdigit() and torch.cuda.is_available():
-        args.device = f"cuda:{int(index) % torch.cuda.device_count()}"
+    """What made the codes, recorded with every tokenized file (device: for the record; exact codes agree)."""
+    bandwidth = float(args.bandwidth if args.bandwidth is not None else max(model.target_bandwidths))
+    return {"bins": int(model.bins), "bandwidth": bandwidth, "checkpoint": model.checkpoint_id,
+            "precision": args.precision, "device": model.device.type,
+            "input_root": str(args.input.resolve()) if args.input is not None else None}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,9 +194,15 @@ def run(args: argparse.Namespace) -> int:
         if args.format != "npy" and not many:
             raise CliError(f"--format {args.format} writes shards of a directory or list input; one file goes to --codes-out x.npy")
     stats = RunStats()
-    locks = lock_output_trees([args.output, args.codes_out], many, *_rank_and_world())  # before the slow model load
     try:
-        _device_for_rank(args)
+        stats.rank, stats.world_size = du.rank_and_world_size()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    locks = lock_output_trees([args.output, args.codes_out], many, stats.rank, stats.world_size)  # before the model load
+    try:
+        index = os.environ.get("LOCAL_RANK", os.environ.get("RANK"))  # several processes: each its own GPU
+        if args.device is None and index is not None and index.isdigit() and torch.cuda.is_available():
+            args.device = f"cuda:{int(index) % torch.cuda.device_count()}"
         model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
@@ -253,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
         jobs = shard_and_resume(pipe, jobs, args, many, stats)
         if args.vocoder:
             pipe.vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint)
-        if pipe.vocoder is not None and args.codes_in is None:  # codes files are checked one by one
             try:
-                pipe.vocoder.check_codec(model, pipe.n_q)
+                if args.codes_in is None:  # codes files are checked one by one
+                    pipe.vocoder.check_codec(model, pipe.n_q)
             except ValueError as exc:
                 raise CliError(f"--vocoder {args.vocoder}: {exc}") from None
         stats.start_clock()  # the speed reported leaves out start-up and loading
@@ -271,9 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if (many and stats.rank == 0) or (not many and not stats.failed):
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB" if model.device.type == "cuda" else ""
         print(stats.summary() + peak, file=sys.stderr)
-    if stats.failed:
-        return EXIT_SOME_FAILED if many else EXIT_ERROR
-    return EXIT_OK
+    return (EXIT_SOME_FAILED if many else EXIT_ERROR) if stats.failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

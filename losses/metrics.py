@@ -1,10 +1,5 @@
-"""Signal metrics for codec evaluation and optional model-based metrics (``ModelMetrics``).
-
-``signal_metrics``: wideband PESQ at 16 kHz (``pesq``, in a worker process: a crash of the
-library costs one value, not the run), STOI (``pystoi``), mel distance (HiFi-GAN log-mel, lower
-is better), multi-resolution STFT distance (``losses.MultiResolutionSTFTLoss``) and SI-SDR in
-dB. The estimate is scored against the whole reference: cut to its length, or padded with
-silence (missing audio counts). Codebook usage and entropy are ``quantization.CodebookUsage``.
+"""Signal metrics for codec evaluation (PESQ-WB, STOI, mel and STFT distances, SI-SDR) and optional
+model-based ones (``ModelMetrics``); the estimate is scored against the whole reference (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ import multiprocessing
 import os
 import re
 import signal
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -38,46 +32,38 @@ def _optional(name: str):
         return None
 
 
-# The evaluation packages are an extra (`pip install -e .[eval]`): pesq ships no wheel and
-# needs a C compiler, which must not stop `pip install -e .`; evaluate.py names what is missing.
+# An extra (`pip install -e .[eval]`): pesq ships no wheel and needs a C compiler; `pip install -e .` must work
 EVAL_PACKAGES = {name: _optional(name) for name in ("pesq", "pystoi", "jiwer")}
-
-EVAL_EXTRA = "pip install -e .[eval]"
 SIGNAL_METRICS = ("pesq_wb", "stoi", "mel_distance", "stft_distance", "si_sdr")
 
 
-def missing_packages() -> list[str]:
-    """The evaluation packages (the ``eval`` extra) that cannot be imported here."""
-    return [name for name, module in EVAL_PACKAGES.items() if module is None]
+def missing_packages() -> str | None:
+    """The one-line error naming the evaluation packages that cannot be imported here, if any."""
+    missing = [name for name, module in EVAL_PACKAGES.items() if module is None]
+    verb = "is" if len(missing) == 1 else "are"
+    return f"{' and '.join(missing)} {verb} not installed: pip install -e .[eval]" if missing else None
 
 
-def estimate_delay(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> int:
-    """Lag in samples (positive: the estimate is late) in ``[-max_lag, max_lag]`` that
-    maximises the magnitude of the cross-correlation (a codec may flip the polarity)."""
+def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Both signals shifted by the lag in ``[-max_lag, max_lag]`` (positive: the estimate is late) that maximises
+    the magnitude of the cross-correlation (a codec may flip the polarity), trimmed to the shorter; and the lag."""
     max_lag = min(max_lag, len(reference) - 1, len(estimate) - 1)  # longer lags would wrap around
-    if max_lag <= 0:
-        return 0
-    n = 1 << (len(reference) + len(estimate)).bit_length()
-    corr = np.fft.irfft(np.fft.rfft(estimate, n) * np.conj(np.fft.rfft(reference, n)), n)
-    lags = np.concatenate([np.arange(0, max_lag + 1), np.arange(-max_lag, 0)])
-    values = np.concatenate([corr[: max_lag + 1], corr[n - max_lag :]])
-    return int(lags[int(np.argmax(np.abs(values)))])
-
-
-def compensate_delay(reference: np.ndarray, estimate: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shift by ``lag`` (see :func:`estimate_delay`) and trim both to the shorter."""
+    lag = 0
+    if max_lag > 0:
+        n = 1 << (len(reference) + len(estimate)).bit_length()
+        corr = np.fft.irfft(np.fft.rfft(estimate, n) * np.conj(np.fft.rfft(reference, n)), n)
+        lags = np.concatenate([np.arange(0, max_lag + 1), np.arange(-max_lag, 0)])
+        lag = int(lags[int(np.argmax(np.abs(np.concatenate([corr[: max_lag + 1], corr[n - max_lag :]]))))])
     reference, estimate = reference[max(0, -lag) :], estimate[max(0, lag) :]
     n = min(len(reference), len(estimate))
-    return reference[:n], estimate[:n]
+    return reference[:n], estimate[:n], lag
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> float:
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), zero-mean."""
-    ref = reference.astype(np.float64) - reference.mean()
-    est = estimate.astype(np.float64) - estimate.mean()
+    ref, est = (x.astype(np.float64) - x.mean() for x in (reference, estimate))
     target = np.dot(est, ref) / (np.dot(ref, ref) + eps) * ref
-    noise = est - target
-    return float(10 * np.log10((np.dot(target, target) + eps) / (np.dot(noise, noise) + eps)))
+    return float(10 * np.log10((np.dot(target, target) + eps) / (np.dot(est - target, est - target) + eps)))
 
 
 def mel_distance(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
@@ -108,12 +94,8 @@ def _pesq_in_worker(reference: np.ndarray, estimate: np.ndarray, crash: bool) ->
 
 
 def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 16000) -> float:
-    """Wideband PESQ at 16 kHz (signals at other rates are resampled first).
-
-    The ``pesq`` C library segfaults on some inputs (e.g. a 2-minute tone), so it runs in a
-    worker process (started once, spawned: no forked threads); a crash raises ``RuntimeError``
-    and a fresh worker serves the next call.
-    """
+    """Wideband PESQ at 16 kHz. The ``pesq`` C library segfaults on some inputs (a 2-minute tone), so it runs in
+    a spawned worker process: a crash raises ``RuntimeError`` and a fresh worker serves the next call."""
     global _PESQ_POOL
     reference, estimate = resample(reference, sample_rate, 16000), resample(estimate, sample_rate, 16000)
     if _PESQ_POOL is None:
@@ -127,15 +109,11 @@ def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int = 1600
 
 
 def signal_metrics(reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> tuple[dict[str, float], list[str]]:
-    """Every signal metric of ``estimate`` against the whole ``reference`` (the estimate cut or
-    padded with silence to its length: a truncated estimate is not scored on what is left).
-
-    Returns ``(metrics, notes)``: a metric that cannot be computed (e.g. PESQ finds no
-    speech, or the library crashed) is NaN and ``notes`` says why.
-    """
+    """Every signal metric of ``estimate`` against the whole ``reference`` (the estimate cut or padded with
+    silence to its length). Returns ``(metrics, notes)``: a metric that cannot be computed is NaN, with a note."""
     reference = np.asarray(reference)
     estimate = fit_length(np.asarray(estimate), len(reference))
-    functions: dict[str, Callable[[], float]] = {
+    functions = {
         "pesq_wb": lambda: pesq_wb(reference, estimate, sample_rate),
         "stoi": lambda: float(EVAL_PACKAGES["pystoi"].stoi(reference, estimate, sample_rate, extended=False)),
         "mel_distance": lambda: mel_distance(reference, estimate, sample_rate),
@@ -161,11 +139,8 @@ def _reason(exc: Exception, width: int) -> str:
 
 def mean_metrics(rows: list[dict], keys: list[str]) -> dict[str, float | None]:
     """Mean of each key over the rows where it is a finite number (``None`` when none is)."""
-    out = {}
-    for key in keys:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        out[key] = float(np.mean(values)) if values else None
-    return out
+    finite = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])] for k in keys}
+    return {k: float(np.mean(values)) if values else None for k, values in finite.items()}
 
 
 # ---------------------------------------------------------------------------- model-based
@@ -174,11 +149,8 @@ class TranscriptError(ValueError):
 
 
 def read_transcripts(path: Path | None) -> dict[str, str]:
-    """Reference transcripts for WER: a JSON object ``{path: text}`` or TSV lines ``path<TAB>text``.
-
-    Raises:
-        TranscriptError: unreadable, not UTF-8 or malformed (one line).
-    """
+    """Reference transcripts for WER: a JSON object ``{path: text}`` or TSV lines ``path<TAB>text``; a file that is
+    unreadable, not UTF-8 or malformed raises :class:`TranscriptError` (one line)."""
     if path is None:
         return {}
     try:
@@ -208,56 +180,40 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 class ModelMetrics:
-    """Optional metrics computed with models the user has locally (nothing is downloaded), at 16 kHz.
+    """Optional metrics computed with models the user has locally (nothing is downloaded), at 16 kHz; a model that
+    cannot be loaded is skipped and :attr:`notes` says why (one line each).
 
     Args:
-        speaker_model: a transformers x-vector directory (``AutoModelForAudioXVector``, e.g.
-            ``microsoft/wavlm-base-plus-sv``): ``speaker_similarity``, cosine of the two embeddings.
+        speaker_model: a transformers x-vector directory (e.g. ``microsoft/wavlm-base-plus-sv``):
+            ``speaker_similarity``, cosine of the two embeddings.
         asr_model: a transformers ASR directory (Whisper, wav2vec 2.0 CTC): ``wer`` of the estimate's
-            transcript against ``transcripts[path]``, else against the reference audio's transcript.
+            transcript against ``transcripts[path]`` (``{relative path: text}``), else the reference's transcript.
         utmos: a local clone of tarepan/SpeechMOS (``utmos22_strong`` weights in the torch hub cache).
-        transcripts: ``{relative path: text}`` reference transcripts for WER.
-
-    A model that is not given is not used; one that cannot be loaded is skipped and
-    :attr:`notes` says why (one line each).
     """
 
     def __init__(self, speaker_model: str | Path | None = None, asr_model: str | Path | None = None,
                  utmos: str | Path | None = None, transcripts: dict[str, str] | None = None, device: str = "cpu"):  # fmt: skip
-        self.device = device
-        self.notes: list[str] = []
-        self.transcripts = transcripts or {}
-        self._speaker = self._load("speaker_similarity", speaker_model, self._load_speaker)
-        self._asr = self._load("wer", asr_model, self._load_asr)
-        self._utmos = self._load("utmos", utmos, self._load_utmos)
+        self.device, self.notes, self.transcripts = device, [], transcripts or {}
+        self._speaker = self._load("speaker_similarity", speaker_model, lambda path: (
+            AutoFeatureExtractor.from_pretrained(path, local_files_only=True),
+            AutoModelForAudioXVector.from_pretrained(path, local_files_only=True).eval().to(device)))  # fmt: skip
+        self._asr = self._load("wer", asr_model, lambda path: pipeline(
+            "automatic-speech-recognition", model=path, device=torch.device(device)))  # fmt: skip
+        self._utmos = self._load("utmos", utmos, lambda path: torch.hub.load(
+            path, "utmos22_strong", source="local", trust_repo=True).eval().to(device))  # fmt: skip
         self._ref_text: dict[str, str] = {}
-
-    @property
-    def names(self) -> list[str]:
-        """The metrics that will be computed."""
-        return [n for n, m in (("speaker_similarity", self._speaker), ("wer", self._asr), ("utmos", self._utmos)) if m]
+        loaded = (("speaker_similarity", self._speaker), ("wer", self._asr), ("utmos", self._utmos))
+        self.names = [name for name, model in loaded if model is not None]  # the metrics that will be computed
 
     def _load(self, name: str, path, loader):
-        if path is None:
-            return None
-        if not Path(path).exists():
+        if path is not None and not Path(path).exists():
             self.notes.append(f"{name}: skipped: {path} does not exist (the model must be available locally)")
-            return None
-        try:
-            return loader(str(path))
-        except Exception as exc:
-            self.notes.append(f"{name}: skipped: could not load {path} ({_reason(exc, 160)})")
-            return None
-
-    def _load_speaker(self, path: str):
-        model = AutoModelForAudioXVector.from_pretrained(path, local_files_only=True).eval().to(self.device)
-        return AutoFeatureExtractor.from_pretrained(path, local_files_only=True), model
-
-    def _load_asr(self, path: str):
-        return pipeline("automatic-speech-recognition", model=path, device=torch.device(self.device))
-
-    def _load_utmos(self, path: str):
-        return torch.hub.load(path, "utmos22_strong", source="local", trust_repo=True).eval().to(self.device)
+        elif path is not None:
+            try:
+                return loader(str(path))
+            except Exception as exc:
+                self.notes.append(f"{name}: skipped: could not load {path} ({_reason(exc, 160)})")
+        return None
 
     def _embed(self, wav: np.ndarray) -> torch.Tensor:
         extractor, model = self._speaker
@@ -269,8 +225,7 @@ class ModelMetrics:
 
     @torch.no_grad()
     def __call__(self, key: str, reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> dict[str, float]:
-        """Metrics of ``estimate`` against ``reference``; ``key`` names the file (for
-        transcripts and for caching the reference's embedding and transcript)."""
+        """Metrics of ``estimate`` against ``reference``; ``key`` names the file (transcripts, cached texts)."""
         if not self.names:
             return {}
         ref, est = (resample(np.asarray(x, dtype=np.float32), sample_rate, 16000) for x in (reference, estimate))
@@ -284,3 +239,15 @@ class ModelMetrics:
         if self._utmos is not None:
             out["utmos"] = float(self._utmos(torch.from_numpy(est)[None].to(self.device), 16000).reshape(-1)[0])
         return out
+
+
+def measure(reference: np.ndarray, estimate: np.ndarray, rate: int, extra: ModelMetrics, key: str,
+            max_delay_ms: float = 0.0) -> tuple[dict, list[str]]:  # fmt: skip
+    """Signal and ``extra``'s model metrics of one estimate (``key``: its name), after aligning a delay of up to
+    ``max_delay_ms`` (reported as ``delay_ms``). Returns ``(metrics, notes)`` as :func:`signal_metrics`."""
+    delay = {}
+    if max_delay_ms > 0:
+        reference, estimate, lag = align(reference, estimate, int(round(max_delay_ms * rate / 1000)))
+        delay = {"delay_ms": 1000 * lag / rate}
+    metrics, notes = signal_metrics(reference, estimate, rate)
+    return {**metrics, **extra(key, reference, estimate, rate), **delay}, notes

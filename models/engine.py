@@ -17,19 +17,14 @@ def fast_cpu(device: torch.device) -> bool:
 
 
 def item_groups(sizes: torch.Tensor, device: torch.device, precision: str) -> list[list[int]] | None:
-    """How items of ``sizes`` run: ``None``, as one padded (masked) pass, or in groups that each
-    run unpadded. On CPU each item runs alone: a padded batch is slower per sample there
-    (FLOP-bound work; 8x larger activations thrash caches). In exact mode elsewhere, items of
-    equal size run together: the masks and the kernels cuDNN and SDPA pick for other shapes
-    could change an item's last bits, and a code.
-    """
+    """How items of ``sizes`` run: ``None``, as one padded (masked) pass, or in groups that each run unpadded. On CPU
+    each item runs alone: a padded batch is slower per sample there (FLOP-bound; larger activations thrash caches).
+    In exact mode elsewhere, items of equal size run together: the masks and the kernels cuDNN and SDPA pick for
+    other shapes could change an item's last bits, and a code."""
     if fast_cpu(device):
         return [[i] for i in range(len(sizes))]
     if precision == "fp32" and bool((sizes != sizes[0]).any()):
-        groups: dict[int, list[int]] = {}
-        for i, n in enumerate(sizes.tolist()):
-            groups.setdefault(n, []).append(i)
-        return list(groups.values())
+        return [torch.nonzero(sizes == n).flatten().tolist() for n in dict.fromkeys(sizes.tolist())]
     return None
 
 
@@ -41,15 +36,13 @@ def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
 def batched(items: list[torch.Tensor], run: Callable, device: torch.device, precision: str) -> list[torch.Tensor]:
     """``run(batch, sizes or None)`` on zero-padded (B, C, N) batches of (C, N_i) ``items``, grouped as
     :func:`item_groups` says; one row of the results per item, in order (padding frames included)."""
-    out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    out = {}
     sizes = [x.shape[-1] for x in items]
     groups = item_groups(torch.tensor(sizes), device, precision) if items else []
     for idx in [list(range(len(items)))] if groups is None else groups:
         part = [sizes[i] for i in idx]
-        rows = run(pad_rows([items[i] for i in idx]), torch.tensor(part) if len(set(part)) > 1 else None)
-        for j, i in enumerate(idx):
-            out[i] = rows[j]
-    return out
+        out.update(zip(idx, run(pad_rows([items[i] for i in idx]), torch.tensor(part) if len(set(part)) > 1 else None)))
+    return [out[i] for i in range(len(items))]
 
 
 def run_acoustic(model: nn.Module, which: str, x: torch.Tensor, lengths: torch.Tensor | None, precision: str | None):

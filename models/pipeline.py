@@ -1,13 +1,10 @@
-"""The encode/decode pipeline over :class:`XCodec` that inference.py, evaluate.py and
-``encode_many``/``decode_many`` share: gain, long-file windows, grouping, padding, trimming.
+"""The encode/decode pipeline over :class:`XCodec` that inference.py, evaluate.py and ``encode_many``/``decode_many``
+share: gain, long-file windows, grouping, padding, trimming.
 
-Long files: the teacher's attention is quadratic in length (and global, as is the GroupNorm
-of its first conv), so a 30-minute file is encoded in windows of ``window`` seconds with
-``context`` seconds of audio on both sides, the codes of each window's centre stitched at
-frame boundaries. Window starts are whole frames and every chunk keeps the file's length
-modulo the hop, so each chunk frame is exactly the file frame it stands for. Decoding is
-local (the decoder's receptive field is under ``DECODER_CONTEXT`` frames each side), so
-windows with that much context equal one pass up to float rounding.
+Long files: the teacher's attention is quadratic in length (and global, as is its first GroupNorm), so they are
+encoded in windows with context on both sides, each window's centre codes stitched at frame boundaries; window starts
+are whole frames and every chunk keeps the file's length modulo the hop, so each chunk frame is exactly the file frame
+it stands for. Decoding is local (``DECODER_CONTEXT``): windows with that context equal one pass up to float rounding.
 """
 
 from __future__ import annotations
@@ -33,13 +30,10 @@ def window_frames(model, window: float, context: float) -> tuple[int, int]:
 @torch.inference_mode()
 def encode_long(model, wav: torch.Tensor, bandwidth: float | None = None, window: float = 30.0, context: float = 5.0,
                 precision: str = "fp32", global_norm: bool = True) -> torch.Tensor:  # fmt: skip
-    """Encode one clip, (T,) or (1, 1, T), in windows of ``window`` s with ``context`` s on each side.
-
-    Returns (1, n_q, F) codes with F = ``model.num_frames(T)``, as a single pass would; a clip
-    of at most ``window + 2 * context`` is one pass. Peak memory depends on the window, not the
-    file. ``global_norm``: the teacher's GroupNorm uses the whole file's statistics (computed
-    first in chunks), as in a single pass, instead of each window's own.
-    """
+    """Encode one clip, (T,) or (1, 1, T), in windows of ``window`` s with ``context`` s on each side (peak memory
+    depends on the window, not the file) into (1, n_q, F) codes, F = ``model.num_frames(T)`` as a single pass;
+    a clip of at most ``window + 2 * context`` is one pass. ``global_norm``: the teacher's GroupNorm uses the
+    whole file's statistics (computed first in chunks), as in a single pass."""
     wav = wav.reshape(1, 1, -1)  # stays where it is (a long file on CPU); each window goes to the model's device
     hop, total = model.hop_length, wav.shape[-1]
     n_frames = int(model.num_frames(total))
@@ -62,11 +56,8 @@ def encode_long(model, wav: torch.Tensor, bandwidth: float | None = None, window
 @torch.inference_mode()
 def decode_long(model, codes: torch.Tensor, window: int = 1500, context: int = DECODER_CONTEXT,
                 precision: str = "fp32") -> torch.Tensor:  # fmt: skip
-    """Decode (1, n_q, F) codes ``window`` frames at a time with ``context`` frames each side.
-
-    Returns (1, 1, F * hop) audio; with ``context >= DECODER_CONTEXT`` it equals a single
-    pass up to float rounding.
-    """
+    """Decode (1, n_q, F) codes ``window`` frames at a time with ``context`` frames each side into (1, 1, F * hop)
+    audio; with ``context >= DECODER_CONTEXT`` it equals a single pass up to float rounding."""
     if codes.dim() != 3 or codes.shape[0] != 1:
         raise ValueError("decode_long takes one item, codes of shape (1, n_q, F)")
     if window < 1 or context < 0:
@@ -85,13 +76,12 @@ class Pipeline:
     """Lists of clips to codes and codes to audio, each output trimmed to its source's length.
 
     Args:
-        model: the codec (eval mode).
-        bandwidth: kbps (default: the model's largest); a bandwidth it lacks raises ``ValueError``.
+        bandwidth: kbps (default: the model's largest); a bandwidth the model lacks raises ``ValueError``.
         precision: ``"fp32"`` (exact codes) or ``"bf16"``.
-        window, context: seconds; a clip of more than ``window + 2 * context`` seconds of frames
-            is encoded and decoded in windows (``window=0``: never).
-        vocoder: decode to the vocoder's rate with it (YuE's 44.1 kHz vocoders);
-            ``low_freq_merge``: YuE's merge of the codec's own audio below 5.5 kHz.
+        window, context: seconds; a clip of more than ``window + 2 * context`` seconds of frames is encoded and
+            decoded in windows (``window=0``: never).
+        vocoder: decode to its rate with it (YuE's 44.1 kHz vocoders); ``low_freq_merge``: YuE's merge of the
+            codec's own audio below 5.5 kHz.
         gain: applied to audio before encoding (default: the model's ``audio_norm_scale``).
     """
 
@@ -100,10 +90,9 @@ class Pipeline:
                  gain: float | None = None):  # fmt: skip
         self.model, self.bandwidth, self.precision = model, bandwidth, precision
         self.n_q = model.quantizer.n_q_for_bandwidth(bandwidth)
-        self.window, self.context = window, context
-        win, ctx = window_frames(model, window, context) if window > 0 else (0, 0)
-        self.win, self.limit = win, win + 2 * ctx if window > 0 else None
-        self.vocoder, self.low_freq_merge = vocoder, low_freq_merge
+        self.window, self.context, self.vocoder, self.low_freq_merge = window, context, vocoder, low_freq_merge
+        self.win, ctx = window_frames(model, window, context) if window > 0 else (0, 0)
+        self.limit = self.win + 2 * ctx if window > 0 else None
         self.gain = model.audio_norm_scale if gain is None else gain
         self.min_length = model.min_length()
 
@@ -114,9 +103,8 @@ class Pipeline:
 
     def too_short(self, samples: int) -> str | None:
         """Why a clip of ``samples`` cannot be encoded, or ``None``."""
-        if samples >= self.min_length:
-            return None
-        return f"audio too short ({samples} samples at {self.model.sample_rate} Hz; at least {self.min_length} needed)"
+        why = f"audio too short ({samples} samples at {self.model.sample_rate} Hz; at least {self.min_length} needed)"
+        return why if samples < self.min_length else None
 
     def is_long(self, frames: int) -> bool:
         """The one long/short decision, for encoding and decoding alike."""
@@ -128,42 +116,32 @@ class Pipeline:
         wavs = [w.reshape(1, -1) * self.gain for w in wavs]
         frames = model.num_frames(torch.tensor([w.shape[-1] for w in wavs], dtype=torch.long)).tolist()
         long = [self.is_long(f) for f in frames]
-        short = [i for i, is_long in enumerate(long) if not is_long]
-        rows = iter(batched([wavs[i] for i in short], lambda x, n: model.encode(x, self.bandwidth, n, self.precision),
-                            model.device, self.precision))  # fmt: skip
+        short = [w for w, is_long in zip(wavs, long) if not is_long]
+        rows = iter(batched(short, lambda x, n: model.encode(x, self.bandwidth, n, self.precision), model.device,
+                            self.precision))  # fmt: skip
         return [encode_long(model, w, self.bandwidth, self.window, self.context, self.precision)[0] if is_long
                 else next(rows)[:, :f] for w, f, is_long in zip(wavs, frames, long)]  # fmt: skip
 
     def decode(self, codes: Sequence[torch.Tensor], source_lengths: Sequence[int | None] | None = None) -> list:
         """(n_q, F_i) codes (one n_q) to (T_i,) audio at :attr:`out_rate`: T_i is the source's
         ``source_lengths[i]`` samples (at the model's rate) at the output rate, else F_i frames."""
-        model, rate = self.model, self.model.sample_rate
+        model, rate, vocoder = self.model, self.model.sample_rate, self.vocoder
         sources = source_lengths or [None] * len(codes)
         targets = [round((n or c.shape[-1] * model.hop_length) * self.out_rate / rate) for c, n in zip(codes, sources)]
-        if self.vocoder is not None:
-            audio = [self._vocode(c[None])[0, 0] for c in codes]
-        else:
+        if vocoder is None or self.low_freq_merge:  # the codec's own decoding, F_i * hop samples each
             short = [c for c in codes if not self.is_long(c.shape[-1])]
             rows = iter(batched(short, lambda x, n: model.decode(x, n, self.precision)[:, 0], model.device,
                                 self.precision))  # fmt: skip
-            audio = [self._decode_one(c[None])[0, 0] if self.is_long(c.shape[-1]) else next(rows) for c in codes]
+            audio = [decode_long(model, c[None], self.win, precision=self.precision)[0, 0] if self.is_long(c.shape[-1])
+                     else next(rows)[: c.shape[-1] * model.hop_length] for c in codes]  # fmt: skip
+        if vocoder is not None:  # low_freq_merge: YuE's post-processing, the codec's own audio below 5.5 kHz
+            vocoded = [vocoder.vocode(model, c[None]) for c in codes]
+            if self.low_freq_merge:
+                vocoded = [merge_low_band(a[None, None], v, rate, vocoder.sample_rate) for a, v in zip(audio, vocoded)]
+            audio = [v[0, 0] for v in vocoded]
         return [F.pad(a, (0, n - a.shape[-1])) for a, n in zip(audio, targets)]  # cut or zero-padded
 
     def encode_decode(self, wavs: Sequence[torch.Tensor], decode: bool = True) -> tuple[list, list | None]:
         """Codes of ``wavs`` and, with ``decode``, their reconstructions of the sources' lengths."""
         codes = self.encode(wavs)
         return codes, self.decode(codes, [w.numel() for w in wavs]) if decode else None
-
-    def _decode_one(self, codes: torch.Tensor) -> torch.Tensor:
-        """(1, n_q, F) codes -> (1, 1, F * hop) audio, in windows of ``window`` when long."""
-        if not self.is_long(codes.shape[-1]):
-            return self.model.decode(codes, precision=self.precision)
-        return decode_long(self.model, codes, self.win, precision=self.precision)
-
-    def _vocode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(1, n_q, F) codes -> (1, 1, F * vocoder hop) audio at the vocoder's rate; with
-        ``low_freq_merge`` YuE's post-processing (the codec's own decoding below 5.5 kHz)."""
-        audio = self.vocoder.vocode(self.model, codes)
-        if self.low_freq_merge:
-            audio = merge_low_band(self._decode_one(codes), audio, self.model.sample_rate, self.vocoder.sample_rate)
-        return audio

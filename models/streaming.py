@@ -1,10 +1,4 @@
-"""Streaming decode and batches of clips on top of :class:`XCodec` (long files: models/pipeline.py).
-
-:class:`StreamingDecoder` takes codes chunk by chunk and returns the audio of every frame
-that has ``lookahead`` frames of future codes, decoding each time with ``context`` frames
-of past codes (the decoder is not causal). With ``lookahead=0`` the newest frames of each
-chunk are decoded without their future: lowest latency, some error at chunk edges.
-"""
+"""Streaming decode and batches of clips on top of :class:`XCodec` (long files: models/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -24,18 +18,17 @@ __all__ = ["DECODER_CONTEXT", "StreamingDecoder", "chunk_codes", "decode_long", 
 
 
 class StreamingDecoder:
-    """Decode codes chunk by chunk.
+    """Decode codes chunk by chunk: the audio of every frame that has ``lookahead`` frames of future codes, decoded
+    with ``context`` frames of past codes (the decoder is not causal). ``lookahead=0``: the newest frames of each
+    chunk decoded without their future (lowest latency, some error at chunk edges).
 
     Args:
-        model: the codec.
         context: frames of past codes decoded again with each chunk (look-back).
-        lookahead: frames held back until that many future frames have arrived; audio
-            of frames with full lookahead is final. ``lookahead >= DECODER_CONTEXT`` and
-            ``context >= DECODER_CONTEXT`` reproduce whole-sequence decoding.
-        precision: ``"fp32"`` or ``"bf16"``.
+        lookahead: frames held back until that many future frames have arrived (their audio is then final).
+            ``lookahead >= DECODER_CONTEXT`` and ``context >= DECODER_CONTEXT`` reproduce whole-sequence decoding.
 
-    ``push(codes)`` takes (1, n_q, n) or (n_q, n) codes and returns the (T,) audio that
-    became final (possibly empty); ``flush()`` returns the rest at the end of the stream.
+    ``push(codes)`` takes (1, n_q, n) or (n_q, n) codes and returns the (T,) audio that became final (possibly
+    empty); ``flush()`` returns the rest at the end of the stream.
     """
 
     def __init__(self, model: XCodec, context: int = DECODER_CONTEXT, lookahead: int = 0, precision: str = "fp32"):
@@ -47,8 +40,7 @@ class StreamingDecoder:
         self._emitted = 0  # frames whose audio has been returned
 
     def push(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.dim() == 2:
-            codes = codes[None]
+        codes = codes[None] if codes.dim() == 2 else codes
         self.model.check_codes(codes)
         if codes.shape[0] != 1:
             raise ValueError("StreamingDecoder takes one stream: codes of shape (1, n_q, n)")
@@ -58,9 +50,7 @@ class StreamingDecoder:
         return self._emit(self._offset + self._codes.shape[-1] - self.lookahead)
 
     def flush(self) -> torch.Tensor:
-        if self._codes is None:
-            return torch.zeros(0, device=self.model.device)
-        return self._emit(self._offset + self._codes.shape[-1])
+        return self._emit(self._offset + (0 if self._codes is None else self._codes.shape[-1]))
 
     @torch.inference_mode()
     def _emit(self, upto: int) -> torch.Tensor:
@@ -82,21 +72,18 @@ def _in_batches(run: Callable, items: Sequence[torch.Tensor], batch_size: int) -
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     order = sorted(range(len(items)), key=lambda i: -items[i].shape[-1])
-    out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    out = {}
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        for i, result in zip(idx, run([items[i] for i in idx])):
-            out[i] = result
-    return out
+        out.update(zip(idx, run([items[i] for i in idx])))
+    return [out[i] for i in range(len(items))]
 
 
 @torch.inference_mode()
 def encode_many(model: XCodec, clips: Sequence[torch.Tensor], bandwidth: float | None = None, batch_size: int = 8,
                 precision: str = "fp32") -> list[torch.Tensor]:  # fmt: skip
-    """Encode clips of any lengths (no gain applied), ``batch_size`` at a time (grouped by length).
-
-    Returns one (n_q, F_i) code tensor per clip, identical to encoding it alone.
-    """
+    """Encode clips of any lengths (no gain applied), ``batch_size`` at a time (grouped by length): one (n_q, F_i)
+    code tensor per clip, identical to encoding it alone."""
     pipe = Pipeline(model, bandwidth, precision, window=0, gain=1.0)
     return _in_batches(pipe.encode, [c.reshape(-1) for c in clips], batch_size)
 
@@ -115,16 +102,12 @@ def chunk_codes(codes: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def receptive_frames(model: XCodec) -> int:
     """An upper bound on the decoder's receptive field, in frames on each side."""
-    reach = 0.0  # in samples at the current rate, converted as rates change
-    rate = 1.0  # current rate relative to the frame rate
-    for seg in plan_segments(model.decoder_2.model):
-        for op in seg.ops:
-            if isinstance(op, Residual):
-                reach += op.conv1.d * (op.conv1.k - 1) / 2 / rate
-            elif isinstance(op, ConvSpec):
-                if op.transposed:
-                    reach += math.ceil(op.k / op.s) / rate
-                    rate *= op.s
-                else:
-                    reach += op.d * (op.k - 1) / 2 / rate
+    reach, rate = 0.0, 1.0  # frames each side; the current rate relative to the frame rate
+    for op in (op for seg in plan_segments(model.decoder_2.model) for op in seg.ops):
+        conv = op.conv1 if isinstance(op, Residual) else op  # a residual unit's second conv is 1 wide
+        if isinstance(conv, ConvSpec) and conv.transposed:
+            reach += math.ceil(conv.k / conv.s) / rate
+            rate *= conv.s
+        elif isinstance(conv, ConvSpec):
+            reach += conv.d * (conv.k - 1) / 2 / rate
     return math.ceil(reach)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,39 +30,27 @@ class CodesError(ValueError):
 
 @dataclass
 class CodecOutput:
-    """Training forward output.
+    """Training forward output."""
 
-    Attributes:
-        audio: (B, 1, T) reconstruction, the input's length.
-        codes: (B, n_q, F).
-        commit_loss: () commitment loss.
-        semantic_loss: () MSE between the semantic decoder output and the teacher features.
-        n_q: quantizer stages used.
-        bandwidth: kbps used.
-    """
-
-    audio: torch.Tensor
-    codes: torch.Tensor
-    commit_loss: torch.Tensor
-    semantic_loss: torch.Tensor
-    n_q: int
-    bandwidth: float
+    audio: torch.Tensor  # (B, 1, T) reconstruction, the input's length
+    codes: torch.Tensor  # (B, n_q, F)
+    commit_loss: torch.Tensor  # () commitment loss
+    semantic_loss: torch.Tensor  # () MSE between the semantic decoder output and the teacher features
+    n_q: int  # quantizer stages used
+    bandwidth: float  # kbps used
 
 
 class XCodec(nn.Module):
     """The X-Codec model, assembled from its parts (built from a config by :func:`build_codec`).
 
     Args:
-        encoder: acoustic encoder, (B, 1, T) -> (B, D, F).
-        decoder: acoustic decoder, (B, D, F) -> (B, 1, F * hop).
+        encoder, decoder: acoustic encoder (B, 1, T) -> (B, D, F) and decoder (B, D, F) -> (B, 1, F * hop).
         quantizer: residual VQ over D + H channels.
         semantic_model: frozen teacher (HuBERT / WavLM) with hidden size H.
-        semantic_encoder: (B, H, F) -> (B, H, F).
-        semantic_decoder: (B, H, F) -> (B, H, F), training target only.
-        sample_rate: audio rate in Hz.
-        hop_length: samples per frame.
-        audio_norm_scale: gain the released pipelines apply before ``encode`` (0.95); models.pipeline
-            applies it, ``encode`` never does.
+        semantic_encoder, semantic_decoder: (B, H, F) -> (B, H, F); the decoder's output is a training target only.
+        sample_rate, hop_length: audio rate in Hz, samples per frame.
+        audio_norm_scale: gain the released pipelines apply before ``encode`` (0.95): models.pipeline applies it,
+            ``encode`` never does.
     """
 
     def __init__(self, encoder: AcousticEncoder, decoder: AcousticDecoder, quantizer: ResidualVectorQuantizer,
@@ -70,38 +59,20 @@ class XCodec(nn.Module):
         super().__init__()
         latent, hidden = quantizer.dimension, semantic_model.config.hidden_size
         # Attribute names reproduce the released state-dict layout.
-        self.encoder = encoder
-        self.encoder_semantic = semantic_encoder
-        self.decoder_semantic = semantic_decoder
-        self.quantizer = quantizer
-        self.decoder_2 = decoder
-        self.semantic_model = semantic_model
+        self.encoder, self.encoder_semantic, self.decoder_semantic = encoder, semantic_encoder, semantic_decoder
+        self.quantizer, self.decoder_2, self.semantic_model = quantizer, decoder, semantic_model
         self.fc_prior = nn.Linear(latent, latent)
         self.fc_post1 = nn.Linear(latent, hidden)
         self.fc_post2 = nn.Linear(latent, latent - hidden)
         self.sample_rate, self.hop_length, self.audio_norm_scale = sample_rate, hop_length, audio_norm_scale
+        self.n_q, self.bins, self.frame_rate = quantizer.n_q, quantizer.bins, quantizer.frame_rate  # fixed by the VQ
+        self.target_bandwidths = quantizer.target_bandwidths
         self.config = None  # the GeneratorConfig, set by build_codec
         self._tiled = TiledStacks()  # the CPU inference engine's runners and plans, built on first use
 
     @property
     def decoder(self) -> AcousticDecoder:
         return self.decoder_2
-
-    @property
-    def frame_rate(self) -> float:
-        return self.quantizer.frame_rate
-
-    @property
-    def target_bandwidths(self) -> list[float]:
-        return self.quantizer.target_bandwidths
-
-    @property
-    def n_q(self) -> int:
-        return self.quantizer.n_q
-
-    @property
-    def bins(self) -> int:
-        return self.quantizer.bins
 
     @property
     def device(self) -> torch.device:
@@ -116,23 +87,11 @@ class XCodec(nn.Module):
         """Code frames for inputs of ``lengths`` samples: the teacher's frame count."""
         return self.semantic_model.num_frames(lengths)
 
-    def _check_audio(self, wav: torch.Tensor) -> None:
-        if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
-            raise ValueError("audio must be a floating-point tensor of shape (B, 1, T)")
-        if wav.dim() != 3 or wav.shape[1] != 1:
-            raise ValueError(f"audio must have shape (B, 1, T), got {tuple(wav.shape)}")
-        if not bool(torch.isfinite(wav).all()):
-            raise ValueError("audio contains NaN or Inf samples")
-
-    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32", norm_stats=None):
-        """The quantizer's input for (B, 1, T) audio.
-
-        ``precision``: ``"fp32"``, ``"bf16"`` or ``None`` (the caller's autocast: training).
-
-        Returns ``(latents (B, D+H, F), teacher features (B, H, F), frames (B,))``: the fused
-        acoustic + semantic latents after ``fc_prior``, the semantic target, and each item's
-        frame count (``lengths`` as in :meth:`encode`).
-        """
+    def latents(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, precision: str | None = "fp32",
+                norm_stats=None):  # fmt: skip
+        """The quantizer's input for (B, 1, T) audio: ``(latents (B, D+H, F), teacher features (B, H, F), frames
+        (B,))``, the fused latents after ``fc_prior``, the semantic target and each item's frame count (``lengths``
+        as in :meth:`encode`; ``precision``: ``"fp32"``, ``"bf16"`` or ``None``, the caller's autocast: training)."""
         total = wav.shape[-1]
         lengths = self._sizes(lengths, wav.shape[0], wav.shape[-1], "lengths")
         frames = self.num_frames(lengths)
@@ -182,10 +141,7 @@ class XCodec(nn.Module):
 
     def min_length(self) -> int:
         """Shortest input (samples) that yields one frame."""
-        lo = 1
-        while int(self.num_frames(lo)) < 1:
-            lo += 1
-        return lo
+        return next(n for n in itertools.count(1) if int(self.num_frames(n)) >= 1)
 
     @torch.inference_mode()
     def encode(self, wav: torch.Tensor, bandwidth: float | None = None,
@@ -196,9 +152,8 @@ class XCodec(nn.Module):
         Args:
             wav: (B, 1, T) float audio at ``sample_rate``, not rescaled here (see ``audio_norm_scale``).
             bandwidth: one of ``target_bandwidths`` (default: the largest).
-            lengths: (B,) valid samples per item for a zero-padded batch of clips of
-                different lengths. Each item then gets exactly the codes it gets alone,
-                ``num_frames(lengths[i])`` frames; frames after those are padding.
+            lengths: (B,) valid samples per item of a zero-padded batch: each item gets exactly the codes it gets
+                alone, ``num_frames(lengths[i])`` frames; frames after those are padding.
             precision: ``"fp32"`` (exact: the codes of the eager float32 model) or ``"bf16"`` (fast mode:
                 the encoders in bfloat16; codes agree with fp32 for most frames).
             norm_stats: the teacher's first GroupNorm statistics (``semantic_model.norm_stats``; long files).
@@ -206,7 +161,12 @@ class XCodec(nn.Module):
         Returns:
             (B, n_q, F) int64 codes, n_q = bandwidth / (log2(bins) * frame_rate / 1000).
         """
-        self._check_audio(wav)
+        if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
+            raise ValueError("audio must be a floating-point tensor of shape (B, 1, T)")
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"audio must have shape (B, 1, T), got {tuple(wav.shape)}")
+        if not bool(torch.isfinite(wav).all()):
+            raise ValueError("audio contains NaN or Inf samples")
         wav = wav.to(self.device, torch.float32)  # float64/float16 input: computed in float32 like any other
         check_precision(precision, wav.device)
         self.quantizer.n_q_for_bandwidth(bandwidth)  # validates before any compute
@@ -219,13 +179,10 @@ class XCodec(nn.Module):
     def _encode_pass(self, wav: torch.Tensor, bandwidth: float | None, lengths, precision: str, norm_stats=None) -> torch.Tensor:
         e, _, frames = self.latents(wav, lengths, precision, norm_stats)
         codes = self.quantizer.encode(e, bandwidth)
-        if lengths is not None and bool((frames != codes.shape[-1]).any()):
-            codes = codes.masked_fill(~self._frame_mask(frames, codes.shape[-1], codes.device)[:, None, :], 0)
+        if lengths is not None and bool((frames != codes.shape[-1]).any()):  # each item's padding frames: 0
+            frames = frames.to(codes.device)[:, None, None]
+            codes = codes * (torch.arange(codes.shape[-1], device=codes.device) < frames)
         return codes
-
-    @staticmethod
-    def _frame_mask(frames: torch.Tensor, size: int, device) -> torch.Tensor:
-        return torch.arange(size, device=device)[None, :] < frames.to(device)[:, None]
 
     def check_codes(self, codes: torch.Tensor) -> None:
         """Raise :class:`CodesError` unless ``codes`` is an integer (B, n_q, F) tensor in range."""
@@ -249,13 +206,10 @@ class XCodec(nn.Module):
         """Decode codes to audio.
 
         Args:
-            codes: (B, n_q, F) integer codes, any n_q up to ``self.n_q``; values outside
-                [0, bins) are refused with :class:`CodesError`.
-            frames: (B,) valid frames per item of a padded batch (as returned by
-                ``num_frames``); each item then decodes exactly as alone.
+            codes: (B, n_q, F) integers in [0, bins), any n_q up to ``self.n_q`` (else :class:`CodesError`).
+            frames: (B,) valid frames per item of a padded batch (``num_frames``): each decodes exactly as alone.
             precision: ``"fp32"`` (within ~1e-6 of the eager model) or ``"bf16"``.
-            length: the source's samples, one for all or (B,): the audio is cut (or
-                zero-padded) to it, each item to its own.
+            length: the source's samples, one for all or (B,): the audio is cut (or zero-padded) to it.
 
         Returns:
             (B, 1, T) float32 audio: T = max(``length``), else F * hop (whole frames).
@@ -279,7 +233,7 @@ class XCodec(nn.Module):
         z = self.fc_post2(quantized.transpose(1, 2)).transpose(1, 2)
         if frames is not None:  # a ragged batch: each item's padding frames are zero, as alone
             frames = frames.to(z.device)
-            z = z * self._frame_mask(frames, z.shape[-1], z.device)[:, None, :].to(z.dtype)
+            z = z * (torch.arange(z.shape[-1], device=z.device) < frames[:, None, None]).to(z.dtype)
         audio = run_acoustic(self, "decoder", z, frames, precision)
         if not audio.is_meta and not bool(torch.isfinite(audio).all()):  # meta: shapes only, no values
             raise ValueError("decoded audio holds NaN or Inf: the model's weights or codebooks are not finite")
@@ -309,15 +263,13 @@ class XCodec(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
-        """An inference model: eval mode, weight norm folded, no gradients, :attr:`checkpoint_id` set.
+        """An inference model: eval mode, weight norm folded, no gradients, :attr:`checkpoint_id` set; a checkpoint
+        that cannot be used raises ``models.pretrained.CheckpointError`` with a one-line reason.
 
         Args:
             path: a release name or ``owner/name`` (downloaded once into the Hugging Face cache), a release
                 .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our training or YuE's,
                 a transformers ``XcodecModel`` directory or our export.
-
-        Raises:
-            models.pretrained.CheckpointError: with a one-line reason.
         """
         ckpt = read_checkpoint(path, config)
         model = build_codec(ckpt.generator, ckpt.audio_norm_scale, weight_norm=False)
@@ -326,22 +278,16 @@ class XCodec(nn.Module):
         return model.eval().requires_grad_(False).to(device)
 
 
-def build_codec(
-    cfg: GeneratorConfig,
-    audio_norm_scale: float = 1.0,
-    weight_norm: bool = True,
-    pretrained_teacher: str | bool = False,
-) -> XCodec:
-    """The one factory: an X-Codec from its generator config.
+def build_codec(cfg: GeneratorConfig, audio_norm_scale: float = 1.0, weight_norm: bool = True,
+                pretrained_teacher: str | bool = False) -> XCodec:  # fmt: skip
+    """The one factory: an X-Codec from its generator config (the YAML ``generator.config`` section).
 
     Args:
-        cfg: architecture (the YAML ``generator.config`` section).
         audio_norm_scale: gain the pipelines apply before encoding (stored, not applied).
         weight_norm: weight-norm parametrized convs (training); ``False`` builds plain convs, the
             teacher's positional conv included, which is what inference loads folded weights into.
-        pretrained_teacher: ``False`` builds the teacher from its config (weights come
-            from the codec checkpoint); ``True`` or a repo id / directory loads a
-            pretrained teacher (training from scratch).
+        pretrained_teacher: ``False`` builds the teacher from its config (weights come from the codec
+            checkpoint); ``True`` or a repo id / directory loads a pretrained teacher (training from scratch).
     """
     teacher = build_teacher(cfg.semantic_techer, cfg.semantic_model_config, pretrained_teacher, cfg.hop_length // 2)
     for module in teacher.modules() if not weight_norm else ():  # the positional conv: the loader folds its state
@@ -349,16 +295,9 @@ def build_codec(
             parametrize.remove_parametrizations(module, "weight")
     hidden = teacher.config.hidden_size
     quantizer = ResidualVectorQuantizer.for_bandwidths(cfg.D + hidden, cfg.bins, cfg.frame_rate, cfg.target_bandwidths)
-    model = XCodec(
-        encoder=AcousticEncoder(cfg.encoder_dim, cfg.ratios, cfg.D, wn=weight_norm),
-        decoder=AcousticDecoder(cfg.D, cfg.decoder_dim, cfg.ratios, wn=weight_norm),
-        quantizer=quantizer,
-        semantic_model=teacher,
-        semantic_encoder=SemanticEncoder(hidden, cfg.semantic_blocks),
-        semantic_decoder=SemanticDecoder(hidden, cfg.semantic_blocks),
-        sample_rate=cfg.sample_rate,
-        hop_length=cfg.hop_length,
-        audio_norm_scale=audio_norm_scale,
-    )
+    model = XCodec(AcousticEncoder(cfg.encoder_dim, cfg.ratios, cfg.D, wn=weight_norm),
+                   AcousticDecoder(cfg.D, cfg.decoder_dim, cfg.ratios, wn=weight_norm), quantizer, teacher,
+                   SemanticEncoder(hidden, cfg.semantic_blocks), SemanticDecoder(hidden, cfg.semantic_blocks),
+                   cfg.sample_rate, cfg.hop_length, audio_norm_scale)  # fmt: skip
     model.config, model.checkpoint_id = cfg, None  # checkpoint_id: set by from_pretrained
     return model
