@@ -171,6 +171,7 @@ def test_bad_codes_files_are_refused(tmp_path, ckpt, codes, needles, capsys):
     assert not (tmp_path / "o.wav").exists()
 
 
+@pytest.mark.slow
 def test_cli_entry_point_without_network(tmp_path):
     """The real command: the default release cannot be fetched offline -> one helpful line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache")}
@@ -195,6 +196,7 @@ def test_the_offline_probe_defers_to_a_proxy(monkeypatch):
     assert hub_reachable() is None  # huggingface_hub, which uses the proxy, decides
 
 
+@pytest.mark.slow
 def test_without_network_the_release_name_fails_fast_in_one_line(tmp_path):
     """Quickstart 1 with the hub unreachable (not HF_HUB_OFFLINE): one short connection
     attempt (a hang fails on the subprocess timeout), no retry lines, one line with what to do."""

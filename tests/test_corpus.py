@@ -95,6 +95,7 @@ def _assert_complete(out: Path, expected: dict[str, torch.Tensor]) -> None:
     assert n == len(expected) and problems == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["npy", "parquet", "webdataset"])
 def test_two_ranks_tokenize_into_each_format_with_the_api_codes(tmp_path, corpus, export_dir, expected, fmt, capsys, monkeypatch):
     """Two processes (RANK/WORLD_SIZE, as a scheduler starts them) write into one directory at once."""
@@ -144,6 +145,7 @@ sys.exit(inference.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_shard_is_finished_by_a_rerun_with_another_world_size(tmp_path, corpus, export_dir, expected, monkeypatch, capsys):
     out = tmp_path / "codes"
     argv = ["--input", str(corpus), "--codes-out", str(out), "--checkpoint", str(export_dir), "--format", "parquet", "--shard-size", "5"]

@@ -342,6 +342,7 @@ def test_an_existing_report_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "r.json").read_text())["files"][0]["path"] == "speech_en.flac"
 
 
+@pytest.mark.slow
 def test_without_the_eval_extra_one_line_names_it(tmp_path):
     """pesq is an extra (it builds from source): without it evaluate.py says how to install it,
     in one line, exit 2, before writing anything. `sys.modules["pesq"] = None` makes the real

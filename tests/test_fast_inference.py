@@ -290,6 +290,7 @@ def _assert_codes_differ_only_at_near_ties(model, x: torch.Tensor, exact: torch.
     assert checked > 0 or torch.equal(fast, exact)  # the check saw every difference of stage 0 at least
 
 
+@pytest.mark.slow
 def test_bf16_speed_probe_tells_fast_kernels_from_none():
     """The probe measures what the CPU's bf16 kernels do: with oneDNN held to AVX512 without its
     bf16 instructions (or to AVX2: torch's reference loop) bf16 is slower on any CPU; a CPU with

@@ -20,6 +20,7 @@ from models.precision import ieee_fp32, tf32_switches
 from modules.tiled import BF16_ONEDNN
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu(tmp_path):
     out = tmp_path / "summary.json"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -53,6 +54,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert "xcodec_fp32_model" in through
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user", ["default", "setter", "legacy"])
 def test_exact_mode_restores_tf32_settings_and_the_getter_still_answers(user):
     """Exact mode turns TF32 off with one API and leaves the process as it found it: torch

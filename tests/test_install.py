@@ -12,6 +12,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from conftest import ASSETS, ROOT
 
 
@@ -21,6 +23,7 @@ def _readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_editable_install_then_readme_snippet_from_another_directory(tmp_path, release_hub_cache):
     venv = tmp_path / "venv"
     # The new environment sees exactly this interpreter's packages (a .pth file naming its

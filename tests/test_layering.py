@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 from layering import ALIASES, MAX_LINES, check
 
@@ -17,6 +19,7 @@ def test_repository_layers_have_no_upward_import_circle_or_long_file():
     assert summary["largest"][1] <= MAX_LINES
 
 
+@pytest.mark.slow
 def test_the_command_line_check_passes():
     proc = subprocess.run([sys.executable, "-m", "tests.layering"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -160,6 +160,7 @@ def _hub_script(name: str) -> str:
     )
 
 
+@pytest.mark.slow
 def test_release_name_resolves_through_offline_hf_cache(tmp_path, release_hub_cache):
     """The real huggingface_hub code path against a cache laid out as the hub lays it out."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(release_hub_cache), "HF_HOME": str(tmp_path / "home")}
@@ -232,6 +233,7 @@ def test_non_regular_checkpoint_and_directory_config(tmp_path, release_dir):
         XCodec.from_pretrained(tmp_path / "model.pth")
 
 
+@pytest.mark.slow
 def test_hub_repo_ids_resolve_through_an_offline_cache_and_save_pretrained_opens_in_transformers(tmp_path, tiny_codec, speech):
     """``from_pretrained("owner/name")`` on the real huggingface_hub path (a cache laid out as
     the hub lays it out, HF_HUB_OFFLINE=1); ``save_pretrained`` is what XcodecModel opens."""

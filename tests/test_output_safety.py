@@ -97,6 +97,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (12000, 12000))  # a file that grows past 12 kB: EFBIG, as on a full disk
 
 
+@pytest.mark.slow
 def test_a_libsndfile_write_error_fails_that_file_only_and_leaves_no_orphan_codes(tmp_path, release_dir):
     """libsndfile reports a failed write as its own error type (LibsndfileError, not OSError)."""
     src, rec, codes = tmp_path / "in", tmp_path / "rec", tmp_path / "codes"

@@ -253,6 +253,7 @@ def test_stale_temporaries_of_this_and_earlier_versions_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
 
 
+@pytest.mark.slow
 def test_offline_teacher_download_fails_fast_in_one_line(tmp_path):
     """The default recipe downloads its teacher; with the hub unreachable (an endpoint that
     refuses connections) it stops within seconds, one line, before log_dir exists."""
@@ -271,6 +272,7 @@ def test_offline_teacher_download_fails_fast_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "truncated", "world_size"])
 def test_start_up_errors_are_one_line_and_create_nothing(tmp_path, case, capsys, monkeypatch):
     (tmp_path / "bad.pth").write_bytes(b"PK\x03\x04 truncated")

@@ -54,6 +54,7 @@ def torchrun(tmp_path: Path, env_extra: dict, *args: str, restarts: int = 0, tim
     return subprocess.run(cmd, cwd=ROOT, env=torchrun_env(env_extra), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_state(tmp_path):
     log_dir = tmp_path / "run"
     hashes = tmp_path / "hashes"
@@ -76,6 +77,7 @@ def test_two_ranks_keep_identical_state(tmp_path):
     assert len(list((log_dir / "logs").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_killed_rank_is_restarted_and_resumes(tmp_path):
     log_dir = tmp_path / "run"
     proc = torchrun(
@@ -91,6 +93,7 @@ def test_killed_rank_is_restarted_and_resumes(tmp_path):
     assert ckpt["step"] == 5
 
 
+@pytest.mark.slow
 def test_adversarial_terms_starting_late_leave_ddp_consistent(tmp_path):
     """No spectral loss and discriminator_iter_start > 0: the decoder has no gradient in the
     first steps, which DDP must be told (find_unused_parameters) or it stops with an error."""
@@ -132,6 +135,7 @@ def _lines_until(proc: subprocess.Popen, marker: str, timeout: float) -> list[st
     return seen
 
 
+@pytest.mark.slow
 def test_every_run_exits_by_itself(tmp_path):
     """Issue 19: a 2-process run printed "finished" and then hung in interpreter teardown in 3 of
     5 runs (DDP's reducer freed the gloo group at exit while its worker thread waited for the
@@ -151,6 +155,7 @@ def test_every_run_exits_by_itself(tmp_path):
             _stop(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refused", ["on_every_rank", "on_rank_0"])
 def test_a_refused_run_says_why_once(tmp_path, refused):
     """A config every rank refuses, and a log_dir only rank 0 writes into (here under a file):
@@ -173,6 +178,7 @@ def test_a_refused_run_says_why_once(tmp_path, refused):
     assert blocker.read_text() == "a file\n" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_only_rank_0_draws_the_progress_bar(tmp_path):
     """Both ranks write to one terminal (a pty, where tqdm draws): one bar, rank 0's."""
     leader, follower = pty.openpty()

@@ -175,6 +175,7 @@ def test_changed_optimizer_settings_are_applied_on_resume(tmp_path):
     assert "optimizer.g.lr 0.0002 -> 0.0001" in log and "optimizer.d.betas" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     log_dir = tmp_path / "run"

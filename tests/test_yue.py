@@ -213,6 +213,7 @@ def test_yue_to_transformers_gives_the_same_codes(yue, tmp_path, music):
     assert torch.equal(XCodec.from_pretrained(tmp_path / "converted").encode(music, 6), hf_codes)
 
 
+@pytest.mark.slow
 def test_release_name_and_vocoders_through_an_offline_hub_cache(yue, tmp_path):
     root = yue[0]
     files = ["final_ckpt/ckpt_00360000.pth", "final_ckpt/config.yaml", "semantic_ckpts/hf_1_325000/config.json",
