@@ -1,16 +1,11 @@
-"""transformers' ``XcodecModel`` layout: state-dict key names and ``XcodecConfig`` both ways.
-
-Our modules reproduce the released ``.pth`` layout (``encoder.block.*``, ``decoder_2.model.*``,
-``quantizer.vq.layers.N._codebook.*``); transformers renamed them. The two key maps are exact
-inverses on every key of both released layouts, whatever the weight-norm style.
-"""
+"""transformers' ``XcodecModel`` layout both ways: its state-dict key names (exact inverses of the released
+``.pth`` layout ours keeps, in every weight-norm style) and ``XcodecConfig``."""
 
 from __future__ import annotations
 
 import functools
 import re
 
-import torch
 from transformers import AutoConfig
 
 from modules.teacher import TEACHERS, teacher_config
@@ -70,14 +65,6 @@ def hf_key_to_original(key: str, n_stages: int) -> str:
     return re.sub(r"^quantizer\.quantizers\.(\d+)\.codebook\.", r"quantizer.vq.layers.\1._codebook.", key)
 
 
-def state_to_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
-    return {original_key_to_hf(k, n_stages): v for k, v in state.items()}
-
-
-def state_from_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
-    return {hf_key_to_original(k, n_stages): v for k, v in state.items()}
-
-
 def _field(config: dict, key: str, kind: type, default, where: str):
     value = default if config.get(key) is None else config[key]
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -116,78 +103,56 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
         raise LayoutError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
     strides = _field(config, "strides", list, [1, 1], where)
     cfg = GeneratorConfig(
-        D=_field(ac, "hidden_size", int, 256, where),
-        target_bandwidths=[float(b) for b in bandwidths],
-        ratios=list(ratios),
-        sample_rate=_field(config, "sample_rate", int, 16000, where),
-        bins=_field(config, "codebook_size", int, 1024, where),
-        semantic_techer=teacher,
+        D=_field(ac, "hidden_size", int, 256, where), target_bandwidths=[float(b) for b in bandwidths],
+        ratios=list(ratios), sample_rate=_field(config, "sample_rate", int, 16000, where),
+        bins=_field(config, "codebook_size", int, 1024, where), semantic_techer=teacher,
         encoder_dim=_field(ac, "encoder_hidden_size", int, 64, where),
         decoder_dim=_field(ac, "decoder_hidden_size", int, 1024, where),
-        semantic_blocks=len(strides),
-        semantic_model_config=overrides or None,
+        semantic_blocks=len(strides), semantic_model_config=overrides or None,
     )
     try:
         cfg.check("")
     except ConfigError as exc:  # name the config.json key, not ours
         ours, _, problem = str(exc).lstrip(".").partition(": ")
         raise LayoutError(f"{where}: {_HF_NAMES.get(ours, ours)}: {problem}") from None
-    _check_hf_consistency(config, ac, full, cfg, where)
-    return cfg
-
-
-_HF_NAMES = {
-    "D": "acoustic_model_config.hidden_size",
-    "ratios": "acoustic_model_config.downsampling_ratios",
-    "encoder_dim": "acoustic_model_config.encoder_hidden_size",
-    "decoder_dim": "acoustic_model_config.decoder_hidden_size",
-    "bins": "codebook_size",
-    "semantic_blocks": "strides",
-}
-
-
-def _check_hf_consistency(config: dict, ac: dict, teacher: dict, cfg: GeneratorConfig, where: str) -> None:
-    """Sizes that must agree for the weights to mean what the config says (the decoder uses the encoder's ratios)."""
+    # Sizes that must agree for the weights to mean what the config says (the decoder uses the encoder's ratios).
     expect = {
         "acoustic_model_config.upsampling_ratios": (ac.get("upsampling_ratios"), cfg.ratios),
         "acoustic_model_config.hop_length": (ac.get("hop_length"), cfg.hop_length),
         "acoustic_model_config.sampling_rate": (ac.get("sampling_rate"), cfg.sample_rate),
         "channel_ratios": (config.get("channel_ratios"), [1] * cfg.semantic_blocks),
         "strides": (config.get("strides"), [1] * cfg.semantic_blocks),
-        "codebook_dim": (config.get("codebook_dim"), cfg.D + teacher["hidden_size"]),
+        "codebook_dim": (config.get("codebook_dim"), cfg.D + full["hidden_size"]),
     }
     for key, (found, wanted) in expect.items():
         if found is not None and found != wanted:
             raise LayoutError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(teacher.get(key), int) or teacher[key] < 1:
-            raise LayoutError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {teacher.get(key)!r}")
-    if teacher["hidden_size"] % teacher["num_attention_heads"]:
-        hidden, heads = teacher["hidden_size"], teacher["num_attention_heads"]
+        if not isinstance(full.get(key), int) or full[key] < 1:
+            raise LayoutError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {full.get(key)!r}")
+    if full["hidden_size"] % full["num_attention_heads"]:
+        hidden, heads = full["hidden_size"], full["num_attention_heads"]
         problem = f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         raise LayoutError(f"{where}: semantic_model_config: {problem}")
+    return cfg
+
+
+_AC = "acoustic_model_config."
+_HF_NAMES = {"D": _AC + "hidden_size", "ratios": _AC + "downsampling_ratios", "encoder_dim": _AC + "encoder_hidden_size",
+             "decoder_dim": _AC + "decoder_hidden_size", "bins": "codebook_size", "semantic_blocks": "strides"}  # fmt: skip
 
 
 def hf_config_from_generator(cfg: GeneratorConfig) -> dict:
     """A transformers ``XcodecConfig`` dict describing ``cfg``'s architecture."""
     teacher_cfg = teacher_config(cfg.semantic_techer, cfg.semantic_model_config).to_dict()
     teacher_cfg["model_type"] = TEACHERS[cfg.semantic_techer].model_type
-    return {
-        "model_type": "xcodec",
-        "target_bandwidths": list(cfg.target_bandwidths),
-        "sample_rate": cfg.sample_rate,
-        "codebook_size": cfg.bins,
-        "channel_ratios": [1] * cfg.semantic_blocks,
-        "strides": [1] * cfg.semantic_blocks,
-        "acoustic_model_config": {
-            "model_type": "dac",
-            "encoder_hidden_size": cfg.encoder_dim,
-            "downsampling_ratios": list(cfg.ratios),
-            "decoder_hidden_size": cfg.decoder_dim,
-            "upsampling_ratios": list(cfg.ratios),
-            "hidden_size": cfg.D,
-            "sampling_rate": cfg.sample_rate,
-            "hop_length": cfg.hop_length,
-        },
-        "semantic_model_config": teacher_cfg,
-    }
+    acoustic = dict(
+        model_type="dac", encoder_hidden_size=cfg.encoder_dim, downsampling_ratios=list(cfg.ratios),
+        decoder_hidden_size=cfg.decoder_dim, upsampling_ratios=list(cfg.ratios), hidden_size=cfg.D,
+        sampling_rate=cfg.sample_rate, hop_length=cfg.hop_length,
+    )
+    return dict(
+        model_type="xcodec", target_bandwidths=list(cfg.target_bandwidths), sample_rate=cfg.sample_rate,
+        codebook_size=cfg.bins, channel_ratios=[1] * cfg.semantic_blocks, strides=[1] * cfg.semantic_blocks,
+        acoustic_model_config=acoustic, semantic_model_config=teacher_cfg,
+    )

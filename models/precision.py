@@ -20,9 +20,7 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)  # at check_precision's caller
 
 
-def reset_warnings() -> None:
-    """Forget which warnings were given (tests)."""
-    _warn_once.cache_clear()
+reset_warnings = _warn_once.cache_clear  # forget which warnings were given (tests)
 
 
 @functools.cache
@@ -40,14 +38,10 @@ def cpu_has_amx() -> bool | None:
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """How many times faster a convolution of the codec's kind runs in bf16 than in fp32 on this CPU,
-    measured once per process (a few tenths of a second): AVX512-BF16 (AMD Zen 4) is as fast a bf16
-    path as AMX, and a CPU without either runs bf16 at about half the rate.
+    """How many times faster one of the codec's convs runs in bf16 than in fp32 on this CPU, measured once.
 
-    The probe is one of the codec's convs (256 channels, kernel 7, 2048 frames) on one thread, the
-    precisions interleaved, best of 3 after a warm-up: on a busy machine a multi-threaded kernel
-    waits for its slowest thread (a 64-channel conv on all threads read 0.3-0.8x on an AMX CPU
-    whose codec runs 3.5x faster).
+    CPU flags do not say it (AVX512-BF16 is as fast as AMX). One thread, precisions interleaved, best of 3:
+    on a busy machine a multi-threaded kernel waits for its slowest thread (read 0.3-0.8x on a 3.5x CPU).
     """
     try:
         onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -75,8 +69,7 @@ def cpu_bf16_speedup() -> float:
 
 
 def check_precision(precision: str, device: torch.device | None = None) -> str:
-    """Return ``precision`` after checking it is one of :data:`PRECISIONS`; on a CPU where bf16 is
-    measured slower than fp32, ``bf16`` warns once per process that fp32 is the faster choice."""
+    """``precision``, checked; ``bf16`` on a CPU measured slower in bf16 warns once that fp32 is faster."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     speedup = cpu_bf16_speedup() if precision == "bf16" and device is not None and device.type == "cpu" else 1.0
@@ -95,9 +88,8 @@ def autocast(device: torch.device, precision: str | None) -> contextlib.Abstract
     return torch.autocast(device.type, enabled=False)
 
 
-# The TF32 switches exact mode turns off (oneDNN's too: CPUs with reduced-precision float32 units use
-# them). torch >= 2.9 has per-backend ``fp32_precision`` settings and refuses to read its older API
-# once the two are mixed: exact mode writes only the newer one where it exists.
+# The TF32 switches exact mode turns off (oneDNN's too); torch >= 2.9 refuses its older API once mixed with
+# the per-backend ``fp32_precision``, so only the newer one is written where it exists.
 _TF32_SWITCHES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
 
 
@@ -111,12 +103,8 @@ def tf32_switches() -> list[tuple[object, str]]:
 
 @contextlib.contextmanager
 def ieee_fp32(enabled: bool = True, device: torch.device | None = None) -> Iterator[None]:
-    """IEEE float32 matmuls, convolutions and attention inside; every flag restored after.
-
-    cuDNN convolutions default to TF32 on Ampere and later, which changes the last bits of every conv
-    and so codes. On CUDA attention also runs on SDPA's math kernel: the memory-efficient kernel
-    computes float32 with 3xTF32 on sm80+ whatever the flags.
-    """
+    """IEEE float32 matmuls, convolutions and attention inside (TF32 changes codes); every flag restored after.
+    On CUDA attention runs on SDPA's math kernel: the memory-efficient one uses 3xTF32 on sm80+ whatever the flags."""
     if not enabled:
         yield
         return
