@@ -45,15 +45,13 @@ class GeneratorConfig:
             n = len(self.ratios)
             stages = f"is halved at each of the {n} upsampling stages; it must be at least {2**n}"
             raise ConfigError(f"{where}.decoder_dim: {self.decoder_dim} {stages}")
-        check_budget(codec_parameters, *self.sizes(), f"{where}.")
-
-    def sizes(self) -> tuple[dict, dict]:
-        """``(sizes, defaults)`` of the keys that size the model (teacher's: ``semantic_model_config.<key>``)."""
+        # The keys that size the model (the teacher's as semantic_model_config.<key>), and their defaults.
         teachers = teacher_size(self.semantic_techer, self.semantic_model_config)
-        return tuple(
+        sizes, defaults = (
             {k: getattr(cfg, k) for k in SIZE_KEYS} | {f"semantic_model_config.{k}": v for k, v in teacher.items()}
             for cfg, teacher in zip((self, GeneratorConfig()), teachers)
         )
+        check_budget(codec_parameters, sizes, defaults, f"{where}.")
 
     @property
     def hop_length(self) -> int:

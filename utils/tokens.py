@@ -1,7 +1,4 @@
-"""Alias of ``python -m corpus.tokens`` for one release: the module moved to corpus/tokens.py.
-
-An explicit exception in tests/layering.py (``ALIASES``) lets this file import upward.
-"""
+"""Alias of ``python -m corpus.tokens`` for one release (moved; tests/layering.py ``ALIASES`` allows the import)."""
 
 import sys
 
