@@ -26,10 +26,6 @@ _LINEARS = (("fc_prior.", "fc."), ("fc_post1.", "fc1."), ("fc_post2.", "fc2."))
 _SEMANTIC_PLAIN = re.compile(r"\.res_units\.\d+\.conv2\.(weight|bias)$")
 
 
-class LayoutError(ValueError):
-    """A transformers config.json that does not describe an X-Codec; the message says why."""
-
-
 @functools.cache
 def _renamed_prefixes(n_stages: int) -> list[tuple[str, str]]:
     """``(our prefix, transformers' prefix)`` of every renamed module but the quantizer's."""
@@ -68,7 +64,7 @@ def hf_key_to_original(key: str, n_stages: int) -> str:
 def _field(config: dict, key: str, kind: type, default, where: str):
     value = default if config.get(key) is None else config[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise LayoutError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
     return value
 
 
@@ -78,12 +74,12 @@ def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
     model_type = sc.get("model_type", "hubert")
     teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
     if teacher is None:
-        raise LayoutError(f"{where}: unsupported semantic model type {model_type!r}")
+        raise ConfigError(f"{where}: unsupported semantic model type {model_type!r}")
     try:
         default = AutoConfig.for_model(model_type).to_dict()
         full = AutoConfig.for_model(model_type, **{k: v for k, v in sc.items() if k != "model_type"}).to_dict()
     except Exception as exc:  # transformers' own checks (wrong types, bad combinations)
-        raise LayoutError(f"{where}: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(f"{where}: {str(exc).splitlines()[0][:200]}") from None
     ignore = {"transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "model_type"}
     return teacher, {k: v for k, v in full.items() if k not in ignore and default.get(k) != v}, full
 
@@ -91,16 +87,16 @@ def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
 def generator_config_from_hf(config: dict, where: str = "config.json") -> GeneratorConfig:
     """GeneratorConfig from a transformers ``XcodecConfig`` dict (config.json)."""
     if not isinstance(config, dict):
-        raise LayoutError(f"{where}: expected a JSON object, got {type(config).__name__}")
+        raise ConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
     ac = _field(config, "acoustic_model_config", dict, {}, where)
     sc = dict(_field(config, "semantic_model_config", dict, {}, where))
     teacher, overrides, full = teacher_from_hf_config(sc, f"{where}: semantic_model_config")
     bandwidths = _field(config, "target_bandwidths", list, [0.5, 1, 1.5, 2, 4], where)
     if not all(type(b) in (int, float) for b in bandwidths):
-        raise LayoutError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")
+        raise ConfigError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")
     ratios = _field(ac, "downsampling_ratios", list, [8, 5, 4, 2], where)
     if not all(type(r) is int for r in ratios):
-        raise LayoutError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
+        raise ConfigError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
     strides = _field(config, "strides", list, [1, 1], where)
     cfg = GeneratorConfig(
         D=_field(ac, "hidden_size", int, 256, where), target_bandwidths=[float(b) for b in bandwidths],
@@ -114,7 +110,7 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
         cfg.check("")
     except ConfigError as exc:  # name the config.json key, not ours
         ours, _, problem = str(exc).lstrip(".").partition(": ")
-        raise LayoutError(f"{where}: {_HF_NAMES.get(ours, ours)}: {problem}") from None
+        raise ConfigError(f"{where}: {_HF_NAMES.get(ours, ours)}: {problem}") from None
     # Sizes that must agree for the weights to mean what the config says (the decoder uses the encoder's ratios).
     expect = {
         "acoustic_model_config.upsampling_ratios": (ac.get("upsampling_ratios"), cfg.ratios),
@@ -126,14 +122,14 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
     }
     for key, (found, wanted) in expect.items():
         if found is not None and found != wanted:
-            raise LayoutError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
+            raise ConfigError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(full.get(key), int) or full[key] < 1:
-            raise LayoutError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {full.get(key)!r}")
+            raise ConfigError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {full.get(key)!r}")
     if full["hidden_size"] % full["num_attention_heads"]:
         hidden, heads = full["hidden_size"], full["num_attention_heads"]
         problem = f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-        raise LayoutError(f"{where}: semantic_model_config: {problem}")
+        raise ConfigError(f"{where}: semantic_model_config: {problem}")
     return cfg
 
 

@@ -105,18 +105,13 @@ def tf32_switches() -> list[tuple[object, str]]:
 def ieee_fp32(enabled: bool = True, device: torch.device | None = None) -> Iterator[None]:
     """IEEE float32 matmuls, convolutions and attention inside (TF32 changes codes); every flag restored after.
     On CUDA attention runs on SDPA's math kernel: the memory-efficient one uses 3xTF32 on sm80+ whatever the flags."""
-    if not enabled:
-        yield
-        return
-    switches = tf32_switches()
+    switches = tf32_switches() if enabled else []
     saved = [getattr(obj, name) for obj, name in switches]
     for obj, name in switches:
         setattr(obj, name, False if name == "allow_tf32" else "ieee")
+    cuda = enabled and device is not None and device.type == "cuda"
     try:
-        if device is not None and device.type == "cuda":
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
-        else:
+        with sdpa_kernel(SDPBackend.MATH) if cuda else contextlib.nullcontext():
             yield
     finally:
         for (obj, name), value in zip(switches, saved):

@@ -19,7 +19,7 @@ from utils.config import ConfigError
 from utils.hub import HubError, hub_file
 
 from .config import GeneratorConfig, check_audio_norm_scale, generator_config_from_dict, load_generator_config
-from .hf_layout import LayoutError, generator_config_from_hf, hf_key_to_original, teacher_from_hf_config
+from .hf_layout import generator_config_from_hf, hf_key_to_original, teacher_from_hf_config
 
 RELEASE_REPO = "ZhenYe234/xcodec"
 # name -> (checkpoint file, config file) in RELEASE_REPO
@@ -287,7 +287,7 @@ def read_checkpoint(checkpoint: str | Path, config: str | Path | None = None, ar
         if kind == "training" and not src.explicit_config and isinstance(obj.get("config"), dict):
             return Checkpoint(state, *generator_config_from_dict(obj["config"], where), kind, where, ckpt_id)
         return Checkpoint(state, *_yaml_config(src.config, src.weights), kind, where, ckpt_id)
-    except (ConfigError, LayoutError) as exc:
+    except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
 
 

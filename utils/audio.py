@@ -62,18 +62,16 @@ def open_audio_dataset(path: str | Path):
     return _DATASETS[key]
 
 
-def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str | tuple[np.ndarray, int]:
+def _read_dataset_row(ref: DatasetAudio) -> tuple[np.ndarray, int]:
     cell = open_audio_dataset(ref.dataset)[ref.row]["audio"]
     if not isinstance(cell, dict):
         raise AudioError(f"{ref}: the audio cell is not a mapping")
-    if cell.get("array") is not None and cell.get("sampling_rate"):
+    if cell.get("array") is not None and cell.get("sampling_rate"):  # decoded samples: (T,) or (T, C)
         rate = cell["sampling_rate"]  # checked in load_audio: a negative rate is this file's failure, not the run's
-        rate = int(rate) if isinstance(rate, float) and rate.is_integer() else rate
-        return np.asarray(cell["array"], dtype=np.float32), rate
-    if cell.get("bytes"):
-        return io.BytesIO(cell["bytes"])
-    if cell.get("path") and Path(cell["path"]).is_file():
-        return cell["path"]
+        wav = np.asarray(cell["array"], dtype=np.float32)
+        return wav.reshape(len(wav), -1), int(rate) if isinstance(rate, float) and rate.is_integer() else rate
+    if cell.get("bytes") or (cell.get("path") and Path(cell["path"]).is_file()):
+        return sf.read(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"], dtype="float32", always_2d=True)
     raise AudioError(f"{ref}: the audio cell holds neither bytes nor a local file")
 
 
@@ -89,11 +87,10 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
         if not path.is_file():  # a FIFO or a device: opening it could block forever
             raise AudioError(f"{path}: not a regular file (a FIFO, socket or device); skipped")
     try:
-        data = _dataset_bytes(path) if isinstance(path, DatasetAudio) else str(path)
-        if isinstance(data, tuple):  # decoded samples: (T,) or (T, C)
-            wav, rate = data[0].reshape(len(data[0]), -1), data[1]
+        if isinstance(path, DatasetAudio):
+            wav, rate = _read_dataset_row(path)
         else:
-            wav, rate = sf.read(data, dtype="float32", always_2d=True)
+            wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except AudioError:
         raise
     except Exception as exc:  # libsndfile raises several types; all mean "unreadable"
