@@ -26,14 +26,9 @@ reset_warnings = _warn_once.cache_clear  # forget which warnings were given (tes
 @functools.cache
 def cpu_has_amx() -> bool | None:
     """Whether this CPU has AMX tiles (fast bf16 matrix units); None when unknown."""
-    with contextlib.suppress(AttributeError, RuntimeError):
+    with contextlib.suppress(AttributeError, RuntimeError):  # torch >= 2.3 has the probe
         return bool(torch.cpu._is_amx_tile_supported())
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    return None if flags is None else "amx_tile" in flags
+    return None
 
 
 @functools.cache

@@ -94,9 +94,8 @@ class Vocoder(nn.Module):
         self.frame_rate, self.n_q = frame_rate, n_q
         self.backbone = VocosBackbone(**dataclasses.asdict(backbone))
         self.head = ISTFTHead(**dataclasses.asdict(head))
-        self.hop_length = head.hop_length
+        self.hop_length, self.input_channels = head.hop_length, backbone.input_channels
         self.sample_rate = head.hop_length * frame_rate
-        self.input_channels = backbone.input_channels
 
     @property
     def device(self) -> torch.device:
@@ -133,9 +132,9 @@ class Vocoder(nn.Module):
         ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it); CheckpointError in one line."""
         name, local = str(name), Path(checkpoint or "")
         local = local.parent.parent if local.is_file() else local  # YuE's clone, or its final_ckpt/*.pth
-        if checkpoint is not None and name in VOCODERS and (local / "final_ckpt").is_dir():
-            if (local / VOCODERS[name]).is_file() and (local / VOCODER_CONFIG).is_file():
-                name = str(local / VOCODERS[name])
+        clone = checkpoint is not None and name in VOCODERS and (local / "final_ckpt").is_dir()
+        if clone and (local / VOCODERS[name]).is_file() and (local / VOCODER_CONFIG).is_file():
+            name = str(local / VOCODERS[name])
         if name in VOCODERS:
             hint = "Pass a local decoder_*.pth"
             weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", hint)
@@ -169,14 +168,10 @@ def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707
 def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate: int = 16000, rate: int = 44100,
                    cutoff: float = LOW_BAND_CUTOFF_HZ, eps: float = 1e-10) -> torch.Tensor:  # fmt: skip
     """YuE's ``replace_low_freq_with_energy_matched`` (float64): the codec's decoding below ``cutoff``, scaled to
-    the vocoder's energy there, plus the vocoder above it.
+    the vocoder's energy there, plus the vocoder above it, as (B, 1, min(T16 resampled, T44)) float32 at ``rate``.
 
     Args:
-        codec_audio: (B, 1, T16) the codec's decoding at ``codec_rate``.
-        vocoded: (B, 1, T44) the vocoder's output at ``rate``.
-
-    Returns:
-        (B, 1, min(T16 resampled, T44)) float32 at ``rate``.
+        codec_audio: (B, 1, T16) the codec's decoding at ``codec_rate``; vocoded: (B, 1, T44) the vocoder's at ``rate``.
     """
     out = []
     for low, high in zip(codec_audio[:, 0].float().cpu().numpy(), vocoded[:, 0].float().cpu().numpy()):

@@ -100,8 +100,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
         torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": chosen} if backend == "nccl" else {}
-        # torchrun's store can outlive a failed attempt: this attempt's keys get their own prefix, so a
-        # restarted group never reads the dead group's addresses.
+        # torchrun's store outlives a failed attempt: a prefix per attempt, never the dead group's addresses
         store, r, size = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"xcodec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
         timeout = datetime.timedelta(minutes=timeout_minutes)
