@@ -13,16 +13,14 @@ from utils.config import ConfigError
 
 from .config import GeneratorConfig
 
-# Our acoustic stacks <-> transformers' names: (our prefix, their module, index of the
-# first residual unit inside a block, names of the block's other layers by index).
+# Acoustic stacks: (our prefix, transformers' module, first residual unit's index in a block, other layers by index)
 _ACOUSTIC_STACKS = (
     ("encoder.block", "acoustic_encoder", 0, {3: "snake1", 4: "conv1"}),
     ("decoder_2.model", "acoustic_decoder", 2, {0: "snake1", 1: "conv_t1"}),
 )
 _UNIT_LAYERS = ("snake1", "conv1", "snake2", "conv2")  # a residual unit: Snake1d, conv, Snake1d, conv
 _LINEARS = (("fc_prior.", "fc."), ("fc_post1.", "fc1."), ("fc_post2.", "fc2."))
-# In the semantic encoder/decoder every conv is a padded wrapper (``.conv.weight``) except
-# the 1x1 second conv of a residual unit.
+# Every semantic conv is a padded wrapper (``.conv.weight``) but the 1x1 second conv of a residual unit.
 _SEMANTIC_PLAIN = re.compile(r"\.res_units\.\d+\.conv2\.(weight|bias)$")
 
 
@@ -69,8 +67,7 @@ def _field(config: dict, key: str, kind: type, default, where: str):
 
 
 def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
-    """``(teacher name, overrides of its default config, the full config)`` from a transformers HuBERT/WavLM
-    config dict (a ``semantic_model_config`` or a teacher's own ``config.json``)."""
+    """``(teacher name, overrides of its defaults, full config)`` of a transformers HuBERT/WavLM config dict."""
     model_type = sc.get("model_type", "hubert")
     teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
     if teacher is None:

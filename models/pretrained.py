@@ -163,8 +163,7 @@ class CheckpointSource(NamedTuple):
 
 
 def resolve_checkpoint(checkpoint: str | Path, config: str | Path | None = None) -> CheckpointSource:
-    """A release name, hub ``owner/name`` or path (``.pth``, ``.safetensors``, transformers, export or YuE
-    directory) and an optional YAML, as a :class:`CheckpointSource`."""
+    """A release name, hub ``owner/name`` or path (a file or a directory of any format), and an optional YAML."""
     cfg = Path(config) if config is not None else None
     name, path = str(checkpoint), Path(checkpoint)
     if isinstance(checkpoint, str) and checkpoint in RELEASES:
@@ -202,9 +201,8 @@ def resolve_checkpoint(checkpoint: str | Path, config: str | Path | None = None)
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint in memory: tensors in our key names (weight norm as stored), the architecture (None with
-    ``architecture=False``), the input gain, ``kind`` (release, training, yue, transformers, export), where
-    from, and ``id``: ``xcodec-`` + 16 hex digits of the files (not tensors: folding rounds per thread count)."""
+    """A checkpoint in memory, tensors in our key names; ``kind``: release, training, yue, transformers or export;
+    ``id``: ``xcodec-`` + 16 hex digits of its files (not tensors: folding rounds differently per thread count)."""
 
     state: dict[str, torch.Tensor]
     generator: GeneratorConfig | None

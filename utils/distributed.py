@@ -1,5 +1,5 @@
-"""Process-group helpers that work without a process group too (the same code runs under ``python``
-and ``torchrun``; collectives run only with more than one rank); the one source of rank and world size."""
+"""Process-group helpers that work without one too (collectives run only with several ranks); the one source of
+rank and world size."""
 
 from __future__ import annotations
 

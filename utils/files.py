@@ -70,14 +70,13 @@ def fsync_paths(*paths: Path) -> None:
 
 def try_lock(fd: int) -> bool:
     """An exclusive advisory lock on ``fd`` without waiting; ``False`` if another holds it (no locks: ``True``)."""
-    if fcntl is None:
-        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError:
-        pass
+        pass  # a filesystem without locks
     return True
 
 
@@ -351,10 +350,7 @@ def output_collision(pairs: Iterable[tuple[Path | None, Path]]) -> tuple[Path, P
     """``(output, first input, second input)`` when two inputs write one output (``a.wav``, ``a.flac``), else None."""
     seen: dict[Path, Path] = {}
     for out, src in pairs:
-        if out is None:
-            continue
-        key = Path(os.path.abspath(out))
-        if key in seen and seen[key] != src:
-            return Path(out), seen[key], src
-        seen[key] = src
+        first = src if out is None else seen.setdefault(Path(os.path.abspath(out)), src)
+        if first != src:
+            return Path(out), first, src
     return None
