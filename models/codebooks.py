@@ -1,8 +1,6 @@
 """Codebooks for a codec that was never trained, matched to the latents of real audio: random codebooks
 use a handful of codes, and benchmarks and tests need most entries used, as a trained model's are."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch

@@ -1,7 +1,5 @@
 """The codec architecture: the ``generator.config`` section of the original and our YAML."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from pathlib import Path

@@ -4,8 +4,6 @@ SRC is anything ``XCodec.from_pretrained`` reads; DST (absent, empty, or ``--ove
 and loaded back to compare every tensor (``--no-verify`` skips it).
 """
 
-from __future__ import annotations
-
 import argparse
 import re
 from pathlib import Path

@@ -1,8 +1,6 @@
 """Writing X-Codec checkpoints as our export (folded ``model.safetensors`` + ``config.yaml``) or transformers'
 ``XcodecModel`` (``config.json`` + ``model.safetensors``), from any module with X-Codec's layout and attributes."""
 
-from __future__ import annotations
-
 import re
 import tempfile
 from dataclasses import asdict

@@ -1,8 +1,6 @@
 """transformers' ``XcodecModel`` layout both ways: its state-dict key names (exact inverses of the released
 ``.pth`` layout ours keeps, in every weight-norm style) and ``XcodecConfig``."""
 
-from __future__ import annotations
-
 import functools
 import re
 

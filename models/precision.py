@@ -1,7 +1,5 @@
 """Inference precision: the names, their check, what the CPU does fast, and IEEE fp32 on CUDA."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import time

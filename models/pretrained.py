@@ -1,8 +1,6 @@
 """Reading X-Codec checkpoints of every format (release, training, YuE, transformers, export, hub name),
 safely: one resolver, one reader, one state loader; every ``torch.load`` is weights-only. See docs/."""
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import io

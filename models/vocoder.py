@@ -8,8 +8,6 @@ quantizer's latents of 8 codebooks, 882 samples a frame::
     audio = merge_low_band(codec.decode(codes), audio)     # YuE's optional post-processing
 """
 
-from __future__ import annotations
-
 import dataclasses
 from pathlib import Path
 
@@ -127,7 +125,7 @@ class Vocoder(nn.Module):
 
     @staticmethod
     def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu",
-                        checkpoint: str | Path | None = None) -> Vocoder:  # fmt: skip
+                        checkpoint: str | Path | None = None) -> "Vocoder":  # fmt: skip
         """``"vocals"`` / ``"instrumentals"`` (from ``checkpoint``'s local YuE clone, else downloaded) or a
         ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it); CheckpointError in one line."""
         name, local = str(name), Path(checkpoint or "")

@@ -1,7 +1,5 @@
 """Audio I/O with soundfile and resampling with soxr (no torchaudio)."""
 
-from __future__ import annotations
-
 import errno
 import io
 import math

@@ -1,8 +1,6 @@
 """The one size bound: every builder estimates what its config would allocate and calls :func:`check_budget`
 first, so a value of 10^9 ends in one line naming its key, not a MemoryError or a build that never ends."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Mapping
 from typing import Any

@@ -1,7 +1,5 @@
 """What the command-line tools share: one-line fatal errors, exit codes, the device choice."""
 
-from __future__ import annotations
-
 import argparse
 import sys
 from collections.abc import Callable

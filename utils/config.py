@@ -1,8 +1,6 @@
 """Reading configs: YAML files, their ``base:`` chains, and typed dataclass views (:func:`from_dict`) whose unknown
 keys, wrong types and values out of range (:func:`setting`) fail naming the key and the file."""
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import functools

@@ -1,8 +1,6 @@
 """Process-group helpers that work without one too (collectives run only with several ranks); the one source of
 rank and world size."""
 
-from __future__ import annotations
-
 import datetime
 import gc
 import hashlib

@@ -2,8 +2,6 @@
 the temporaries killed writers leave, output-tree locks, and files of ours never opened through a link.
 See docs/reliability.md."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import json

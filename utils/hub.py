@@ -1,8 +1,6 @@
 """Hugging Face Hub downloads that fail fast and in one line without network: the cache is used without a
 request, else one short connection attempt decides (huggingface_hub alone retries for ~25 s)."""
 
-from __future__ import annotations
-
 import os
 import socket
 from pathlib import Path

@@ -1,7 +1,5 @@
 """Spectrogram figures for ``evaluate.py --plot`` and training's images (matplotlib: imported only to draw)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 
