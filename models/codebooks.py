@@ -19,11 +19,9 @@ def init_codebooks(model: XCodec, clips: Sequence[torch.Tensor], method: str = "
             ``"gaussian"`` (each stage drawn from a Gaussian matched to its residual: fast, global generator).
     """
     device = model.device
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for c in clips:  # clips of one length go through in batches (about 10x faster than one by one)
-        by_length.setdefault(c.numel(), []).append(c.reshape(1, -1))
     parts = []
-    for same in by_length.values():
+    for n in dict.fromkeys(c.numel() for c in clips):  # clips of one length in batches (10x faster than one by one)
+        same = [c.reshape(1, -1) for c in clips if c.numel() == n]
         for i in range(0, len(same), 8):
             e = model.latents(torch.stack(same[i : i + 8]).to(device), None)[0]  # (b, D, F)
             parts.append(e.transpose(0, 1).reshape(e.shape[1], -1))

@@ -80,10 +80,9 @@ def read_torch_file(path: str | Path, data: bytes | None = None) -> dict:
 def _read_json(path: Path, data: bytes | None = None):
     try:
         return json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({str(exc)[:160]})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:160]
+        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({why})") from None
 
 
 _G = (".weight_g", ".parametrizations.weight.original0")

@@ -196,6 +196,4 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), dist.ReduceOp.MAX).item() > 0)

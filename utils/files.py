@@ -228,10 +228,10 @@ class TreeLock(contextlib.AbstractContextManager):
         self.path, self._root = root / f".xcodec.rank{rank}.lock", root
         self._held: list[tuple[int, Path]] = []
         try:
-            fd = self._take(self.path, fcntl.LOCK_EX if fcntl else 0, root)
+            fd = self._take(self.path, fcntl.LOCK_EX if fcntl else 0)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, rank {rank} of {world_size}".encode(), 0)
-            self._take(root / f".xcodec.world{world_size}.lock", fcntl.LOCK_SH if fcntl else 0, root)
+            self._take(root / f".xcodec.world{world_size}.lock", fcntl.LOCK_SH if fcntl else 0)
             for other in root.glob(".xcodec.world*.lock"):
                 if other.name != f".xcodec.world{world_size}.lock" and _in_use(str(other)):
                     n = other.name[len(".xcodec.world") : -len(".lock")]
@@ -241,30 +241,27 @@ class TreeLock(contextlib.AbstractContextManager):
             self.release()
             raise
 
-    def _take(self, path: Path, mode: int, root: Path) -> int:
+    def _take(self, path: Path, mode: int) -> int:
         for attempt in range(100):  # a releasing run may delete the file between our open and our lock: open it again
             fd = open_own(path, os.O_RDWR | os.O_CREAT)
             self._held.append((fd, path))
-            if fcntl is None:
-                return fd
             try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                if mode & fcntl.LOCK_SH and attempt < 99:  # a world lock is held exclusively only for an instant:
-                    self._held.pop()  # by a probe (_in_use) or by its last holder deleting it
-                    os.close(fd)
-                    time.sleep(0.01)
-                    continue
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-                fix = "wait for it or choose another output"
-                raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); {fix}") from None
+                if not (mode & fcntl.LOCK_SH) or attempt == 99:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                    found = f"another run is writing into this directory ({holder})"
+                    raise TreeLockedError(f"{self._root}: {found}; wait for it or choose another output") from None
+                time.sleep(0.01)  # a world lock is held exclusively only for an instant (a probe, or a deleting holder)
             except OSError:
                 return fd  # a filesystem without locks: behave as before
-            if _same_file(fd, path):
-                return fd
+            else:
+                if fcntl is None or _same_file(fd, path):
+                    return fd
             self._held.pop()
             os.close(fd)
-        raise TreeLockedError(f"{root}: its lock files keep being replaced; is another run starting and stopping there?")
+        raise TreeLockedError(f"{self._root}: lock files keep being replaced; is another run starting and stopping?")
 
     def release(self) -> None:
         """Unlock, deleting first (while locked) the lock files this process holds alone and a killed run's."""
