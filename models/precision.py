@@ -40,8 +40,7 @@ def cpu_bf16_speedup() -> float:
         onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         onednn_bf16 = True  # unknown: the full-size probe
-    # Without oneDNN's bf16 kernels (no AVX512) torch runs bf16 convs in a reference loop about
-    # 100x slower than fp32: a small conv says so in 0.1 s where the full-size one takes minutes.
+    # Without oneDNN's bf16 kernels (no AVX512) bf16 convs run ~100x slower: a small conv shows it in 0.1 s, not minutes
     channels, frames = (256, 2048) if onednn_bf16 else (64, 512)
     x, w = torch.randn(1, channels, frames), torch.randn(channels, channels, 7) / (7 * channels) ** 0.5
     inputs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
@@ -81,8 +80,7 @@ def autocast(device: torch.device, precision: str | None) -> contextlib.Abstract
     return torch.autocast(device.type, enabled=False)
 
 
-# The TF32 switches exact mode turns off (oneDNN's too); torch >= 2.9 refuses its older API once mixed with
-# the per-backend ``fp32_precision``, so only the newer one is written where it exists.
+# TF32 switches (oneDNN's too); torch >= 2.9 refuses its older API once mixed with ``fp32_precision``: newest only
 _TF32_SWITCHES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
 
 

@@ -28,8 +28,7 @@ RELEASES: dict[str, tuple[str, str]] = {
     "xcodec_hubert_general_audio": ("xcodec_hubert_general_audio.pth", "config_hubert_general.yaml"),
     "xcodec_hubert_general_audio_v2": ("xcodec_hubert_general_audio_v2.pth", "config_hubert_general.yaml"),
 }
-# YuE's music codec (multimodal-art-projection/YuE): a training checkpoint {"codec_model": ...}
-# with 12 codebooks, its YAML beside it and the teacher's architecture in semantic_ckpts/.
+# YuE's music codec: a training checkpoint {"codec_model": ...}, its YAML beside it, its teacher in semantic_ckpts/
 YUE_RELEASE, YUE_REPO = "yue_xcodec_mini", "m-a-p/xcodec_mini_infer"
 YUE_FILES = ["final_ckpt/ckpt_00360000.pth", "final_ckpt/config.yaml", "semantic_ckpts/hf_1_325000/config.json"]
 TRANSFORMERS_FILES = ["config.json", "model.safetensors"]

@@ -112,7 +112,7 @@ class Vocoder(nn.Module):
         return self(codec.quantizer.decode(codes.to(codec.device)))
 
     def check_codec(self, codec: nn.Module, n_q: int) -> None:
-        """Raise ``ValueError`` unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
+        """ValueError unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
         if self.n_q is not None and n_q != self.n_q:
             fix = f"encode at the bandwidth of {self.n_q} (YuE: -b 4)"
             raise ValueError(f"this vocoder takes {self.n_q} codebooks, not {n_q}: {fix}")

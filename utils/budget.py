@@ -7,12 +7,8 @@ from typing import Any
 
 from utils.config import ConfigError
 
-# 2^31 elements: 8 GiB of float32 in one model or one tensor, over 10x the largest release
-# (about 0.2e9 parameters) and 37 hours of 16 kHz audio in one clip.
-MAX_ELEMENTS = 2**31
-# One training step's estimate counts a few of its tensors only; the release recipe's is 0.26e9,
-# and a large GPU fits tens of times that batch.
-MAX_STEP_ELEMENTS = 8 * MAX_ELEMENTS
+MAX_ELEMENTS = 2**31  # 8 GiB of float32: over 10x the largest release (0.2e9) and 37 h of 16 kHz audio in a clip
+MAX_STEP_ELEMENTS = 8 * MAX_ELEMENTS  # a training step's few counted tensors: the release recipe's are 0.26e9
 
 
 def elements(estimate: Callable[[Mapping[str, Any]], float], values: Mapping[str, Any]) -> float:

@@ -21,8 +21,7 @@ def is_distributed() -> bool:
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world size)`` without needing a process group: the group's, else torchrun's ``RANK``/``WORLD_SIZE``,
-    else ``(0, 1)``; ValueError for non-integers or a rank outside the world."""
+    """``(rank, world size)``: the process group's, else ``RANK``/``WORLD_SIZE``, else ``(0, 1)``; ValueError if bad."""
     if _grouped():
         return rank(), world_size()
     if ("WORLD_SIZE" in os.environ) != ("RANK" in os.environ):

@@ -1,6 +1,5 @@
-"""Files on disk: atomic writes through a locked hidden temporary (``.{name}.XXXXXXXX.tmp``) renamed into place,
-the temporaries killed writers leave, output-tree locks, and files of ours never opened through a link.
-See docs/reliability.md."""
+"""Files on disk: atomic writes through a locked hidden temporary (``.{name}.XXXXXXXX.tmp``), the temporaries killed
+writers leave, output-tree locks, files of ours never opened through a link (docs/reliability.md)."""
 
 import contextlib
 import errno
