@@ -98,7 +98,7 @@ def generator_config_from_dict(data: dict, where: str = "config") -> tuple[Gener
     return cfg, check_audio_norm_scale(data.get("audio_norm_scale", 1.0), where)
 
 
-def check_audio_norm_scale(scale, where) -> float:
+def check_audio_norm_scale(scale: object, where: str | Path) -> float:
     """``scale`` as a float when it is a finite number > 0 (not a bool), else ConfigError."""
     if type(scale) not in (int, float) or not (math.isfinite(scale) and scale > 0):
         raise ConfigError(f"{where}: audio_norm_scale: expected a finite number > 0, got {scale!r}")

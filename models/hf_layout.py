@@ -84,7 +84,7 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
     ac = _field(config, "acoustic_model_config", dict, {}, where)
-    sc = dict(_field(config, "semantic_model_config", dict, {}, where))
+    sc = _field(config, "semantic_model_config", dict, {}, where)
     teacher, overrides, full = teacher_from_hf_config(sc, f"{where}: semantic_model_config")
     bandwidths = _field(config, "target_bandwidths", list, [0.5, 1, 1.5, 2, 4], where)
     if not all(type(b) in (int, float) for b in bandwidths):
@@ -92,14 +92,13 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
     ratios = _field(ac, "downsampling_ratios", list, [8, 5, 4, 2], where)
     if not all(type(r) is int for r in ratios):
         raise ConfigError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
-    strides = _field(config, "strides", list, [1, 1], where)
     cfg = GeneratorConfig(
         D=_field(ac, "hidden_size", int, 256, where), target_bandwidths=[float(b) for b in bandwidths],
         ratios=list(ratios), sample_rate=_field(config, "sample_rate", int, 16000, where),
         bins=_field(config, "codebook_size", int, 1024, where), semantic_techer=teacher,
         encoder_dim=_field(ac, "encoder_hidden_size", int, 64, where),
         decoder_dim=_field(ac, "decoder_hidden_size", int, 1024, where),
-        semantic_blocks=len(strides), semantic_model_config=overrides or None,
+        semantic_blocks=len(_field(config, "strides", list, [1, 1], where)), semantic_model_config=overrides or None,
     )
     try:
         cfg.check("")
@@ -120,7 +119,7 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
             raise ConfigError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(full.get(key), int) or full[key] < 1:
-            raise ConfigError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {full.get(key)!r}")
+            raise ConfigError(f"{where}: semantic_model_config.{key}: expected an integer > 0, got {full.get(key)!r}")
     if full["hidden_size"] % full["num_attention_heads"]:
         hidden, heads = full["hidden_size"], full["num_attention_heads"]
         problem = f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
@@ -129,8 +128,9 @@ def generator_config_from_hf(config: dict, where: str = "config.json") -> Genera
 
 
 _AC = "acoustic_model_config."
-_HF_NAMES = {"D": _AC + "hidden_size", "ratios": _AC + "downsampling_ratios", "encoder_dim": _AC + "encoder_hidden_size",
-             "decoder_dim": _AC + "decoder_hidden_size", "bins": "codebook_size", "semantic_blocks": "strides"}  # fmt: skip
+_HF_NAMES = {"D": _AC + "hidden_size", "ratios": _AC + "downsampling_ratios", "bins": "codebook_size",
+             "encoder_dim": _AC + "encoder_hidden_size", "decoder_dim": _AC + "decoder_hidden_size",
+             "semantic_blocks": "strides"}  # fmt: skip
 
 
 def hf_config_from_generator(cfg: GeneratorConfig) -> dict:

@@ -1,5 +1,5 @@
 """Reading X-Codec checkpoints of every format (release, training, YuE, transformers, export, hub name),
-safely: one resolver, one reader, one state loader; every ``torch.load`` is weights-only. See docs/."""
+safely: one resolver, one reader, one state loader; every ``torch.load`` is weights-only (docs/conversion.md)."""
 
 import dataclasses
 import hashlib

@@ -48,10 +48,8 @@ def open_audio_dataset(path: str | Path):
 
     key = str(path)
     if key not in _DATASETS:
-        if Path(path).is_dir():
-            ds = datasets.load_from_disk(key)
-        else:
-            ds = datasets.load_dataset("parquet", data_files=key, split="train")
+        local = Path(path).is_dir()  # a save_to_disk directory, else a parquet file
+        ds = datasets.load_from_disk(key) if local else datasets.load_dataset("parquet", data_files=key, split="train")
         if "audio" not in ds.column_names:
             raise AudioError(f"{path}: no 'audio' column (columns: {', '.join(ds.column_names)})")
         if isinstance(ds.features["audio"], datasets.Audio):  # else a plain {array, sampling_rate} struct
@@ -69,7 +67,8 @@ def _read_dataset_row(ref: DatasetAudio) -> tuple[np.ndarray, int]:
         wav = np.asarray(cell["array"], dtype=np.float32)
         return wav.reshape(len(wav), -1), int(rate) if isinstance(rate, float) and rate.is_integer() else rate
     if cell.get("bytes") or (cell.get("path") and Path(cell["path"]).is_file()):
-        return sf.read(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"], dtype="float32", always_2d=True)
+        data = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+        return sf.read(data, dtype="float32", always_2d=True)
     raise AudioError(f"{ref}: the audio cell holds neither bytes nor a local file")
 
 

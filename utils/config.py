@@ -103,7 +103,8 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
             expected = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
         kwargs[name] = float(value) if tp is float and isinstance(value, int) else value
-    missing = [n for n, f in fields.items() if n not in kwargs and dataclasses.MISSING is f.default is f.default_factory]
+    required = [n for n, f in fields.items() if dataclasses.MISSING is f.default is f.default_factory]
+    missing = [n for n in required if n not in kwargs]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
     obj = cls(**kwargs)
