@@ -222,8 +222,8 @@ def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig, float]:
     if not isinstance(config, dict) or config.get("model_type") != "xcodec":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
-    scale = check_audio_norm_scale(config.get("audio_norm_scale", 0.95), path)
-    return generator_config_from_hf(config, str(path)), scale
+    gen = generator_config_from_hf(config, str(path))
+    return gen, check_audio_norm_scale(config.get("audio_norm_scale", 0.95), path)
 
 
 def _yue_config(src: CheckpointSource) -> GeneratorConfig:
