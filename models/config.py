@@ -1,7 +1,5 @@
 """The codec architecture: the ``generator.config`` section of the original and our YAML."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from pathlib import Path
@@ -15,8 +13,7 @@ SIZE_KEYS = ("D", "target_bandwidths", "ratios", "sample_rate", "bins", "encoder
 
 @dataclasses.dataclass
 class GeneratorConfig:
-    """The codec architecture (the ``generator.config`` section of the original YAML); ``n_filters`` is
-    accepted but, as in the original, unused (the encoder width is ``encoder_dim``)."""
+    """The codec architecture; ``n_filters`` is accepted but, as in the original, unused (``encoder_dim`` is)."""
 
     n_filters: int = 32
     D: int = setting(256, gt=0)
@@ -33,8 +30,7 @@ class GeneratorConfig:
     semantic_model_config: dict | None = None
 
     def check(self, where: str = "config") -> None:
-        """Refuse values outside their ranges and combinations no model can be built from (ConfigError
-        naming the key and ``where``, the file)."""
+        """ConfigError naming the key and ``where`` for values out of range or that build no model."""
         check_ranges(self, where)
         if self.target_bandwidths != sorted(self.target_bandwidths):
             raise ConfigError(f"{where}.target_bandwidths: must be in increasing order, got {self.target_bandwidths}")
@@ -47,16 +43,13 @@ class GeneratorConfig:
             n = len(self.ratios)
             stages = f"is halved at each of the {n} upsampling stages; it must be at least {2**n}"
             raise ConfigError(f"{where}.decoder_dim: {self.decoder_dim} {stages}")
-        check_budget(codec_parameters, *self.sizes(), f"{where}.")
-
-    def sizes(self) -> tuple[dict, dict]:
-        """``(sizes, defaults)`` for :func:`codec_parameters`: the keys that size the model (the teacher's
-        as ``semantic_model_config.<key>``) and their default values."""
+        # The keys that size the model (the teacher's as semantic_model_config.<key>), and their defaults.
         teachers = teacher_size(self.semantic_techer, self.semantic_model_config)
-        return tuple(
+        sizes, defaults = (
             {k: getattr(cfg, k) for k in SIZE_KEYS} | {f"semantic_model_config.{k}": v for k, v in teacher.items()}
             for cfg, teacher in zip((self, GeneratorConfig()), teachers)
         )
+        check_budget(codec_parameters, sizes, defaults, f"{where}.")
 
     @property
     def hop_length(self) -> int:
@@ -69,8 +62,7 @@ class GeneratorConfig:
 
 
 def codec_parameters(v: dict) -> float:
-    """Parameters and codebook buffers (within 2x) of the codec whose :meth:`GeneratorConfig.sizes` are
-    ``v`` (float arithmetic: sizes of 10^9 must not build big integers)."""
+    """Parameters and codebook buffers (within 2x) of a codec of sizes ``v`` (floats: 10^9 builds no bigint)."""
     teacher = teacher_parameters({k: v[f"semantic_model_config.{k}"] for k in TEACHER_SIZE_KEYS})
     h, d = float(v["semantic_model_config.hidden_size"]), float(v["D"])
     ratios = [float(r) for r in v["ratios"]]
@@ -103,12 +95,14 @@ def generator_config_from_dict(data: dict, where: str = "config") -> tuple[Gener
         gen = gen["config"]
     cfg = from_dict(GeneratorConfig, gen, f"{where}: generator.config")
     cfg.check(f"{where}: generator.config")
-    scale = data.get("audio_norm_scale", 1.0)
-    if type(scale) not in (int, float):
-        raise ConfigError(f"{where}: audio_norm_scale: expected a number, got {scale!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ConfigError(f"{where}: audio_norm_scale: must be a finite number > 0, got {scale!r}")
-    return cfg, float(scale)
+    return cfg, check_audio_norm_scale(data.get("audio_norm_scale", 1.0), where)
+
+
+def check_audio_norm_scale(scale: object, where: str | Path) -> float:
+    """``scale`` as a float when it is a finite number > 0 (not a bool), else ConfigError."""
+    if type(scale) not in (int, float) or not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"{where}: audio_norm_scale: expected a finite number > 0, got {scale!r}")
+    return float(scale)
 
 
 def load_generator_config(path: str | Path) -> tuple[GeneratorConfig, float]:

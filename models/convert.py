@@ -1,26 +1,19 @@
-"""Convert X-Codec checkpoints between formats, exactly: ``python -m models.convert SRC DST [--to FORMAT]``.
+"""Convert X-Codec checkpoints between formats, bit for bit: ``python -m models.convert SRC DST [--to FORMAT]``.
 
-SRC is anything ``XCodec.from_pretrained`` reads; DST is written (through a temporary directory) as
-``transformers`` (config.json + model.safetensors; the default but for a transformers source) or our
-``export`` (model.safetensors + config.yaml). The tensors are carried over unchanged, so the model
-loaded from DST is bit-for-bit the one loaded from SRC: DST is loaded back and compared tensor by
-tensor (``--no-verify`` skips it). DST must be absent or empty (``--overwrite`` replaces it).
+SRC is anything ``XCodec.from_pretrained`` reads; DST (absent, empty, or ``--overwrite``) is written atomically
+and loaded back to compare every tensor (``--no-verify`` skips it).
 """
-
-from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 from transformers import XcodecModel
 
-from utils.cli import DefaultsHelpFormatter, cli_main
+from utils.cli import argument_parser, cli_main
 from utils.files import atomic_directory
 
-from .config import GeneratorConfig
 from .export import transformers_model, write_export
 from .pretrained import CheckpointError, adapt_weight_norm, load_codec_state, read_checkpoint
 from .xcodec import XCodec, build_codec
@@ -32,28 +25,10 @@ class ConvertError(Exception):
     """A conversion that cannot be done; the message says why in one line."""
 
 
-def canonical_state(state: dict, gen: GeneratorConfig, scale: float, source: str = "checkpoint") -> dict:
-    """The inference state, checked against the architecture: acoustic weight norm folded as the loader
-    folds it, the teacher's positional conv as weight-norm parameters (transformers expects them, and
-    the loader folds them as it would have)."""
-    skeleton = build_codec(gen, scale, weight_norm=False)
-    load_codec_state(skeleton, state, source)  # one-line CheckpointError on any mismatch
-    pos_conv = "pos_conv_embed.conv.parametrizations.weight.original0"
-    keys = {re.sub(r"pos_conv_embed\.conv\.weight$", pos_conv, k) for k in skeleton.state_dict()}
-    return {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(state, keys).items()}
-
-
-def _compare(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
-    sa, sb = a.state_dict(), b.state_dict()
-    if set(sa) != set(sb):
-        return sorted(set(sa) ^ set(sb))
-    return [k for k in sa if sa[k].dtype != sb[k].dtype or sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k])]
-
-
 def verify(src, config, dst: Path, fmt: str) -> None:
-    """Load SRC and DST and require every tensor to be identical (and, for transformers,
-    that ``XcodecModel.from_pretrained`` reads DST with no missing or unexpected weights)."""
-    differ = _compare(XCodec.from_pretrained(src, config=config), XCodec.from_pretrained(dst))
+    """Require every tensor of SRC and DST loaded to be identical (and transformers to read DST cleanly)."""
+    sa, sb = XCodec.from_pretrained(src, config=config).state_dict(), XCodec.from_pretrained(dst).state_dict()
+    differ = sorted(set(sa) ^ set(sb)) or [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
     if differ:
         raise ConvertError(f"verification failed: {len(differ)} tensor(s) differ after conversion, e.g. {differ[0]}")
     if fmt == "transformers":
@@ -63,10 +38,8 @@ def verify(src, config, dst: Path, fmt: str) -> None:
             raise ConvertError(f"verification failed: transformers XcodecModel does not load {dst} cleanly ({bad[0]} ...)")
 
 
-def convert(
-    src: str | Path, dst: str | Path, to: str | None = None, config: str | Path | None = None,
-    overwrite: bool = False, check: bool = True,
-) -> tuple[Path, str]:  # fmt: skip
+def convert(src: str | Path, dst: str | Path, to: str | None = None, config: str | Path | None = None,
+            overwrite: bool = False, check: bool = True) -> tuple[Path, str]:  # fmt: skip
     """Convert ``src`` into ``dst`` (see the module docstring); returns ``(dst, format)``."""
     contents = read_checkpoint(src, config)
     fmt = to or ("export" if contents.kind == "transformers" else "transformers")
@@ -81,7 +54,13 @@ def convert(
     if inside:  # replacing dst would delete what is being converted
         raise ConvertError(f"{inside[0]} is inside the destination {dst}, which is replaced: choose another destination")
     gen, scale = contents.generator, contents.audio_norm_scale
-    state = canonical_state(contents.state, gen, scale, str(src))
+    # Checked against the architecture, acoustic weight norm folded as the loader folds it; the teacher's
+    # positional conv stays weight-normed (transformers expects it, and the loader folds it as it would have).
+    skeleton = build_codec(gen, scale, weight_norm=False)
+    load_codec_state(skeleton, contents.state, str(src))
+    pos_conv = "pos_conv_embed.conv.parametrizations.weight.original0"
+    keys = {re.sub(r"pos_conv_embed\.conv\.weight$", pos_conv, k) for k in skeleton.state_dict()}
+    state = {k: v.detach().clone().contiguous() for k, v in adapt_weight_norm(contents.state, keys).items()}
 
     def write(tmp: Path) -> None:
         if fmt == "transformers":
@@ -96,12 +75,9 @@ def convert(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
-        prog="python -m models.convert",
-        description="Convert X-Codec checkpoints: release .pth / training checkpoint / transformers dir / export -> "
-        "transformers XcodecModel directory or our export.",
-    )
+    p = argument_parser("Convert X-Codec checkpoints: release .pth / training checkpoint / transformers dir / export "
+                        "-> transformers XcodecModel directory or our export.")  # fmt: skip
+    p.prog = "python -m models.convert"
     p.add_argument("src", help="release name, .pth (release or training checkpoint), transformers dir, export dir or .safetensors")
     p.add_argument("dst", type=Path, help="output directory")
     p.add_argument("--to", choices=FORMATS, help="output format (default: export for a transformers source, else transformers)")
@@ -123,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

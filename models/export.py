@@ -1,9 +1,5 @@
-"""Writing X-Codec checkpoints: our export (``model.safetensors`` with folded weights + ``config.yaml``)
-and transformers' ``XcodecModel`` format (``config.json`` + ``model.safetensors``); ``XCodec.from_pretrained``
-reads both. The model-level writers take any module with X-Codec's state-dict layout and its ``config``
-and ``audio_norm_scale`` attributes."""
-
-from __future__ import annotations
+"""Writing X-Codec checkpoints as our export (folded ``model.safetensors`` + ``config.yaml``) or transformers'
+``XcodecModel`` (``config.json`` + ``model.safetensors``), from any module with X-Codec's layout and attributes."""
 
 import re
 import tempfile
@@ -17,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import XcodecConfig, XcodecModel
 
 from .config import GeneratorConfig
-from .hf_layout import hf_config_from_generator, state_to_hf
+from .hf_layout import hf_config_from_generator, original_key_to_hf
 from .pretrained import adapt_weight_norm
 
 
@@ -37,11 +33,11 @@ def write_export(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: fl
     return directory
 
 
-def transformers_model(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float | None = None) -> XcodecModel:
+def transformers_model(state: dict[str, torch.Tensor], gen: GeneratorConfig, scale: float) -> XcodecModel:
     """A transformers ``XcodecModel`` (eval mode) holding exactly ``state`` (our key names)."""
-    extra = {} if scale is None else {"audio_norm_scale": scale}
-    hf = XcodecModel(XcodecConfig(**hf_config_from_generator(gen), **extra)).eval()
-    hf.load_state_dict(adapt_weight_norm(state_to_hf(state, len(gen.ratios)), set(hf.state_dict())), strict=True)
+    hf = XcodecModel(XcodecConfig(**hf_config_from_generator(gen), audio_norm_scale=scale)).eval()
+    renamed = {original_key_to_hf(k, len(gen.ratios)): v for k, v in state.items()}
+    hf.load_state_dict(adapt_weight_norm(renamed, set(hf.state_dict())), strict=True)
     return hf
 
 
@@ -50,11 +46,11 @@ def save_export(model: torch.nn.Module, directory: str | Path) -> Path:
 
 
 def to_transformers(model: torch.nn.Module) -> XcodecModel:
-    return transformers_model(folded_state_dict(model), model.config)
+    return transformers_model(folded_state_dict(model), model.config, model.audio_norm_scale)
 
 
 def save_transformers(model: torch.nn.Module, directory: str | Path) -> Path:
-    transformers_model(folded_state_dict(model), model.config, model.audio_norm_scale).save_pretrained(str(directory))
+    to_transformers(model).save_pretrained(str(directory))
     return Path(directory)
 
 

@@ -1,16 +1,9 @@
-"""transformers' ``XcodecModel`` layout: state-dict key names and ``XcodecConfig`` both ways.
-
-Our modules reproduce the released ``.pth`` layout (``encoder.block.*``, ``decoder_2.model.*``,
-``quantizer.vq.layers.N._codebook.*``); transformers renamed them. The two key maps are exact
-inverses on every key of both released layouts, whatever the weight-norm style.
-"""
-
-from __future__ import annotations
+"""transformers' ``XcodecModel`` layout both ways: its state-dict key names (exact inverses of the released
+``.pth`` layout ours keeps, in every weight-norm style) and ``XcodecConfig``."""
 
 import functools
 import re
 
-import torch
 from transformers import AutoConfig
 
 from modules.teacher import TEACHERS, teacher_config
@@ -18,21 +11,15 @@ from utils.config import ConfigError
 
 from .config import GeneratorConfig
 
-# Our acoustic stacks <-> transformers' names: (our prefix, their module, index of the
-# first residual unit inside a block, names of the block's other layers by index).
+# Acoustic stacks: (our prefix, transformers' module, first residual unit's index in a block, other layers by index)
 _ACOUSTIC_STACKS = (
     ("encoder.block", "acoustic_encoder", 0, {3: "snake1", 4: "conv1"}),
     ("decoder_2.model", "acoustic_decoder", 2, {0: "snake1", 1: "conv_t1"}),
 )
 _UNIT_LAYERS = ("snake1", "conv1", "snake2", "conv2")  # a residual unit: Snake1d, conv, Snake1d, conv
 _LINEARS = (("fc_prior.", "fc."), ("fc_post1.", "fc1."), ("fc_post2.", "fc2."))
-# In the semantic encoder/decoder every conv is a padded wrapper (``.conv.weight``) except
-# the 1x1 second conv of a residual unit.
+# Every semantic conv is a padded wrapper (``.conv.weight``) but the 1x1 second conv of a residual unit.
 _SEMANTIC_PLAIN = re.compile(r"\.res_units\.\d+\.conv2\.(weight|bias)$")
-
-
-class LayoutError(ValueError):
-    """A transformers config.json that does not describe an X-Codec; the message says why."""
 
 
 @functools.cache
@@ -70,33 +57,24 @@ def hf_key_to_original(key: str, n_stages: int) -> str:
     return re.sub(r"^quantizer\.quantizers\.(\d+)\.codebook\.", r"quantizer.vq.layers.\1._codebook.", key)
 
 
-def state_to_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
-    return {original_key_to_hf(k, n_stages): v for k, v in state.items()}
-
-
-def state_from_hf(state: dict[str, torch.Tensor], n_stages: int) -> dict[str, torch.Tensor]:
-    return {hf_key_to_original(k, n_stages): v for k, v in state.items()}
-
-
 def _field(config: dict, key: str, kind: type, default, where: str):
     value = default if config.get(key) is None else config[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise LayoutError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
     return value
 
 
 def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
-    """``(teacher name, overrides of its default config, the full config)`` from a transformers HuBERT/WavLM
-    config dict (a ``semantic_model_config`` or a teacher's own ``config.json``)."""
+    """``(teacher name, overrides of its defaults, full config)`` of a transformers HuBERT/WavLM config dict."""
     model_type = sc.get("model_type", "hubert")
     teacher = {"hubert": "hubert_base", "wavlm": "wavlm_base_plus"}.get(model_type)
     if teacher is None:
-        raise LayoutError(f"{where}: unsupported semantic model type {model_type!r}")
+        raise ConfigError(f"{where}: unsupported semantic model type {model_type!r}")
     try:
         default = AutoConfig.for_model(model_type).to_dict()
         full = AutoConfig.for_model(model_type, **{k: v for k, v in sc.items() if k != "model_type"}).to_dict()
     except Exception as exc:  # transformers' own checks (wrong types, bad combinations)
-        raise LayoutError(f"{where}: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(f"{where}: {str(exc).splitlines()[0][:200]}") from None
     ignore = {"transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "model_type"}
     return teacher, {k: v for k, v in full.items() if k not in ignore and default.get(k) != v}, full
 
@@ -104,90 +82,68 @@ def teacher_from_hf_config(sc: dict, where: str) -> tuple[str, dict, dict]:
 def generator_config_from_hf(config: dict, where: str = "config.json") -> GeneratorConfig:
     """GeneratorConfig from a transformers ``XcodecConfig`` dict (config.json)."""
     if not isinstance(config, dict):
-        raise LayoutError(f"{where}: expected a JSON object, got {type(config).__name__}")
+        raise ConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
     ac = _field(config, "acoustic_model_config", dict, {}, where)
-    sc = dict(_field(config, "semantic_model_config", dict, {}, where))
+    sc = _field(config, "semantic_model_config", dict, {}, where)
     teacher, overrides, full = teacher_from_hf_config(sc, f"{where}: semantic_model_config")
     bandwidths = _field(config, "target_bandwidths", list, [0.5, 1, 1.5, 2, 4], where)
     if not all(type(b) in (int, float) for b in bandwidths):
-        raise LayoutError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")
+        raise ConfigError(f"{where}: target_bandwidths: expected numbers, got {bandwidths!r}")
     ratios = _field(ac, "downsampling_ratios", list, [8, 5, 4, 2], where)
     if not all(type(r) is int for r in ratios):
-        raise LayoutError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
-    strides = _field(config, "strides", list, [1, 1], where)
+        raise ConfigError(f"{where}: acoustic_model_config.downsampling_ratios: expected integers, got {ratios!r}")
     cfg = GeneratorConfig(
-        D=_field(ac, "hidden_size", int, 256, where),
-        target_bandwidths=[float(b) for b in bandwidths],
-        ratios=list(ratios),
-        sample_rate=_field(config, "sample_rate", int, 16000, where),
-        bins=_field(config, "codebook_size", int, 1024, where),
-        semantic_techer=teacher,
+        D=_field(ac, "hidden_size", int, 256, where), target_bandwidths=[float(b) for b in bandwidths],
+        ratios=list(ratios), sample_rate=_field(config, "sample_rate", int, 16000, where),
+        bins=_field(config, "codebook_size", int, 1024, where), semantic_techer=teacher,
         encoder_dim=_field(ac, "encoder_hidden_size", int, 64, where),
         decoder_dim=_field(ac, "decoder_hidden_size", int, 1024, where),
-        semantic_blocks=len(strides),
-        semantic_model_config=overrides or None,
+        semantic_blocks=len(_field(config, "strides", list, [1, 1], where)), semantic_model_config=overrides or None,
     )
     try:
         cfg.check("")
     except ConfigError as exc:  # name the config.json key, not ours
         ours, _, problem = str(exc).lstrip(".").partition(": ")
-        raise LayoutError(f"{where}: {_HF_NAMES.get(ours, ours)}: {problem}") from None
-    _check_hf_consistency(config, ac, full, cfg, where)
-    return cfg
-
-
-_HF_NAMES = {
-    "D": "acoustic_model_config.hidden_size",
-    "ratios": "acoustic_model_config.downsampling_ratios",
-    "encoder_dim": "acoustic_model_config.encoder_hidden_size",
-    "decoder_dim": "acoustic_model_config.decoder_hidden_size",
-    "bins": "codebook_size",
-    "semantic_blocks": "strides",
-}
-
-
-def _check_hf_consistency(config: dict, ac: dict, teacher: dict, cfg: GeneratorConfig, where: str) -> None:
-    """Sizes that must agree for the weights to mean what the config says (the decoder uses the encoder's ratios)."""
+        raise ConfigError(f"{where}: {_HF_NAMES.get(ours, ours)}: {problem}") from None
+    # Sizes that must agree for the weights to mean what the config says (the decoder uses the encoder's ratios).
     expect = {
         "acoustic_model_config.upsampling_ratios": (ac.get("upsampling_ratios"), cfg.ratios),
         "acoustic_model_config.hop_length": (ac.get("hop_length"), cfg.hop_length),
         "acoustic_model_config.sampling_rate": (ac.get("sampling_rate"), cfg.sample_rate),
         "channel_ratios": (config.get("channel_ratios"), [1] * cfg.semantic_blocks),
         "strides": (config.get("strides"), [1] * cfg.semantic_blocks),
-        "codebook_dim": (config.get("codebook_dim"), cfg.D + teacher["hidden_size"]),
+        "codebook_dim": (config.get("codebook_dim"), cfg.D + full["hidden_size"]),
     }
     for key, (found, wanted) in expect.items():
         if found is not None and found != wanted:
-            raise LayoutError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
+            raise ConfigError(f"{where}: {key} is {found!r} but the rest of the config implies {wanted!r}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(teacher.get(key), int) or teacher[key] < 1:
-            raise LayoutError(f"{where}: semantic_model_config.{key}: expected a positive integer, got {teacher.get(key)!r}")
-    if teacher["hidden_size"] % teacher["num_attention_heads"]:
-        hidden, heads = teacher["hidden_size"], teacher["num_attention_heads"]
+        if not isinstance(full.get(key), int) or full[key] < 1:
+            raise ConfigError(f"{where}: semantic_model_config.{key}: expected an integer > 0, got {full.get(key)!r}")
+    if full["hidden_size"] % full["num_attention_heads"]:
+        hidden, heads = full["hidden_size"], full["num_attention_heads"]
         problem = f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-        raise LayoutError(f"{where}: semantic_model_config: {problem}")
+        raise ConfigError(f"{where}: semantic_model_config: {problem}")
+    return cfg
+
+
+_AC = "acoustic_model_config."
+_HF_NAMES = {"D": _AC + "hidden_size", "ratios": _AC + "downsampling_ratios", "bins": "codebook_size",
+             "encoder_dim": _AC + "encoder_hidden_size", "decoder_dim": _AC + "decoder_hidden_size",
+             "semantic_blocks": "strides"}  # fmt: skip
 
 
 def hf_config_from_generator(cfg: GeneratorConfig) -> dict:
     """A transformers ``XcodecConfig`` dict describing ``cfg``'s architecture."""
     teacher_cfg = teacher_config(cfg.semantic_techer, cfg.semantic_model_config).to_dict()
     teacher_cfg["model_type"] = TEACHERS[cfg.semantic_techer].model_type
-    return {
-        "model_type": "xcodec",
-        "target_bandwidths": list(cfg.target_bandwidths),
-        "sample_rate": cfg.sample_rate,
-        "codebook_size": cfg.bins,
-        "channel_ratios": [1] * cfg.semantic_blocks,
-        "strides": [1] * cfg.semantic_blocks,
-        "acoustic_model_config": {
-            "model_type": "dac",
-            "encoder_hidden_size": cfg.encoder_dim,
-            "downsampling_ratios": list(cfg.ratios),
-            "decoder_hidden_size": cfg.decoder_dim,
-            "upsampling_ratios": list(cfg.ratios),
-            "hidden_size": cfg.D,
-            "sampling_rate": cfg.sample_rate,
-            "hop_length": cfg.hop_length,
-        },
-        "semantic_model_config": teacher_cfg,
-    }
+    acoustic = dict(
+        model_type="dac", encoder_hidden_size=cfg.encoder_dim, downsampling_ratios=list(cfg.ratios),
+        decoder_hidden_size=cfg.decoder_dim, upsampling_ratios=list(cfg.ratios), hidden_size=cfg.D,
+        sampling_rate=cfg.sample_rate, hop_length=cfg.hop_length,
+    )
+    return dict(
+        model_type="xcodec", target_bandwidths=list(cfg.target_bandwidths), sample_rate=cfg.sample_rate,
+        codebook_size=cfg.bins, channel_ratios=[1] * cfg.semantic_blocks, strides=[1] * cfg.semantic_blocks,
+        acoustic_model_config=acoustic, semantic_model_config=teacher_cfg,
+    )

@@ -1,18 +1,10 @@
-"""Reading X-Codec checkpoints of every format, safely: one resolver, one reader, one state loader.
-
-Formats: a release ``.pth`` (+ its YAML), ours (a ``.pth`` holding ``codec`` and ``config``), YuE's
-(``codec_model``), a transformers ``XcodecModel`` directory (config.json + model.safetensors), our
-export (config.yaml + model.safetensors), or a release name / ``owner/name`` from the Hugging Face
-cache. Every ``torch.load`` is weights-only (plus ``io.BytesIO``, which the releases carry).
-"""
-
-from __future__ import annotations
+"""Reading X-Codec checkpoints of every format (release, training, YuE, transformers, export, hub name),
+safely: one resolver, one reader, one state loader; every ``torch.load`` is weights-only (docs/conversion.md)."""
 
 import dataclasses
 import hashlib
 import io
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,8 +16,8 @@ from modules.teacher import check_teacher_size
 from utils.config import ConfigError
 from utils.hub import HubError, hub_file
 
-from .config import GeneratorConfig, generator_config_from_dict, load_generator_config
-from .hf_layout import LayoutError, generator_config_from_hf, state_from_hf, teacher_from_hf_config
+from .config import GeneratorConfig, check_audio_norm_scale, generator_config_from_dict, load_generator_config
+from .hf_layout import generator_config_from_hf, hf_key_to_original, teacher_from_hf_config
 
 RELEASE_REPO = "ZhenYe234/xcodec"
 # name -> (checkpoint file, config file) in RELEASE_REPO
@@ -36,8 +28,7 @@ RELEASES: dict[str, tuple[str, str]] = {
     "xcodec_hubert_general_audio": ("xcodec_hubert_general_audio.pth", "config_hubert_general.yaml"),
     "xcodec_hubert_general_audio_v2": ("xcodec_hubert_general_audio_v2.pth", "config_hubert_general.yaml"),
 }
-# YuE's music codec (multimodal-art-projection/YuE): a training checkpoint {"codec_model": ...}
-# with 12 codebooks, its YAML beside it and the teacher's architecture in semantic_ckpts/.
+# YuE's music codec: a training checkpoint {"codec_model": ...}, its YAML beside it, its teacher in semantic_ckpts/
 YUE_RELEASE, YUE_REPO = "yue_xcodec_mini", "m-a-p/xcodec_mini_infer"
 YUE_FILES = ["final_ckpt/ckpt_00360000.pth", "final_ckpt/config.yaml", "semantic_ckpts/hf_1_325000/config.json"]
 TRANSFORMERS_FILES = ["config.json", "model.safetensors"]
@@ -54,8 +45,7 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def download(repo: str, files: list[str], what: str, hint: str) -> list[Path]:
-    """``files`` of hub repository ``repo`` from the Hugging Face cache, downloaded once (else a
-    CheckpointError: ``could not get {what}``, why, then ``hint``)."""
+    """``files`` of hub ``repo``, cached or downloaded; else CheckpointError ``could not get {what}``, why, ``hint``."""
     try:
         return [hub_file(repo, f) for f in files]
     except HubError as exc:
@@ -66,8 +56,7 @@ def download(repo: str, files: list[str], what: str, hint: str) -> list[Path]:
 
 
 def read_torch_file(path: str | Path, data: bytes | None = None) -> dict:
-    """``torch.load`` of ``path`` (or of its ``data``, already read) with ``weights_only=True``
-    (plus ``io.BytesIO``), refusing anything else."""
+    """Weights-only ``torch.load`` of ``path`` (or of its ``data``, already read), a dict or CheckpointError."""
     path = Path(path)
     if path.exists() and not path.is_file():
         raise CheckpointError(f"{path}: not a regular file (a directory, device or pipe); a checkpoint is a .pth file")
@@ -90,10 +79,9 @@ def read_torch_file(path: str | Path, data: bytes | None = None) -> dict:
 def _read_json(path: Path, data: bytes | None = None):
     try:
         return json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({str(exc)[:160]})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:160]
+        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({why})") from None
 
 
 _G = (".weight_g", ".parametrizations.weight.original0")
@@ -107,9 +95,8 @@ def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def adapt_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Rewrite weight-normed entries into the style ``expected`` keys use: stored ``weight_g/weight_v``
-    or ``parametrizations.weight.original0/1`` are folded into a plain ``weight`` (:func:`fold_weight_norm`)
-    or renamed; a plain ``weight`` where a parametrization is expected becomes ``g = ||w||, v = w``."""
+    """Weight-normed entries in the style ``expected`` keys use: ``weight_g/_v`` or ``original0/1`` folded
+    into ``weight`` or renamed; a plain ``weight`` where a parametrization is expected becomes ``||w||, w``."""
     out = dict(state)
     prefixes = {k[: -len(s)] for k in state for s in _G + _V if k.endswith(s)}
     for prefix in prefixes:
@@ -135,12 +122,8 @@ def adapt_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dic
 
 def load_codec_state(model: nn.Module, state: dict, source: str = "checkpoint",
                      against: str = "the config's architecture") -> None:  # fmt: skip
-    """``model.load_state_dict(state, strict=True)`` for a state of any weight-norm style, after the
-    checks every loader owes: keys and shapes (named), then weights that would load but cannot work.
-
-    Raises:
-        CheckpointError: one line naming ``source``, what it was checked ``against`` and the tensors.
-    """
+    """Strict ``load_state_dict`` of a state of any weight-norm style, after checking keys, shapes, dtypes
+    and finiteness (else a one-line CheckpointError naming ``source``, ``against`` and the tensors)."""
     expected_state = model.state_dict()
     expected = set(expected_state)
     state = adapt_weight_norm({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, expected)
@@ -167,9 +150,7 @@ def load_codec_state(model: nn.Module, state: dict, source: str = "checkpoint",
 
 
 class CheckpointSource(NamedTuple):
-    """Where a checkpoint's files are: ``kind`` ``"pth"``, ``"transformers"`` or ``"export"``; the ``.pth`` or
-    ``model.safetensors``; the YAML or config.json (``None``: a ``.pth`` with none given or beside it);
-    whether the user gave the config (it then wins over a training checkpoint's own)."""
+    """A checkpoint's files; ``config`` None: a ``.pth`` with no YAML; ``explicit_config``: the user's, which wins."""
 
     kind: str
     weights: Path
@@ -177,22 +158,16 @@ class CheckpointSource(NamedTuple):
     explicit_config: bool
 
 
-def is_repo_id(name: str) -> bool:
-    """``owner/name`` of a Hugging Face repository (not a local path, not a file name)."""
-    parts = name.split("/")
-    suffixes = (".pth", ".pt", ".safetensors", ".yaml", ".json")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and Path(name).suffix not in suffixes
-
-
 def resolve_checkpoint(checkpoint: str | Path, config: str | Path | None = None) -> CheckpointSource:
-    """Turn a release name, ``owner/name`` or a path (``.pth``, ``.safetensors``, a transformers, export or
-    YuE directory) and an optional YAML into a :class:`CheckpointSource`."""
+    """A release name, hub ``owner/name`` or path (a file or a directory of any format), and an optional YAML."""
     cfg = Path(config) if config is not None else None
     name, path = str(checkpoint), Path(checkpoint)
     if isinstance(checkpoint, str) and checkpoint in RELEASES:
         weights, release_cfg = download(RELEASE_REPO, list(RELEASES[name]), f"release {name!r}", LOCAL_HINT)
         return CheckpointSource("pth", weights, cfg or release_cfg, True)
-    if isinstance(checkpoint, str) and (checkpoint == YUE_RELEASE or (not path.exists() and is_repo_id(name))):
+    parts, suffixes = name.split("/"), (".pth", ".pt", ".safetensors", ".yaml", ".json")
+    repo_id = len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and path.suffix not in suffixes
+    if isinstance(checkpoint, str) and (checkpoint == YUE_RELEASE or (not path.exists() and repo_id)):
         repo = YUE_REPO if checkpoint == YUE_RELEASE else name
         files = YUE_FILES if repo == YUE_REPO else TRANSFORMERS_FILES
         where = download(repo, files, repr(repo), "Without network, pass a local checkpoint directory")[0].parent
@@ -222,11 +197,8 @@ def resolve_checkpoint(checkpoint: str | Path, config: str | Path | None = None)
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint read into memory: tensors in our key names (weight norm as stored), the architecture
-    (``None`` when read with ``architecture=False``), the gain applied before encoding, the ``kind``
-    (``release``, ``training``, ``yue``, ``transformers`` or ``export``), where it came from, and ``id``:
-    ``xcodec-`` + 16 hex digits of the files that define the model, for manifests (files, not tensors:
-    folding weight norm rounds differently with different thread counts)."""
+    """A checkpoint in memory, tensors in our key names; ``kind``: release, training, yue, transformers or export;
+    ``id``: ``xcodec-`` + 16 hex digits of its files (not tensors: folding rounds differently per thread count)."""
 
     state: dict[str, torch.Tensor]
     generator: GeneratorConfig | None
@@ -251,10 +223,7 @@ def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig, float]:
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
     gen = generator_config_from_hf(config, str(path))
-    scale = config.get("audio_norm_scale", 0.95)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
-        raise CheckpointError(f"{path}: audio_norm_scale: expected a finite number > 0, got {scale!r}")
-    return gen, float(scale)
+    return gen, check_audio_norm_scale(config.get("audio_norm_scale", 0.95), path)
 
 
 def _yue_config(src: CheckpointSource) -> GeneratorConfig:
@@ -286,8 +255,7 @@ def _read_files(src: CheckpointSource) -> tuple[list[bytes | None], str]:
 
 
 def read_checkpoint(checkpoint: str | Path, config: str | Path | None = None, architecture: bool = True) -> Checkpoint:
-    """Read any checkpoint (see :func:`resolve_checkpoint`), each file once; ``architecture=False``: a
-    ``.pth`` needs no config (fine-tuning takes the architecture from its own), ``generator`` is ``None``."""
+    """Read any checkpoint, each file once; ``architecture=False``: no config needed, ``generator`` None."""
     src = resolve_checkpoint(checkpoint, config)
     blobs, ckpt_id = _read_files(src)
     where = str(src.weights.parent if src.kind == "transformers" else src.weights)
@@ -299,7 +267,8 @@ def read_checkpoint(checkpoint: str | Path, config: str | Path | None = None, ar
                 raise CheckpointError(f"{src.weights}: not a readable safetensors file ({_first_line(exc)})") from None
             if src.kind == "transformers":
                 gen, scale = _hf_config(src.config, blobs[1])
-                return Checkpoint(state_from_hf(state, len(gen.ratios)), gen, scale, "transformers", where, ckpt_id)
+                state = {hf_key_to_original(k, len(gen.ratios)): v for k, v in state.items()}
+                return Checkpoint(state, gen, scale, "transformers", where, ckpt_id)
             return Checkpoint(state, *_yaml_config(src.config, src.weights), "export", where, ckpt_id)
         obj = read_torch_file(src.weights, blobs[0])
         key = next((k for k in ("codec", "codec_model") if isinstance(obj.get(k), dict)), None)  # ours, YuE's
@@ -312,7 +281,7 @@ def read_checkpoint(checkpoint: str | Path, config: str | Path | None = None, ar
         if kind == "training" and not src.explicit_config and isinstance(obj.get("config"), dict):
             return Checkpoint(state, *generator_config_from_dict(obj["config"], where), kind, where, ckpt_id)
         return Checkpoint(state, *_yaml_config(src.config, src.weights), kind, where, ckpt_id)
-    except (ConfigError, LayoutError) as exc:
+    except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
 
 

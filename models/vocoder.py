@@ -1,7 +1,5 @@
-"""YuE's 44.1 kHz vocoders: Vocos decoders that turn X-Codec codes into 44.1 kHz audio.
-
-YuE's codec (``yue_xcodec_mini``) ships two in ``decoders/`` (vocals, instrumentals): a Vocos backbone and
-ISTFT head (``decoders/config.yaml``) on the quantizer's latents of 8 codebooks, 882 samples a frame::
+"""YuE's 44.1 kHz vocoders (``yue_xcodec_mini``'s ``decoders/``: vocals, instrumentals): Vocos decoders on the
+quantizer's latents of 8 codebooks, 882 samples a frame::
 
     codec = XCodec.from_pretrained("yue_xcodec_mini")
     vocoder = Vocoder.from_pretrained("vocals")            # or "instrumentals", or a .pth
@@ -9,8 +7,6 @@ ISTFT head (``decoders/config.yaml``) on the quantizer's latents of 8 codebooks,
     audio = vocoder.vocode(codec, codes)                   # (B, 1, F * 882) at 44.1 kHz
     audio = merge_low_band(codec.decode(codes), audio)     # YuE's optional post-processing
 """
-
-from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
@@ -50,12 +46,8 @@ class HeadArgs:
 
 
 def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs, int]:
-    """``backbone`` and ``head`` (``class_path`` + ``init_args``, Vocos' format) of a vocoder YAML, and
-    the codebooks it was trained on: its ``n_q`` key, else YuE's 8 (``decoders/config.yaml`` has none).
-
-    Raises:
-        ConfigError: naming the key and the file.
-    """
+    """``backbone``, ``head`` (Vocos' ``class_path`` + ``init_args``) and ``n_q`` (else YuE's 8) of a vocoder
+    YAML; ConfigError naming the key and the file."""
     data = read_yaml(path)
     unknown = sorted(set(data) - {"backbone", "head", "feature_extractor", "n_q"})
     if unknown:
@@ -73,7 +65,8 @@ def read_vocoder_config(path: str | Path) -> tuple[BackboneArgs, HeadArgs, int]:
     if backbone.dim != head.dim:
         raise ConfigError(f"{path}: head.init_args.dim {head.dim} differs from backbone.init_args.dim {backbone.dim}")
     if head.n_fft <= head.hop_length or (head.n_fft - head.hop_length) % 2:
-        raise ConfigError(f"{path}: head.init_args: same padding needs n_fft > hop_length with an even difference, got {head.n_fft} and {head.hop_length}")
+        needs = "same padding needs n_fft > hop_length with an even difference"
+        raise ConfigError(f"{path}: head.init_args: {needs}, got {head.n_fft} and {head.hop_length}")
     sizes, defaults = (
         {f"{key}.init_args.{k}": v for key, args in (("backbone", b), ("head", h))
          for k, v in dataclasses.asdict(args).items() if k not in ("layer_scale_init_value", "padding")}
@@ -92,21 +85,15 @@ def _vocoder_parameters(v: dict) -> float:
 
 
 class Vocoder(nn.Module):
-    """A Vocos decoder from codec latents to audio (state-dict keys ``backbone.*``, ``head.*``).
-
-    Args:
-        backbone, head: the settings; frame_rate: code frames per second of the codec it follows.
-        n_q: the codebooks it was trained on (YuE's: 8), if known.
-    """
+    """A Vocos decoder from codec latents to audio following a ``frame_rate`` codec; ``n_q``: its codebooks."""
 
     def __init__(self, backbone: BackboneArgs, head: HeadArgs, frame_rate: int = 50, n_q: int | None = None):
         super().__init__()
         self.frame_rate, self.n_q = frame_rate, n_q
         self.backbone = VocosBackbone(**dataclasses.asdict(backbone))
         self.head = ISTFTHead(**dataclasses.asdict(head))
-        self.hop_length = head.hop_length
+        self.hop_length, self.input_channels = head.hop_length, backbone.input_channels
         self.sample_rate = head.hop_length * frame_rate
-        self.input_channels = backbone.input_channels
 
     @property
     def device(self) -> torch.device:
@@ -119,14 +106,13 @@ class Vocoder(nn.Module):
 
     @torch.inference_mode()
     def vocode(self, codec: nn.Module, codes: torch.Tensor) -> torch.Tensor:
-        """(B, n_q, F) codes of ``codec`` -> (B, 1, F * hop_length) audio at :attr:`sample_rate`
-        (YuE: 8 codebooks, the quantizer's latents before ``fc_post2``)."""
+        """(B, n_q, F) codes of ``codec`` -> (B, 1, F * hop_length) audio (from the latents before ``fc_post2``)."""
         codec.check_codes(codes)
         self.check_codec(codec, codes.shape[1])
         return self(codec.quantizer.decode(codes.to(codec.device)))
 
     def check_codec(self, codec: nn.Module, n_q: int) -> None:
-        """Raise ``ValueError`` unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
+        """ValueError unless ``n_q`` codebooks of ``codec`` are what this vocoder takes."""
         if self.n_q is not None and n_q != self.n_q:
             fix = f"encode at the bandwidth of {self.n_q} (YuE: -b 4)"
             raise ValueError(f"this vocoder takes {self.n_q} codebooks, not {n_q}: {fix}")
@@ -139,19 +125,14 @@ class Vocoder(nn.Module):
 
     @staticmethod
     def from_pretrained(name: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu",
-                        checkpoint: str | Path | None = None) -> Vocoder:  # fmt: skip
-        """``"vocals"`` / ``"instrumentals"`` (YuE's: from ``checkpoint``'s ``decoders/`` when it is a local
-        clone of ``m-a-p/xcodec_mini_infer`` or one of its ``final_ckpt/*.pth``, else downloaded once) or a
-        ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it).
-
-        Raises:
-            CheckpointError: with a one-line reason.
-        """
+                        checkpoint: str | Path | None = None) -> "Vocoder":  # fmt: skip
+        """``"vocals"`` / ``"instrumentals"`` (from ``checkpoint``'s local YuE clone, else downloaded) or a
+        ``decoder_*.pth`` (config: ``config`` or ``config.yaml`` beside it); CheckpointError in one line."""
         name, local = str(name), Path(checkpoint or "")
         local = local.parent.parent if local.is_file() else local  # YuE's clone, or its final_ckpt/*.pth
-        if checkpoint is not None and name in VOCODERS and (local / "final_ckpt").is_dir():
-            if (local / VOCODERS[name]).is_file() and (local / VOCODER_CONFIG).is_file():
-                name = str(local / VOCODERS[name])
+        clone = checkpoint is not None and name in VOCODERS and (local / "final_ckpt").is_dir()
+        if clone and (local / VOCODERS[name]).is_file() and (local / VOCODER_CONFIG).is_file():
+            name = str(local / VOCODERS[name])
         if name in VOCODERS:
             hint = "Pass a local decoder_*.pth"
             weights, cfg = download(YUE_REPO, [VOCODERS[name], VOCODER_CONFIG], f"the {name} vocoder", hint)
@@ -184,15 +165,11 @@ def _biquad(x: np.ndarray, rate: int, cutoff: float, kind: str, q: float = 0.707
 
 def merge_low_band(codec_audio: torch.Tensor, vocoded: torch.Tensor, codec_rate: int = 16000, rate: int = 44100,
                    cutoff: float = LOW_BAND_CUTOFF_HZ, eps: float = 1e-10) -> torch.Tensor:  # fmt: skip
-    """YuE's post-processing (``replace_low_freq_with_energy_matched``, computed in float64): the codec's own
-    decoding below ``cutoff``, scaled to the vocoder's energy there, plus the vocoder above it.
+    """YuE's ``replace_low_freq_with_energy_matched`` (float64): the codec's decoding below ``cutoff``, scaled to
+    the vocoder's energy there, plus the vocoder above it, as (B, 1, min(T16 resampled, T44)) float32 at ``rate``.
 
     Args:
-        codec_audio: (B, 1, T16) the codec's decoding at ``codec_rate``.
-        vocoded: (B, 1, T44) the vocoder's output at ``rate``.
-
-    Returns:
-        (B, 1, min(T16 resampled, T44)) float32 at ``rate``.
+        codec_audio: (B, 1, T16) the codec's decoding at ``codec_rate``; vocoded: (B, 1, T44) the vocoder's at ``rate``.
     """
     out = []
     for low, high in zip(codec_audio[:, 0].float().cpu().numpy(), vocoded[:, 0].float().cpu().numpy()):

@@ -1,7 +1,5 @@
 """Audio I/O with soundfile and resampling with soxr (no torchaudio)."""
 
-from __future__ import annotations
-
 import errno
 import io
 import math
@@ -12,7 +10,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from utils.budget import MAX_ELEMENTS, over_budget
+from utils.budget import MAX_ELEMENTS
 from utils.files import missing
 
 
@@ -27,8 +25,7 @@ def audio_extensions() -> set[str]:
 
 @dataclass(frozen=True)
 class DatasetAudio:
-    """Row ``row`` of the ``audio`` column of a Hugging Face dataset (``dataset``: a ``save_to_disk``
-    directory or parquet file), read when needed; ``name``: what messages call it."""
+    """Row ``row`` of the ``audio`` column of a ``save_to_disk`` directory or parquet file; ``name`` for messages."""
 
     dataset: str
     row: int
@@ -42,8 +39,7 @@ _DATASETS: dict[str, object] = {}  # opened once per process (memory-mapped Arro
 
 
 def open_audio_dataset(path: str | Path):
-    """The dataset at ``path`` (``save_to_disk`` directory or parquet file) with its ``audio`` column
-    undecoded (``{"bytes", "path"}``), opened once per process."""
+    """The dataset at ``path`` with its ``audio`` column undecoded (``{"bytes", "path"}``), opened once per process."""
     try:
         import datasets  # optional heavy dependency: only for dataset inputs
     except ImportError:
@@ -52,10 +48,8 @@ def open_audio_dataset(path: str | Path):
 
     key = str(path)
     if key not in _DATASETS:
-        if Path(path).is_dir():
-            ds = datasets.load_from_disk(key)
-        else:
-            ds = datasets.load_dataset("parquet", data_files=key, split="train")
+        local = Path(path).is_dir()  # a save_to_disk directory, else a parquet file
+        ds = datasets.load_from_disk(key) if local else datasets.load_dataset("parquet", data_files=key, split="train")
         if "audio" not in ds.column_names:
             raise AudioError(f"{path}: no 'audio' column (columns: {', '.join(ds.column_names)})")
         if isinstance(ds.features["audio"], datasets.Audio):  # else a plain {array, sampling_rate} struct
@@ -64,30 +58,23 @@ def open_audio_dataset(path: str | Path):
     return _DATASETS[key]
 
 
-def _dataset_bytes(ref: DatasetAudio) -> io.BytesIO | str | tuple[np.ndarray, int]:
+def _read_dataset_row(ref: DatasetAudio) -> tuple[np.ndarray, int]:
     cell = open_audio_dataset(ref.dataset)[ref.row]["audio"]
     if not isinstance(cell, dict):
         raise AudioError(f"{ref}: the audio cell is not a mapping")
-    if cell.get("array") is not None and cell.get("sampling_rate"):
-        rate = cell["sampling_rate"]  # checked in _finish: a negative rate is this file's failure, not the run's
-        rate = int(rate) if isinstance(rate, float) and rate.is_integer() else rate
-        return np.asarray(cell["array"], dtype=np.float32), rate
-    if cell.get("bytes"):
-        return io.BytesIO(cell["bytes"])
-    if cell.get("path") and Path(cell["path"]).is_file():
-        return cell["path"]
+    if cell.get("array") is not None and cell.get("sampling_rate"):  # decoded samples: (T,) or (T, C)
+        rate = cell["sampling_rate"]  # checked in load_audio: a negative rate is this file's failure, not the run's
+        wav = np.asarray(cell["array"], dtype=np.float32)
+        return wav.reshape(len(wav), -1), int(rate) if isinstance(rate, float) and rate.is_integer() else rate
+    if cell.get("bytes") or (cell.get("path") and Path(cell["path"]).is_file()):
+        data = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+        return sf.read(data, dtype="float32", always_2d=True)
     raise AudioError(f"{ref}: the audio cell holds neither bytes nor a local file")
 
 
 def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
-    """Read ``path`` (a file, or a dataset row) as mono float32, optionally resampled to ``sample_rate``.
-
-    Returns:
-        ``(wav (T,), rate)``.
-
-    Raises:
-        AudioError: one line: missing, unreadable, empty or non-finite audio.
-    """
+    """``(wav (T,) mono float32, rate)`` of a file or dataset row, resampled to ``sample_rate`` if given;
+    AudioError in one line for missing, unreadable, empty or non-finite audio."""
     if not isinstance(path, DatasetAudio):
         path = Path(path)
         if not path.exists():
@@ -97,20 +84,15 @@ def load_audio(path: str | Path | DatasetAudio, sample_rate: int | None = None) 
         if not path.is_file():  # a FIFO or a device: opening it could block forever
             raise AudioError(f"{path}: not a regular file (a FIFO, socket or device); skipped")
     try:
-        data = _dataset_bytes(path) if isinstance(path, DatasetAudio) else str(path)
-        if isinstance(data, tuple):  # decoded samples: (T,) or (T, C)
-            wav, rate = data[0].reshape(len(data[0]), -1), data[1]
+        if isinstance(path, DatasetAudio):
+            wav, rate = _read_dataset_row(path)
         else:
-            wav, rate = sf.read(data, dtype="float32", always_2d=True)
+            wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except AudioError:
         raise
     except Exception as exc:  # libsndfile raises several types; all mean "unreadable"
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise AudioError(f"{path}: cannot read audio ({reason})") from None
-    return _finish(path, wav, rate, sample_rate)
-
-
-def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[np.ndarray, int]:
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise AudioError(f"{path}: sample rate must be a positive integer, got {rate!r}")
     if wav.shape[0] == 0:
@@ -128,51 +110,36 @@ def _finish(path, wav: np.ndarray, rate: int, sample_rate: int | None) -> tuple[
 
 
 def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Resample (T,) audio with soxr's high-quality filter; AudioError when the result would exceed the
-    size bound (a header declaring 1 Hz)."""
+    """(T,) audio resampled by soxr's HQ filter; AudioError over the size bound (a header declaring 1 Hz)."""
     if orig_rate == new_rate:
         return wav
     samples = len(wav) * new_rate / orig_rate  # before soxr allocates it
-    if over_budget(samples):
+    if not samples <= MAX_ELEMENTS:  # NaN too
         raise AudioError(f"{len(wav)} samples at {orig_rate} Hz resample to {samples:.3g} samples at {new_rate} Hz, "
                          f"over the bound of {MAX_ELEMENTS:.3g} (is the sample rate right?)")  # fmt: skip
     return soxr.resample(wav.astype(np.float32, copy=False), orig_rate, new_rate, quality="HQ").astype(np.float32)
 
 
 def sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99) -> tuple:
-    """torchaudio's ``sinc_interp_hann`` kernel (``Resample``'s default) for gcd-reduced rates ``orig -> new``,
-    written from its documented algorithm (no torchaudio here).
-
-    Returns:
-        ``(kernel, width)``: kernel ``(new, 2 * width + orig)`` float64, row ``j`` the taps of output
-        phase ``j``; ``width`` the input samples of context on each side.
-    """
+    """torchaudio ``Resample``'s ``sinc_interp_hann`` kernel for gcd-reduced rates ``orig -> new``, from its documented
+    algorithm: ``(kernel (new, 2 * width + orig) float64, row j the taps of output phase j; width, context a side)``."""
     base = min(orig, new) * rolloff  # the lowpass cutoff, below both Nyquists (anti-aliasing)
     width = math.ceil(lowpass_filter_width * orig / base)
     t = (np.arange(0, -new, -1)[:, None] / new + np.arange(-width, width + orig)[None] / orig) * base
     t = np.clip(t, -lowpass_filter_width, lowpass_filter_width)
     window = np.cos(t * np.pi / lowpass_filter_width / 2) ** 2  # Hann, evaluated where the taps fall
-    sinc = np.sinc(t)  # sin(pi t) / (pi t), 1 at 0
-    return sinc * window * (base / orig), width
+    return np.sinc(t) * window * (base / orig), width  # np.sinc(t): sin(pi t) / (pi t), 1 at 0
 
 
-def sinc_resample(wav: np.ndarray, orig_rate: int, new_rate: int, lowpass_filter_width: int = 6,
-                  rolloff: float = 0.99) -> np.ndarray:  # fmt: skip
-    """Resample (T,) audio as ``torchaudio.transforms.Resample(orig_rate, new_rate)`` does (windowed sinc,
-    Hann): YuE's post-processing resamples so, and soxr's filter differs from it by ~10% above 6 kHz.
-
-    Args:
-        wav: (T,) float audio at ``orig_rate``.
-
-    Returns:
-        (ceil(T * new_rate / orig_rate),) float64 audio at ``new_rate``.
-    """
+def sinc_resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """(T,) audio -> (ceil(T * new_rate / orig_rate),) float64, as ``torchaudio.transforms.Resample`` does: YuE's
+    post-processing resamples so, and soxr's filter differs from it by ~10% above 6 kHz."""
     gcd = math.gcd(int(orig_rate), int(new_rate))
     orig, new = int(orig_rate) // gcd, int(new_rate) // gcd
     wav = np.asarray(wav, dtype=np.float64)
     if orig == new:
         return wav.copy()
-    kernel, width = sinc_resample_kernel(orig, new, lowpass_filter_width, rolloff)
+    kernel, width = sinc_resample_kernel(orig, new)
     # conv1d with stride orig: frame n holds the `new` outputs whose taps start at input n * orig - width
     frames = np.lib.stride_tricks.sliding_window_view(np.pad(wav, (width, width + orig)), kernel.shape[1])[::orig]
     chunk = 1 << 13  # frames at a time: a long song never holds all (frames, taps) copies at once
@@ -198,12 +165,8 @@ OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what the tools write, by th
 
 
 def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int, rescale: bool = False, format: str = "WAV") -> None:
-    """Write (T,) audio as 16-bit PCM (``format``: ``WAV`` or ``FLAC``; ``path`` may be a temporary name),
-    clamped or rescaled like the original inference.py.
-
-    Raises:
-        OSError: the file cannot be written (libsndfile's errors too: one error type for every write).
-    """
+    """Write (T,) audio as 16-bit PCM ``format`` (``WAV``, ``FLAC``), clamped or rescaled like the original;
+    OSError for any failure (libsndfile's too: one error type for every write)."""
     try:
         sf.write(str(path), prepare_output(wav, rescale), sample_rate, subtype="PCM_16", format=format)
     except sf.SoundFileError as exc:

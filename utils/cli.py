@@ -1,7 +1,5 @@
 """What the command-line tools share: one-line fatal errors, exit codes, the device choice."""
 
-from __future__ import annotations
-
 import argparse
 import sys
 from collections.abc import Callable
@@ -19,8 +17,7 @@ class CliError(Exception):
 
 def cli_main(parse_args: Callable[[list[str] | None], argparse.Namespace], run: Callable[[argparse.Namespace], int],
              argv: list[str] | None = None, one_line: tuple[type[BaseException], ...] = ()) -> int:  # fmt: skip
-    """Parse, run, and turn :class:`CliError`, OSError and the ``one_line`` error types into one
-    ``error:`` line and exit code 2."""
+    """Parse and run; :class:`CliError`, OSError and ``one_line`` types become one ``error:`` line, exit code 2."""
     args = parse_args(argv)
     try:
         return run(args)
@@ -32,16 +29,12 @@ def cli_main(parse_args: Callable[[list[str] | None], argparse.Namespace], run: 
         return 130
 
 
-def os_error_line(exc: OSError) -> str:
-    """An ``OSError`` as one line: the path it names (the second one of a rename) and the OS's reason."""
-    where = exc.filename2 or exc.filename
-    return f"{str(where) + ': ' if where else ''}{exc.strerror or exc}"
-
-
 def report_error(exc: BaseException) -> None:
-    """A fatal error as one ``error:`` line on stderr, once per job (:func:`utils.distributed.first_to_report`);
-    an OSError as the OS says it, path first."""
-    line = f"error: {os_error_line(exc) if isinstance(exc, OSError) else exc}"
+    """A fatal error as one ``error:`` line on stderr, once per job; an OSError path first (a rename's target)."""
+    line = f"error: {exc}"
+    if isinstance(exc, OSError):
+        where = exc.filename2 or exc.filename
+        line = f"error: {str(where) + ': ' if where else ''}{exc.strerror or exc}"
     if first_to_report(line):
         print(line, file=sys.stderr, flush=True)
 

@@ -1,11 +1,9 @@
-"""Reading configs: YAML files, their ``base:`` chains (a file names a base, relative to itself,
-and holds only what it changes), and typed dataclass views (:func:`from_dict`): unknown keys,
-wrong types and values outside a field's range (:func:`setting`) fail naming the key and the file.
-"""
+"""Reading configs: YAML files, their ``base:`` chains, and typed dataclass views (:func:`from_dict`) whose unknown
+keys, wrong types and values out of range (:func:`setting`) fail naming the key and the file."""
 
-from __future__ import annotations
-
+import contextlib
 import dataclasses
+import functools
 import math
 import operator
 import types
@@ -27,18 +25,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return True
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (int, float):  # a bool is no number here; an int is a float
+        return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict or tp is dict:
+    if origin is dict:
         return isinstance(value, dict)
-    if isinstance(tp, type):
+    if isinstance(tp, type):  # NoneType, dict, str, bool, ...
         return isinstance(value, tp)
     return True
 
@@ -46,13 +40,10 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def setting(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple | None = None,
             nonempty: bool = False) -> Any:  # fmt: skip
-    """A dataclass field with its allowed range, checked by :func:`from_dict` and :func:`check_ranges`:
-    bounds on a number or on every item of a list (NaN never passes), ``choices`` the allowed values,
-    ``nonempty`` refuses an empty list."""
+    """A dataclass field with its allowed range: bounds on a number or on every item of a list (NaN never passes),
+    ``choices``, ``nonempty`` (a list); checked by :func:`from_dict` and :func:`check_ranges`."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "nonempty": nonempty}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, default_factory=factory or dataclasses.MISSING, metadata=meta)
 
 
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
@@ -91,8 +82,7 @@ def check_ranges(obj: Any, where: str = "config") -> None:
 
 def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values out of range raise ConfigError."""
-    if data is None:
-        data = {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -107,10 +97,8 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
             kwargs[name] = from_dict(tp, value, f"{where}.{name}")
             continue
         if tp is float and isinstance(value, str):
-            try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads "2e-4" (no dot) as a string
                 value = float(value)
-            except ValueError:
-                pass
         if not _type_ok(value, tp):
             expected = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
@@ -169,15 +157,11 @@ def config_layers(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]
 
 
 def config_dir(path: str | Path) -> Path:
-    """Where relative paths inside config ``path`` start (``base:``, data lists): its directory, or its
-    target's for a linked config (whose base sits beside the target)."""
+    """Where relative paths inside config ``path`` start: its directory, or a linked config's target's."""
     path = Path(path)
     return path.resolve().parent if path.is_symlink() else path.parent
 
 
 def read_config(path: str | Path) -> dict:
     """A config YAML merged over its ``base:`` chain."""
-    out: dict = {}
-    for _, data in config_layers(path):
-        out = merge(out, data)
-    return out
+    return functools.reduce(merge, (data for _, data in config_layers(path)), {})

@@ -1,7 +1,5 @@
-"""Process-group helpers that work without a process group too (the same code runs under ``python``
-and ``torchrun``; collectives run only with more than one rank); the one source of rank and world size."""
-
-from __future__ import annotations
+"""Process-group helpers that work without one too (collectives run only with several ranks); the one source of
+rank and world size."""
 
 import datetime
 import gc
@@ -23,12 +21,7 @@ def is_distributed() -> bool:
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world size)`` of a job that needs no process group (tokenization): the process group's,
-    else torchrun's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``.
-
-    Raises:
-        ValueError: the variables are not integers or the rank lies outside the world.
-    """
+    """``(rank, world size)``: the process group's, else ``RANK``/``WORLD_SIZE``, else ``(0, 1)``; ValueError if bad."""
     if _grouped():
         return rank(), world_size()
     if ("WORLD_SIZE" in os.environ) != ("RANK" in os.environ):
@@ -38,7 +31,8 @@ def rank_and_world_size() -> tuple[int, int]:
     try:
         r, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ValueError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
+        values = f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}"
+        raise ValueError(f"{values} must be integers") from None
     if world < 1 or not 0 <= r < world:
         raise ValueError(f"RANK={r} must lie in [0, WORLD_SIZE={world})")
     return r, world
@@ -52,14 +46,6 @@ def world_size() -> int:
     return dist.get_world_size() if _grouped() else 1
 
 
-def local_rank() -> int:
-    """torchrun's ``LOCAL_RANK`` (0 without it); ValueError when it is not an integer."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", 0))
-    except ValueError:
-        raise ValueError(f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} must be an integer") from None
-
-
 def shard(items: Sequence, rank: int, world_size: int) -> list:
     """Items ``rank, rank + world_size, ...``: every item goes to exactly one rank."""
     return list(items[rank::world_size])
@@ -69,14 +55,14 @@ class DistributedError(RuntimeError):
     """A process layout that cannot run (e.g. more NCCL ranks than GPUs); the message says what to change."""
 
 
-def choose_device(local: int, local_world: int, gpus: int, device: str = "auto", backend: str = "auto") -> tuple[torch.device, str]:
-    """This process's device and the process group's backend.
+def choose_device(local: int, local_world: int, gpus: int, device: str = "auto",
+                  backend: str = "auto") -> tuple[torch.device, str]:  # fmt: skip
+    """This process's device and the group's backend.
 
     Args:
         local: the local rank; local_world: processes on this node; gpus: GPUs visible.
         device: ``"auto"`` (cuda when a GPU is visible), ``"cuda"`` or ``"cpu"``.
-        backend: ``"auto"`` (NCCL on GPUs, gloo on CPU), ``"nccl"`` (a GPU per process) or ``"gloo"``
-            (ranks may share a GPU: ``local % gpus``).
+        backend: ``"auto"`` (NCCL on GPUs, else gloo), ``"nccl"`` (a GPU each) or ``"gloo"`` (GPU ``local % gpus``).
     """
     if device == "cpu" or (device == "auto" and gpus == 0):
         if backend == "nccl":
@@ -94,30 +80,24 @@ def choose_device(local: int, local_world: int, gpus: int, device: str = "auto",
 
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> torch.device:
     """Join torchrun's process group when there is one; returns this rank's device (:func:`choose_device`).
-
-    Raises:
-        DistributedError: malformed or incomplete torchrun variables (WORLD_SIZE set by hand without
-            MASTER_ADDR/MASTER_PORT), instead of a hang or a traceback.
-    """
+    DistributedError for malformed or incomplete torchrun variables, instead of a hang or a traceback."""
     try:
         _, world = rank_and_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        local_rank()
     except ValueError as exc:
         raise DistributedError(f"{exc}; launch several processes with torchrun --nproc-per-node=N") from None
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(v)]
     if missing:
         fix = f"launch with torchrun --nproc-per-node={world} (it sets them), or unset WORLD_SIZE and RANK"
-        fix += " for one process"
-        raise DistributedError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: {fix}")
+        raise DistributedError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: {fix} for one process")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    chosen, backend = choose_device(local_rank(), local_world, gpus, device, backend)
+    chosen, backend = choose_device(local, local_world, gpus, device, backend)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": chosen} if backend == "nccl" else {}
-        # torchrun's store can outlive a failed attempt: this attempt's keys get their own prefix, so a
-        # restarted group never reads the dead group's addresses.
+        # torchrun's store outlives a failed attempt: a prefix per attempt, never the dead group's addresses
         store, r, size = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"xcodec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
         timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -126,14 +106,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
 
 
 def close_distributed(wait: bool) -> None:
-    """Destroy the process group (no-op without one) while the process can still do it cleanly: a group
-    left to the interpreter's exit can hang it (its destructor joins gloo's threads holding the GIL,
-    which a thread releasing a collective's tensors waits for). Callers first drop DDP wrappers.
-
-    Args:
-        wait: meet every rank at a barrier first (a clean end); False on an error path, where the
-            other ranks may never reach it.
-    """
+    """Destroy the process group (if any) now, after DDP wrappers are dropped: left to the interpreter's exit
+    it can hang (gloo's threads joined holding the GIL). ``wait``: a barrier first (not on an error path)."""
     if not _grouped():
         return
     try:
@@ -145,9 +119,8 @@ def close_distributed(wait: bool) -> None:
 
 
 def first_to_report(message: str) -> bool:
-    """Whether this process prints ``message``, a fatal error's line: under torchrun only the first rank
-    to report it (counted in torchrun's store) does; True outside torchrun or when the store cannot be
-    reached (a line twice, never none)."""
+    """Whether this process prints fatal ``message``: under torchrun only the first rank to report it (counted in
+    its store); True outside torchrun or when the store is unreachable (a line twice, never none)."""
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not host or not port.isdigit():
         return True
@@ -203,8 +176,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def raise_on_every_rank(error: BaseException | None, src: int = 0) -> None:
-    """Raise rank ``src``'s ``error`` (picklable, or None) on every rank, a collective: work only rank
-    ``src`` does then fails on every rank alike (none waits for it or fails on a lost connection)."""
+    """Raise rank ``src``'s picklable ``error`` (or nothing) on every rank alike, a collective."""
     error = broadcast_object(error, src)
     if error is not None:
         raise error
@@ -223,6 +195,4 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), dist.ReduceOp.MAX).item() > 0)

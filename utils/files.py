@@ -1,14 +1,5 @@
-"""Files on disk: atomic writes, their leftovers, locks.
-
-Every writer goes through :func:`atomic_write` or :func:`atomic_directory`: the content is written
-under a hidden temporary beside the target (``.{name}.XXXXXXXX.tmp``), locked (``flock``) while it
-is written, and renamed over the target when complete. A reader never sees a partial file; a killed
-writer leaves the old file plus a temporary that :func:`remove_stale_temporaries` deletes (never a
-locked one: a live writer's). :class:`TreeLock` keeps a second run out of an output tree. A file of
-ours written in place is opened with ``O_NOFOLLOW`` (:func:`open_own`): never through a link.
-"""
-
-from __future__ import annotations
+"""Files on disk: atomic writes through a locked hidden temporary (``.{name}.XXXXXXXX.tmp``), the temporaries killed
+writers leave, output-tree locks, files of ours never opened through a link (docs/reliability.md)."""
 
 import contextlib
 import errno
@@ -39,11 +30,7 @@ class LinkedFileError(OSError):
 
 
 def open_own(path: str | Path, flags: int, mode: int = 0o666) -> int:
-    """``os.open`` of a file of ours written in place, never through a symbolic link.
-
-    Raises:
-        LinkedFileError: ``path`` is a symbolic link (its target is left untouched).
-    """
+    """``os.open`` of a file of ours written in place; LinkedFileError for a symbolic link (target untouched)."""
     try:
         return os.open(path, flags | NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)  # the umask applies
     except OSError as exc:
@@ -54,13 +41,11 @@ def open_own(path: str | Path, flags: int, mode: int = 0o666) -> int:
 
 
 def open_append(path: str | Path):
-    """The one appender of JSON-lines files: opened for appending (created if missing, never through
-    a link), a torn last line (a killed writer's) cut off first."""
+    """The one appender of JSON-lines files (created if missing), a torn last line cut off first."""
     drop_torn_line(path)
     return os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
 
 
-# ---------------------------------------------------------------------------- atomic writes
 def umask() -> int:
     """The process umask (read without changing it for longer than a call)."""
     mask = os.umask(0o022)
@@ -81,16 +66,14 @@ def fsync_paths(*paths: Path) -> None:
 
 
 def try_lock(fd: int) -> bool:
-    """Take an exclusive advisory lock on ``fd`` without waiting; ``False`` if another holds it
-    (a filesystem without locks: ``True``)."""
-    if fcntl is None:
-        return True
+    """An exclusive advisory lock on ``fd`` without waiting; ``False`` if another holds it (no locks: ``True``)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError:
-        pass
+        pass  # a filesystem without locks
     return True
 
 
@@ -118,8 +101,7 @@ def temporary_target(name: str) -> str | None:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = False) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``
-    (``durable``: fsync the file and its directory, to survive a power cut)."""
+    """``write(tmp_path)`` a temporary beside ``path``, renamed over it (``durable``: fsynced, for power cuts)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name), suffix=TMP_SUFFIX)
@@ -139,8 +121,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = 
 
 
 def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: bool = False) -> Path:
-    """Fill a temporary directory beside ``final`` with ``write(tmp_dir)``, then put it in
-    place of ``final`` (an existing ``final`` is replaced only once the new one is complete)."""
+    """``write(tmp_dir)`` a temporary directory beside ``final``, put in its place once complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final.name), suffix=TMP_SUFFIX))
@@ -169,14 +150,8 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
     return final
 
 
-# ---------------------------------------------------------------------------- append-only JSON-lines files
 def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
-    """``[(line number, value)]`` of an append-only JSON-lines file; blank lines and a torn last
-    line (a killed writer's) are no entries.
-
-    Raises:
-        ValueError: naming the file (and line): unreadable, not UTF-8, or a line that is not JSON.
-    """
+    """``[(line number, value)]`` of a JSON-lines file, blank and torn last lines skipped; else ValueError."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -210,8 +185,7 @@ def drop_torn_line(path: str | Path) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | None = None) -> list[Path]:
-    """Delete the temporaries a killed writer left in ``directory`` (not recursive; ``targets``: only
-    those of these file names); returns them. A live writer's (locked) is left alone."""
+    """Delete and return the unlocked temporaries in ``directory`` (of ``targets`` only, if given)."""
     wanted = None if targets is None else set(targets)
     removed: list[Path] = []
     try:
@@ -242,14 +216,10 @@ def _in_use(path: str) -> bool:
         os.close(fd)  # closing releases the probe's own lock
 
 
-class TreeLock:
-    """An advisory lock on output tree ``root`` (created if needed), held until :meth:`release` or exit.
-
-    Rank R holds ``{root}/.xcodec.rank{R}.lock`` exclusively and ``.xcodec.world{W}.lock`` shared: a second
-    run with the same ranks, or with another world size (its ranks would take other shares of the same
-    files), is refused (TreeLockedError; LinkedFileError for a lock file that is a link). A killed run's
-    lock files are taken over (an unlocked lock file is nobody's).
-    """
+class TreeLock(contextlib.AbstractContextManager):
+    """An advisory lock on output tree ``root`` until :meth:`release` or exit: rank R holds ``.xcodec.rank{R}.lock``
+    exclusively and ``.xcodec.world{W}.lock`` shared, so a run with the same ranks or another world size is refused
+    (TreeLockedError); a killed run's unlocked lock files are taken over."""
 
     def __init__(self, root: str | Path, rank: int = 0, world_size: int = 1):
         root = Path(root)
@@ -257,54 +227,49 @@ class TreeLock:
         self.path, self._root = root / f".xcodec.rank{rank}.lock", root
         self._held: list[tuple[int, Path]] = []
         try:
-            fd = self._take(self.path, fcntl.LOCK_EX if fcntl else 0, root)
+            fd = self._take(self.path, fcntl.LOCK_EX if fcntl else 0)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, rank {rank} of {world_size}".encode(), 0)
-            self._take(root / f".xcodec.world{world_size}.lock", fcntl.LOCK_SH if fcntl else 0, root)
+            self._take(root / f".xcodec.world{world_size}.lock", fcntl.LOCK_SH if fcntl else 0)
             for other in root.glob(".xcodec.world*.lock"):
                 if other.name != f".xcodec.world{world_size}.lock" and _in_use(str(other)):
-                    raise TreeLockedError(f"{root}: a run with {other.name[len('.xcodec.world'):-len('.lock')]} process(es) is writing "
-                                          f"into this directory; this one has {world_size}: wait for it or choose another output")  # fmt: skip
+                    n = other.name[len(".xcodec.world") : -len(".lock")]
+                    found = f"a run with {n} process(es) is writing into this directory; this one has {world_size}"
+                    raise TreeLockedError(f"{root}: {found}: wait for it or choose another output")
         except BaseException:
             self.release()
             raise
 
-    def _take(self, path: Path, mode: int, root: Path) -> int:
+    def _take(self, path: Path, mode: int) -> int:
         for attempt in range(100):  # a releasing run may delete the file between our open and our lock: open it again
             fd = open_own(path, os.O_RDWR | os.O_CREAT)
             self._held.append((fd, path))
-            if fcntl is None:
-                return fd
             try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                if mode & fcntl.LOCK_SH and attempt < 99:  # a world lock is held exclusively only for an instant:
-                    self._held.pop()  # by a probe (_in_use) or by its last holder deleting it
-                    os.close(fd)
-                    time.sleep(0.01)
-                    continue
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-                raise TreeLockedError(f"{root}: another run is writing into this directory ({holder}); wait for it or choose another output") from None
+                if not (mode & fcntl.LOCK_SH) or attempt == 99:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                    found = f"another run is writing into this directory ({holder})"
+                    raise TreeLockedError(f"{self._root}: {found}; wait for it or choose another output") from None
+                time.sleep(0.01)  # a world lock is held exclusively only for an instant (a probe, or a deleting holder)
             except OSError:
                 return fd  # a filesystem without locks: behave as before
-            if _same_file(fd, path):
-                return fd
+            else:
+                if fcntl is None or _same_file(fd, path):
+                    return fd
             self._held.pop()
             os.close(fd)
-        raise TreeLockedError(f"{root}: its lock files keep being replaced; is another run starting and stopping there?")
+        raise TreeLockedError(f"{self._root}: lock files keep being replaced; is another run starting and stopping?")
 
     def release(self) -> None:
-        """Unlock, deleting first (while locked: no other process can hold a deleted file, see
-        :meth:`_take`) the files this process holds alone and those a killed run left."""
+        """Unlock, deleting first (while locked) the lock files this process holds alone and a killed run's."""
         for fd, path in reversed(self._held):
             _unlink_if_unlocked(path, fd)
         if self._held:
             for left in self._root.glob(".xcodec.*.lock"):
                 _unlink_if_unlocked(left)
         self._held = []
-
-    def __enter__(self) -> TreeLock:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -360,8 +325,7 @@ def missing(path: str | Path) -> str:
 
 
 def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) -> tuple[Path, Path] | None:
-    """``(output, input)`` for the first output that would be written onto an input file (paths
-    resolved: links and ``..`` included), else ``None``. Tools call it before any work."""
+    """``(output, input)`` for the first output that resolves to an input file (links, ``..``), else ``None``."""
 
     def resolved(p) -> Path | None:  # a NUL byte, a link loop: its reader or writer reports it
         with contextlib.suppress(OSError, ValueError, RuntimeError):
@@ -377,14 +341,10 @@ def overwritten_input(outputs: Iterable[Path | None], inputs: Iterable[Path]) ->
 
 
 def output_collision(pairs: Iterable[tuple[Path | None, Path]]) -> tuple[Path, Path, Path] | None:
-    """``(output, first input, second input)`` when two inputs would write the same output
-    (``a.wav`` and ``a.flac`` both to ``a.npy``), else ``None``."""
+    """``(output, first input, second input)`` when two inputs write one output (``a.wav``, ``a.flac``), else None."""
     seen: dict[Path, Path] = {}
     for out, src in pairs:
-        if out is None:
-            continue
-        key = Path(os.path.abspath(out))
-        if key in seen and seen[key] != src:
-            return Path(out), seen[key], src
-        seen[key] = src
+        first = src if out is None else seen.setdefault(Path(os.path.abspath(out)), src)
+        if first != src:
+            return Path(out), first, src
     return None

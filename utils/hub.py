@@ -1,12 +1,5 @@
-"""Hugging Face Hub downloads that fail fast and in one line without network.
-
-huggingface_hub retries a failed request five times over about 25 seconds, then gives up with a
-message cut mid-word. Here what is in the local cache is used as it is (no request), and otherwise
-one short connection attempt decides: without network the caller gets a :class:`HubError` naming
-what was wanted within seconds; with network the normal download runs (and its retries help).
-"""
-
-from __future__ import annotations
+"""Hugging Face Hub downloads that fail fast and in one line without network: the cache is used without a
+request, else one short connection attempt decides (huggingface_hub alone retries for ~25 s)."""
 
 import os
 import socket
@@ -24,8 +17,7 @@ class HubError(OSError):
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """``None`` when a TCP connection to the hub endpoint opens within ``timeout``, else why not.
-    Behind a proxy (``*_PROXY``) a direct connection proves nothing: huggingface_hub decides."""
+    """``None`` when the hub endpoint accepts a TCP connection within ``timeout`` (or behind a proxy), else why not."""
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in PROXY_VARIABLES):
@@ -58,18 +50,10 @@ def _cached_or_fetched(what: str, fetch, files: list[str] | None = None) -> Path
 
 
 def hub_file(repo_id: str, filename: str) -> Path:
-    """The local path of ``filename`` of ``repo_id``: from the cache, else downloaded.
-
-    Raises:
-        HubError: not cached and the hub is unreachable (fast, one line).
-    """
+    """The local path of ``filename`` of ``repo_id``, cached or downloaded (else HubError, fast)."""
     return _cached_or_fetched(f"{repo_id}/{filename}", lambda **kw: hf_hub_download(repo_id, filename, **kw))
 
 
 def hub_snapshot(repo_id: str, files: list[str] | None = None) -> Path:
-    """A local directory holding ``repo_id`` (``files`` only, if given): cached, else downloaded.
-
-    Raises:
-        HubError: not cached and the hub is unreachable (fast, one line).
-    """
+    """A local directory holding ``repo_id`` (``files`` only, if given), cached or downloaded (else HubError)."""
     return _cached_or_fetched(repo_id, lambda **kw: snapshot_download(repo_id, allow_patterns=files, **kw), files)

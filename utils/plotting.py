@@ -1,7 +1,5 @@
 """Spectrogram figures for ``evaluate.py --plot`` and training's images (matplotlib: imported only to draw)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,27 +26,23 @@ def spectrogram_db(wav: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float
 
 
 def spectrogram_figure(panels: Sequence[tuple[str, np.ndarray]], sample_rate: int, title: str | None = None):
-    """A matplotlib ``Figure`` of stacked spectrograms sharing one dB colour scale.
+    """A ``matplotlib.figure.Figure`` (no pyplot state: thread-safe, no display) of stacked spectrograms.
 
     Args:
-        panels: ``(title, (T,) audio)`` per row; the first sets the top of the colour scale, the
-            bottom is 80 dB below it.
-        sample_rate: rate of every panel's audio; title: the figure's.
-
-    Returns:
-        A ``matplotlib.figure.Figure`` (no pyplot state: safe in threads and without a display).
+        panels: ``(title, (T,) audio)`` per row; the first sets the top of the shared dB scale (80 dB deep).
     """
     from matplotlib.figure import Figure  # optional heavy dependency: only when a figure is drawn
 
     specs = [spectrogram_db(w, sample_rate) for _, w in panels]
     vmax = float(specs[0][0].max())
-    fig = Figure(figsize=(FIGURE_WIDTH, PANEL_HEIGHT * len(panels) + (0.4 if title else 0.0)), dpi=DPI, layout="constrained")
+    height = PANEL_HEIGHT * len(panels) + (0.4 if title else 0.0)
+    fig = Figure(figsize=(FIGURE_WIDTH, height), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     image = None
     for ax, (label, _), (db, hop_s) in zip(axes, panels, specs):
         extent = (0.0, db.shape[1] * hop_s, 0.0, sample_rate / 2000)
-        image = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="viridis", vmin=vmax - DB_RANGE, vmax=vmax,
-                          interpolation="nearest")  # fmt: skip
+        image = ax.imshow(db, origin="lower", aspect="auto", extent=extent, cmap="viridis", vmin=vmax - DB_RANGE,
+                          vmax=vmax, interpolation="nearest")  # fmt: skip
         ax.set_title(label, fontsize=10, loc="left")
         ax.set_ylabel("frequency (kHz)")
     axes[-1].set_xlabel("time (s)")
