@@ -1,11 +1,6 @@
-"""Waveform / spectrogram GAN discriminators.
-
-Every discriminator takes a (B, 1, T) waveform and returns ``(logits, fmaps)``: one
-(B, N_i) tensor of raw scores per sub-discriminator, and per sub-discriminator the list
-of its hidden post-activation feature maps (the logits are not repeated there). Feed
-``logits`` to ``losses.GANLoss`` and ``fmaps`` of real and fake audio to
-``losses.FeatureMatchingLoss``.
-"""
+"""Waveform / spectrogram GAN discriminators: (B, 1, T) -> ``(logits, fmaps)``, one (B, N_i) score tensor and
+one list of hidden post-activation feature maps per sub-discriminator (for ``losses.GANLoss`` and
+``losses.FeatureMatchingLoss``)."""
 
 from __future__ import annotations
 
@@ -23,8 +18,7 @@ Logits = list[torch.Tensor]
 FeatureMaps = list[list[torch.Tensor]]
 
 
-def _per_sub(discriminators: nn.ModuleList, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-    outs = [d(x) for d in discriminators]
+def _unzip(outs: list[tuple[torch.Tensor, list]]) -> tuple[Logits, FeatureMaps]:
     return [o[0] for o in outs], [o[1] for o in outs]
 
 
@@ -68,10 +62,6 @@ class SpectrogramFeatures(nn.Module):
             fb = torch.from_numpy(fb).float().clamp(1e-6, 1.0)
         self.register_buffer("mel_fb", fb, persistent=False)
 
-    @property
-    def channels(self) -> int:
-        return 2 if self.domain == "double" else 1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = torch.stft(x.float(), self.n_fft, self.hop_length, self.n_fft, self.window, center=True,
                           pad_mode="reflect", normalized=True, return_complex=True)  # fmt: skip
@@ -92,7 +82,7 @@ class FrequencyDiscriminator(nn.Module):
     widths grow from ``hidden_channels // 32`` to ``hidden_channels``, frequency and time
     are halved three times.
 
-    Shapes: (B, in_channels, F, N) -> logits (B, 1, F', N') and 6 feature maps (B, C_i, F_i, N_i).
+    Shapes: (B, in_channels, F, N) -> logits (B, N') and 6 feature maps (B, C_i, F_i, N_i).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int = 512):
@@ -113,7 +103,7 @@ class FrequencyDiscriminator(nn.Module):
                 x = F.leaky_relu(x, 0.2)
                 fmaps.append(x)
             x = conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
-        return x, fmaps
+        return x.flatten(1), fmaps
 
 
 class MultiFrequencyDiscriminator(nn.Module):
@@ -135,18 +125,12 @@ class MultiFrequencyDiscriminator(nn.Module):
         self.spectrograms = nn.ModuleList(
             SpectrogramFeatures(4 * h, h, domain, mel_scale, sample_rate) for h in hop_lengths
         )
-        self.discriminators = nn.ModuleList(
-            FrequencyDiscriminator(s.channels, c) for s, c in zip(self.spectrograms, hidden_channels)
-        )
+        channels = 2 if domain == "double" else 1
+        self.discriminators = nn.ModuleList(FrequencyDiscriminator(channels, c) for c in hidden_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
         x = x.reshape(-1, x.shape[-1])
-        logits, fmaps = [], []
-        for spectrogram, disc in zip(self.spectrograms, self.discriminators):
-            out, feats = disc(spectrogram(x))
-            logits.append(out.flatten(1))
-            fmaps.append(feats)
-        return logits, fmaps
+        return _unzip([disc(spectrogram(x)) for spectrogram, disc in zip(self.spectrograms, self.discriminators)])
 
 
 class PeriodDiscriminator(nn.Module):
@@ -183,7 +167,8 @@ class MultiPeriodDiscriminator(nn.Module):
         self.discriminators = nn.ModuleList(PeriodDiscriminator(p, period_kernel_size) for p in period_sizes)
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-        return _per_sub(self.discriminators, x.reshape(x.shape[0], 1, x.shape[-1]))
+        x = x.reshape(x.shape[0], 1, x.shape[-1])
+        return _unzip([d(x) for d in self.discriminators])
 
 
 # (in, out, kernel, stride, groups) of HiFi-GAN's DiscriminatorS
@@ -218,15 +203,11 @@ class MultiScaleDiscriminator(nn.Module):
         self.pool = nn.AvgPool1d(pool_kernel_size, pool_stride, padding=pool_kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-        x = x.reshape(x.shape[0], 1, x.shape[-1])
-        logits, fmaps = [], []
+        x, outs = x.reshape(x.shape[0], 1, x.shape[-1]), []
         for i, disc in enumerate(self.discriminators):
-            if i > 0:
-                x = self.pool(x)
-            out, feats = disc(x)
-            logits.append(out)
-            fmaps.append(feats)
-        return logits, fmaps
+            x = self.pool(x) if i else x
+            outs.append(disc(x))
+        return _unzip(outs)
 
 
 def _same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
@@ -297,32 +278,20 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-        return _per_sub(self.discriminators, x.unsqueeze(1) if x.dim() == 2 else x)
+        x = x.unsqueeze(1) if x.dim() == 2 else x
+        return _unzip([d(x) for d in self.discriminators])
 
 
-DISCRIMINATORS: dict[str, type[nn.Module]] = {
-    "mfd": MultiFrequencyDiscriminator,
-    "mpd": MultiPeriodDiscriminator,
-    "msd": MultiScaleDiscriminator,
-    "msstftd": MultiScaleSTFTDiscriminator,
-}
+DISCRIMINATORS: dict[str, type[nn.Module]] = {"mfd": MultiFrequencyDiscriminator, "mpd": MultiPeriodDiscriminator,
+                                               "msd": MultiScaleDiscriminator, "msstftd": MultiScaleSTFTDiscriminator}  # fmt: skip
 
 
-def build_discriminators(
-    d_list: Sequence[str], configs: Mapping[str, Mapping[str, Any]] | None = None
-) -> nn.ModuleDict:
-    """Instantiate discriminators by short name.
+def build_discriminators(d_list: Sequence[str], configs: Mapping[str, Mapping[str, Any]] | None = None):
+    """``nn.ModuleDict`` of the discriminators named in ``d_list`` (e.g. ``["mfd"]``, the released recipe), in order.
 
     Args:
-        d_list: names from {"mfd", "mpd", "msd", "msstftd"}, e.g. ``["mfd"]`` for the released recipe.
-        configs: ``configs[name]`` holds the constructor kwargs (the YAML ``config:`` sub-dict);
-            a missing entry means the class defaults, which are the recipe values.
-
-    Returns:
-        ``nn.ModuleDict`` keyed by name, in ``d_list`` order.
-
-    Raises:
-        ValueError: on an unknown name.
+        configs: ``configs[name]``: constructor kwargs (the YAML ``config:`` sub-dict); missing: the recipe defaults.
+    Raises ValueError on an unknown name.
     """
     configs = configs or {}
     unknown = [name for name in d_list if name not in DISCRIMINATORS]
