@@ -50,9 +50,8 @@ class SpectrogramFeatures(nn.Module):
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         fb = None
         if mel_scale:
-            # A square HTK mel matrix, un-normalised, weights clamped to [1e-6, 1]: with as many
-            # bands as FFT bins many low bands fall between bins, and the original's floor keeps
-            # them non-zero so the log-magnitude stays finite (hence no "all zero" warning).
+            # Square HTK mel matrix clamped to [1e-6, 1]: with as many bands as FFT bins many low bands fall
+            # between bins; the original's floor keeps them non-zero (finite logs; no "all zero" warning).
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 n = n_fft // 2 + 1
@@ -98,8 +97,7 @@ class FrequencyDiscriminator(nn.Module):
         fmaps = []
         for i, conv in enumerate(self.convs):
             if i > 0:
-                # The original's in-place LeakyReLU also rewrote the stored feature maps:
-                # the effective features are post-activation.
+                # The original's in-place LeakyReLU rewrote its stored feature maps: they are post-activation.
                 x = F.leaky_relu(x, 0.2)
                 fmaps.append(x)
             x = conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
@@ -107,14 +105,9 @@ class FrequencyDiscriminator(nn.Module):
 
 
 class MultiFrequencyDiscriminator(nn.Module):
-    """Multi-resolution spectrogram discriminator ("mfd", the released recipe's): resolution
-    i is an STFT with hop ``hop_lengths[i]`` and FFT/window size ``4 * hop_lengths[i]``, its
-    sub-discriminator's last hidden width ``hidden_channels[i]``; ``domain``, ``mel_scale``,
-    ``sample_rate``: as :class:`SpectrogramFeatures`.
-
-    Forward: (B, 1, T) (or (B, T)) waveform, T > ``2 * max(hop_lengths)`` (reflect padding);
-    ``fmaps[i]`` holds 6 feature maps (B, C, F, N).
-    """
+    """Multi-resolution spectrogram discriminator ("mfd", the released recipe's): resolution i is an STFT with hop
+    ``hop_lengths[i]`` and FFT/window ``4 * hop_lengths[i]``, its last hidden width ``hidden_channels[i]``; other
+    arguments as :class:`SpectrogramFeatures`. Input (B, 1, T) or (B, T), T > ``2 * max(hop_lengths)``."""
 
     def __init__(self, hop_lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024),
                  hidden_channels: Sequence[int] = (64, 128, 256, 512, 512, 512), domain: str = "double",

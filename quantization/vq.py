@@ -23,9 +23,8 @@ def _sample_rows(samples: torch.Tensor, num: int) -> torch.Tensor:
 
 
 def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, max_samples: int = 10_000):
-    """Lloyd's k-means on (N, D) samples, at most ``max_samples`` of them (never fewer than
-    10 per cluster: with about one sample per cluster the residual of every later stage
-    collapses onto a few codes). Returns ``(means (K, D), counts (K,))``."""
+    """Lloyd's k-means on at most ``max_samples`` of (N, D) samples -> ``(means (K, D), counts (K,))``; at least 10
+    samples per cluster: with about one, every later stage's residual collapses onto a few codes."""
     samples = samples.contiguous()  # cdist on a strided view is ~40x slower
     max_samples = max(max_samples, 10 * num_clusters)
     if samples.shape[0] > max_samples:
