@@ -73,9 +73,8 @@ class Segment:
 
 
 class TiledRunner:
-    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input in ``dtype``
-    (float32 or bfloat16), ``tile``: largest intermediate tile in elements, ``min_tile``:
-    smallest output tile in samples."""
+    """Runs :class:`Segment` lists over channels-last (B, C, 1, T) input in ``dtype`` (float32 or bfloat16);
+    ``tile``: largest intermediate tile in elements, ``min_tile``: smallest output tile in samples."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, tile: int = TILE_ELEMENTS, min_tile: int = MIN_TILE_OUT):
         self.dtype, self.tile, self.min_tile = dtype, tile, min_tile
@@ -296,8 +295,7 @@ def plan_segments(layers) -> list[Segment]:
     for op in ops:
         resampling = isinstance(op, ConvSpec) and (op.s != 1 or op.transposed)
         if resampling and op.transposed and segments[-1].ops:
-            # Decoder: [snake, convT, residual x3] form a segment; the snake before the
-            # convT belongs with it (it runs at the lower rate, on the convT's input).
+            # Decoder: [snake, convT, residual x3]; the snake runs at the lower rate, on the convT's input.
             carry = [segments[-1].ops.pop()] if isinstance(segments[-1].ops[-1], Snake1d) else []
             if segments[-1].ops:
                 segments.append(Segment())

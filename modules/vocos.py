@@ -34,10 +34,8 @@ class VocosBackbone(nn.Module):
     """Conv embedding, LayerNorm, ``num_layers`` ConvNeXt blocks, final LayerNorm.
 
     Args:
-        input_channels: channels of the input features (YuE: 1024, the quantizer's latents).
-        dim: hidden channels.
-        intermediate_dim: ConvNeXt MLP width.
-        num_layers: ConvNeXt blocks.
+        input_channels: input feature channels (YuE: 1024, the quantizer's latents); ``dim``: hidden channels.
+        intermediate_dim, num_layers: ConvNeXt MLP width and block count.
         layer_scale_init_value: initial layer scale (``None`` or 0: ``1 / num_layers``, as Vocos).
     """
 
