@@ -275,8 +275,8 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         return _unzip([d(x) for d in self.discriminators])
 
 
-DISCRIMINATORS: dict[str, type[nn.Module]] = {"mfd": MultiFrequencyDiscriminator, "mpd": MultiPeriodDiscriminator,
-                                               "msd": MultiScaleDiscriminator, "msstftd": MultiScaleSTFTDiscriminator}  # fmt: skip
+DISCRIMINATORS = {"mfd": MultiFrequencyDiscriminator, "mpd": MultiPeriodDiscriminator, "msd": MultiScaleDiscriminator,
+                  "msstftd": MultiScaleSTFTDiscriminator}  # fmt: skip
 
 
 def build_discriminators(d_list: Sequence[str], configs: Mapping[str, Mapping[str, Any]] | None = None):

@@ -214,7 +214,7 @@ class Teacher(nn.Module):
         return total.div_(len(self.encoder.layers) + 1)
 
     def _hidden_states(self, h: torch.Tensor, mask: torch.Tensor | None):
-        """Yields transformers' encoder's hidden states (eval) on projected features (B, F, H), embedding output first."""
+        """Yields the encoder's hidden states (eval) on projected features (B, F, H), the embedding output first."""
         enc, stable = self.encoder, self.config.do_stable_layer_norm
         h = h + enc.pos_conv_embed(h)
         if not stable:

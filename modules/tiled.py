@@ -164,10 +164,8 @@ class TiledRunner:
             chans.append(chans[-1] if conv is None else conv.module.out_channels)
         total = lens[-1]
         # Output tile: the largest intermediate stays within self.tile elements.
-        rates = [lens[i] / max(1, total) for i in range(len(ops) + 1)]
-        widest = x.shape[0] * max(chans[i] * rates[i] for i in range(len(ops) + 1))
-        step = max(self.min_tile, int(self.tile / max(widest, 1e-9)))
-        step = min(step, total)
+        widest = x.shape[0] * max(c * (n / max(1, total)) for c, n in zip(chans, lens))
+        step = min(total, max(self.min_tile, int(self.tile / max(widest, 1e-9))))
         first = self._tile(ops, x, 0, step, lens, item_lens)
         if step == total:
             return first, item_lens[-1]

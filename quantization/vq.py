@@ -57,8 +57,7 @@ class EuclideanCodebook(nn.Module):
         self.codebook_size, self.kmeans_iters, self.decay, self.epsilon = codebook_size, kmeans_iters, decay, epsilon
         self.threshold_ema_dead_code = threshold_ema_dead_code
         embed = torch.zeros(codebook_size, dim)
-        if not kmeans_init:
-            embed = nn.init.kaiming_uniform_(torch.empty(codebook_size, dim))
+        embed = embed if kmeans_init else nn.init.kaiming_uniform_(embed)
         self.register_buffer("inited", torch.tensor([float(not kmeans_init)]))
         self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("embed", embed)
