@@ -1,13 +1,6 @@
-"""DAC-style acoustic encoder and decoder (weight-normed convs, Snake, dilations 1/3/9).
-
-The module tree reproduces the released state-dict layout (``encoder.block.*``,
-``decoder_2.model.*``), with two X-Codec quirks the released weights depend on:
-transposed convs use ``output_padding = stride % 2`` and the decoder has no final tanh.
-
-Every forward takes optional per-item ``lengths`` (valid samples or frames): positions
-past an item's length are zeroed after each conv, so each item of a padded batch gets
-exactly what it gets alone.
-"""
+"""DAC-style acoustic encoder and decoder in the released layout (``encoder.block.*``, ``decoder_2.model.*``), with
+X-Codec's quirks: ``output_padding = stride % 2``, no final tanh. Optional per-item ``lengths``: positions past
+an item's length are zeroed after each conv, so each item of a padded batch gets exactly what it gets alone."""
 
 from __future__ import annotations
 
@@ -48,11 +41,11 @@ class Snake1d(nn.Module):
 
 
 def conv_out_length(lengths: torch.Tensor, conv: nn.Module) -> torch.Tensor:
-    """Output lengths of a Conv1d / ConvTranspose1d for input lengths (any integer tensor)."""
+    """Output lengths of a Conv1d / ConvTranspose1d for input lengths (ints or integer tensors)."""
     k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
     if isinstance(conv, nn.ConvTranspose1d):
         return (lengths - 1) * s - 2 * p + d * (k - 1) + conv.output_padding[0] + 1
-    return torch.div(lengths + 2 * p - d * (k - 1) - 1, s, rounding_mode="floor") + 1
+    return (lengths + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 class ResidualUnit(nn.Module):
@@ -93,8 +86,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None):
 
 
 class Block(nn.Module):
-    """An encoder stage (three residual units, Snake, strided conv) or a decoder stage
-    (Snake, transposed conv, three residual units), under ``block``."""
+    """An encoder stage (3 residual units, Snake, strided conv) or decoder stage (Snake, convT, 3 units)."""
 
     def __init__(self, *layers: nn.Module):
         super().__init__()

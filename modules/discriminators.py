@@ -1,11 +1,6 @@
-"""Waveform / spectrogram GAN discriminators.
-
-Every discriminator takes a (B, 1, T) waveform and returns ``(logits, fmaps)``: one
-(B, N_i) tensor of raw scores per sub-discriminator, and per sub-discriminator the list
-of its hidden post-activation feature maps (the logits are not repeated there). Feed
-``logits`` to ``losses.GANLoss`` and ``fmaps`` of real and fake audio to
-``losses.FeatureMatchingLoss``.
-"""
+"""Waveform / spectrogram GAN discriminators: (B, 1, T) -> ``(logits, fmaps)``, one (B, N_i) score tensor and
+one list of hidden post-activation feature maps per sub-discriminator (for ``losses.GANLoss`` and
+``losses.FeatureMatchingLoss``)."""
 
 from __future__ import annotations
 
@@ -23,8 +18,7 @@ Logits = list[torch.Tensor]
 FeatureMaps = list[list[torch.Tensor]]
 
 
-def _per_sub(discriminators: nn.ModuleList, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-    outs = [d(x) for d in discriminators]
+def _unzip(outs: list[tuple[torch.Tensor, list]]) -> tuple[Logits, FeatureMaps]:
     return [o[0] for o in outs], [o[1] for o in outs]
 
 
@@ -56,9 +50,8 @@ class SpectrogramFeatures(nn.Module):
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         fb = None
         if mel_scale:
-            # A square HTK mel matrix, un-normalised, weights clamped to [1e-6, 1]: with as many
-            # bands as FFT bins many low bands fall between bins, and the original's floor keeps
-            # them non-zero so the log-magnitude stays finite (hence no "all zero" warning).
+            # Square HTK mel matrix clamped to [1e-6, 1]: with as many bands as FFT bins many low bands fall
+            # between bins; the original's floor keeps them non-zero (finite logs; no "all zero" warning).
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 n = n_fft // 2 + 1
@@ -67,10 +60,6 @@ class SpectrogramFeatures(nn.Module):
                                      norm=None, mel_scale="htk")  # fmt: skip
             fb = torch.from_numpy(fb).float().clamp(1e-6, 1.0)
         self.register_buffer("mel_fb", fb, persistent=False)
-
-    @property
-    def channels(self) -> int:
-        return 2 if self.domain == "double" else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = torch.stft(x.float(), self.n_fft, self.hop_length, self.n_fft, self.window, center=True,
@@ -92,7 +81,7 @@ class FrequencyDiscriminator(nn.Module):
     widths grow from ``hidden_channels // 32`` to ``hidden_channels``, frequency and time
     are halved three times.
 
-    Shapes: (B, in_channels, F, N) -> logits (B, 1, F', N') and 6 feature maps (B, C_i, F_i, N_i).
+    Shapes: (B, in_channels, F, N) -> logits (B, N') and 6 feature maps (B, C_i, F_i, N_i).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int = 512):
@@ -108,23 +97,17 @@ class FrequencyDiscriminator(nn.Module):
         fmaps = []
         for i, conv in enumerate(self.convs):
             if i > 0:
-                # The original's in-place LeakyReLU also rewrote the stored feature maps:
-                # the effective features are post-activation.
+                # The original's in-place LeakyReLU rewrote its stored feature maps: they are post-activation.
                 x = F.leaky_relu(x, 0.2)
                 fmaps.append(x)
             x = conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
-        return x, fmaps
+        return x.flatten(1), fmaps
 
 
 class MultiFrequencyDiscriminator(nn.Module):
-    """Multi-resolution spectrogram discriminator ("mfd", the released recipe's): resolution
-    i is an STFT with hop ``hop_lengths[i]`` and FFT/window size ``4 * hop_lengths[i]``, its
-    sub-discriminator's last hidden width ``hidden_channels[i]``; ``domain``, ``mel_scale``,
-    ``sample_rate``: as :class:`SpectrogramFeatures`.
-
-    Forward: (B, 1, T) (or (B, T)) waveform, T > ``2 * max(hop_lengths)`` (reflect padding);
-    ``fmaps[i]`` holds 6 feature maps (B, C, F, N).
-    """
+    """Multi-resolution spectrogram discriminator ("mfd", the released recipe's): resolution i is an STFT with hop
+    ``hop_lengths[i]`` and FFT/window ``4 * hop_lengths[i]``, its last hidden width ``hidden_channels[i]``; other
+    arguments as :class:`SpectrogramFeatures`. Input (B, 1, T) or (B, T), T > ``2 * max(hop_lengths)``."""
 
     def __init__(self, hop_lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024),
                  hidden_channels: Sequence[int] = (64, 128, 256, 512, 512, 512), domain: str = "double",
@@ -135,18 +118,12 @@ class MultiFrequencyDiscriminator(nn.Module):
         self.spectrograms = nn.ModuleList(
             SpectrogramFeatures(4 * h, h, domain, mel_scale, sample_rate) for h in hop_lengths
         )
-        self.discriminators = nn.ModuleList(
-            FrequencyDiscriminator(s.channels, c) for s, c in zip(self.spectrograms, hidden_channels)
-        )
+        channels = 2 if domain == "double" else 1
+        self.discriminators = nn.ModuleList(FrequencyDiscriminator(channels, c) for c in hidden_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
         x = x.reshape(-1, x.shape[-1])
-        logits, fmaps = [], []
-        for spectrogram, disc in zip(self.spectrograms, self.discriminators):
-            out, feats = disc(spectrogram(x))
-            logits.append(out.flatten(1))
-            fmaps.append(feats)
-        return logits, fmaps
+        return _unzip([disc(spectrogram(x)) for spectrogram, disc in zip(self.spectrograms, self.discriminators)])
 
 
 class PeriodDiscriminator(nn.Module):
@@ -183,7 +160,8 @@ class MultiPeriodDiscriminator(nn.Module):
         self.discriminators = nn.ModuleList(PeriodDiscriminator(p, period_kernel_size) for p in period_sizes)
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-        return _per_sub(self.discriminators, x.reshape(x.shape[0], 1, x.shape[-1]))
+        x = x.reshape(x.shape[0], 1, x.shape[-1])
+        return _unzip([d(x) for d in self.discriminators])
 
 
 # (in, out, kernel, stride, groups) of HiFi-GAN's DiscriminatorS
@@ -218,15 +196,11 @@ class MultiScaleDiscriminator(nn.Module):
         self.pool = nn.AvgPool1d(pool_kernel_size, pool_stride, padding=pool_kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-        x = x.reshape(x.shape[0], 1, x.shape[-1])
-        logits, fmaps = [], []
+        x, outs = x.reshape(x.shape[0], 1, x.shape[-1]), []
         for i, disc in enumerate(self.discriminators):
-            if i > 0:
-                x = self.pool(x)
-            out, feats = disc(x)
-            logits.append(out)
-            fmaps.append(feats)
-        return logits, fmaps
+            x = self.pool(x) if i else x
+            outs.append(disc(x))
+        return _unzip(outs)
 
 
 def _same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
@@ -297,32 +271,20 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[Logits, FeatureMaps]:
-        return _per_sub(self.discriminators, x.unsqueeze(1) if x.dim() == 2 else x)
+        x = x.unsqueeze(1) if x.dim() == 2 else x
+        return _unzip([d(x) for d in self.discriminators])
 
 
-DISCRIMINATORS: dict[str, type[nn.Module]] = {
-    "mfd": MultiFrequencyDiscriminator,
-    "mpd": MultiPeriodDiscriminator,
-    "msd": MultiScaleDiscriminator,
-    "msstftd": MultiScaleSTFTDiscriminator,
-}
+DISCRIMINATORS = {"mfd": MultiFrequencyDiscriminator, "mpd": MultiPeriodDiscriminator, "msd": MultiScaleDiscriminator,
+                  "msstftd": MultiScaleSTFTDiscriminator}  # fmt: skip
 
 
-def build_discriminators(
-    d_list: Sequence[str], configs: Mapping[str, Mapping[str, Any]] | None = None
-) -> nn.ModuleDict:
-    """Instantiate discriminators by short name.
+def build_discriminators(d_list: Sequence[str], configs: Mapping[str, Mapping[str, Any]] | None = None):
+    """``nn.ModuleDict`` of the discriminators named in ``d_list`` (e.g. ``["mfd"]``, the released recipe), in order.
 
     Args:
-        d_list: names from {"mfd", "mpd", "msd", "msstftd"}, e.g. ``["mfd"]`` for the released recipe.
-        configs: ``configs[name]`` holds the constructor kwargs (the YAML ``config:`` sub-dict);
-            a missing entry means the class defaults, which are the recipe values.
-
-    Returns:
-        ``nn.ModuleDict`` keyed by name, in ``d_list`` order.
-
-    Raises:
-        ValueError: on an unknown name.
+        configs: ``configs[name]``: constructor kwargs (the YAML ``config:`` sub-dict); missing: the recipe defaults.
+    Raises ValueError on an unknown name.
     """
     configs = configs or {}
     unknown = [name for name in d_list if name not in DISCRIMINATORS]

@@ -1,6 +1,5 @@
-"""Pseudo-QMF (PQMF) analysis / synthesis filter bank of the original X-Codec sub-band
-STFT loss: cosine-modulated near-perfect-reconstruction bank (Nguyen 1994) with a
-Kaiser-windowed sinc prototype (Lin & Vaidyanathan 1998)."""
+"""PQMF filter bank of X-Codec's sub-band STFT loss: cosine-modulated near-PR bank (Nguyen 1994), Kaiser-windowed
+sinc prototype (Lin & Vaidyanathan 1998)."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Cut-off ratios tuned (by the original authors) so that the prototype satisfies the
-# near-PR condition for these band counts; other counts fall back to 0.142.
+# The original's cut-off ratios tuned for near-PR at these band counts (others: 0.142).
 _TUNED_CUTOFF = {2: 0.25, 4: 0.13, 6: 0.10032791, 8: 0.07949452}
 
 
@@ -61,6 +59,4 @@ class PQMF(nn.Module):
         up[..., ::k] = x * k
         return F.conv1d(up, self.synthesis_filter, padding=self.taps // 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`analysis`."""
-        return self.analysis(x)
+    forward = analysis

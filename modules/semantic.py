@@ -1,10 +1,7 @@
-"""Convolutional semantic encoder and decoder around the teacher features: plain (not
-weight-normed) convs with ELU residual units, in the released checkpoints' layout
-(``encoder_semantic.*``, ``decoder_semantic.*``)."""
+"""Semantic encoder and decoder around the teacher features: plain convs with ELU residual units, in the released
+layout (``encoder_semantic.*``, ``decoder_semantic.*``)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,24 +10,23 @@ from .acoustic import masked
 
 
 class SameConv1d(nn.Module):
-    """Conv1d with "same" padding for odd kernels; parameters live in ``.conv``."""
+    """Conv1d k3 with "same" padding, its parameters under ``.conv`` (the released layout). (B, C, T)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, dilation: int = 1, bias: bool = True):
+    def __init__(self, channels: int, bias: bool = True):
         super().__init__()
-        padding = (kernel_size - 1) // 2 * dilation
-        self.conv = nn.Conv1d(in_ch, out_ch, kernel_size, padding=padding, dilation=dilation, bias=bias)
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
 class SemanticResidualUnit(nn.Module):
-    """ELU -> conv k -> ELU -> conv 1x1, plus skip (no biases). (B, C, T) -> (B, C, T)."""
+    """ELU -> conv k3 -> ELU -> conv 1x1, plus skip (no biases). (B, C, T) -> (B, C, T)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1):
+    def __init__(self, channels: int):
         super().__init__()
         self.activation = nn.ELU()
-        self.conv1 = SameConv1d(channels, channels, kernel_size, dilation=dilation, bias=False)
+        self.conv1 = SameConv1d(channels, bias=False)
         self.conv2 = nn.Conv1d(channels, channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,13 +36,13 @@ class SemanticResidualUnit(nn.Module):
 
 
 class SemanticBlock(nn.Module):
-    """Residual units and a length-preserving conv (stride 1, as in every release)."""
+    """Two residual units and a length-preserving conv (stride 1 and dilation 1, as in every release)."""
 
-    def __init__(self, channels: int, dilations: Sequence[int], kernel_size: int, decoder: bool):
+    def __init__(self, channels: int, decoder: bool):
         super().__init__()
         self.decoder = decoder  # the conv before the units (decoder) or after them (encoder)
-        self.res_units = nn.ModuleList([SemanticResidualUnit(channels, kernel_size, d) for d in dilations])
-        self.conv = SameConv1d(channels, channels, 3)
+        self.res_units = nn.ModuleList([SemanticResidualUnit(channels) for _ in range(2)])
+        self.conv = SameConv1d(channels)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if self.decoder:
@@ -64,14 +60,12 @@ class SemanticEncoder(nn.Module):
     Args:
         channels: teacher hidden size H (768 for base models).
         num_blocks: conv blocks (2 in the releases).
-        dilations, kernel_size: of the residual units in each block (their first conv).
     """
 
-    def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
+    def __init__(self, channels: int, num_blocks: int = 2):
         super().__init__()
-        self.conv = SameConv1d(channels, channels, 3, bias=False)
-        blocks = [SemanticBlock(channels, dilations, kernel_size, decoder=False) for _ in range(num_blocks)]
-        self.conv_blocks = nn.ModuleList(blocks)
+        self.conv = SameConv1d(channels, bias=False)
+        self.conv_blocks = nn.ModuleList(SemanticBlock(channels, decoder=False) for _ in range(num_blocks))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = masked(self.conv(masked(x, lengths)), lengths)
@@ -81,15 +75,13 @@ class SemanticEncoder(nn.Module):
 
 
 class SemanticDecoder(nn.Module):
-    """Quantized semantic latents back to teacher features (training target only); as
-    :class:`SemanticEncoder`."""
+    """Quantized semantic latents back to teacher features (training target only); as :class:`SemanticEncoder`."""
 
-    def __init__(self, channels: int, num_blocks: int = 2, dilations: Sequence[int] = (1, 1), kernel_size: int = 3):
+    def __init__(self, channels: int, num_blocks: int = 2):
         super().__init__()
-        self.conv1 = SameConv1d(channels, channels, 3, bias=False)
-        blocks = [SemanticBlock(channels, dilations, kernel_size, decoder=True) for _ in range(num_blocks)]
-        self.conv_blocks = nn.ModuleList(blocks)
-        self.conv2 = SameConv1d(channels, channels, 3, bias=False)
+        self.conv1 = SameConv1d(channels, bias=False)
+        self.conv_blocks = nn.ModuleList(SemanticBlock(channels, decoder=True) for _ in range(num_blocks))
+        self.conv2 = SameConv1d(channels, bias=False)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = masked(self.conv1(masked(x, lengths)), lengths)

@@ -22,12 +22,9 @@ def _snake_tile(x: torch.Tensor, alpha: torch.Tensor, recip: torch.Tensor, out: 
 
 
 def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None, tile: int = 1 << 18) -> torch.Tensor:
-    """Snake without autograd, bitwise equal to :func:`snake_reference` for float32.
-
-    Works on (B, C, T) and channels-last (B, C, 1, T) tensors (``alpha``: (1, C, 1)),
-    one cache-sized slice of time at a time. Lower-precision inputs are computed in
-    float32 and rounded once. ``out`` may be ``x`` (in place).
-    """
+    """Snake without autograd, bitwise :func:`snake_reference` for float32, on (B, C, T) or channels-last
+    (B, C, 1, T) ``x`` (``alpha``: (1, C, 1)) a cache-sized time slice at a time; lower precisions in float32,
+    rounded once. ``out`` may be ``x``."""
     if x.dim() == 4:
         alpha = alpha.reshape(1, -1, 1, 1)
     alpha = alpha.to(device=x.device)

@@ -1,16 +1,11 @@
-"""The frozen self-supervised teacher (HuBERT or WavLM from transformers).
-
-X-Codec's semantic target is the mean of *all* hidden states of the teacher (the embedding
-output and every layer) on the input padded by hop/2 on both sides: two quirks that the
-released checkpoints depend on.
-"""
+"""The frozen HuBERT/WavLM teacher. X-Codec's semantic target is the mean of *all* its hidden states (embedding
+output and every layer) on the input padded by hop/2 on both sides: two quirks the released checkpoints depend on."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +16,14 @@ from transformers.masking_utils import create_bidirectional_mask
 from utils.budget import check_budget
 from utils.hub import HubError, hub_snapshot
 
-from .tiled import ConvSpec, Pointwise, Segment, TiledRunner
+from .tiled import ConvSpec, Segment, TiledRunner
 
-# The first layers of the feature extractor run on large tensors (512 channels at 3.2 kHz
-# for the first conv's output: 64 MB for 10 s); computed together tile by tile they stay
+# The first conv layers' outputs are large (512 channels at 3.2 kHz: 64 MB for 10 s): tiled together they stay
 # in cache. Later layers are small and run whole.
 TILED_FEATURE_LAYERS = 4
 
 
-@dataclass(frozen=True)
-class TeacherSpec:
+class TeacherSpec(NamedTuple):
     model_type: str  # "hubert" or "wavlm"
     repo_id: str  # Hugging Face repository of the pretrained teacher (training only)
 
@@ -76,12 +69,8 @@ def check_teacher_size(name: str, overrides: dict | None, where: str) -> None:
 
 
 def fetch_teacher(name: str, pretrained: str | bool) -> str | bool:
-    """The local directory of a pretrained teacher (``pretrained``: ``True`` for the standard
-    one, a repository id or a directory), downloaded once; ``False`` stays ``False``.
-
-    Raises:
-        utils.hub.HubError: not cached and the hub cannot be reached (in seconds, one line).
-    """
+    """The local directory of a pretrained teacher (``True``: the standard one, or a repository id or directory),
+    downloaded once; ``False`` stays ``False``. Raises utils.hub.HubError (one line) when it cannot be had."""
     if not pretrained:
         return False
     source = TEACHERS[name].repo_id if pretrained is True else str(pretrained)
@@ -102,9 +91,8 @@ def build_teacher(name: str, overrides: dict | None = None, pretrained: str | bo
     Args:
         name: one of :data:`TEACHERS` (the ``semantic_techer`` key of the configs).
         overrides: transformers config fields, e.g. a tiny architecture for tests.
-        pretrained: ``False`` builds from the config with no network (the codec checkpoint
-            carries the teacher's weights); ``True`` downloads the standard teacher and a
-            string loads that repository id or local directory (training).
+        pretrained: ``False`` builds from the config, no network (the codec checkpoint carries the weights);
+            ``True`` downloads the standard teacher, a string loads that repository id or directory (training).
         pad: zero samples added on each side of the teacher's input (hop / 2).
     """
     if name not in TEACHERS:
@@ -120,19 +108,9 @@ def build_teacher(name: str, overrides: dict | None = None, pretrained: str | bo
 
 @torch.no_grad()
 def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk: int = 1 << 16):
-    """Per-item, per-group (mean, var) of ``conv(x)`` over time, without computing it.
-
-    The conv has one input channel, so each output channel is a dot product of its
-    weights with the input's patches: the mean is ``w . m`` and the second moment
-    ``w^T G w``, from the patches' mean ``m`` and Gram matrix ``G`` (float64, in chunks
-    of frames). Agrees with the GroupNorm's own float32 statistics to ~1e-7.
-
-    Args:
-        x: (B, T) input of the conv (already padded).
-
-    Returns:
-        (mean, var), each (B, G) float64.
-    """
+    """Per-item, per-group (mean, var), (B, G) float64 each, of ``conv(x)`` over time for (B, T) padded ``x``,
+    without computing it: with one input channel, the mean is ``w . m`` and the second moment ``w^T G w`` from
+    the patches' mean ``m`` and Gram matrix ``G`` (float64, in chunks). Within ~1e-7 of GroupNorm's own."""
     k, s, batch, device = conv.kernel_size[0], conv.stride[0], x.shape[0], conv.weight.device
     frames = (x.shape[-1] - k) // s + 1
     # On the conv's device, a chunk at a time: a long file may stay on the CPU.
@@ -159,12 +137,9 @@ def first_conv_stats(conv: nn.Conv1d, norm: nn.GroupNorm, x: torch.Tensor, chunk
 
 
 class Teacher(nn.Module):
-    """The frozen HuBERT/WavLM teacher with an explicit forward.
-
-    Holds the transformers model's submodules under their own names (the state dict is
-    ``<HF keys>``, as in the released checkpoints) and computes the features itself: the
-    first conv's GroupNorm is applied per item (ragged batches), with given statistics
-    (windowed long files) or, on the CPU in float32, cache-blocked with the next convs.
+    """The frozen HuBERT/WavLM teacher with an explicit forward over the transformers model's submodules (kept
+    under their names: the checkpoints' keys); the first GroupNorm is per item (ragged batches), with given
+    statistics (windowed long files) or, on the CPU in float32, cache-blocked with the next convs.
 
     Args:
         model: a transformers ``HubertModel`` or ``WavLMModel``; its submodules are taken.
@@ -196,9 +171,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def norm_stats(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(mean, var), (B, G) each, of the first conv's GroupNorm over whole (B, 1, T) clips
-        (computed in chunks: windowed long-file encoding normalises every window with
-        these); ``None`` when the teacher has no such GroupNorm."""
+        """(mean, var), (B, G) each, of the first GroupNorm over whole (B, 1, T) clips (windowed long files use
+        them for every window); ``None`` when the teacher has no such GroupNorm."""
         norm = self._group_norm()
         if norm is None:
             return None
@@ -240,8 +214,7 @@ class Teacher(nn.Module):
         return total.div_(len(self.encoder.layers) + 1)
 
     def _hidden_states(self, h: torch.Tensor, mask: torch.Tensor | None):
-        """Yields the hidden states of transformers' encoder (eval: no dropout, no LayerDrop) on
-        projected features ``h`` (B, F, H): the embedding output, each layer's, the last."""
+        """Yields the encoder's hidden states (eval) on projected features (B, F, H), the embedding output first."""
         enc, stable = self.encoder, self.config.do_stable_layer_norm
         h = h + enc.pos_conv_embed(h)
         if not stable:
@@ -280,8 +253,7 @@ class Teacher(nn.Module):
         elif lengths is None:
             h = norm(h)
         else:
-            # Each item normalised over its own valid frames by the native kernel: bitwise
-            # what the item gets alone. Frames past its length are zero.
+            # Each item over its own frames by the native kernel: bitwise what it gets alone; the rest stays zero.
             out = torch.zeros_like(h)
             k, s = self.config.conv_kernel[0], self.config.conv_stride[0]
             for i, n in enumerate(((lengths + 2 * self.pad - k) // s + 1).tolist()):
@@ -303,10 +275,10 @@ class Teacher(nn.Module):
         scale = inv * (norm.weight.double() if norm.affine else 1.0)
         shift = (norm.bias.double() if norm.affine else 0.0) - mean.repeat_interleave(per_group, dim=1) * scale
         scale, shift = scale.float()[:, :, None, None], shift.float()[:, :, None, None]
-        ops = [ConvSpec.of(conv), Pointwise(lambda t: torch.addcmul(shift, t, scale)), Pointwise(layers[0].activation)]
+        ops = [ConvSpec.of(conv), lambda t: torch.addcmul(shift, t, scale), layers[0].activation]
         n = min(TILED_FEATURE_LAYERS, len(layers))
         for layer in layers[1:n]:
-            ops += [ConvSpec.of(layer.conv), Pointwise(layer.activation)]
+            ops += [ConvSpec.of(layer.conv), layer.activation]
         y, _ = self._runner.run([Segment(ops)], self._runner.to_layout(x[:, None]))
         h = self._runner.from_layout(y)
         for layer in layers[n:]:

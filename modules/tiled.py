@@ -1,17 +1,8 @@
-"""Cache-blocked CPU inference for the acoustic encoder and decoder (and the teacher's first convs).
-
-Every op over a whole 10 s clip at 16 kHz with 64-128 channels reads and writes ~40 MB
-(and each fresh tensor of that size costs ~10k page faults). Here each stage is computed
-tile by tile along time, with the halo each conv needs, so intermediates stay in cache and
-only the stage output is written. Tensors are (B, C, 1, T) channels-last, the layout of
-oneDNN's fastest conv kernels (float32: another summation order than eager PyTorch, ~1e-7
-relative; or bf16); each output position sees the same inputs as in the eager modules.
-Ragged batches: positions past an item's length are zeroed after every conv, as there.
-"""
+"""Cache-blocked CPU inference for the acoustic encoder and decoder (and the teacher's first convs): each stage
+tile by tile along time with each conv's halo, in channels-last (B, C, 1, T) for oneDNN; docs/performance.md."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .acoustic import Block, ResidualUnit, Snake1d
+from .acoustic import Block, ResidualUnit, Snake1d, conv_out_length
 from .snake import snake
 
 # Largest intermediate tile (channels x samples) and smallest output tile (samples, so
@@ -50,9 +41,7 @@ class ConvSpec:
         return cls(m, t, m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0], m.output_padding[0] if t else 0)
 
     def out_len(self, n):
-        if self.transposed:
-            return (n - 1) * self.s - 2 * self.p + self.d * (self.k - 1) + self.op + 1
-        return (n + 2 * self.p - self.d * (self.k - 1) - 1) // self.s + 1
+        return conv_out_length(n, self.module)
 
     def in_range(self, o0: int, o1: int) -> tuple[int, int]:
         """Input positions (unclamped) that outputs [o0, o1) depend on."""
@@ -71,32 +60,21 @@ class Residual:
     conv1: ConvSpec
     conv2: ConvSpec
 
+    def in_range(self, o0: int, o1: int) -> tuple[int, int]:
+        return self.conv1.in_range(o0, o1)
+
 
 @dataclass
 class Segment:
-    """Ops computed together tile by tile; only the last one's output is materialised."""
+    """Ops computed together tile by tile; only the last one's output is materialised. Ops: ConvSpec, Snake1d,
+    Residual, or any elementwise map of a (B, C, 1, T) tile returning a new tensor (the teacher's GroupNorm, GELU)."""
 
     ops: list = field(default_factory=list)
 
 
-@dataclass
-class Pointwise:
-    """An elementwise map of a (B, C, 1, T) tile that returns a new tensor (the
-    teacher's GroupNorm with fixed statistics, GELU)."""
-
-    fn: Callable[[torch.Tensor], torch.Tensor]
-
-
-def _in_range(op, o0: int, o1: int) -> tuple[int, int]:
-    if isinstance(op, ConvSpec):
-        return op.in_range(o0, o1)
-    return op.conv1.in_range(o0, o1) if isinstance(op, Residual) else (o0, o1)
-
-
 class TiledRunner:
-    """Runs a list of :class:`Segment` over channels-last (B, C, 1, T) input in ``dtype``
-    (float32 or bfloat16), ``tile``: largest intermediate tile in elements, ``min_tile``:
-    smallest output tile in samples."""
+    """Runs :class:`Segment` lists over channels-last (B, C, 1, T) input in ``dtype`` (float32 or bfloat16);
+    ``tile``: largest intermediate tile in elements, ``min_tile``: smallest output tile in samples."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, tile: int = TILE_ELEMENTS, min_tile: int = MIN_TILE_OUT):
         self.dtype, self.tile, self.min_tile = dtype, tile, min_tile
@@ -131,12 +109,6 @@ class TiledRunner:
             # convs to its native kernel on one thread, converting layouts).
             return torch.ops.aten.mkldnn_convolution(x, w, b, [0, 0], [1, spec.s], [1, spec.d], 1)
         return F.conv2d(x, w, b, stride=(1, spec.s), dilation=(1, spec.d))
-
-    @staticmethod
-    def _pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-        if left == 0 and right == 0:
-            return x
-        return F.pad(x, (left, right)).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def _padded_snake(x: torch.Tensor, alpha: torch.Tensor, left: int, right: int) -> torch.Tensor:
@@ -192,10 +164,8 @@ class TiledRunner:
             chans.append(chans[-1] if conv is None else conv.module.out_channels)
         total = lens[-1]
         # Output tile: the largest intermediate stays within self.tile elements.
-        rates = [lens[i] / max(1, total) for i in range(len(ops) + 1)]
-        widest = x.shape[0] * max(chans[i] * rates[i] for i in range(len(ops) + 1))
-        step = max(self.min_tile, int(self.tile / max(widest, 1e-9)))
-        step = min(step, total)
+        widest = x.shape[0] * max(c * (n / max(1, total)) for c, n in zip(chans, lens))
+        step = min(total, max(self.min_tile, int(self.tile / max(widest, 1e-9))))
         first = self._tile(ops, x, 0, step, lens, item_lens)
         if step == total:
             return first, item_lens[-1]
@@ -240,7 +210,7 @@ class TiledRunner:
         ranges = [None] * (n + 1)
         ranges[n] = (o0, o1)
         for i in range(n - 1, -1, -1):
-            a, b = _in_range(ops[i], *ranges[i + 1])
+            a, b = ops[i].in_range(*ranges[i + 1]) if isinstance(ops[i], (ConvSpec, Residual)) else ranges[i + 1]
             ranges[i] = (max(0, a), min(lens[i], b))
         a, b = ranges[0]
         t = x[..., a:b]
@@ -255,9 +225,7 @@ class TiledRunner:
                 else:
                     t = snake(t, op.alpha, out=t if i > 0 else None)
                 continue
-            if isinstance(op, Pointwise):
-                t = op.fn(t)
-            elif isinstance(op, ConvSpec) and op.transposed:
+            if isinstance(op, ConvSpec) and op.transposed:
                 # Inputs outside the clamped range contribute nothing; crop the outputs
                 # that this input slice fully determines.
                 y = self._conv(op, t)
@@ -265,9 +233,11 @@ class TiledRunner:
                 t = self._mask_(y[..., first : first + ob - oa], item_lens[i + 1], oa)
             elif isinstance(op, ConvSpec):
                 ua, ub = op.in_range(oa, ob)
-                t = self._conv(op, t if padded else self._pad(t, ia - ua, ub - ib))
+                if not padded and (ia != ua or ub != ib):
+                    t = F.pad(t, (ia - ua, ub - ib)).contiguous(memory_format=torch.channels_last)
+                t = self._conv(op, t)
                 t = self._mask_(t, item_lens[i + 1], oa)
-            else:  # Residual
+            elif isinstance(op, Residual):
                 ua, ub = op.conv1.in_range(oa, ob)
                 h = self._conv(op.conv1, self._padded_snake(t, op.unit.block[0].alpha, ia - ua, ub - ib))
                 self._mask_(h, item_lens[i + 1], oa)
@@ -275,6 +245,8 @@ class TiledRunner:
                 h = self._conv(op.conv2, h)
                 self._mask_(h, item_lens[i + 1], oa)
                 t = h.add_(t[..., oa - ia : ob - ia])
+            else:
+                t = op(t)
             padded = False
             if t.shape[-1] != ob - oa:
                 raise RuntimeError(f"tile bookkeeping error: op {i} gave {t.shape[-1]} positions, expected {ob - oa}")
@@ -290,11 +262,9 @@ class TiledStacks:
 
     def run(self, layers: nn.Sequential, x: torch.Tensor, lengths: torch.Tensor | None, dtype: torch.dtype):
         """(B, C, T) ``x`` through the encoder's or decoder's Sequential; float32 (B, C', T') out."""
-        if dtype not in self._runners:
-            self._runners[dtype] = TiledRunner(dtype)
+        runner = self._runners.setdefault(dtype, TiledRunner(dtype))
         if id(layers) not in self._plans:
             self._plans[id(layers)] = plan_segments(layers)
-        runner = self._runners[dtype]
         y, _ = runner.run(self._plans[id(layers)], runner.to_layout(x), lengths)
         return runner.from_layout(y).float()
 
@@ -316,18 +286,14 @@ def _flatten(layers) -> list:
 
 
 def plan_segments(layers) -> list[Segment]:
-    """Split a Sequential of the acoustic encoder or decoder into tiled segments.
-
-    A segment ends after each resampling conv (strided or transposed) whose output is
-    longer-lived than its input stage; the decoder's upsampling conv starts a segment.
-    """
+    """Split the acoustic encoder's or decoder's Sequential into tiled segments: one ends after each strided conv;
+    the decoder's transposed conv (with the Snake before it) starts one."""
     ops = _flatten(layers)
     segments: list[Segment] = [Segment()]
     for op in ops:
         resampling = isinstance(op, ConvSpec) and (op.s != 1 or op.transposed)
         if resampling and op.transposed and segments[-1].ops:
-            # Decoder: [snake, convT, residual x3] form a segment; the snake before the
-            # convT belongs with it (it runs at the lower rate, on the convT's input).
+            # Decoder: [snake, convT, residual x3]; the snake runs at the lower rate, on the convT's input.
             carry = [segments[-1].ops.pop()] if isinstance(segments[-1].ops[-1], Snake1d) else []
             if segments[-1].ops:
                 segments.append(Segment())

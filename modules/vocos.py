@@ -1,8 +1,5 @@
-"""Vocos (Siuzdak 2023): a ConvNeXt backbone and an ISTFT head, as YuE's 44.1 kHz vocoders use them.
-
-Written here because the ``vocos`` package requires torchaudio. The parameter names are those of
-Vocos' ``VocosBackbone`` and ``ISTFTHead`` (without AdaLayerNorm): its state dicts load as they are.
-"""
+"""Vocos (Siuzdak 2023) backbone and ISTFT head as YuE's 44.1 kHz vocoders use them (the ``vocos`` package needs
+torchaudio); parameter names are Vocos' (no AdaLayerNorm): its state dicts load as they are."""
 
 from __future__ import annotations
 
@@ -12,9 +9,7 @@ from torch import nn
 
 
 class ConvNeXtBlock(nn.Module):
-    """Depthwise conv (k=7) -> LayerNorm -> Linear -> GELU -> Linear -> layer scale, residual,
-    on ``dim`` channels with an MLP of ``intermediate_dim``; initial ``gamma``
-    ``layer_scale_init_value`` (no layer scale when <= 0)."""
+    """Depthwise conv k7 -> LayerNorm -> MLP (GELU) -> layer scale (none when <= 0), residual. (B, C, T)."""
 
     def __init__(self, dim: int, intermediate_dim: int, layer_scale_init_value: float):
         super().__init__()
@@ -28,7 +23,6 @@ class ConvNeXtBlock(nn.Module):
             self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) -> (B, C, T)."""
         y = self.dwconv(x).transpose(1, 2)
         y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
         if self.gamma is not None:
@@ -40,10 +34,8 @@ class VocosBackbone(nn.Module):
     """Conv embedding, LayerNorm, ``num_layers`` ConvNeXt blocks, final LayerNorm.
 
     Args:
-        input_channels: channels of the input features (YuE: 1024, the quantizer's latents).
-        dim: hidden channels.
-        intermediate_dim: ConvNeXt MLP width.
-        num_layers: ConvNeXt blocks.
+        input_channels: input feature channels (YuE: 1024, the quantizer's latents); ``dim``: hidden channels.
+        intermediate_dim, num_layers: ConvNeXt MLP width and block count.
         layer_scale_init_value: initial layer scale (``None`` or 0: ``1 / num_layers``, as Vocos).
     """
 
@@ -65,12 +57,8 @@ class VocosBackbone(nn.Module):
 
 
 class ISTFT(nn.Module):
-    """Inverse STFT with "same" padding: ``T`` frames give exactly ``T * hop_length`` samples.
-
-    ``torch.istft`` only trims centred frames; here the frames are inverse-FFT'd, windowed
-    (periodic Hann, ``n_fft`` long), overlap-added and divided by the summed squared window,
-    and ``(n_fft - hop_length) // 2`` samples are cut from each end.
-    """
+    """Inverse STFT with "same" padding (``torch.istft`` only trims centred frames): ``T`` frames give exactly
+    ``T * hop_length`` samples (Hann-windowed overlap-add over the summed squared window, ends trimmed)."""
 
     def __init__(self, n_fft: int, hop_length: int):
         super().__init__()

@@ -1,10 +1,5 @@
-"""EMA residual vector quantization (VQ-VAE-2 / EnCodec style) that keeps every rank in
-sync, with the bandwidth arithmetic of EnCodec's ``quantization/vq.py``; codebook usage,
-perplexity and entropy for training logs and evaluation reports.
-
-State layout matches the released X-Codec checkpoints:
-``quantizer.vq.layers.{i}._codebook.{inited,cluster_size,embed,embed_avg}``.
-"""
+"""EMA residual VQ (EnCodec style, every rank in sync, EnCodec's bandwidth arithmetic) and codebook statistics.
+State layout: the released ``quantizer.vq.layers.{i}._codebook.{inited,cluster_size,embed,embed_avg}``."""
 
 from __future__ import annotations
 
@@ -28,9 +23,8 @@ def _sample_rows(samples: torch.Tensor, num: int) -> torch.Tensor:
 
 
 def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, max_samples: int = 10_000):
-    """Lloyd's k-means on (N, D) samples, at most ``max_samples`` of them (never fewer than
-    10 per cluster: with about one sample per cluster the residual of every later stage
-    collapses onto a few codes). Returns ``(means (K, D), counts (K,))``."""
+    """Lloyd's k-means on at most ``max_samples`` of (N, D) samples -> ``(means (K, D), counts (K,))``; at least 10
+    samples per cluster: with about one, every later stage's residual collapses onto a few codes."""
     samples = samples.contiguous()  # cdist on a strided view is ~40x slower
     max_samples = max(max_samples, 10 * num_clusters)
     if samples.shape[0] > max_samples:
@@ -63,8 +57,7 @@ class EuclideanCodebook(nn.Module):
         self.codebook_size, self.kmeans_iters, self.decay, self.epsilon = codebook_size, kmeans_iters, decay, epsilon
         self.threshold_ema_dead_code = threshold_ema_dead_code
         embed = torch.zeros(codebook_size, dim)
-        if not kmeans_init:
-            embed = nn.init.kaiming_uniform_(torch.empty(codebook_size, dim))
+        embed = embed if kmeans_init else nn.init.kaiming_uniform_(embed)
         self.register_buffer("inited", torch.tensor([float(not kmeans_init)]))
         self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("embed", embed)
@@ -86,13 +79,12 @@ class EuclideanCodebook(nn.Module):
         return dist.max(dim=-1).indices.view(*x.shape[:-1])
 
     @torch.no_grad()
-    def _init_from(self, flat: torch.Tensor) -> None:
-        embed, counts = kmeans(all_gather_rows(flat), self.codebook_size, self.kmeans_iters)
+    def set(self, embed: torch.Tensor, counts: torch.Tensor | float) -> None:
+        """Use ``embed`` (K, D) as the codebook with cluster sizes ``counts``, marked initialised."""
         self.embed.copy_(embed)
         self.embed_avg.copy_(embed)
-        self.cluster_size.copy_(counts)
+        self.cluster_size.copy_(torch.as_tensor(counts))
         self.inited.fill_(1.0)
-        broadcast_tensors(self.buffers())  # k-means sampled at random on each rank: rank 0's result wins
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
@@ -125,7 +117,8 @@ class EuclideanCodebook(nn.Module):
         if self.training and not self._known_inited:
             self._known_inited = bool(self.inited.item())
             if not self._known_inited:
-                self._init_from(flat.detach().float())
+                self.set(*kmeans(all_gather_rows(flat.detach().float()), self.codebook_size, self.kmeans_iters))
+                broadcast_tensors(self.buffers())  # k-means sampled at random on each rank: rank 0's result wins
                 self._known_inited = True
         codes = self.quantize(flat)
         quantized = F.embedding(codes, self.embed).view_as(x)
@@ -145,14 +138,9 @@ class VectorQuantization(nn.Module):
     def codebook(self) -> torch.Tensor:
         return self._codebook.embed
 
-    @torch.no_grad()
     def set_codebook(self, embed: torch.Tensor) -> None:
         """Use ``embed`` (bins, D) as the codebook, marked initialised (EMA statistics restart from it)."""
-        book = self._codebook
-        book.embed.copy_(embed)
-        book.embed_avg.copy_(embed)
-        book.cluster_size.fill_(1.0)
-        book.inited.fill_(1.0)
+        self._codebook.set(embed, 1.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D, T) -> (B, T)."""
@@ -160,7 +148,7 @@ class VectorQuantization(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, D, T)."""
-        return F.embedding(codes, self._codebook.embed).transpose(1, 2)
+        return F.embedding(codes, self.codebook).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, D, T) -> quantized (B, D, T), codes (B, T), commitment loss ()."""
@@ -185,8 +173,7 @@ class QuantizedResult:
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """Residual VQ (each stage quantizes the residual of the previous ones) whose depth is
-    chosen by a target bandwidth.
+    """Residual VQ (each stage quantizes the previous ones' residual), its depth chosen by a target bandwidth.
 
     Args:
         dimension: latent size D.
@@ -247,11 +234,8 @@ class ResidualVectorQuantizer(nn.Module):
         return broadcast_object(choice) if sync else choice
 
     def forward(self, x: torch.Tensor, bandwidth: float | None = None) -> QuantizedResult:
-        """Quantize (B, D, T) latents with the stages that ``bandwidth`` allows.
-
-        Always in float32, also inside a bf16 autocast region: nearest-neighbour distances
-        in bf16 pick wrong codes.
-        """
+        """Quantize (B, D, T) latents with the stages ``bandwidth`` allows; in float32 also under bf16 autocast
+        (nearest-neighbour distances in bf16 pick wrong codes)."""
         n_q = self.n_q_for_bandwidth(bandwidth)
         with torch.autocast(x.device.type, enabled=False):
             residual = x.float()
@@ -285,16 +269,8 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 class CodebookUsage:
-    """Counts of every code of every quantizer stage, with the statistics built on them.
-
-    Training accumulates between two log points and logs :meth:`compute` (all ranks);
-    evaluation accumulates over a corpus and reports :meth:`summary` (with the bitrate).
-
-    Args:
-        n_q: stages of the quantizer.
-        bins: entries per codebook.
-        device: where the counts live (the codes' device, to avoid a copy per step).
-    """
+    """Counts of every code of every stage (``n_q`` x ``bins``, on the codes' ``device``: no copy per step):
+    training logs :meth:`compute` (all ranks), evaluation reports :meth:`summary` (with the bitrate)."""
 
     def __init__(self, n_q: int, bins: int, device: torch.device | str = "cpu"):
         self.n_q, self.bins, self.frames, self.seconds = n_q, bins, 0, 0.0
@@ -316,11 +292,8 @@ class CodebookUsage:
         self.seconds += seconds
 
     def compute(self, reset: bool = True, sync: bool = True) -> dict[str, float]:
-        """``{"usage_q{i}": ..., "perplexity_q{i}": ...}`` over every rank (``sync``; a collective).
-
-        Usage: the fraction of entries chosen at least once; perplexity: ``exp(entropy)`` of
-        the code distribution (``bins`` when uniform, 1 when one entry takes everything).
-        Stages that saw no frames are left out."""
+        """``{"usage_q{i}", "perplexity_q{i}"}`` over every rank (``sync``: a collective), stages with frames only.
+        Usage: fraction of entries chosen at least once; perplexity: ``exp(entropy)`` (``bins`` when uniform)."""
         counts = self.counts.clone()
         if sync:
             all_reduce(counts)
@@ -338,14 +311,8 @@ class CodebookUsage:
         return out
 
     def summary(self) -> dict:
-        """``{"codebooks": [{"index", "used", "usage", "entropy_bits"}], "frames", "seconds",
-        "bitrate_kbps", "entropy_bitrate_kbps"}`` of this process's counts.
-
-        ``usage``: fraction of entries chosen at least once; ``entropy_bits``: entropy of the
-        code distribution (log2(bins) when uniform). ``bitrate_kbps``: bits of the codes
-        (n_q * log2(bins) per frame) per second of audio; ``entropy_bitrate_kbps``: the same
-        with each codebook's entropy, the rate an ideal entropy coder would reach.
-        """
+        """``{"codebooks": [{"index", "used", "usage", "entropy_bits"}], "frames", "seconds", "bitrate_kbps",
+        "entropy_bitrate_kbps"}`` of this process's counts; the entropy rate is what an ideal entropy coder reaches."""
         books = []
         for i, counts in enumerate(self.counts.double().cpu()):
             p = counts[counts > 0] / counts.sum().clamp(min=1)
