@@ -7,6 +7,8 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -14,7 +16,7 @@ import soundfile as sf
 import inference
 from conftest import ASSETS, ROOT, TINY_CONFIG
 from corpus.codes import check_corpus, read_manifest
-from utils.files import TreeLock
+from utils.files import TreeLock, atomic_directory, atomic_write, remove_stale_temporaries
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +201,28 @@ def test_a_single_file_run_prints_the_summary_line(tmp_path, ckpt, capsys):
     assert code == 0
     assert err.strip().splitlines() == [ln for ln in err.strip().splitlines() if "file(s) written" in ln]
     assert "1 file(s) written, 0 failed/skipped" in err and "real-time factor" in err
+
+
+
+@pytest.mark.parametrize("make", ["mkstemp", "mkdtemp"])
+def test_a_temporary_removed_before_its_writer_locks_it_is_made_again(tmp_path, monkeypatch, make):
+    """Another rank's start-up clean-up removes unlocked temporaries, and a writer's new temporary is unlocked
+    for an instant after it is made: the clean-up runs in that instant here. The write still lands, whole
+    (it failed with FileNotFoundError: a webdataset run of two ranks lost its corpus.json)."""
+    real, calls = getattr(tempfile, make), []
+
+    def made_then_cleaned(*args, **kwargs):
+        made = real(*args, **kwargs)
+        calls.append(made)
+        if len(calls) == 1:
+            assert remove_stale_temporaries(tmp_path)  # the instant before the lock: it is taken for a dead writer's
+        return made
+
+    monkeypatch.setattr(tempfile, make, made_then_cleaned)
+    if make == "mkstemp":
+        atomic_write(tmp_path / "corpus.json", lambda tmp: Path(tmp).write_text(json.dumps({"ok": 1})))
+        assert json.loads((tmp_path / "corpus.json").read_text()) == {"ok": 1}
+    else:
+        atomic_directory(tmp_path / "shard", lambda d: (d / "x.txt").write_text("ok"))
+        assert (tmp_path / "shard" / "x.txt").read_text() == "ok"
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == [("corpus.json" if make == "mkstemp" else "shard")]

@@ -100,13 +100,34 @@ def temporary_target(name: str) -> str | None:
     return parts[0] if len(parts) == 2 and parts[0] else None
 
 
+def _claimed_temporary(target: Path, directory: bool = False) -> tuple[int, str]:
+    """A new temporary beside ``target``, open and locked: ``(fd, path)``. Another rank's clean-up may remove
+    it between its creation and its lock (it looks like a dead writer's): then it is made again."""
+    while True:
+        where = {"dir": target.parent, "prefix": temporary_name(target.name), "suffix": TMP_SUFFIX}
+        if directory:
+            tmp = tempfile.mkdtemp(**where)
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        else:
+            fd, tmp = tempfile.mkstemp(**where)
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # a filesystem without locks
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a cleaner that holds it while removing it
+        if _same_file(fd, Path(tmp)):
+            return fd, tmp
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = False) -> Path:
     """``write(tmp_path)`` a temporary beside ``path``, renamed over it (``durable``: fsynced, for power cuts)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name(path.name), suffix=TMP_SUFFIX)
+    fd, tmp = _claimed_temporary(path)
     try:
-        with _locked(tmp, fd):  # locked from its first instant: no cleaner can take it for a dead writer's
+        with _locked(tmp, fd):
             os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
             write(tmp)
             if durable:
@@ -124,9 +145,10 @@ def atomic_directory(final: str | Path, write: Callable[[Path], Any], durable: b
     """``write(tmp_dir)`` a temporary directory beside ``final``, put in its place once complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temporary_name(final.name), suffix=TMP_SUFFIX))
+    fd, name = _claimed_temporary(final, directory=True)
+    tmp = Path(name)
     try:
-        with _locked(str(tmp)):
+        with _locked(name, fd):
             tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
             write(tmp)
             files = [p for p in tmp.rglob("*") if p.is_file()]
@@ -194,14 +216,29 @@ def remove_stale_temporaries(directory: str | Path, targets: Iterable[str] | Non
         return removed
     for entry in entries:
         target = temporary_target(entry.name)
-        if target is None or (wanted is not None and target not in wanted) or _in_use(entry.path):
-            continue
-        if entry.is_dir(follow_symlinks=False):
+        if target is not None and (wanted is None or target in wanted) and _remove_unlocked(entry):
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _remove_unlocked(entry: os.DirEntry) -> bool:
+    """Remove a temporary no live writer holds, holding its lock meanwhile (a writer waits for it, then
+    sees its temporary gone and makes another: see :func:`_claimed_temporary`)."""
+    is_dir = entry.is_dir(follow_symlinks=False)
+    try:
+        fd = os.open(entry.path, (os.O_RDONLY if is_dir else os.O_RDWR) | getattr(os, "O_NONBLOCK", 0) | NOFOLLOW)
+    except OSError:
+        return False  # gone, or a link: no live writer of ours holds it
+    try:
+        if not try_lock(fd) or not _same_file(fd, Path(entry.path)):
+            return False
+        if is_dir:
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
             Path(entry.path).unlink(missing_ok=True)
-        removed.append(Path(entry.path))
-    return removed
+        return True
+    finally:
+        os.close(fd)
 
 
 def _in_use(path: str) -> bool:
