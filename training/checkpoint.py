@@ -1,9 +1,5 @@
-"""Training checkpoints of the script's ``State``: save, find, restore; RNG state.
-
-``model_ckpts/ckpt_{step:08d}.pth`` holds tensors and plain values only (``weights_only`` loading, as
-``XCodec.from_pretrained`` reads it), ``export_{step:08d}/`` the inference export. Writes are atomic and
-durable (``utils.files``): a kill leaves the complete new checkpoint or none, the previous ones untouched.
-"""
+"""Training checkpoints of the script's ``State`` (save, find, restore; RNG state): ``ckpt_{step:08d}.pth``, tensors
+and plain values (``weights_only`` loading), and ``export_{step:08d}/``, written atomically (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -197,15 +193,9 @@ def checkpoint_problem(obj: dict) -> str | None:
 
 
 def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -> tuple[Path, dict] | None:
-    """The newest usable checkpoint (rank 0 picks, every rank reads the same file).
-
-    An unusable one (unreadable, truncated, incomplete, another format) is moved to ``unusable/`` once an older
-    one is chosen, so that rotation never deletes the new ones because of it. With checkpoints and none usable
-    the run stops (no silent restart from step 0); ``restart=True`` moves them and the exports to ``previous_<time>/``.
-
-    Raises:
-        TrainingError: checkpoints exist, none is usable and ``restart`` is false.
-    """
+    """The newest usable checkpoint (rank 0 picks, every rank reads the same file). Unusable newer ones go to
+    ``unusable/`` (rotation must not delete the new ones because of them); with checkpoints and none usable, a
+    ``TrainingError`` (no silent restart from step 0); ``restart=True`` moves all to ``previous_<time>/``."""
     choice, obj, error = None, None, None
     if du.is_main_process():
         found = [p for _, p in _entries(ckpt_dir, CKPT_RE) if p.is_file()]
@@ -269,8 +259,8 @@ def check_resumable(ckpt: dict, raw: dict, source: str) -> None:
 
 
 def _apply_settings(opt: torch.optim.Optimizer, sched: Any, adamw: Any, gamma: float, name: str) -> list[str]:
-    """Put the config's optimizer settings into a restored optimizer and scheduler; returns
-    what changed (``"lr 0.0002 -> 0.0001"``). A new lr keeps the decay the schedule has applied."""
+    """Put the config's settings into a restored optimizer and scheduler, keeping the decay the schedule
+    applied; returns what changed (``"optimizer.g.lr 0.0002 -> 0.0001"``)."""
     changes = []
     new = {"lr": adamw.lr, "betas": tuple(adamw.betas), "eps": adamw.eps, "weight_decay": adamw.weight_decay}
     for group in opt.param_groups:
