@@ -1,9 +1,6 @@
 """X-Codec training: one GPU, many GPUs or many nodes; resumable; logged to tensorboard.
-
-    python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4 batch_size=2
-
-torchrun for several processes; the same command resumes; SIGTERM/SIGINT save and exit with 128 + the signal.
-docs/training.md: multi-node commands, overrides, resume, fine-tuning, and the one codec forward per step.
+``python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4``, or under torchrun; the
+same command resumes. docs/training.md: multi-node commands, overrides, resume, signals, fine-tuning.
 """
 
 from __future__ import annotations
@@ -136,18 +133,8 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def step_schedulers(state: State) -> None:
-    with warnings.catch_warnings():
-        # With the adversarial terms off the discriminator optimizer never steps; its
-        # schedule still advances so that turning them on later finds the same lr.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        state.sched_g.step()
-        state.sched_d.step()
-
-
 def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
-    """Epochs (``loaders``: from ``make_loaders``) until ``max_steps``/``num_epoches`` or a stop signal;
-    always ends with a checkpoint."""
+    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint."""
     cfg, (_, sampler, _) = state.cfg, loaders
     means = RunningMeans()  # device-side sums: no host sync per step
     state.last_saved = state.step
@@ -157,7 +144,8 @@ def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop:
         done = run_epoch(state, loaders, logger, ckpt_dir, stop, means)
         if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
-                step_schedulers(state)
+                state.sched_g.step()
+                state.sched_d.step()
             state.epoch += 1
             state.batch_in_epoch = 0
     if state.stopped_by:
@@ -192,18 +180,18 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
         metrics = train_step(state, wav)
         state.step += 1
         if cfg.lr_scheduler.interval == "step":
-            step_schedulers(state)
+            state.sched_g.step()
+            state.sched_d.step()
         if metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0):
             state.nonfinite_total += 1
             state.nonfinite_consecutive += 1
             logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped "
                         f"({state.nonfinite_consecutive} in a row)")  # fmt: skip
             if state.nonfinite_consecutive >= cfg.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients "
-                    f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The last checkpoint (step "
-                    f"{state.last_saved}) holds no NaN: lower the learning rate, check the data, or resume from it."
-                )
+                raise TrainingError(f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients "
+                                    f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The last checkpoint "
+                                    f"(step {state.last_saved}) holds no NaN: lower the learning rate, check the data, "
+                                    "or resume from it.")
         else:
             state.nonfinite_consecutive = 0
         seconds = time.perf_counter() - t0
@@ -293,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> State:
         elif resume is None:
             seed_everything(cfg.seed + du.rank())
         del resume
-        with StopSignals() as stop:
+        with StopSignals() as stop, warnings.catch_warnings():
+            # Without adversarial terms the D optimizer never steps; its schedule still advances (the same lr later).
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             train(state, loaders, logger, ckpt_dir, stop)
         if state.hooks.hash_dir:
             write_state_hashes(state, state.hooks.hash_dir)
@@ -311,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> State:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: errors as one ``error:`` line (once under torchrun) and exit code 1
-    (the filesystem's: 2); a stop signal: 128 + its number."""
+    """Errors as one ``error:`` line and exit code 1 (the filesystem's: 2); a stop signal: 128 + its number."""
     try:
         state = main(argv)
     except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:

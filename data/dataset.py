@@ -40,12 +40,9 @@ def list_audio_files(source: str | Path) -> list[str]:
 
 class AudioSegmentDataset(Dataset):
     """``segment_size``-sample mono crops of audio files at ``sample_rate``, times ``audio_norm_scale`` (short
-    clips zero-padded). Random crops are seeded by ``(seed, epoch, index)``, so a resumed run sees the crops of an
-    uninterrupted one; fixed crops (validation) take the centre. A clip that cannot be used never raises.
-
-    Items (``key``: an index or an ``(index, epoch)`` pair from :class:`ResumableSampler`):
-        ``{"wav": (1, segment_size) float32, "index": int, "ok": bool, "path": str, "error": str}``
-    """
+    clips zero-padded); random crops are seeded by ``(seed, epoch, index)`` (a resumed run sees the same ones), fixed
+    ones centred. ``key``: an index or ``(index, epoch)``; items ``{"wav": (1, segment_size) float32, "index": int,
+    "ok": bool, "path": str, "error": str}``: a clip that cannot be used never raises."""
 
     def __init__(self, files: list[str], segment_size: int, sample_rate: int, audio_norm_scale: float = 1.0,
                  random_crop: bool = True, seed: int = 0):  # fmt: skip

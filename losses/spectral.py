@@ -67,11 +67,9 @@ class SubbandMultiResolutionSTFTLoss(MultiResolutionSTFTLoss):
 @lru_cache(maxsize=16)
 def _slaney_mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None) -> np.ndarray:
     """(num_mels, n_fft // 2 + 1) Slaney-scale, Slaney-normalised filters (librosa's defaults)."""
-    fb = mel_filter_bank(
-        num_frequency_bins=n_fft // 2 + 1, num_mel_filters=num_mels, min_frequency=float(fmin),
-        max_frequency=float(sampling_rate / 2 if fmax is None else fmax), sampling_rate=sampling_rate,
-        norm="slaney", mel_scale="slaney",
-    )  # fmt: skip
+    fb = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=num_mels, min_frequency=float(fmin),
+                         max_frequency=float(sampling_rate / 2 if fmax is None else fmax), sampling_rate=sampling_rate,
+                         norm="slaney", mel_scale="slaney")  # fmt: skip
     return np.ascontiguousarray(fb.T, dtype=np.float32)
 
 

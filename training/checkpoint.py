@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import random
 import re
@@ -134,7 +133,7 @@ _COUNTERS = ("nonfinite_total", "nonfinite_consecutive", "skipped_batches")
 
 def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     """Write ``ckpt_{step}.pth`` (+ ``export_{step}/``) of the script's ``State`` on rank 0; a collective on every
-    rank, which all refuse a state holding NaN/Inf. The ``save_pause`` hook pauses mid-write (``paused_<step>``)."""
+    rank, which all refuse a state holding NaN/Inf. The ``save_pause`` hook pauses mid-save (``paused_<step>``)."""
     payload = {
         "format": CHECKPOINT_FORMAT, "codec": state.codec.state_dict(), "config": state.raw_config,
         "discriminators": {n: d.state_dict() for n, d in state.discriminators.items()},
@@ -155,18 +154,11 @@ def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     pause = state.hooks.save_pause
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            if pause is None or pause[0] != state.step:
-                torch.save(payload, f)
-                return
-            data = io.BytesIO()  # test hook: part of the file on disk, then a pause for the test's SIGKILL
-            torch.save(payload, data)
-            f.write(data.getbuffer()[:4096])
-            f.flush()
+        torch.save(payload, tmp)
+        if pause is not None and pause[0] == state.step:  # test hook: written, not yet renamed; the test SIGKILLs
             (ckpt_dir / f"paused_{state.step:08d}").touch()
             logger.info(f"test hook: paused while writing {path}")
             time.sleep(pause[1])
-            f.write(data.getbuffer()[4096:])
 
     atomic_write(path, write, durable=True)
     atomic_directory(export, lambda d: save_export(state.codec, d), durable=True)
@@ -176,10 +168,8 @@ def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     return path
 
 
-REQUIRED_KEYS = (
-    "codec", "config", "discriminators", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d",
-    "step", "epoch", "batch_in_epoch", "rng", "bandwidth_rng",
-)  # fmt: skip
+REQUIRED_KEYS = ("codec", "config", "discriminators", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d",
+                 "step", "epoch", "batch_in_epoch", "rng", "bandwidth_rng")  # fmt: skip
 
 
 def checkpoint_problem(obj: dict) -> str | None:
@@ -217,11 +207,9 @@ def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -
             unusable.append((path, problem))
         if unusable and choice is None:
             path, problem = unusable[0]
-            error = (
-                f"{ckpt_dir}: none of the {len(unusable)} checkpoint(s) can be resumed from (newest: {path.name}: "
-                f"{problem}); repair or move them, or pass --restart to start again from step 0 (they are then "
-                "moved aside, not deleted)"
-            )
+            error = (f"{ckpt_dir}: none of the {len(unusable)} checkpoint(s) can be resumed from (newest: {path.name}: "
+                     f"{problem}); repair or move them, or pass --restart to start again from step 0 (they are then "
+                     "moved aside, not deleted)")
         elif unusable:
             _set_aside(ckpt_dir, "unusable", [p for p, _ in unusable], logger)
     du.raise_on_every_rank(TrainingError(error) if error else None)
@@ -252,10 +240,8 @@ def check_resumable(ckpt: dict, raw: dict, source: str) -> None:
     new = dataclasses.asdict(generator_config_from_dict(raw, "config")[0])
     for key in old:
         if old[key] != new[key]:
-            raise TrainingError(
-                f"{source} was trained with generator.config.{key} = {old[key]!r}, the config now says "
-                f"{new[key]!r}: resume with the original architecture, or use another log_dir"
-            )
+            raise TrainingError(f"{source} was trained with generator.config.{key} = {old[key]!r}, the config now "
+                                f"says {new[key]!r}: resume with the original architecture, or use another log_dir")
 
 
 def _apply_settings(opt: torch.optim.Optimizer, sched: Any, adamw: Any, gamma: float, name: str) -> list[str]:

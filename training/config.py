@@ -218,10 +218,7 @@ def _accepts_str(keys: list[str]) -> bool:
     """Whether the ``TrainConfig`` key at ``keys`` is typed ``str`` (alone or in a union)."""
     tp: Any = TrainConfig
     for key in keys:
-        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
-        if key not in hints:
-            return False
-        tp = hints[key]
+        tp = typing.get_type_hints(tp).get(key) if dataclasses.is_dataclass(tp) else None
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 

@@ -1,10 +1,8 @@
-"""The training state (everything the GAN loop mutates and a checkpoint restores, built identically on every
-rank), its DistributedDataParallel wrappers, the loss plan of a step, and the fault-injection hooks and state
-fingerprints of the crash, recovery and multi-rank tests."""
+"""The training state (built identically on every rank), its DDP wrappers, the loss plan of a step, and the
+fault-injection hooks and state fingerprints of the crash, recovery and multi-rank tests."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -104,9 +102,8 @@ def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
 
 @dataclass
 class State:
-    """Everything the GAN training loop mutates, and everything a checkpoint restores. ``codec_ddp`` /
-    ``disc_ddp``: what the training forwards go through (the plain ``codec`` / ``discriminators`` without a
-    process group). ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``, ``feature_matching``."""
+    """Everything the GAN loop mutates and a checkpoint restores. ``codec_ddp`` / ``disc_ddp``: what the training
+    forwards go through (DDP wrappers, or the plain ``codec`` / ``discriminators`` without a process group)."""
 
     cfg: TrainConfig
     raw_config: dict
@@ -138,10 +135,8 @@ class State:
     def g_params(self) -> list[nn.Parameter]:
         return [p for p in self.codec.parameters() if p.requires_grad]
 
-    def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
 
 def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool | str | None = None) -> State:
