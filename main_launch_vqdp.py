@@ -1,22 +1,12 @@
 """X-Codec training: one GPU, many GPUs or many nodes; resumable; logged to tensorboard.
-
-    python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4 batch_size=2
-    torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --master-addr=10.0.0.1 --master-port=29500 \\
-        main_launch_vqdp.py --config configs/xcodec_hubert_librispeech.yaml   # --node-rank=1 on the other
-
-DDP over NCCL (gloo on CPU); several nodes need log_dir on a shared filesystem to resume. ``key.sub=value``
-overrides (YAML values) go over ``--exp_config`` (the original's ``--exp_model_config``), over ``--config``.
-The same command resumes from the newest usable ``<log_dir>/model_ckpts/ckpt_*.pth`` (``--restart``: from
-step 0, old checkpoints moved aside). SIGTERM or SIGINT saves a checkpoint and exits with 128 + the signal
-number. Fine-tuning: ``init_from=xcodec_hubert_librispeech`` (or a .pth).
-
-A step runs the codec (and its teacher) once: the discriminators are updated on the detached reconstruction,
-then the generator on the same one (the original ran the codec a second time for the D update).
+``python main_launch_vqdp.py --config configs/tiny.yaml log_dir=runs/tiny max_steps=4``, or under torchrun; the
+same command resumes. docs/training.md: multi-node commands, overrides, resume, signals, fine-tuning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -28,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.dataset import DataError, batches_per_epoch
+from data.dataset import DataError
 from models import CheckpointError
 from models.pretrained import load_codec_state, read_state
 from modules.teacher import fetch_teacher
@@ -45,8 +35,7 @@ from utils.hub import HubError
 
 
 def _update(state: State, total: torch.Tensor, opt: torch.optim.Optimizer, params) -> tuple[torch.Tensor, bool]:
-    """Backward, clip and step; a non-finite loss or gradient on any rank skips the step on
-    every rank. Returns the gradient norm and whether the step was skipped."""
+    """Backward, clip and step; a non-finite loss or gradient on any rank skips the step on every rank."""
     opt.zero_grad(set_to_none=True)
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, state.cfg.grad_clip)
@@ -57,14 +46,8 @@ def _update(state: State, total: torch.Tensor, opt: torch.optim.Optimizer, param
 
 
 def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor | float]:
-    """One discriminator update on real audio and the detached reconstruction.
-
-    Args:
-        state: training state (updated in place).
-        real: (B, 1, T) target audio; fake: (B, 1, T) reconstruction, detached from the codec graph.
-
-    Returns ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d`` and ``skipped/d`` (1.0: skipped).
-    """
+    """One discriminator update on (B, 1, T) ``real`` audio and ``fake``, the detached reconstruction. Returns
+    ``loss/discriminator``, ``loss/discriminator_<name>``, ``grad_norm/d`` and ``skipped/d`` (1.0: skipped)."""
     batch = real.shape[0]
     with state.autocast():
         # Real and fake in one call: one DDP forward per backward.
@@ -79,20 +62,13 @@ def discriminator_step(state: State, real: torch.Tensor, fake: torch.Tensor) -> 
 
 
 def generator_step(state: State, real: torch.Tensor, fake: torch.Tensor, out: Any, plan: LossPlan) -> dict[str, Any]:
-    """One codec update: the weighted sum of the terms ``plan`` switches on.
-
-    Args:
-        state: training state (updated in place).
-        real: (B, 1, T) target audio; fake: (B, 1, T) reconstruction, attached to the codec graph.
-        out: the step's ``CodecOutput`` (semantic and commitment losses); plan: the step's :class:`LossPlan`.
-
-    Returns ``loss/<name>`` (unweighted) of every term, ``loss/generator`` (the total), ``grad_norm/g``, ``skipped/g``.
-    """
+    """One codec update on (B, 1, T) ``real`` and ``fake`` (attached to the codec graph): the weighted sum of the
+    terms ``plan`` switches on, with ``out``'s (the ``CodecOutput``'s) semantic and commitment losses. Returns
+    ``loss/<name>`` (unweighted) of every term, ``loss/generator`` (the total), ``grad_norm/g``, ``skipped/g``."""
     terms = {name: getattr(state.losses, name)(fake, real) for name in plan.spectral}
     if plan.adversarial:
         discs = state.discriminators
-        # The plain modules, frozen: no D gradients are computed here and DDP's
-        # gradient hooks on D never fire outside the discriminator step.
+        # The plain modules, frozen: no D gradients, and DDP's hooks on D fire in the D step only.
         discs.requires_grad_(False)
         try:
             with state.autocast():
@@ -134,33 +110,22 @@ def train_step(state: State, wav: torch.Tensor) -> dict[str, torch.Tensor | floa
 
 
 class StopSignals:
-    """A graceful stop on SIGTERM (schedulers, preemption) or SIGINT (Ctrl-C) during a ``with`` block (main
-    thread only): after every step every rank asks :meth:`requested_on_any_rank` and all leave at the same step;
-    the final checkpoint is saved, the exit code is 128 + the signal number. A second SIGINT interrupts at once."""
+    """A graceful stop on SIGTERM (schedulers, preemption) or SIGINT (Ctrl-C) in a ``with`` block (main thread only):
+    every rank leaves after the same step and saves. ``received``: the signal's name. A second SIGINT interrupts."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received = ""
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+        if self.received and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.received = signum
-
-    def requested_on_any_rank(self, device: torch.device) -> bool:
-        """True on every rank once any rank received a signal (a collective with several ranks)."""
-        return du.any_rank(self.received is not None, device)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else ""
+        self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignals:
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread: leave the defaults
             self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        except ValueError:  # not the main thread: leave the defaults
-            self._previous = {}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -168,20 +133,9 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def step_schedulers(state: State) -> None:
-    with warnings.catch_warnings():
-        # With the adversarial terms off the discriminator optimizer never steps; its
-        # schedule still advances so that turning them on later finds the same lr.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        state.sched_g.step()
-        state.sched_d.step()
-
-
 def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop: StopSignals) -> None:
-    """Epochs (``loaders``: from ``make_loaders``) until ``max_steps``/``num_epoches`` or a stop signal;
-    always ends with a checkpoint."""
+    """Epochs until ``max_steps``/``num_epoches`` or a stop signal; always ends with a checkpoint."""
     cfg, (_, sampler, _) = state.cfg, loaders
-    logger.progress(cfg.max_steps or cfg.num_epoches * batches_per_epoch(sampler, cfg.batch_size), state.step)
     means = RunningMeans()  # device-side sums: no host sync per step
     state.last_saved = state.step
     done = cfg.max_steps > 0 and state.step >= cfg.max_steps
@@ -190,7 +144,8 @@ def train(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, stop:
         done = run_epoch(state, loaders, logger, ckpt_dir, stop, means)
         if not done:  # a whole epoch: the original steps the schedulers here
             if cfg.lr_scheduler.interval == "epoch":
-                step_schedulers(state)
+                state.sched_g.step()
+                state.sched_d.step()
             state.epoch += 1
             state.batch_in_epoch = 0
     if state.stopped_by:
@@ -211,9 +166,9 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
         except StopIteration:
             return False
         except RuntimeError:  # a loader worker killed by the signal that stops us (not at a step's middle)
-            if stop.received is None or du.world_size() > 1:
+            if not stop.received or du.world_size() > 1:
                 raise
-            state.stopped_by = stop.name
+            state.stopped_by = stop.received
             return True
         t0 = time.perf_counter()
         state.batch_in_epoch += 1
@@ -225,18 +180,18 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
         metrics = train_step(state, wav)
         state.step += 1
         if cfg.lr_scheduler.interval == "step":
-            step_schedulers(state)
+            state.sched_g.step()
+            state.sched_d.step()
         if metrics.pop("skipped/g") + metrics.pop("skipped/d", 0.0):
             state.nonfinite_total += 1
             state.nonfinite_consecutive += 1
             logger.warn(f"step {state.step}: non-finite loss or gradient; update skipped "
                         f"({state.nonfinite_consecutive} in a row)")  # fmt: skip
             if state.nonfinite_consecutive >= cfg.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients "
-                    f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The last checkpoint (step "
-                    f"{state.last_saved}) holds no NaN: lower the learning rate, check the data, or resume from it."
-                )
+                raise TrainingError(f"{state.nonfinite_consecutive} consecutive steps with NaN/Inf losses or gradients "
+                                    f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); stopping. The last checkpoint "
+                                    f"(step {state.last_saved}) holds no NaN: lower the learning rate, check the data, "
+                                    "or resume from it.")
         else:
             state.nonfinite_consecutive = 0
         seconds = time.perf_counter() - t0
@@ -251,8 +206,8 @@ def run_epoch(state: State, loaders: tuple, logger: RunLogger, ckpt_dir: Path, s
             save_checkpoint(state, ckpt_dir, logger)
             state.last_saved = state.step
         state.hooks.maybe_kill(state.step, logger)
-        if stop.requested_on_any_rank(state.device):  # every rank stops after the same step
-            state.stopped_by = stop.name or "a signal on another rank"
+        if du.any_rank(bool(stop.received), state.device):  # a collective: every rank stops after the same step
+            state.stopped_by = stop.received or "a signal on another rank"
             return True
         if cfg.max_steps and state.step >= cfg.max_steps:
             return True
@@ -316,16 +271,19 @@ def main(argv: Sequence[str] | None = None) -> State:
         del init_state
         wrap_ddp(state, loss_plan(cfg, 0))
         loaders = make_loaders(cfg, state.codec.sample_rate, device)
-        n_valid, n_batches = len(loaders[2].dataset) if loaders[2] else 0, batches_per_epoch(loaders[1], cfg.batch_size)
+        n_valid, n_batches = len(loaders[2].dataset) if loaders[2] else 0, len(loaders[0])  # a whole epoch's
         logger.info(f"data: {len(loaders[0].dataset)} training clips, {n_valid} validation clips, "
                     f"{n_batches} batches of {cfg.batch_size} per epoch and process")
+        logger.progress(cfg.max_steps or cfg.num_epoches * n_batches, state.step)
         # RNG last, right before the loop: nothing above may shift the restored streams.
         if resume is not None and resume[1].get("world_size") == du.world_size():
             checkpoint.set_rng_state(resume[1]["rng"][du.rank()])
         elif resume is None:
             seed_everything(cfg.seed + du.rank())
         del resume
-        with StopSignals() as stop:
+        with StopSignals() as stop, warnings.catch_warnings():
+            # Without adversarial terms the D optimizer never steps; its schedule still advances (the same lr later).
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             train(state, loaders, logger, ckpt_dir, stop)
         if state.hooks.hash_dir:
             write_state_hashes(state, state.hooks.hash_dir)
@@ -343,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> State:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: errors as one ``error:`` line (once under torchrun) and exit code 1
-    (the filesystem's: 2); a stop signal: 128 + its number."""
+    """Errors as one ``error:`` line and exit code 1 (the filesystem's: 2); a stop signal: 128 + its number."""
     try:
         state = main(argv)
     except (ConfigError, DataError, TrainingError, CheckpointError, du.DistributedError, HubError) as exc:

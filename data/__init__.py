@@ -3,7 +3,5 @@
 from .dataset import AudioSegmentDataset, DataError, ResumableSampler, build_loader, collate, list_audio_files
 from .files import AudioFiles, duration_order, file_loader
 
-__all__ = [
-    "AudioFiles", "AudioSegmentDataset", "DataError", "ResumableSampler", "build_loader", "collate",
-    "duration_order", "file_loader", "list_audio_files",
-]  # fmt: skip
+__all__ = ["AudioFiles", "AudioSegmentDataset", "DataError", "ResumableSampler", "build_loader", "collate",
+           "duration_order", "file_loader", "list_audio_files"]  # fmt: skip

@@ -22,9 +22,8 @@ class DataError(RuntimeError):
 
 
 def list_audio_files(source: str | Path) -> list[str]:
-    """Audio paths, in a deterministic order, from ``source``: a text file with one path per line
-    (``corpus.inputs.read_file_list``) or a directory scanned recursively for every extension
-    libsndfile reads. Readability is checked when a clip is loaded (a bad clip is skipped then)."""
+    """Audio paths, in a deterministic order, from a text file with one path per line or a directory scanned
+    recursively for what libsndfile reads; readability is checked when a clip is loaded."""
     source = Path(source)
     if source.is_dir():
         exts = audio_extensions()
@@ -40,18 +39,10 @@ def list_audio_files(source: str | Path) -> list[str]:
 
 
 class AudioSegmentDataset(Dataset):
-    """Fixed-length mono crops of audio files at ``sample_rate``, times ``audio_norm_scale``
-    (shorter clips zero-padded at the end).
-
-    Random crops are seeded by ``(seed, epoch, index)``: independent of worker processes, so a
-    resumed run sees exactly the crops an uninterrupted one would; fixed crops (validation) take
-    the centre. A clip that cannot be used (missing, unreadable, NaN/Inf, ...) never raises: its
-    item has ``ok = False`` and the reason; the training loop drops and counts it.
-    ``segment_size`` is in samples at ``sample_rate``; ``seed`` seeds the random crops.
-
-    Items (``key``: an index or an ``(index, epoch)`` pair from :class:`ResumableSampler`):
-        ``{"wav": (1, segment_size) float32, "index": int, "ok": bool, "path": str, "error": str}``
-    """
+    """``segment_size``-sample mono crops of audio files at ``sample_rate``, times ``audio_norm_scale`` (short
+    clips zero-padded); random crops are seeded by ``(seed, epoch, index)`` (a resumed run sees the same ones), fixed
+    ones centred. ``key``: an index or ``(index, epoch)``; items ``{"wav": (1, segment_size) float32, "index": int,
+    "ok": bool, "path": str, "error": str}``: a clip that cannot be used never raises."""
 
     def __init__(self, files: list[str], segment_size: int, sample_rate: int, audio_norm_scale: float = 1.0,
                  random_crop: bool = True, seed: int = 0):  # fmt: skip
@@ -87,10 +78,8 @@ class AudioSegmentDataset(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` yielding ``(index, epoch)`` (the dataset seeds its crops from the
-    epoch) that can start ``skip`` samples into an epoch (``set_position``, resume): every rank's
-    shard and order are those of an uninterrupted run. No process group needed (``num_replicas``, ``rank``).
-    """
+    """``DistributedSampler`` yielding ``(index, epoch)`` (crops are seeded by the epoch) that can start ``skip``
+    samples into an epoch (``set_position``, resume) with the shard and order of an uninterrupted run."""
 
     skip = 0
 
@@ -106,8 +95,7 @@ class ResumableSampler(DistributedSampler):
 
 
 def _worker_init(worker_id: int) -> None:
-    # A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group: the workers leave the
-    # stop to the main process, which finishes its step and saves (main_launch_vqdp.StopSignals).
+    # A SIGTERM or Ctrl-C reaches the whole process group: the main process finishes its step and saves.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Crops carry their own seeds; this only keeps numpy in workers distinct for anything else.
@@ -125,15 +113,9 @@ def build_loader(dataset: AudioSegmentDataset, batch_size: int, num_workers: int
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers > 0 else None,
-        # Fresh workers per epoch: a resumed epoch must not reuse a prefetching iterator.
-        persistent_workers=False,
-        # Its own generator: starting an epoch's iterator must not draw from the global
-        # RNG, or a resumed run's random stream would be shifted by one draw.
+        persistent_workers=False,  # fresh workers per epoch: a resumed epoch must not reuse a prefetching iterator
+        # Its own generator: an epoch's iterator drawing from the global RNG would shift a resumed run's stream.
         generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
     return loader, sampler
 
-
-def batches_per_epoch(sampler: ResumableSampler, batch_size: int) -> int:
-    """Batches in a whole epoch of ``sampler`` (ignoring any resume offset)."""
-    return -(-sampler.num_samples // batch_size)

@@ -1,5 +1,4 @@
-"""Whole audio files for inference and tokenization, decoded and resampled in DataLoader workers while the
-model encodes the current batch (the GPU never waits for soundfile and soxr), files of similar length together."""
+"""Whole audio files for inference, decoded and resampled in DataLoader workers while the model encodes."""
 
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ def duration_order(paths: Sequence[str | Path | DatasetAudio], durations: Sequen
 
 
 class AudioFiles(Dataset):
-    """Mono float32 audio of whole files (``paths``) resampled (soxr) to ``sample_rate``. Items: ``(index,
-    wav (T,) float32 tensor or None, error message or None)``: a file that cannot be used never raises."""
+    """Whole files resampled to ``sample_rate``: items ``(index, wav (T,) float32 or None, error or None)``."""
 
     def __init__(self, paths: Sequence[str | Path], sample_rate: int):
         self.paths = list(paths)
@@ -51,16 +49,10 @@ class AudioFiles(Dataset):
         return index, torch.from_numpy(wav), None
 
 
-def _keep(item):
-    return item
-
-
 def file_loader(dataset: AudioFiles, order: Sequence[int], workers: int, pin_memory: bool,
                 ahead: int = 8) -> DataLoader:  # fmt: skip
-    """The files of ``dataset`` in ``order``, read ahead by ``workers`` processes (0: in this
-    one), at least ``ahead`` files ahead of the consumer (two batches keep the GPU fed)."""
+    """The files of ``dataset`` in ``order`` (items uncollated), read by ``workers`` processes (0: in this one)
+    at least ``ahead`` files ahead of the consumer (two batches keep the GPU fed)."""
     prefetch = max(2, -(-ahead // workers)) if workers > 0 else None
-    return DataLoader(
-        dataset, batch_size=None, sampler=list(order), num_workers=workers, pin_memory=pin_memory,
-        collate_fn=_keep, prefetch_factor=prefetch, persistent_workers=False,
-    )  # fmt: skip
+    return DataLoader(dataset, batch_size=None, sampler=list(order), num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch, persistent_workers=False)  # fmt: skip

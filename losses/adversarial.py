@@ -20,9 +20,8 @@ def _mse_to(x: torch.Tensor, target: float) -> torch.Tensor:
 
 
 class GANLoss(nn.Module):
-    """Least-squares (LSGAN) adversarial loss, real target 1 and fake 0, each term averaged over the
-    sub-discriminators (the original's MSEGLoss and MSEDiscriminatorLoss); ``forward`` is :meth:`generator`.
-    Logits: one tensor (B, ...) or a list of them (one per sub-discriminator)."""
+    """Least-squares (LSGAN) loss, real 1 and fake 0, averaged over sub-discriminators (the original's MSEGLoss and
+    MSEDiscriminatorLoss); logits: a (B, ...) tensor or one per sub-discriminator. ``forward``: :meth:`generator`."""
 
     def generator(self, fake_logits: LogitsLike) -> torch.Tensor:
         """``mean_i mean((1 - D_i(fake))^2)``; gradients flow into the generator through the logits."""
@@ -43,8 +42,7 @@ def _flatten(fmaps: Sequence) -> list[torch.Tensor]:
 
 
 class FeatureMatchingLoss(nn.Module):
-    """Mean L1 distance between discriminator feature maps of real and generated audio: the mean over
-    every (sub-discriminator, layer) pair of its element-wise mean L1; real features are detached.
+    """Mean over (sub-discriminator, layer) pairs of the L1 between real (detached) and fake feature maps;
     ``forward(real_fmaps, fake_fmaps)``: nested lists ``[[(B, C, ...), ...], ...]`` (or flat), same structure."""
 
     def forward(self, real_fmaps: Sequence, fake_fmaps: Sequence) -> torch.Tensor:

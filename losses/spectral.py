@@ -15,20 +15,15 @@ from modules.pqmf import PQMF
 
 
 def stft_magnitude(x: torch.Tensor, fft_size: int, hop_size: int, win_size: int, window: torch.Tensor) -> torch.Tensor:
-    """Centred (reflect-padded) STFT magnitude of (N, T) waveforms, floored at sqrt(1e-7) so its
-    log is finite; returns (N, fft_size // 2 + 1, frames)."""
+    """(N, T) -> (N, fft_size // 2 + 1, frames) centred STFT magnitude, floored at sqrt(1e-7): a finite log."""
     spec = torch.stft(x, fft_size, hop_size, win_size, window, center=True, pad_mode="reflect", return_complex=True)
     return torch.view_as_real(spec).pow(2).sum(-1).clamp(min=1e-7).sqrt()
 
 
 class MultiResolutionSTFTLoss(nn.Module):
-    """Spectral convergence + log-magnitude L1, averaged over STFT resolutions (Parallel WaveGAN).
-
-    Per resolution: ``sc = ||S_t - S_e||_F / ||S_t||_F`` over the whole batch and ``mag = mean |log S_e - log S_t|``;
-    ``forward(estimate, target)`` ((B, 1, T) or any shape whose last dim is time) returns the scalar
-    ``mean(sc) + mean(mag)``, :meth:`components` both terms. Args: ``fft_sizes``, ``hop_sizes``, ``win_sizes``
-    (Hann) per resolution, of equal lengths (the training config checks them).
-    """
+    """Spectral convergence ``||S_t - S_e||_F / ||S_t||_F`` (over the batch) + log-magnitude L1, each averaged
+    over STFT resolutions (Parallel WaveGAN; Hann windows). ``forward(estimate, target)``: (B, 1, T) or any shape
+    whose last dim is time -> a scalar; :meth:`components`: both terms."""
 
     def __init__(self, fft_sizes: Sequence[int] = (512, 1024, 2048), hop_sizes: Sequence[int] = (120, 240, 300),
                  win_sizes: Sequence[int] = (480, 960, 1200)):  # fmt: skip
@@ -56,8 +51,7 @@ class MultiResolutionSTFTLoss(nn.Module):
 
 
 class SubbandMultiResolutionSTFTLoss(MultiResolutionSTFTLoss):
-    """The multi-resolution STFT loss on ``num_bands`` PQMF sub-bands (the original's "sub stft" loss), each band
-    a separate signal of length T // num_bands (sizes in sub-band samples); (B, 1, T) inputs."""
+    """The multi-resolution STFT loss on ``num_bands`` PQMF sub-bands of (B, 1, T) inputs (sizes in band samples)."""
 
     def __init__(self, num_bands: int = 6, fft_sizes: Sequence[int] = (128, 256, 256),
                  hop_sizes: Sequence[int] = (20, 40, 50), win_sizes: Sequence[int] = (80, 120, 200)):  # fmt: skip
@@ -73,23 +67,16 @@ class SubbandMultiResolutionSTFTLoss(MultiResolutionSTFTLoss):
 @lru_cache(maxsize=16)
 def _slaney_mel_basis(sampling_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None) -> np.ndarray:
     """(num_mels, n_fft // 2 + 1) Slaney-scale, Slaney-normalised filters (librosa's defaults)."""
-    fb = mel_filter_bank(
-        num_frequency_bins=n_fft // 2 + 1, num_mel_filters=num_mels, min_frequency=float(fmin),
-        max_frequency=float(sampling_rate / 2 if fmax is None else fmax), sampling_rate=sampling_rate,
-        norm="slaney", mel_scale="slaney",
-    )  # fmt: skip
+    fb = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=num_mels, min_frequency=float(fmin),
+                         max_frequency=float(sampling_rate / 2 if fmax is None else fmax), sampling_rate=sampling_rate,
+                         norm="slaney", mel_scale="slaney")  # fmt: skip
     return np.ascontiguousarray(fb.T, dtype=np.float32)
 
 
 class MelSpectrogramLoss(nn.Module):
-    """L1 distance between HiFi-GAN log-mel spectrograms ``log(clamp(mel @ |STFT|, 1e-5))`` of (B, 1, T)
-    estimate and target (not differentiated through); a scalar.
-
-    Args:
-        sampling_rate, n_fft, hop_size, win_size: in samples (Hann window).
-        num_mels: mel bands (Slaney scale and normalisation, like librosa).
-        fmin, fmax: mel frequency range in Hz (``fmax=None``: Nyquist).
-    """
+    """L1 distance between HiFi-GAN log-mel spectrograms ``log(clamp(mel @ |STFT|, 1e-5))`` of (B, 1, T) estimate
+    and target (not differentiated through); a scalar. Sizes in samples (Hann window), Slaney mel bands like
+    librosa's, ``fmin``/``fmax`` in Hz (``fmax=None``: Nyquist)."""
 
     def __init__(self, sampling_rate: int = 16000, n_fft: int = 1024, num_mels: int = 80, hop_size: int = 160,
                  win_size: int = 800, fmin: float = 0.0, fmax: float | None = None):  # fmt: skip

@@ -1,2 +1,1 @@
-"""What the training script (``main_launch_vqdp.py``) uses besides the models, losses and data: the typed
-recipe (``config``), the state with its loss plan and test hooks (``state``), checkpoints, batches, logging."""
+"""What ``main_launch_vqdp.py`` uses besides models, losses and data: config, state, checkpoints, batches, logs."""

@@ -1,5 +1,4 @@
-"""Training and validation batches: the loaders, screening out unusable clips on every rank
-alike, and validation (mel and STFT distances, the semantic loss, audio for tensorboard)."""
+"""Training and validation batches: the loaders, screening out unusable clips on every rank alike, validation."""
 
 from __future__ import annotations
 
@@ -47,10 +46,8 @@ def screen_batch(state: Any, batch: dict, logger: Any) -> torch.Tensor | None:
                 logger.warn(f"skipping unusable clip: {error}")
         if bad_total / total > state.cfg.max_bad_fraction:
             listed = "\n  ".join(e for _, e in reports[:20])
-            raise DataError(
-                f"{bad_total} of {total} clips in the batch at step {state.step + 1} cannot be used "
-                f"(more than max_bad_fraction={state.cfg.max_bad_fraction}); check the data list:\n  {listed}"
-            )
+            raise DataError(f"{bad_total} of {total} clips in the batch at step {state.step + 1} cannot be used (more "
+                            f"than max_bad_fraction={state.cfg.max_bad_fraction}); check the data list:\n  {listed}")
     if empty_ranks:
         state.skipped_batches += 1
         return None

@@ -1,15 +1,10 @@
-"""Training checkpoints of the script's ``State``: save, find, restore; RNG state.
-
-``model_ckpts/ckpt_{step:08d}.pth`` holds tensors and plain values only (``weights_only`` loading, as
-``XCodec.from_pretrained`` reads it), ``export_{step:08d}/`` the inference export. Writes are atomic and
-durable (``utils.files``): a kill leaves the complete new checkpoint or none, the previous ones untouched.
-"""
+"""Training checkpoints of the script's ``State`` (save, find, restore; RNG state): ``ckpt_{step:08d}.pth``, tensors
+and plain values (``weights_only`` loading), and ``export_{step:08d}/``, written atomically (docs/training.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import random
 import re
@@ -138,7 +133,7 @@ _COUNTERS = ("nonfinite_total", "nonfinite_consecutive", "skipped_batches")
 
 def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     """Write ``ckpt_{step}.pth`` (+ ``export_{step}/``) of the script's ``State`` on rank 0; a collective on every
-    rank, which all refuse a state holding NaN/Inf. The ``save_pause`` hook pauses mid-write (``paused_<step>``)."""
+    rank, which all refuse a state holding NaN/Inf. The ``save_pause`` hook pauses mid-save (``paused_<step>``)."""
     payload = {
         "format": CHECKPOINT_FORMAT, "codec": state.codec.state_dict(), "config": state.raw_config,
         "discriminators": {n: d.state_dict() for n, d in state.discriminators.items()},
@@ -159,18 +154,11 @@ def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     pause = state.hooks.save_pause
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            if pause is None or pause[0] != state.step:
-                torch.save(payload, f)
-                return
-            data = io.BytesIO()  # test hook: part of the file on disk, then a pause for the test's SIGKILL
-            torch.save(payload, data)
-            f.write(data.getbuffer()[:4096])
-            f.flush()
+        torch.save(payload, tmp)
+        if pause is not None and pause[0] == state.step:  # test hook: written, not yet renamed; the test SIGKILLs
             (ckpt_dir / f"paused_{state.step:08d}").touch()
             logger.info(f"test hook: paused while writing {path}")
             time.sleep(pause[1])
-            f.write(data.getbuffer()[4096:])
 
     atomic_write(path, write, durable=True)
     atomic_directory(export, lambda d: save_export(state.codec, d), durable=True)
@@ -180,10 +168,8 @@ def save_checkpoint(state: Any, ckpt_dir: Path, logger: Any) -> Path | None:
     return path
 
 
-REQUIRED_KEYS = (
-    "codec", "config", "discriminators", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d",
-    "step", "epoch", "batch_in_epoch", "rng", "bandwidth_rng",
-)  # fmt: skip
+REQUIRED_KEYS = ("codec", "config", "discriminators", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d",
+                 "step", "epoch", "batch_in_epoch", "rng", "bandwidth_rng")  # fmt: skip
 
 
 def checkpoint_problem(obj: dict) -> str | None:
@@ -197,15 +183,9 @@ def checkpoint_problem(obj: dict) -> str | None:
 
 
 def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -> tuple[Path, dict] | None:
-    """The newest usable checkpoint (rank 0 picks, every rank reads the same file).
-
-    An unusable one (unreadable, truncated, incomplete, another format) is moved to ``unusable/`` once an older
-    one is chosen, so that rotation never deletes the new ones because of it. With checkpoints and none usable
-    the run stops (no silent restart from step 0); ``restart=True`` moves them and the exports to ``previous_<time>/``.
-
-    Raises:
-        TrainingError: checkpoints exist, none is usable and ``restart`` is false.
-    """
+    """The newest usable checkpoint (rank 0 picks, every rank reads the same file). Unusable newer ones go to
+    ``unusable/`` (rotation must not delete the new ones because of them); with checkpoints and none usable, a
+    ``TrainingError`` (no silent restart from step 0); ``restart=True`` moves all to ``previous_<time>/``."""
     choice, obj, error = None, None, None
     if du.is_main_process():
         found = [p for _, p in _entries(ckpt_dir, CKPT_RE) if p.is_file()]
@@ -227,11 +207,9 @@ def find_resume_checkpoint(ckpt_dir: Path, logger: Any, restart: bool = False) -
             unusable.append((path, problem))
         if unusable and choice is None:
             path, problem = unusable[0]
-            error = (
-                f"{ckpt_dir}: none of the {len(unusable)} checkpoint(s) can be resumed from (newest: {path.name}: "
-                f"{problem}); repair or move them, or pass --restart to start again from step 0 (they are then "
-                "moved aside, not deleted)"
-            )
+            error = (f"{ckpt_dir}: none of the {len(unusable)} checkpoint(s) can be resumed from (newest: {path.name}: "
+                     f"{problem}); repair or move them, or pass --restart to start again from step 0 (they are then "
+                     "moved aside, not deleted)")
         elif unusable:
             _set_aside(ckpt_dir, "unusable", [p for p, _ in unusable], logger)
     du.raise_on_every_rank(TrainingError(error) if error else None)
@@ -262,15 +240,13 @@ def check_resumable(ckpt: dict, raw: dict, source: str) -> None:
     new = dataclasses.asdict(generator_config_from_dict(raw, "config")[0])
     for key in old:
         if old[key] != new[key]:
-            raise TrainingError(
-                f"{source} was trained with generator.config.{key} = {old[key]!r}, the config now says "
-                f"{new[key]!r}: resume with the original architecture, or use another log_dir"
-            )
+            raise TrainingError(f"{source} was trained with generator.config.{key} = {old[key]!r}, the config now "
+                                f"says {new[key]!r}: resume with the original architecture, or use another log_dir")
 
 
 def _apply_settings(opt: torch.optim.Optimizer, sched: Any, adamw: Any, gamma: float, name: str) -> list[str]:
-    """Put the config's optimizer settings into a restored optimizer and scheduler; returns
-    what changed (``"lr 0.0002 -> 0.0001"``). A new lr keeps the decay the schedule has applied."""
+    """Put the config's settings into a restored optimizer and scheduler, keeping the decay the schedule
+    applied; returns what changed (``"optimizer.g.lr 0.0002 -> 0.0001"``)."""
     changes = []
     new = {"lr": adamw.lr, "betas": tuple(adamw.betas), "eps": adamw.eps, "weight_decay": adamw.weight_decay}
     for group in opt.param_groups:

@@ -1,12 +1,6 @@
-"""The typed training configuration: every section of the recipe YAML as a dataclass.
-
-A run's config merges, in order: the ``--config`` file after the chain of ``base:`` files it names, an
-optional experiment file (``--exp_config``) and ``key.sub=value`` overrides (YAML values). Relative input
-paths in a YAML layer (``training_file``, ``validation_file``; ``init_from`` and ``pretrained_teacher`` when
-that path exists) are taken from its file's directory, others from the working directory. Every layer is
-checked on its own: an error names the key and its file or argument. The merged dict (``raw``) is kept
-verbatim: checkpoints store it and ``XCodec.from_pretrained`` reads it back.
-"""
+"""The typed training configuration: every section of the recipe YAML as a dataclass, and the merge of its layers
+(``base:`` chain, ``--exp_config``, ``key.sub=value`` overrides), each checked on its own (docs/training.md).
+The merged dict (``raw``) is kept verbatim: checkpoints store it and ``XCodec.from_pretrained`` reads it back."""
 
 from __future__ import annotations
 
@@ -204,8 +198,8 @@ class TrainConfig:
         return self.generator.config
 
     def teacher_source(self) -> bool | str:
-        """``build_codec``'s ``pretrained_teacher``: an explicit ``pretrained_teacher``, else ``False`` (no download)
-        when the config describes its teacher (``semantic_model_config``) or ``init_from`` carries it, else ``True``."""
+        """``build_codec``'s ``pretrained_teacher``: the key if set, else download (``True``) unless the config
+        describes the teacher (``semantic_model_config``) or ``init_from`` carries its weights."""
         if self.pretrained_teacher is not None:
             return self.pretrained_teacher
         return self.init_from is None and self.codec.semantic_model_config is None
@@ -224,10 +218,7 @@ def _accepts_str(keys: list[str]) -> bool:
     """Whether the ``TrainConfig`` key at ``keys`` is typed ``str`` (alone or in a union)."""
     tp: Any = TrainConfig
     for key in keys:
-        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
-        if key not in hints:
-            return False
-        tp = hints[key]
+        tp = typing.get_type_hints(tp).get(key) if dataclasses.is_dataclass(tp) else None
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 
@@ -350,11 +341,7 @@ def _file_layers(path: str | Path) -> list[tuple[str, dict]]:
 
 def load_train_config(config: str | Path, exp_config: str | Path | None = None,
                       overrides: typing.Sequence[str] = ()) -> LoadedConfig:  # fmt: skip
-    """Read, check and merge the config layers (see the module docstring).
-
-    Raises:
-        ConfigError: naming the offending key and the file or argument it came from.
-    """
+    """Read, check and merge the config layers; a ``ConfigError`` names the key and the file or argument."""
     layers = _file_layers(config) + (_file_layers(exp_config) if exp_config is not None else [])
     layers += [(f"command line {arg!r}", parse_override(arg)) for arg in overrides]
     raw: dict = {}

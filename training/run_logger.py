@@ -22,9 +22,8 @@ _SHORT = {"loss/generator": "g", "loss/discriminator": "d", "loss/full_stft": "s
 
 
 class RunLogger:
-    """Console, ``log.txt`` and tensorboard (``log_dir/logs``; ``purge_step``: events a crashed run left at or
-    after it are dropped) of a training run; without ``log_dir`` the console alone, before the run's directory
-    may be written."""
+    """Console, ``log.txt`` and tensorboard (``log_dir/logs``; ``purge_step``: a crashed run's events from it on
+    are dropped); without ``log_dir`` the console alone."""
 
     def __init__(self, log_dir: str | None = None, tensorboard: bool = True, purge_step: int | None = None):
         self.main = du.is_main_process()
@@ -74,8 +73,7 @@ class RunLogger:
         self.info(f"step {step} ep {epoch} | {parts} | bw {metrics.get('train/bandwidth', 0):g} | {seconds:.3f} s/step")
 
     def summary(self, state: Any, means: dict[str, float]) -> None:
-        """Tensorboard scalars of the script's ``State``: ``means`` since the last summary,
-        codebook usage (all ranks: a collective), learning rates, data counters."""
+        """Scalars: ``means`` since the last summary, codebook usage (a collective), learning rates, counters."""
         self.scalars({
             **means, **{f"codebook/{k}": v for k, v in state.usage.compute().items()},
             "lr/g": state.sched_g.get_last_lr()[0], "lr/d": state.sched_d.get_last_lr()[0],
@@ -104,8 +102,7 @@ class RunLogger:
 
 
 class RunningMeans:
-    """Means of logged values between two summaries, summed where they live (GPU values stay
-    on the GPU: no host sync per step); non-finite values are left out of a mean."""
+    """Means of logged values between summaries, summed where they live (no host sync); non-finite ones left out."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}

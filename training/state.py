@@ -1,10 +1,8 @@
-"""The training state (everything the GAN loop mutates and a checkpoint restores, built identically on every
-rank), its DistributedDataParallel wrappers, the loss plan of a step, and the fault-injection hooks and state
-fingerprints of the crash, recovery and multi-rank tests."""
+"""The training state (built identically on every rank), its DDP wrappers, the loss plan of a step, and the
+fault-injection hooks and state fingerprints of the crash, recovery and multi-rank tests."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -31,14 +29,10 @@ from .config import TrainConfig
 
 @dataclass
 class FaultHooks:
-    """Fault injection, read from environment variables (all unset in normal runs).
-
-    ``XCODEC_TEST_NAN_STEPS="3,4"``: make the generator loss NaN at these steps.
-    ``XCODEC_TEST_KILL="1:3"``: rank 1 SIGKILLs itself after step 3 (first attempt only,
-    i.e. while torchrun's TORCHELASTIC_RESTART_COUNT is 0).
-    ``XCODEC_TEST_SAVE_PAUSE="4:60"``: pause 60 s in the middle of writing checkpoint 4.
-    ``XCODEC_TEST_HASH_DIR=dir``: every rank writes ``hash_rank{r}.json`` of its final state.
-    """
+    """Fault injection from the environment (unset in normal runs): ``XCODEC_TEST_NAN_STEPS="3,4"`` makes the
+    generator loss NaN at these steps; ``XCODEC_TEST_KILL="1:3"``: rank 1 SIGKILLs itself after step 3 (while
+    torchrun's TORCHELASTIC_RESTART_COUNT is 0); ``XCODEC_TEST_SAVE_PAUSE="4:60"``: a 60 s pause in the middle of
+    writing checkpoint 4; ``XCODEC_TEST_HASH_DIR=dir``: every rank writes ``hash_rank{r}.json`` of its final state."""
 
     nan_steps: set[int] = field(default_factory=set)
     kill: tuple[int, int] | None = None
@@ -94,19 +88,12 @@ class LossPlan:
     semantic: bool  # the semantic term has a weight (the semantic decoder is in the graph)
 
     @property
-    def audio_grad(self) -> bool:
-        """Some loss uses the reconstructed waveform: the decoder output needs a graph."""
+    def audio_grad(self) -> bool:  # some loss uses the reconstructed waveform: the decoder output needs a graph
         return self.adversarial or bool(self.spectral)
-
-    @property
-    def every_parameter(self) -> bool:
-        """Every codec parameter gets a gradient (else DDP must look for unused ones)."""
-        return self.audio_grad and self.semantic
 
 
 def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
-    """The plan of the step after ``step`` completed steps. Terms only switch on as steps
-    pass (``discriminator_iter_start``), so step 0's plan is the sparsest of a run."""
+    """The plan of the step after ``step`` completed steps (terms only switch on as steps pass)."""
     w = cfg.loss_weights
     discriminator = w.adversarial > 0 or w.feature_matching > 0
     spectral = tuple(k for k in SPECTRAL_TERMS if getattr(w, k) > 0)
@@ -115,9 +102,8 @@ def loss_plan(cfg: TrainConfig, step: int) -> LossPlan:
 
 @dataclass
 class State:
-    """Everything the GAN training loop mutates, and everything a checkpoint restores. ``codec_ddp`` /
-    ``disc_ddp``: what the training forwards go through (the plain ``codec`` / ``discriminators`` without a
-    process group). ``losses``: ``full_stft``, ``sub_stft``, ``mel``, ``gan``, ``feature_matching``."""
+    """Everything the GAN loop mutates and a checkpoint restores. ``codec_ddp`` / ``disc_ddp``: what the training
+    forwards go through (DDP wrappers, or the plain ``codec`` / ``discriminators`` without a process group)."""
 
     cfg: TrainConfig
     raw_config: dict
@@ -149,10 +135,8 @@ class State:
     def g_params(self) -> list[nn.Parameter]:
         return [p for p in self.codec.parameters() if p.requires_grad]
 
-    def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
 
 def build_state(cfg: TrainConfig, raw: dict, device: torch.device, teacher: bool | str | None = None) -> State:
@@ -199,21 +183,20 @@ _NO_BUFFER_SYNC = (
 
 def wrap_ddp(state: State, first: LossPlan) -> None:
     """Wrap the ``State``'s codec and discriminators in DDP (no-op without a process group), leaving out the
-    frozen teacher. ``first``: the plan of the run's first step, its sparsest (terms only switch on later):
-    when it leaves codec parameters without a gradient, DDP has to look for unused ones."""
+    frozen teacher. ``first``: the plan of the run's first step, its sparsest (terms only switch on later)."""
     if not du.is_distributed():
         return
     codec = state.codec
     teacher = [*codec.semantic_model.named_parameters(), *codec.semantic_model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(codec, [f"semantic_model.{n}" for n, _ in teacher])
     ids = [state.device.index] if state.device.type == "cuda" else None
-    state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=not first.every_parameter, **_NO_BUFFER_SYNC)
+    every_param = first.audio_grad and first.semantic  # else DDP has to look for parameters without a gradient
+    state.codec_ddp = DDP(codec, device_ids=ids, find_unused_parameters=not every_param, **_NO_BUFFER_SYNC)
     state.disc_ddp = DDP(state.disc_ddp, device_ids=ids, **_NO_BUFFER_SYNC)
 
 
 def unwrap_ddp(state: State) -> None:
-    """Point the ``State``'s ``codec_ddp`` / ``disc_ddp`` back at the plain modules, dropping the
-    DDP wrappers: their reducers hold the process group, which can then be destroyed cleanly."""
+    """Drop the DDP wrappers (their reducers hold the process group, which can then be destroyed cleanly)."""
     if isinstance(state.codec_ddp, DDP):
         state.codec_ddp = state.codec_ddp.module
     if isinstance(state.disc_ddp, DDP):
