@@ -89,7 +89,7 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "the save of step 4 never started"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)  # mid-write: part of ckpt_00000004 is on disk under a temporary name
+    proc.send_signal(signal.SIGKILL)  # mid-save: ckpt_00000004 is written in full under a temporary name, not yet renamed
     proc.wait(timeout=30)
     proc.stdout.close()
     leftovers = [p.name for p in ckpt_dir.iterdir() if temporary_target(p.name) is not None]
