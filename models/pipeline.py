@@ -40,7 +40,7 @@ def encode_long(model, wav: torch.Tensor, bandwidth: float | None = None, window
     win, ctx = window_frames(model, window, context)
     if n_frames <= win + 2 * ctx:
         return model.encode(wav, bandwidth, precision=precision)
-    stats = model.semantic_model.norm_stats(wav) if global_norm else None
+    stats = model.norm_stats(wav) if global_norm else None
     pieces = []
     for f0 in range(0, n_frames, win):
         f1 = min(n_frames, f0 + win)
@@ -129,11 +129,12 @@ class Pipeline:
         sources = source_lengths or [None] * len(codes)
         targets = [round((n or c.shape[-1] * model.hop_length) * self.out_rate / rate) for c, n in zip(codes, sources)]
         if vocoder is None or self.low_freq_merge:  # the codec's own decoding, F_i * hop samples each
-            short = [c for c in codes if not self.is_long(c.shape[-1])]
+            long = [model.windowed_decode and self.is_long(c.shape[-1]) for c in codes]  # a global decoder: one pass
+            short = [c for c, is_long in zip(codes, long) if not is_long]
             rows = iter(batched(short, lambda x, n: model.decode(x, n, self.precision)[:, 0], model.device,
                                 self.precision))  # fmt: skip
-            audio = [decode_long(model, c[None], self.win, precision=self.precision)[0, 0] if self.is_long(c.shape[-1])
-                     else next(rows)[: c.shape[-1] * model.hop_length] for c in codes]  # fmt: skip
+            audio = [decode_long(model, c[None], self.win, precision=self.precision)[0, 0] if is_long
+                     else next(rows)[: c.shape[-1] * model.hop_length] for c, is_long in zip(codes, long)]  # fmt: skip
         if vocoder is not None:  # low_freq_merge: YuE's post-processing, the codec's own audio below 5.5 kHz
             vocoded = [vocoder.vocode(model, c[None]) for c in codes]
             if self.low_freq_merge:
