@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from corpus.codes import CodesFileError, has_manifest, load_codes, source_lengths, write_sidecar
-from corpus.corpus import FORMATS, RunStats, refuse_existing, resume
+from corpus.corpus import CODES_SUFFIX, FORMATS, RunStats, refuse_existing, resume
 from corpus.outputs import BackgroundWriter, Job, lock_output_trees, plan, write_outputs
 from corpus.shards import shard_format
 from data import AudioFiles, duration_order, file_loader
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
     p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
     p.add_argument("--format", choices=FORMATS, default="npy", help="tokenized corpus: one .npy per file + manifests, "
+                   "llasa (one 1-D <id>.wav.npy per file, as Llasa's training reads them; one codebook) + manifests, "
                    "or parquet / webdataset shards (see corpus/shards.py)")
     p.add_argument("--shard-size", type=int, default=10000, help="files per parquet/webdataset shard")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -118,7 +119,8 @@ def encode_jobs(pipe: Pipeline, jobs: list[Job], args: argparse.Namespace, many:
                 yield jobs[index], wav
 
     def finish(job: Job, samples: int, item: np.ndarray, wav: np.ndarray | None) -> None:
-        if write_outputs(job, stats.fail, item, wav, pipe.out_rate, args.rescale, model.bins):
+        saved = item[0] if args.format == "llasa" else item  # Llasa reads one 1-D array of codes per clip
+        if write_outputs(job, stats.fail, saved, wav, pipe.out_rate, args.rescale, model.bins):
             stats.wrote(job, samples, rate, item)
             if not many and job.codes_out is not None:  # a single codes file describes itself
                 write_sidecar(job.codes_out, {"path": job.src.name, "samples": samples, "sample_rate": rate, **codes_fields(model, args)}, item)
@@ -190,8 +192,9 @@ def run(args: argparse.Namespace) -> int:
     if args.codes_in is not None:
         jobs, many = plan(args.codes_in, {".npy"}, args.output, None)
     else:
-        jobs, many = plan(args.input, audio_extensions(), args.output, args.codes_out if args.format == "npy" else None)
-        if args.format != "npy" and not many:
+        suffix = CODES_SUFFIX.get(args.format)  # None: shards (corpus.shards writes them)
+        jobs, many = plan(args.input, audio_extensions(), args.output, suffix and args.codes_out, suffix or ".npy")
+        if suffix is None and not many:
             raise CliError(f"--format {args.format} writes shards of a directory or list input; one file goes to --codes-out x.npy")
     stats = RunStats()
     try:
@@ -210,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
             pipe = Pipeline(model, args.bandwidth, args.precision, args.window, args.context, low_freq_merge=args.low_freq_merge)
         except ValueError as exc:
             raise CliError(str(exc)) from None
+        if args.format == "llasa" and pipe.n_q != 1:
+            one = model.quantizer.n_q_for_bandwidth(low := min(model.target_bandwidths)) == 1
+            fix = f"pass --bandwidth {low:g} (one codebook)" if one else "this model has no one-codebook bandwidth"
+            raise CliError(f"--format llasa writes one codebook per clip (Llasa's 1-D codes); this run has {pipe.n_q} "
+                           f"codebooks: {fix}")
         jobs = shard_and_resume(pipe, jobs, args, many, stats)
         if args.vocoder:
             pipe.vocoder = Vocoder.from_pretrained(args.vocoder, device=model.device, checkpoint=args.checkpoint)

@@ -50,6 +50,8 @@ def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: 
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
         got = getattr(codes, "dtype", type(codes))
         raise CodesFileError(f"{where}: codes must be integers (int16), got dtype {got}")
+    if codes.ndim == 1 and n_q == 1:  # one codebook, stored flat (--format llasa)
+        codes = codes[None]
     if codes.ndim != 2 or not 1 <= codes.shape[0] <= (n_q_max or float("inf")) or codes.shape[1] < 1:
         bound = f"1 <= n_q <= {n_q_max}" if n_q_max is not None else "n_q >= 1"
         raise CodesFileError(f"{where}: codes must have shape (n_q, frames) with {bound}, got {codes.shape}")

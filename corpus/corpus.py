@@ -19,7 +19,10 @@ from utils.audio import DatasetAudio, open_audio_dataset
 from utils.cli import CliError
 from utils.files import open_append, remove_stale_temporaries, remove_stale_temporaries_of
 
-FORMATS = ("npy", "parquet", "webdataset")
+FORMATS = ("npy", "llasa", "parquet", "webdataset")
+# Formats of one codes file per input (+ manifests) and its suffix; llasa: Llasa's input, a 1-D array of one
+# codebook as <id>.wav.npy (LLaSA_training data_instruction/get_memmap_from_token.py reads that name).
+CODES_SUFFIX = {"npy": ".npy", "llasa": ".wav.npy"}
 ANOTHER = "choose another --codes-out directory"
 
 
@@ -83,12 +86,16 @@ class RunStats:
 
 def _earlier(root: Path, fmt: str) -> tuple[list[dict], dict[str, dict]]:
     """``(settings of every earlier entry, {path: entry})`` of what OUT already holds."""
-    found = "npy" if has_manifest(root) else shard_format(root)
-    if found is not None and found != fmt:
-        raise CliError(f"{root}: holds a {found} corpus; this run writes --format {fmt}: {ANOTHER}")
     try:
-        if fmt == "npy":
-            entries = read_manifest(root) if root.is_dir() else []
+        if has_manifest(root):  # codes files; a line names their format (lines without one: npy)
+            entries = read_manifest(root) if fmt in CODES_SUFFIX else []
+            default = fmt if fmt in CODES_SUFFIX else "npy"
+            found = next((f for e in entries if (f := e.get("format", "npy")) != fmt), default)
+        else:
+            entries, found = [], shard_format(root)
+        if found is not None and found != fmt:
+            raise CliError(f"{root}: holds a {found} corpus; this run writes --format {fmt}: {ANOTHER}")
+        if fmt in CODES_SUFFIX:
             return entries, {e["path"]: e for e in entries}
         lines = read_index(root, lost_ok=True) if root.is_dir() else []  # a lost shard's files are not done
         files = {f["path"]: {**f, "shard": e["shard"]} for e in lines for f in e["files"]}
@@ -104,6 +111,8 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
     ``input_root``) are recorded with every file."""
     earlier, done = _earlier(root, fmt)
     fields = {**fields, "world_size": stats.world_size}  # --merge checks that every rank of the run ran
+    if fmt in CODES_SUFFIX:
+        fields["format"] = fmt
     mine = (fields["checkpoint"], n_q, fields["precision"])
     # Entries written before precisions were recorded were all fp32.
     clash = [e for e in earlier if (e.get("checkpoint"), e.get("n_q"), e.get("precision", "fp32")) != mine]
@@ -121,18 +130,18 @@ def resume(jobs: list[Job], root: Path, fmt: str, fields: dict, n_q: int, stats:
         j.source = source_key(j.src)
         entry = done.get(j.rel.as_posix())
         # Shards: the index alone says done (audio of a done file is not redone: that would add a row).
-        if entry is not None and (fmt != "npy" or all(p.is_file() for p in j.outputs)):
+        if entry is not None and (fmt not in CODES_SUFFIX or all(p.is_file() for p in j.outputs)):
             # Entries written before sources were recorded count as unchanged.
             if "source_size" not in entry or (entry["source_size"], entry.get("source_mtime_ns")) == j.source:
                 continue
-            if fmt != "npy":
+            if fmt not in CODES_SUFFIX:
                 raise CliError(f"{j.src}: changed since it was tokenized into {root} ({entry['shard']}); shards are "
                                "append-only: tokenize into a new directory")  # fmt: skip
             stats.changed += 1
         todo.append(j)
     stats.already_done = len(jobs) - len(todo)
     stats.codes_root, stats.fields = root, fields
-    if fmt == "npy":
+    if fmt in CODES_SUFFIX:
         root.mkdir(parents=True, exist_ok=True)
         name = "manifest.jsonl" if stats.world_size == 1 else f"manifest.rank{stats.rank}.jsonl"
         stats.manifest = open_append(root / name)  # a killed run's torn last line is cut first

@@ -46,8 +46,10 @@ def _target(root: Path | None, rel: Path, suffix: str, is_dir: bool) -> Path | N
     return out
 
 
-def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None) -> tuple[list[Job], bool]:
-    """The jobs for a file or a directory: ``(jobs, is_directory_run)``. Refused here, before any work: a file name
+def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Path | None,
+         codes_suffix: str = ".npy") -> tuple[list[Job], bool]:  # fmt: skip
+    """The jobs for a file or a directory: ``(jobs, is_directory_run)``; a directory's codes files are named
+    ``<rel less its suffix><codes_suffix>``. Refused here, before any work: a file name
     as a directory run's output, an output onto an input, an unwritable format, two inputs onto one output."""
     if not src.exists():
         raise CliError(missing(src))
@@ -76,7 +78,7 @@ def plan(src: Path, suffixes: set[str], audio_root: Path | None, codes_root: Pat
             if name in names:  # one name, two inputs: a corpus row would stand for either
                 raise CliError(f"{names[name]} and {f} have the same name {name}: give them distinct ids")
             names[name] = f
-            outs = _target(audio_root, rel, ".wav", audio_dir), _target(codes_root, rel, ".npy", codes_dir)
+            outs = _target(audio_root, rel, ".wav", audio_dir), _target(codes_root, rel, codes_suffix, codes_dir)
             jobs.append(Job(f, rel, *outs, duration=item.duration))
     except ValueError as exc:  # e.g. a NUL byte in a listed path
         raise CliError(f"{src}: unusable input name ({exc})") from None

@@ -134,6 +134,51 @@ def test_corpus_manifest_resume_and_settings_clash(tmp_path, export_dir, model, 
     assert (out / "manifest.jsonl").read_text() == before
 
 
+def _files(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_llasa_format_writes_one_flat_codebook_as_llasa_reads_it(tmp_path, export_dir, model, capsys):
+    """--format llasa: one 1-D <rel>.wav.npy per clip, the npy format's codes at one codebook (0.5 kbps)."""
+    src, npy, out, fresh = tmp_path / "corpus", tmp_path / "npy", tmp_path / "llasa", tmp_path / "refused"
+    rels = _corpus(src, n=4)
+    argv = ["--input", str(src), "--checkpoint", str(export_dir), "--batch-size", "3", "-b", "0.5"]
+    assert inference.main([*argv, "--codes-out", str(npy)]) == 0
+    assert inference.main([*argv, "--codes-out", str(out), "--format", "llasa"]) == 0
+    assert "4 file(s) written, 0 failed/skipped" in capsys.readouterr().err
+    for rel in rels:
+        codes = np.load(out / f"{rel}.wav.npy")
+        assert codes.ndim == 1 and codes.dtype.kind == "i" and np.array_equal(codes, np.load(npy / f"{rel}.npy")[0])
+        assert np.array_equal(codes, _expected_codes(model, src, rel, 0.5)[0])
+        # What LLaSA_training reads (data_instruction/get_memmap_from_token.py, commit 263e14b0): code_root joined with
+        # the clip id (metadata.csv's first column) + '.wav.npy', np.load(allow_pickle=True), skipped if ndim != 1,
+        # then base_num + torch.tensor(codes, dtype=torch.long), base_num = len(tokenizer) (Llama 3.2 + 8 tokens).
+        code_file = os.path.join(out, rel + ".wav.npy")
+        assert os.path.exists(code_file) and np.load(code_file, allow_pickle=True).ndim == 1
+        ids = 128264 + torch.tensor(np.load(code_file, allow_pickle=True), dtype=torch.long)
+        assert torch.equal(ids - 128264, torch.from_numpy(codes.astype(np.int64)))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == sorted(f"{r}.wav.npy" for r in rels)
+    # An npy corpus of its own: its reader, its check and its resume.
+    assert all(e["format"] == "llasa" and e["n_q"] == 1 and e["codes"].endswith(".wav.npy") for e in read_manifest(out))
+    assert check_corpus(out) == (4, [])
+    for entry, codes in iter_corpus(out):
+        assert np.array_equal(codes.numpy(), np.load(npy / entry["codes"].replace(".wav.npy", ".npy")))
+    assert inference.main([*argv, "--codes-out", str(out), "--format", "llasa"]) == 0
+    assert "0 file(s) written, 0 failed/skipped, 4 already done" in capsys.readouterr().err
+
+    # Refused with one line, nothing written, no input changed: more than one codebook, or the other per-file format.
+    inputs, tokenized = _files(src), _files(out)
+    for codes_out, extra, needle in ((fresh, ["-b", "2"], "has 4 codebooks: pass --bandwidth 0.5 (one codebook)"),
+                                     (out, ["-b", "4"], "has 8 codebooks: pass --bandwidth 0.5"),
+                                     (out, ["--format", "npy"], "holds a llasa corpus; this run writes --format npy"),
+                                     (npy, [], "holds a npy corpus; this run writes --format llasa")):  # fmt: skip
+        fmt = [] if "--format" in extra else ["--format", "llasa"]
+        assert inference.main([*argv, "--codes-out", str(codes_out), *fmt, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert _files(src) == inputs and _files(out) == tokenized and _files(fresh) == {}
+
+
 def test_reader_workers_and_length_order_give_the_same_codes(tmp_path, export_dir, model, capsys):
     """Files read by DataLoader workers, longest first, in batches: the codes of each file alone."""
     src = tmp_path / "corpus"
