@@ -20,7 +20,7 @@ from tqdm import tqdm
 from corpus.inputs import collect_files, is_dataset, is_listing, pair_by_relative_path
 from corpus.outputs import refuse_replacing
 from losses import metrics
-from models import CheckpointError, XCodec
+from models import CheckpointError, load_codec
 from models.pipeline import Pipeline
 from models.vocoder import Vocoder
 from quantization import CodebookUsage
@@ -206,7 +206,7 @@ def _model_metrics(args, device: str) -> tuple[metrics.ModelMetrics, list[str], 
 
 
 def evaluate_checkpoint(args, items: list[tuple[Path, str]], failed: list) -> tuple[dict, list[str]]:
-    model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
+    model = load_codec(args.checkpoint, config=args.config, device=resolve_device(args.device))
     bandwidths = sorted(set(args.bandwidths or model.target_bandwidths))
     try:
         n_qs = {bw: model.quantizer.n_q_for_bandwidth(bw) for bw in bandwidths}

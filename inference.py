@@ -29,7 +29,7 @@ from corpus.corpus import CODES_SUFFIX, FORMATS, RunStats, refuse_existing, resu
 from corpus.outputs import BackgroundWriter, Job, lock_output_trees, plan, write_outputs
 from corpus.shards import shard_format
 from data import AudioFiles, duration_order, file_loader
-from models import CheckpointError, XCodec
+from models import CheckpointError, load_codec
 from models.pipeline import Pipeline
 from models.vocoder import Vocoder
 from utils import distributed as du
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         index = os.environ.get("LOCAL_RANK", os.environ.get("RANK"))  # several processes: each its own GPU
         if args.device is None and index is not None and index.isdigit() and torch.cuda.is_available():
             args.device = f"cuda:{int(index) % torch.cuda.device_count()}"
-        model = XCodec.from_pretrained(args.checkpoint, config=args.config, device=resolve_device(args.device))
+        model = load_codec(args.checkpoint, config=args.config, device=resolve_device(args.device))
         if model.device.type == "cuda":
             torch.cuda.set_device(model.device)  # the reader's pinning thread and every default allocation on this rank's GPU
         try:

@@ -18,6 +18,14 @@ from utils.hub import HubError, hub_file
 
 from .config import GeneratorConfig, check_audio_norm_scale, generator_config_from_dict, load_generator_config
 from .hf_layout import generator_config_from_hf, hf_key_to_original, teacher_from_hf_config
+from .xcodec2_layout import (
+    Codec2Config,
+    codec2_config_from_hf,
+    codec2_config_from_pip,
+    hf_to_ours,
+    is_pip_config,
+    original_to_ours,
+)
 
 RELEASE_REPO = "ZhenYe234/xcodec"
 # name -> (checkpoint file, config file) in RELEASE_REPO
@@ -32,6 +40,8 @@ RELEASES: dict[str, tuple[str, str]] = {
 YUE_RELEASE, YUE_REPO = "yue_xcodec_mini", "m-a-p/xcodec_mini_infer"
 YUE_FILES = ["final_ckpt/ckpt_00360000.pth", "final_ckpt/config.yaml", "semantic_ckpts/hf_1_325000/config.json"]
 TRANSFORMERS_FILES = ["config.json", "model.safetensors"]
+# X-Codec 2: the pip package's hub layout (config.json + model.safetensors, the original names), as Llasa uses it
+HUB_RELEASES = {"xcodec2": "HKUSTAudio/xcodec2"}
 LOCAL_HINT = "Without network, pass a local checkpoint: --checkpoint /path/to/model.pth --config /path/to/config.yaml"
 
 
@@ -167,14 +177,16 @@ def resolve_checkpoint(checkpoint: str | Path, config: str | Path | None = None)
         return CheckpointSource("pth", weights, cfg or release_cfg, True)
     parts, suffixes = name.split("/"), (".pth", ".pt", ".safetensors", ".yaml", ".json")
     repo_id = len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and path.suffix not in suffixes
-    if isinstance(checkpoint, str) and (checkpoint == YUE_RELEASE or (not path.exists() and repo_id)):
-        repo = YUE_REPO if checkpoint == YUE_RELEASE else name
+    if isinstance(checkpoint, str) and (checkpoint in HUB_RELEASES or checkpoint == YUE_RELEASE
+                                        or (not path.exists() and repo_id)):  # fmt: skip
+        repo = YUE_REPO if checkpoint == YUE_RELEASE else HUB_RELEASES.get(name, name)
         files = YUE_FILES if repo == YUE_REPO else TRANSFORMERS_FILES
         where = download(repo, files, repr(repo), "Without network, pass a local checkpoint directory")[0].parent
         return resolve_checkpoint(where.parent if repo == YUE_REPO else where, config)
     if not path.exists():
         if "/" not in name and not path.suffix:
-            raise CheckpointError(f"unknown release name {name!r}; known releases: {', '.join(RELEASES)}")
+            known = ", ".join([*RELEASES, YUE_RELEASE, *HUB_RELEASES])
+            raise CheckpointError(f"unknown release name {name!r}; known releases: {known}")
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir() and (path / "final_ckpt").is_dir():  # YuE's repository layout
         found = sorted((path / "final_ckpt").glob("*.pth"))
@@ -201,7 +213,7 @@ class Checkpoint:
     ``id``: ``xcodec-`` + 16 hex digits of its files (not tensors: folding rounds differently per thread count)."""
 
     state: dict[str, torch.Tensor]
-    generator: GeneratorConfig | None
+    generator: GeneratorConfig | Codec2Config | None
     audio_norm_scale: float
     kind: str
     source: str
@@ -216,12 +228,17 @@ def _yaml_config(path: Path | None, weights: Path) -> tuple[GeneratorConfig, flo
     return load_generator_config(path)
 
 
-def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig, float]:
-    """Architecture and ``audio_norm_scale`` (0.95 when absent) of a transformers config.json."""
+def _hf_config(path: Path, data: bytes | None) -> tuple[GeneratorConfig | Codec2Config, float]:
+    """Architecture and ``audio_norm_scale`` (0.95 when absent; X-Codec 2: none) of a config.json: transformers'
+    ``xcodec`` or ``xcodec2``, or the X-Codec 2 pip package's."""
     config = _read_json(path, data)
-    if not isinstance(config, dict) or config.get("model_type") != "xcodec":
+    if not isinstance(config, dict) or config.get("model_type") not in ("xcodec", "xcodec2"):
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec'")
+        raise CheckpointError(f"{path}: config.json is for model_type {found!r}, not 'xcodec' or 'xcodec2'")
+    if config["model_type"] == "xcodec2":
+        return codec2_config_from_hf(config, str(path)), 1.0
+    if is_pip_config(config):
+        return codec2_config_from_pip(config, str(path)), 1.0
     gen = generator_config_from_hf(config, str(path))
     return gen, check_audio_norm_scale(config.get("audio_norm_scale", 0.95), path)
 
@@ -241,6 +258,17 @@ def _yue_config(src: CheckpointSource) -> GeneratorConfig:
     name, overrides, _ = teacher_from_hf_config(data, str(teachers[0]))
     check_teacher_size(name, overrides, f"{teachers[0]}: ")
     return dataclasses.replace(gen, semantic_techer=name, semantic_model_config=overrides or None)
+
+
+def _codec2_architecture(config: str | Path | None) -> Codec2Config | None:
+    """An X-Codec 2 architecture other than the released one, for the original layouts (their files hold none):
+    a transformers ``Xcodec2Config`` config.json given as ``config``."""
+    if config is None:
+        return None
+    data = _read_json(Path(config))
+    if not isinstance(data, dict) or data.get("model_type") != "xcodec2":
+        raise CheckpointError(f"{config}: an X-Codec 2 architecture is a transformers config.json (model_type 'xcodec2')")
+    return codec2_config_from_hf(data, str(config))
 
 
 def _read_files(src: CheckpointSource) -> tuple[list[bytes | None], str]:
@@ -267,10 +295,20 @@ def read_checkpoint(checkpoint: str | Path, config: str | Path | None = None, ar
                 raise CheckpointError(f"{src.weights}: not a readable safetensors file ({_first_line(exc)})") from None
             if src.kind == "transformers":
                 gen, scale = _hf_config(src.config, blobs[1])
+                if isinstance(gen, Codec2Config):  # transformers' names, or the pip package's (the original's)
+                    pip = "CodecEnc" in {k.split(".")[0] for k in state}
+                    gen = _codec2_architecture(config) or gen if pip else gen
+                    state = original_to_ours(state, gen.semantic_layers) if pip else hf_to_ours(state)
+                    return Checkpoint(state, gen, scale, "xcodec2-pip" if pip else "xcodec2", where, ckpt_id)
                 state = {hf_key_to_original(k, len(gen.ratios)): v for k, v in state.items()}
                 return Checkpoint(state, gen, scale, "transformers", where, ckpt_id)
             return Checkpoint(state, *_yaml_config(src.config, src.weights), "export", where, ckpt_id)
         obj = read_torch_file(src.weights, blobs[0])
+        lightning = obj.get("state_dict")
+        if isinstance(lightning, dict) and any(str(k).startswith("CodecEnc.") for k in lightning):  # X-Codec 2's
+            gen = _codec2_architecture(config) or Codec2Config()  # the .ckpt holds none: the released one by default
+            state = original_to_ours({k: v for k, v in lightning.items() if isinstance(v, torch.Tensor)}, gen.semantic_layers)
+            return Checkpoint(state, gen, 1.0, "xcodec2-lightning", where, ckpt_id)
         key = next((k for k in ("codec", "codec_model") if isinstance(obj.get(k), dict)), None)  # ours, YuE's
         state = {k: v for k, v in (obj if key is None else obj[key]).items() if isinstance(v, torch.Tensor)}
         kind = {"codec": "training", "codec_model": "yue", None: "release"}[key]

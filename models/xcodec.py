@@ -20,7 +20,7 @@ from .config import GeneratorConfig
 from .engine import run_acoustic
 from .export import push_to_hub, save_transformers
 from .precision import autocast
-from .pretrained import load_codec_state, read_checkpoint
+from .pretrained import CheckpointError, load_codec_state, read_checkpoint
 
 
 @dataclass
@@ -174,7 +174,13 @@ class XCodec(Codec):
                 .pth (config: ``config`` or ``config.yaml`` beside it), a checkpoint of our training or YuE's,
                 a transformers ``XcodecModel`` directory or our export.
         """
-        ckpt = read_checkpoint(path, config)
+        return cls.from_checkpoint(read_checkpoint(path, config), device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device: str | torch.device = "cpu") -> XCodec:
+        """:meth:`from_pretrained` of a checkpoint already read (``models.pretrained.read_checkpoint``)."""
+        if not isinstance(ckpt.generator, GeneratorConfig):
+            raise CheckpointError(f"{ckpt.source}: an X-Codec 2 checkpoint (XCodec2.from_pretrained or models.load_codec reads it)")
         model = build_codec(ckpt.generator, ckpt.audio_norm_scale, weight_norm=False)
         load_codec_state(model, ckpt.state, ckpt.source)  # folds every weight norm into the plain convs
         model.checkpoint_id = ckpt.id

@@ -20,7 +20,8 @@ from .codec import Codec
 from .engine import pad_rows
 from .precision import autocast
 from .pretrained import CheckpointError, load_codec_state, read_checkpoint
-from .xcodec2_layout import Codec2Config
+from .xcodec import XCodec
+from .xcodec2_layout import DERIVED, Codec2Config
 
 
 class XCodec2(Codec):
@@ -88,10 +89,22 @@ class XCodec2(Codec):
         """An inference model (eval mode, no gradients, :attr:`checkpoint_id` set) from a release name or hub id
         (``xcodec2``, ``HKUSTAudio/xcodec2``, ``hf-audio/xcodec2``), a transformers or pip-package directory, or
         the original Lightning ``.ckpt``; else ``models.pretrained.CheckpointError`` with a one-line reason."""
-        ckpt = read_checkpoint(path, config)
+        return cls.from_checkpoint(read_checkpoint(path, config), device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device: str | torch.device = "cpu") -> XCodec2:
+        """:meth:`from_pretrained` of a checkpoint already read (``models.pretrained.read_checkpoint``)."""
         if not isinstance(ckpt.generator, Codec2Config):
             raise CheckpointError(f"{ckpt.source}: an X-Codec checkpoint, not X-Codec 2 (XCodec.from_pretrained reads it)")
         model = cls(ckpt.generator)
-        load_codec_state(model, ckpt.state, ckpt.source, "X-Codec 2's architecture")
+        state = {**{k: v for k, v in model.state_dict().items() if DERIVED.search(k)}, **ckpt.state}  # fixed buffers
+        load_codec_state(model, state, ckpt.source, "X-Codec 2's architecture")
         model.checkpoint_id = ckpt.id
         return model.eval().requires_grad_(False).to(device)
+
+
+
+def load_codec(path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu") -> Codec:
+    """X-Codec or X-Codec 2, whichever ``path`` holds (anything either ``from_pretrained`` reads), read once."""
+    ckpt = read_checkpoint(path, config)
+    return (XCodec2 if isinstance(ckpt.generator, Codec2Config) else XCodec).from_checkpoint(ckpt, device)
