@@ -136,6 +136,53 @@ def release_hub_cache(tmp_path_factory, release_dir) -> Path:
     return cache
 
 
+# ---------------------------------------------------------------------------- X-Codec 2
+# A tiny transformers Xcodec2Config: the released structure (BigCodec ratios 2,2,4,4,5; FSQ [4]*8; w2v-BERT on
+# 160-dim stacked fbank) at small widths. GroupNorm(32) needs hidden_size a multiple of 32.
+TINY_XCODEC2 = {
+    "model_type": "xcodec2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16, "encoder_hidden_size": 8,
+    "quantization_dim": 96,
+    "semantic_model_config": {"model_type": "wav2vec2-bert", "hidden_size": 32, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "intermediate_size": 64, "output_hidden_size": 32,
+                              "conv_depthwise_kernel_size": 5, "feature_projection_input_dim": 160},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def hf_xcodec2():
+    """transformers' ``Xcodec2Model`` (tiny) with random weights scaled so that codes spread over the codebook."""
+    from transformers import Xcodec2Config, Xcodec2Model
+
+    torch.manual_seed(0)
+    model = Xcodec2Model(Xcodec2Config(**{k: v for k, v in TINY_XCODEC2.items() if k != "model_type"})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".alpha", ".beta")):
+                p.normal_(0, 0.3)
+            elif name.endswith("weight") and p.dim() == 1:  # norms
+                p.normal_(1, 0.1)
+            elif p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def xcodec2_dir(tmp_path_factory, hf_xcodec2) -> Path:
+    """The tiny X-Codec 2 in transformers' format (config.json + model.safetensors), as hf-audio/xcodec2 ships."""
+    d = tmp_path_factory.mktemp("xcodec2")
+    hf_xcodec2.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def xcodec2(xcodec2_dir):
+    """Our :class:`models.XCodec2` loaded from :func:`xcodec2_dir`."""
+    from models import XCodec2
+
+    return XCodec2.from_pretrained(xcodec2_dir)
+
+
 # ---------------------------------------------------------------------------- training
 TEST_HOOK_VARS = ("XCODEC_TEST_NAN_STEPS", "XCODEC_TEST_KILL", "XCODEC_TEST_SAVE_PAUSE", "XCODEC_TEST_HASH_DIR")
 
