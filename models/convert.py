@@ -1,6 +1,6 @@
-"""Convert X-Codec checkpoints between formats, bit for bit: ``python -m models.convert SRC DST [--to FORMAT]``.
+"""Convert X-Codec and X-Codec 2 checkpoints between formats, bit for bit: ``python -m models.convert SRC DST [--to FORMAT]``.
 
-SRC is anything ``XCodec.from_pretrained`` reads; DST (absent, empty, or ``--overwrite``) is written atomically
+SRC is anything ``models.load_codec`` reads (X-Codec 2: its pip or Lightning layout to transformers'); DST (absent, empty, or ``--overwrite``) is written atomically
 and loaded back to compare every tensor (``--no-verify`` skips it).
 """
 
@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import XcodecModel
+from transformers import Xcodec2Model, XcodecModel
 
 from utils.cli import argument_parser, cli_main
 from utils.files import atomic_directory
@@ -17,6 +17,8 @@ from utils.files import atomic_directory
 from .export import transformers_model, write_export
 from .pretrained import CheckpointError, adapt_weight_norm, load_codec_state, read_checkpoint
 from .xcodec import XCodec, build_codec
+from .xcodec2 import XCodec2
+from .xcodec2_layout import Codec2Config
 
 FORMATS = ("transformers", "export")
 
@@ -25,14 +27,14 @@ class ConvertError(Exception):
     """A conversion that cannot be done; the message says why in one line."""
 
 
-def verify(src, config, dst: Path, fmt: str) -> None:
+def verify(src, config, dst: Path, fmt: str, cls=XCodec) -> None:
     """Require every tensor of SRC and DST loaded to be identical (and transformers to read DST cleanly)."""
-    sa, sb = XCodec.from_pretrained(src, config=config).state_dict(), XCodec.from_pretrained(dst).state_dict()
+    sa, sb = cls.from_pretrained(src, config=config).state_dict(), cls.from_pretrained(dst).state_dict()
     differ = sorted(set(sa) ^ set(sb)) or [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
     if differ:
         raise ConvertError(f"verification failed: {len(differ)} tensor(s) differ after conversion, e.g. {differ[0]}")
     if fmt == "transformers":
-        _, info = XcodecModel.from_pretrained(str(dst), output_loading_info=True)
+        _, info = (Xcodec2Model if cls is XCodec2 else XcodecModel).from_pretrained(str(dst), output_loading_info=True)
         bad = [k for part in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(part, [])]
         if bad:
             raise ConvertError(f"verification failed: transformers XcodecModel does not load {dst} cleanly ({bad[0]} ...)")
@@ -54,6 +56,12 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, config: str
     if inside:  # replacing dst would delete what is being converted
         raise ConvertError(f"{inside[0]} is inside the destination {dst}, which is replaced: choose another destination")
     gen, scale = contents.generator, contents.audio_norm_scale
+    if isinstance(gen, Codec2Config):  # X-Codec 2: to transformers' Xcodec2Model format (the pip and .ckpt layouts)
+        if fmt != "transformers":
+            raise ConvertError("X-Codec 2 converts to the transformers format only (--to transformers)")
+        model = XCodec2.from_checkpoint(contents)
+        atomic_directory(dst, lambda tmp: (model.save_pretrained(tmp), check and verify(src, config, tmp, fmt, XCodec2)))
+        return dst, fmt
     # Checked against the architecture, acoustic weight norm folded as the loader folds it; the teacher's
     # positional conv stays weight-normed (transformers expects it, and the loader folds it as it would have).
     skeleton = build_codec(gen, scale, weight_norm=False)

@@ -5,10 +5,12 @@ transformers' ``Xcodec2Model``'s; models.xcodec2_layout reads every released lay
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import Wav2Vec2BertModel
 
 from modules.bigcodec import BigCodecEncoder
@@ -21,7 +23,7 @@ from .engine import pad_rows
 from .precision import autocast
 from .pretrained import CheckpointError, load_codec_state, read_checkpoint
 from .xcodec import XCodec
-from .xcodec2_layout import DERIVED, Codec2Config
+from .xcodec2_layout import DERIVED, Codec2Config, hf_config_from_codec2, ours_to_hf
 
 
 class XCodec2(Codec):
@@ -83,6 +85,15 @@ class XCodec2(Codec):
         if not bool(torch.isfinite(audio).all()):
             raise ValueError("decoded audio holds NaN or Inf: the model's weights are not finite")
         return audio
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors in transformers' ``Xcodec2Model`` format (which it opens)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(self.state_dict()).items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(hf_config_from_codec2(self.config), indent=2) + "\n")
+        return directory
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):

@@ -143,3 +143,20 @@ def hf_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' ``Xcodec2Model`` tensors in our names (the ISTFT head's linear is Vocos' ``out``)."""
     return {re.sub(r"^acoustic_decoder\.head\.linear\.", "acoustic_decoder.head.out.", k): v for k, v in state.items()
             if not DERIVED.search(k)}  # fmt: skip
+
+
+def hf_config_from_codec2(cfg: Codec2Config) -> dict:
+    """transformers' ``Xcodec2Config`` fields (config.json) of ``cfg``: the inverse of :func:`codec2_config_from_hf`."""
+    semantic = {**cfg.semantic, "model_type": "wav2vec2-bert", "num_hidden_layers": cfg.semantic_layers}
+    return {"model_type": "xcodec2", "architectures": ["Xcodec2Model"], "hidden_size": cfg.hidden_size,
+            "encoder_hidden_size": cfg.encoder_width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim,
+            "downsampling_ratios": list(cfg.ratios), "quantization_levels": list(cfg.levels),
+            "quantization_dim": cfg.hidden_size + cfg.semantic_config().hidden_size, "sampling_rate": cfg.sample_rate,
+            "semantic_model_config": semantic}  # fmt: skip
+
+
+def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors in transformers' names (the inverse of :func:`hf_to_ours`), fixed buffers left out."""
+    return {re.sub(r"^acoustic_decoder\.head\.out\.", "acoustic_decoder.head.linear.", k): v for k, v in state.items()
+            if not DERIVED.search(k)}  # fmt: skip
