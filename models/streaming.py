@@ -34,6 +34,8 @@ class StreamingDecoder:
     def __init__(self, model: XCodec, context: int = DECODER_CONTEXT, lookahead: int = 0, precision: str = "fp32"):
         if context < 0 or lookahead < 0:
             raise ValueError("context and lookahead must be >= 0 frames")
+        if not model.windowed_decode:
+            raise ValueError(f"{type(model).__name__}'s decoder attends to the whole clip: it cannot decode a stream")
         self.model, self.context, self.lookahead, self.precision = model, context, lookahead, check_precision(precision)
         self._codes: torch.Tensor | None = None  # kept frames: context + not yet emitted
         self._offset = 0  # stream frame index of self._codes[..., 0]
