@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="processes reading and resampling files ahead of the model "
                    "(default: up to 4 on CUDA, 0 on CPU)")
     p.add_argument("-r", "--rescale", action="store_true", help="rescale the output peak to 0.99 instead of clamping")
-    p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16, (n_q, frames)) to this file or directory")
+    p.add_argument("--codes-out", type=Path, help="write codes (.npy, int16 or int32, (n_q, frames)) to this file or directory")
     p.add_argument("--codes-in", type=Path, help="decode codes from this .npy file or directory")
     p.add_argument("--format", choices=FORMATS, default="npy", help="tokenized corpus: one .npy per file + manifests, "
                    "llasa (one 1-D <id>.wav.npy per file, as Llasa's training reads them; one codebook) + manifests, "

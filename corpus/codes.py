@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus.schema import INDEX_LINE, MANIFEST_LINE, SIDECAR, read_json, read_lines, write_json
+from corpus.schema import INDEX_LINE, MANIFEST_LINE, SIDECAR, codes_dtype, read_json, read_lines, write_json
 from corpus.shards import SHARD_RE, ShardError, iter_shard, lost_shards, read_index, shard_format
 from utils.cli import CliError, argument_parser, cli_main
 from utils.files import atomic_write, temporary_target, tree_in_use
@@ -24,8 +24,8 @@ class CodesFileError(ValueError):
 
 
 def save_codes(path: str | Path, codes: np.ndarray, bins: int) -> None:
-    """Save (n_q, frames) codes as .npy, atomically: int16 when the codebook fits, else int32."""
-    codes = np.asarray(codes).astype(np.int16 if bins <= 2**15 else np.int32)
+    """Save (n_q, frames) codes as .npy, atomically, in :func:`~corpus.schema.codes_dtype` (int16 or int32)."""
+    codes = np.asarray(codes).astype(codes_dtype(bins))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
@@ -49,7 +49,7 @@ def load_codes(path: str | Path | np.ndarray, n_q_max: int | None = None, bins: 
             raise CodesFileError(f"{path}: not a readable .npy codes file ({reason})") from None
     if not isinstance(codes, np.ndarray) or codes.dtype.kind not in "iu":
         got = getattr(codes, "dtype", type(codes))
-        raise CodesFileError(f"{where}: codes must be integers (int16), got dtype {got}")
+        raise CodesFileError(f"{where}: codes must be integers (int16 or int32), got dtype {got}")
     if codes.ndim == 1 and n_q == 1:  # one codebook, stored flat (--format llasa)
         codes = codes[None]
     if codes.ndim != 2 or not 1 <= codes.shape[0] <= (n_q_max or float("inf")) or codes.shape[1] < 1:

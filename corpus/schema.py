@@ -96,6 +96,13 @@ CODES_ENTRY = {
 }  # fmt: skip
 
 
+def codes_dtype(bins: int) -> str:
+    """The one integer type codes of a ``bins``-entry codebook are stored in, by every writer (npy, llasa,
+    parquet, webdataset; a token stream passes its largest token + 1): int16 when they fit, else int32
+    (X-Codec 2's 65,536 codes would wrap to negatives in int16)."""
+    return "int16" if bins <= 2**15 else "int32"
+
+
 def _requiring(schema: dict[str, Field], *keys: str) -> dict[str, Field]:
     return {k: replace(f, required=True) if k in keys else f for k, f in schema.items()}
 

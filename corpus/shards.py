@@ -18,12 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus.schema import INDEX_LINE, SHARD_ROW, check_record, read_lines, write_json
+from corpus.schema import INDEX_LINE, SHARD_ROW, check_record, codes_dtype, read_lines, write_json
 from utils.files import atomic_write, drop_torn_line, open_append
 
 SHARD_FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{6,})\.(parquet|tar)$")
 CORPUS_FILE = "corpus.json"  # {"format": ...}, written before the first shard
+# codes: n_q lists of codes_dtype(bins); int16 here, a shard of a larger codebook writes int32 (_write_parquet)
 SCHEMA = pa.schema([("path", pa.string()), ("codes", pa.list_(pa.list_(pa.int16()))), ("n_q", pa.int32()),
                     ("frames", pa.int32()), ("samples", pa.int64()), ("sample_rate", pa.int32()),
                     ("duration", pa.float64()), ("bandwidth", pa.float64()), ("bins", pa.int32()),
@@ -90,8 +91,11 @@ def read_index(root: str | Path, lost_ok: bool = False) -> list[dict]:
 
 def _write_parquet(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
     columns = {name: [entry[name] for entry, _ in rows] for name in ROW_FIELDS}
-    columns["codes"] = [codes.astype(np.int16).tolist() for _, codes in rows]
-    pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), path, compression="zstd")
+    dtype = codes_dtype(max(entry["bins"] for entry, _ in rows))
+    columns["codes"] = [codes.astype(dtype).tolist() for _, codes in rows]
+    codes_type = pa.list_(pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
+    schema = SCHEMA.set(SCHEMA.get_field_index("codes"), pa.field("codes", codes_type))
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), path, compression="zstd")
 
 
 def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
@@ -99,7 +103,7 @@ def _write_tar(path: str, rows: list[tuple[dict, np.ndarray]]) -> None:
         for entry, codes in rows:
             key = hashlib.sha1(entry["path"].encode("utf-8")).hexdigest()[:20]  # webdataset keys hold no dots
             buf = io.BytesIO()
-            np.save(buf, codes.astype(np.int16), allow_pickle=False)
+            np.save(buf, codes.astype(codes_dtype(entry["bins"])), allow_pickle=False)
             meta = json.dumps({k: entry[k] for k in ROW_FIELDS}, ensure_ascii=False).encode("utf-8")
             for name, data in ((f"{key}.codes.npy", buf.getvalue()), (f"{key}.json", meta)):
                 info = tarfile.TarInfo(name)
@@ -168,14 +172,15 @@ class ShardWriter:
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
-    """``(entry, codes int16 (n_q, frames))`` of every file in one shard."""
+    """``(entry, integer codes (n_q, frames))`` of every file in one shard (read as stored, never cast to a
+    narrower type: the caller checks them against the entry)."""
     path = Path(path)
     try:
         if path.suffix == ".parquet":
             rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=256) for row in batch.to_pylist())
             for n, row in enumerate(rows):
                 check_record(row, SHARD_ROW, f"{path}: row {n + 1}", ShardError)
-                yield row, np.asarray(row.pop("codes"), dtype=np.int16).reshape(row["n_q"], row["frames"])
+                yield row, np.asarray(row.pop("codes")).reshape(row["n_q"], row["frames"])
             return
         with tarfile.open(path, "r") as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from corpus.codes import CodesFileError, iter_corpus
-from corpus.schema import TOKEN_STREAM, read_json, write_json
+from corpus.schema import TOKEN_STREAM, codes_dtype, read_json, write_json
 from utils.cli import argument_parser, cli_main
 from utils.files import atomic_write
 
@@ -97,7 +97,7 @@ def export_stream(corpus: str | Path, prefix: str | Path, layout: str = "frame-m
                     top = (info["n_q"] * info["bins"] if offsets else info["bins"]) - 1
                     if top >= 2**31:
                         raise CodesFileError(f"{where}: {info['n_q']} codebooks of {file_bins} do not fit int32 tokens")
-                    info["dtype"] = "int16" if top < 2**15 else "int32"
+                    info["dtype"] = codes_dtype(top + 1)
                 if codes.shape[0] != info["n_q"] or file_bins != info["bins"]:
                     raise CodesFileError(f"{where}: {codes.shape[0]} codebooks of {file_bins}; the corpus has "
                                          f"{info['n_q']} of {info['bins']}")  # fmt: skip

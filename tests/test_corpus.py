@@ -18,9 +18,9 @@ import soundfile as sf
 import torch
 
 import inference
-from conftest import ROOT, make_tiny_codec, read_asset
-from corpus.codes import CodesFileError, check_corpus, iter_corpus
-from corpus.shards import read_index
+from conftest import ASSETS, ROOT, make_tiny_codec, read_asset
+from corpus.codes import CodesFileError, check_corpus, iter_corpus, load_codes, save_codes
+from corpus.shards import ShardWriter, iter_shard, read_index
 from corpus.tokens import TokenStream, export_stream
 from models import XCodec
 
@@ -260,3 +260,60 @@ def test_duplicate_names_and_a_merge_during_a_run_are_refused(tmp_path, corpus, 
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert codes_main([str(out), "--merge"]) == 0 and (out / "index.jsonl").is_file() and not list(out.glob("index.rank*.jsonl"))
     assert sum(1 for _ in iter_corpus(out)) == N_CLIPS
+
+
+# ---------------------------------------------------------------------------- 65,536-entry codebooks (X-Codec 2)
+XCODEC2_CLIPS = ("speech_en.flac", "speech_cn_4s.flac", "music_4s.flac")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "webdataset"])
+def test_codes_up_to_65535_round_trip_each_writer_and_reader(tmp_path, fmt):
+    """Codes past int16 (a 65,536-entry codebook) come back exactly, never wrapped to negatives."""
+    codes = np.array([[0, 1, 32767, 32768, 40000, 65534, 65535]])
+    entry = {"path": "a.wav", "n_q": 1, "frames": 7, "samples": 7 * 320, "sample_rate": 16000, "duration": 0.14,
+             "bandwidth": 0.8, "bins": 65536, "checkpoint": "x", "precision": "fp32"}  # fmt: skip
+    if fmt == "npy":
+        save_codes(tmp_path / "a.npy", codes, 65536)
+        got = np.load(tmp_path / "a.npy")
+        assert np.array_equal(load_codes(tmp_path / "a.npy", 1, 65536).numpy(), codes)
+    else:
+        writer = ShardWriter(tmp_path, fmt, 0, 10, {"bins": 65536})
+        writer.add(entry, codes, {"path": "a.wav"})
+        writer.close()
+        [(row, got)] = list(iter_shard(next(tmp_path.glob("shard-*"))))
+        assert row["path"] == "a.wav" and check_corpus(tmp_path) == (1, [])
+        assert [c.tolist() for _, c in iter_corpus(tmp_path)] == [codes.tolist()]
+    assert got.dtype.kind == "i" and got.tolist() == codes.tolist()
+
+
+def test_xcodec2_corpora_in_each_format_hold_the_api_codes_past_int16(tmp_path, xcodec2_dir, xcodec2, monkeypatch, capsys):
+    """Real audio tokenized by inference.py with the tiny X-Codec 2 (one codebook of 65,536): every format
+    (and the datasets / webdataset libraries) reads back the codes of ``xcodec2.encode`` of each clip alone."""
+    import datasets
+    import webdataset as wds
+
+    from utils.audio import load_audio
+
+    src = tmp_path / "audio"
+    src.mkdir()
+    for name in XCODEC2_CLIPS:
+        (src / name).write_bytes((ASSETS / name).read_bytes())
+    expected = {name: xcodec2.encode(torch.from_numpy(load_audio(src / name, 16000)[0])[None, None])[0]
+                for name in XCODEC2_CLIPS}  # fmt: skip
+    assert max(int(c.max()) for c in expected.values()) >= 2**15  # the codes int16 would wrap
+    for fmt in ("npy", "llasa", "parquet", "webdataset"):
+        out = tmp_path / fmt
+        assert _tokenize(src, out, xcodec2_dir, fmt, 0, 1, monkeypatch) == 0, capsys.readouterr().err
+        got = {e["path"]: c for e, c in iter_corpus(out)}
+        assert got.keys() == expected.keys(), fmt
+        for path, codes in got.items():
+            assert codes.shape[0] == 1 and torch.equal(codes, expected[path]), (fmt, path)
+        assert check_corpus(out) == (len(XCODEC2_CLIPS), [])
+    parquet = datasets.load_dataset("parquet", data_files=[str(p) for p in (tmp_path / "parquet").glob("*.parquet")],
+                                    split="train")  # fmt: skip
+    assert {row["path"]: torch.tensor(row["codes"]) for row in parquet}.keys() == expected.keys()
+    assert all(torch.equal(torch.tensor(row["codes"]), expected[row["path"]]) for row in parquet)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "webdataset").glob("*.tar")), shardshuffle=False).decode())
+    assert len(samples) == len(XCODEC2_CLIPS)
+    for s in samples:
+        assert torch.equal(torch.from_numpy(s["codes.npy"].astype(np.int64)), expected[s["json"]["path"]])

@@ -97,6 +97,33 @@ def test_codes_beyond_int16_need_their_bins_and_are_never_wrapped(tmp_path, code
     )
 
 
+@pytest.mark.parametrize("layout,offsets", [("frame-major", True), ("codebook-major", False)])
+def test_xcodec2_corpus_streams_int32_tokens_within_its_65536_vocabulary(tmp_path, xcodec2_dir, layout, offsets):
+    """An X-Codec 2 webdataset corpus (one codebook of 65,536, codes past int16) as a token stream that
+    Megatron-LM and our reader give back exactly, every id in [0, 65536)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ("speech_en.flac", "music_4s.flac"):
+        (audio / name).write_bytes((ASSETS / name).read_bytes())
+    codes_out = tmp_path / "codes"
+    argv = ["--input", str(audio), "--codes-out", str(codes_out), "--checkpoint", str(xcodec2_dir)]
+    assert inference.main([*argv, "--format", "webdataset"]) == 0
+    expected = {e["path"]: c.numpy() for e, c in iter_corpus(codes_out)}
+    assert max(int(c.max()) for c in expected.values()) >= 2**15
+    meta = export_stream(codes_out, tmp_path / "train", layout, offsets)
+    assert (meta["n_q"], meta["bins"], meta["dtype"]) == (1, 65536, "int32")
+    ds, stream = IndexedDataset(str(tmp_path / "train")), TokenStream.open(tmp_path / "train")
+    assert ds.index.dtype == np.int32 and len(ds) == len(stream) == len(expected) == 2
+    for i, f in enumerate(meta["files"]):
+        codes = expected[f["path"]]
+        assert np.array_equal(ds[i].astype(np.int64), codes[0]) and np.array_equal(stream[i], codes[0])
+        assert 0 <= ds[i].min() and ds[i].max() < meta["n_q"] * meta["bins"]
+        assert np.array_equal(stream.codes(i).numpy(), codes)
+    assert _cli("check", str(tmp_path / "train")).returncode == 0
+
+
 def test_codes_at_or_above_bins_with_offsets_are_refused_naming_the_file(tmp_path, codes_dir):
     _, codes = next(iter_corpus(codes_dir))
     bad = codes.numpy().copy()
