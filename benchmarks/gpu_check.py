@@ -4,7 +4,8 @@ Run it with ``bash benchmarks/gpu_check.sh`` on the GPU machine, ``--device cpu 
 Sections (each records ``ok``, its numbers and seconds; a failing one does not stop the others; the JSON is
 rewritten after each; one whose budget no longer fits is skipped): ``device`` (every API, model on the device),
 ``exactness`` (device fp32 codes against CPU fp32 and XcodecModel in IEEE fp32, batches against each clip alone,
-the margin at every mismatch, TF32 settings restored), ``bf16`` (against fp32, with margins), ``throughput``
+the margin at every mismatch, TF32 settings restored), ``bf16`` (against fp32, with margins), ``xcodec2`` (X-Codec 2
+from transformers' format: device codes against CPU and Xcodec2Model, ragged batch, bf16, speed), ``throughput``
 (an hour of 2-20 s clips: audio hours per GPU-hour of inference.py, the model and XcodecModel), ``cli_long``
 (windowed encoding, chunked decoding), ``train`` (stop at 2, resume to 4; two ranks on one device), ``compile``.
 Weights are random (seeded), codebooks k-means'd on >= 10x as many real frames as entries, the teacher built
@@ -36,6 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's
 import models.streaming as st  # noqa: E402
 from benchmarks import gpu_helpers as gh  # noqa: E402
 from benchmarks.bench_inference import machine, random_codec, rel, speech, timed  # noqa: E402
+from benchmarks.bench_xcodec2 import hf_decode, hf_encode, random_xcodec2  # noqa: E402
 from models import XCodec, init_codebooks  # noqa: E402
 from models.export import save_export, to_transformers  # noqa: E402
 from models.precision import autocast, ieee_fp32, tf32_switches  # noqa: E402
@@ -136,6 +138,45 @@ def check_bf16(run: Run) -> dict:
             "mismatches_vs_fp32": found,
             "bf16_ragged_batch_vs_alone": gh.ragged_vs_alone(model, clips, bf16, "bf16"),
             "decode_rel_err": rel(model.decode(fp32[0], precision="bf16"), model.decode(fp32[0]))}  # fmt: skip
+
+
+def check_xcodec2(run: Run) -> dict:
+    """X-Codec 2 (seeded random weights, the released architecture or tiny with --quick, loaded from transformers'
+    format): device fp32 codes against CPU fp32 and Xcodec2Model in IEEE fp32, a ragged batch against each clip
+    alone, bf16 against fp32, decoding against the CPU; seconds per audio second of both models (10 s, 4 s quick)."""
+    cpu_model, hf = random_xcodec2(run.quick)
+    device = run.model.device
+    model, hf = copy.deepcopy(cpu_model).to(device), hf.to(device)
+    lengths = [48000, 40000, 30400, 16123]  # 30400: a whole number of hops (the released padding adds one)
+    clips = [gh.clip(n, 30 + seed) for seed, n in enumerate(lengths)]
+    ref = [cpu_model.encode(c) for c in clips]
+    alone = [model.encode(c) for c in clips]
+    with ieee_fp32(device=device):
+        hf_codes = [hf_encode(hf, c.to(device)) for c in clips]
+    out = {"lengths": lengths, "codes_used": int(torch.cat(ref, -1).unique().numel()),
+           "frames": sum(r.shape[-1] for r in ref),
+           "device_vs_cpu_fp32": gh.agreement(torch.cat(alone, -1), torch.cat(ref, -1)),
+           "device_vs_xcodec2model": gh.agreement(torch.cat(alone, -1), torch.cat(hf_codes, -1)),
+           "batch_ragged": gh.ragged_vs_alone(model, clips, alone, "fp32"),
+           "decode_device_vs_cpu_rel_err": rel(model.decode(alone[0]), cpu_model.decode(alone[0].cpu()))}  # fmt: skip
+    if "bf16" in run.precisions:
+        bf16 = [model.encode(c, precision="bf16") for c in clips]
+        out["bf16_vs_fp32"] = gh.agreement(torch.cat(bf16, -1), torch.cat(alone, -1))
+        out["bf16_decode_rel_err"] = rel(model.decode(alone[0], precision="bf16"), model.decode(alone[0]))
+    seconds = 4.0 if run.quick else 10.0
+    x = speech(seconds).to(device)
+    calls = {"xcodec2": (lambda: model.encode(x), lambda c: model.decode(c)),
+             "xcodec2model_ieee": (lambda: hf_encode(hf, x), lambda c: hf_decode(hf, c))}  # fmt: skip
+    for name, (enc, dec) in calls.items():
+        with ieee_fp32(device=device):
+            dec(enc())  # warm-up
+            codes, t_enc = timed(enc, device)
+            _, t_dec = timed(functools.partial(dec, codes), device)
+        out[f"{name}_s_per_audio_s"] = {"encode": round(t_enc / seconds, 4), "decode": round(t_dec / seconds, 4)}
+    out["all_identical"] = all(v == 1.0 for k in ("device_vs_cpu_fp32", "device_vs_xcodec2model", "batch_ragged")
+                               for v in out[k])  # fmt: skip
+    out["ok"] = out["all_identical"]
+    return out
 
 
 def check_throughput(run: Run) -> dict:
@@ -248,7 +289,7 @@ def check_compile(run: Run) -> dict:
 
 # name: (the section, its budget in seconds on an H200); every one runs with --device cpu --quick too
 SECTIONS = {"device": (check_device, 20), "exactness": (check_exactness, 40), "bf16": (check_bf16, 20),
-            "throughput": (check_throughput, 240), "cli_long": (check_cli_long, 45), "train": (check_train, 90),
+            "xcodec2": (check_xcodec2, 60), "throughput": (check_throughput, 240), "cli_long": (check_cli_long, 45), "train": (check_train, 90),
             "compile": (check_compile, 90)}  # fmt: skip
 
 

@@ -31,7 +31,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = json.loads(out.read_text())
     sections = summary["sections"]
-    assert summary["all_ok"] and list(sections) == ["device", "exactness", "bf16", "throughput", "cli_long", "train", "compile"]
+    assert summary["all_ok"] and list(sections) == ["device", "exactness", "bf16", "xcodec2", "throughput", "cli_long", "train", "compile"]
     assert summary["setup"]["frames_per_entry"] >= 10
     assert sections["device"]["devices"] == ["cpu"] and sections["device"]["encode_many_equals_encode"]
     exact = sections["exactness"]
@@ -39,6 +39,8 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     rows = ("device_vs_cpu_fp32", "device_vs_xcodecmodel", "batch_equal_lengths", "batch_ragged")
     assert all(v == 1.0 for row in rows for v in exact[row]) and exact["device_vs_cpu_mismatches"]["frames"] == 0
     assert exact["tf32_flags_restored"]
+    xc2 = sections["xcodec2"]  # X-Codec 2: codes = CPU = Xcodec2Model, ragged batch = alone, spread over the codebook
+    assert xc2["all_identical"] and xc2["codes_used"] > xc2["frames"] // 4 and xc2["decode_device_vs_cpu_rel_err"] < 1e-5
     train, through = sections["train"], sections["throughput"]
     assert train["fp32"]["resumed"] and train["two_ranks_one_device"]["identical_ranks"]
     if BF16_ONEDNN:
