@@ -34,10 +34,9 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
                                   "conv_depthwise_kernel_size": 5, "feature_projection_input_dim": 160}}  # fmt: skip
 
 
-def random_xcodec2(tiny: bool = False, seed: int = 0) -> tuple[XCodec2, Xcodec2Model]:
-    """transformers' ``Xcodec2Model`` with seeded random weights (``Xcodec2Config()``: the released architecture,
-    ~630M parameters; or :data:`TINY`, its weights scaled so that codes spread) and ours loaded from its
-    ``save_pretrained`` directory (the transformers-format path), both in eval mode without gradients."""
+def random_hf_xcodec2(tiny: bool = False, seed: int = 0) -> Xcodec2Model:
+    """transformers' ``Xcodec2Model`` with seeded random weights, eval mode, no gradients: ``Xcodec2Config()``
+    (the released architecture, ~630M parameters) or :data:`TINY`, its weights scaled so that codes spread."""
     torch.manual_seed(seed)
     hf = Xcodec2Model(Xcodec2Config(**(TINY if tiny else {}))).eval().requires_grad_(False)
     if tiny:  # the default init of such narrow layers collapses the latents onto a few codes
@@ -48,6 +47,13 @@ def random_xcodec2(tiny: bool = False, seed: int = 0) -> tuple[XCodec2, Xcodec2M
                 p.normal_(1, 0.1)
             elif p.dim() >= 2:
                 p.normal_(0, p[0].numel() ** -0.5)
+    return hf
+
+
+def random_xcodec2(tiny: bool = False, seed: int = 0) -> tuple[XCodec2, Xcodec2Model]:
+    """:func:`random_hf_xcodec2` and ours loaded from its ``save_pretrained`` directory (the transformers-format
+    path), both in eval mode without gradients."""
+    hf = random_hf_xcodec2(tiny, seed)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         return XCodec2.from_pretrained(d), hf

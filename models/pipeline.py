@@ -106,9 +106,10 @@ class Pipeline:
         why = f"audio too short ({samples} samples at {self.model.sample_rate} Hz; at least {self.min_length} needed)"
         return why if samples < self.min_length else None
 
-    def is_long(self, frames: int) -> bool:
-        """The one long/short decision, for encoding and decoding alike."""
-        return self.limit is not None and frames > self.limit
+    def is_long(self, frames: int, decoding: bool = False) -> bool:
+        """The one long/short decision, for encoding and decoding alike (a decoder that attends to the whole clip,
+        ``windowed_decode`` False, always decodes in one pass)."""
+        return self.limit is not None and frames > self.limit and (not decoding or self.model.windowed_decode)
 
     def encode(self, wavs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Clips, (T_i,) each at the model's rate, to (n_q, F_i) codes: F_i = ``num_frames(T_i)``."""
@@ -129,7 +130,7 @@ class Pipeline:
         sources = source_lengths or [None] * len(codes)
         targets = [round((n or c.shape[-1] * model.hop_length) * self.out_rate / rate) for c, n in zip(codes, sources)]
         if vocoder is None or self.low_freq_merge:  # the codec's own decoding, F_i * hop samples each
-            long = [model.windowed_decode and self.is_long(c.shape[-1]) for c in codes]  # a global decoder: one pass
+            long = [self.is_long(c.shape[-1], decoding=True) for c in codes]
             short = [c for c, is_long in zip(codes, long) if not is_long]
             rows = iter(batched(short, lambda x, n: model.decode(x, n, self.precision)[:, 0], model.device,
                                 self.precision))  # fmt: skip

@@ -11,6 +11,11 @@ from transformers import SeamlessM4TFeatureExtractor
 MEL_BINS, STRIDE = 80, 2  # facebook/w2v-bert-2.0's preprocessor_config.json
 
 
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 80) frames -> per-bin mean and unbiased variance, (1, 80) each (the extractor's normalisation)."""
+    return x.mean(0, keepdims=True), x.var(0, ddof=1, keepdims=True)
+
+
 class Fbank:
     """Per-clip features: 80 log-mel bins every 10 ms, normalised per bin over the clip (or over a whole file's
     ``norm_stats`` for its windows), two frames stacked: (F, 160) for a clip of 2F fbank frames."""
@@ -27,13 +32,12 @@ class Fbank:
 
     def norm_stats(self, wav: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Per-bin mean and unbiased variance over (T,) audio's frames."""
-        x = self.raw(wav)
-        return x.mean(0, keepdims=True), x.var(0, ddof=1, keepdims=True)
+        return _stats(self.raw(wav))
 
     def __call__(self, wav: torch.Tensor, norm_stats: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
         """(T,) audio -> (F, 160) features (the extractor's normalisation, in its float32 expression)."""
         x = self.raw(wav)
-        mean, var = norm_stats if norm_stats is not None else (x.mean(0, keepdims=True), x.var(0, ddof=1, keepdims=True))
+        mean, var = norm_stats if norm_stats is not None else _stats(x)
         x = ((x - mean) / np.sqrt(var + 1e-7)).astype(np.float32)
         n = x.shape[0] // STRIDE
         return torch.from_numpy(np.ascontiguousarray(x[: n * STRIDE].reshape(n, STRIDE * MEL_BINS)))

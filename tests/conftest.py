@@ -137,34 +137,13 @@ def release_hub_cache(tmp_path_factory, release_dir) -> Path:
 
 
 # ---------------------------------------------------------------------------- X-Codec 2
-# A tiny transformers Xcodec2Config: the released structure (BigCodec ratios 2,2,4,4,5; FSQ [4]*8; w2v-BERT on
-# 160-dim stacked fbank) at small widths. GroupNorm(32) needs hidden_size a multiple of 32.
-TINY_XCODEC2 = {
-    "model_type": "xcodec2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16, "encoder_hidden_size": 8,
-    "quantization_dim": 96,
-    "semantic_model_config": {"model_type": "wav2vec2-bert", "hidden_size": 32, "num_hidden_layers": 2,
-                              "num_attention_heads": 2, "intermediate_size": 64, "output_hidden_size": 32,
-                              "conv_depthwise_kernel_size": 5, "feature_projection_input_dim": 160},
-}  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def hf_xcodec2():
-    """transformers' ``Xcodec2Model`` (tiny) with random weights scaled so that codes spread over the codebook."""
-    from transformers import Xcodec2Config, Xcodec2Model
+    """transformers' ``Xcodec2Model`` (tiny: the benchmark's ``TINY``) with random weights scaled so that codes
+    spread over the codebook."""
+    from benchmarks.bench_xcodec2 import random_hf_xcodec2
 
-    torch.manual_seed(0)
-    model = Xcodec2Model(Xcodec2Config(**{k: v for k, v in TINY_XCODEC2.items() if k != "model_type"})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".alpha", ".beta")):
-                p.normal_(0, 0.3)
-            elif name.endswith("weight") and p.dim() == 1:  # norms
-                p.normal_(1, 0.1)
-            elif p.dim() >= 2:
-                p.normal_(0, p[0].numel() ** -0.5)
-    return model
+    return random_hf_xcodec2(tiny=True)
 
 
 @pytest.fixture(scope="session")

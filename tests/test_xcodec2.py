@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import SeamlessM4TFeatureExtractor
 
-from conftest import TINY_CONFIG, TINY_XCODEC2, add_to_hub_cache, read_asset
+from benchmarks.bench_xcodec2 import TINY
+from conftest import TINY_CONFIG, add_to_hub_cache, read_asset
 from models import CheckpointError, CodesError, XCodec, XCodec2, build_codec, load_codec, load_generator_config
 from models.pipeline import Pipeline
 from modules.bigcodec import kaiser_sinc_filter
 
 HOP = 320
+TINY_XCODEC2 = {"model_type": "xcodec2", **TINY}  # the tiny architecture as a transformers config.json
 # The pip package's config.json (BigCodecConfig): it describes no architecture but the released one.
 PIP_CONFIG = {"model_type": "xcodec", "semantic_hidden_size": 1024, "codec_encoder_hidden_size": 1024,
               "codec_decoder_hidden_size": 1024, "use_vocos": True, "architectures": ["XCodec2Model"]}  # fmt: skip
