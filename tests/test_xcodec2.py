@@ -265,3 +265,22 @@ def test_one_codebook_of_65536_codes_at_0_8_kbps(xcodec2, speech):
         wrong[0, 0, 5] = bad
         with pytest.raises(CodesError, match=r"\[0, 65536\)"):
             xcodec2.decode(wrong)
+
+
+def test_the_pip_layout_converts_to_a_directory_transformers_opens(hf_xcodec2, original_state, tiny_json, tmp_path):
+    from transformers import Xcodec2Model
+
+    from models.convert import main as convert_main
+
+    dst = tmp_path / "hf"
+    assert convert_main([str(pip_dir(tmp_path / "pip", original_state)), str(dst), "--config", str(tiny_json)]) == 0
+    hf, info = Xcodec2Model.from_pretrained(str(dst), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ref = hf_xcodec2.state_dict()  # the weights the pip layout was made from (weight norm folds within rounding)
+    assert all(torch.allclose(v, ref[k], rtol=1e-5, atol=1e-6) for k, v in hf.state_dict().items()
+               if not re.search(r"self_attn\.[qk]_proj", k))  # fmt: skip  (q, k: rows in RoPE order, same scores)
+    wav = clip("speech_en.flac", 0, None)
+    codes, audio = hf_reference(hf.eval(), wav)
+    ref_codes, ref_audio = hf_reference(hf_xcodec2, wav)
+    assert torch.equal(codes, ref_codes) and len(torch.unique(codes)) > 20
+    assert float((audio - ref_audio).abs().max()) < 1e-4
